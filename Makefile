@@ -1,0 +1,42 @@
+# stepvisor: two commands from a fresh clone.
+#   make demo   create .venv, install, run the demo workflow on the SQLite store
+#   make test   create .venv, install, lint (ruff + mypy strict), run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test lint unit bench bench-quick chaos clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]' $(EXTRA_PIP)
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m stepvisor run examples/demo.yaml
+
+lint: venv
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m mypy
+
+unit: venv
+	$(PY) -m pytest
+
+test: lint unit
+
+bench: venv
+	$(PY) -m benchmarks
+
+bench-quick: venv
+	$(PY) -m benchmarks --quick
+
+chaos: venv
+	$(PY) -m stepvisor.chaos --runs 1000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

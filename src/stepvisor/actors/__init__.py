@@ -1,0 +1,1 @@
+"""The thin actor shell: a Supervisor and its Workers, moving immutable messages."""

@@ -1,0 +1,84 @@
+"""The event loop that runs ``async def`` steps, owned by the runtime.
+
+One loop thread per run, started only when the workflow has async steps.  An
+attempt is submitted from its Worker's thread; a deadline or cancel cancels
+the attempt's *task* (not just the wait for it), and the Worker waits until
+the task has really finished, so a retry never overlaps the attempt it
+replaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends.inline import check_outputs, format_error, make_context
+from stepvisor.context import AttemptControl
+
+__all__ = ["LoopThread"]
+
+
+class LoopThread:
+    """An asyncio loop running forever on a daemon thread until :meth:`close`."""
+
+    def __init__(self, *, on_thread: Callable[[threading.Thread], None] | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, name="stepvisor-loop", daemon=True)
+        if on_thread is not None:
+            on_thread(self.thread)
+        self.thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def run(self, spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
+        """Run one async attempt; blocks the calling Worker thread until it ends."""
+        ctx = make_context(spec, control)
+        task_box: list[asyncio.Task[Any]] = []
+
+        async def runner() -> Any:
+            task = asyncio.ensure_future(spec.fn(ctx))
+            task_box.append(task)
+            control.on_cancel(lambda: self.loop.call_soon_threadsafe(task.cancel))
+            return await task
+
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
+            runner(), self.loop
+        )
+        try:
+            value = future.result()
+        except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+            if control.is_cancelled:
+                return AttemptResult(kind="cancelled", error=exc, note="its task was cancelled")
+            return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
+        except BaseException as exc:  # the step must never take down its Worker
+            return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
+        try:
+            outputs = check_outputs(spec.step_id, value)
+        except TypeError as exc:
+            return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
+        return AttemptResult(kind="ok", outputs=outputs)
+
+    def close(self) -> None:
+        """Stop the loop (cancelling what is left) and wait for its thread."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5.0)

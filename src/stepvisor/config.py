@@ -1,0 +1,232 @@
+"""Resolving settings: one order for every setting, and where each value came from.
+
+Highest first::
+
+    argument (sv.run(..., max_parallel=4), CLI flag)
+      > environment (STEPVISOR_MAX_PARALLEL=4)
+      > the workflow's settings (Settings(max_parallel=4))
+      > the project file ([tool.stepvisor] in pyproject.toml, [stepvisor] in setup.cfg)
+      > built-in default (max_parallel=8)
+
+Values from the environment and project files are parsed from text and then
+validated by constructing :class:`~stepvisor.model.Settings`, so a bad value is
+rejected with the same message wherever it came from, prefixed by its source.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from stepvisor.errors import InvalidSettingError, ValidationError
+from stepvisor.model import SETTING_NAMES, Settings
+from stepvisor.policies.retry import RetryPolicy
+
+__all__ = ["DEFAULTS", "ENV_PREFIX", "Resolved", "find_project_settings", "resolve"]
+
+ENV_PREFIX: Final = "STEPVISOR_"
+
+#: Built-in defaults: the last source consulted.
+DEFAULTS: Final[Mapping[str, Any]] = {
+    "max_parallel": 8,
+    "on_failure": "fail_fast",
+    "pools": {},
+    "executor": "thread",
+    "step_timeout": None,
+    "deadline": None,
+    "kill_grace": 1.0,
+    "retry": RetryPolicy(),
+    "seed": None,
+    "max_worker_crashes": 3,
+    "max_retries_total": None,
+    "codec": "json",
+    "ray_address": None,
+}
+
+_INTS: Final = frozenset({"max_parallel", "seed", "max_worker_crashes", "max_retries_total"})
+_FLOATS: Final = frozenset({"step_timeout", "deadline", "kill_grace"})
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Concrete values for every setting, and the source each one came from."""
+
+    max_parallel: int
+    on_failure: str
+    pools: Mapping[str, int]
+    executor: str
+    step_timeout: float | None
+    deadline: float | None
+    kill_grace: float
+    retry: RetryPolicy
+    seed: int | None
+    max_worker_crashes: int
+    max_retries_total: int | None
+    codec: str
+    ray_address: str | None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> list[tuple[str, Any, str]]:
+        """``(name, value, source)`` for every setting, in a stable order."""
+        return [(name, getattr(self, name), self.sources[name]) for name in SETTING_NAMES]
+
+    def jsonable(self) -> dict[str, Any]:
+        """The values as JSON-friendly data (for stores and ``stepvisor config``)."""
+        out: dict[str, Any] = {}
+        for name in SETTING_NAMES:
+            value = getattr(self, name)
+            if isinstance(value, RetryPolicy):
+                value = value.to_mapping()
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[name] = value
+        return out
+
+
+def _parse_text(name: str, text: str) -> Any:
+    """Turn an environment/INI string into the type the setting takes."""
+    text = text.strip()
+    if name in _INTS:
+        try:
+            return int(text)
+        except ValueError:
+            return text  # Settings() rejects it with the proper message
+    if name in _FLOATS:
+        if text.lower() in ("", "none"):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if name == "pools":
+        pools: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            pool, sep, size = part.partition("=")
+            if not sep:
+                raise InvalidSettingError(f"pools must look like 'db=2,net=4', got {text!r}")
+            try:
+                pools[pool.strip()] = int(size)
+            except ValueError:
+                pools[pool.strip()] = size.strip()
+        return pools
+    if name == "retry":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidSettingError(
+                f"retry must be a JSON object such as "
+                f'{{"max_attempts": 3, "backoff": "exponential"}}, got {text!r}'
+            ) from exc
+    return text
+
+
+def _to_settings(values: Mapping[str, Any], *, where: str) -> Settings:
+    """Validate raw values from a text source by building ``Settings`` from them."""
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in SETTING_NAMES:
+            raise InvalidSettingError(
+                f"{where}: unknown setting {name!r}; known settings are {', '.join(SETTING_NAMES)}"
+            )
+        if name == "retry" and isinstance(value, Mapping):
+            kwargs[name] = RetryPolicy.from_mapping(value, where=where)
+        else:
+            kwargs[name] = value
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+
+
+def environment_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings given as ``STEPVISOR_<NAME>`` environment variables."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in SETTING_NAMES:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = _parse_text(name, environ[key])
+    return _to_settings(values, where="environment") if values else Settings()
+
+
+def find_project_settings(start: Path | None = None) -> tuple[Settings, str | None]:
+    """The project file's stepvisor section, looking up from ``start``.
+
+    Returns the settings and the file they came from (``None`` when no file
+    has a section).  ``pyproject.toml`` is preferred over ``setup.cfg`` in the
+    same directory.
+    """
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if not (directory / "pyproject.toml").is_file() and not (directory / "setup.cfg").is_file():
+            continue
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+                raise InvalidSettingError(
+                    f"{pyproject}: cannot read it as TOML ({exc}); fix the file"
+                ) from exc
+            section = data.get("tool", {}).get("stepvisor")
+            if section is not None:
+                if not isinstance(section, dict):
+                    raise InvalidSettingError(f"{pyproject}: [tool.stepvisor] must be a table")
+                return _to_settings(section, where=str(pyproject)), str(pyproject)
+        setup_cfg = directory / "setup.cfg"
+        if setup_cfg.is_file():
+            parser = configparser.ConfigParser()
+            try:
+                parser.read(setup_cfg, encoding="utf-8")
+            except configparser.Error as exc:
+                raise InvalidSettingError(
+                    f"{setup_cfg}: cannot read it ({exc}); fix the file"
+                ) from exc
+            if parser.has_section("stepvisor"):
+                raw = {k: _parse_text(k, v) for k, v in parser.items("stepvisor")}
+                return _to_settings(raw, where=str(setup_cfg)), str(setup_cfg)
+        # The first directory with a project file is the project root: stop there,
+        # so a parent directory's settings never leak into a nested project.
+        break
+    return Settings(), None
+
+
+def resolve(
+    workflow_settings: Settings | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Resolved:
+    """Every setting's value, taken from the highest source that sets it."""
+    override_settings = _to_settings(
+        {k: v for k, v in (overrides or {}).items() if v is not None}, where="argument"
+    )
+    env = environment_settings(environ)
+    project, project_file = find_project_settings(cwd)
+    layers: list[tuple[str, Settings]] = [
+        ("argument", override_settings),
+        ("environment", env),
+        ("workflow", workflow_settings or Settings()),
+        (f"project ({project_file})" if project_file else "project", project),
+    ]
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in SETTING_NAMES:
+        for source, layer in layers:
+            value = getattr(layer, name)
+            if value is not None:
+                values[name] = value
+                sources[name] = source
+                break
+        else:
+            values[name] = DEFAULTS[name]
+            sources[name] = "default"
+    values["pools"] = dict(values["pools"])
+    return Resolved(**values, sources=sources)

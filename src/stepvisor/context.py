@@ -1,0 +1,149 @@
+"""What a step function receives: ``StepContext``.
+
+A step learns who it is (run, step, attempt), reads the artifacts of its
+ancestors (``inputs``) and its own parameters (``params``), and cooperates
+with deadlines and cancellation through ``remaining()``, ``cancelled`` and
+``raise_if_cancelled()``.  Thread steps *must* cooperate to be stopped early:
+Python cannot stop a thread from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from stepvisor.errors import StepCancelledError, StepTimeoutError
+
+__all__ = ["AttemptControl", "StepContext"]
+
+
+class AttemptControl:
+    """The cancel signal of one attempt, shared by the Supervisor and the Worker.
+
+    ``cancel(reason)`` sets the flag the step sees and calls the canceller its
+    backend registered (kill a process group, cancel an asyncio task).  It is
+    safe to call from any thread, more than once; only the first reason counts.
+    """
+
+    __slots__ = ("_cancellers", "_event", "_lock", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._cancellers: list[Any] = []
+        self.reason: str | None = None
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled (or ``timeout``); returns whether it was cancelled."""
+        return self._event.wait(timeout)
+
+    def cancel(self, reason: str) -> None:
+        """Ask the attempt to stop.  ``reason`` is ``"timeout"`` or ``"cancel"``."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            cancellers = list(self._cancellers)
+        for fn in cancellers:
+            fn()
+
+    def on_cancel(self, fn: Any) -> None:
+        """Register ``fn()`` to run on cancel (at once if already cancelled)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._cancellers.append(fn)
+                return
+        fn()
+
+    def clear_cancellers(self) -> None:
+        with self._lock:
+            self._cancellers.clear()
+
+
+class StepContext:
+    """The view a step function has of its run.  Read-only for the step."""
+
+    __slots__ = (
+        "_control",
+        "attempt",
+        "deadline",
+        "inputs",
+        "max_attempts",
+        "params",
+        "run_id",
+        "step_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        step_id: str,
+        attempt: int,
+        max_attempts: int,
+        inputs: Mapping[str, Any],
+        params: Mapping[str, Any],
+        deadline: float | None,
+        control: AttemptControl | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.step_id = step_id
+        #: 1-based number of this attempt.
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        #: Artifacts created by this step's ancestors, merged in canonical order.
+        self.inputs: Mapping[str, Any] = MappingProxyType(dict(inputs))
+        #: The step's parameters (``with:`` in a workflow file).
+        self.params: Mapping[str, Any] = MappingProxyType(dict(params))
+        #: ``time.monotonic()`` value at which this attempt is stopped, or ``None``.
+        self.deadline = deadline
+        self._control = control or AttemptControl()
+
+    @property
+    def log(self) -> logging.Logger:
+        """A logger named ``stepvisor.step.<step id>`` (made on first use)."""
+        return logging.getLogger(f"stepvisor.step.{self.step_id}")
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or ``None`` if unbounded."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the attempt has been asked to stop (deadline or cancel)."""
+        return self._control.is_cancelled
+
+    def raise_if_cancelled(self) -> None:
+        """Raise if the attempt was asked to stop; call it often in long loops."""
+        if self._control.is_cancelled:
+            if self._control.reason == "timeout":
+                raise StepTimeoutError(
+                    f"step {self.step_id!r} passed its deadline on attempt {self.attempt}",
+                    step_id=self.step_id,
+                    attempt=self.attempt,
+                )
+            raise StepCancelledError(
+                f"step {self.step_id!r} was cancelled on attempt {self.attempt}",
+                step_id=self.step_id,
+                attempt=self.attempt,
+            )
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early if cancelled; returns ``cancelled``."""
+        return self._control.wait(timeout)
+
+    def __repr__(self) -> str:
+        return (
+            f"StepContext(run_id={self.run_id!r}, step_id={self.step_id!r}, attempt={self.attempt})"
+        )

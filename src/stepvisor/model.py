@@ -1,0 +1,415 @@
+"""The workflow model: ``Step``, ``Settings`` and ``Workflow``.
+
+All three are frozen values, checked when created, so that a workflow which
+exists can run: bad ids, uncallable functions, unknown dependencies, missing
+artifacts, cycles and bad settings are rejected here with a message that names
+the problem and the fix, before any step is dispatched or any store touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from pyrsistent import pmap
+from pyrsistent.typing import PMap
+
+from stepvisor.errors import (
+    InvalidMaxParallelError,
+    InvalidSettingError,
+    InvalidStepIdError,
+    InvalidTimeoutError,
+    StepFunctionError,
+)
+from stepvisor.graph import Graph
+from stepvisor.policies.retry import RetryPolicy
+
+__all__ = [
+    "EXECUTORS",
+    "ON_FAILURE",
+    "Executor",
+    "OnFailure",
+    "Settings",
+    "Step",
+    "StepFn",
+    "Workflow",
+    "check_max_parallel",
+    "check_positive_seconds",
+]
+
+Executor = Literal["thread", "async", "process", "ray"]
+EXECUTORS: Final = ("thread", "async", "process", "ray")
+OnFailure = Literal["fail_fast", "continue"]
+ON_FAILURE: Final = ("fail_fast", "continue")
+
+#: A step function takes a :class:`~stepvisor.context.StepContext` and returns a
+#: mapping of artifacts (or ``None``); it may be ``async def``.
+StepFn = Callable[..., Any]
+
+
+def check_max_parallel(value: object, *, what: str = "max_parallel") -> int:
+    """Return ``value`` if it is an int >= 1, else raise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMaxParallelError(
+            f"{what} must be an integer >= 1, got {value!r} ({type(value).__name__}); "
+            f"pass a whole number such as {what}=4"
+        )
+    if value < 1:
+        raise InvalidMaxParallelError(
+            f"{what} must be an integer >= 1, got {value}; use 1 to run one step at a time"
+        )
+    return value
+
+
+def check_positive_seconds(value: object, *, what: str) -> float:
+    """Return ``value`` as a float if it is a positive finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidTimeoutError(
+            f"{what} must be a positive number of seconds, got {value!r} "
+            f"({type(value).__name__}); use None for no limit"
+        )
+    seconds = float(value)
+    if math.isnan(seconds) or seconds <= 0 or math.isinf(seconds):
+        raise InvalidTimeoutError(
+            f"{what} must be a positive finite number of seconds, got {value!r}; "
+            "use None for no limit"
+        )
+    return seconds
+
+
+def _names(value: Iterable[str] | str, *, step_id: str, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        # A bare string is almost always a forgotten list: needs="a" means ["a"].
+        value = (value,)
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise InvalidSettingError(
+                f"step {step_id!r}: {what} must be non-empty strings, got {name!r}"
+            )
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidSettingError(
+            f"step {step_id!r}: {what} lists {', '.join(map(repr, dup))} more than once; "
+            "list each name once"
+        )
+    return names
+
+
+def _is_coroutine_fn(fn: object) -> bool:
+    """``async def`` functions, and objects whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
+    )
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Step:
+    """One unit of work in a workflow.
+
+    ``needs`` names steps that must succeed first; ``requires``/``creates`` name
+    artifacts, and requiring an artifact depends on the step that creates it.
+    ``timeout``, ``retry``, ``executor`` and ``pool`` override the run's
+    settings for this step.  ``params`` are the ``with:`` values of a workflow
+    file, handed to the function through ``ctx.params``.  ``resources`` is the
+    resource request of a Ray step (default ``{"CPU": 1}``).
+    """
+
+    id: str
+    fn: StepFn
+    needs: tuple[str, ...]
+    requires: tuple[str, ...]
+    creates: tuple[str, ...]
+    timeout: float | None
+    retry: RetryPolicy | None
+    executor: Executor | None
+    pool: str | None
+    metadata: Mapping[str, Any]
+    params: Mapping[str, Any]
+    resources: Mapping[str, float] | None
+    #: Whether ``fn`` is ``async def``; computed once, read on every dispatch.
+    is_async: bool = field(compare=False, repr=False)
+
+    def __init__(
+        self,
+        id: str,
+        fn: StepFn,
+        *,
+        needs: Iterable[str] | str = (),
+        requires: Iterable[str] | str = (),
+        creates: Iterable[str] | str = (),
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        executor: Executor | None = None,
+        pool: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "id", id)
+        set_(self, "fn", fn)
+        set_(self, "needs", needs)
+        set_(self, "requires", requires)
+        set_(self, "creates", creates)
+        set_(self, "timeout", timeout)
+        set_(self, "retry", retry)
+        set_(self, "executor", executor)
+        set_(self, "pool", pool)
+        set_(self, "metadata", pmap() if metadata is None else metadata)
+        set_(self, "params", pmap() if params is None else params)
+        set_(self, "resources", resources)
+        set_(self, "is_async", False)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise InvalidStepIdError(
+                f"a step id must be a non-empty string, got {self.id!r}; "
+                'name the step, e.g. Step("extract", fn)'
+            )
+        if not callable(self.fn):
+            raise StepFunctionError(
+                f"step {self.id!r}: fn must be callable (a function or async function), "
+                f"got {self.fn!r} ({type(self.fn).__name__})"
+            )
+        set_ = object.__setattr__
+        set_(self, "is_async", _is_coroutine_fn(self.fn))
+        set_(self, "needs", _names(self.needs, step_id=self.id, what="needs"))
+        set_(self, "requires", _names(self.requires, step_id=self.id, what="requires"))
+        set_(self, "creates", _names(self.creates, step_id=self.id, what="creates"))
+        if self.id in self.needs:
+            raise InvalidSettingError(f"step {self.id!r} lists itself in needs; remove it")
+        if self.timeout is not None:
+            set_(
+                self,
+                "timeout",
+                check_positive_seconds(self.timeout, what=f"step {self.id!r}: timeout"),
+            )
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise InvalidSettingError(
+                f"step {self.id!r}: retry must be a stepvisor.RetryPolicy, got "
+                f"{type(self.retry).__name__}"
+            )
+        if self.executor is not None and self.executor not in EXECUTORS:
+            raise InvalidSettingError(
+                f"step {self.id!r}: executor must be one of {', '.join(EXECUTORS)}, "
+                f"got {self.executor!r}"
+            )
+        if self.executor == "async" and not self.is_async:
+            raise InvalidSettingError(
+                f"step {self.id!r}: executor='async' needs an 'async def' function; "
+                "use executor='thread' for a plain function"
+            )
+        if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
+            raise InvalidSettingError(
+                f"step {self.id!r}: pool must be a non-empty string, got {self.pool!r}"
+            )
+        if not isinstance(self.metadata, Mapping):
+            raise InvalidSettingError(
+                f"step {self.id!r}: metadata must be a mapping, got {type(self.metadata).__name__}"
+            )
+        set_(self, "metadata", pmap(self.metadata))
+        if not isinstance(self.params, Mapping):
+            raise InvalidSettingError(
+                f"step {self.id!r}: params must be a mapping, got {type(self.params).__name__}"
+            )
+        set_(self, "params", pmap(self.params))
+        cost = self.metadata.get("cost", 1.0)
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+            raise InvalidSettingError(
+                f"step {self.id!r}: metadata['cost'] must be a number of seconds >= 0, got {cost!r}"
+            )
+        if self.resources is not None:
+            if not isinstance(self.resources, Mapping):
+                raise InvalidSettingError(
+                    f"step {self.id!r}: resources must be a mapping such as "
+                    f'{{"CPU": 2}}, got {type(self.resources).__name__}'
+                )
+            for key, amount in self.resources.items():
+                if (
+                    not isinstance(key, str)
+                    or isinstance(amount, bool)
+                    or not isinstance(amount, int | float)
+                    or not amount >= 0
+                ):
+                    raise InvalidSettingError(
+                        f"step {self.id!r}: resources[{key!r}] must be a number >= 0, "
+                        f"got {amount!r}"
+                    )
+            set_(self, "resources", pmap(self.resources))
+
+    @property
+    def cost(self) -> float:
+        """The estimated duration used for critical-path priority (default 1)."""
+        return float(self.metadata.get("cost", 1.0))
+
+
+#: Setting names that :class:`Settings` holds, in the order ``stepvisor config`` shows.
+SETTING_NAMES: Final = (
+    "max_parallel",
+    "on_failure",
+    "pools",
+    "executor",
+    "step_timeout",
+    "deadline",
+    "kill_grace",
+    "retry",
+    "seed",
+    "max_worker_crashes",
+    "max_retries_total",
+    "codec",
+    "ray_address",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Run-wide settings.  ``None`` means "not set here": the next source decides.
+
+    The resolution order, highest first, is: explicit argument > environment
+    (``STEPVISOR_<NAME>``) > these workflow settings > the project's
+    ``[tool.stepvisor]`` / ``[stepvisor]`` > built-in defaults.
+    """
+
+    max_parallel: int | None = None
+    on_failure: OnFailure | None = None
+    pools: Mapping[str, int] | None = None
+    executor: Executor | None = None
+    step_timeout: float | None = None
+    deadline: float | None = None
+    kill_grace: float | None = None
+    retry: RetryPolicy | None = None
+    seed: int | None = None
+    max_worker_crashes: int | None = None
+    max_retries_total: int | None = None
+    codec: str | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.max_parallel is not None:
+            check_max_parallel(self.max_parallel)
+        if self.on_failure is not None and self.on_failure not in ON_FAILURE:
+            raise InvalidSettingError(
+                f"on_failure must be 'fail_fast' or 'continue', got {self.on_failure!r}"
+            )
+        if self.pools is not None:
+            if not isinstance(self.pools, Mapping):
+                raise InvalidSettingError(
+                    f'pools must be a mapping of pool name to size, such as {{"db": 2}}, '
+                    f"got {type(self.pools).__name__}"
+                )
+            for name, size in self.pools.items():
+                if not isinstance(name, str) or not name:
+                    raise InvalidSettingError(f"pool names must be non-empty strings, got {name!r}")
+                check_max_parallel(size, what=f"pools[{name!r}]")
+            set_(self, "pools", pmap(self.pools))
+        if self.executor is not None and self.executor not in EXECUTORS:
+            raise InvalidSettingError(
+                f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
+        if self.executor == "async":
+            raise InvalidSettingError(
+                "executor='async' cannot be a run default: async steps are chosen by "
+                "writing them as 'async def'; use 'thread', 'process' or 'ray'"
+            )
+        for name in ("step_timeout", "deadline", "kill_grace"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, check_positive_seconds(value, what=name))
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise InvalidSettingError(
+                f"retry must be a stepvisor.RetryPolicy, got {type(self.retry).__name__}"
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise InvalidSettingError(f"seed must be an integer, got {self.seed!r}")
+        if self.max_worker_crashes is not None:
+            check_max_parallel(self.max_worker_crashes, what="max_worker_crashes")
+        if self.max_retries_total is not None and (
+            isinstance(self.max_retries_total, bool)
+            or not isinstance(self.max_retries_total, int)
+            or self.max_retries_total < 0
+        ):
+            raise InvalidSettingError(
+                f"max_retries_total must be an integer >= 0, got {self.max_retries_total!r}"
+            )
+        if self.codec is not None and self.codec not in ("json", "pickle"):
+            raise InvalidSettingError(f"codec must be 'json' or 'pickle', got {self.codec!r}")
+        if self.ray_address is not None and not isinstance(self.ray_address, str):
+            raise InvalidSettingError(
+                f"ray_address must be a string such as 'ray://host:10001' or 'auto', "
+                f"got {self.ray_address!r}"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that are set here (not ``None``), by name."""
+        return {
+            name: getattr(self, name) for name in SETTING_NAMES if getattr(self, name) is not None
+        }
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Workflow:
+    """A named DAG of steps with its run-wide settings, validated on creation.
+
+    Creating a ``Workflow`` checks the graph (duplicate ids, unknown ``needs``,
+    ``requires`` nobody ``creates``, cycles) and computes the canonical order
+    that outcomes are applied in.
+    """
+
+    id: str
+    steps: tuple[Step, ...]
+    settings: Settings
+    #: Precomputed DAG facts; built on creation, not passed in.
+    graph: Graph = field(compare=False, repr=False)
+
+    def __init__(
+        self,
+        id: str,
+        steps: Iterable[Step],
+        *,
+        settings: Settings | None = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "id", id)
+        set_(self, "steps", steps)
+        set_(self, "settings", Settings() if settings is None else settings)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise InvalidStepIdError(f"a workflow id must be a non-empty string, got {self.id!r}")
+        steps = tuple(self.steps)
+        for step in steps:
+            if not isinstance(step, Step):
+                raise InvalidSettingError(
+                    f"workflow {self.id!r}: steps must be stepvisor.Step values, got "
+                    f"{type(step).__name__}"
+                )
+        if not isinstance(self.settings, Settings):
+            raise InvalidSettingError(
+                f"workflow {self.id!r}: settings must be stepvisor.Settings, got "
+                f"{type(self.settings).__name__}"
+            )
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "graph", Graph.build(steps))
+
+    def step(self, step_id: str) -> Step:
+        """The step with this id (``KeyError`` if none)."""
+        return self.steps[self.graph.index[step_id]]
+
+    @property
+    def step_ids(self) -> tuple[str, ...]:
+        """Step ids in canonical order."""
+        return self.graph.order
+
+
+def to_pmap(mapping: Mapping[str, Any] | None) -> PMap[str, Any]:
+    """An immutable copy of ``mapping`` (empty for ``None``)."""
+    return pmap(mapping or {})

@@ -1,0 +1,1 @@
+"""Pure policy: retries, deadlines, dispatch priority and failure handling."""

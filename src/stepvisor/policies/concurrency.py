@@ -1,0 +1,115 @@
+"""Which step runs next: eager readiness, the global bound, pools, priority.
+
+The :class:`Scheduler` is deterministic and single-threaded: the Supervisor
+drives it from its one thread, and tests drive it directly, without threads.
+
+* A step is *ready* the moment every step it depends on has succeeded; there
+  is no wave barrier.
+* At most ``max_parallel`` steps run at once, and at most ``pools[name]`` of the
+  steps in a named pool.
+* Among ready steps that fit, the one with the longest chain of work still
+  depending on it (critical path, by ``metadata["cost"]``) goes first; ties go
+  to the smaller step id.  Each pool keeps its own heap so a full pool never
+  blocks steps of other pools.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+
+from stepvisor.graph import Graph
+
+__all__ = ["Scheduler"]
+
+_NO_POOL = ""
+
+
+class Scheduler:
+    """Ready queue and running counts for one run, indexed by canonical rank."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        max_parallel: int,
+        pool_of: Sequence[str | None],
+        pool_limits: Mapping[str, int],
+    ) -> None:
+        self.graph = graph
+        self.max_parallel = max_parallel
+        self._pool_of = [p or _NO_POOL for p in pool_of]
+        self._limits = dict(pool_limits)
+        self._waiting = [len(ds) for ds in graph.deps]
+        self._heaps: dict[str, list[tuple[float, str, int]]] = {}
+        self._running_in: dict[str, int] = {}
+        self.running = 0
+        self.ready_count = 0
+
+    # -- feeding -------------------------------------------------------------------
+
+    def initial_ready(self, done: Iterable[int] = ()) -> None:
+        """Mark ``done`` ranks succeeded (a resumed run) and queue every ready step."""
+        done_set = set(done)
+        for r in done_set:
+            for c in self.graph.dependents[r]:
+                self._waiting[c] -= 1
+        for r in range(len(self._waiting)):
+            if r not in done_set and self._waiting[r] == 0:
+                self.push(r)
+
+    def push(self, r: int) -> None:
+        """Queue rank ``r`` as ready (also used when a retry becomes due)."""
+        pool = self._pool_of[r]
+        heapq.heappush(
+            self._heaps.setdefault(pool, []),
+            (-self.graph.priority[r], self.graph.order[r], r),
+        )
+        self.ready_count += 1
+
+    def succeeded(self, r: int) -> list[int]:
+        """Record that ``r`` succeeded; queue and return the steps it made ready."""
+        made_ready: list[int] = []
+        for c in self.graph.dependents[r]:
+            self._waiting[c] -= 1
+            if self._waiting[c] == 0:
+                self.push(c)
+                made_ready.append(c)
+        return made_ready
+
+    # -- taking --------------------------------------------------------------------
+
+    def _fits(self, pool: str) -> bool:
+        limit = self._limits.get(pool)
+        return limit is None or self._running_in.get(pool, 0) < limit
+
+    def take(self) -> int | None:
+        """The next step to start (and count it running), or ``None`` if none fits."""
+        if self.running >= self.max_parallel or not self.ready_count:
+            return None
+        best: tuple[float, str, int] | None = None
+        best_pool = _NO_POOL
+        for pool, heap in self._heaps.items():
+            if heap and (best is None or heap[0] < best) and self._fits(pool):
+                best = heap[0]
+                best_pool = pool
+        if best is None:
+            return None
+        heapq.heappop(self._heaps[best_pool])
+        self.ready_count -= 1
+        self.running += 1
+        self._running_in[best_pool] = self._running_in.get(best_pool, 0) + 1
+        return best[2]
+
+    def release(self, r: int) -> None:
+        """``r`` stopped running (finished, waiting to retry, or abandoned)."""
+        self.running -= 1
+        pool = self._pool_of[r]
+        self._running_in[pool] -= 1
+
+    def drain_ready(self) -> list[int]:
+        """Remove and return every queued step (the run is stopping)."""
+        out = [r for heap in self._heaps.values() for _, _, r in heap]
+        self._heaps.clear()
+        self.ready_count = 0
+        return sorted(out)

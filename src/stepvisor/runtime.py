@@ -1,0 +1,473 @@
+"""Running a workflow: ``run``, ``start``, ``run_async`` and ``resume``.
+
+This module prepares a run (resolve settings, check what can be checked
+before anything starts, open the store), starts the Supervisor, and gives the
+caller a :class:`RunHandle`.  It also owns the run's threads: ``wait()`` joins
+every thread the run started (Supervisor, Workers, the async loop) so that,
+once a run has returned, nothing of it is left running, apart from a thread
+that was abandoned because its step ignored cancellation (recorded as such).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from os import PathLike
+from typing import Any
+
+import pykka
+
+from stepvisor.actors.messages import CancelRun, Start
+from stepvisor.actors.supervisor import RunPlan, Supervisor
+from stepvisor.actors.worker import WorkerServices, worker_thread_name
+from stepvisor.backends.asyncio_loop import LoopThread
+from stepvisor.clock import Clock, RealClock
+from stepvisor.config import Resolved, resolve
+from stepvisor.errors import (
+    FingerprintMismatchError,
+    InvalidSettingError,
+    StepvisorError,
+)
+from stepvisor.events import Event
+from stepvisor.model import Workflow
+from stepvisor.result import RunResult
+from stepvisor.state import RunStatus, StepStatus
+from stepvisor.store.base import RunStore
+from stepvisor.store.memory import MemoryStore
+
+__all__ = ["RunHandle", "fingerprint", "resume", "run", "run_async", "start"]
+
+log = logging.getLogger("stepvisor")
+
+_DEFAULT_CLOCK = RealClock()
+
+StoreArg = RunStore | str | PathLike[str] | None
+
+
+class _RunThreads:
+    """The threads one run starts, so ``wait()`` can join them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def add(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self.threads.append(thread)
+
+    def join(self, *, timeout: float, skip: set[str]) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self.threads)
+        for thread in threads:
+            if thread.name in skip or thread is threading.current_thread():
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class RunHandle:
+    """A run in progress: wait for it, cancel it, or ask whether it is done."""
+
+    def __init__(self, run_id: str, grace: float) -> None:
+        self.run_id = run_id
+        self._grace = grace
+        self._done = threading.Event()
+        self._result: RunResult | None = None
+        self._callbacks: list[Callable[[RunResult], None]] = []
+        self._lock = threading.Lock()
+        self._supervisor: pykka.ActorRef[Any] | None = None
+        self._threads = _RunThreads()
+        self._cleanup: list[Callable[[], None]] = []
+        self._abandoned: set[str] = set()
+        self._joined = False
+
+    # -- called by the runtime ---------------------------------------------------
+
+    def _complete(self, result: RunResult) -> None:
+        with self._lock:
+            self._result = result
+            callbacks = list(self._callbacks)
+        self._done.set()
+        for cb in callbacks:
+            try:
+                cb(result)
+            except Exception:
+                log.exception("a run completion callback failed")
+
+    def _add_done_callback(self, cb: Callable[[RunResult], None]) -> None:
+        with self._lock:
+            if self._result is None:
+                self._callbacks.append(cb)
+                return
+            result = self._result
+        cb(result)
+
+    # -- public ------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop the run: nothing new starts, every attempt in flight is stopped."""
+        ref = self._supervisor
+        if ref is not None and not self._done.is_set():
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(CancelRun("cancel() was called"))
+
+    def done(self) -> bool:
+        """Whether the run has finished."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Block until the run ends and return its result.
+
+        Raises ``TimeoutError`` if it has not ended within ``timeout`` seconds
+        (the run goes on).  Once it returns, the run's threads are gone.
+        """
+        if not self._wait_interruptibly(timeout):
+            raise TimeoutError(f"run {self.run_id} has not finished after {timeout} s")
+        self._finalize()
+        assert self._result is not None
+        return self._result
+
+    def _wait_interruptibly(self, timeout: float | None) -> bool:
+        # Wait in short slices so Ctrl-C reaches the main thread promptly.
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            slice_ = 0.25 if end is None else min(0.25, end - time.monotonic())
+            if slice_ <= 0:
+                return False
+            self._done.wait(slice_)
+        return True
+
+    def _finalize(self) -> None:
+        with self._lock:
+            if self._joined:
+                return
+            self._joined = True
+        result = self._result
+        skip: set[str] = set()
+        if result is not None:
+            for record in result.steps.values():
+                last = record.last_attempt
+                if last is not None and last.note == "abandoned" and last.worker:
+                    skip.add(last.worker)
+        names = {worker_thread_name(wid) for wid in skip}
+        self._threads.join(timeout=10.0 + self._grace, skip=names)
+        for fn in self._cleanup:
+            try:
+                fn()
+            except Exception:
+                log.exception("cleanup after run %s failed", self.run_id)
+
+    @property
+    def result(self) -> RunResult | None:
+        """The result, once done; ``None`` before."""
+        return self._result
+
+
+def fingerprint(wf: Workflow) -> str:
+    """A digest of what makes a workflow's steps what they are.
+
+    It covers the graph, each step's function (by qualified name), executor,
+    pool and parameters, but not timeouts or retry policies, which a resumed
+    run may change freely.
+    """
+    h = hashlib.sha256()
+    h.update(wf.id.encode())
+    for sid in wf.graph.order:
+        step = wf.step(sid)
+        fn = step.fn
+        name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(type(fn)))}"
+        parts = [
+            sid,
+            ",".join(step.needs),
+            ",".join(step.requires),
+            ",".join(step.creates),
+            name,
+            str(step.executor),
+            str(step.pool),
+            repr(sorted(step.params.items())),
+        ]
+        h.update("\x1f".join(parts).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]
+
+
+def _open_store(store: StoreArg, codec: str) -> tuple[RunStore, bool]:
+    if store is None:
+        return MemoryStore(), True
+    if isinstance(store, str | PathLike):
+        from stepvisor.store.sqlite import SQLiteStore  # noqa: PLC0415
+
+        return SQLiteStore(store, codec=codec), True
+    return store, False
+
+
+def _executors(wf: Workflow, cfg: Resolved) -> tuple[str, ...]:
+    out: list[str] = []
+    for sid in wf.graph.order:
+        step = wf.step(sid)
+        if step.executor is not None:
+            out.append(step.executor)
+        elif step.is_async and cfg.executor == "thread":
+            out.append("async")
+        else:
+            out.append(cfg.executor)
+    return tuple(out)
+
+
+def _check_pools(wf: Workflow, cfg: Resolved) -> None:
+    for step in wf.steps:
+        if step.pool is not None and step.pool not in cfg.pools:
+            raise InvalidSettingError(
+                f"step {step.id!r} uses pool {step.pool!r}, but no pool of that name is "
+                f"configured; add it, e.g. Settings(pools={{{step.pool!r}: 2}})"
+            )
+
+
+def _payloads(wf: Workflow, executors: tuple[str, ...]) -> dict[str, bytes]:
+    """Pickle process/Ray step functions once, before anything runs."""
+    payloads: dict[str, bytes] = {}
+    for sid, executor in zip(wf.graph.order, executors, strict=True):
+        if executor in ("process", "ray"):
+            from stepvisor.backends.process import prepare_payload  # noqa: PLC0415
+
+            payloads[sid] = prepare_payload(sid, wf.step(sid).fn)
+    return payloads
+
+
+def start(
+    wf: Workflow,
+    *,
+    store: StoreArg = None,
+    on_event: Callable[[Event], None] | None = None,
+    clock: Clock | None = None,
+    run_id: str | None = None,
+    source: str | None = None,
+    _resume: Any = None,
+    **overrides: Any,
+) -> RunHandle:
+    """Start ``wf`` and return at once with a :class:`RunHandle`.
+
+    Keyword overrides (``max_parallel=``, ``on_failure=``, ``step_timeout=``,
+    ``deadline=``, ``kill_grace=``, ``executor=``, ``retry=``, ``pools=``,
+    ``seed=``, ``max_worker_crashes=``, ``max_retries_total=``, ``codec=``,
+    ``ray_address=``) take precedence over every other source.
+    """
+    if not isinstance(wf, Workflow):
+        raise InvalidSettingError(
+            f"expected a stepvisor.Workflow, got {type(wf).__name__}; build one with "
+            "sv.Workflow(id, steps=[...]) or load a file with sv.load_workflow(path)"
+        )
+    cfg = resolve(wf.settings, overrides)
+    _check_pools(wf, cfg)
+    executors = _executors(wf, cfg)
+    payloads = _payloads(wf, executors)
+    the_store, owned = _open_store(store, cfg.codec)
+    try:
+        if _resume is not None:
+            plan_extra, run_id, seed = _resume(the_store, cfg)
+        else:
+            plan_extra = {}
+            seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
+        return _launch(
+            wf,
+            cfg,
+            store=the_store,
+            owned=owned,
+            executors=executors,
+            payloads=payloads,
+            clock=clock or _DEFAULT_CLOCK,
+            run_id=run_id or uuid.uuid4().hex[:12],
+            seed=seed,
+            on_event=on_event,
+            source=source,
+            plan_extra=plan_extra,
+        )
+    except BaseException:
+        if owned:
+            the_store.close()
+        raise
+
+
+def _launch(
+    wf: Workflow,
+    cfg: Resolved,
+    *,
+    store: RunStore,
+    owned: bool,
+    executors: tuple[str, ...],
+    payloads: dict[str, bytes],
+    clock: Clock,
+    run_id: str,
+    seed: int,
+    on_event: Callable[[Event], None] | None,
+    source: str | None,
+    plan_extra: dict[str, Any],
+) -> RunHandle:
+    plan = RunPlan(
+        workflow=wf,
+        settings=cfg,
+        run_id=run_id,
+        seed=seed,
+        clock=clock,
+        store=store,
+        fingerprint=fingerprint(wf),
+        executors=executors,
+        payloads=payloads,
+        on_event=on_event,
+        source=source,
+        **plan_extra,
+    )
+    handle = RunHandle(run_id, cfg.kill_grace)
+    loop_lock = threading.Lock()
+    loop_box: list[LoopThread] = []
+    ray_box: list[Any] = []
+
+    def get_loop() -> LoopThread:
+        with loop_lock:
+            if not loop_box:
+                loop_box.append(LoopThread(on_thread=handle._threads.add))
+            return loop_box[0]
+
+    def get_ray() -> Any:
+        with loop_lock:
+            if not ray_box:
+                from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
+
+                ray_box.append(RayBackend.connect(address=cfg.ray_address))
+            return ray_box[0]
+
+    def cleanup() -> None:
+        if loop_box:
+            loop_box[0].close()
+        if ray_box:
+            ray_box[0].close()
+        if owned:
+            store.close()
+
+    handle._cleanup.append(cleanup)
+    if "ray" in executors:
+        get_ray()  # connect before any step runs: an unreachable cluster fails here
+
+    def services(_: pykka.ActorRef[Any]) -> WorkerServices:
+        return WorkerServices(loop=get_loop, ray=get_ray, register_thread=handle._threads.add)
+
+    ref = Supervisor.start(
+        plan,
+        complete=handle._complete,
+        services=services,
+        register_thread=handle._threads.add,
+    )
+    handle._supervisor = ref
+    ref.tell(Start())
+    return handle
+
+
+def run(wf: Workflow, **kwargs: Any) -> RunResult:
+    """Run ``wf`` to the end and return its :class:`~stepvisor.RunResult`.
+
+    Ctrl-C (``KeyboardInterrupt``) cancels the run, waits for it to stop
+    (every attempt stopped, every step terminal, the store consistent), then
+    re-raises.
+    """
+    handle = start(wf, **kwargs)
+    try:
+        return handle.wait()
+    except KeyboardInterrupt:
+        handle.cancel()
+        with contextlib.suppress(TimeoutError):
+            handle.wait(timeout=handle._grace + 30.0)
+        raise
+
+
+async def run_async(wf: Workflow, **kwargs: Any) -> RunResult:
+    """Run ``wf`` from inside an asyncio program without blocking its loop.
+
+    Cancelling the task that awaits this cancels the run (and waits for it to
+    stop) before the cancellation propagates.
+    """
+    loop = asyncio.get_running_loop()
+    handle = start(wf, **kwargs)
+    done: asyncio.Future[RunResult] = loop.create_future()
+
+    def on_done(result: RunResult) -> None:
+        def settle() -> None:
+            if not done.done():
+                done.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(settle)
+
+    handle._add_done_callback(on_done)
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        handle.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(done)
+        handle._finalize()
+        raise
+    handle._finalize()
+    return done.result()
+
+
+def resume(
+    run_id: str,
+    wf: Workflow,
+    *,
+    store: StoreArg,
+    force: bool = False,
+    **kwargs: Any,
+) -> RunResult:
+    """Continue a stored run: succeeded steps keep their artifacts, the rest run.
+
+    Refused (``FingerprintMismatchError``) if ``wf`` changed since the run
+    started, unless ``force=True``.
+    """
+    return resume_start(run_id, wf, store=store, force=force, **kwargs).wait()
+
+
+def resume_start(
+    run_id: str,
+    wf: Workflow,
+    *,
+    store: StoreArg,
+    force: bool = False,
+    **kwargs: Any,
+) -> RunHandle:
+    """Like :func:`resume`, but return a :class:`RunHandle` at once."""
+    if store is None:
+        raise InvalidSettingError(
+            "resume needs the store the run was kept in: pass store='path/to/runs.db'"
+        )
+
+    def prepare(the_store: RunStore, cfg: Resolved) -> tuple[dict[str, Any], str, int]:
+        stored = the_store.load(run_id)
+        if stored.info.status is RunStatus.RUNNING:
+            raise StepvisorError(
+                f"run {run_id!r} is still running (its heartbeat is fresh); cancel it with "
+                f"`stepvisor cancel {run_id}` or wait for it before resuming"
+            )
+        now_fp = fingerprint(wf)
+        if stored.info.fingerprint != now_fp and not force:
+            raise FingerprintMismatchError(
+                f"run {run_id!r} was started with a different workflow "
+                f"(fingerprint {stored.info.fingerprint}, now {now_fp}): its steps, "
+                "functions or parameters changed; resume with force=True (--force) to run "
+                "it anyway, or start a new run"
+            )
+        restored = {
+            sid: dict(stored.outputs.get(sid, {}))
+            for sid, record in stored.steps.items()
+            if record.status is StepStatus.SUCCEEDED and sid in wf.graph.rank
+        }
+        records = {sid: stored.steps[sid] for sid in restored}
+        return {"restored": restored, "restored_records": records}, run_id, stored.info.seed
+
+    return start(wf, store=store, _resume=prepare, **kwargs)

@@ -1,0 +1,94 @@
+"""The in-memory store: the library default when no store is given.
+
+It keeps the same records as the SQLite store, so a run's result and its
+history read the same whichever store held them; it just does not survive the
+program.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from stepvisor.errors import RunNotFoundError
+from stepvisor.state import RunStatus, StepRecord
+from stepvisor.store.base import RunInfo, StoredRun
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Runs kept in dictionaries, guarded by a lock for readers on other threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, RunInfo] = {}
+        self._steps: dict[str, dict[str, StepRecord]] = {}
+        self._outputs: dict[str, dict[str, Mapping[str, Any]]] = {}
+        self._cancel: set[str] = set()
+
+    def begin_run(self, info: RunInfo, steps: Sequence[StepRecord]) -> None:
+        with self._lock:
+            self._runs[info.run_id] = info
+            table = self._steps.setdefault(info.run_id, {})
+            for record in steps:
+                table[record.step_id] = record
+            self._outputs.setdefault(info.run_id, {})
+            self._cancel.discard(info.run_id)
+
+    def save_step(
+        self, run_id: str, record: StepRecord, outputs: Mapping[str, Any] | None = None
+    ) -> None:
+        with self._lock:
+            self._steps[run_id][record.step_id] = record
+            if outputs is not None:
+                self._outputs[run_id][record.step_id] = dict(outputs)
+
+    def save_steps(self, run_id: str, records: Sequence[StepRecord]) -> None:
+        with self._lock:
+            table = self._steps[run_id]
+            for record in records:
+                table[record.step_id] = record
+
+    def finish_run(
+        self, run_id: str, status: RunStatus, *, ended: float, error: str | None = None
+    ) -> None:
+        with self._lock:
+            self._runs[run_id] = replace(
+                self._runs[run_id], status=status, ended=ended, error=error
+            )
+
+    def heartbeat(self, run_id: str, now: float) -> None:
+        with self._lock:
+            self._runs[run_id] = replace(self._runs[run_id], heartbeat=now)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._cancel
+
+    def request_cancel(self, run_id: str) -> None:
+        with self._lock:
+            if run_id not in self._runs:
+                raise RunNotFoundError(f"no run with id {run_id!r} in this store")
+            self._cancel.add(run_id)
+
+    def load(self, run_id: str) -> StoredRun:
+        with self._lock:
+            if run_id not in self._runs:
+                raise RunNotFoundError(
+                    f"no run with id {run_id!r} in this store; list runs with `stepvisor status`"
+                )
+            return StoredRun(
+                info=self._runs[run_id],
+                steps=dict(self._steps[run_id]),
+                outputs=dict(self._outputs[run_id]),
+            )
+
+    def list_runs(self) -> list[RunInfo]:
+        with self._lock:
+            return sorted(self._runs.values(), key=lambda r: r.started, reverse=True)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,98 @@
+"""Suite-wide fixtures: every test must leave no thread, process or temp file behind.
+
+Children are found by a marker in their environment rather than by parent
+pid: a grandchild whose parent was killed is re-parented to init, and only the
+inherited environment still ties it to this test session.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SESSION_MARK = f"stepvisor-test-{uuid.uuid4().hex}"
+os.environ["STEPVISOR_TEST_SESSION"] = SESSION_MARK
+
+_LEAK_WAIT = 5.0
+
+
+def session_processes() -> set[int]:
+    """Pids of live processes (not zombies) that inherited this session's marker."""
+    found: set[int] = set()
+    me = os.getpid()
+    needle = f"STEPVISOR_TEST_SESSION={SESSION_MARK}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read()
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in env and state != b"Z":
+            found.add(int(entry))
+    return found
+
+
+def _temp_entries() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith("pytest-")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaves threads, processes or temp files behind."""
+    threads_before = set(threading.enumerate())
+    procs_before = session_processes()
+    temps_before = _temp_entries()
+    yield
+    deadline = time.monotonic() + _LEAK_WAIT
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        procs = session_processes() - procs_before
+        if not threads and not procs:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{request.node.nodeid} left behind threads {[t.name for t in threads]} "
+                f"and processes {sorted(procs)}"
+            )
+        time.sleep(0.01)
+    new_temps = _temp_entries() - temps_before
+    if new_temps:
+        pytest.fail(f"{request.node.nodeid} left temporary files behind: {sorted(new_temps)}")
+
+
+def wait_for(predicate: object, *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate()`` until true; fail after ``timeout`` seconds (never hangs)."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether ``pid`` no longer names a live (non-zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == b"Z"
+
+
+@pytest.fixture
+def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test from an empty directory, so no project file is picked up."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
