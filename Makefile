@@ -2,6 +2,8 @@
 #   make demo   create .venv, install, run the demo workflow on the SQLite store
 #   make test   create .venv, install, lint (ruff + mypy strict), run the test suite
 PYTHON ?= python3
+# Extras to install; CI adds the optional backends: make test EXTRAS=test,ray,bench
+EXTRAS ?= test
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -11,9 +13,10 @@ STAMP  := $(VENV)/.installed-stamp
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	rm -f $(STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]' $(EXTRA_PIP)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: venv

@@ -8,6 +8,7 @@ inherited environment still ties it to this test session.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -17,8 +18,21 @@ from pathlib import Path
 
 import pytest
 
+from stepvisor.clock import FakeClock
+
 SESSION_MARK = f"stepvisor-test-{uuid.uuid4().hex}"
 os.environ["STEPVISOR_TEST_SESSION"] = SESSION_MARK
+
+# A private temporary directory for the whole session (and its subprocesses),
+# so the leak check sees only what this suite creates, not other programs' files.
+_PRIVATE_TMP = tempfile.mkdtemp(prefix="stepvisor-tests-")
+os.environ["TMPDIR"] = _PRIVATE_TMP
+tempfile.tempdir = _PRIVATE_TMP
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_PRIVATE_TMP, ignore_errors=True)
+
 
 _LEAK_WAIT = 5.0
 
@@ -96,3 +110,22 @@ def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test from an empty directory, so no project file is picked up."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def pump_until(
+    clock: object, predicate: object, *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Like :func:`wait_for`, firing any fake-clock timer already due on each poll.
+
+    A timer that the Supervisor registers for a moment the fake clock has already
+    reached (because the test advanced it first) fires here, without moving time.
+    """
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while True:
+        clock.advance(0.0)
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)

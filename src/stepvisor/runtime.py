@@ -27,7 +27,7 @@ import pykka
 from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
 from stepvisor.actors.worker import WorkerServices, worker_thread_name
-from stepvisor.backends.asyncio_loop import LoopThread
+from stepvisor.backends.asyncio_loop import LOOP_THREAD_NAME, LoopThread
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.errors import (
@@ -157,7 +157,10 @@ class RunHandle:
                 if last is not None and last.note == "abandoned" and last.worker:
                     skip.add(last.worker)
         names = {worker_thread_name(wid) for wid in skip}
-        self._threads.join(timeout=10.0 + self._grace, skip=names)
+        # Workers and the Supervisor end on their own once the run is over;
+        # join them first (process children are reaped as their Workers stop),
+        # then close what outlives them: the async loop, Ray, the store.
+        self._threads.join(timeout=10.0 + self._grace, skip=names | {LOOP_THREAD_NAME})
         for fn in self._cleanup:
             try:
                 fn()

@@ -117,6 +117,8 @@ class _Inflight:
     executor: str
     limit: float | None
     limit_is_run_deadline: bool
+    #: When the attempt's deadline is due, on the run's clock (None: no deadline).
+    deadline_at: float | None = None
     timers: list[TimerHandle] = field(default_factory=list)
     reason: str | None = None  # "timeout" or "cancel" once a stop was requested
 
@@ -416,6 +418,7 @@ class Supervisor(pykka.ThreadingActor):
             executor=executor,
             limit=(self.cfg.deadline if limit_is_run else timeout),
             limit_is_run_deadline=limit_is_run,
+            deadline_at=deadline,
         )
         self._inflight[sid] = inflight
         started = AttemptRecord(number=attempt, started=self.clock.wall(), worker=wid)
@@ -725,9 +728,12 @@ class Supervisor(pykka.ThreadingActor):
             return
         inf.reason = reason
         inf.control.cancel(reason)
-        inf.timers.append(
-            self._later(self._grace_for(inf.executor), GraceExpired(sid, inf.attempt))
-        )
+        grace = self._grace_for(inf.executor)
+        if reason == "timeout" and inf.deadline_at is not None:
+            # Count the grace from when the deadline was due, not from when this
+            # message was handled: a busy Supervisor must not stretch it.
+            grace = max(0.0, inf.deadline_at + grace - self.clock.monotonic())
+        inf.timers.append(self._later(grace, GraceExpired(sid, inf.attempt)))
 
     def _on_deadline(self, msg: DeadlineReached) -> None:
         inf = self._fenced(msg.step_id, msg.attempt)

@@ -19,7 +19,9 @@ from stepvisor.backends.base import AttemptResult, AttemptSpec
 from stepvisor.backends.inline import check_outputs, format_error, make_context
 from stepvisor.context import AttemptControl
 
-__all__ = ["LoopThread"]
+__all__ = ["LOOP_THREAD_NAME", "LoopThread"]
+
+LOOP_THREAD_NAME = "stepvisor-loop"
 
 
 class LoopThread:
@@ -28,7 +30,7 @@ class LoopThread:
     def __init__(self, *, on_thread: Callable[[threading.Thread], None] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._main, name="stepvisor-loop", daemon=True)
+        self.thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
         if on_thread is not None:
             on_thread(self.thread)
         self.thread.start()

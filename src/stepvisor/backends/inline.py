@@ -65,7 +65,7 @@ def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResul
                 kind="cancelled",
                 error=exc,
                 traceback=format_error(exc),
-                note="it stopped when told to",
+                note="it stopped when told to through its context",
             )
         return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
     except BaseException as exc:  # the step must never take down its Worker
