@@ -113,7 +113,7 @@ def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def pump_until(
-    clock: object, predicate: object, *, timeout: float = 10.0, what: str = "condition"
+    clock: FakeClock, predicate: object, *, timeout: float = 10.0, what: str = "condition"
 ) -> None:
     """Like :func:`wait_for`, firing any fake-clock timer already due on each poll.
 
