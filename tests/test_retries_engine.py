@@ -26,7 +26,12 @@ def flaky(failures: int, exc: type[BaseException] = ConnectionError) -> Callable
 
 def drive(handle: sv.RunHandle, clock: sv.FakeClock, *, step: float = 0.25) -> sv.RunResult:
     """Move fake time forward in small steps until the run ends (bounded in real time)."""
-    pump_until(clock, lambda: (clock.advance(step), handle.done())[1], what="the run to end")
+
+    def advanced_and_done() -> bool:
+        clock.advance(step)
+        return handle.done()
+
+    pump_until(clock, advanced_and_done, what="the run to end")
     return handle.wait(10)
 
 
