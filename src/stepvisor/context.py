@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -27,46 +27,64 @@ class AttemptControl:
     ``cancel(reason)`` sets the flag the step sees and calls the canceller its
     backend registered (kill a process group, cancel an asyncio task).  It is
     safe to call from any thread, more than once; only the first reason counts.
+
+    One is made per attempt, so it is kept cheap: the ``threading.Event`` that
+    :meth:`wait` needs is only created if a step waits, and all controls share
+    one lock (cancelling is rare and brief).
     """
 
-    __slots__ = ("_cancellers", "_event", "_lock", "reason")
+    __slots__ = ("_cancellers", "_event", "_flag", "reason")
+
+    _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._cancellers: list[Any] = []
+        self._flag = False
+        self._event: threading.Event | None = None
+        self._cancellers: list[Callable[[], None]] | None = None
         self.reason: str | None = None
 
     @property
     def is_cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._flag
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled (or ``timeout``); returns whether it was cancelled."""
-        return self._event.wait(timeout)
+        with AttemptControl._lock:
+            if self._flag:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def cancel(self, reason: str) -> None:
         """Ask the attempt to stop.  ``reason`` is ``"timeout"`` or ``"cancel"``."""
-        with self._lock:
-            if self._event.is_set():
+        with AttemptControl._lock:
+            if self._flag:
                 return
             self.reason = reason
-            self._event.set()
-            cancellers = list(self._cancellers)
+            self._flag = True
+            event = self._event
+            cancellers = self._cancellers or []
+            self._cancellers = None
+        if event is not None:
+            event.set()
         for fn in cancellers:
             fn()
 
-    def on_cancel(self, fn: Any) -> None:
+    def on_cancel(self, fn: Callable[[], None]) -> None:
         """Register ``fn()`` to run on cancel (at once if already cancelled)."""
-        with self._lock:
-            if not self._event.is_set():
+        with AttemptControl._lock:
+            if not self._flag:
+                if self._cancellers is None:
+                    self._cancellers = []
                 self._cancellers.append(fn)
                 return
         fn()
 
     def clear_cancellers(self) -> None:
-        with self._lock:
-            self._cancellers.clear()
+        with AttemptControl._lock:
+            self._cancellers = None
 
 
 class StepContext:
@@ -101,9 +119,12 @@ class StepContext:
         self.attempt = attempt
         self.max_attempts = max_attempts
         #: Artifacts created by this step's ancestors, merged in canonical order.
-        self.inputs: Mapping[str, Any] = MappingProxyType(dict(inputs))
-        #: The step's parameters (``with:`` in a workflow file).
-        self.params: Mapping[str, Any] = MappingProxyType(dict(params))
+        #: (A read-only view: the runtime hands each attempt a dict of its own.)
+        self.inputs: Mapping[str, Any] = (
+            inputs if isinstance(inputs, MappingProxyType) else MappingProxyType(dict(inputs))
+        )
+        #: The step's parameters (``with:`` in a workflow file); immutable already.
+        self.params: Mapping[str, Any] = params
         #: ``time.monotonic()`` value at which this attempt is stopped, or ``None``.
         self.deadline = deadline
         self._control = control or AttemptControl()

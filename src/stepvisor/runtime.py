@@ -194,7 +194,7 @@ def fingerprint(wf: Workflow) -> str:
             name,
             str(step.executor),
             str(step.pool),
-            repr(sorted(step.params.items())),
+            repr(sorted(step.params.items())) if step.params else "",
         ]
         h.update("\x1f".join(parts).encode())
         h.update(b"\x1e")

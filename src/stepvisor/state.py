@@ -135,57 +135,74 @@ class StepRecord:
 
 @dataclass(frozen=True, slots=True)
 class RunState:
-    """The whole state of one run, as an immutable value."""
+    """The whole state of one run, as an immutable value.
+
+    Step records and outputs are kept in pyrsistent vectors indexed by
+    canonical rank (``rank`` maps an id to it): a vector update is a C call,
+    several times cheaper than a persistent map's, and this is the
+    Supervisor's hot path.  The commit sequence is not stored: it is always the
+    first ``committed`` ids of the canonical order.
+    """
 
     run_id: str
     workflow_id: str
     order: tuple[str, ...]
+    rank: Mapping[str, int]
+    records: PVector[StepRecord]
+    outputs: PVector[PMap[str, Any] | None]
     status: RunStatus = RunStatus.RUNNING
-    steps: PMap[str, StepRecord] = field(default_factory=pmap)
-    outputs: PMap[str, PMap[str, Any]] = field(default_factory=pmap)
     committed: int = 0
     artifacts: PMap[str, Any] = field(default_factory=pmap)
-    commits: PVector[str] = field(default_factory=pvector)
     error: str | None = None
 
     @classmethod
-    def initial(cls, run_id: str, workflow_id: str, order: tuple[str, ...]) -> RunState:
-        steps = pmap({sid: StepRecord(sid) for sid in order})
-        return cls(run_id=run_id, workflow_id=workflow_id, order=order, steps=steps)
+    def initial(
+        cls, run_id: str, workflow_id: str, order: tuple[str, ...], rank: Mapping[str, int]
+    ) -> RunState:
+        return cls(
+            run_id=run_id,
+            workflow_id=workflow_id,
+            order=order,
+            rank=rank,
+            records=pvector(StepRecord(sid) for sid in order),
+            outputs=pvector([None] * len(order)),
+        )
 
     # -- transitions (pure) ------------------------------------------------------
 
     def _evolve(
         self,
         *,
-        steps: PMap[str, StepRecord] | None = None,
-        outputs: PMap[str, PMap[str, Any]] | None = None,
+        records: PVector[StepRecord] | None = None,
+        outputs: PVector[PMap[str, Any] | None] | None = None,
+        committed: int | None = None,
+        artifacts: PMap[str, Any] | None = None,
     ) -> RunState:
-        # A hand-written replace() for the two fields that change per step.
+        # A hand-written replace(): it runs several times per step.
         return RunState(
             self.run_id,
             self.workflow_id,
             self.order,
-            self.status,
-            self.steps if steps is None else steps,
+            self.rank,
+            self.records if records is None else records,
             self.outputs if outputs is None else outputs,
-            self.committed,
-            self.artifacts,
-            self.commits,
+            self.status,
+            self.committed if committed is None else committed,
+            self.artifacts if artifacts is None else artifacts,
             self.error,
         )
 
     def set_step(self, record: StepRecord) -> RunState:
-        return self._evolve(steps=self.steps.set(record.step_id, record))
+        return self._evolve(records=self.records.set(self.rank[record.step_id], record))
 
     def set_steps(self, records: list[StepRecord]) -> RunState:
-        ev = self.steps.evolver()
+        ev = self.records.evolver()
         for record in records:
-            ev[record.step_id] = record
-        return self._evolve(steps=ev.persistent())
+            ev[self.rank[record.step_id]] = record
+        return self._evolve(records=ev.persistent())
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
-        return self._evolve(outputs=self.outputs.set(step_id, pmap(outputs)))
+        return self._evolve(outputs=self.outputs.set(self.rank[step_id], pmap(outputs)))
 
     def commit_ready(self) -> tuple[RunState, list[str]]:
         """Fold every terminal step at the head of the canonical order.
@@ -196,64 +213,50 @@ class RunState:
         """
         i = self.committed
         n = len(self.order)
-        if i >= n or not self.steps[self.order[i]].terminal:
-            return self, []
-        done: list[str] = []
-        if i + 1 < n and not self.steps[self.order[i + 1]].terminal:
-            # The common case on a busy run: exactly one step becomes committable.
-            sid = self.order[i]
-            record = self.steps[sid]
-            artifacts_map = self.artifacts
-            if record.status is StepStatus.SUCCEEDED:
-                produced = self.outputs.get(sid)
-                if produced:
-                    artifacts_map = artifacts_map.update(produced)
-            return (
-                RunState(
-                    self.run_id,
-                    self.workflow_id,
-                    self.order,
-                    self.status,
-                    self.steps,
-                    self.outputs,
-                    i + 1,
-                    artifacts_map,
-                    self.commits.append(sid),
-                    self.error,
-                ),
-                [sid],
-            )
-        artifacts = self.artifacts.evolver()
-        commits = self.commits.evolver()
-        steps = self.steps
+        records = self.records
         outputs = self.outputs
+        done: list[str] = []
+        artifacts = self.artifacts
         while i < n:
-            sid = self.order[i]
-            record = steps[sid]
-            if not record.terminal:
+            record = records[i]
+            if record.status not in TERMINAL:
                 break
             if record.status is StepStatus.SUCCEEDED:
-                for name, value in outputs.get(sid, pmap()).items():
-                    artifacts[name] = value
-            commits.append(sid)
-            done.append(sid)
+                produced = outputs[i]
+                if produced:
+                    artifacts = artifacts.update(produced)
+            done.append(record.step_id)
             i += 1
-        new = replace(
-            self,
-            committed=i,
-            artifacts=artifacts.persistent(),
-            commits=commits.persistent(),
-        )
-        return new, done
+        if not done:
+            return self, done
+        return self._evolve(committed=i, artifacts=artifacts), done
 
     def finish(self, status: RunStatus, error: str | None = None) -> RunState:
         return replace(self, status=status, error=error)
 
     # -- queries -------------------------------------------------------------------
 
+    def record(self, step_id: str) -> StepRecord:
+        """The record of one step."""
+        return self.records[self.rank[step_id]]
+
+    def output(self, step_id: str) -> PMap[str, Any]:
+        """The artifacts one step created (empty unless it succeeded)."""
+        return self.outputs[self.rank[step_id]] or pmap()
+
+    @property
+    def steps(self) -> dict[str, StepRecord]:
+        """Step id -> record, in canonical order (a fresh dict)."""
+        return {record.step_id: record for record in self.records}
+
+    @property
+    def commits(self) -> tuple[str, ...]:
+        """The steps folded so far, in the order they were folded."""
+        return self.order[: self.committed]
+
     def count(self, status: StepStatus) -> int:
-        return sum(1 for r in self.steps.values() if r.status is status)
+        return sum(1 for r in self.records if r.status is status)
 
     @property
     def all_terminal(self) -> bool:
-        return all(r.terminal for r in self.steps.values())
+        return all(r.terminal for r in self.records)

@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import pykka
@@ -81,6 +82,7 @@ log = logging.getLogger("stepvisor")
 #: A merged view of artifacts: name -> (canonical rank of its creator, value).
 Visible = PMap[str, tuple[int, Any]]
 _EMPTY: Visible = pmap()
+_NO_INPUTS: Mapping[str, Any] = MappingProxyType({})
 
 #: How often the Supervisor writes a heartbeat and looks for cancel requests.
 HEARTBEAT_INTERVAL = 0.5
@@ -147,7 +149,7 @@ class Supervisor(pykka.ThreadingActor):
         self._services_factory = services
         self._register_thread = register_thread
         order = self.graph.order
-        self.state = RunState.initial(plan.run_id, self.wf.id, order)
+        self.state = RunState.initial(plan.run_id, self.wf.id, order, self.graph.rank)
         self.sched = Scheduler(
             self.graph,
             max_parallel=self.cfg.max_parallel,
@@ -226,7 +228,7 @@ class Supervisor(pykka.ThreadingActor):
                     run_id=self.plan.run_id,
                     workflow_id=self.wf.id,
                     status=RunStatus.FAILED,
-                    steps={sid: self.state.steps[sid] for sid in self.graph.order},
+                    steps={sid: self.state.record(sid) for sid in self.graph.order},
                     artifacts=self.state.artifacts,
                     seed=self.plan.seed,
                     commits=tuple(self.state.commits),
@@ -279,9 +281,9 @@ class Supervisor(pykka.ThreadingActor):
                 record = replace(old, status=StepStatus.SUCCEEDED, restored=True)
                 self.state = self.state.set_step(record).set_outputs(sid, plan.restored[sid])
                 restored_ranks.append(self.graph.rank[sid])
-            records.append(self.state.steps[sid])
+            records.append(self.state.record(sid))
         for r in sorted(restored_ranks):
-            self._visible[r] = self._own_visible(r, self.state.outputs[self.graph.order[r]])
+            self._visible[r] = self._own_visible(r, self.state.output(self.graph.order[r]))
         info = RunInfo(
             run_id=plan.run_id,
             workflow_id=self.wf.id,
@@ -377,7 +379,7 @@ class Supervisor(pykka.ThreadingActor):
     def _dispatch(self, r: int) -> None:
         step = self._step(r)
         sid = step.id
-        record = self.state.steps[sid]
+        record = self.state.record(sid)
         attempt = record.attempt_count + 1
         policy = self._policy(step)
         executor = self.plan.executors[r]
@@ -403,7 +405,9 @@ class Supervisor(pykka.ThreadingActor):
             max_attempts=policy.max_attempts,
             fn=step.fn,
             is_async=step.is_async,
-            inputs={name: value for name, (_, value) in inputs.items()},
+            inputs=MappingProxyType({name: value for name, (_, value) in inputs.items()})
+            if inputs
+            else _NO_INPUTS,
             params=step.params,
             deadline=real_deadline,
             kill_grace=self.cfg.kill_grace,
@@ -544,7 +548,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _succeed(self, inf: _Inflight, outputs: Mapping[str, Any], base: dict[str, Any]) -> None:
         step = self._step(inf.rank)
-        record = self.state.steps[step.id]
+        record = self.state.record(step.id)
         attempt = _closed(record.attempts[-1], outcome="succeeded", **base)
         record = record.with_last_attempt(attempt, StepStatus.SUCCEEDED)
         try:
@@ -582,7 +586,7 @@ class Supervisor(pykka.ThreadingActor):
         reason = ""
         if kind is not None and not self._stopping:
             delay, reason = self._retry_delay(step, inf, error, kind)
-        record = self.state.steps[sid]
+        record = self.state.record(sid)
         attempt = _closed(
             record.attempts[-1],
             outcome=outcome,
@@ -667,7 +671,7 @@ class Supervisor(pykka.ThreadingActor):
         records: list[StepRecord] = []
         for d in sorted(self.graph.descendants(r)):
             dep_id = self.graph.order[d]
-            current = self.state.steps[dep_id]
+            current = self.state.record(dep_id)
             if current.terminal or dep_id in self._inflight:
                 continue
             records.append(
@@ -703,8 +707,8 @@ class Supervisor(pykka.ThreadingActor):
             return
         start = self.state.committed - len(done)
         for i, sid in enumerate(done):
-            record = self.state.steps[sid]
-            created = tuple(sorted(self.state.outputs.get(sid, pmap()).keys()))
+            record = self.state.record(sid)
+            created = tuple(sorted(self.state.output(sid).keys()))
             self._emit(
                 StepCommitted(
                     run_id=self.plan.run_id,
@@ -764,7 +768,7 @@ class Supervisor(pykka.ThreadingActor):
         )
         step = self._step(inf.rank)
         now = self.clock.wall()
-        record = self.state.steps[step.id]
+        record = self.state.record(step.id)
         started = record.attempts[-1].started if record.attempts else now
         base = {"ended": now, "duration": max(0.0, now - started)}
         log.warning("step %r attempt %d: %s", step.id, inf.attempt, what)
@@ -778,11 +782,11 @@ class Supervisor(pykka.ThreadingActor):
                 attempt=inf.attempt,
             )
             self._fail(inf, error, None, StepStatus.CANCELLED, outcome="cancelled", base=base)
-        last = self.state.steps[step.id]
+        last = self.state.record(step.id)
         if last.attempts:
             noted = replace(last.attempts[-1], note="abandoned")
             self.state = self.state.set_step(last.with_last_attempt(noted, last.status))
-            self.store.save_step(self.plan.run_id, self.state.steps[step.id])
+            self.store.save_step(self.plan.run_id, self.state.record(step.id))
 
     def _on_retry_due(self, msg: RetryDue) -> None:
         if self._stopping:
@@ -835,7 +839,7 @@ class Supervisor(pykka.ThreadingActor):
             f"cancelled: {self._stop_note}" if self._stopping else "cancelled: never became ready"
         )
         for sid in self.graph.order:
-            record = self.state.steps[sid]
+            record = self.state.record(sid)
             if not record.terminal:
                 leftovers.append(replace(record, status=StepStatus.CANCELLED, note=note))
         if leftovers:
@@ -844,7 +848,7 @@ class Supervisor(pykka.ThreadingActor):
         self._commit()
         failed_step: str | None = None
         for sid in self.graph.order:
-            if self.state.steps[sid].status in (StepStatus.FAILED, StepStatus.TIMED_OUT):
+            if self.state.record(sid).status in (StepStatus.FAILED, StepStatus.TIMED_OUT):
                 failed_step = sid
                 break
         if self._stopping and self._stop_status is RunStatus.CANCELLED:
@@ -871,13 +875,13 @@ class Supervisor(pykka.ThreadingActor):
         errors = {
             sid: errs[-1]
             for sid, errs in self._errors.items()
-            if self.state.steps[sid].status is not StepStatus.SUCCEEDED
+            if self.state.record(sid).status is not StepStatus.SUCCEEDED
         }
         result = RunResult(
             run_id=self.plan.run_id,
             workflow_id=self.wf.id,
             status=status,
-            steps={sid: self.state.steps[sid] for sid in self.graph.order},
+            steps={sid: self.state.record(sid) for sid in self.graph.order},
             artifacts=self.state.artifacts,
             seed=self.plan.seed,
             commits=tuple(self.state.commits),
