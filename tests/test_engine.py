@@ -353,3 +353,39 @@ def test_cancelling_the_awaiting_task_cancels_the_run(chdir_tmp: Path) -> None:
 
     asyncio.run(main())
     assert statuses == ["cancelled"]
+
+
+def test_tiny_steps_are_batched_but_never_exceed_the_bound(chdir_tmp: Path) -> None:
+    lock = threading.Lock()
+    running = [0, 0]  # now, peak
+
+    def tiny(ctx: sv.StepContext) -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        with lock:
+            running[0] -= 1
+
+    wf = sv.Workflow("tiny", steps=[sv.Step(f"t{i:03d}", tiny) for i in range(600)])
+    result = sv.run(wf, max_parallel=3)
+    assert result.ok
+    assert running[1] <= 3
+    assert result.commits == wf.step_ids
+
+
+def test_cancel_reaches_attempts_queued_behind_others(chdir_tmp: Path) -> None:
+    done = threading.Semaphore(0)
+
+    def tiny(ctx: sv.StepContext) -> None:
+        done.release()
+
+    wf = sv.Workflow("q", steps=[sv.Step(f"t{i:04d}", tiny) for i in range(3000)])
+    handle = sv.start(wf, max_parallel=2)
+    for _ in range(200):
+        assert done.acquire(timeout=10)
+    handle.cancel()
+    result = handle.wait(30)
+    assert result.status is sv.RunStatus.CANCELLED
+    statuses = set(result.statuses().values())
+    assert statuses <= {sv.StepStatus.SUCCEEDED, sv.StepStatus.CANCELLED}
+    assert sv.StepStatus.CANCELLED in statuses

@@ -21,6 +21,7 @@ __all__ = [
     "Heartbeat",
     "RetryDue",
     "RunAttempt",
+    "RunBatch",
     "RunDeadline",
     "Start",
 ]
@@ -38,6 +39,13 @@ class RunAttempt:
     spec: AttemptSpec
     control: AttemptControl
     executor: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    """Supervisor -> Worker: run these attempts one after the other (tiny steps)."""
+
+    attempts: tuple[RunAttempt, ...]
 
 
 @dataclass(frozen=True, slots=True)

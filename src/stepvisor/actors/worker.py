@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from stepvisor.actors.messages import AttemptDone, RunAttempt
+from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
 from stepvisor.backends.base import AttemptResult
 from stepvisor.backends.inline import call_step, format_error
 
@@ -79,9 +79,15 @@ class Worker(pykka.ThreadingActor):
         self.on_stop()
 
     def on_receive(self, message: Any) -> None:
-        if not isinstance(message, RunAttempt):
+        if isinstance(message, RunBatch):
+            for attempt in message.attempts:
+                self._attempt(attempt)
+        elif isinstance(message, RunAttempt):
+            self._attempt(message)
+        else:
             log.warning("worker %s ignored an unexpected message %r", self.worker_id, message)
-            return
+
+    def _attempt(self, message: RunAttempt) -> None:
         spec = message.spec
         started_wall = time.time()
         started = time.monotonic()
@@ -105,6 +111,9 @@ class Worker(pykka.ThreadingActor):
             log.debug("supervisor gone; dropped the outcome of %s", spec.step_id)
 
     def _run(self, message: RunAttempt) -> AttemptResult:
+        if message.control.is_cancelled:
+            # Queued behind another attempt and cancelled before its turn.
+            return AttemptResult(kind="cancelled", note="it was cancelled before it started")
         executor = message.executor
         if executor == "thread":
             return call_step(message.spec, message.control)

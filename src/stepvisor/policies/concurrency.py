@@ -83,9 +83,15 @@ class Scheduler:
         limit = self._limits.get(pool)
         return limit is None or self._running_in.get(pool, 0) < limit
 
-    def take(self) -> int | None:
-        """The next step to start (and count it running), or ``None`` if none fits."""
-        if self.running >= self.max_parallel or not self.ready_count:
+    def take(self, *, limit: int | None = None) -> int | None:
+        """The next step to start (and count it running), or ``None`` if none fits.
+
+        ``limit`` replaces ``max_parallel`` as the bound on attempts handed out
+        (the Supervisor's prefetch hands out up to two per Worker); pool limits
+        always hold.
+        """
+        bound = self.max_parallel if limit is None else limit
+        if self.running >= bound or not self.ready_count:
             return None
         best: tuple[float, str, int] | None = None
         best_pool = _NO_POOL
