@@ -20,18 +20,23 @@ import pytest
 
 from stepvisor.clock import FakeClock
 
-SESSION_MARK = f"stepvisor-test-{uuid.uuid4().hex}"
-os.environ["STEPVISOR_TEST_SESSION"] = SESSION_MARK
+# setdefault: a child process that imports this module (to unpickle a test's
+# step function) must keep the session's marker and temporary directory.
+SESSION_MARK = os.environ.setdefault("STEPVISOR_TEST_SESSION", f"stepvisor-test-{uuid.uuid4().hex}")
 
 # A private temporary directory for the whole session (and its subprocesses),
 # so the leak check sees only what this suite creates, not other programs' files.
-_PRIVATE_TMP = tempfile.mkdtemp(prefix="stepvisor-tests-")
+_OWNS_TMP = "STEPVISOR_TEST_TMP" not in os.environ
+_PRIVATE_TMP = os.environ.setdefault(
+    "STEPVISOR_TEST_TMP", tempfile.mkdtemp(prefix="stepvisor-tests-") if _OWNS_TMP else ""
+)
 os.environ["TMPDIR"] = _PRIVATE_TMP
 tempfile.tempdir = _PRIVATE_TMP
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(_PRIVATE_TMP, ignore_errors=True)
+    if _OWNS_TMP:
+        shutil.rmtree(_PRIVATE_TMP, ignore_errors=True)
 
 
 _LEAK_WAIT = 5.0

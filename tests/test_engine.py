@@ -389,3 +389,66 @@ def test_cancel_reaches_attempts_queued_behind_others(chdir_tmp: Path) -> None:
     statuses = set(result.statuses().values())
     assert statuses <= {sv.StepStatus.SUCCEEDED, sv.StepStatus.CANCELLED}
     assert sv.StepStatus.CANCELLED in statuses
+
+
+def test_on_cancel_callback_runs_when_the_step_is_told_to_stop(chdir_tmp: Path) -> None:
+    unblock = threading.Event()
+    started = threading.Event()
+
+    def blocked(ctx: sv.StepContext) -> None:
+        ctx.on_cancel(unblock.set)  # e.g. close the socket a call is blocked on
+        started.set()
+        assert unblock.wait(30)
+        ctx.raise_if_cancelled()
+
+    handle = sv.start(sv.Workflow("oc", steps=[sv.Step("b", blocked)]))
+    assert started.wait(10)
+    handle.cancel()
+    result = handle.wait(10)
+    assert result.steps["b"].status is sv.StepStatus.CANCELLED
+
+
+def test_every_terminal_step_gets_a_finished_event(chdir_tmp: Path) -> None:
+    events: list[sv.Event] = []
+
+    def boom(ctx: sv.StepContext) -> None:
+        raise ValueError("x")
+
+    wf = sv.Workflow(
+        "fin",
+        steps=[sv.Step("a", boom), sv.Step("b", lambda ctx: None, needs=["a"])],
+    )
+    sv.run(wf, on_event=events.append)
+    finished = {e.step_id: e.status for e in events if isinstance(e, sv.StepFinished)}
+    assert finished == {"a": "failed", "b": "cancelled"}
+
+
+def test_second_cancel_of_run_async_does_not_freeze_the_loop(chdir_tmp: Path) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_to_stop(ctx: sv.StepContext) -> None:
+        started.set()
+        ctx.wait_cancelled(30)
+        assert release.wait(30)  # keeps running for a while after being told
+
+    async def main() -> float:
+        task = asyncio.ensure_future(
+            sv.run_async(sv.Workflow("c2", steps=[sv.Step("s", slow_to_stop)]), kill_grace=5.0)
+        )
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        ticks = 0
+        while ticks < 50:  # the loop keeps turning while the run winds down
+            await asyncio.sleep(0)
+            ticks += 1
+        assert not task.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        return ticks
+
+    assert asyncio.run(main()) == 50

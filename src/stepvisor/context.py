@@ -160,6 +160,14 @@ class StepContext:
                 attempt=self.attempt,
             )
 
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (from another thread) when the attempt is asked to stop.
+
+        Called at once if that already happened.  Useful to stop work that
+        blocks outside Python's reach (close a socket, cancel a future).
+        """
+        self._control.on_cancel(callback)
+
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early if cancelled; returns ``cancelled``."""
         return self._control.wait(timeout)

@@ -412,12 +412,35 @@ async def run_async(wf: Workflow, **kwargs: Any) -> RunResult:
         await asyncio.shield(done)
     except asyncio.CancelledError:
         handle.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(done)
-        handle._finalize()
+        # Stay until the run has really stopped, even through further cancels:
+        # returning early would leave attempts running behind the caller's back.
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(done)
+        await _finalize_off_loop(handle)
         raise
-    handle._finalize()
+    await _finalize_off_loop(handle)
     return done.result()
+
+
+async def _finalize_off_loop(handle: RunHandle) -> None:
+    """Join the run's threads without blocking the caller's event loop."""
+    loop = asyncio.get_running_loop()
+    joined: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not joined.done():
+            joined.set_result(None)
+
+    def join() -> None:
+        try:
+            handle._finalize()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=join, name="stepvisor-finalize", daemon=True).start()
+    await asyncio.shield(joined)
 
 
 def resume(

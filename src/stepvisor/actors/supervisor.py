@@ -900,6 +900,8 @@ class Supervisor(pykka.ThreadingActor):
         if leftovers:
             self.state = self.state.set_steps(leftovers)
             self.store.save_steps(self.plan.run_id, leftovers)
+            for record in leftovers:
+                self._finished_event(record)
         self._commit()
         failed_step: str | None = None
         for sid in self.graph.order:

@@ -1,0 +1,267 @@
+"""Process steps through the whole engine: deadlines that kill, crashes, cancel, poison.
+
+These use real child processes and real time, kept short.  Steps write their
+pids to files so the test can check that what it killed is really gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stepvisor as sv
+from tests.conftest import pid_gone, wait_for
+
+pytestmark = pytest.mark.realtime
+
+
+def busy_with_grandchild(ctx: sv.StepContext) -> None:
+    """Spawn a grandchild, record both pids, then spin until killed."""
+    out = Path(ctx.params["dir"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (out / f"{ctx.step_id}.pids").write_text(f"{os.getpid()} {child.pid}")
+    while True:
+        pass
+
+
+def report_pid(ctx: sv.StepContext) -> dict[str, int]:
+    return {f"pid_{ctx.step_id}": os.getpid()}
+
+
+def busy(ctx: sv.StepContext) -> None:
+    (Path(ctx.params["dir"]) / f"{ctx.step_id}.pid").write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+def kill_self(ctx: sv.StepContext) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_3(ctx: sv.StepContext) -> None:
+    os._exit(3)
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(ctx: sv.StepContext) -> None:
+    raise UnpicklableError("holds a lock")
+
+
+def return_unpicklable(ctx: sv.StepContext) -> dict[str, Any]:
+    return {"lock": threading.Lock()}
+
+
+def make_lock(ctx: sv.StepContext) -> dict[str, Any]:
+    return {"lock": threading.Lock()}
+
+
+def uses_input(ctx: sv.StepContext) -> None:
+    return None
+
+
+def crash_until(ctx: sv.StepContext) -> dict[str, int]:
+    if ctx.attempt < int(ctx.params["ok_at"]):
+        os._exit(9)
+    return {"attempt": ctx.attempt}
+
+
+def read_pids(path: Path) -> list[int]:
+    return [int(p) for p in path.read_text().split()]
+
+
+def test_timed_out_process_step_leaves_no_child_running(tmp_path: Path, chdir_tmp: Path) -> None:
+    wf = sv.Workflow(
+        "kill",
+        steps=[
+            sv.Step(
+                "spin",
+                busy_with_grandchild,
+                executor="process",
+                timeout=0.5,
+                params={"dir": str(tmp_path)},
+                metadata={"cost": 10},  # runs first, so "after" follows on the same Worker
+            ),
+            sv.Step("after", report_pid, executor="process"),
+        ],
+        settings=sv.Settings(max_parallel=1, on_failure="continue"),
+    )
+    result = sv.run(wf)
+    record = result.steps["spin"]
+    assert record.status is sv.StepStatus.TIMED_OUT
+    assert "exceeded its 0.5 s timeout on attempt 1 of 1" in (
+        record.attempts[0].error_message or ""
+    )
+    assert "process group was killed" in (record.attempts[0].error_message or "")
+    child, grandchild = read_pids(tmp_path / "spin.pids")
+    assert pid_gone(child)
+    wait_for(lambda: pid_gone(grandchild), timeout=5, what="the grandchild to be gone")
+    assert result.steps["after"].status is sv.StepStatus.SUCCEEDED
+    assert result.artifacts["pid_after"] != child
+
+
+def test_next_step_on_the_same_worker_reuses_a_healthy_child(chdir_tmp: Path) -> None:
+    wf = sv.Workflow(
+        "reuse",
+        steps=[
+            sv.Step("a", report_pid, executor="process"),
+            sv.Step("b", report_pid, executor="process", needs=["a"]),
+        ],
+        settings=sv.Settings(max_parallel=1),
+    )
+    result = sv.run(wf)
+    assert result.ok
+    assert result.artifacts["pid_a"] == result.artifacts["pid_b"]
+
+
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        (kill_self, "SIGKILL"),
+        (exit_3, "code 3"),
+    ],
+)
+def test_worker_crash_gives_a_clear_error_and_the_run_goes_on(
+    fn: Any, expected: str, chdir_tmp: Path
+) -> None:
+    wf = sv.Workflow(
+        "crash",
+        steps=[
+            sv.Step("bad", fn, executor="process"),
+            sv.Step("good", report_pid, executor="process"),
+        ],
+        settings=sv.Settings(on_failure="continue", max_parallel=1),
+    )
+    result = sv.run(wf)
+    error = result.errors["bad"]
+    assert isinstance(error, sv.WorkerCrashedError)
+    assert expected in str(error)
+    assert result.steps["bad"].attempts[0].outcome == "crashed"
+    assert result.steps["good"].status is sv.StepStatus.SUCCEEDED
+
+
+def test_exception_that_cannot_be_pickled_comes_back_readable(chdir_tmp: Path) -> None:
+    wf = sv.Workflow("unp", steps=[sv.Step("bad", raise_unpicklable, executor="process")])
+    result = sv.run(wf)
+    error = result.error
+    assert error is not None
+    assert "holds a lock" in str(error)
+    traceback_text = result.steps["bad"].attempts[0].error_traceback or ""
+    assert "raise_unpicklable" in traceback_text
+
+
+def test_result_that_cannot_be_pickled_fails_the_step_once(chdir_tmp: Path) -> None:
+    policy = sv.RetryPolicy(max_attempts=3, backoff=sv.Backoff.none())
+    wf = sv.Workflow(
+        "res", steps=[sv.Step("bad", return_unpicklable, executor="process", retry=policy)]
+    )
+    result = sv.run(wf)
+    assert isinstance(result.error, sv.StepNotSerializableError)
+    assert "lock" in str(result.error)
+    assert result.steps["bad"].attempt_count == 1
+
+
+def test_input_that_cannot_be_sent_fails_the_consumer_with_its_name(chdir_tmp: Path) -> None:
+    wf = sv.Workflow(
+        "inp",
+        steps=[
+            sv.Step("make", make_lock, creates=["lock"]),
+            sv.Step("use", uses_input, requires=["lock"], executor="process"),
+        ],
+    )
+    result = sv.run(wf)
+    assert result.failed_step == "use"
+    assert isinstance(result.error, sv.StepNotSerializableError)
+    assert "lock" in str(result.error)
+
+
+def test_function_that_cannot_be_sent_is_refused_before_anything_runs(chdir_tmp: Path) -> None:
+    lock = threading.Lock()
+    wf = sv.Workflow("fn", steps=[sv.Step("bad", lambda ctx: lock.locked(), executor="process")])
+    with pytest.raises(sv.StepNotSerializableError, match="'bad'"):
+        sv.run(wf)
+
+
+def test_step_that_keeps_crashing_is_poisonous(chdir_tmp: Path) -> None:
+    policy = sv.RetryPolicy(max_attempts=10, backoff=sv.Backoff.none())
+    wf = sv.Workflow(
+        "poison",
+        steps=[sv.Step("bad", crash_until, executor="process", retry=policy, params={"ok_at": 99})],
+        settings=sv.Settings(max_worker_crashes=3),
+    )
+    result = sv.run(wf)
+    assert result.steps["bad"].attempt_count == 3
+    assert any("poisonous" in note for note in result.error.__notes__)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("retry_crashes", [True, False])
+def test_crashes_follow_retry_crashes(retry_crashes: bool, chdir_tmp: Path) -> None:
+    policy = sv.RetryPolicy(max_attempts=3, backoff=sv.Backoff.none(), retry_crashes=retry_crashes)
+    wf = sv.Workflow(
+        "rc",
+        steps=[sv.Step("s", crash_until, executor="process", retry=policy, params={"ok_at": 2})],
+    )
+    result = sv.run(wf)
+    if retry_crashes:
+        assert result.ok
+        assert result.artifacts["attempt"] == 2
+    else:
+        assert result.steps["s"].attempt_count == 1
+        assert isinstance(result.error, sv.WorkerCrashedError)
+
+
+def test_timeouts_follow_retry_timeouts_on_processes(tmp_path: Path, chdir_tmp: Path) -> None:
+    policy = sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.none(), retry_timeouts=False)
+    wf = sv.Workflow(
+        "rt",
+        steps=[
+            sv.Step(
+                "s",
+                busy,
+                executor="process",
+                timeout=0.3,
+                retry=policy,
+                params={"dir": str(tmp_path)},
+            )
+        ],
+    )
+    result = sv.run(wf)
+    assert result.steps["s"].attempt_count == 1
+    assert result.steps["s"].status is sv.StepStatus.TIMED_OUT
+
+
+def test_cancel_with_eight_process_steps_in_flight(tmp_path: Path, chdir_tmp: Path) -> None:
+    steps = [
+        sv.Step(f"s{i}", busy, executor="process", params={"dir": str(tmp_path)}) for i in range(10)
+    ]
+    handle = sv.start(sv.Workflow("c8", steps=steps), max_parallel=8)
+    wait_for(lambda: len(list(tmp_path.glob("*.pid"))) == 8, timeout=30, what="8 busy steps")
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    t0 = time.monotonic()
+    handle.cancel()
+    result = handle.wait(30)
+    assert time.monotonic() - t0 < 2.0
+    assert all(pid_gone(pid) for pid in pids)
+    assert result.status is sv.RunStatus.CANCELLED
+    assert all(r.status is sv.StepStatus.CANCELLED for r in result.steps.values())
+
+
+def test_process_is_the_run_default_when_settings_say_so(chdir_tmp: Path) -> None:
+    wf = sv.Workflow(
+        "dflt", steps=[sv.Step("a", report_pid)], settings=sv.Settings(executor="process")
+    )
+    result = sv.run(wf)
+    assert result.ok
+    assert result.artifacts["pid_a"] != os.getpid()
