@@ -722,3 +722,9 @@ def test_run_async_in_a_task_group_is_cancelled_when_a_sibling_fails(chdir_tmp: 
         run(main())
     assert ("StepFinished", "cancelled") in finished
     assert finished[-1] == ("RunFinished", "cancelled")
+
+
+def test_max_parallel_can_be_given_positionally_as_existing_call_sites_do() -> None:
+    from stepvisor.compat import ParallelStepExecutor  # noqa: PLC0415
+
+    assert ParallelStepExecutor(3).max_parallel == 3

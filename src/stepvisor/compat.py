@@ -602,7 +602,7 @@ class ParallelStepExecutor:
 
     def __init__(
         self,
-        *,
+        # Positional too: existing call sites write ParallelStepExecutor(4).
         max_parallel: int = 8,
         default_timeout_seconds: float | None = 3600.0,
         default_retry_config: RetryConfig | None = None,

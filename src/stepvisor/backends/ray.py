@@ -876,7 +876,7 @@ class RayBackend:
         return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
 
     def _crash(
-        self, spec: AttemptSpec, exc: BaseException, *, how: str = "or its node died"
+        self, spec: AttemptSpec, exc: BaseException, *, how: str = "died, or its node did"
     ) -> AttemptResult:
         name = type(exc).__name__
         error = WorkerCrashedError(
