@@ -1,0 +1,499 @@
+"""The worker process behind a :class:`~stepvisor.backends.process.ProcessSlot`.
+
+A process slot starts this module once (fork+exec of ``sys.executable``, in a
+session and process group of its own) and then sends it one attempt at a time.
+The process stays alive between attempts, so a step pays for interpreter
+start-up only when its worker was replaced (after a timeout, cancel or crash)::
+
+    parent (ProcessSlot)                         this process (own session, pgid == pid)
+    cmd_w   ──[ meta | fn payload | args ]──▶    cmd_fd    main loop: load, call, reply
+    res_r   ◀──[ ready | ok | error | unsendable ]──  res_fd
+    alive_w (never written)      ── EOF ──▶      alive_fd  SIGIO + watchdog: kill the group
+
+Why it is written the way it is:
+
+* **It imports little.**  Start-up time is paid again after every timeout, so
+  only what every attempt needs is imported up front; ``traceback``,
+  ``asyncio`` and ``cloudpickle`` are imported on first use.
+* **It never outlives its parent.**  Only the parent holds the write end of the
+  "alive" pipe, and the kernel closes it however the parent dies (even by
+  SIGKILL).  Two independent mechanisms then kill this process *group*, so the
+  processes a step started die too: ``O_ASYNC`` makes the kernel send SIGIO
+  (default action: terminate) to the group when the pipe's last writer goes,
+  which works even while a C extension holds the GIL; and a watchdog thread,
+  blocked reading the pipe, sends SIGKILL to the group on EOF, for processes
+  that ignore or handle SIGIO.  ``PR_SET_PDEATHSIG`` is deliberately *not*
+  used: it fires when the parent *thread* that forked us exits, and the
+  engine's worker threads may be replaced while their slot lives on.
+* **A step leaves nothing running.**  This process is a child subreaper, so
+  every process a step starts stays its descendant even when orphaned.  After
+  each attempt, descendants still running are killed (SIGKILL) and reaped, and
+  their pids are reported; only processes that both left the process group and
+  double-forked before the subreaper existed can escape.
+* **Nothing a step does can hang the protocol.**  Results and exceptions are
+  pickled here, with ``pickle`` first and ``cloudpickle`` as the fallback; an
+  exception that does not survive a pickle round trip is sent as text (type,
+  message, traceback) and becomes ``RemoteStepError`` in the parent.
+
+Wire format, both ways: a message is ``u32 n``, then ``n`` lengths as ``u64``,
+then the ``n`` parts; part 0 is always a pickled tuple of builtins.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from stepvisor.context import StepContext
+
+__all__ = ["EXIT_PROTOCOL_ERROR", "decode_message", "encode_message", "main"]
+
+_COUNT = struct.Struct("<I")
+_LENGTH_SIZE = 8
+#: A message with more parts than this is a protocol error, not a real message.
+_MAX_PARTS = 1 << 20
+_PR_SET_CHILD_SUBREAPER = 36
+_READ_CHUNK = 1 << 16
+#: The exit code of a worker that lost its pipes to the parent (or got a corrupt message).
+EXIT_PROTOCOL_ERROR = 70
+
+
+# -- wire format (shared with the parent) --------------------------------------
+
+
+def encode_message(parts: Sequence[bytes]) -> bytes:
+    """One message: the part count, the part lengths, then the parts."""
+    header = struct.pack(f"<I{len(parts)}Q", len(parts), *(len(p) for p in parts))
+    return b"".join((header, *parts))
+
+
+def decode_message(buf: bytearray) -> tuple[list[bytes], int] | None:
+    """The first complete message in ``buf`` and its size, or ``None`` if incomplete."""
+    if len(buf) < _COUNT.size:
+        return None
+    (count,) = _COUNT.unpack_from(buf, 0)
+    if count > _MAX_PARTS:
+        raise ValueError(f"corrupt message: {count} parts")
+    head = _COUNT.size + _LENGTH_SIZE * count
+    if len(buf) < head:
+        return None
+    lengths = struct.unpack_from(f"<{count}Q", buf, _COUNT.size)
+    end = head + sum(lengths)
+    if len(buf) < end:
+        return None
+    view = memoryview(buf)
+    parts: list[bytes] = []
+    offset = head
+    for length in lengths:
+        parts.append(bytes(view[offset : offset + length]))
+        offset += length
+    view.release()
+    return parts, end
+
+
+class _Reader:
+    """Blocking reader of messages from one file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+
+    def message(self) -> list[bytes]:
+        while True:
+            found = decode_message(self._buf)
+            if found is not None:
+                parts, end = found
+                del self._buf[:end]
+                return parts
+            chunk = os.read(self._fd, max(_READ_CHUNK, self._missing()))
+            if not chunk:
+                raise EOFError("the parent closed the command pipe")
+            self._buf += chunk
+
+    def _missing(self) -> int:
+        """How many more bytes the message in the buffer needs, when known (else 0)."""
+        buf = self._buf
+        if len(buf) < _COUNT.size:
+            return 0
+        count: int = _COUNT.unpack_from(buf, 0)[0]
+        head = _COUNT.size + _LENGTH_SIZE * count
+        if count > _MAX_PARTS or len(buf) < head:
+            return 0
+        lengths: tuple[int, ...] = struct.unpack_from(f"<{count}Q", buf, _COUNT.size)
+        return head + sum(lengths) - len(buf)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# -- never outliving the parent --------------------------------------------------
+
+
+def _arm_parent_death(alive_fd: int) -> None:
+    """Kill this process group when the parent's end of the alive pipe closes."""
+    import fcntl  # noqa: PLC0415 - tiny builtin module, only needed here
+
+    signal.signal(signal.SIGIO, signal.SIG_DFL)
+    fcntl.fcntl(alive_fd, fcntl.F_SETOWN, -os.getpgrp())
+    flags = fcntl.fcntl(alive_fd, fcntl.F_GETFL)
+    fcntl.fcntl(alive_fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+    threading.Thread(
+        target=_watch_parent, args=(alive_fd,), name="stepvisor-parent-watchdog", daemon=True
+    ).start()
+
+
+def _watch_parent(alive_fd: int) -> None:
+    while True:
+        try:
+            data = os.read(alive_fd, 1)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            os.killpg(0, signal.SIGKILL)
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants, so that a step's leftovers can be found and reaped."""
+    try:
+        import ctypes  # noqa: PLC0415 - only needed once, at start-up
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+# -- leftovers ---------------------------------------------------------------------
+
+
+def _read_small(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def _children_of(pid: int | str) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tasks:
+        try:
+            found.extend(int(p) for p in _read_small(f"/proc/{pid}/task/{tid}/children").split())
+        except OSError:
+            continue
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = _read_small(f"/proc/{pid}/stat")
+    except OSError:
+        return True
+    # The state follows the parenthesised command name, which may contain spaces.
+    state = stat.rfind(b")") + 2
+    return stat[state : state + 1] in (b"Z", b"X")
+
+
+def _descendants() -> list[int]:
+    """Pids of every process below this one, parents before their children."""
+    order: list[int] = []
+    todo = _children_of("self")
+    seen: set[int] = set()
+    while todo:
+        pid = todo.pop(0)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        order.append(pid)
+        todo.extend(_children_of(pid))
+    return order
+
+
+def _kill_leftovers() -> list[int]:
+    """SIGKILL and reap what the last step left running; return the pids killed."""
+    try:
+        # The common case, in about a microsecond: no children at all, running or not.
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return []
+    killed: list[int] = []
+    for _ in range(3):  # a second pass catches what forked while we were killing
+        running = [pid for pid in _descendants() if not _is_zombie(pid)]
+        if not running:
+            break
+        for pid in running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                continue
+        _reap(running)
+    _reap_exited()
+    return sorted(set(killed))
+
+
+def _reap(pids: Sequence[int]) -> None:
+    # Parents first: once a killed parent is reaped, its killed children have been
+    # handed to us (we are their subreaper) and can be waited for in turn.
+    for pid in pids:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            continue
+
+
+def _reap_exited() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# -- one attempt ---------------------------------------------------------------------
+
+
+class _UnsendableError(Exception):
+    """A value that cannot cross the process boundary: what, why (``cause``), and the fix."""
+
+    def __init__(self, problem: str, fix: str, cause: BaseException) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+        self.cause = cause
+
+
+def _dump(value: object) -> bytes:
+    """Pickle ``value`` for the parent, without importing anything as a side effect.
+
+    Plain ``pickle`` is fastest, but it *imports* the module named by each class it
+    meets, to check the class is reachable there.  For a class that came by value
+    (defined in a step function sent by value, whose module this process never
+    imported) that would run the module here: a test module, say, with its
+    conftest.  So once anything came by value (``cloudpickle`` is loaded), or
+    when plain ``pickle`` fails, ``cloudpickle`` is used: it sends such classes by
+    value and never imports.
+    """
+    if "cloudpickle" not in sys.modules:
+        try:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: S110 - the fallback below says what is wrong
+            pass
+    import cloudpickle  # noqa: PLC0415 - slow to import, needed only for by-value values
+
+    return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<str() of the {type(exc).__name__} failed>"
+
+
+def _remote_traceback(exc: BaseException) -> str:
+    import traceback  # noqa: PLC0415 - only needed when a step fails
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # drop this module's own frames: the step's come first
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:
+        return f"{_qualname(type(exc))}: {_safe_str(exc)} (its traceback could not be formatted)\n"
+
+
+def _pack_exception(exc: BaseException) -> tuple[bytes, str]:
+    """``(pickled exception, "")``, or ``(b"", why not)`` if it cannot travel back."""
+    try:
+        blob = _dump(exc)
+        pickle.loads(blob)  # noqa: S301 - our own bytes; proves the parent can load them
+    except BaseException as why:
+        return b"", f"{type(why).__name__}: {_safe_str(why)}"
+    return blob, ""
+
+
+def _error_reply(exc: BaseException, leftovers: list[int]) -> list[bytes]:
+    blob, why_not = _pack_exception(exc)
+    meta = (
+        "error",
+        _qualname(type(exc)),
+        _safe_str(exc),
+        _remote_traceback(exc),
+        why_not,
+        leftovers,
+    )
+    return [pickle.dumps(meta), blob]
+
+
+def _unsendable_reply(bad: _UnsendableError, leftovers: list[int]) -> list[bytes]:
+    cause = bad.cause
+    message = f"{bad.problem} ({type(cause).__name__}: {_safe_str(cause)}); {bad.fix}"
+    return [pickle.dumps(("unsendable", message, _remote_traceback(cause), leftovers))]
+
+
+def _ok_reply(step_id: str, outputs: dict[str, Any] | None, leftovers: list[int]) -> list[bytes]:
+    """The reply for a step that returned; raises ``_UnsendableError`` naming a bad artifact."""
+    if outputs is None:
+        return [pickle.dumps(("ok", None, leftovers))]
+    blobs: list[bytes] = []
+    for name, value in outputs.items():
+        try:
+            blobs.append(_dump(value))
+        except Exception as exc:
+            raise _UnsendableError(
+                f"step {step_id!r} returned artifact {name!r} (a {type(value).__name__}) "
+                "that cannot be sent back from its worker process",
+                "return picklable values (plain data), or run the step with executor='thread'",
+                exc,
+            ) from exc
+    return [pickle.dumps(("ok", list(outputs), leftovers)), *blobs]
+
+
+def _call(fn: Callable[..., Any], ctx: StepContext, *, is_async: bool) -> object:
+    result = fn(ctx)
+    if is_async or isinstance(result, types.CoroutineType):
+        import asyncio  # noqa: PLC0415 - slow to import, needed only by async steps
+
+        result = asyncio.run(result)
+    return result
+
+
+def _check_result(step_id: str, result: object) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    if not isinstance(result, Mapping):
+        raise TypeError(
+            f"step {step_id!r} returned {type(result).__name__}; a step must return a "
+            "mapping of artifact names to values (such as a dict), or None"
+        )
+    return dict(result)
+
+
+def _load_attempt(parts: list[bytes]) -> tuple[tuple[Any, ...], Callable[..., Any], Any, Any]:
+    meta = pickle.loads(parts[0])  # noqa: S301 - from our parent over a private pipe
+    step_id = meta[1]
+    path = meta[6]
+    if path is not None:
+        sys.path[:] = path
+    try:
+        fn = pickle.loads(parts[1])  # noqa: S301 - same
+    except BaseException as exc:
+        raise _UnsendableError(
+            f"step {step_id!r}: its function could not be loaded in the worker process",
+            "make its module importable there (same sys.path and working directory)",
+            exc,
+        ) from exc
+    try:
+        inputs, params = pickle.loads(parts[2])  # noqa: S301 - same
+    except BaseException as exc:
+        raise _UnsendableError(
+            f"step {step_id!r}: its inputs or params could not be loaded in the worker process",
+            "pass plain data, or run the step with executor='thread'",
+            exc,
+        ) from exc
+    return meta, fn, inputs, params
+
+
+def _run_attempt(parts: list[bytes]) -> list[bytes]:
+    """Run one attempt message and build the reply; never raises for a step's sake."""
+    # Undo what a previous step may have changed: a step stopped by SIGTERM must die.
+    for signum in (signal.SIGTERM, signal.SIGIO):
+        if signal.getsignal(signum) is not signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+    try:
+        meta, fn, inputs, params = _load_attempt(parts)
+    except _UnsendableError as bad:
+        return _unsendable_reply(bad, [])
+    run_id, step_id, attempt, max_attempts, deadline, is_async, _path = meta
+    ctx = StepContext(
+        run_id=run_id,
+        step_id=step_id,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        inputs=inputs,
+        params=params,
+        deadline=deadline,
+    )
+    try:
+        outputs = _check_result(step_id, _call(fn, ctx, is_async=is_async))
+    except BaseException as exc:
+        return _error_reply(exc, _finish_attempt())
+    leftovers = _finish_attempt()
+    try:
+        return _ok_reply(step_id, outputs, leftovers)
+    except _UnsendableError as bad:
+        return _unsendable_reply(bad, leftovers)
+
+
+def _finish_attempt() -> list[int]:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            continue
+    return _kill_leftovers()
+
+
+# -- main loop --------------------------------------------------------------------------
+
+
+def _take_fds(argv: Sequence[str]) -> tuple[int, int, int]:
+    cmd_fd, res_fd, alive_fd = (int(arg) for arg in argv[:3])
+    for fd in (cmd_fd, res_fd, alive_fd):
+        # The parent passed them inheritable; the step's own subprocesses must not get them.
+        os.set_inheritable(fd, False)
+    return cmd_fd, res_fd, alive_fd
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve attempts from the parent until it closes the command pipe (or dies)."""
+    cmd_fd, res_fd, alive_fd = _take_fds(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # an ignoring parent must not protect us
+    _arm_parent_death(alive_fd)
+    _become_subreaper()
+    try:
+        _write_all(res_fd, encode_message([pickle.dumps(("ready", os.getpid()))]))
+        reader = _Reader(cmd_fd)
+        while True:
+            try:
+                parts = reader.message()
+            except EOFError:
+                break
+            _write_all(res_fd, encode_message(_run_attempt(parts)))
+    except BaseException as exc:
+        # Our own failure (a broken pipe, a corrupt message): nothing can be reported
+        # through the pipe; say it on stderr and let the parent see the exit code.
+        if not isinstance(exc, BrokenPipeError):
+            os.write(2, f"stepvisor worker {os.getpid()}: {_remote_traceback(exc)}".encode())
+        os._exit(EXIT_PROTOCOL_ERROR)
+    _finish_attempt()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,647 @@
+"""The process backend on real processes: one reused child per slot, and deadlines that kill.
+
+Every test drives a :class:`ProcessSlot` directly, without the engine.  Steps tell
+the test what they are doing through files they write (their pid, a grandchild's
+pid), and the test waits for those files with a bounded poll; no test sleeps in
+the hope that something has happened.  Every attempt has a safety deadline, so a
+broken backend fails a test instead of hanging it.
+
+The step functions are built inside :func:`_make_steps` so that cloudpickle sends
+them *by value*: a module-level function of this file would make each fresh
+child import this module, and pytest with it (about 0.3 s per child).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends.process import ProcessSlot, check_sendable, prepare_payload
+from stepvisor.context import AttemptControl
+from stepvisor.errors import (
+    RemoteStepError,
+    StepCancelledError,
+    StepNotSerializableError,
+    StepTimeoutError,
+    WorkerCrashedError,
+)
+from tests.conftest import pid_gone, wait_for
+
+#: Seconds after which an attempt that should have ended some other way is stopped.
+SAFETY_DEADLINE = 20.0
+
+
+def _make_steps() -> SimpleNamespace:
+    """Step functions for the tests, pickled by value (see the module docstring)."""
+
+    def publish(ctx: Any, name: str, value: object) -> None:
+        """Write ``value`` to ``<dir>/<name>`` atomically, so a reader never sees half."""
+        folder = ctx.params["dir"]
+        tmp = os.path.join(folder, f".{name}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(str(value))
+        os.replace(tmp, os.path.join(folder, name))
+
+    def spin() -> None:
+        while True:
+            pass
+
+    def noop(ctx: Any) -> None:
+        return None
+
+    def whoami(ctx: Any) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "run_id": ctx.run_id,
+            "step_id": ctx.step_id,
+            "attempt": ctx.attempt,
+            "max_attempts": ctx.max_attempts,
+            "inputs": dict(ctx.inputs),
+            "params": dict(ctx.params),
+            "deadline": ctx.deadline,
+            "cancelled": ctx.cancelled,
+        }
+
+    def echo_blob(ctx: Any) -> dict[str, Any]:
+        return {"blob": ctx.inputs["blob"], "size": len(ctx.inputs["blob"])}
+
+    async def async_step(ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"doubled": ctx.inputs["n"] * 2, "loop": asyncio.get_running_loop() is not None}
+
+    def busy_with_grandchildren(ctx: Any) -> None:
+        """Start a plain and a SIGTERM-immune ``sleep 60``, publish pids, spin."""
+        plain = subprocess.Popen(["sleep", "60"])
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited across exec
+        immune = subprocess.Popen(["sleep", "60"])
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        publish(ctx, "grandchildren", f"{plain.pid} {immune.pid}")
+        publish(ctx, "pid", os.getpid())
+        spin()
+
+    def busy(ctx: Any) -> None:
+        publish(ctx, "pid", os.getpid())
+        spin()
+
+    def term_recorder(ctx: Any) -> None:
+        """Record SIGTERM in a file and carry on, so only SIGKILL can stop it."""
+
+        def on_term(signum: int, frame: object) -> None:
+            publish(ctx, "got-sigterm", signum)
+
+        signal.signal(signal.SIGTERM, on_term)
+        publish(ctx, "pid", os.getpid())
+        spin()
+
+    def exit_3(ctx: Any) -> None:
+        os._exit(3)
+
+    def segfault(ctx: Any) -> None:
+        ctypes.string_at(0)
+
+    def raise_value_error(ctx: Any) -> None:
+        raise ValueError(f"bad rows in {ctx.step_id}")
+
+    class LockedError(Exception):
+        """An exception that holds a lock, so it cannot be pickled."""
+
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()
+
+    def raise_unpicklable(ctx: Any) -> None:
+        raise LockedError("the lock is mine")
+
+    class TwoArgError(Exception):
+        """Pickles, but cannot be unpickled: ``args`` does not match ``__init__``."""
+
+        def __init__(self, left: str, right: str) -> None:
+            super().__init__(f"{left}/{right}")
+
+    def raise_unloadable(ctx: Any) -> None:
+        raise TwoArgError("left", "right")
+
+    def return_unpicklable(ctx: Any) -> dict[str, Any]:
+        return {"fine": 1, "conn": threading.Lock()}
+
+    def return_int(ctx: Any) -> int:
+        return 42
+
+    def leave_grandchild(ctx: Any) -> dict[str, int]:
+        child = subprocess.Popen(["sleep", "60"])
+        return {"grandchild": child.pid}
+
+    return SimpleNamespace(**{k: v for k, v in locals().items() if callable(v)})
+
+
+STEPS = _make_steps()
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _spec(
+    fn: Callable[..., Any],
+    *,
+    step_id: str = "step",
+    attempt: int = 1,
+    timeout: float = SAFETY_DEADLINE,
+    kill_grace: float = 1.0,
+    inputs: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    is_async: bool = False,
+) -> AttemptSpec:
+    return AttemptSpec(
+        run_id="run-1",
+        step_id=step_id,
+        attempt=attempt,
+        max_attempts=3,
+        fn=fn,
+        is_async=is_async,
+        inputs=inputs or {},
+        params=params or {},
+        deadline=time.monotonic() + timeout,
+        kill_grace=kill_grace,
+    )
+
+
+def _read_pid_file(path: Path, *, timeout: float = 10.0) -> list[int]:
+    wait_for(path.exists, timeout=timeout, what=f"{path.name} to be written")
+    return [int(p) for p in path.read_text().split()]
+
+
+def _assert_reaped(pid: int) -> None:
+    """``pid`` was our child: it must be gone *and reaped*, not left a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return
+    fields = stat.rsplit(b")", 1)[1].split()
+    assert int(fields[1]) != os.getpid(), f"child {pid} is still ours (state {fields[0]!r})"
+
+
+def _wait_gone(pid: int, *, timeout: float = 5.0) -> None:
+    """``pid`` was not our child: wait (bounded) until it is gone or a zombie of someone else."""
+    wait_for(lambda: pid_gone(pid), timeout=timeout, what=f"pid {pid} to disappear")
+    _assert_reaped(pid)
+
+
+class _InThread:
+    """Run ``fn`` on a helper thread; ``result()`` joins it with a bound."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._value: object = None
+        self._thread = threading.Thread(target=self._main, args=(fn,), name="test-helper")
+        self._thread.start()
+
+    def _main(self, fn: Callable[[], object]) -> None:
+        self._value = fn()
+
+    def result(self, *, timeout: float = 15.0) -> object:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "helper thread did not finish in time"
+        return self._value
+
+
+@pytest.fixture
+def slot() -> Iterator[ProcessSlot]:
+    with ProcessSlot(name="test-slot") as the_slot:
+        yield the_slot
+
+
+@pytest.fixture
+def pub(tmp_path: Path) -> dict[str, Any]:
+    """Params telling a step where to publish its pids."""
+    return {"dir": str(tmp_path)}
+
+
+# -- round trips ----------------------------------------------------------------------------
+
+
+def test_noop_round_trips_reuse_one_child(slot: ProcessSlot) -> None:
+    pids = set()
+    for attempt in (1, 2, 3):
+        result = slot.run(_spec(STEPS.whoami, attempt=attempt), AttemptControl())
+        assert result.kind == "ok", result
+        assert result.outputs is not None
+        assert result.outputs["attempt"] == attempt
+        pids.add(result.outputs["pid"])
+    assert pids == {slot.pid}
+    assert slot.run(_spec(STEPS.noop), AttemptControl()) == AttemptResult(kind="ok")
+
+
+def test_large_inputs_and_outputs_cross_the_pipes(slot: ProcessSlot) -> None:
+    blob = os.urandom(3 * 1024 * 1024)  # far above the 64 KiB a pipe holds
+    result = slot.run(_spec(STEPS.echo_blob, inputs={"blob": blob}), AttemptControl())
+    assert result.kind == "ok", result
+    assert result.outputs == {"blob": blob, "size": len(blob)}
+
+
+def test_late_cancel_of_a_finished_attempt_leaves_the_child_alone(slot: ProcessSlot) -> None:
+    control = AttemptControl()
+    assert slot.run(_spec(STEPS.noop), control).kind == "ok"
+    pid = slot.pid
+    control.cancel("timeout")  # the engine's deadline timer firing just too late
+    after = slot.run(_spec(STEPS.whoami), AttemptControl())
+    assert after.kind == "ok", after
+    assert after.outputs is not None
+    assert after.outputs["pid"] == pid == slot.pid
+
+
+def test_step_context_is_built_in_the_child(slot: ProcessSlot) -> None:
+    spec = _spec(STEPS.whoami, step_id="ctx", inputs={"rows": [1, 2]}, params={"k": "v"})
+    result = slot.run(spec, AttemptControl())
+    assert result.kind == "ok", result
+    assert result.outputs == {
+        "pid": slot.pid,
+        "run_id": "run-1",
+        "step_id": "ctx",
+        "attempt": 1,
+        "max_attempts": 3,
+        "inputs": {"rows": [1, 2]},
+        "params": {"k": "v"},
+        "deadline": spec.deadline,
+        "cancelled": False,
+    }
+
+
+def test_async_step_runs_on_an_event_loop_in_the_child(slot: ProcessSlot) -> None:
+    spec = _spec(STEPS.async_step, inputs={"n": 21}, is_async=True)
+    result = slot.run(spec, AttemptControl())
+    assert result.kind == "ok", result
+    assert result.outputs == {"doubled": 42, "loop": True}
+
+
+def test_step_returning_a_non_mapping_is_a_type_error(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.return_int, step_id="count"), AttemptControl())
+    assert result.kind == "error"
+    assert isinstance(result.error, TypeError)
+    assert "step 'count' returned int" in str(result.error)
+    assert "mapping of artifact names to values" in str(result.error)
+
+
+def test_importable_function_travels_by_reference_using_the_parent_sys_path(
+    slot: ProcessSlot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = "stepvisor_test_refmod"
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+
+            def step(ctx):
+                return {"imported_in_child": __name__ in sys.modules}
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    mod = __import__(module)
+    payload = prepare_payload("ref", mod.step)
+    assert module.encode() in payload
+    assert len(payload) < 200, "an importable function must travel as a reference"
+    result = slot.run(dataclasses.replace(_spec(mod.step), fn_payload=payload), AttemptControl())
+    monkeypatch.delitem(sys.modules, module)
+    assert result.kind == "ok", result
+    assert result.outputs == {"imported_in_child": True}
+
+
+def test_function_the_child_cannot_import_is_unsendable(
+    slot: ProcessSlot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = "stepvisor_test_gonemod"
+    (tmp_path / f"{module}.py").write_text("def step(ctx):\n    return None\n")
+    with monkeypatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        mod = __import__(module)
+        payload = prepare_payload("gone", mod.step)
+        patch.delitem(sys.modules, module)
+    # Now only this process ever saw the module: the child cannot import it.
+    spec = dataclasses.replace(_spec(mod.step, step_id="gone"), fn_payload=payload)
+    result = slot.run(spec, AttemptControl())
+    assert result.kind == "unsendable", result
+    message = str(result.error)
+    assert "step 'gone': its function could not be loaded in the worker process" in message
+    assert f"No module named '{module}'" in message
+    assert "make its module importable there" in message
+
+
+# -- deadlines and cancel -----------------------------------------------------------------------
+
+
+@pytest.mark.realtime
+def test_timed_out_process_step_leaves_no_child_running(
+    slot: ProcessSlot, tmp_path: Path, pub: dict[str, Any]
+) -> None:
+    slot.start()
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"  # warm: 0.5 s is for the step
+    control = AttemptControl()
+    result = slot.run(_spec(STEPS.busy_with_grandchildren, timeout=0.5, params=pub), control)
+    child_pid = _read_pid_file(tmp_path / "pid")[0]
+    grandchildren = _read_pid_file(tmp_path / "grandchildren")
+
+    assert result.kind == "cancelled", result
+    assert control.reason == "timeout"
+    assert isinstance(result.error, StepTimeoutError)
+    assert result.note is not None
+    assert "its process group was killed (SIGTERM)" in result.note
+    assert result.extra["signal"] == "SIGTERM"
+    _assert_reaped(child_pid)
+    for pid in grandchildren:  # the SIGTERM-immune one too
+        _wait_gone(pid)
+
+    after = slot.run(_spec(STEPS.whoami), AttemptControl())
+    assert after.kind == "ok", after
+    assert after.outputs is not None
+    assert after.outputs["pid"] == slot.pid != child_pid
+
+
+@pytest.mark.realtime
+def test_sigterm_ignoring_step_gets_sigkill_after_grace(
+    slot: ProcessSlot, tmp_path: Path, pub: dict[str, Any]
+) -> None:
+    control = AttemptControl()
+    cancelled_at: list[float] = []
+
+    def cancel_when_running() -> None:
+        _read_pid_file(tmp_path / "pid")  # published after its SIGTERM handler is set
+        cancelled_at.append(time.monotonic())
+        control.cancel("cancel")
+
+    helper = _InThread(cancel_when_running)
+    result = slot.run(_spec(STEPS.term_recorder, kill_grace=0.3, params=pub), control)
+    ended_at = time.monotonic()
+    helper.result()
+
+    assert result.kind == "cancelled", result
+    assert (tmp_path / "got-sigterm").read_text() == str(int(signal.SIGTERM))
+    assert result.note is not None
+    assert "SIGKILL after 0.3 s grace" in result.note
+    assert result.extra["signal"] == "SIGKILL"
+    assert result.extra["exitcode"] == -signal.SIGKILL
+    assert ended_at - cancelled_at[0] >= 0.3
+    _assert_reaped(_read_pid_file(tmp_path / "pid")[0])
+
+
+@pytest.mark.realtime
+def test_cancel_from_another_thread_stops_the_step(
+    slot: ProcessSlot, tmp_path: Path, pub: dict[str, Any]
+) -> None:
+    control = AttemptControl()
+
+    def cancel_when_running() -> None:
+        _read_pid_file(tmp_path / "pid")
+        control.cancel("cancel")
+
+    helper = _InThread(cancel_when_running)
+    result = slot.run(_spec(STEPS.busy, params=pub), control)
+    helper.result()
+
+    assert result.kind == "cancelled", result
+    assert isinstance(result.error, StepCancelledError)
+    assert result.extra["reason"] == "cancel"
+    _assert_reaped(_read_pid_file(tmp_path / "pid")[0])
+    control.cancel("cancel")  # late and repeated: must not touch the fresh child
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"
+
+
+def test_deadline_already_passed_runs_nothing(slot: ProcessSlot) -> None:
+    control = AttemptControl()
+    result = slot.run(_spec(STEPS.noop, timeout=-1.0), control)
+    assert result.kind == "cancelled"
+    assert isinstance(result.error, StepTimeoutError)
+    assert control.reason == "timeout"
+    assert slot.pid is None
+
+
+# -- crashes -----------------------------------------------------------------------------------
+
+
+def test_sigkill_from_outside_is_a_crash_naming_the_signal(
+    slot: ProcessSlot, tmp_path: Path, pub: dict[str, Any]
+) -> None:
+    def kill_when_running() -> int:
+        pid = _read_pid_file(tmp_path / "pid")[0]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    helper = _InThread(kill_when_running)
+    result = slot.run(_spec(STEPS.busy, step_id="victim", params=pub), AttemptControl())
+    pid = helper.result()
+
+    assert result.kind == "crash", result
+    assert isinstance(result.error, WorkerCrashedError)
+    assert f"the worker process (pid {pid}) running step 'victim'" in str(result.error)
+    assert "died from signal SIGKILL" in str(result.error)
+    assert result.error.exitcode == -signal.SIGKILL
+    assert isinstance(pid, int)
+    _assert_reaped(pid)
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"
+
+
+def test_os_exit_is_a_crash_with_its_exit_code(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.exit_3), AttemptControl())
+    assert result.kind == "crash", result
+    assert isinstance(result.error, WorkerCrashedError)
+    assert "exited with code 3" in str(result.error)
+    assert result.error.exitcode == 3
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"
+
+
+def test_segfault_is_a_crash_naming_sigsegv(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.segfault), AttemptControl())
+    assert result.kind == "crash", result
+    assert "died from signal SIGSEGV" in str(result.error)
+    assert result.extra["signal"] == "SIGSEGV"
+
+
+# -- exceptions and values that cannot travel ----------------------------------------------------
+
+
+def test_exception_comes_back_with_type_message_and_remote_traceback(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.raise_value_error, step_id="load"), AttemptControl())
+    assert result.kind == "error"
+    assert type(result.error) is ValueError
+    assert str(result.error) == "bad rows in load"
+    assert result.traceback is not None
+    assert "in raise_value_error" in result.traceback
+    notes = getattr(result.error, "__notes__", [])
+    assert any("in raise_value_error" in note for note in notes)
+
+
+def test_unpicklable_exception_becomes_remote_step_error(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.raise_unpicklable, step_id="locky"), AttemptControl())
+    assert result.kind == "error"
+    error = result.error
+    assert isinstance(error, RemoteStepError)
+    assert error.remote_type.endswith("LockedError")
+    assert "in raise_unpicklable" in error.remote_traceback
+    assert "LockedError: the lock is mine" in error.remote_traceback
+    assert "step 'locky' raised" in str(error)
+    assert result.traceback == error.remote_traceback
+
+
+def test_exception_that_cannot_be_unpickled_becomes_remote_step_error(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.raise_unloadable), AttemptControl())
+    assert isinstance(result.error, RemoteStepError)
+    assert result.error.remote_type.endswith("TwoArgError")
+    assert "left/right" in str(result.error)
+
+
+def test_unpicklable_input_is_named_before_anything_is_sent(slot: ProcessSlot) -> None:
+    rows = [1, 2, threading.Lock()]
+    with pytest.raises(StepNotSerializableError) as caught:
+        check_sendable("load", "inputs['rows']", rows)
+    message = str(caught.value)
+    assert "step 'load'" in message
+    assert "inputs['rows'][2] is a _thread.lock" in message
+    assert caught.value.step_id == "load"
+
+    result = slot.run(_spec(STEPS.noop, step_id="load", inputs={"rows": rows}), AttemptControl())
+    assert result.kind == "unsendable"
+    assert isinstance(result.error, StepNotSerializableError)
+    assert "inputs['rows'][2]" in str(result.error)
+    assert slot.pid is None, "no worker process should have been started"
+
+
+def test_file_open_for_writing_is_not_sendable(tmp_path: Path) -> None:
+    with (tmp_path / "out.txt").open("w") as out, pytest.raises(StepNotSerializableError) as caught:
+        check_sendable("save", "params['out']", {"handle": out})
+    assert "params['out']['handle'] is a _io.TextIOWrapper" in str(caught.value)
+
+
+def test_lambda_holding_a_lock_cannot_be_prepared(slot: ProcessSlot) -> None:
+    lock = threading.Lock()
+
+    def fn(ctx: Any) -> bool:
+        return lock.locked()
+
+    with pytest.raises(StepNotSerializableError) as caught:
+        prepare_payload("guarded", lambda ctx: lock.locked())
+    message = str(caught.value)
+    assert "step 'guarded'" in message
+    assert "closure variable 'lock'" in message
+    assert "_thread.lock" in message
+
+    result = slot.run(_spec(fn, step_id="guarded"), AttemptControl())
+    assert result.kind == "unsendable"
+    assert "closure variable 'lock'" in str(result.error)
+
+
+def test_unpicklable_result_is_unsendable_naming_the_artifact(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.return_unpicklable, step_id="conn"), AttemptControl())
+    assert result.kind == "unsendable"
+    assert isinstance(result.error, StepNotSerializableError)
+    assert "step 'conn' returned artifact 'conn' (a lock)" in str(result.error)
+    pid = slot.pid
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"
+    assert slot.pid == pid, "a result that cannot travel does not cost the worker"
+
+
+# -- what a step leaves behind, and closing -----------------------------------------------
+
+
+def test_processes_left_by_a_finished_step_are_killed(slot: ProcessSlot) -> None:
+    result = slot.run(_spec(STEPS.leave_grandchild), AttemptControl())
+    assert result.kind == "ok", result
+    assert result.outputs is not None
+    grandchild = result.outputs["grandchild"]
+    assert result.extra["leftover_pids"] == (grandchild,)
+    assert result.note is not None
+    assert "they were killed" in result.note
+    _wait_gone(grandchild)
+
+
+def test_close_kills_and_reaps_the_child_and_is_idempotent() -> None:
+    slot = ProcessSlot(name="closing")
+    before = slot.pid
+    assert before is None, "the child starts lazily"
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"
+    pid = slot.pid
+    assert isinstance(pid, int)
+    slot.close()
+    _assert_reaped(pid)
+    assert slot.pid is None
+    slot.close()
+    after = slot.run(_spec(STEPS.noop), AttemptControl())
+    assert after.kind == "cancelled"
+    assert "was closed" in str(after.error)
+
+
+def test_forgotten_slot_is_closed_when_collected() -> None:
+    slot = ProcessSlot(name="forgotten")
+    pid = slot.start()
+    del slot
+    gc.collect()
+    _assert_reaped(pid)
+
+
+def test_close_during_an_attempt_ends_it_as_cancelled(tmp_path: Path, pub: dict[str, Any]) -> None:
+    slot = ProcessSlot(name="closing")
+    helper = _InThread(lambda: slot.run(_spec(STEPS.busy, params=pub), AttemptControl()))
+    pid = _read_pid_file(tmp_path / "pid")[0]
+    slot.close()
+    result = helper.result()
+    assert isinstance(result, AttemptResult)
+    assert result.kind == "cancelled"
+    assert isinstance(result.error, StepCancelledError)
+    _assert_reaped(pid)
+    assert slot.pid is None
+
+
+_DRIVER = """
+import os, subprocess, sys, time
+from stepvisor.backends.base import AttemptSpec
+from stepvisor.backends.process import ProcessSlot
+from stepvisor.context import AttemptControl
+
+folder = sys.argv[1]
+
+def publish(name, value):
+    tmp = os.path.join(folder, "." + name)
+    with open(tmp, "w") as fh:
+        fh.write(str(value))
+    os.replace(tmp, os.path.join(folder, name))
+
+def step(ctx):
+    grandchild = subprocess.Popen(["sleep", "60"])
+    publish("grandchild", grandchild.pid)
+    publish("child", os.getpid())
+    while True:
+        pass
+
+spec = AttemptSpec(
+    run_id="r", step_id="s", attempt=1, max_attempts=1, fn=step, is_async=False,
+    inputs={}, params={}, deadline=time.monotonic() + 60,
+)
+ProcessSlot().run(spec, AttemptControl())
+"""
+
+
+@pytest.mark.realtime
+def test_child_and_grandchild_die_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path)])
+    try:
+        child = _read_pid_file(tmp_path / "child", timeout=30.0)[0]
+        grandchild = _read_pid_file(tmp_path / "grandchild")[0]
+    finally:
+        driver.kill()
+        driver.wait(timeout=10)
+    _wait_gone(child)
+    _wait_gone(grandchild)
