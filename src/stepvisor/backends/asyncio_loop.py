@@ -53,12 +53,14 @@ class LoopThread:
     def run(self, spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
         """Run one async attempt; blocks the calling Worker thread until it ends."""
         ctx = make_context(spec, control)
-        task_box: list[asyncio.Task[Any]] = []
 
         async def runner() -> Any:
             task = asyncio.ensure_future(spec.fn(ctx))
-            task_box.append(task)
-            control.on_cancel(lambda: self.loop.call_soon_threadsafe(task.cancel))
+
+            def cancel_task() -> None:
+                self.loop.call_soon_threadsafe(task.cancel)
+
+            control.on_cancel(cancel_task)
             return await task
 
         future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
