@@ -23,11 +23,18 @@ from tests.conftest import pid_gone, wait_for
 pytestmark = pytest.mark.realtime
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write then rename, so a test that sees the file also sees its content."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def busy_with_grandchild(ctx: sv.StepContext) -> None:
     """Spawn a grandchild, record both pids, then spin until killed."""
     out = Path(ctx.params["dir"])
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (out / f"{ctx.step_id}.pids").write_text(f"{os.getpid()} {child.pid}")
+    write_atomically(out / f"{ctx.step_id}.pids", f"{os.getpid()} {child.pid}")
     while True:
         pass
 
@@ -37,7 +44,7 @@ def report_pid(ctx: sv.StepContext) -> dict[str, int]:
 
 
 def busy(ctx: sv.StepContext) -> None:
-    (Path(ctx.params["dir"]) / f"{ctx.step_id}.pid").write_text(str(os.getpid()))
+    write_atomically(Path(ctx.params["dir"]) / f"{ctx.step_id}.pid", str(os.getpid()))
     while True:
         pass
 
@@ -86,6 +93,9 @@ def test_timed_out_process_step_leaves_no_child_running(tmp_path: Path, chdir_tm
     wf = sv.Workflow(
         "kill",
         steps=[
+            # Runs first on the one Worker, so the timed step starts in a warm child
+            # and its 0.5 s are spent spinning, not booting an interpreter.
+            sv.Step("warm", report_pid, executor="process", metadata={"cost": 20}),
             sv.Step(
                 "spin",
                 busy_with_grandchild,
@@ -109,6 +119,7 @@ def test_timed_out_process_step_leaves_no_child_running(tmp_path: Path, chdir_tm
     assert pid_gone(child)
     wait_for(lambda: pid_gone(grandchild), timeout=5, what="the grandchild to be gone")
     assert result.steps["after"].status is sv.StepStatus.SUCCEEDED
+    assert result.artifacts["pid_warm"] == child
     assert result.artifacts["pid_after"] != child
 
 

@@ -7,58 +7,183 @@ depends on which step finished first; run state can be kept durably and
 resumed.  See the README for a tour.
 """
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from stepvisor.clock import Clock, FakeClock, RealClock
-from stepvisor.config import Resolved, resolve
-from stepvisor.context import StepContext
-from stepvisor.errors import (
-    ArtifactCodecError,
-    BackendUnavailableError,
-    CycleError,
-    DuplicateStepError,
-    FatalError,
-    FingerprintMismatchError,
-    InvalidMaxParallelError,
-    InvalidRetryPolicyError,
-    InvalidSettingError,
-    InvalidStepIdError,
-    InvalidTimeoutError,
-    MissingArtifactError,
-    NotAStoreError,
-    RemoteStepError,
-    RetryableError,
-    RetryBudgetExhaustedError,
-    RunNotFoundError,
-    SchemaVersionError,
-    StepCancelledError,
-    StepError,
-    StepFunctionError,
-    StepNotSerializableError,
-    StepTimeoutError,
-    StepvisorError,
-    StoreError,
-    UnknownDependencyError,
-    ValidationError,
-    WorkerCrashedError,
-    WorkflowFileError,
-)
-from stepvisor.events import (
-    Event,
-    RunFinished,
-    RunStarted,
-    StepCommitted,
-    StepDispatched,
-    StepFinished,
-    StepRetrying,
-)
-from stepvisor.model import Settings, Step, Workflow
-from stepvisor.policies.retry import Backoff, RetryPolicy
-from stepvisor.result import RunResult
-from stepvisor.runtime import RunHandle, resume, resume_start, run, run_async, start
-from stepvisor.state import AttemptRecord, RunStatus, StepRecord, StepStatus
-from stepvisor.store.base import RunStore
-from stepvisor.store.memory import MemoryStore
+if TYPE_CHECKING:
+    from stepvisor.clock import (
+        Clock,
+        FakeClock,
+        RealClock,
+    )
+    from stepvisor.config import (
+        Resolved,
+        resolve,
+    )
+    from stepvisor.context import (
+        StepContext,
+    )
+    from stepvisor.errors import (
+        ArtifactCodecError,
+        BackendUnavailableError,
+        CycleError,
+        DuplicateStepError,
+        FatalError,
+        FingerprintMismatchError,
+        InvalidMaxParallelError,
+        InvalidRetryPolicyError,
+        InvalidSettingError,
+        InvalidStepIdError,
+        InvalidTimeoutError,
+        MissingArtifactError,
+        NotAStoreError,
+        RemoteStepError,
+        RetryableError,
+        RetryBudgetExhaustedError,
+        RunNotFoundError,
+        SchemaVersionError,
+        StepCancelledError,
+        StepError,
+        StepFunctionError,
+        StepNotSerializableError,
+        StepTimeoutError,
+        StepvisorError,
+        StoreError,
+        UnknownDependencyError,
+        ValidationError,
+        WorkerCrashedError,
+        WorkflowFileError,
+    )
+    from stepvisor.events import (
+        Event,
+        RunFinished,
+        RunStarted,
+        StepCommitted,
+        StepDispatched,
+        StepFinished,
+        StepRetrying,
+    )
+    from stepvisor.model import (
+        Settings,
+        Step,
+        Workflow,
+    )
+    from stepvisor.policies.retry import (
+        Backoff,
+        RetryPolicy,
+    )
+    from stepvisor.result import (
+        RunResult,
+    )
+    from stepvisor.runtime import (
+        RunHandle,
+        resume,
+        resume_start,
+        run,
+        run_async,
+        start,
+    )
+    from stepvisor.state import (
+        AttemptRecord,
+        RunStatus,
+        StepRecord,
+        StepStatus,
+    )
+    from stepvisor.store.base import (
+        RunStore,
+    )
+    from stepvisor.store.memory import (
+        MemoryStore,
+    )
+    from stepvisor.store.sqlite import (
+        SQLiteStore,
+    )
+    from stepvisor.workflow_file import (
+        load_workflow,
+    )
+
+# Public name -> the module that defines it.  Importing stepvisor imports none of
+# them: a process worker's child imports this package on every start, and the
+# command line should answer --help without loading the engine.
+_LAZY: dict[str, str] = {
+    "ArtifactCodecError": "stepvisor.errors",
+    "AttemptRecord": "stepvisor.state",
+    "BackendUnavailableError": "stepvisor.errors",
+    "Backoff": "stepvisor.policies.retry",
+    "Clock": "stepvisor.clock",
+    "CycleError": "stepvisor.errors",
+    "DuplicateStepError": "stepvisor.errors",
+    "Event": "stepvisor.events",
+    "FakeClock": "stepvisor.clock",
+    "FatalError": "stepvisor.errors",
+    "FingerprintMismatchError": "stepvisor.errors",
+    "InvalidMaxParallelError": "stepvisor.errors",
+    "InvalidRetryPolicyError": "stepvisor.errors",
+    "InvalidSettingError": "stepvisor.errors",
+    "InvalidStepIdError": "stepvisor.errors",
+    "InvalidTimeoutError": "stepvisor.errors",
+    "MemoryStore": "stepvisor.store.memory",
+    "MissingArtifactError": "stepvisor.errors",
+    "NotAStoreError": "stepvisor.errors",
+    "RealClock": "stepvisor.clock",
+    "RemoteStepError": "stepvisor.errors",
+    "Resolved": "stepvisor.config",
+    "RetryBudgetExhaustedError": "stepvisor.errors",
+    "RetryPolicy": "stepvisor.policies.retry",
+    "RetryableError": "stepvisor.errors",
+    "RunFinished": "stepvisor.events",
+    "RunHandle": "stepvisor.runtime",
+    "RunNotFoundError": "stepvisor.errors",
+    "RunResult": "stepvisor.result",
+    "RunStarted": "stepvisor.events",
+    "RunStatus": "stepvisor.state",
+    "RunStore": "stepvisor.store.base",
+    "SQLiteStore": "stepvisor.store.sqlite",
+    "SchemaVersionError": "stepvisor.errors",
+    "Settings": "stepvisor.model",
+    "Step": "stepvisor.model",
+    "StepCancelledError": "stepvisor.errors",
+    "StepCommitted": "stepvisor.events",
+    "StepContext": "stepvisor.context",
+    "StepDispatched": "stepvisor.events",
+    "StepError": "stepvisor.errors",
+    "StepFinished": "stepvisor.events",
+    "StepFunctionError": "stepvisor.errors",
+    "StepNotSerializableError": "stepvisor.errors",
+    "StepRecord": "stepvisor.state",
+    "StepRetrying": "stepvisor.events",
+    "StepStatus": "stepvisor.state",
+    "StepTimeoutError": "stepvisor.errors",
+    "StepvisorError": "stepvisor.errors",
+    "StoreError": "stepvisor.errors",
+    "UnknownDependencyError": "stepvisor.errors",
+    "ValidationError": "stepvisor.errors",
+    "WorkerCrashedError": "stepvisor.errors",
+    "Workflow": "stepvisor.model",
+    "WorkflowFileError": "stepvisor.errors",
+    "load_workflow": "stepvisor.workflow_file",
+    "resolve": "stepvisor.config",
+    "resume": "stepvisor.runtime",
+    "resume_start": "stepvisor.runtime",
+    "run": "stepvisor.runtime",
+    "run_async": "stepvisor.runtime",
+    "start": "stepvisor.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stepvisor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 logging.getLogger("stepvisor").addHandler(logging.NullHandler())
 
@@ -97,6 +222,7 @@ __all__ = [
     "RunStarted",
     "RunStatus",
     "RunStore",
+    "SQLiteStore",
     "SchemaVersionError",
     "Settings",
     "Step",
@@ -120,6 +246,7 @@ __all__ = [
     "Workflow",
     "WorkflowFileError",
     "__version__",
+    "load_workflow",
     "resolve",
     "resume",
     "resume_start",

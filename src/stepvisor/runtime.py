@@ -359,7 +359,12 @@ def _launch(
         get_ray()  # connect before any step runs: an unreachable cluster fails here
 
     def services(_: pykka.ActorRef[Any]) -> WorkerServices:
-        return WorkerServices(loop=get_loop, ray=get_ray, register_thread=handle._threads.add)
+        return WorkerServices(
+            loop=get_loop,
+            ray=get_ray,
+            register_thread=handle._threads.add,
+            prestart_process="process" in executors,
+        )
 
     ref = Supervisor.start(
         plan,

@@ -44,10 +44,14 @@ class WorkerServices:
         loop: Callable[[], LoopThread],
         ray: Callable[[], Any] | None = None,
         register_thread: Callable[[threading.Thread], None],
+        prestart_process: bool = False,
     ) -> None:
         self.loop = loop
         self.ray = ray
         self.register_thread = register_thread
+        #: Start each Worker's child process as the Worker starts, so a process
+        #: step's deadline is not spent booting an interpreter.
+        self.prestart_process = prestart_process
 
 
 class Worker(pykka.ThreadingActor):
@@ -69,6 +73,8 @@ class Worker(pykka.ThreadingActor):
         thread = threading.current_thread()
         thread.name = worker_thread_name(self.worker_id)
         self.services.register_thread(thread)
+        if self.services.prestart_process:
+            self._process_slot().start()
 
     def on_stop(self) -> None:
         if self._process is not None:
@@ -110,6 +116,13 @@ class Worker(pykka.ThreadingActor):
         except pykka.ActorDeadError:
             log.debug("supervisor gone; dropped the outcome of %s", spec.step_id)
 
+    def _process_slot(self) -> ProcessSlot:
+        if self._process is None:
+            from stepvisor.backends.process import ProcessSlot  # noqa: PLC0415
+
+            self._process = ProcessSlot(name=self.worker_id)
+        return self._process
+
     def _run(self, message: RunAttempt) -> AttemptResult:
         if message.control.is_cancelled:
             # Queued behind another attempt and cancelled before its turn.
@@ -120,11 +133,7 @@ class Worker(pykka.ThreadingActor):
         if executor == "async":
             return self.services.loop().run(message.spec, message.control)
         if executor == "process":
-            if self._process is None:
-                from stepvisor.backends.process import ProcessSlot  # noqa: PLC0415
-
-                self._process = ProcessSlot(name=self.worker_id)
-            return self._process.run(message.spec, message.control)
+            return self._process_slot().run(message.spec, message.control)
         if executor == "ray":
             if self.services.ray is None:
                 raise RuntimeError("no Ray backend was set up for this run")

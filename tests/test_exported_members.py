@@ -1,0 +1,59 @@
+"""The public surface is exactly ``stepvisor.__all__``, sorted, and every name exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import stepvisor as sv
+
+PUBLIC_API = {
+    # running
+    "run", "start", "run_async", "resume", "resume_start", "RunHandle", "RunResult",
+    # model
+    "Step", "Workflow", "Settings", "StepContext", "RetryPolicy", "Backoff",
+    "resolve", "Resolved", "load_workflow",
+    # state and events
+    "RunStatus", "StepStatus", "StepRecord", "AttemptRecord", "Event", "RunStarted",
+    "StepDispatched", "StepRetrying", "StepFinished", "StepCommitted", "RunFinished",
+    # time
+    "Clock", "RealClock", "FakeClock",
+    # stores
+    "RunStore", "MemoryStore", "SQLiteStore",
+    # errors
+    "StepvisorError", "ValidationError", "InvalidStepIdError", "StepFunctionError",
+    "DuplicateStepError", "UnknownDependencyError", "MissingArtifactError", "CycleError",
+    "InvalidMaxParallelError", "InvalidTimeoutError", "InvalidSettingError",
+    "InvalidRetryPolicyError", "WorkflowFileError", "StepError", "StepTimeoutError",
+    "StepCancelledError", "WorkerCrashedError", "StepNotSerializableError", "RemoteStepError",
+    "RetryBudgetExhaustedError", "RetryableError", "FatalError", "StoreError", "NotAStoreError",
+    "SchemaVersionError", "RunNotFoundError", "FingerprintMismatchError", "ArtifactCodecError",
+    "BackendUnavailableError",
+    "__version__",
+}  # fmt: skip
+
+
+def test_all_is_exactly_the_public_api() -> None:
+    assert set(sv.__all__) == PUBLIC_API
+
+
+def test_all_is_sorted_and_every_name_exists() -> None:
+    assert sv.__all__ == sorted(sv.__all__)
+    for name in sv.__all__:
+        assert hasattr(sv, name), name
+
+
+def test_errors_derive_from_one_base() -> None:
+    for name in sv.__all__:
+        obj = getattr(sv, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, sv.StepvisorError), name
+
+
+def test_importing_stepvisor_imports_no_optional_backend() -> None:
+    code = (
+        "import sys, stepvisor\n"
+        "heavy = {'ray', 'dask', 'cloudpickle', 'sqlite3'} & set(sys.modules)\n"
+        "assert not heavy - {'sqlite3'}, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
