@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import dataclasses
 import gc
 import os
 import signal
@@ -316,7 +315,7 @@ def test_importable_function_travels_by_reference_using_the_parent_sys_path(
     payload = prepare_payload("ref", mod.step)
     assert module.encode() in payload
     assert len(payload) < 200, "an importable function must travel as a reference"
-    result = slot.run(dataclasses.replace(_spec(mod.step), fn_payload=payload), AttemptControl())
+    result = slot.run(_spec(mod.step)._replace(fn_payload=payload), AttemptControl())
     monkeypatch.delitem(sys.modules, module)
     assert result.kind == "ok", result
     assert result.outputs == {"imported_in_child": True}
@@ -333,7 +332,7 @@ def test_function_the_child_cannot_import_is_unsendable(
         payload = prepare_payload("gone", mod.step)
         patch.delitem(sys.modules, module)
     # Now only this process ever saw the module: the child cannot import it.
-    spec = dataclasses.replace(_spec(mod.step, step_id="gone"), fn_payload=payload)
+    spec = _spec(mod.step, step_id="gone")._replace(fn_payload=payload)
     result = slot.run(spec, AttemptControl())
     assert result.kind == "unsendable", result
     message = str(result.error)

@@ -1,5 +1,8 @@
 """Messages between the Supervisor and its Workers: immutable values.
 
+They are NamedTuples (immutable, and several times cheaper to build than frozen
+dataclasses): a few are built for every step.
+
 The Supervisor never waits on a Worker: it *tells* it to run an attempt, and
 the Worker tells the outcome back.  Timers (deadlines, grace periods, backoff
 delays, heartbeats) also arrive as messages, so all state changes happen on
@@ -8,7 +11,7 @@ the Supervisor's one thread, in the order the messages arrive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from stepvisor.backends.base import AttemptResult, AttemptSpec
 from stepvisor.context import AttemptControl
@@ -27,13 +30,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(NamedTuple):
     """Begin the run."""
 
 
-@dataclass(frozen=True, slots=True)
-class RunAttempt:
+class RunAttempt(NamedTuple):
     """Supervisor -> Worker: run this attempt with this backend."""
 
     spec: AttemptSpec
@@ -41,15 +42,13 @@ class RunAttempt:
     executor: str
 
 
-@dataclass(frozen=True, slots=True)
-class RunBatch:
+class RunBatch(NamedTuple):
     """Supervisor -> Worker: run these attempts one after the other (tiny steps)."""
 
     attempts: tuple[RunAttempt, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptDone:
+class AttemptDone(NamedTuple):
     """Worker -> Supervisor: how an attempt ended, fenced by ``(step_id, attempt)``."""
 
     step_id: str
@@ -61,36 +60,30 @@ class AttemptDone:
     duration: float
 
 
-@dataclass(frozen=True, slots=True)
-class DeadlineReached:
+class DeadlineReached(NamedTuple):
     step_id: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class GraceExpired:
+class GraceExpired(NamedTuple):
     """The grace period after a cancel request ran out; abandon if still running."""
 
     step_id: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class RetryDue:
+class RetryDue(NamedTuple):
     step_id: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class RunDeadline:
+class RunDeadline(NamedTuple):
     """The run's own deadline passed."""
 
 
-@dataclass(frozen=True, slots=True)
-class CancelRun:
+class CancelRun(NamedTuple):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
+class Heartbeat(NamedTuple):
     """Periodic: tell the store we are alive and look for cancel requests."""

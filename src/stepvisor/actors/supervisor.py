@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -295,7 +295,7 @@ class Supervisor(pykka.ThreadingActor):
         for sid in self.graph.order:
             old = plan.restored_records.get(sid)
             if old is not None and sid in plan.restored:
-                record = replace(old, status=StepStatus.SUCCEEDED, restored=True)
+                record = old._replace(status=StepStatus.SUCCEEDED, restored=True)
                 self.state = self.state.set_step(record).set_outputs(sid, plan.restored[sid])
                 restored_ranks.append(self.graph.rank[sid])
             records.append(self.state.record(sid))
@@ -839,7 +839,7 @@ class Supervisor(pykka.ThreadingActor):
             self._fail(inf, error, None, StepStatus.CANCELLED, outcome="cancelled", base=base)
         last = self.state.record(step.id)
         if last.attempts:
-            noted = replace(last.attempts[-1], note="abandoned")
+            noted = last.attempts[-1]._replace(note="abandoned")
             self.state = self.state.set_step(last.with_last_attempt(noted, last.status))
             self.store.save_step(self.plan.run_id, self.state.record(step.id))
 
@@ -896,7 +896,7 @@ class Supervisor(pykka.ThreadingActor):
         for sid in self.graph.order:
             record = self.state.record(sid)
             if not record.terminal:
-                leftovers.append(replace(record, status=StepStatus.CANCELLED, note=note))
+                leftovers.append(record.with_status(StepStatus.CANCELLED, note))
         if leftovers:
             self.state = self.state.set_steps(leftovers)
             self.store.save_steps(self.plan.run_id, leftovers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from stepvisor.model import StepFn
 
@@ -21,8 +21,7 @@ __all__ = ["AttemptResult", "AttemptSpec", "ResultKind"]
 ResultKind = Literal["ok", "error", "crash", "cancelled", "unsendable"]
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptSpec:
+class AttemptSpec(NamedTuple):
     """One attempt to run: the function, its inputs and its limits."""
 
     run_id: str
