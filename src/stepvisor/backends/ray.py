@@ -7,13 +7,13 @@ which outcomes fold into state; this backend only runs one attempt and says how
 it ended::
 
     Worker thread: RayBackend.run(spec, control)          a Ray worker process
-      args: inputs of Ray steps as refs to their results  _attempt_task(meta, fn, params,
-            (the worker fetches them from the store);                   inline, picks, *sources)
+      args: inputs of Ray steps as refs to their results  _attempt_task((meta, fn, params,
+            (the worker fetches them from the store);               inline, picks), *sources)
             large driver values put once and shared;        resolve the inputs, build the
             small ones inline                               StepContext, call fn (asyncio.run
       submit: .options(num_cpus, num_gpus, resources,       if async), check outputs can travel
                max_retries=0, retry_exceptions=False) ──▶
-      ray.wait(ref): done, deadline or cancel  ◀─────────  ("ok", outputs) | ("error", ...)
+      ray.get(ref): done, deadline or cancel  ◀──────────  ("ok", outputs) | ("error", ...)
     Supervisor thread: control.cancel(reason)
       canceller: ray.cancel(ref, force=True)  ──────────▶  the worker process is killed
 
@@ -103,7 +103,7 @@ CONNECT_TIMEOUT_S: Final = 5.0
 SHARE_THRESHOLD: Final = 100 * 1024
 #: The oldest Ray this backend is tested against.
 MIN_RAY: Final = (2, 9)
-#: The longest a Worker thread blocks in one ``ray.wait``; it then looks again
+#: The longest a Worker thread blocks in one ``ray.get``; it then looks again
 #: at the deadline, a cancel, and whether the backend was closed.
 _WAIT_SLICE_S: Final = 0.5
 #: The backend's own deadline fires this long after the Supervisor's, so the
@@ -117,6 +117,8 @@ _CONFIRM_MARGIN_S: Final = 1.0
 #: Values that are cheaper to send again than to fetch through a reference.
 _ATOMS: Final = (type(None), bool, int, float, complex)
 _SMALL_TEXT: Final = 4096
+#: Types whose values always pickle, checked by exact type.
+_PLAIN_TYPES: Final = frozenset({bytes, bytearray, str, int, float, bool, complex, type(None)})
 _STOPPED_NOTE: Final = "its Ray task was force-cancelled (worker process killed)"
 _PIP_HINT: Final = "pip install 'stepvisor[ray]'"
 
@@ -284,27 +286,23 @@ def task_options(resources: Mapping[str, float] | None) -> dict[str, Any]:
 # -- in the Ray worker ------------------------------------------------------------------
 
 
-def _attempt_task(
-    meta: tuple[str, str, int, int, float | None, bool],
-    fn_blob: bytes,
-    params: Mapping[str, Any],
-    inline: Mapping[str, Any],
-    picks: tuple[tuple[str, int, str | None], ...],
-    *sources: Any,
-) -> tuple[Any, ...]:
+def _attempt_task(packed: tuple[Any, ...], *sources: Any) -> tuple[Any, ...]:
     """Run one attempt in a Ray worker; the reply is a tuple of plain values.
 
-    ``sources`` are resolved by Ray before this runs: each is either the reply of
-    a Ray step (``("ok", outputs)``) or a value the driver put; ``picks`` says
-    which input comes from which (``key`` is the artifact's name in a reply, or
-    ``None`` for a put value).
+    ``packed`` is ``(meta, fn, params, inline, picks)`` in one argument (each
+    argument costs Ray a serialization).  ``sources`` are resolved by Ray before
+    this runs: each is either the reply of a Ray step (``("ok", outputs)``) or a
+    value the driver put; ``picks`` says which input comes from which (``key`` is
+    the artifact's name in a reply, or ``None`` for a put value).  ``fn`` is the
+    pickled function, or the index of the source that holds it when it is large.
     """
+    meta, fn_arg, params, inline, picks = packed
     run_id, step_id, attempt, max_attempts, wall_deadline, is_async = meta
     deadline = None
     if wall_deadline is not None:
         deadline = time.monotonic() + (wall_deadline - time.time())
     try:
-        fn = cloudpickle.loads(fn_blob)
+        fn = cloudpickle.loads(sources[fn_arg] if isinstance(fn_arg, int) else fn_arg)
     except BaseException as exc:
         return (
             "unsendable",
@@ -343,16 +341,29 @@ def _ok_reply(step_id: str, outputs: Mapping[str, Any]) -> tuple[Any, ...]:
     """``("ok", outputs)``, once the outputs are known to pickle.
 
     Checked here because a return value Ray cannot serialize takes the worker
-    down with it.  Buffers (NumPy arrays and the like) are not copied by the
-    check.
+    down with it.  Values that surely pickle (plain bytes and text, numbers,
+    NumPy arrays of plain numbers) are not pickled twice, and buffers of the
+    rest are left out of band, so the check does not copy large data.
     """
     if not outputs:
         return ("ok", {})
-    try:
-        cloudpickle.dumps(dict(outputs), protocol=5, buffer_callback=_discard)
-    except Exception as exc:
-        return ("unsendable", _unpicklable_output(step_id, outputs, exc), format_error(exc))
+    unsure = {k: v for k, v in outputs.items() if not _surely_picklable(v)}
+    if unsure:
+        try:
+            cloudpickle.dumps(unsure, protocol=5, buffer_callback=_discard)
+        except Exception as exc:
+            return ("unsendable", _unpicklable_output(step_id, unsure, exc), format_error(exc))
     return ("ok", dict(outputs))
+
+
+def _surely_picklable(value: object) -> bool:
+    cls = type(value)
+    if cls in _PLAIN_TYPES:  # exact types: a subclass may add what does not pickle
+        return True
+    if cls.__name__ != "ndarray" or cls.__module__ != "numpy":
+        return False
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and not dtype.hasobject
 
 
 def _discard(_: object) -> None:
@@ -425,6 +436,15 @@ class _Held:
     value: Any
     ref: Any
     key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """How waiting for a task ended: its reply, what ``ray.get`` raised, or no answer."""
+
+    reply: Any = None
+    raised: Exception | None = None
+    confirmed: bool = True
 
 
 def _is_atom(value: object) -> bool:
@@ -581,8 +601,7 @@ class RayBackend:
             self._inflight.add(ref)
         try:
             control.on_cancel(functools.partial(self._cancel, ref))
-            finished = self._wait(ref, spec, control)
-            return self._outcome(spec, control, ref, finished=finished, sources=args[5:])
+            return self._outcome(spec, control, ref, sources=args[1:])
         finally:
             with self._lock:
                 self._inflight.discard(ref)
@@ -590,7 +609,7 @@ class RayBackend:
     def _submit(self, spec: AttemptSpec, args: tuple[Any, ...]) -> Any:
         """The attempt's ObjectRef, or an AttemptResult saying why it was not submitted."""
         try:
-            remote = self._remote(spec.resources)
+            remote = self._remote(spec)
         except (TypeError, ValueError) as exc:
             error = StepNotSerializableError(
                 f"step {spec.step_id!r}: Ray does not accept its resources "
@@ -624,15 +643,41 @@ class RayBackend:
         error.__cause__ = exc
         return AttemptResult(kind="crash", error=error, note="no Ray task was submitted")
 
-    def _remote(self, resources: Mapping[str, float] | None) -> Any:
-        key = tuple(sorted((resources or {}).items()))
+    def _remote(self, spec: AttemptSpec) -> Any:
+        """The task with this step's options (made once per resource shape)."""
+        key = tuple(sorted((spec.resources or {}).items()))
         with self._lock:
             remote = self._remotes.get(key)
         if remote is None:
-            remote = self._task.options(**task_options(resources))
+            options = task_options(spec.resources)
+            remote = self._task.options(**options)
             with self._lock:
                 self._remotes[key] = remote
+            self._warn_if_infeasible(spec.step_id, options)
         return remote
+
+    def _warn_if_infeasible(self, step_id: str, options: Mapping[str, Any]) -> None:
+        """Say so when no part of the cluster has what a step asks for: Ray would wait."""
+        wanted = {
+            "CPU": options.get("num_cpus", 0),
+            "GPU": options.get("num_gpus", 0),
+            **options.get("resources", {}),
+        }
+        try:
+            total = self._ray.cluster_resources()
+        except Exception:
+            return
+        short = {k: v for k, v in wanted.items() if v and total.get(k, 0) < v}
+        if short:
+            have = {k: total.get(k, 0) for k in short}
+            log.warning(
+                "step %r asks Ray for %s, but the whole cluster has %s: its task waits until "
+                "the cluster can run it (an autoscaler may add nodes); give the step a "
+                "timeout, or ask for less",
+                step_id,
+                short,
+                have,
+            )
 
     def _cancel(self, ref: Any) -> None:
         """The canceller: kill the worker running ``ref``'s task (and tasks it started)."""
@@ -641,9 +686,19 @@ class RayBackend:
         except Exception:
             log.debug("ray.cancel failed (the task may have ended already)", exc_info=True)
 
-    def _wait(self, ref: Any, spec: AttemptSpec, control: AttemptControl) -> bool:
-        """Wait for the task; False if Ray did not confirm a cancel in time."""
+    def _wait(self, ref: Any, spec: AttemptSpec, control: AttemptControl) -> _Ended:
+        """Wait for the task's reply, in bounded slices.
+
+        The first slice is a ``ray.get`` with a timeout, so a quick task costs one
+        call; after that, ``ray.wait`` (without fetching) watches for the end and
+        one ``ray.get`` fetches the reply, so a large reply is never cut off by a
+        slice.  Between slices it enforces the deadline itself (a safety net
+        behind the engine's) and stops waiting for a cancel that Ray does not
+        confirm in time.
+        """
+        timed_out = self._ray.exceptions.GetTimeoutError
         confirm_by: float | None = None
+        first = True
         while True:
             now = time.monotonic()
             if self._closed and not control.is_cancelled:
@@ -652,7 +707,7 @@ class RayBackend:
                 if confirm_by is None:
                     confirm_by = now + spec.kill_grace + _CONFIRM_MARGIN_S
                 if now >= confirm_by:
-                    return False
+                    return _Ended(confirmed=False)
                 wait = confirm_by - now
             elif spec.deadline is not None:
                 if now >= spec.deadline + _SAFETY_MARGIN_S:
@@ -661,9 +716,18 @@ class RayBackend:
                 wait = spec.deadline + _SAFETY_MARGIN_S - now
             else:
                 wait = _WAIT_SLICE_S
-            ready, _ = self._ray.wait([ref], timeout=min(wait, _WAIT_SLICE_S))
-            if ready:
-                return True
+            wait = min(wait, _WAIT_SLICE_S)
+            try:
+                if first:
+                    first = False
+                    return _Ended(reply=self._ray.get(ref, timeout=wait))
+                ready, _ = self._ray.wait([ref], timeout=wait, fetch_local=False)
+                if ready:
+                    return _Ended(reply=self._ray.get(ref))
+            except timed_out:
+                continue
+            except Exception as exc:
+                return _Ended(raised=exc)
 
     # -- inputs --
 
@@ -683,18 +747,25 @@ class RayBackend:
         picks: list[tuple[str, int, str | None]] = []
         sources: list[Any] = []
         index_of: dict[Any, int] = {}
+
+        def source_index(ref: Any) -> int:
+            index = index_of.get(ref)
+            if index is None:
+                index = index_of[ref] = len(sources)
+                sources.append(ref)
+            return index
+
         for name, value in spec.inputs.items():
             held = self._locate(spec.step_id, name, value)
             if held is None:
                 inline[name] = value
-                continue
-            index = index_of.get(held.ref)
-            if index is None:
-                index = index_of[held.ref] = len(sources)
-                sources.append(held.ref)
-            picks.append((name, index, held.key))
+            else:
+                picks.append((name, source_index(held.ref), held.key))
         fn_arg = self._function(spec)
-        return (meta, fn_arg, dict(spec.params), inline, tuple(picks), *sources)
+        if not isinstance(fn_arg, bytes):  # a shared reference: Ray resolves it as a source
+            fn_arg = source_index(fn_arg)
+        packed = (meta, fn_arg, dict(spec.params), inline, tuple(picks))
+        return (packed, *sources)
 
     def _function(self, spec: AttemptSpec) -> Any:
         """The pickled step function, or a shared reference to it when it is large."""
@@ -778,15 +849,10 @@ class RayBackend:
     # -- outcomes --
 
     def _outcome(
-        self,
-        spec: AttemptSpec,
-        control: AttemptControl,
-        ref: Any,
-        *,
-        finished: bool,
-        sources: tuple[Any, ...],
+        self, spec: AttemptSpec, control: AttemptControl, ref: Any, *, sources: tuple[Any, ...]
     ) -> AttemptResult:
-        if not finished:
+        ended = self._wait(ref, spec, control)
+        if not ended.confirmed:
             how = (
                 f"{_STOPPED_NOTE}, but Ray did not confirm it within "
                 f"{spec.kill_grace + _CONFIRM_MARGIN_S:g} s"
@@ -797,22 +863,20 @@ class RayBackend:
                 note=how,
                 extra={"reason": control.reason, "confirmed": False},
             )
-        try:
-            reply = self._ray.get(ref)
-        except Exception as exc:
-            if control.is_cancelled:
-                return AttemptResult(
-                    kind="cancelled",
-                    error=_stop_error(spec, control, _STOPPED_NOTE),
-                    note=_STOPPED_NOTE,
-                    extra={"reason": control.reason, "ray_error": type(exc).__name__},
-                )
-            result = self._failure(spec, exc)
-            if result.kind == "crash":
-                self._forget(sources)
-            return result
-        # A reply counts even after a cancel: the task finished before the kill.
-        return self._decode(spec, ref, reply)
+        if ended.raised is None:
+            # A reply counts even after a cancel: the task finished before the kill.
+            return self._decode(spec, ref, ended.reply)
+        if control.is_cancelled:
+            return AttemptResult(
+                kind="cancelled",
+                error=_stop_error(spec, control, _STOPPED_NOTE),
+                note=_STOPPED_NOTE,
+                extra={"reason": control.reason, "ray_error": type(ended.raised).__name__},
+            )
+        result = self._failure(spec, ended.raised)
+        if result.kind == "crash":
+            self._forget(sources)
+        return result
 
     def _decode(self, spec: AttemptSpec, ref: Any, reply: tuple[Any, ...]) -> AttemptResult:
         kind = reply[0]
