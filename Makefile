@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m stepvisor run examples/demo.yaml
+	$(PY) -m stepvisor run examples/demo.yaml --report .stepvisor/demo-report.html
 
 lint: venv
 	$(PY) -m ruff check src tests benchmarks examples

@@ -1,0 +1,579 @@
+"""The ``stepvisor`` command: run workflow files and look after their runs.
+
+Commands::
+
+    stepvisor run FILE [--max-parallel N] [--set KEY=VALUE ...] [--db PATH] [--report HTML]
+    stepvisor resume RUN_ID [--force] [--max-parallel N] [--set KEY=VALUE ...] [--db PATH]
+    stepvisor status [RUN_ID] [--db PATH]
+    stepvisor cancel RUN_ID [--wait SECONDS] [--db PATH]
+    stepvisor report RUN_ID --html FILE [--db PATH]
+    stepvisor config [FILE] [--set KEY=VALUE ...]
+
+Runs are kept in a SQLite store, ``.stepvisor/runs.db`` under the current
+directory unless ``--db`` says otherwise, so another ``stepvisor`` program can
+watch (``status``), stop (``cancel``) or continue (``resume``) them.
+
+Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed,
+2 bad usage or an invalid workflow/setting (one line on stderr, no traceback),
+130 the run was cancelled (Ctrl-C, SIGTERM or ``stepvisor cancel``).
+
+While a run goes, the main thread waits on the run in ``TICK`` slices and
+redraws the progress display between them; the Supervisor only appends events
+to a queue (see :mod:`stepvisor.progress`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import io
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+from stepvisor.config import _parse_text, resolve
+from stepvisor.errors import InvalidSettingError, StepvisorError, StoreError, ValidationError
+from stepvisor.model import SETTING_NAMES, Settings, Workflow
+from stepvisor.policies.retry import RetryPolicy
+from stepvisor.progress import TICK, Inbox, Progress, end_lines, make_display, one_line
+from stepvisor.report import write_html
+from stepvisor.result import RunResult
+from stepvisor.runtime import RunHandle, resume_start, start
+from stepvisor.state import RunStatus, StepRecord, StepStatus
+from stepvisor.store.base import RunInfo
+from stepvisor.store.sqlite import SQLiteStore
+from stepvisor.workflow_file import load_workflow
+
+__all__ = [
+    "DEFAULT_DB",
+    "EXIT_CANCELLED",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
+
+DEFAULT_DB: Final = os.path.join(".stepvisor", "runs.db")
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_CANCELLED: Final = 130
+
+_EXIT_BY_STATUS: Final[Mapping[RunStatus, int]] = {
+    RunStatus.SUCCEEDED: EXIT_OK,
+    RunStatus.FAILED: EXIT_FAILED,
+    RunStatus.CANCELLED: EXIT_CANCELLED,
+}
+#: Seconds to wait for a cancelled run to stop before giving up on it.
+_CANCEL_WAIT: Final = 60.0
+
+
+class _SigtermError(Exception):
+    """SIGTERM, turned into the same path as Ctrl-C (cancel, then exit 130)."""
+
+
+# -- settings from flags -------------------------------------------------------------
+
+
+def _setting_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from ``--set`` as a checked setting (name, value)."""
+    key, sep, raw = item.partition("=")
+    name = key.strip().replace("-", "_")
+    if not sep or not name:
+        raise InvalidSettingError(f"--set takes KEY=VALUE, e.g. --set max_parallel=4, got {item!r}")
+    if name not in SETTING_NAMES:
+        close = difflib.get_close_matches(name, SETTING_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidSettingError(
+            f"--set {item}: unknown setting {name!r}{hint}; settings are {', '.join(SETTING_NAMES)}"
+        )
+    try:
+        value = _parse_text(name, raw)
+    except ValidationError as exc:
+        raise type(exc)(f"--set {item}: {exc}") from exc
+    if name == "retry":  # its errors start with ``where`` already
+        return name, RetryPolicy.from_mapping(value, where=f"--set {item}")
+    try:
+        Settings(**{name: value})  # the model's own check, with its own message
+    except ValidationError as exc:
+        raise type(exc)(f"--set {item}: {exc}") from exc
+    return name, value
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = dict(_setting_override(item) for item in args.set or ())
+    if getattr(args, "max_parallel", None) is not None:
+        try:
+            Settings(max_parallel=args.max_parallel)
+        except ValidationError as exc:
+            raise type(exc)(f"--max-parallel: {exc}") from exc
+        values["max_parallel"] = args.max_parallel
+    return values
+
+
+# -- stores ----------------------------------------------------------------------------
+
+
+def _codec() -> str:
+    """The codec stores are opened with: the environment's or project's, else json."""
+    return resolve(None, None).codec
+
+
+def _existing_store(db: str) -> SQLiteStore:
+    if not os.path.lexists(db):
+        raise StoreError(
+            f"there is no run store at {db}; start a run first (stepvisor run FILE), "
+            "or point --db at the store the run was kept in"
+        )
+    return SQLiteStore(db, codec=_codec(), create=False)
+
+
+# -- following a run ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sigterm_cancels() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while a run goes (``docker stop``, ``kill``)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _SigtermError
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait(handle: RunHandle, refresh: Callable[[], None]) -> RunResult:
+    while True:
+        try:
+            return handle.wait(timeout=TICK)
+        except TimeoutError:
+            refresh()
+
+
+def _follow(
+    handle: RunHandle, *, inbox: Inbox, progress: Progress, headline: str
+) -> tuple[RunResult, bool]:
+    """Show the run until it ends; Ctrl-C or SIGTERM cancels it.  -> (result, interrupted)."""
+    display = make_display(sys.stdout, progress)
+    began = time.monotonic()
+
+    def refresh() -> None:
+        display.refresh(inbox.drain())
+
+    interrupted = False
+    try:
+        display.begin(run_id=handle.run_id, headline=headline)
+        with _sigterm_cancels():
+            try:
+                result = _wait(handle, refresh)
+            except (KeyboardInterrupt, _SigtermError):
+                interrupted = True
+                display.note("cancelling; press Ctrl-C again to quit at once")
+                handle.cancel()
+                result = _wait_after_cancel(handle, refresh)
+        refresh()
+        progress.settle(result)
+    except BaseException:
+        display.abort()
+        raise
+    finally:
+        if not handle.done():  # an error of ours: never leave the run going
+            handle.cancel()
+            with contextlib.suppress(TimeoutError):
+                handle.wait(timeout=_CANCEL_WAIT)
+    hints = []
+    if result.status is not RunStatus.SUCCEEDED:
+        hints.append(f"  resume with: stepvisor resume {result.run_id}")
+    display.end(end_lines(result, progress, elapsed=time.monotonic() - began, hints=hints))
+    return result, interrupted
+
+
+def _wait_after_cancel(handle: RunHandle, refresh: Callable[[], None]) -> RunResult:
+    try:
+        deadline = time.monotonic() + _CANCEL_WAIT
+        while True:
+            try:
+                return handle.wait(timeout=TICK)
+            except TimeoutError:
+                refresh()
+                if time.monotonic() > deadline:
+                    raise
+    except (KeyboardInterrupt, _SigtermError, TimeoutError):
+        # Asked twice (or the run will not stop): leave now.  The store keeps the
+        # run; its heartbeat stops, so it reads "interrupted" and can be resumed.
+        sys.stdout.write("\x1b[?25h\n" if sys.stdout.isatty() else "\n")
+        _say(f"stopped without waiting; resume with: stepvisor resume {handle.run_id}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CANCELLED)
+
+
+def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
+    text = f"workflow {wf.id!r}, {len(wf.steps)} steps, store {db}"
+    return text + (f" (resumed; {kept} succeeded steps kept)" if kept else "")
+
+
+def _finish(result: RunResult, *, interrupted: bool, store: SQLiteStore, report: str | None) -> int:
+    if report is not None:
+        try:
+            path = write_html(store.load(result.run_id), report)
+        except OSError as exc:  # the run's own outcome still decides the exit code
+            _say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
+        else:
+            print(f"report: {path}")
+    if interrupted:
+        return EXIT_CANCELLED
+    return _EXIT_BY_STATUS.get(result.status, EXIT_FAILED)
+
+
+def _start_error(exc: ValidationError, file: str) -> ValidationError:
+    """Name the file in errors found when the run starts (pools, executors)."""
+    return type(exc)(f"{file}: {exc}")
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)  # flags first: a typo there is cheaper to report
+    wf = load_workflow(args.file)
+    codec = resolve(wf.settings, overrides).codec
+    store = SQLiteStore(args.db, codec=codec)
+    try:
+        inbox = Inbox()
+        try:
+            handle = start(
+                wf,
+                store=store,
+                on_event=inbox,
+                source=str(Path(args.file).resolve()),
+                **overrides,
+            )
+        except ValidationError as exc:
+            raise _start_error(exc, args.file) from exc
+        progress = Progress(wf.step_ids)
+        result, interrupted = _follow(
+            handle, inbox=inbox, progress=progress, headline=_headline(wf, args.db)
+        )
+        return _finish(result, interrupted=interrupted, store=store, report=args.report)
+    finally:
+        store.close()
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    store = _existing_store(args.db)
+    try:
+        stored = store.load(args.run_id)
+        source = stored.info.source
+        if source is None:
+            raise StepvisorError(
+                f"run {args.run_id!r} has no workflow file recorded (it was started from "
+                "Python); resume it from Python with sv.resume(run_id, workflow, store=...)"
+            )
+        if not os.path.exists(source):
+            raise StepvisorError(
+                f"run {args.run_id!r} was started from {source}, which no longer exists; "
+                "put the workflow file back there to resume it"
+            )
+        wf = load_workflow(source)
+        kept = [
+            sid
+            for sid, record in stored.steps.items()
+            if record.status is StepStatus.SUCCEEDED and sid in wf.graph.rank
+        ]
+        inbox = Inbox()
+        try:
+            handle = resume_start(
+                args.run_id,
+                wf,
+                store=store,
+                force=args.force,
+                on_event=inbox,
+                source=source,
+                **overrides,
+            )
+        except ValidationError as exc:
+            raise _start_error(exc, source) from exc
+        progress = Progress(wf.step_ids, kept=kept)
+        headline = _headline(wf, args.db, kept=len(kept))
+        result, interrupted = _follow(handle, inbox=inbox, progress=progress, headline=headline)
+        return _finish(result, interrupted=interrupted, store=store, report=args.report)
+    finally:
+        store.close()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [header, *rows]
+    out = []
+    for line in lines:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(line)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def _when(value: float | None) -> str:
+    return "-" if value is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+
+def _duration(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.2f} s"
+    minutes, seconds = divmod(round(value), 60)
+    return f"{minutes} min {seconds:02d} s"
+
+
+def _run_duration(info: RunInfo) -> float:
+    if info.ended is not None:
+        end = info.ended
+    elif info.status is RunStatus.RUNNING:
+        end = time.time()
+    else:  # interrupted: its program died after its last heartbeat
+        end = info.heartbeat or info.started
+    return max(0.0, end - info.started)
+
+
+def _counts(steps: Mapping[str, StepRecord]) -> str:
+    tally = Counter(r.status.value for r in steps.values())
+    order = [s.value for s in StepStatus]
+    return ", ".join(f"{tally[s]} {s}" for s in order if tally[s])
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _existing_store(args.db)
+    try:
+        if args.run_id is not None:
+            print(_one_run(store, args.run_id))
+            return EXIT_OK
+        runs = store.list_runs()
+        if not runs:
+            print(f"no runs in {args.db} yet; start one with: stepvisor run FILE")
+            return EXIT_OK
+        shown = runs if args.all else runs[: args.limit]
+        rows = [
+            [
+                info.run_id,
+                info.workflow_id,
+                info.status.value,
+                _when(info.started),
+                _duration(_run_duration(info)),
+                _counts(store.load(info.run_id).steps),
+            ]
+            for info in shown
+        ]
+        print(_table(["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "STEPS"], rows))
+        if len(shown) < len(runs):
+            print(f"({len(runs) - len(shown)} older runs not shown; use --all)")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def _one_run(store: SQLiteStore, run_id: str) -> str:
+    stored = store.load(run_id)
+    info = stored.info
+    head = [
+        f"run       {info.run_id}",
+        f"workflow  {info.workflow_id}" + (f" ({info.source})" if info.source else ""),
+        f"status    {info.status.value}",
+        f"started   {_when(info.started)}",
+        f"duration  {_duration(_run_duration(info))}",
+        f"seed      {info.seed}",
+        f"steps     {_counts(stored.steps)}",
+    ]
+    if info.error:
+        head.append(f"error     {one_line(info.error, limit=300)}")
+    rows = []
+    for record in stored.steps.values():
+        last = record.last_attempt
+        took = sum(a.duration or 0.0 for a in record.attempts) if record.attempts else None
+        error = f"{last.error_type}: {last.error_message}" if last and last.error_type else ""
+        rows.append(
+            [
+                record.step_id,
+                record.status.value + (" (kept)" if record.restored else ""),
+                str(record.attempt_count),
+                _duration(took),
+                (last.worker or "-") if last else "-",
+                one_line(error, limit=80),
+            ]
+        )
+    table = _table(["STEP", "STATUS", "ATTEMPTS", "TIME", "WORKER", "ERROR"], rows)
+    return "\n".join(head) + "\n\n" + table
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    store = _existing_store(args.db)
+    try:
+        info = store.load(args.run_id).info
+        if info.status is not RunStatus.RUNNING:
+            print(f"run {args.run_id} is not running ({info.status.value}); nothing to cancel")
+            return EXIT_OK
+        store.request_cancel(args.run_id)
+        print(f"cancel requested for run {args.run_id}; its program stops it within a second")
+        if args.wait is None:
+            return EXIT_OK
+        deadline = time.monotonic() + args.wait
+        while store.load(args.run_id).info.status is RunStatus.RUNNING:
+            if time.monotonic() > deadline:
+                _say(f"run {args.run_id} is still running after {args.wait:g} s")
+                return EXIT_FAILED
+            time.sleep(TICK)
+        print(f"run {args.run_id} is {store.load(args.run_id).info.status.value}")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    store = _existing_store(args.db)
+    try:
+        path = write_html(store.load(args.run_id), args.html)
+    finally:
+        store.close()
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    wf = load_workflow(args.file) if args.file else None
+    resolved = resolve(wf.settings if wf else None, overrides)
+    values = resolved.jsonable()
+    names = {"argument": "--set", "workflow": f"workflow file {args.file}"}
+    rows = [
+        [name, names.get(source, source), json.dumps(values[name])]
+        for name, _, source in resolved.describe()
+    ]
+    print(_table(["SETTING", "FROM", "VALUE"], rows))
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db", default=DEFAULT_DB, metavar="PATH", help=f"run store (default: {DEFAULT_DB})"
+    )
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any setting, e.g. --set step_timeout=30 (repeatable)",
+    )
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-parallel", type=int, metavar="N", help="steps run at once")
+    _add_settings(parser)
+    _add_db(parser)
+    parser.add_argument("--report", metavar="HTML", help="write an HTML report there at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepvisor",
+        description="Run workflow files: parallel, deadlined, retried, durable.",
+        epilog="exit codes: 0 succeeded, 1 failed, 2 usage or invalid input, 130 cancelled",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a workflow file")
+    p.add_argument("file", metavar="FILE", help="workflow YAML file")
+    _add_run_options(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a stored run that failed, was cancelled or died")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--force", action="store_true", help="resume even if the workflow changed")
+    _add_run_options(p)
+    p.set_defaults(handler=cmd_resume)
+
+    p = sub.add_parser("status", help="list runs, or show one run's steps")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="runs listed (default 20)")
+    p.add_argument("--all", action="store_true", help="list every run")
+    _add_db(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("cancel", help="ask a running run to stop")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "--wait", type=_positive_float, metavar="SECONDS", help="wait up to SECONDS for it to stop"
+    )
+    _add_db(p)
+    p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser("report", help="write a run's HTML report (timeline, attempts, errors)")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
+    _add_db(p)
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("config", help="show the effective settings and where each comes from")
+    p.add_argument("file", metavar="FILE", nargs="?", help="workflow file whose settings apply")
+    _add_settings(p)
+    p.set_defaults(handler=cmd_config)
+    return parser
+
+
+def _say(message: str) -> None:
+    print(f"stepvisor: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        # Step errors may hold any text; a terminal that cannot show it gets '?', not a crash.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except StepvisorError as exc:
+        _say(f"error: {one_line(str(exc), limit=2000)}")
+        return EXIT_USAGE
+    except OSError as exc:
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    except (KeyboardInterrupt, _SigtermError):
+        return EXIT_CANCELLED
