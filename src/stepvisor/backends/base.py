@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from stepvisor.errors import StepCancelledError, StepError, StepTimeoutError
 from stepvisor.model import StepFn
 
-__all__ = ["AttemptResult", "AttemptSpec", "ResultKind"]
+__all__ = ["AttemptResult", "AttemptSpec", "ResultKind", "stop_error"]
 
 #: ``ok``: returned; ``error``: raised; ``crash``: its process died;
 #: ``cancelled``: stopped by its backend on request; ``unsendable``: could not be
@@ -51,3 +52,24 @@ class AttemptResult:
     traceback: str | None = None
     note: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def stop_error(spec: AttemptSpec, reason: str | None, how: str) -> StepError:
+    """The error of an attempt its backend stopped: ``how`` says by what means.
+
+    ``reason`` is the :class:`~stepvisor.context.AttemptControl` reason:
+    ``"timeout"`` gives a :class:`StepTimeoutError`, anything else a
+    :class:`StepCancelledError`.  Shared by the process and Ray backends.
+    """
+    if reason == "timeout":
+        return StepTimeoutError(
+            f"step {spec.step_id!r} passed its deadline on attempt {spec.attempt}: {how}; "
+            "raise its timeout, or make it finish sooner",
+            step_id=spec.step_id,
+            attempt=spec.attempt,
+        )
+    return StepCancelledError(
+        f"step {spec.step_id!r} was cancelled on attempt {spec.attempt}: {how}",
+        step_id=spec.step_id,
+        attempt=spec.attempt,
+    )

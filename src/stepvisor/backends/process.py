@@ -80,14 +80,12 @@ import cloudpickle
 
 import stepvisor
 from stepvisor.backends._child import EXIT_PROTOCOL_ERROR, decode_message, encode_message
-from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends.base import AttemptResult, AttemptSpec, stop_error
 from stepvisor.context import AttemptControl
 from stepvisor.errors import (
     RemoteStepError,
     StepCancelledError,
-    StepError,
     StepNotSerializableError,
-    StepTimeoutError,
     StepvisorError,
     WorkerCrashedError,
 )
@@ -860,24 +858,9 @@ def _stopped_before_start(spec: AttemptSpec, control: AttemptControl) -> Attempt
     note = "stopped before it started; no process was signalled"
     return AttemptResult(
         kind="cancelled",
-        error=_stop_error(spec, control, note),
+        error=stop_error(spec, control.reason, note),
         note=note,
         extra={"reason": control.reason},
-    )
-
-
-def _stop_error(spec: AttemptSpec, control: AttemptControl, how: str) -> StepError:
-    if control.reason == "timeout":
-        return StepTimeoutError(
-            f"step {spec.step_id!r} passed its deadline on attempt {spec.attempt}: {how}; "
-            "raise its timeout, or make it finish sooner",
-            step_id=spec.step_id,
-            attempt=spec.attempt,
-        )
-    return StepCancelledError(
-        f"step {spec.step_id!r} was cancelled on attempt {spec.attempt}: {how}",
-        step_id=spec.step_id,
-        attempt=spec.attempt,
     )
 
 
@@ -895,7 +878,7 @@ def _stopped_result(
         how = f"its process group was sent SIGTERM and the worker exited with code {returncode}"
     return AttemptResult(
         kind="cancelled",
-        error=_stop_error(spec, control, how),
+        error=stop_error(spec, control.reason, how),
         note=f"{how}; a fresh worker process replaces it",
         extra={"signal": sig, "pid": child.pid, "exitcode": returncode, "reason": control.reason},
     )

@@ -71,16 +71,13 @@ from typing import Any, Final
 
 import cloudpickle
 
-from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends.base import AttemptResult, AttemptSpec, stop_error
 from stepvisor.backends.inline import call_step, format_error
 from stepvisor.context import AttemptControl
 from stepvisor.errors import (
     BackendUnavailableError,
     RemoteStepError,
-    StepCancelledError,
-    StepError,
     StepNotSerializableError,
-    StepTimeoutError,
     WorkerCrashedError,
 )
 
@@ -474,21 +471,6 @@ def _pickled_size(step_id: str, name: str, value: object) -> int:
     return len(data) + sum(sizes)
 
 
-def _stop_error(spec: AttemptSpec, control: AttemptControl, how: str) -> StepError:
-    if control.reason == "timeout":
-        return StepTimeoutError(
-            f"step {spec.step_id!r} passed its deadline on attempt {spec.attempt}: {how}; "
-            "raise its timeout, or make it finish sooner",
-            step_id=spec.step_id,
-            attempt=spec.attempt,
-        )
-    return StepCancelledError(
-        f"step {spec.step_id!r} was cancelled on attempt {spec.attempt}: {how}",
-        step_id=spec.step_id,
-        attempt=spec.attempt,
-    )
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -584,7 +566,7 @@ class RayBackend:
             how = "stopped before it started; no Ray task was submitted"
             return AttemptResult(
                 kind="cancelled",
-                error=_stop_error(spec, control, how),
+                error=stop_error(spec, control.reason, how),
                 note=how,
                 extra={"reason": control.reason},
             )
@@ -859,7 +841,7 @@ class RayBackend:
             )
             return AttemptResult(
                 kind="cancelled",
-                error=_stop_error(spec, control, how),
+                error=stop_error(spec, control.reason, how),
                 note=how,
                 extra={"reason": control.reason, "confirmed": False},
             )
@@ -869,7 +851,7 @@ class RayBackend:
         if control.is_cancelled:
             return AttemptResult(
                 kind="cancelled",
-                error=_stop_error(spec, control, _STOPPED_NOTE),
+                error=stop_error(spec, control.reason, _STOPPED_NOTE),
                 note=_STOPPED_NOTE,
                 extra={"reason": control.reason, "ray_error": type(ended.raised).__name__},
             )
