@@ -1,0 +1,493 @@
+"""The benchmark harness: find the scenarios, run them, judge them, report them.
+
+A benchmark is only worth its comparison, so every scenario measures stepvisor
+*and* what a user would pick instead (``concurrent.futures``, asyncio, Dask,
+Ray) in the same run, on the same machine, under the same load, and the harness
+prints the ratio between them beside the stated target::
+
+    discover benchmarks/scenario_*.py  ──>  run(quick=...) -> [Row, ...]
+        (a scenario that raises becomes one "failed" row, never a crash)
+                                      │
+    ratio: stepvisor's value / this row's value (same scenario and metric)
+    verdict: the row's Target checked against its value or its ratio
+                                      │
+                  markdown table on stdout + JSON (figures, versions, machine, load)
+
+The scenario module contract (also used by modules other people add):
+``NAME`` (str), ``TITLE`` (str), ``run(*, quick: bool) -> list[Row]`` and,
+optionally, ``ORDER`` (int, where it sorts in the table; default 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib
+import importlib.metadata
+import json
+import math
+import operator
+import os
+import pkgutil
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final, Literal
+
+__all__ = [
+    "REFERENCE",
+    "Result",
+    "Row",
+    "Scenario",
+    "Target",
+    "discover",
+    "main",
+    "render_table",
+    "resolve",
+    "run_scenarios",
+]
+
+#: The system every other row of the same scenario and metric is compared to.
+REFERENCE: Final = "stepvisor"
+#: Where ``python -m benchmarks`` writes its figures unless told otherwise.
+DEFAULT_OUT: Final = Path(__file__).resolve().parent / "results" / "latest.json"
+
+Status = Literal["ok", "not installed", "not available", "failed"]
+Verdict = Literal["pass", "miss", "n/a", ""]
+
+_OPS: Final[dict[str, Callable[[float, float], bool]]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """A stated goal for one row: ``value`` or ``ratio`` compared with ``limit``.
+
+    ``text`` is what the table shows, e.g. ``"ratio <= 4"``; it should read as
+    the goal itself so a reader need not look anything up.
+    """
+
+    on: Literal["value", "ratio"]
+    op: Literal["<", "<=", ">", ">="]
+    limit: float
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"Target.op must be one of {sorted(_OPS)}, got {self.op!r}")
+        if not self.text:
+            object.__setattr__(self, "text", f"{self.on} {self.op} {self.limit:g}")
+
+    def judge(self, value: float | None, ratio: float | None) -> Verdict:
+        """``pass`` or ``miss``; ``n/a`` when the figure it needs was not measured."""
+        figure = value if self.on == "value" else ratio
+        if figure is None or math.isnan(figure):
+            return "n/a"
+        return "pass" if _OPS[self.op](figure, self.limit) else "miss"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One figure of one system in one scenario.
+
+    ``value`` is ``None`` when nothing was measured (``status`` says why, and
+    ``note`` carries the error of a failed baseline).  ``ratio`` is normally
+    left ``None`` and computed by the harness as the stepvisor row's value
+    divided by this row's value; set it to give a ratio of your own.
+    """
+
+    scenario: str
+    system: str
+    metric: str
+    value: float | None
+    unit: str
+    note: str = ""
+    ratio: float | None = None
+    status: Status = "ok"
+    target: Target | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A row with its ratio and verdict resolved."""
+
+    row: Row
+    ratio: float | None
+    verdict: Verdict
+
+    def as_json(self) -> dict[str, Any]:
+        row = self.row
+        return {
+            "scenario": row.scenario,
+            "system": row.system,
+            "metric": row.metric,
+            "value": row.value,
+            "unit": row.unit,
+            "ratio": self.ratio,
+            "status": row.status,
+            "note": row.note,
+            "target": row.target.text if row.target else None,
+            "verdict": self.verdict or None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A discovered scenario module."""
+
+    name: str
+    title: str
+    order: int
+    run: Callable[..., list[Row]]
+    module: str
+
+
+# -- discovery -------------------------------------------------------------------------
+
+
+def _scenario_from(module: ModuleType) -> Scenario:
+    name = getattr(module, "NAME", None)
+    title = getattr(module, "TITLE", None)
+    run = getattr(module, "run", None)
+    if not isinstance(name, str) or not isinstance(title, str) or not callable(run):
+        raise TypeError(
+            f"{module.__name__} is not a scenario: it must define NAME (str), TITLE (str) "
+            "and run(*, quick: bool) -> list[Row]"
+        )
+    order = getattr(module, "ORDER", 100)
+    return Scenario(name, title, int(order), run, module.__name__)
+
+
+def discover(package: str = "benchmarks") -> list[Scenario]:
+    """Every ``<package>/scenario_*.py`` module, in ``ORDER`` then name order.
+
+    A module that fails to import is reported as a scenario whose run raises
+    that error, so it shows up in the table as failed instead of vanishing.
+    """
+    pkg = importlib.import_module(package)
+    found: list[Scenario] = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("scenario_"):
+            continue
+        qualified = f"{package}.{info.name}"
+        try:
+            found.append(_scenario_from(importlib.import_module(qualified)))
+        except Exception as exc:
+            found.append(_broken_scenario(info.name.removeprefix("scenario_"), qualified, exc))
+    return sorted(found, key=lambda s: (s.order, s.name))
+
+
+def _broken_scenario(name: str, module: str, exc: Exception) -> Scenario:
+    def run(*, quick: bool) -> list[Row]:
+        del quick
+        raise RuntimeError(f"could not load {module}: {type(exc).__name__}: {exc}") from exc
+
+    return Scenario(name, f"{module} (could not be loaded)", 1000, run, module)
+
+
+# -- resolving ratios and verdicts -------------------------------------------------------
+
+
+def _reference_values(rows: Iterable[Row]) -> dict[tuple[str, str], float]:
+    refs: dict[tuple[str, str], float] = {}
+    for row in rows:
+        if row.system == REFERENCE and row.value is not None:
+            refs.setdefault((row.scenario, row.metric), row.value)
+    return refs
+
+
+def resolve(rows: Sequence[Row]) -> list[Result]:
+    """Give every row its ratio (explicit, else stepvisor / this) and its verdict."""
+    refs = _reference_values(rows)
+    out: list[Result] = []
+    for row in rows:
+        ratio = row.ratio
+        ref = refs.get((row.scenario, row.metric))
+        if ratio is None and row.system != REFERENCE and row.value and ref is not None:
+            ratio = ref / row.value
+        verdict: Verdict = row.target.judge(row.value, ratio) if row.target else ""
+        out.append(Result(row, ratio, verdict))
+    return out
+
+
+# -- running ---------------------------------------------------------------------------
+
+
+def _failed_row(scenario: Scenario, exc: BaseException) -> Row:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return Row(
+        scenario=scenario.name,
+        system="(scenario)",
+        metric="run",
+        value=None,
+        unit="",
+        status="failed",
+        note=f"{type(exc).__name__}: {exc}{where}",
+    )
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run_scenarios(
+    scenarios: Sequence[Scenario],
+    *,
+    quick: bool,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Run each scenario; return all rows and, per scenario, its time and load."""
+    rows: list[Row] = []
+    info: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        if progress:
+            progress(f"running {scenario.name}: {scenario.title} ...")
+        load_before = _loadavg()
+        started = time.perf_counter()
+        try:
+            produced = list(scenario.run(quick=quick))
+        except Exception as exc:
+            produced = [_failed_row(scenario, exc)]
+        seconds = time.perf_counter() - started
+        rows.extend(produced)
+        info.append(
+            {
+                "name": scenario.name,
+                "title": scenario.title,
+                "seconds": round(seconds, 3),
+                "loadavg_before": load_before,
+                "loadavg_after": _loadavg(),
+            }
+        )
+        if progress:
+            progress(f"  {scenario.name} took {seconds:.1f} s")
+    return rows, info
+
+
+# -- reporting -------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or math.isnan(value) or math.isinf(value):
+        return f"{value:g}"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 0.01:
+        return f"{value:.3g}"
+    return f"{value:.2e}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _value_cell(result: Result) -> str:
+    row = result.row
+    if row.status != "ok":
+        return row.status
+    return f"{_fmt(row.value)} {row.unit}".strip()
+
+
+def _target_cell(result: Result) -> str:
+    target = result.row.target
+    if target is None:
+        return ""
+    return f"{target.text}: **{result.verdict}**"
+
+
+def render_table(results: Sequence[Result], titles: dict[str, str]) -> str:
+    """A markdown table, one line per row, grouped by scenario in run order."""
+    lines = [
+        "| scenario | metric | system | value | stepvisor ÷ this | target | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    last = ""
+    for result in results:
+        row = result.row
+        scenario = row.scenario if row.scenario != last else ""
+        last = row.scenario
+        if scenario:
+            scenario = f"{scenario}: {titles.get(scenario, '')}".rstrip(": ")
+        ratio = f"{_fmt(result.ratio)}x" if result.ratio is not None else ""
+        cells = [
+            scenario,
+            row.metric,
+            row.system,
+            _value_cell(result),
+            ratio,
+            _target_cell(result),
+            row.note,
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _memory_total_mb() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions of what was measured and a description of the machine it ran on."""
+    import stepvisor  # noqa: PLC0415 - imported late so discovery errors show first
+
+    return {
+        "versions": {
+            "stepvisor": stepvisor.__version__,
+            "python": platform.python_version(),
+            "dask": _version("dask"),
+            "ray": _version("ray"),
+        },
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "memory_mb": _memory_total_mb(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+        "commit": _git_commit(),
+    }
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run stepvisor's benchmarks beside the baselines users would pick instead.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="run every scenario small (about a minute in all)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only this scenario (repeat for several); see --list",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="PATH",
+        help=f"where to write the JSON figures (default: {DEFAULT_OUT})",
+    )
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return parser
+
+
+def _select(scenarios: list[Scenario], only: Sequence[str] | None) -> list[Scenario]:
+    if not only:
+        return scenarios
+    known = {s.name for s in scenarios}
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise SystemExit(
+            f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(sorted(known))}"
+        )
+    return [s for s in scenarios if s.name in only]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks``: run, print the table, write the JSON; 0 unless it broke."""
+    args = _parser().parse_args(argv)
+    scenarios = discover()
+    if args.list:
+        for s in scenarios:
+            print(f"{s.name:12} {s.title}")
+        return 0
+    chosen = _select(scenarios, args.only)
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    load_start = _loadavg()
+    started = time.perf_counter()
+    rows, info = run_scenarios(chosen, quick=args.quick, progress=progress)
+    results = resolve(rows)
+    env = environment()
+    env["machine"]["loadavg_start"] = load_start
+    env["machine"]["loadavg_end"] = _loadavg()
+    titles = {s.name: s.title for s in chosen}
+    table = render_table(results, titles)
+    payload = {
+        "mode": "quick" if args.quick else "full",
+        "seconds": round(time.perf_counter() - started, 3),
+        **env,
+        "scenarios": info,
+        "rows": [r.as_json() for r in results],
+        "table_markdown": table,
+    }
+    _write_json(args.out, payload)
+    machine = env["machine"]
+    print(
+        f"stepvisor {env['versions']['stepvisor']} on {machine['cores']} cores, "
+        f"{machine['python']}, {machine['platform']}; load {load_start} -> "
+        f"{machine['loadavg_end']}; mode {payload['mode']}\n"
+    )
+    print(table)
+    print(f"\nfigures written to {args.out}")
+    return 0
+
+
+def replace_row(row: Row, **changes: Any) -> Row:
+    """``dataclasses.replace`` for rows, typed."""
+    return dataclasses.replace(row, **changes)

@@ -1,0 +1,127 @@
+"""CPU-bound efficiency: how much of the machine pure-Python steps get.
+
+Steps that spin in pure Python for about 50 ms each run on process workers,
+as many as there are cores.  Each step measures its own running time; the
+efficiency is the sum of those times divided by (wall time x cores), so 1.0
+means every core did step work for the whole run and nothing else: the
+cost of starting workers, shipping steps and collecting results is what
+brings it below 1.  ``ProcessPoolExecutor(cores)`` does the same work in the
+same run, so the ratio between the two is fair even on a busy machine.
+
+The amount of work per step is a fixed number of loop iterations, calibrated
+once to the target duration, so a step that is starved of CPU takes longer
+(rather than doing less) and the figure stays honest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
+import stepvisor as sv
+from benchmarks.common import Measured, cores, probe
+from benchmarks.harness import Row, Target
+
+NAME = "cpu"
+TITLE = "CPU-bound efficiency on process workers"
+ORDER = 20
+
+METRIC = "efficiency"
+
+
+def spin(iterations: int) -> float:
+    """Burn ``iterations`` rounds of pure-Python arithmetic; return the seconds it took."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    if total < 0:  # never true; keeps the loop from being an obvious no-op
+        raise AssertionError(total)
+    return time.perf_counter() - started
+
+
+def sv_spin(ctx: sv.StepContext) -> dict[str, float]:
+    """The stepvisor step: spin, and report the busy time as an artifact."""
+    return {f"busy_{ctx.step_id}": spin(int(ctx.params["iterations"]))}
+
+
+def calibrate(seconds: float) -> int:
+    """How many iterations of :func:`spin` take about ``seconds`` here (best of 3)."""
+    probe_n = 200_000
+    per_iteration = min(spin(probe_n) for _ in range(3)) / probe_n
+    return max(1, round(seconds / per_iteration))
+
+
+def _stepvisor_run(n: int, iterations: int, workers: int) -> tuple[float, float]:
+    wf = sv.Workflow(
+        "cpu",
+        [
+            sv.Step(f"s{i:03d}", sv_spin, executor="process", params={"iterations": iterations})
+            for i in range(n)
+        ],
+    )
+    started = time.perf_counter()
+    result = sv.run(wf, max_parallel=workers, executor="process")
+    wall = time.perf_counter() - started
+    if result.status is not sv.RunStatus.SUCCEEDED:
+        raise RuntimeError(f"the stepvisor run ended {result.status.value}: {result.error}")
+    busy = sum(float(v) for k, v in result.artifacts.items() if k.startswith("busy_"))
+    return busy, wall
+
+
+def _pool_run(n: int, iterations: int, workers: int) -> tuple[float, float]:
+    started = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        busy = sum(pool.map(spin, [iterations] * n))
+    return busy, time.perf_counter() - started
+
+
+Runner = Callable[[int, int, int], tuple[float, float]]
+
+
+def _efficiency(runner: Runner, n: int, iterations: int, workers: int, repeat: int) -> Measured:
+    """The best efficiency of ``repeat`` runs, with the wall time and spread as a note."""
+    runs = [runner(n, iterations, workers) for _ in range(repeat)]
+    effs = [busy / (wall * workers) for busy, wall in runs]
+    best = max(range(len(runs)), key=effs.__getitem__)
+    note = f"wall {runs[best][1]:.2f} s for {n} steps"
+    if len(runs) > 1:
+        note += f"; best of {len(runs)} ({', '.join(f'{e:.3f}' for e in effs)})"
+    return Measured(effs[best], note)
+
+
+def run(*, quick: bool) -> list[Row]:
+    """Measure the efficiency of stepvisor's process workers and of ProcessPoolExecutor."""
+    n, seconds, repeat = (16, 0.02, 1) if quick else (64, 0.05, 3)
+    workers = cores()
+    iterations = calibrate(seconds)
+    desc = f"{n} steps of ~{seconds * 1000:.0f} ms ({iterations:,} iterations)"
+    rows = probe(
+        [
+            Row(
+                scenario=NAME,
+                system="stepvisor",
+                metric=METRIC,
+                value=None,
+                unit="",
+                note=f"{desc}; max_parallel={workers}, process workers started in the run",
+            )
+        ],
+        lambda: [_efficiency(_stepvisor_run, n, iterations, workers, repeat)],
+        requires=("stepvisor.backends.process",),
+    )
+    rows += probe(
+        [
+            Row(
+                scenario=NAME,
+                system=f"ProcessPoolExecutor({workers})",
+                metric=METRIC,
+                value=None,
+                unit="",
+                target=Target(on="ratio", op=">=", limit=0.97, text="stepvisor >= 0.97 of it"),
+            )
+        ],
+        lambda: [_efficiency(_pool_run, n, iterations, workers, repeat)],
+    )
+    return rows

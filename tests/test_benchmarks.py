@@ -1,0 +1,224 @@
+"""The benchmark harness: it runs, reports every row honestly, and leaves nothing behind.
+
+The numbers themselves are not checked (they depend on the machine and its
+load); what is checked is that the harness produces its table and JSON, that
+ratios and verdicts are computed as documented, and that a baseline which is
+missing or breaks is reported as such rather than hidden.  Runs of the real
+scenarios happen in a subprocess, so their pools and threads end with it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks import common, harness
+from benchmarks.common import Measured
+from benchmarks.harness import Row, Scenario, Target
+from benchmarks.scenario_makespan import Task, lower_bound, random_dag
+from benchmarks.scenario_scale import chains_and_fans
+
+import stepvisor as sv
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED_SCENARIOS = {
+    "overhead",
+    "cpu",
+    "makespan",
+    "deadline",
+    "cancel",
+    "scale",
+    "retry_storm",
+    "ray",
+}
+
+
+def _row(system: str, value: float | None, *, metric: str = "m", **kw: object) -> Row:
+    return Row(scenario="s", system=system, metric=metric, value=value, unit="µs", **kw)  # type: ignore[arg-type]
+
+
+def _run_harness(tmp_path: Path, *args: str, timeout: float) -> tuple[str, dict[str, object]]:
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert isinstance(payload, dict)
+    return done.stdout, payload
+
+
+# -- ratios, targets, rows ------------------------------------------------------------------
+
+
+def test_ratio_is_stepvisor_value_over_the_baseline_value_of_the_same_metric() -> None:
+    rows = [
+        _row("stepvisor", 300.0),
+        _row("pool", 100.0),
+        _row("pool", 50.0, metric="other"),
+        _row("given", 100.0, ratio=7.0),
+    ]
+    ratios = [r.ratio for r in harness.resolve(rows)]
+    assert ratios == [None, 3.0, None, 7.0]
+
+
+def test_target_judges_value_or_ratio_and_says_na_without_a_figure() -> None:
+    within = Target(on="ratio", op="<=", limit=4.0)
+    assert within.judge(1.0, 3.9) == "pass"
+    assert within.judge(1.0, 4.1) == "miss"
+    assert within.judge(1.0, None) == "n/a"
+    assert Target(on="value", op="<", limit=25.0).judge(26.0, None) == "miss"
+    assert within.text == "ratio <= 4"
+
+
+def test_missing_baseline_is_reported_not_installed_with_how_to_install_it() -> None:
+    rows = common.probe(
+        [_row("ghost", None)], lambda: [Measured(1.0)], requires=("no_such_module_xyz",)
+    )
+    assert [(r.status, r.value) for r in rows] == [("not installed", None)]
+    assert "pip install no_such_module_xyz" in rows[0].note
+
+
+def test_missing_part_of_stepvisor_is_reported_not_available() -> None:
+    rows = common.probe(
+        [_row("stepvisor", None)], lambda: [Measured(1.0)], requires=("stepvisor.no_such_part",)
+    )
+    assert rows[0].status == "not available"
+    assert "stepvisor.no_such_part" in rows[0].note
+
+
+def test_failing_baseline_is_reported_failed_with_its_error() -> None:
+    def broken() -> list[Measured]:
+        raise OSError("pool exploded")
+
+    rows = common.probe([_row("pool", None), _row("pool", None, metric="n")], broken)
+    assert [r.status for r in rows] == ["failed", "failed"]
+    assert rows[0].note == "OSError: pool exploded"
+    results = harness.resolve([*rows, _row("stepvisor", 1.0)])
+    assert results[0].ratio is None
+
+
+def test_probe_keeps_the_template_note_and_adds_the_measured_one() -> None:
+    rows = common.probe([_row("pool", None, note="8 workers")], lambda: [Measured(2.0, "best")])
+    assert (rows[0].value, rows[0].note) == (2.0, "8 workers; best")
+
+
+def test_scenario_that_raises_becomes_one_failed_row_and_the_rest_still_run() -> None:
+    def explode(*, quick: bool) -> list[Row]:
+        raise RuntimeError("boom")
+
+    def fine(*, quick: bool) -> list[Row]:
+        return [_row("stepvisor", 1.0 if quick else 2.0)]
+
+    scenarios = [Scenario("bad", "Bad", 1, explode, "x"), Scenario("good", "Good", 2, fine, "y")]
+    rows, info = harness.run_scenarios(scenarios, quick=True)
+    assert [(r.scenario, r.status) for r in rows] == [("bad", "failed"), ("s", "ok")]
+    assert "RuntimeError: boom" in rows[0].note
+    assert [i["name"] for i in info] == ["bad", "good"]
+
+
+def test_table_has_a_line_per_row_with_status_ratio_and_verdict() -> None:
+    rows = [
+        _row("stepvisor", 200.0),
+        _row("pool", 100.0, target=Target(on="ratio", op="<=", limit=4.0, text="within 4x")),
+        _row("ray", None, status="not installed"),
+    ]
+    table = harness.render_table(harness.resolve(rows), {"s": "Title"})
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert "| s: Title |" in lines[2]
+    assert "2x" in lines[3]
+    assert "within 4x: **pass**" in lines[3]
+    assert "not installed" in lines[4]
+
+
+# -- discovery and the command line ---------------------------------------------------------
+
+
+def test_discover_finds_every_scenario_module_with_its_contract() -> None:
+    found = harness.discover()
+    assert {s.name for s in found} >= EXPECTED_SCENARIOS
+    for scenario in found:
+        assert scenario.module == f"benchmarks.scenario_{scenario.name}", scenario
+        assert scenario.title
+
+
+def test_unknown_scenario_name_is_refused_naming_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"choose from .*makespan"):
+        harness.main(["--only", "nope", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
+# -- scenario building blocks ----------------------------------------------------------------
+
+
+def test_lower_bound_is_the_larger_of_critical_path_and_work_over_parallelism() -> None:
+    tasks = [Task("a", 1.0, ()), Task("b", 2.0, ("a",)), Task("c", 1.0, ())]
+    assert lower_bound(tasks, parallel=2) == (3.0, 3.0, 2.0)
+    assert lower_bound(tasks, parallel=1) == (4.0, 3.0, 4.0)
+
+
+def test_random_dag_is_seeded_layered_and_a_valid_workflow() -> None:
+    dag = random_dag(60, seed=7)
+    assert dag == random_dag(60, seed=7)
+    assert dag != random_dag(60, seed=8)
+    assert len(dag) == 60
+    assert all(0.005 <= t.seconds <= 0.05 for t in dag)
+    wf = sv.Workflow("dag", [sv.Step(t.id, print, needs=t.needs) for t in dag])
+    assert len(wf.steps) == 60
+
+
+def test_scale_dag_has_exactly_the_requested_number_of_steps() -> None:
+    steps = chains_and_fans(2_000)
+    assert len(steps) == 2_000
+    wf = sv.Workflow("scale", steps)
+    assert sum(1 for s in wf.steps if not s.needs) == 100
+
+
+# -- real runs, in a subprocess ---------------------------------------------------------------
+
+
+@pytest.mark.realtime
+def test_only_runs_the_named_scenario_and_writes_versions_machine_and_load(
+    tmp_path: Path,
+) -> None:
+    stdout, payload = _run_harness(tmp_path, "--quick", "--only", "makespan", timeout=100)
+    rows = payload["rows"]
+    assert isinstance(rows, list)
+    assert {r["scenario"] for r in rows} == {"makespan"}
+    assert {r["status"] for r in rows} <= {"ok", "not installed"}
+    assert any(r["system"] == "stepvisor" and r["value"] > 0 for r in rows)
+    versions = payload["versions"]
+    machine = payload["machine"]
+    assert isinstance(versions, dict)
+    assert isinstance(machine, dict)
+    assert versions["stepvisor"] == sv.__version__
+    assert set(versions) == {"stepvisor", "python", "dask", "ray"}
+    assert {"cores", "python", "platform", "date", "loadavg_start", "loadavg_end"} <= set(machine)
+    assert "| makespan: " in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.realtime
+@pytest.mark.timeout(300)
+def test_quick_mode_runs_every_scenario_and_prints_its_table_and_json(tmp_path: Path) -> None:
+    stdout, payload = _run_harness(tmp_path, "--quick", timeout=280)
+    rows = payload["rows"]
+    assert isinstance(rows, list)
+    assert {r["scenario"] for r in rows} >= EXPECTED_SCENARIOS
+    assert payload["mode"] == "quick"
+    for row in rows:
+        if row["status"] == "ok":
+            assert isinstance(row["value"], int | float), row
+    table = payload["table_markdown"]
+    assert isinstance(table, str)
+    assert table in stdout
+    assert len(table.splitlines()) == 2 + len(rows)
