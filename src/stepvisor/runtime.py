@@ -33,7 +33,9 @@ from stepvisor.config import Resolved, resolve
 from stepvisor.errors import (
     FingerprintMismatchError,
     InvalidSettingError,
+    RunNotFoundError,
     StepvisorError,
+    StoreError,
 )
 from stepvisor.events import Event
 from stepvisor.model import Workflow
@@ -278,6 +280,8 @@ def start(
         else:
             plan_extra = {}
             seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
+            if run_id is not None:
+                _check_run_id_is_new(the_store, run_id)
         return _launch(
             wf,
             cfg,
@@ -296,6 +300,18 @@ def start(
         if owned:
             the_store.close()
         raise
+
+
+def _check_run_id_is_new(store: RunStore, run_id: str) -> None:
+    """A new run must not take a stored run's id: it would overwrite its history."""
+    try:
+        store.load(run_id)
+    except RunNotFoundError:
+        return
+    raise StoreError(
+        f"run id {run_id!r} is already used by a run in this store; choose another "
+        f"run_id, or continue that run with resume({run_id!r}, ...)"
+    )
 
 
 def _launch(

@@ -1,0 +1,428 @@
+"""The fault campaign: its generator, its invariant checker (which must be able to fail), and a
+bounded campaign that must find no violation.
+
+The checker is tested on planted violations first: a checker that cannot fail
+proves nothing.  The bounded campaign is marked ``slow``; ``make chaos`` runs the
+full one (1,000 workflows).  Set ``STEPVISOR_CHAOS_SEED`` to explore other seeds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import threading
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import stepvisor as sv
+from stepvisor import chaos
+from stepvisor.chaos import (
+    FAULTS,
+    FOREVER,
+    MARK_VAR,
+    Checker,
+    Effect,
+    Outcome,
+    Scenario,
+    StepPlan,
+    build_workflow,
+    check_artifacts,
+    check_effects,
+    check_no_rerun,
+    check_outcome,
+    check_processes_gone,
+    check_threads,
+    expected_outcome,
+    generate,
+    marked_processes,
+    run_bound,
+    run_one,
+    run_seeds,
+)
+from stepvisor.runtime import fingerprint
+from stepvisor.state import AttemptRecord, StepRecord
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def plan(sid: str, **kw: object) -> StepPlan:
+    base = StepPlan(
+        id=sid,
+        needs=(),
+        executor="thread",
+        fault="ok",
+        failing=FOREVER,
+        style="sleep",
+        max_attempts=1,
+        backoff="none",
+        timeout=None,
+        duration=0.0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def scenario(*steps: StepPlan, **kw: object) -> Scenario:
+    base = Scenario(
+        seed=1,
+        steps=steps,
+        max_parallel=2,
+        on_failure="continue",
+        kill_grace=0.2,
+        max_worker_crashes=3,
+        step_timeout=None,
+        store="memory",
+        cancel_at=None,
+        cancel_via="handle",
+        driver="none",
+        kill_after=0,
+        kill_delay=0.0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def attempt(number: int, outcome: str | None) -> AttemptRecord:
+    return AttemptRecord(number=number, started=0.0, ended=1.0, outcome=outcome)
+
+
+def record(sid: str, status: str, *outcomes: str | None) -> StepRecord:
+    attempts = tuple(attempt(i, o) for i, o in enumerate(outcomes, start=1))
+    return StepRecord(sid, sv.StepStatus(status), attempts)
+
+
+def outcome(
+    status: str, *records: StepRecord, artifacts: dict[str, object] | None = None
+) -> Outcome:
+    return Outcome(
+        status=status,
+        steps={r.step_id: r for r in records},
+        artifacts=artifacts or {},
+        failed_step=None,
+    )
+
+
+def invariants(checker: Checker) -> Counter[str]:
+    return Counter(v.invariant for v in checker.violations)
+
+
+# -- the generator --------------------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_the_same_scenario_and_workflow(tmp_path: Path) -> None:
+    for seed in run_seeds(7, 20):
+        assert generate(seed) == generate(seed)
+        a = build_workflow(generate(seed), tmp_path)
+        b = build_workflow(generate(seed), tmp_path)
+        assert fingerprint(a) == fingerprint(b)  # so a resumed run is accepted
+    assert list(run_seeds(7, 5)) == list(run_seeds(7, 5))
+    assert list(run_seeds(7, 5)) != list(run_seeds(8, 5))
+
+
+def test_generated_workflows_are_valid_dags_with_faults_where_they_can_happen(
+    tmp_path: Path,
+) -> None:
+    faults: Counter[str] = Counter()
+    executors: Counter[str] = Counter()
+    drivers: Counter[str] = Counter()
+    cancels = 0
+    for seed in run_seeds(11, 400):
+        sc = generate(seed)
+        assert 3 <= len(sc.steps) <= 25
+        wf = build_workflow(sc, tmp_path)  # raises on a cycle or an unknown need
+        assert len(wf.steps) == len(sc.steps)
+        drivers[sc.driver] += 1
+        cancels += sc.cancel_at is not None
+        assert sc.cancel_at is None or sc.driver == "none"
+        for p in sc.steps:
+            faults[p.fault] += 1
+            executors[p.executor] += 1
+            if p.fault in chaos.FAULTS_PROCESS:
+                assert p.executor == "process", p
+            if p.fault == "unstorable":
+                assert sc.store == "sqlite"
+            if p.fault == "ignore_cancel":
+                assert (p.executor, p.max_attempts) == ("thread", 1)
+            if p.fault in ("timeout", "ignore_cancel"):
+                assert p.timeout is not None
+        assert run_bound(sc) < 20 + 25 * 3 * 8
+    assert set(faults) == set(FAULTS)
+    assert set(executors) == {"thread", "async", "process"}
+    assert set(drivers) == {"none", "resume-here", "resume-program", "kill-twice"}
+    assert cancels > 20
+
+
+def test_the_fault_free_twin_has_the_same_graph_and_no_fault(tmp_path: Path) -> None:
+    sc = next(
+        generate(s) for s in run_seeds(3, 500) if any(p.fault != "ok" for p in generate(s).steps)
+    )
+    twin = build_workflow(sc, None, reference=True)
+    real = build_workflow(sc, tmp_path)
+    assert twin.graph.order == real.graph.order
+    assert all(s.params["fault"] == "ok" and s.executor == "thread" for s in twin.steps)
+    assert all(s.params["dir"] == "" for s in twin.steps)
+
+
+@pytest.mark.parametrize(
+    ("fault", "failing", "max_attempts", "crashes", "want"),
+    [
+        ("ok", FOREVER, 1, 3, ("succeeded", 1)),
+        ("orphan", FOREVER, 2, 3, ("succeeded", 1)),
+        ("raise", 2, 3, 3, ("succeeded", 3)),
+        ("raise", 2, 2, 3, ("failed", 2)),
+        ("retryable", 1, 2, 3, ("succeeded", 2)),
+        ("fatal", FOREVER, 3, 3, ("failed", 1)),
+        ("unpicklable", FOREVER, 3, 3, ("failed", 1)),
+        ("unstorable", 1, 3, 3, ("failed", 1)),
+        ("timeout", 1, 2, 3, ("succeeded", 2)),
+        ("timeout", FOREVER, 2, 3, ("timed_out", 2)),
+        ("ignore_cancel", 1, 1, 3, ("timed_out", 1)),
+        ("sigkill", 1, 3, 3, ("succeeded", 2)),
+        ("exit", 2, 3, 2, ("failed", 2)),  # max_worker_crashes stops it first
+        ("outside_kill", FOREVER, 2, 4, ("failed", 2)),
+    ],
+)
+def test_expected_outcome_follows_retries_and_the_crash_limit(
+    fault: str, failing: int, max_attempts: int, crashes: int, want: tuple[str, int]
+) -> None:
+    step = plan("a", fault=fault, failing=failing, max_attempts=max_attempts)
+    assert expected_outcome(step, max_worker_crashes=crashes) == want
+
+
+def test_run_bound_grows_with_timeouts_and_attempts() -> None:
+    quick = scenario(plan("a"), plan("b"))
+    slow = scenario(plan("a"), plan("b", fault="timeout", timeout=2.0, max_attempts=3))
+    assert run_bound(slow) > run_bound(quick) + 3 * 2.0
+
+
+# -- the checker catches what it is for ----------------------------------------------------------
+
+
+def test_checker_reports_a_non_terminal_step_and_a_run_status_that_lies() -> None:
+    sc = scenario(plan("a"), plan("b", needs=("a",)))
+    planted = outcome(
+        "succeeded",
+        record("a", "running", None),  # problem 1: no terminal status
+        record("b", "failed", "failed"),  # problem 2: the run says succeeded
+    )
+    checker = Checker(seed=4242)
+    check_outcome(checker, sc, planted, cancel_issued=False, order=("a", "b"))
+    found = invariants(checker)
+    assert found["terminal"] == 1
+    assert found["run-status"] >= 1
+    messages = [str(v) for v in checker.violations]
+    assert any("step a ended 'running'" in m for m in messages), messages
+    assert any("the run succeeded but its steps are" in m for m in messages), messages
+    assert all(m.startswith("seed 4242: ") for m in messages)
+
+
+def test_checker_passes_a_run_that_ended_as_its_faults_say() -> None:
+    sc = scenario(
+        plan("a", fault="raise", failing=1, max_attempts=2),
+        plan("b", fault="fatal", needs=("a",)),
+        plan("c", needs=("b",)),
+    )
+    good = outcome(
+        "failed",
+        record("a", "succeeded", "failed", "succeeded"),
+        record("b", "failed", "failed"),
+        record("c", "skipped"),
+    )
+    checker = Checker(seed=1)
+    check_outcome(checker, sc, good, cancel_issued=False, order=("a", "b", "c"))
+    assert checker.violations == []
+    assert sum(checker.counts.values()) >= 10
+
+
+def test_checker_catches_wrong_attempt_counts_a_stray_cancel_and_a_missed_skip() -> None:
+    sc = scenario(
+        plan("a", fault="raise", failing=1, max_attempts=3),
+        plan("b", fault="fatal"),
+        plan("c", needs=("b",)),
+        plan("d"),
+    )
+    bad = outcome(
+        "failed",
+        record("a", "succeeded", "failed", "failed", "succeeded"),  # 3 attempts, expected 2
+        record("b", "failed", "failed"),
+        record("c", "succeeded", "succeeded"),  # its dependency failed: must be skipped
+        record("d", "cancelled"),  # continue mode and no cancel: nothing may be cancelled
+    )
+    checker = Checker(seed=9)
+    check_outcome(checker, sc, bad, cancel_issued=False, order=("a", "b", "c", "d"))
+    messages = " | ".join(str(v) for v in checker.violations)
+    assert "step a (thread, fault raise x1, max_attempts 3) succeeded after 3" not in messages
+    assert "step a (raise x1) succeeded after 3 attempts; expected 2" in messages
+    assert "step c" in messages
+    assert "step d" in messages
+    assert invariants(checker)["oracle"] >= 3
+
+
+def test_checker_refuses_a_cancelled_run_nobody_cancelled() -> None:
+    sc = scenario(plan("a"))
+    checker = Checker(seed=2)
+    check_outcome(checker, sc, outcome("cancelled", record("a", "cancelled")), cancel_issued=False)
+    assert "the run was cancelled but no cancel was injected" in [
+        v.detail for v in checker.violations
+    ]
+    allowed = Checker(seed=2)
+    check_outcome(allowed, sc, outcome("cancelled", record("a", "cancelled")), cancel_issued=True)
+    assert allowed.violations == []
+
+
+def test_effects_check_catches_a_double_run_and_an_unrecorded_attempt() -> None:
+    ran = outcome(
+        "succeeded", record("a", "succeeded", "succeeded"), record("b", "failed", "failed")
+    )
+    effects = {
+        "a": [
+            Effect("start", "p0", 1, 10),
+            Effect("start", "p0", 1, 11),
+            Effect("end", "p0", 1, 11),
+        ],
+        "b": [Effect("start", "p0", 1, 12), Effect("start", "p0", 2, 12)],
+    }
+    checker = Checker(seed=3)
+    check_effects(checker, ran, effects, phase="p0")
+    messages = [v.detail for v in checker.violations]
+    assert "step a: an attempt began twice: [1, 1]" in messages
+    assert "step b began attempts [1, 2], but only 1 are recorded" in messages
+    clean = Checker(seed=3)
+    check_effects(clean, ran, {"a": effects["a"][1:], "b": effects["b"][:1]}, phase="p0")
+    assert clean.violations == []
+
+
+def test_no_rerun_check_catches_a_succeeded_step_that_ran_again() -> None:
+    checker = Checker(seed=5)
+    check_no_rerun(
+        checker,
+        succeeded_before={"a", "b"},
+        counts_before={"a": 1, "b": 2},
+        counts_after={"a": 1, "b": 3, "c": 1},
+        what="the resume",
+    )
+    assert [v.detail for v in checker.violations] == [
+        "step b was stored succeeded before the resume but ran again "
+        "(2 attempts begun before, 3 after)"
+    ]
+
+
+def test_artifact_check_compares_with_the_fault_free_run_only_when_all_succeeded() -> None:
+    checker = Checker(seed=6)
+    check_artifacts(checker, outcome("succeeded", artifacts={"x": "1"}), {"x": "2"})
+    check_artifacts(checker, outcome("failed", artifacts={"x": "1"}), {"x": "2"})
+    assert invariants(checker) == Counter({"artifacts": 1})
+    assert "['x']" in checker.violations[0].detail
+
+
+def test_process_check_finds_a_marked_process_and_kills_it() -> None:
+    mark = f"test.{random.getrandbits(32)}.p0"
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    proc = subprocess.Popen([sleep, "30"], env={**os.environ, MARK_VAR: mark})
+    try:
+        assert proc.pid in marked_processes(mark)
+        assert proc.pid not in marked_processes(mark + "x")
+        checker = Checker(seed=7)
+        check_processes_gone(checker, mark, what="the test", grace=0.05)
+        assert invariants(checker) == Counter({"processes": 1})
+        assert proc.wait(timeout=10) < 0  # killed by the check
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    clean = Checker(seed=7)
+    check_processes_gone(clean, mark, what="the test", grace=0.05)
+    assert clean.violations == []
+
+
+def test_thread_check_finds_a_new_thread_unless_it_is_excepted() -> None:
+    before = set(threading.enumerate())
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, args=(10,), name="left-behind")
+    thread.start()
+    try:
+        checker = Checker(seed=8)
+        check_threads(checker, before, set(), grace=0.05)
+        assert [v.detail for v in checker.violations] == [
+            "threads ['left-behind'] outlived the run"
+        ]
+        excused = Checker(seed=8)
+        assert check_threads(excused, before, {"left-behind"}, grace=0.05) == ["left-behind"]
+        assert excused.violations == []
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+# -- real runs -------------------------------------------------------------------------------------
+
+
+def _quick_seed() -> int:
+    """A small in-process scenario with faults but nothing slow (no process, no timeout)."""
+    for seed in run_seeds(21, 5000):
+        sc = generate(seed)
+        if (
+            sc.driver == "none"
+            and sc.cancel_at is None
+            and len(sc.steps) <= 12
+            and all(p.executor != "process" for p in sc.steps)
+            and all(p.fault not in ("timeout", "ignore_cancel") for p in sc.steps)
+            and sum(p.fault != "ok" for p in sc.steps) >= 2
+        ):
+            return seed
+    raise AssertionError("no quick seed found")
+
+
+@pytest.mark.realtime
+def test_one_run_is_executed_and_checked_without_violation(tmp_path: Path, chdir_tmp: Path) -> None:
+    seed = _quick_seed()
+    report = run_one(seed, tmp_path)
+    assert report.violations == [], "\n".join(map(str, report.violations))
+    assert report.checks["terminal"] == len(report.scenario.steps) + 1  # + the set of ids
+    assert report.checks["effects"] > 0
+    assert report.checks["threads"] == 1
+    assert report.status in ("succeeded", "failed")
+    assert os.environ.get(MARK_VAR) is None
+    assert list(tmp_path.iterdir()) == []  # the run's directory is gone
+
+
+@pytest.mark.realtime
+def test_replay_runs_one_seed_and_exits_0(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed = _quick_seed()
+    assert chaos.main(["--replay", str(seed), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert f"seed {seed}: " in out
+    assert "1 runs in" in out
+    assert ", 0 violations" in out
+
+
+@pytest.mark.parametrize("argv", [["--runs", "0"], ["--budget-seconds", "-1"], ["--drive", "1"]])
+def test_campaign_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        chaos.main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.realtime
+@pytest.mark.timeout(240)
+def test_a_bounded_campaign_finds_no_violation(chdir_tmp: Path) -> None:
+    seed = int(os.environ.get("STEPVISOR_CHAOS_SEED", "20240611"))
+    summary = chaos.run_campaign(runs=1000, seed=seed, budget_seconds=75.0)
+    text = summary.render()
+    print(text)
+    assert summary.violations == [], text
+    assert summary.runs >= 60, text
+    injected = {k for k, v in summary.faults.items() if v and k in FAULTS}
+    assert injected >= set(FAULTS) - {"ok"}, text
+    assert summary.faults["driver_sigkill"] >= 3, text
+    assert summary.faults["outside_kill:done"] >= 1, text
+    assert summary.scenarios["cancel"] >= 3, text
+    assert summary.statuses["succeeded"] >= 10, text
+    assert summary.checks["artifacts"] == summary.statuses["succeeded"], text
