@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from benchmarks.harness import Row, replace_row
+from stepvisor._procfs import pid_gone
 
 __all__ = [
     "Measured",
@@ -136,16 +137,6 @@ def best_of(repeat: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
 def summary(values: Sequence[float]) -> tuple[float, float]:
     """Median and worst (largest) of ``values``."""
     return statistics.median(values), max(values)
-
-
-def pid_gone(pid: int) -> bool:
-    """Whether ``pid`` no longer names a live process (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == b"Z"
 
 
 def wait_until(

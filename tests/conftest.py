@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from stepvisor._procfs import pid_gone, processes_with_env
 from stepvisor.clock import FakeClock
+
+__all__ = ["pid_gone", "pump_until", "session_processes", "wait_for"]
 
 # setdefault: a child process that imports this module (to unpickle a test's
 # step function) must keep the session's marker and temporary directory.
@@ -44,22 +47,7 @@ _LEAK_WAIT = 5.0
 
 def session_processes() -> set[int]:
     """Pids of live processes (not zombies) that inherited this session's marker."""
-    found: set[int] = set()
-    me = os.getpid()
-    needle = f"STEPVISOR_TEST_SESSION={SESSION_MARK}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = fh.read()
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                state = fh.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in env and state != b"Z":
-            found.add(int(entry))
-    return found
+    return processes_with_env("STEPVISOR_TEST_SESSION", SESSION_MARK)
 
 
 def _temp_entries() -> set[str]:
@@ -98,16 +86,6 @@ def wait_for(predicate: object, *, timeout: float = 10.0, what: str = "condition
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.005)
-
-
-def pid_gone(pid: int) -> bool:
-    """Whether ``pid`` no longer names a live (non-zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == b"Z"
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import stepvisor as sv
+from stepvisor._procfs import processes_with_env
 from stepvisor.actors.worker import worker_thread_name
 from stepvisor.context import StepContext
 from stepvisor.errors import FatalError, RetryableError, RunNotFoundError, StoreError
@@ -649,22 +650,7 @@ def start_counts(effects: Mapping[str, list[Effect]]) -> dict[str, int]:
 
 def marked_processes(mark: str) -> set[int]:
     """Live (non-zombie) processes whose environment carries ``MARK_VAR=mark``."""
-    needle = f"{MARK_VAR}={mark}\0".encode()
-    found: set[int] = set()
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = fh.read()
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                state = fh.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if needle in env + b"\0" and state not in (b"Z", b"X"):
-            found.add(int(entry))
-    return found
+    return processes_with_env(MARK_VAR, mark)
 
 
 def _carries_mark(pid: int, mark_prefix: str) -> bool:
