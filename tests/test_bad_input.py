@@ -394,8 +394,8 @@ API_CASES = [
     ),
 ]
 
-# A new run must not take the id of a stored run: it would overwrite that run's
-# record and mix its steps with the new workflow's (see the report).
+# A new run must not take the id of a stored run: that used to overwrite the stored
+# run's record and mix its steps with the new workflow's.  Resume is the way back in.
 REUSED_RUN_ID = Case(
     "run-id-of-a-stored-run",
     _run_on(lambda env: env.db, run_id=FILE_RUN),

@@ -254,7 +254,6 @@ def test_checker_catches_wrong_attempt_counts_a_stray_cancel_and_a_missed_skip()
     checker = Checker(seed=9)
     check_outcome(checker, sc, bad, cancel_issued=False, order=("a", "b", "c", "d"))
     messages = " | ".join(str(v) for v in checker.violations)
-    assert "step a (thread, fault raise x1, max_attempts 3) succeeded after 3" not in messages
     assert "step a (raise x1) succeeded after 3 attempts; expected 2" in messages
     assert "step c" in messages
     assert "step d" in messages
