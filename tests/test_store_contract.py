@@ -250,3 +250,10 @@ def test_a_loaded_run_does_not_change_with_later_writes(store: RunStore) -> None
     assert before.steps == {"a": StepRecord("a")}
     assert before.outputs == {}
     assert before.info.status is RunStatus.RUNNING
+
+
+def test_exists_says_whether_a_run_is_stored(store: RunStore) -> None:
+    assert not store.exists("run-1")
+    store.begin_run(run_info(), [running("a")])
+    assert store.exists("run-1")
+    assert not store.exists("run-2")

@@ -33,7 +33,6 @@ from stepvisor.config import Resolved, resolve
 from stepvisor.errors import (
     FingerprintMismatchError,
     InvalidSettingError,
-    RunNotFoundError,
     StepvisorError,
     StoreError,
 )
@@ -304,9 +303,7 @@ def start(
 
 def _check_run_id_is_new(store: RunStore, run_id: str) -> None:
     """A new run must not take a stored run's id: it would overwrite its history."""
-    try:
-        store.load(run_id)
-    except RunNotFoundError:
+    if not store.exists(run_id):
         return
     raise StoreError(
         f"run id {run_id!r} is already used by a run in this store; choose another "

@@ -80,6 +80,10 @@ class RunStore(Protocol):
         """Ask the program running ``run_id`` to cancel it."""
         ...
 
+    def exists(self, run_id: str) -> bool:
+        """Whether the store holds a run with this id (reads none of its data)."""
+        ...
+
     def load(self, run_id: str) -> StoredRun:
         """Everything about one run; ``RunNotFoundError`` if there is none."""
         ...

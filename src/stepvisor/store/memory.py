@@ -74,6 +74,10 @@ class MemoryStore:
                 raise RunNotFoundError(f"no run with id {run_id!r} in this store")
             self._cancel.add(run_id)
 
+    def exists(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._runs
+
     def load(self, run_id: str) -> StoredRun:
         with self._lock:
             if run_id not in self._runs:

@@ -750,6 +750,15 @@ class SQLiteStore:
                 raise self._error("read the cancel flag from", exc, run_id=run_id) from exc
         return bool(row is not None and row[0])
 
+    def exists(self, run_id: str) -> bool:
+        with self._lock:
+            conn = self._connection()
+            try:
+                row = conn.execute(_RUN_EXISTS, (run_id,)).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error("look up", exc, run_id=run_id) from exc
+        return row is not None
+
     def load(self, run_id: str) -> StoredRun:
         # One read transaction: a snapshot, never half of a concurrent write.
         with self._transaction("load a run from", run_id, write=False) as conn:
