@@ -69,8 +69,8 @@ __all__ = [
 
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 
-#: How often a Worker thread waiting for ``execute_fn`` checks for a deadline
-#: or a cancel (the engine offers no public cancel callback on a thread step).
+#: How often a Worker thread waiting for ``execute_fn`` checks that the caller's
+#: loop is still open (cancellation itself arrives through ``ctx.on_cancel``).
 _POLL_SECONDS: Final = 0.02
 
 #: Engine step status -> record status.  A timed-out step is "failed"; a step
@@ -436,11 +436,12 @@ class _OnCallerLoop:
         step = self._slot.step
         call = _LoopCall(self._loop)
         call.start(lambda: self._execute_fn(step), self._context)
-        while not call.done.wait(_POLL_SECONDS):
-            if ctx.cancelled:
-                call.cancel()
-                call.wait_ended()
-                ctx.raise_if_cancelled()
+        # A deadline or cancel cancels the task on the caller's loop at once; the
+        # step then waits until the task has really ended, so a retry never overlaps it.
+        ctx.on_cancel(call.cancel)
+        call.wait_ended()
+        if ctx.cancelled and call._error is not None:
+            ctx.raise_if_cancelled()  # the task was stopped: say why, not CancelledError
         value = call.outcome()
         if isinstance(value, Mapping):
             self._slot.artifacts = dict(value)
