@@ -448,3 +448,25 @@ def test_oracle_accepts_an_abandoned_cooperative_thread_only_when_recorded_aband
         assert len(oracle) >= expected_violations
         if expected_violations == 0:
             assert oracle == []
+
+
+def test_oracle_accepts_a_failure_the_stop_kept_from_retrying_only_when_noted() -> None:
+    """Fail-fast: a step that times out as the run stops keeps ``timed_out``, noted."""
+    scenario = next(
+        c
+        for c in map(chaos.generate, range(2000))
+        if c.on_failure == "fail_fast"
+        and any(p.fault == "timeout" and p.failing < p.max_attempts for p in c.steps)
+    )
+    plan = next(p for p in scenario.steps if p.fault == "timeout" and p.failing < p.max_attempts)
+    statuses = {p.id: "succeeded" for p in scenario.steps}
+    statuses[plan.id] = "timed_out"
+    statuses["zz_other"] = "failed"  # the failure that stopped the run
+    attempt = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out")
+    noted = "not retried: the run is stopping (step 'zz_other' failed)"
+    for note, expected_violations in ((noted, 0), (None, 1)):
+        record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (attempt._replace(note=note),))
+        checker = Checker(seed=1)
+        chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
+        oracle = [v for v in checker.violations if v.invariant == "oracle"]
+        assert len(oracle) == expected_violations, oracle

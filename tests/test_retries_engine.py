@@ -209,3 +209,52 @@ def test_timeouts_follow_retry_timeouts_on_threads(retry_timeouts: bool, chdir_t
     else:
         assert result.steps["s"].status is sv.StepStatus.TIMED_OUT
         assert result.steps["s"].attempt_count == 1
+
+
+def test_a_timeout_that_lands_while_the_run_stops_is_not_retried_and_says_why(
+    chdir_tmp: Path,
+) -> None:
+    """Fail-fast: a deadline that fired just before the stop keeps its ``timed_out``.
+
+    The order is forced with events: ``b_slow``'s deadline fires (fake clock),
+    then ``a_boom`` fails and the run begins to stop, then ``b_slow`` returns.
+    Its policy would retry a timeout, but the run is stopping, so no retry
+    starts and the attempt records why.
+    """
+    started, saw_cancel, boom_recorded = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(ctx: sv.StepContext) -> None:
+        started.set()
+        ctx.wait_cancelled(30)
+        saw_cancel.set()
+        assert boom_recorded.wait(30)
+        ctx.raise_if_cancelled()
+
+    def boom(ctx: sv.StepContext) -> None:
+        assert saw_cancel.wait(30)
+        raise sv.FatalError("boom")
+
+    def on_event(event: sv.Event) -> None:
+        if isinstance(event, sv.StepFinished) and event.step_id == "a_boom":
+            boom_recorded.set()
+
+    wf = sv.Workflow(
+        "r",
+        steps=[
+            sv.Step("a_boom", boom),
+            sv.Step("b_slow", slow, timeout=5.0, retry=fixed(0.0, 3)),
+        ],
+    )
+    clock = sv.FakeClock()
+    handle = sv.start(wf, max_parallel=2, clock=clock, on_event=on_event)
+    wait_for(started.is_set, what="b_slow to start")
+    clock.advance(6.0)
+    result = handle.wait(30)
+    assert result.status is sv.RunStatus.FAILED
+    assert result.failed_step == "a_boom"
+    record = result.steps["b_slow"]
+    assert record.status is sv.StepStatus.TIMED_OUT
+    assert [a.outcome for a in record.attempts] == ["timed_out"]
+    note = record.attempts[0].note or ""
+    assert note.startswith("not retried: the run is stopping"), note
+    assert "a_boom" in note, note

@@ -81,6 +81,7 @@ from typing import Any, Final
 
 import stepvisor as sv
 from stepvisor._procfs import processes_with_env
+from stepvisor.actors.supervisor import NOT_RETRIED_STOPPING
 from stepvisor.actors.worker import worker_thread_name
 from stepvisor.context import StepContext
 from stepvisor.errors import FatalError, RetryableError, RunNotFoundError, StoreError
@@ -820,6 +821,10 @@ def _check_step(
         # grace period looks exactly like one that ignores the request: the engine
         # abandons it and, by design, never retries an abandoned attempt.
         allowed |= {"timed_out"}
+    if stopping and last is not None and (last.note or "").startswith(NOT_RETRIED_STOPPING):
+        # The attempt failed as its fault says while the run was stopping: the
+        # engine keeps that status and records that the stop prevented a retry.
+        allowed |= {"failed" if last.outcome == "crashed" else str(last.outcome)}
     checker.check(
         "oracle",
         status in allowed,
@@ -827,6 +832,7 @@ def _check_step(
             f"step {plan.id} ({plan.executor}, fault {plan.fault} x{plan.failing}, "
             f"max_attempts {plan.max_attempts}) ended {status}; allowed: {sorted(allowed)}"
             + (f" (dependencies {blocked} did not succeed)" if blocked else "")
+            + f"; attempts: {_attempt_history(record)}"
         ),
     )
     got = len(record.attempts)
@@ -849,6 +855,19 @@ def _check_step(
             1 <= got <= attempts,
             lambda: f"step {plan.id} {status} after {got} attempts; expected 1..{attempts}",
         )
+
+
+def _attempt_history(record: Any) -> str:
+    """The attempts of a step in one line, so a violation can be read without a replay."""
+    parts = []
+    for a in record.attempts:
+        took = "?" if a.duration is None else f"{a.duration:.3f} s"
+        parts.append(
+            f"#{a.number} {a.outcome} after {took}"
+            + (f" [{a.note}]" if a.note else "")
+            + (f" {a.error_type}: {a.error_message}" if a.error_type else "")
+        )
+    return "; ".join(parts) or "none"
 
 
 def _check_attempt_records(checker: Checker, sid: str, record: Any) -> None:

@@ -95,6 +95,9 @@ PREFETCH_BATCH = 8
 #: Extra time given to process/async/Ray backends past ``kill_grace`` before the
 #: Supervisor abandons their Worker: their own kill path should win the race.
 BACKEND_GRACE_MARGIN = 2.0
+#: The note on an attempt whose failure the policy might have retried, had the
+#: run not been stopping (fail-fast, cancel or run deadline) when it ended.
+NOT_RETRIED_STOPPING = "not retried: the run is stopping"
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,6 +643,11 @@ class Supervisor(pykka.ThreadingActor):
         reason = ""
         if kind is not None and not self._stopping:
             delay, reason = self._retry_delay(step, inf, error, kind)
+        elif kind is not None:
+            # The step keeps the status its attempt earned, but the record says
+            # why a failure its policy might have retried was not: the run is
+            # stopping, and a retry would start new work in a run being torn down.
+            reason = f"{NOT_RETRIED_STOPPING} ({self._stop_note or 'the run stopped'})"
         record = self.state.record(sid)
         attempt = _closed(
             record.attempts[-1],
