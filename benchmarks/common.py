@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from benchmarks.harness import Row, replace_row
+from benchmarks.steps import spin_until, write_pid
 from stepvisor._procfs import pid_gone
 
 __all__ = [
@@ -156,24 +157,9 @@ def wait_until(
         time.sleep(interval)
 
 
-def write_pid(path: str | Path) -> None:
-    """Write this process's pid to ``path`` atomically (readers never see half of it)."""
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(str(os.getpid()))
-    os.replace(tmp, path)
-
-
 def read_pids(directory: Path) -> dict[str, int]:
     """``{file stem: pid}`` for every ``*.pid`` file in ``directory``."""
     return {p.stem: int(p.read_text()) for p in directory.glob("*.pid")}
-
-
-def spin_until(deadline: float) -> int:
-    """Busy-loop until ``time.monotonic()`` reaches ``deadline``; the number of rounds."""
-    rounds = 0
-    while time.monotonic() < deadline:
-        rounds += 1
-    return rounds
 
 
 @contextlib.contextmanager

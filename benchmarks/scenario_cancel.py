@@ -30,6 +30,7 @@ from benchmarks.common import (
     write_pid,
 )
 from benchmarks.harness import Row, Target
+from benchmarks.steps import busy
 
 NAME = "cancel"
 TITLE = "cancel latency with 8 busy process steps in flight"
@@ -38,14 +39,6 @@ ORDER = 50
 PARALLEL = 8
 METRIC_MEDIAN = "until processes gone + stored cancelled, median"
 METRIC_WORST = "until processes gone + stored cancelled, worst"
-#: How long a step or job would run if nothing stopped it.
-RUNAWAY_SECONDS = 60.0
-
-
-def sv_busy(ctx: sv.StepContext) -> None:
-    """A process step that spins until it is killed."""
-    write_pid(str(ctx.params["pidfile"]))
-    spin_until(time.monotonic() + RUNAWAY_SECONDS)
 
 
 def busy_job(pidfile: str, seconds: float) -> None:
@@ -72,7 +65,7 @@ def _one_cancel(tmp: Path, index: int) -> tuple[float, float, float]:
     steps = [
         sv.Step(
             f"busy{i}",
-            sv_busy,
+            busy,
             executor="process",
             params={"pidfile": str(pid_dir / f"busy{i}.pid")},
         )

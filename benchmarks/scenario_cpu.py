@@ -22,28 +22,13 @@ from concurrent.futures import ProcessPoolExecutor
 import stepvisor as sv
 from benchmarks.common import Measured, cores, probe
 from benchmarks.harness import Row, Target
+from benchmarks.steps import spin, spin_step
 
 NAME = "cpu"
 TITLE = "CPU-bound efficiency on process workers"
 ORDER = 20
 
 METRIC = "efficiency"
-
-
-def spin(iterations: int) -> float:
-    """Burn ``iterations`` rounds of pure-Python arithmetic; return the seconds it took."""
-    started = time.perf_counter()
-    total = 0
-    for i in range(iterations):
-        total += i * i % 7
-    if total < 0:  # never true; keeps the loop from being an obvious no-op
-        raise AssertionError(total)
-    return time.perf_counter() - started
-
-
-def sv_spin(ctx: sv.StepContext) -> dict[str, float]:
-    """The stepvisor step: spin, and report the busy time as an artifact."""
-    return {f"busy_{ctx.step_id}": spin(int(ctx.params["iterations"]))}
 
 
 def calibrate(seconds: float) -> int:
@@ -57,7 +42,7 @@ def _stepvisor_run(n: int, iterations: int, workers: int) -> tuple[float, float]
     wf = sv.Workflow(
         "cpu",
         [
-            sv.Step(f"s{i:03d}", sv_spin, executor="process", params={"iterations": iterations})
+            sv.Step(f"s{i:03d}", spin_step, executor="process", params={"iterations": iterations})
             for i in range(n)
         ],
     )

@@ -38,9 +38,9 @@ from benchmarks.common import (
     scratch_dir,
     spin_until,
     summary,
-    write_pid,
 )
 from benchmarks.harness import Row, Target
+from benchmarks.steps import busy, ready
 from stepvisor.events import Event, StepDispatched, StepFinished
 
 NAME = "deadline"
@@ -55,12 +55,6 @@ RUNAWAY_SECONDS = 20.0
 
 
 # -- the steps -----------------------------------------------------------------------------
-
-
-def sv_busy(ctx: sv.StepContext) -> None:
-    """A process step that ignores its deadline: only killing it stops it."""
-    write_pid(str(ctx.params["pidfile"]))
-    spin_until(time.monotonic() + RUNAWAY_SECONDS)
 
 
 def sv_cooperative(ctx: sv.StepContext) -> None:
@@ -124,21 +118,16 @@ class _Watch:
             time.sleep(0.001)
 
 
-def sv_ready(ctx: sv.StepContext) -> None:
-    """A quick process step, run first so the busy step finds its worker started."""
-    del ctx
-
-
 def _steps(kind: str, ids: list[str], pid_dir: Path | None) -> list[sv.Step]:
     if kind != "process":
         fn = sv_async if kind == "async" else sv_cooperative
         return [sv.Step(sid, fn, timeout=TIMEOUT) for sid in ids]
     assert pid_dir is not None
-    warm = [sv.Step(f"warm-{sid}", sv_ready, executor="process") for sid in ids]
+    warm = [sv.Step(f"warm-{sid}", ready, executor="process") for sid in ids]
     timed = [
         sv.Step(
             sid,
-            sv_busy,
+            busy,
             needs=[f"warm-{sid}"],
             timeout=TIMEOUT,
             executor="process",
@@ -216,7 +205,7 @@ def _futures_overruns(
 ) -> tuple[list[float], list[float]]:
     """(caller unblocked past the deadline, work still running past it), per job."""
     returned: list[float] = []
-    busy: list[float] = []
+    still_busy: list[float] = []
     pool.submit(time.time).result()  # start the worker first, as a pool in use has
     for _ in range(n):
         started = time.time()
@@ -228,8 +217,8 @@ def _futures_overruns(
         else:
             raise RuntimeError("the job finished before its timeout; make JOB_SECONDS longer")
         future.cancel()  # what a user would try: it cannot stop a running job
-        busy.append(future.result(timeout=RUNAWAY_SECONDS) - started - TIMEOUT)
-    return returned, busy
+        still_busy.append(future.result(timeout=RUNAWAY_SECONDS) - started - TIMEOUT)
+    return returned, still_busy
 
 
 async def _wait_for_overruns(n: int) -> list[float]:
@@ -293,12 +282,12 @@ def _rows(
 
 def _pool_figures(pool: Executor, job: Callable[[float], float], n: int) -> list[Measured]:
     with pool:
-        returned, busy = _futures_overruns(pool, job, n)
+        returned, still_busy = _futures_overruns(pool, job, n)
     note = (
         f"result(timeout) raised {max(returned) * 1000:.1f} ms late at worst, but the job "
         f"ran on until it ended by itself ({JOB_SECONDS:g} s); {n} jobs"
     )
-    return _ms(busy, note)
+    return _ms(still_busy, note)
 
 
 def run(*, quick: bool) -> list[Row]:

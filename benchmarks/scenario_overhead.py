@@ -28,6 +28,7 @@ from typing import Any
 import stepvisor as sv
 from benchmarks.common import Measured, best_of, cores, probe, scratch_dir
 from benchmarks.harness import Row, Target
+from benchmarks.steps import noop
 from stepvisor.model import Executor
 
 NAME = "overhead"
@@ -38,11 +39,6 @@ THREAD_METRIC = "per step, threads"
 PROCESS_METRIC = "per step, processes"
 
 
-def sv_noop(ctx: sv.StepContext) -> None:
-    """A stepvisor step that does nothing (module level, so processes import it)."""
-    del ctx
-
-
 def plain_noop() -> None:
     """A plain function that does nothing, for the baselines."""
 
@@ -51,7 +47,7 @@ def plain_noop() -> None:
 
 
 def _workflow(n: int, executor: Executor) -> sv.Workflow:
-    steps = [sv.Step(f"s{i:06d}", sv_noop, executor=executor) for i in range(n)]
+    steps = [sv.Step(f"s{i:06d}", noop, executor=executor) for i in range(n)]
     return sv.Workflow("overhead", steps)
 
 

@@ -19,7 +19,7 @@ from benchmarks import common, harness
 from benchmarks.common import Measured
 from benchmarks.harness import Row, Scenario, Target
 from benchmarks.scenario_makespan import Task, lower_bound, random_dag
-from benchmarks.scenario_scale import chains_and_fans
+from benchmarks.scenario_scale import _rss_figure, chains_and_fans
 
 import stepvisor as sv
 
@@ -218,7 +218,26 @@ def test_quick_mode_runs_every_scenario_and_prints_its_table_and_json(tmp_path: 
     for row in rows:
         if row["status"] == "ok":
             assert isinstance(row["value"], int | float), row
+    # A baseline may fail on a given machine (and says so); a scenario or one of
+    # stepvisor's own rows must not, or a broken scenario would pass unnoticed.
+    ours = ("stepvisor", "(scenario)")
+    broken = [r for r in rows if r["status"] == "failed" and r["system"].startswith(ours)]
+    assert not broken, broken
     table = payload["table_markdown"]
     assert isinstance(table, str)
     assert table in stdout
     assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_scale_memory_is_the_childs_own_peak_not_the_ru_maxrss_it_inherits() -> None:
+    # A child of a 600 MB harness starts with ru_maxrss = 600 MB (Linux keeps it
+    # across exec), so its ru_maxrss delta reads 0; VmHWM is reset by exec.
+    timed = {
+        "rss_before_mb": 20.0,
+        "rss_peak_mb": 70.0,
+        "maxrss_before_mb": 600.0,
+        "maxrss_after_mb": 600.0,
+    }
+    figure = _rss_figure(timed, 10_000)
+    assert figure.value == 50.0
+    assert "ru_maxrss delta 0 MB" in figure.note
