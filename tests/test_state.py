@@ -1,0 +1,89 @@
+"""RunState: the pure reducer, across the chunks its per-step vectors are kept in."""
+
+from __future__ import annotations
+
+import gc
+import random
+
+from stepvisor.state import RunState, StepRecord, StepStatus
+
+CHUNK = 512  # stepvisor.state._CHUNK: tests below cross several chunk boundaries
+
+
+def _initial(n: int) -> RunState:
+    order = tuple(f"s{i:06d}" for i in range(n))
+    return RunState.initial("run", "wf", order, {sid: i for i, sid in enumerate(order)})
+
+
+def _done(state: RunState, sid: str, status: StepStatus = StepStatus.SUCCEEDED) -> RunState:
+    return state.set_step(StepRecord(sid, status))
+
+
+def test_records_and_outputs_round_trip_across_chunks_and_old_states_are_untouched() -> None:
+    n = 3 * CHUNK + 7
+    state = _initial(n)
+    before = state
+    rng = random.Random(5)
+    picked = [*rng.sample(range(n), 200), 0, CHUNK - 1, CHUNK, 2 * CHUNK, n - 1]
+    for i in picked:
+        sid = state.order[i]
+        state = _done(state, sid).set_outputs(sid, {f"a{i}": i})
+    for i in picked:
+        sid = state.order[i]
+        assert state.record(sid).status is StepStatus.SUCCEEDED
+        assert dict(state.output(sid)) == {f"a{i}": i}
+    assert state.count_status(StepStatus.SUCCEEDED) == len(set(picked))
+    assert list(state.steps) == list(state.order)
+    assert before.count_status(StepStatus.PENDING) == n  # persistence: nothing shared changed
+    assert dict(before.output(state.order[0])) == {}
+
+
+def test_set_steps_updates_several_chunks_at_once() -> None:
+    n = 2 * CHUNK + 3
+    state = _initial(n)
+    ids = [state.order[i] for i in (1, CHUNK + 1, 2 * CHUNK + 2)]
+    after = state.set_steps([StepRecord(sid, StepStatus.SKIPPED) for sid in ids])
+    assert [after.record(sid).status for sid in ids] == [StepStatus.SKIPPED] * 3
+    assert after.count_status(StepStatus.SKIPPED) == 3
+    assert state.count_status(StepStatus.SKIPPED) == 0
+
+
+def test_commits_fold_only_the_contiguous_prefix_and_later_steps_win_artifacts() -> None:
+    n = CHUNK + 10
+    state = _initial(n)
+    order = state.order
+    # Finish everything except one step just past the first chunk, in reverse order.
+    gap = CHUNK + 2
+    for i in reversed(range(n)):
+        if i == gap:
+            continue
+        status = StepStatus.FAILED if i == 3 else StepStatus.SUCCEEDED
+        state = _done(state, order[i], status)
+        if status is StepStatus.SUCCEEDED:
+            state = state.set_outputs(order[i], {"shared": i, f"own{i}": i})
+        state, _ = state.commit_ready()
+    assert state.committed == gap
+    assert state.commits == order[:gap]
+    assert state.artifacts["shared"] == gap - 1  # the last committed step wins
+    assert "own3" not in state.artifacts  # a failed step contributes nothing
+    assert f"own{gap + 1}" not in state.artifacts  # finished but not yet folded
+    state = _done(state, order[gap]).set_outputs(order[gap], {"shared": -1})
+    state, done = state.commit_ready()
+    assert done == list(order[gap:])
+    assert state.all_terminal
+    assert state.artifacts["shared"] == n - 1
+    assert len(state.artifacts) == 1 + (n - 2)  # "shared", then each own but 3's and gap's
+
+
+def test_a_transition_creates_no_object_that_refers_to_every_step() -> None:
+    """The GC traverses every young object in full: none may grow with the run.
+
+    With one vector for the whole run, each transition built an object with
+    one reference per step, and a run's cost grew with the square of its size.
+    """
+    n = 100_000
+    state = _done(_initial(n), "s050000")
+    new_objects = [state.records, *state.records]
+    largest = max(len(gc.get_referents(obj)) for obj in new_objects)
+    assert largest <= max(CHUNK, n // CHUNK + 1), largest
+    assert len(state.records) == -(-n // CHUNK)
