@@ -276,3 +276,67 @@ def test_process_is_the_run_default_when_settings_say_so(chdir_tmp: Path) -> Non
     result = sv.run(wf)
     assert result.ok
     assert result.artifacts["pid_a"] != os.getpid()
+
+
+def _record_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch the Worker to record the size of every message it is handed."""
+    from stepvisor.actors import worker as worker_module  # noqa: PLC0415
+    from stepvisor.actors.messages import RunBatch  # noqa: PLC0415
+
+    sizes: list[int] = []
+    original = worker_module.Worker.on_receive
+
+    def recording(self: Any, message: Any) -> None:
+        sizes.append(len(message.attempts) if isinstance(message, RunBatch) else 1)
+        original(self, message)
+
+    monkeypatch.setattr(worker_module.Worker, "on_receive", recording)
+    return sizes
+
+
+def test_tiny_process_steps_are_batched_on_the_same_children(
+    monkeypatch: pytest.MonkeyPatch, chdir_tmp: Path
+) -> None:
+    sizes = _record_batches(monkeypatch)
+    wf = sv.Workflow(
+        "tiny", [sv.Step(f"t{i:03d}", report_pid, executor="process") for i in range(200)]
+    )
+    result = sv.run(wf, max_parallel=2)
+    assert result.ok
+    assert result.commits == wf.step_ids
+    assert max(sizes) > 1, sizes  # Workers were handed several attempts at once
+    assert sum(sizes) == 200
+    assert len(set(result.artifacts.values())) <= 2  # still one child per Worker, no more
+
+
+def test_process_steps_with_a_deadline_are_never_queued(
+    monkeypatch: pytest.MonkeyPatch, chdir_tmp: Path
+) -> None:
+    sizes = _record_batches(monkeypatch)
+    steps = [sv.Step(f"t{i:03d}", report_pid, executor="process") for i in range(100)]
+    steps.append(sv.Step("timed", report_pid, executor="process", timeout=30.0))
+    result = sv.run(sv.Workflow("timed", steps), max_parallel=2)
+    assert result.ok
+    assert sizes
+    assert max(sizes) == 1, sizes
+
+
+def test_cancel_reaches_process_attempts_queued_behind_others(chdir_tmp: Path) -> None:
+    finished = threading.Semaphore(0)
+
+    def hook(event: sv.Event) -> None:
+        if isinstance(event, sv.StepFinished):
+            finished.release()
+
+    wf = sv.Workflow(
+        "q", [sv.Step(f"t{i:04d}", report_pid, executor="process") for i in range(2000)]
+    )
+    handle = sv.start(wf, max_parallel=2, on_event=hook)
+    for _ in range(100):
+        assert finished.acquire(timeout=30)
+    handle.cancel()
+    result = handle.wait(60)
+    assert result.status is sv.RunStatus.CANCELLED
+    statuses = set(result.statuses().values())
+    assert statuses <= {sv.StepStatus.SUCCEEDED, sv.StepStatus.CANCELLED}
+    assert sv.StepStatus.CANCELLED in statuses

@@ -170,11 +170,11 @@ class Supervisor(pykka.ThreadingActor):
         self._free: list[str] = []
         self._load: dict[str, int] = {}
         # Prefetch is safe only where queueing cannot change what an attempt
-        # means: thread steps with no deadline of any kind.
+        # means: thread and process steps with no deadline of any kind.
         self._prefetch_capable = (
             self.cfg.deadline is None
             and self.cfg.step_timeout is None
-            and all(ex == "thread" for ex in plan.executors)
+            and all(ex in ("thread", "process") for ex in plan.executors)
             and all(step.timeout is None for step in self.wf.steps)
         )
         self._avg_duration = 0.0
@@ -353,10 +353,11 @@ class Supervisor(pykka.ThreadingActor):
         Waking an idle Worker costs a futex wake, which on a virtual machine
         (a cross-CPU interrupt) costs more than running a no-op step: profiling
         10,000 no-op steps showed half the Supervisor's time in that wake.  So
-        when a run has only thread steps without deadlines and its attempts take
-        under ``PREFETCH_BELOW`` on average, an idle Worker is handed a batch of
-        up to ``PREFETCH_BATCH`` attempts in one message (a fair share of what
-        is ready), which it runs one after the other.  At most ``max_parallel``
+        when a run has only thread or process steps without deadlines and its
+        attempts take under ``PREFETCH_BELOW`` on average, an idle Worker is
+        handed a batch of up to ``PREFETCH_BATCH`` attempts in one message (a
+        fair share of what is ready), which it runs one after the other (a
+        process Worker on its one child).  At most ``max_parallel``
         attempts still *run* at once (one per Worker), pools stay strict (queued
         attempts count against them), and attempts with a deadline are never
         queued, so their deadline starts when they do.
