@@ -57,3 +57,20 @@ def test_importing_stepvisor_imports_no_optional_backend() -> None:
         "assert not heavy - {'sqlite3'}, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_process_child_boots_without_logging_and_the_engine_installs_its_null_handler() -> None:
+    # A process Worker's child imports stepvisor.backends._child at every boot
+    # (again after each kill); logging was about half of that boot.
+    child = (
+        "import sys, stepvisor.backends._child\n"
+        "assert 'logging' not in sys.modules, 'the child boot imported logging'\n"
+    )
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    engine = (
+        "import logging, stepvisor as sv\n"
+        "sv.run(sv.Workflow('w', [sv.Step('a', lambda ctx: None)]))\n"
+        "handlers = logging.getLogger('stepvisor').handlers\n"
+        "assert any(isinstance(h, logging.NullHandler) for h in handlers), handlers\n"
+    )
+    subprocess.run([sys.executable, "-c", engine], check=True, timeout=60)

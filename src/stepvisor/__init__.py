@@ -8,7 +8,6 @@ resumed.  See the README for a tour.
 """
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -184,8 +183,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-logging.getLogger("stepvisor").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
+
+from stepvisor._log import log
 
 __all__ = ["Clock", "FakeClock", "RealClock", "TimerHandle"]
 
@@ -149,7 +150,7 @@ class RealClock:
                 try:
                     timer.callback()
                 except Exception:
-                    logging.getLogger("stepvisor").exception("a timer callback failed")
+                    log.exception("a timer callback failed")
 
 
 class FakeClock:

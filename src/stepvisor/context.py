@@ -9,14 +9,16 @@ Python cannot stop a thread from outside.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stepvisor.errors import StepCancelledError, StepTimeoutError
+
+if TYPE_CHECKING:
+    import logging
 
 __all__ = ["AttemptControl", "StepContext"]
 
@@ -131,7 +133,13 @@ class StepContext:
 
     @property
     def log(self) -> logging.Logger:
-        """A logger named ``stepvisor.step.<step id>`` (made on first use)."""
+        """A logger named ``stepvisor.step.<step id>`` (made on first use).
+
+        ``logging`` is imported here, not at the top: a process child imports
+        this module when it boots, and most steps never log.
+        """
+        import logging  # noqa: PLC0415
+
         return logging.getLogger(f"stepvisor.step.{self.step_id}")
 
     def remaining(self) -> float | None:

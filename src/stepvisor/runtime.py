@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import secrets
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import pykka
 
+from stepvisor._log import log
 from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
 from stepvisor.actors.worker import WorkerServices, worker_thread_name
@@ -45,7 +45,6 @@ from stepvisor.store.memory import MemoryStore
 
 __all__ = ["RunHandle", "fingerprint", "resume", "run", "run_async", "start"]
 
-log = logging.getLogger("stepvisor")
 
 _DEFAULT_CLOCK = RealClock()
 

@@ -20,7 +20,6 @@ All decisions happen here, on one thread, in reaction to messages::
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import pykka
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
 
+from stepvisor._log import log
 from stepvisor.actors.messages import (
     AttemptDone,
     CancelRun,
@@ -78,7 +78,6 @@ from stepvisor.store.base import RunInfo, RunStore
 
 __all__ = ["RunPlan", "Supervisor"]
 
-log = logging.getLogger("stepvisor")
 
 #: A merged view of artifacts: name -> (canonical rank of its creator, value).
 Visible = PMap[str, tuple[int, Any]]

@@ -9,7 +9,6 @@ reports an :class:`~stepvisor.actors.messages.AttemptDone`; it never raises.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from stepvisor._log import log
 from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
 from stepvisor.backends.base import AttemptResult
 from stepvisor.backends.inline import call_step, format_error
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from stepvisor.backends.process import ProcessSlot
 
 __all__ = ["Worker", "WorkerServices", "worker_thread_name"]
-
-log = logging.getLogger("stepvisor")
 
 
 def worker_thread_name(worker_id: str) -> str:

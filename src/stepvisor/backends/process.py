@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import logging
 import math
 import os
 import pickle
@@ -79,6 +78,7 @@ from typing import Any, Final
 import cloudpickle
 
 import stepvisor
+from stepvisor._log import log as _root_log
 from stepvisor.backends._child import EXIT_PROTOCOL_ERROR, decode_message, encode_message
 from stepvisor.backends.base import AttemptResult, AttemptSpec, stop_error
 from stepvisor.context import AttemptControl
@@ -92,7 +92,7 @@ from stepvisor.errors import (
 
 __all__ = ["ProcessSlot", "check_sendable", "prepare_payload"]
 
-log = logging.getLogger(__name__)
+log = _root_log.getChild(__name__.removeprefix("stepvisor."))
 
 #: The directory holding the ``stepvisor`` package this process runs.
 _PKG_ROOT: Final = str(Path(stepvisor.__file__).resolve().parent.parent)

@@ -71,6 +71,7 @@ from typing import Any, Final
 
 import cloudpickle
 
+from stepvisor._log import log as _root_log
 from stepvisor.backends.base import AttemptResult, AttemptSpec, stop_error
 from stepvisor.backends.inline import call_step, format_error
 from stepvisor.context import AttemptControl
@@ -90,7 +91,7 @@ __all__ = [
     "task_options",
 ]
 
-log = logging.getLogger(__name__)
+log = _root_log.getChild(__name__.removeprefix("stepvisor."))
 
 #: How long ``connect`` waits for a cluster address to accept a connection.
 CONNECT_TIMEOUT_S: Final = 5.0
