@@ -241,3 +241,20 @@ def test_scale_memory_is_the_childs_own_peak_not_the_ru_maxrss_it_inherits() -> 
     figure = _rss_figure(timed, 10_000)
     assert figure.value == 50.0
     assert "ru_maxrss delta 0 MB" in figure.note
+
+
+def test_list_schedule_is_the_policys_own_floor() -> None:
+    from benchmarks.scenario_makespan import list_schedule  # noqa: PLC0415
+
+    # Two slots: the long chain a -> b must start first, or the run takes longer.
+    tasks = [
+        Task("a", 2.0, ()),
+        Task("c", 1.0, ()),
+        Task("d", 1.0, ()),
+        Task("b", 2.0, ("a",)),
+    ]
+    assert list_schedule(tasks, parallel=2) == 4.0  # a, then b, beside c then d
+    assert list_schedule(tasks, parallel=1) == 6.0
+    dag = random_dag(200, seed=2)
+    bound = lower_bound(dag, parallel=8)[0]
+    assert bound <= list_schedule(dag, parallel=8) < 1.1 * bound
