@@ -1,13 +1,21 @@
 """Retry storm: does jitter keep retries from hitting a service all at once?
 
 Many steps call a fake service (it counts calls in progress; each call takes
-about 5 ms) that fails each caller's first two calls, as a service that is
-briefly down would.  Retries back off exponentially (0.05 s, doubling, capped
+50 ms) that fails each caller's first two calls, as a service that is
+briefly down would.  Retries back off exponentially (0.2 s, doubling, capped
 at 1 s).  The figure is the peak number of *retry* calls in progress at the
-same time, with full jitter and without.  ``max_parallel`` equals the number of
-callers, as when every client of a service retries on its own: a smaller bound
-keeps the service at that many calls whatever the backoff (stepvisor's own
-protection), so jitter could not show.
+same time, with full jitter and without.
+
+Read it with care on a small machine: 1,000 slots are 1,000 Worker threads,
+and on 2 cores the one Supervisor thread falls behind them (the first calls
+take about a second to start, and retries start a median 0.2 to 0.6 s after
+their due time), so the peaks show where the Supervisor caught up as much
+as where the backoff put the retries, and vary from run to run.
+
+``max_parallel`` equals the number of callers, as when every client of a
+service retries on its own: a smaller bound keeps the service at that many
+calls whatever the backoff (stepvisor's own protection), so jitter could not
+show.
 
 The baselines are what a user would write without stepvisor: a
 ``ThreadPoolExecutor(callers)`` running each call under tenacity, with
