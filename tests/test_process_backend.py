@@ -111,6 +111,12 @@ def _make_steps() -> SimpleNamespace:
     def exit_3(ctx: Any) -> None:
         os._exit(3)
 
+    def mark(ctx: Any) -> dict[str, Any]:
+        """Append this attempt to ``<dir>/ran``; return who ran it, and where."""
+        with open(os.path.join(ctx.params["dir"], "ran"), "a") as fh:
+            fh.write(f"{ctx.step_id}\n")
+        return {"step_id": ctx.step_id, "pid": os.getpid()}
+
     def segfault(ctx: Any) -> None:
         ctypes.string_at(0)
 
@@ -644,3 +650,120 @@ def test_child_and_grandchild_die_when_the_parent_is_sigkilled(tmp_path: Path) -
         driver.wait(timeout=10)
     _wait_gone(child)
     _wait_gone(grandchild)
+
+
+# -- attempts sent ahead ----------------------------------------------------------------------
+
+
+def _queued(fn: Callable[..., Any], step_id: str, params: dict[str, Any]) -> AttemptSpec:
+    """A spec as a Worker's batch holds it: no deadline, so it may be sent ahead."""
+    return _spec(fn, step_id=step_id, params=params)._replace(deadline=None)
+
+
+@pytest.fixture
+def warm(slot: ProcessSlot) -> ProcessSlot:
+    """A slot whose child has booted (as a Worker's is): only then is anything sent ahead."""
+    assert slot.run(_spec(STEPS.noop), AttemptControl()).kind == "ok"
+    return slot
+
+
+def _ran(pub: dict[str, Any]) -> list[str]:
+    path = Path(pub["dir"]) / "ran"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_an_attempt_sent_ahead_starts_when_the_one_before_replies(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    first, second = _queued(STEPS.mark, "a", pub), _queued(STEPS.mark, "b", pub)
+    result = warm.run(first, AttemptControl(), ahead=(second, AttemptControl()))
+    assert result.kind == "ok", result
+    # "b" runs without another call: its message was in the child's pipe.
+    wait_for(lambda: _ran(pub) == ["a", "b"], what="the attempt sent ahead to run")
+    after = warm.run(second, AttemptControl())
+    assert after.kind == "ok", after
+    assert after.outputs == {"step_id": "b", "pid": result.outputs["pid"]}  # type: ignore[index]
+    assert _ran(pub) == ["a", "b"]  # taken from the pipe, not sent twice
+
+
+def test_a_long_chain_of_attempts_sent_ahead_keeps_replies_matched(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    specs = [_queued(STEPS.mark, f"s{i:02d}", pub) for i in range(30)]
+    for i, spec in enumerate(specs):
+        ahead = (specs[i + 1], AttemptControl()) if i + 1 < len(specs) else None
+        result = warm.run(spec, AttemptControl(), ahead=ahead)
+        assert result.kind == "ok", result
+        assert result.outputs is not None
+        assert result.outputs["step_id"] == spec.step_id
+    assert _ran(pub) == [s.step_id for s in specs]
+
+
+def test_a_crash_before_the_reply_sends_the_next_attempt_again(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    crash, after = _queued(STEPS.exit_3, "crash", pub), _queued(STEPS.mark, "after", pub)
+    result = warm.run(crash, AttemptControl(), ahead=(after, AttemptControl()))
+    assert result.kind == "crash", result
+    second = warm.run(after, AttemptControl())
+    assert second.kind == "ok", second
+    assert _ran(pub) == ["after"]  # it never started in the dead child: run once, here
+
+
+def test_a_crash_after_the_reply_is_the_crash_of_the_attempt_sent_ahead(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    before, crash = _queued(STEPS.mark, "before", pub), _queued(STEPS.exit_3, "crash", pub)
+    result = warm.run(before, AttemptControl(), ahead=(crash, AttemptControl()))
+    assert result.kind == "ok", result
+    second = warm.run(crash, AttemptControl())
+    assert second.kind == "crash", second
+    assert isinstance(second.error, WorkerCrashedError)
+    assert "exited with code 3" in str(second.error)
+    third = warm.run(_queued(STEPS.mark, "next", pub), AttemptControl())
+    assert third.kind == "ok", third
+    assert _ran(pub) == ["before", "next"]
+
+
+def test_running_another_attempt_than_the_one_sent_ahead_replaces_the_child(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    first = _queued(STEPS.mark, "first", pub)
+    skipped = _queued(STEPS.busy, "skipped", pub)  # publishes its pid, then spins
+    result = warm.run(first, AttemptControl(), ahead=(skipped, AttemptControl()))
+    assert result.kind == "ok", result
+    assert result.outputs is not None
+    spinning = _read_pid_file(Path(pub["dir"]) / "pid")[0]
+    other = warm.run(_queued(STEPS.mark, "other", pub), AttemptControl())
+    assert other.kind == "ok", other
+    assert other.outputs is not None
+    assert other.outputs["step_id"] == "other"  # its own reply, not the skipped one's
+    assert other.outputs["pid"] != result.outputs["pid"]
+    _assert_reaped(spinning)
+    assert pid_gone(spinning)
+
+
+def test_an_attempt_sent_ahead_then_cancelled_is_stopped_in_the_child(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    first, spinner = _queued(STEPS.mark, "first", pub), _queued(STEPS.busy, "spin", pub)
+    control = AttemptControl()
+    result = warm.run(first, AttemptControl(), ahead=(spinner, control))
+    assert result.kind == "ok", result
+    spinning = _read_pid_file(Path(pub["dir"]) / "pid")[0]  # it started by itself
+    control.cancel("cancel")
+    stopped = warm.run(spinner, control)
+    assert stopped.kind == "cancelled", stopped
+    _assert_reaped(spinning)
+    assert pid_gone(spinning)
+
+
+def test_an_attempt_with_a_deadline_is_never_sent_ahead(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    first = _queued(STEPS.mark, "first", pub)
+    timed = _spec(STEPS.mark, step_id="timed", params=pub)  # has a deadline
+    assert warm.run(first, AttemptControl(), ahead=(timed, AttemptControl())).kind == "ok"
+    assert _ran(pub) == ["first"]  # its deadline starts when it is sent, so it was not
+    assert warm.run(timed, AttemptControl()).kind == "ok"
+    assert _ran(pub) == ["first", "timed"]

@@ -340,3 +340,58 @@ def test_cancel_reaches_process_attempts_queued_behind_others(chdir_tmp: Path) -
     statuses = set(result.statuses().values())
     assert statuses <= {sv.StepStatus.SUCCEEDED, sv.StepStatus.CANCELLED}
     assert sv.StepStatus.CANCELLED in statuses
+
+
+def flaky_tiny(ctx: sv.StepContext) -> dict[str, int]:
+    """Log the attempt, then crash or raise on attempt 1 as ``params`` say; else succeed."""
+    with open(Path(ctx.params["dir"]) / ctx.step_id, "a") as fh:
+        fh.write(f"{ctx.attempt}\n")
+    if ctx.attempt == 1 and ctx.params["fault"] == "exit":
+        os._exit(5)
+    if ctx.attempt == 1 and ctx.params["fault"] == "raise":
+        raise ValueError("first attempt fails")
+    return {ctx.step_id: ctx.attempt}
+
+
+def test_attempts_sent_ahead_survive_crashes_and_failures_around_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chdir_tmp: Path
+) -> None:
+    """Tiny process steps run batched and sent ahead; crashes and failures in between
+    must neither lose an attempt nor run one twice."""
+    from stepvisor.backends import process as process_module  # noqa: PLC0415
+
+    sent_ahead = [0]
+    original = process_module.ProcessSlot._send_ahead
+
+    def counting(self: Any, child: Any, ahead: Any) -> None:
+        before = self._ahead
+        original(self, child, ahead)
+        sent_ahead[0] += self._ahead is not None and self._ahead is not before
+
+    monkeypatch.setattr(process_module.ProcessSlot, "_send_ahead", counting)
+
+    def fault(i: int) -> str:
+        return "exit" if i % 37 == 5 else "raise" if i % 41 == 7 else "none"
+
+    steps = [
+        sv.Step(
+            f"t{i:03d}",
+            flaky_tiny,
+            executor="process",
+            params={"dir": str(tmp_path), "fault": fault(i)},
+            retry=sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.none()),
+        )
+        for i in range(300)
+    ]
+    result = sv.run(sv.Workflow("ahead", steps), max_parallel=2)
+    assert result.ok, result.error
+    assert sent_ahead[0] > 0  # the path under test was taken
+    for i, step in enumerate(steps):
+        record = result.steps[step.id]
+        logged = (tmp_path / step.id).read_text().split()
+        expected = ["1"] if fault(i) == "none" else ["1", "2"]
+        assert logged == expected, (step.id, logged)  # every attempt ran exactly once
+        assert len(record.attempts) == len(expected)
+        assert result.artifacts[step.id] == len(expected)
+    crashed = [s.id for i, s in enumerate(steps) if fault(i) == "exit"]
+    assert all(result.steps[sid].attempts[0].outcome == "crashed" for sid in crashed)

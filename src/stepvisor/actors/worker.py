@@ -84,19 +84,20 @@ class Worker(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, RunBatch):
-            for attempt in message.attempts:
-                self._attempt(attempt)
+            attempts = message.attempts
+            for i, attempt in enumerate(attempts):
+                self._attempt(attempt, attempts[i + 1] if i + 1 < len(attempts) else None)
         elif isinstance(message, RunAttempt):
             self._attempt(message)
         else:
             log.warning("worker %s ignored an unexpected message %r", self.worker_id, message)
 
-    def _attempt(self, message: RunAttempt) -> None:
+    def _attempt(self, message: RunAttempt, following: RunAttempt | None = None) -> None:
         spec = message.spec
         started_wall = time.time()
         started = time.monotonic()
         try:
-            result = self._run(message)
+            result = self._run(message, following)
         except BaseException as exc:  # a backend bug must still end the attempt
             log.exception("backend failed while running step %r", spec.step_id)
             result = AttemptResult(kind="error", error=exc, traceback=format_error(exc))
@@ -121,17 +122,22 @@ class Worker(pykka.ThreadingActor):
             self._process = ProcessSlot(name=self.worker_id)
         return self._process
 
-    def _run(self, message: RunAttempt) -> AttemptResult:
+    def _run(self, message: RunAttempt, following: RunAttempt | None) -> AttemptResult:
+        executor = message.executor
+        if executor == "process":
+            # The slot checks for a cancel itself: it may have sent this attempt
+            # to its child already, behind the previous one (``ahead``).
+            ahead = None
+            if following is not None and following.executor == "process":
+                ahead = (following.spec, following.control)
+            return self._process_slot().run(message.spec, message.control, ahead)
         if message.control.is_cancelled:
             # Queued behind another attempt and cancelled before its turn.
             return AttemptResult(kind="cancelled", note="it was cancelled before it started")
-        executor = message.executor
         if executor == "thread":
             return call_step(message.spec, message.control)
         if executor == "async":
             return self.services.loop().run(message.spec, message.control)
-        if executor == "process":
-            return self._process_slot().run(message.spec, message.control)
         if executor == "ray":
             if self.services.ray is None:
                 raise RuntimeError("no Ray backend was set up for this run")

@@ -73,7 +73,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cloudpickle
 
@@ -105,6 +105,9 @@ _EMPTY_ARGS: Final = pickle.dumps(({}, {}), protocol=_PROTOCOL)
 _READ_CHUNK: Final = 1 << 20
 #: How often a child's death is checked for when pidfds are not available.
 _FALLBACK_POLL_S: Final = 0.02
+#: The largest attempt message sent ahead to a busy child (see ``ProcessSlot.run``):
+#: a pipe write of at most ``PIPE_BUF`` bytes is whole or nothing, never partial.
+_AHEAD_MAX: Final = select.PIPE_BUF
 #: How deep, and how many items per level, the search for an unpicklable part goes.
 _SEARCH_DEPTH: Final = 6
 _SEARCH_WIDTH: Final = 100
@@ -423,6 +426,13 @@ class _Child:
                 _close_quietly(self.pidfd)
         return returncode
 
+    def send_whole(self, data: bytes) -> bool:
+        """Write ``data`` (at most ``PIPE_BUF`` bytes) in one go, or nothing; whether it was."""
+        try:
+            return os.write(self.cmd_w, data) == len(data)
+        except OSError:  # full (BlockingIOError), or the child is gone
+            return False
+
     def send_some(self, pending: memoryview) -> memoryview:
         """Write what the pipe takes now; the rest.  A dead reader drops everything."""
         try:
@@ -496,6 +506,16 @@ class _SlotState:
 # -- the slot ------------------------------------------------------------------------------
 
 
+class _Ahead(NamedTuple):
+    """An attempt already written into a child's command pipe, behind the running one."""
+
+    key: tuple[str, str, int]  # run id, step id, attempt
+    child: _Child
+    #: Whether the attempt before it got its reply: if so, the child may have
+    #: started this one, and losing the child now is this attempt's crash.
+    replied: bool
+
+
 class ProcessSlot:
     """One child process owned by one Worker; reused across attempts.
 
@@ -512,6 +532,7 @@ class ProcessSlot:
         self._state = _SlotState()
         self._run_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, self._state.shutdown)
+        self._ahead: _Ahead | None = None
 
     def __repr__(self) -> str:
         return f"ProcessSlot(name={self._name!r}, pid={self.pid})"
@@ -552,11 +573,25 @@ class ProcessSlot:
         with self._run_lock:
             self._finalizer()
 
-    def run(self, spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
-        """Run one attempt in the child; block until it ends; return how it ended."""
+    def run(
+        self,
+        spec: AttemptSpec,
+        control: AttemptControl,
+        ahead: tuple[AttemptSpec, AttemptControl] | None = None,
+    ) -> AttemptResult:
+        """Run one attempt in the child; block until it ends; return how it ended.
+
+        ``ahead`` is the attempt the caller will run next, if it knows: when
+        both are small and have no deadline, its message goes into the child's
+        pipe with this one's, so the child starts it the moment it replies
+        instead of waiting a round trip (two thread wakes, each a cross-CPU
+        interrupt on a VM).  The next call must then be for that attempt; a
+        call for any other attempt first replaces the child, so a reply is
+        never taken for the wrong attempt.
+        """
         with self._run_lock:
             try:
-                return self._run(spec, control)
+                return self._run(spec, control, ahead)
             except Exception as exc:
                 log.exception("process slot %r failed running step %r", self._name, spec.step_id)
                 self._retire_current(respawn=True)
@@ -567,9 +602,22 @@ class ProcessSlot:
 
     # -- one attempt --
 
-    def _run(self, spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
+    def _run(
+        self,
+        spec: AttemptSpec,
+        control: AttemptControl,
+        ahead: tuple[AttemptSpec, AttemptControl] | None = None,
+    ) -> AttemptResult:
         if self._state.closed:
             return self._closed_result(spec, pid=None)
+        sent = self._take_ahead(spec)
+        if sent is not None:
+            if sent.child is self._state.child:
+                return self._run_sent(spec, control, sent.child, ahead)
+            if sent.replied:
+                # The child took this attempt from its pipe, or was about to, and
+                # died: that is this attempt's crash, not something to run again.
+                return _crash_result(spec, sent.child.pid, sent.child.reap(), ready=True)
         late = spec.deadline is not None and time.monotonic() >= spec.deadline
         if late and not control.is_cancelled:
             control.cancel("timeout")
@@ -587,6 +635,50 @@ class ProcessSlot:
             return _spawn_failed(spec, exc)
         if child is None:
             return self._closed_result(spec, pid=None)
+        message = self._message(child, spec, fn_payload, args)
+        token = object()
+        with child.lock:
+            child.token = token
+        control.on_cancel(functools.partial(child.terminate, token))
+        reply = self._exchange(child, spec, control, message, ahead)
+        if reply is not None:
+            return self._reply_result(spec, child, reply)
+        return self._end_of_child(spec, control, child)
+
+    def _run_sent(
+        self,
+        spec: AttemptSpec,
+        control: AttemptControl,
+        child: _Child,
+        ahead: tuple[AttemptSpec, AttemptControl] | None,
+    ) -> AttemptResult:
+        """Wait for an attempt whose message is already in ``child``'s pipe."""
+        token = object()
+        with child.lock:
+            child.token = token
+        # If it was cancelled meanwhile, this stops the child at once: it may
+        # already be running the attempt.
+        control.on_cancel(functools.partial(child.terminate, token))
+        reply = self._exchange(child, spec, control, b"", ahead)
+        if reply is not None:
+            return self._reply_result(spec, child, reply)
+        return self._end_of_child(spec, control, child)
+
+    def _take_ahead(self, spec: AttemptSpec) -> _Ahead | None:
+        """The record of ``spec`` sent ahead, if it was; replace a child holding another."""
+        sent, self._ahead = self._ahead, None
+        if sent is None:
+            return None
+        if sent.key == _key(spec):
+            return sent
+        if sent.child is self._state.child:
+            # Its pipe holds (or it runs) an attempt nobody will wait for: a fresh
+            # child is the only way to keep replies matched to attempts.
+            log.info("worker process %s had another attempt queued; replacing it", sent.child.pid)
+            self._retire(sent.child, respawn=True)
+        return None
+
+    def _message(self, child: _Child, spec: AttemptSpec, fn_payload: bytes, args: bytes) -> bytes:
         path = None if child.sent_path == sys.path else list(sys.path)
         meta = (
             spec.run_id,
@@ -600,33 +692,72 @@ class ProcessSlot:
         message = encode_message([pickle.dumps(meta, protocol=_PROTOCOL), fn_payload, args])
         if path is not None:
             child.sent_path = path
-        token = object()
-        with child.lock:
-            child.token = token
-        control.on_cancel(functools.partial(child.terminate, token))
-        reply = self._exchange(child, spec, control, message)
-        if reply is not None:
-            return self._reply_result(spec, child, reply)
-        return self._end_of_child(spec, control, child)
+        return message
+
+    def _send_ahead(self, child: _Child, ahead: tuple[AttemptSpec, AttemptControl] | None) -> None:
+        """Write the next attempt into the pipe behind the current one, if it may go.
+
+        Only an attempt without a deadline (its time must start when it does),
+        not cancelled, to a child that has booted, and small enough for one
+        whole-or-nothing write; ``_ahead`` records it.
+        """
+        message = self._ahead_message(child, ahead)
+        if message and child.send_whole(message):
+            assert ahead is not None
+            self._ahead = _Ahead(_key(ahead[0]), child, replied=False)
+
+    def _ahead_message(
+        self, child: _Child, ahead: tuple[AttemptSpec, AttemptControl] | None
+    ) -> bytes:
+        if ahead is None:
+            return b""
+        spec, control = ahead
+        if spec.deadline is not None or control.is_cancelled or not child.ready:
+            return b""
+        try:
+            fn_payload = spec.fn_payload or prepare_payload(spec.step_id, spec.fn)
+            args = _args_blob(spec)
+        except StepNotSerializableError:
+            return b""  # its own run reports that
+        if len(fn_payload) + len(args) > _AHEAD_MAX:
+            return b""
+        message = self._message(child, spec, fn_payload, args)
+        return message if len(message) <= _AHEAD_MAX else b""
 
     def _exchange(
-        self, child: _Child, spec: AttemptSpec, control: AttemptControl, message: bytes
+        self,
+        child: _Child,
+        spec: AttemptSpec,
+        control: AttemptControl,
+        message: bytes,
+        ahead: tuple[AttemptSpec, AttemptControl] | None = None,
     ) -> list[bytes] | None:
-        """Send the attempt, then wait for its reply (``None``: the child died first)."""
+        """Send the attempt (if not sent yet) and maybe the next one behind it, then
+        wait for its reply (``None``: the child died first)."""
         pending = child.send_some(memoryview(message))
         if pending:
             child.poller.register(child.cmd_w, select.POLLOUT)
+        else:
+            self._send_ahead(child, ahead)  # never interleaved with a part-sent message
         try:
-            return self._await_reply(child, spec, control, pending)
+            reply = self._await_reply(child, spec, control, pending)
         finally:
             if pending:  # registered above; the poller outlives this attempt
                 with contextlib.suppress(KeyError):
                     child.poller.unregister(child.cmd_w)
+        sent = self._ahead
+        if sent is not None and sent.child is child and reply is not None:
+            self._ahead = sent._replace(replied=True)
+        return reply
 
     def _await_reply(
         self, child: _Child, spec: AttemptSpec, control: AttemptControl, pending: memoryview
     ) -> list[bytes] | None:
         reading = True
+        # With attempts sent ahead, the reply may have come in with the previous one.
+        early = child.take_reply()
+        if early is not None and child.claim_reply():
+            return early
         while True:
             dead = False
             for fd, _events in child.poller.poll(_poll_ms(child, spec, control)):
@@ -735,6 +866,10 @@ class ProcessSlot:
 
 
 # -- the loop's timing ------------------------------------------------------------------------
+
+
+def _key(spec: AttemptSpec) -> tuple[str, str, int]:
+    return (spec.run_id, spec.step_id, spec.attempt)
 
 
 def _poll_ms(child: _Child, spec: AttemptSpec, control: AttemptControl) -> int | None:
