@@ -20,6 +20,8 @@ import pytest
 
 from stepvisor._procfs import pid_gone, processes_with_env
 from stepvisor.clock import FakeClock
+from stepvisor.runtime import RunHandle
+from stepvisor.state import RunStatus, StepStatus
 
 __all__ = ["pid_gone", "pump_until", "session_processes", "wait_for"]
 
@@ -112,3 +114,18 @@ def pump_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.005)
+
+
+def cancel_midway(handle: RunHandle, finished: threading.Semaphore, after: int) -> None:
+    """Cancel once ``after`` steps have finished; check the run ended cancelled midway.
+
+    ``finished`` is released once per finished step (by the steps or an event hook).
+    """
+    for _ in range(after):
+        assert finished.acquire(timeout=30)
+    handle.cancel()
+    result = handle.wait(60)
+    assert result.status is RunStatus.CANCELLED
+    statuses = set(result.statuses().values())
+    assert statuses <= {StepStatus.SUCCEEDED, StepStatus.CANCELLED}
+    assert StepStatus.CANCELLED in statuses
