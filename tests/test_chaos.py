@@ -470,3 +470,31 @@ def test_oracle_accepts_a_failure_the_stop_kept_from_retrying_only_when_noted() 
         chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
         oracle = [v for v in checker.violations if v.invariant == "oracle"]
         assert len(oracle) == expected_violations, oracle
+
+
+def test_oracle_accepts_fewer_attempts_only_when_the_last_was_abandoned() -> None:
+    """Seed 994880692838 (make chaos): a thread step timing out on every attempt, with
+    three attempts, was abandoned on the first under load and so never retried."""
+    scenario = next(
+        c
+        for c in map(chaos.generate, range(2000))
+        if c.on_failure == "continue"
+        and any(
+            p.executor == "thread" and p.fault == "timeout" and p.failing >= p.max_attempts == 3
+            for p in c.steps
+        )
+    )
+    plan = next(
+        p
+        for p in scenario.steps
+        if p.executor == "thread" and p.fault == "timeout" and p.failing >= p.max_attempts == 3
+    )
+    statuses = {p.id: "succeeded" for p in scenario.steps}
+    statuses[plan.id] = "timed_out"
+    timed_out = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out")
+    for note, expected_violations in (("abandoned", 0), (None, 1)):
+        record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (timed_out._replace(note=note),))
+        checker = Checker(seed=1)
+        chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
+        oracle = [v for v in checker.violations if v.invariant == "oracle"]
+        assert len(oracle) == expected_violations, oracle
