@@ -12,9 +12,8 @@ Two views live side by side:
 * the *committed* view - ``committed`` (how many steps, in canonical order,
   have been folded) and ``artifacts`` (their merged outputs, computed on
   demand).  A terminal step is folded only once every step before it in
-  canonical order is folded, so the
-  sequence of commits and the merged artifacts are the same whatever order the
-  steps finished in.
+  canonical order is folded, so the sequence of commits and the merged
+  artifacts are the same whatever order the steps finished in.
 """
 
 from __future__ import annotations
@@ -173,8 +172,8 @@ class RunState(NamedTuple):
     Step records and outputs are kept in pyrsistent vectors indexed by
     canonical rank (``rank`` maps an id to it), chunked (``Chunks``): a vector
     update is a C call, several times cheaper than a persistent map's, and this
-    is the Supervisor's hot path.  The commit sequence is not stored: it is always the
-    first ``committed`` ids of the canonical order.
+    is the Supervisor's hot path.  The commit sequence is not stored: it is
+    always the first ``committed`` ids of the canonical order.
     """
 
     run_id: str

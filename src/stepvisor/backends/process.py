@@ -613,7 +613,8 @@ class ProcessSlot:
         sent = self._take_ahead(spec)
         if sent is not None:
             if sent.child is self._state.child:
-                return self._run_sent(spec, control, sent.child, ahead)
+                # Already in the child's pipe: only wait for its reply.
+                return self._attempt_on(sent.child, spec, control, b"", ahead)
             if sent.replied:
                 # The child took this attempt from its pipe, or was about to, and
                 # died: that is this attempt's crash, not something to run again.
@@ -624,8 +625,7 @@ class ProcessSlot:
         if control.is_cancelled:
             return _stopped_before_start(spec, control)
         try:
-            fn_payload = spec.fn_payload or prepare_payload(spec.step_id, spec.fn)
-            args = _args_blob(spec)
+            fn_payload, args = _payload_and_args(spec)
         except StepNotSerializableError as exc:
             exc.attempt = spec.attempt
             return AttemptResult(kind="unsendable", error=exc, note="nothing was sent")
@@ -636,30 +636,25 @@ class ProcessSlot:
         if child is None:
             return self._closed_result(spec, pid=None)
         message = self._message(child, spec, fn_payload, args)
-        token = object()
-        with child.lock:
-            child.token = token
-        control.on_cancel(functools.partial(child.terminate, token))
-        reply = self._exchange(child, spec, control, message, ahead)
-        if reply is not None:
-            return self._reply_result(spec, child, reply)
-        return self._end_of_child(spec, control, child)
+        return self._attempt_on(child, spec, control, message, ahead)
 
-    def _run_sent(
+    def _attempt_on(
         self,
+        child: _Child,
         spec: AttemptSpec,
         control: AttemptControl,
-        child: _Child,
+        message: bytes,
         ahead: tuple[AttemptSpec, AttemptControl] | None,
     ) -> AttemptResult:
-        """Wait for an attempt whose message is already in ``child``'s pipe."""
+        """Make ``child`` this attempt's (its cancel stops it), send ``message``
+        (``b""`` if it was sent ahead) and wait for the outcome."""
         token = object()
         with child.lock:
             child.token = token
-        # If it was cancelled meanwhile, this stops the child at once: it may
-        # already be running the attempt.
+        # Called at once if already cancelled: an attempt sent ahead may be
+        # running in the child by now, and this stops it.
         control.on_cancel(functools.partial(child.terminate, token))
-        reply = self._exchange(child, spec, control, b"", ahead)
+        reply = self._exchange(child, spec, control, message, ahead)
         if reply is not None:
             return self._reply_result(spec, child, reply)
         return self._end_of_child(spec, control, child)
@@ -715,12 +710,9 @@ class ProcessSlot:
         if spec.deadline is not None or control.is_cancelled or not child.ready:
             return b""
         try:
-            fn_payload = spec.fn_payload or prepare_payload(spec.step_id, spec.fn)
-            args = _args_blob(spec)
+            fn_payload, args = _payload_and_args(spec)
         except StepNotSerializableError:
             return b""  # its own run reports that
-        if len(fn_payload) + len(args) > _AHEAD_MAX:
-            return b""
         message = self._message(child, spec, fn_payload, args)
         return message if len(message) <= _AHEAD_MAX else b""
 
@@ -866,6 +858,11 @@ class ProcessSlot:
 
 
 # -- the loop's timing ------------------------------------------------------------------------
+
+
+def _payload_and_args(spec: AttemptSpec) -> tuple[bytes, bytes]:
+    """The pickled function and inputs of an attempt (raises ``StepNotSerializableError``)."""
+    return spec.fn_payload or prepare_payload(spec.step_id, spec.fn), _args_blob(spec)
 
 
 def _key(spec: AttemptSpec) -> tuple[str, str, int]:
