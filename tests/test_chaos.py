@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from stepvisor.chaos import (
     Outcome,
     Scenario,
     StepPlan,
+    Violation,
     build_workflow,
     check_artifacts,
     check_effects,
@@ -427,24 +429,42 @@ def test_a_bounded_campaign_finds_no_violation(chdir_tmp: Path) -> None:
     assert summary.checks["artifacts"] == summary.statuses["succeeded"], text
 
 
-def test_oracle_accepts_an_abandoned_cooperative_thread_only_when_recorded_abandoned() -> None:
-    """Under load a cooperative thread can miss a short grace period and be abandoned."""
-    scenario = None
-    for seed in range(200):
-        candidate = chaos.generate(seed)
-        if any(p.executor == "thread" and p.fault == "timeout" for p in candidate.steps):
-            scenario = candidate
-            break
-    assert scenario is not None
-    plan = next(p for p in scenario.steps if p.executor == "thread" and p.fault == "timeout")
+def _scenario_and_plan(
+    wanted: Callable[[Scenario], bool], step: Callable[[StepPlan], bool]
+) -> tuple[Scenario, StepPlan]:
+    """The first generated scenario ``wanted`` accepts, and its first step ``step`` accepts."""
+    scenario = next(
+        c for c in map(chaos.generate, range(2000)) if wanted(c) and any(map(step, c.steps))
+    )
+    return scenario, next(p for p in scenario.steps if step(p))
+
+
+def _oracle_on_one_timeout(
+    scenario: Scenario, plan: StepPlan, note: str | None, *, also_failed: bool = False
+) -> list[Violation]:
+    """The oracle's verdicts on ``plan`` ending ``timed_out`` after one attempt noted ``note``.
+
+    Every other step succeeded, unless ``also_failed``: then another step
+    failed too (what stops a fail-fast run).
+    """
     statuses = {p.id: "succeeded" for p in scenario.steps}
     statuses[plan.id] = "timed_out"
-    started = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out")
+    if also_failed:
+        statuses["zz_other"] = "failed"
+    attempt = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out", note=note)
+    record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (attempt,))
+    checker = Checker(seed=1)
+    chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
+    return [v for v in checker.violations if v.invariant == "oracle"]
+
+
+def test_oracle_accepts_an_abandoned_cooperative_thread_only_when_recorded_abandoned() -> None:
+    """Under load a cooperative thread can miss a short grace period and be abandoned."""
+    scenario, plan = _scenario_and_plan(
+        lambda c: True, lambda p: p.executor == "thread" and p.fault == "timeout"
+    )
     for note, expected_violations in (("abandoned", 0), (None, 1)):
-        record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (started._replace(note=note),))
-        checker = Checker(seed=1)
-        chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
-        oracle = [v for v in checker.violations if v.invariant == "oracle"]
+        oracle = _oracle_on_one_timeout(scenario, plan, note)
         assert len(oracle) >= expected_violations
         if expected_violations == 0:
             assert oracle == []
@@ -452,49 +472,25 @@ def test_oracle_accepts_an_abandoned_cooperative_thread_only_when_recorded_aband
 
 def test_oracle_accepts_a_failure_the_stop_kept_from_retrying_only_when_noted() -> None:
     """Fail-fast: a step that times out as the run stops keeps ``timed_out``, noted."""
-    scenario = next(
-        c
-        for c in map(chaos.generate, range(2000))
-        if c.on_failure == "fail_fast"
-        and any(p.fault == "timeout" and p.failing < p.max_attempts for p in c.steps)
+    scenario, plan = _scenario_and_plan(
+        lambda c: c.on_failure == "fail_fast",
+        lambda p: p.fault == "timeout" and p.failing < p.max_attempts,
     )
-    plan = next(p for p in scenario.steps if p.fault == "timeout" and p.failing < p.max_attempts)
-    statuses = {p.id: "succeeded" for p in scenario.steps}
-    statuses[plan.id] = "timed_out"
-    statuses["zz_other"] = "failed"  # the failure that stopped the run
-    attempt = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out")
     noted = "not retried: the run is stopping (step 'zz_other' failed)"
     for note, expected_violations in ((noted, 0), (None, 1)):
-        record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (attempt._replace(note=note),))
-        checker = Checker(seed=1)
-        chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
-        oracle = [v for v in checker.violations if v.invariant == "oracle"]
+        oracle = _oracle_on_one_timeout(scenario, plan, note, also_failed=True)
         assert len(oracle) == expected_violations, oracle
 
 
 def test_oracle_accepts_fewer_attempts_only_when_the_last_was_abandoned() -> None:
     """Seed 994880692838 (make chaos): a thread step timing out on every attempt, with
     three attempts, was abandoned on the first under load and so never retried."""
-    scenario = next(
-        c
-        for c in map(chaos.generate, range(2000))
-        if c.on_failure == "continue"
-        and any(
+    scenario, plan = _scenario_and_plan(
+        lambda c: c.on_failure == "continue",
+        lambda p: (
             p.executor == "thread" and p.fault == "timeout" and p.failing >= p.max_attempts == 3
-            for p in c.steps
-        )
+        ),
     )
-    plan = next(
-        p
-        for p in scenario.steps
-        if p.executor == "thread" and p.fault == "timeout" and p.failing >= p.max_attempts == 3
-    )
-    statuses = {p.id: "succeeded" for p in scenario.steps}
-    statuses[plan.id] = "timed_out"
-    timed_out = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out")
     for note, expected_violations in (("abandoned", 0), (None, 1)):
-        record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (timed_out._replace(note=note),))
-        checker = Checker(seed=1)
-        chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
-        oracle = [v for v in checker.violations if v.invariant == "oracle"]
+        oracle = _oracle_on_one_timeout(scenario, plan, note)
         assert len(oracle) == expected_violations, oracle
