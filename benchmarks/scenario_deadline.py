@@ -41,7 +41,7 @@ from benchmarks.common import (
 )
 from benchmarks.harness import Row, Target
 from benchmarks.steps import busy, ready
-from stepvisor.events import Event, StepDispatched, StepFinished
+from stepvisor.core.events import Event, StepDispatched, StepFinished
 
 NAME = "deadline"
 TITLE = "deadline precision: overrun past a 0.2 s timeout"

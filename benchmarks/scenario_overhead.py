@@ -29,7 +29,7 @@ import stepvisor as sv
 from benchmarks.common import Measured, best_of, cores, probe, scratch_dir
 from benchmarks.harness import Row, Target
 from benchmarks.steps import noop
-from stepvisor.model import Executor
+from stepvisor.core.model import Executor
 
 NAME = "overhead"
 TITLE = "per-step overhead of independent no-op steps"

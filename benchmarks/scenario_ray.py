@@ -51,7 +51,7 @@ from benchmarks.common import (
     wait_until,
 )
 from benchmarks.harness import Row, Target, replace_row
-from stepvisor.events import Event, StepDispatched, StepFinished
+from stepvisor.core.events import Event, StepDispatched, StepFinished
 
 NAME = "ray"
 TITLE = "Ray steps: stepvisor on Ray vs plain Ray tasks"

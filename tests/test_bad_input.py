@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 import stepvisor as sv
-from stepvisor.cli import main as cli_main
+from stepvisor.cli.main import main as cli_main
 from stepvisor.store.sqlite import SQLiteStore
 from stepvisor.workflow_file import load_workflow
 

@@ -22,6 +22,7 @@ import pytest
 
 import stepvisor as sv
 from stepvisor import chaos
+from stepvisor._runtime import fingerprint
 from stepvisor.chaos import (
     FAULTS,
     FOREVER,
@@ -46,8 +47,7 @@ from stepvisor.chaos import (
     run_one,
     run_seeds,
 )
-from stepvisor.runtime import fingerprint
-from stepvisor.state import AttemptRecord, StepRecord
+from stepvisor.core.state import AttemptRecord, StepRecord
 
 # -- helpers -----------------------------------------------------------------------------------
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from stepvisor.cli import main
-from stepvisor.events import RunStarted, StepDispatched, StepFinished, StepRetrying
-from stepvisor.progress import LiveDisplay, LogDisplay, Progress, _fit_names
-from stepvisor.state import RunStatus, StepStatus
+from stepvisor.cli._progress import LiveDisplay, LogDisplay, Progress, _fit_names
+from stepvisor.cli.main import main
+from stepvisor.core.events import RunStarted, StepDispatched, StepFinished, StepRetrying
+from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.store.sqlite import SQLiteStore
 from tests.conftest import wait_for
 

@@ -50,6 +50,7 @@ from stepvisor.backends.ray import (
     task_options,
 )
 from stepvisor.context import AttemptControl
+from stepvisor.core.model import Executor
 from stepvisor.errors import (
     BackendUnavailableError,
     RemoteStepError,
@@ -57,7 +58,6 @@ from stepvisor.errors import (
     StepTimeoutError,
     WorkerCrashedError,
 )
-from stepvisor.model import Executor
 from tests.conftest import pid_gone, wait_for
 
 pytestmark = pytest.mark.ray

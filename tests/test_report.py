@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 import stepvisor as sv
-from stepvisor.report import render_html, write_html
-from stepvisor.state import AttemptRecord, RunStatus, StepRecord, StepStatus
+from stepvisor.cli._report import render_html, write_html
+from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo, StoredRun
 
 CHROMIUM = shutil.which("chromium") or (

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gc
 import random
 
-from stepvisor.state import RunState, StepRecord, StepStatus
+from stepvisor.core.state import RunState, StepRecord, StepStatus
 
-CHUNK = 512  # stepvisor.state._CHUNK: tests below cross several chunk boundaries
+CHUNK = 512  # stepvisor.core.state._CHUNK: tests below cross several chunk boundaries
 
 
 def _initial(n: int) -> RunState:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from stepvisor.clock import FakeClock
+from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.errors import RunNotFoundError
-from stepvisor.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo, RunStore
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from stepvisor.clock import FakeClock
+from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.errors import (
     ArtifactCodecError,
     InvalidSettingError,
@@ -39,7 +40,6 @@ from stepvisor.errors import (
     SchemaVersionError,
     StoreError,
 )
-from stepvisor.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo
 from stepvisor.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
 

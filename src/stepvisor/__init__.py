@@ -11,6 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from stepvisor._runtime import (
+        RunHandle,
+        resume,
+        resume_start,
+        run,
+        run_async,
+        start,
+    )
     from stepvisor.clock import (
         Clock,
         FakeClock,
@@ -22,6 +30,29 @@ if TYPE_CHECKING:
     )
     from stepvisor.context import (
         StepContext,
+    )
+    from stepvisor.core.events import (
+        Event,
+        RunFinished,
+        RunStarted,
+        StepCommitted,
+        StepDispatched,
+        StepFinished,
+        StepRetrying,
+    )
+    from stepvisor.core.model import (
+        Settings,
+        Step,
+        Workflow,
+    )
+    from stepvisor.core.result import (
+        RunResult,
+    )
+    from stepvisor.core.state import (
+        AttemptRecord,
+        RunStatus,
+        StepRecord,
+        StepStatus,
     )
     from stepvisor.errors import (
         ArtifactCodecError,
@@ -54,40 +85,9 @@ if TYPE_CHECKING:
         WorkerCrashedError,
         WorkflowFileError,
     )
-    from stepvisor.events import (
-        Event,
-        RunFinished,
-        RunStarted,
-        StepCommitted,
-        StepDispatched,
-        StepFinished,
-        StepRetrying,
-    )
-    from stepvisor.model import (
-        Settings,
-        Step,
-        Workflow,
-    )
     from stepvisor.policies.retry import (
         Backoff,
         RetryPolicy,
-    )
-    from stepvisor.result import (
-        RunResult,
-    )
-    from stepvisor.runtime import (
-        RunHandle,
-        resume,
-        resume_start,
-        run,
-        run_async,
-        start,
-    )
-    from stepvisor.state import (
-        AttemptRecord,
-        RunStatus,
-        StepRecord,
-        StepStatus,
     )
     from stepvisor.store.base import (
         RunStore,
@@ -107,13 +107,13 @@ if TYPE_CHECKING:
 # command line should answer --help without loading the engine.
 _LAZY: dict[str, str] = {
     "ArtifactCodecError": "stepvisor.errors",
-    "AttemptRecord": "stepvisor.state",
+    "AttemptRecord": "stepvisor.core.state",
     "BackendUnavailableError": "stepvisor.errors",
     "Backoff": "stepvisor.policies.retry",
     "Clock": "stepvisor.clock",
     "CycleError": "stepvisor.errors",
     "DuplicateStepError": "stepvisor.errors",
-    "Event": "stepvisor.events",
+    "Event": "stepvisor.core.events",
     "FakeClock": "stepvisor.clock",
     "FatalError": "stepvisor.errors",
     "FingerprintMismatchError": "stepvisor.errors",
@@ -131,43 +131,43 @@ _LAZY: dict[str, str] = {
     "RetryBudgetExhaustedError": "stepvisor.errors",
     "RetryPolicy": "stepvisor.policies.retry",
     "RetryableError": "stepvisor.errors",
-    "RunFinished": "stepvisor.events",
-    "RunHandle": "stepvisor.runtime",
+    "RunFinished": "stepvisor.core.events",
+    "RunHandle": "stepvisor._runtime",
     "RunNotFoundError": "stepvisor.errors",
-    "RunResult": "stepvisor.result",
-    "RunStarted": "stepvisor.events",
-    "RunStatus": "stepvisor.state",
+    "RunResult": "stepvisor.core.result",
+    "RunStarted": "stepvisor.core.events",
+    "RunStatus": "stepvisor.core.state",
     "RunStore": "stepvisor.store.base",
     "SQLiteStore": "stepvisor.store.sqlite",
     "SchemaVersionError": "stepvisor.errors",
-    "Settings": "stepvisor.model",
-    "Step": "stepvisor.model",
+    "Settings": "stepvisor.core.model",
+    "Step": "stepvisor.core.model",
     "StepCancelledError": "stepvisor.errors",
-    "StepCommitted": "stepvisor.events",
+    "StepCommitted": "stepvisor.core.events",
     "StepContext": "stepvisor.context",
-    "StepDispatched": "stepvisor.events",
+    "StepDispatched": "stepvisor.core.events",
     "StepError": "stepvisor.errors",
-    "StepFinished": "stepvisor.events",
+    "StepFinished": "stepvisor.core.events",
     "StepFunctionError": "stepvisor.errors",
     "StepNotSerializableError": "stepvisor.errors",
-    "StepRecord": "stepvisor.state",
-    "StepRetrying": "stepvisor.events",
-    "StepStatus": "stepvisor.state",
+    "StepRecord": "stepvisor.core.state",
+    "StepRetrying": "stepvisor.core.events",
+    "StepStatus": "stepvisor.core.state",
     "StepTimeoutError": "stepvisor.errors",
     "StepvisorError": "stepvisor.errors",
     "StoreError": "stepvisor.errors",
     "UnknownDependencyError": "stepvisor.errors",
     "ValidationError": "stepvisor.errors",
     "WorkerCrashedError": "stepvisor.errors",
-    "Workflow": "stepvisor.model",
+    "Workflow": "stepvisor.core.model",
     "WorkflowFileError": "stepvisor.errors",
     "load_workflow": "stepvisor.workflow_file",
     "resolve": "stepvisor.config",
-    "resume": "stepvisor.runtime",
-    "resume_start": "stepvisor.runtime",
-    "run": "stepvisor.runtime",
-    "run_async": "stepvisor.runtime",
-    "start": "stepvisor.runtime",
+    "resume": "stepvisor._runtime",
+    "resume_start": "stepvisor._runtime",
+    "run": "stepvisor._runtime",
+    "run_async": "stepvisor._runtime",
+    "start": "stepvisor._runtime",
 }
 
 

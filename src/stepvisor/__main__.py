@@ -1,5 +1,5 @@
 """``python -m stepvisor``: the same command line as the ``stepvisor`` script."""
 
-from stepvisor.cli import main
+from stepvisor.cli.main import main
 
 raise SystemExit(main())

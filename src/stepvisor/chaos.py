@@ -84,8 +84,8 @@ from stepvisor._procfs import processes_with_env
 from stepvisor.actors.supervisor import NOT_RETRIED_STOPPING
 from stepvisor.actors.worker import worker_thread_name
 from stepvisor.context import StepContext
+from stepvisor.core.model import Executor, Step, Workflow
 from stepvisor.errors import FatalError, RetryableError, RunNotFoundError, StoreError
-from stepvisor.model import Executor, Step, Workflow
 from stepvisor.policies.retry import Backoff, RetryPolicy
 from stepvisor.store.sqlite import SQLiteStore
 

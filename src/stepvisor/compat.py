@@ -50,12 +50,12 @@ from datetime import UTC, datetime
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 import stepvisor as sv
+from stepvisor.core.model import check_max_parallel, check_positive_seconds
 from stepvisor.errors import (
     InvalidRetryPolicyError,
     StepCancelledError,
     StepTimeoutError,
 )
-from stepvisor.model import check_max_parallel, check_positive_seconds
 
 __all__ = [
     "ParallelStepExecutor",

@@ -9,7 +9,7 @@ Highest first::
       > built-in default (max_parallel=8)
 
 Values from the environment and project files are parsed from text and then
-validated by constructing :class:`~stepvisor.model.Settings`, so a bad value is
+validated by constructing :class:`~stepvisor.core.model.Settings`, so a bad value is
 rejected with the same message wherever it came from, prefixed by its source.
 """
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from stepvisor.core.model import SETTING_NAMES, Settings
 from stepvisor.errors import InvalidSettingError, ValidationError
-from stepvisor.model import SETTING_NAMES, Settings
 from stepvisor.policies.retry import RetryPolicy
 
 __all__ = ["DEFAULTS", "ENV_PREFIX", "Resolved", "find_project_settings", "resolve"]

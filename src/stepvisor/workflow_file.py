@@ -2,7 +2,7 @@
 
 A workflow file names its step functions as ``package.module:function`` and
 holds only data besides; nothing in it is evaluated.  ``load_workflow`` turns it
-into a :class:`~stepvisor.model.Workflow`::
+into a :class:`~stepvisor.core.model.Workflow`::
 
     read text ─▶ YAML (safe, duplicate keys rejected) ─▶ check shape, keys, types
        ─▶ import each ``run:`` target ─▶ Step / Settings / RetryPolicy (their own checks)
@@ -31,8 +31,8 @@ from typing import Any, Final
 
 import yaml
 
+from stepvisor.core.model import SETTING_NAMES, Settings, Step, Workflow
 from stepvisor.errors import ValidationError, WorkflowFileError
-from stepvisor.model import SETTING_NAMES, Settings, Step, Workflow
 from stepvisor.policies.retry import RetryPolicy
 
 __all__ = ["STEP_KEYS", "TOP_KEYS", "load_workflow", "resolve_target"]

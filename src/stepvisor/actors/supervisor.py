@@ -48,13 +48,7 @@ from stepvisor.backends.base import AttemptSpec
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
 from stepvisor.context import AttemptControl
-from stepvisor.errors import (
-    ArtifactCodecError,
-    StepCancelledError,
-    StepTimeoutError,
-    WorkerCrashedError,
-)
-from stepvisor.events import (
+from stepvisor.core.events import (
     Event,
     RunFinished,
     RunStarted,
@@ -63,17 +57,23 @@ from stepvisor.events import (
     StepFinished,
     StepRetrying,
 )
-from stepvisor.model import Step, Workflow
-from stepvisor.policies.concurrency import Scheduler
-from stepvisor.policies.retry import FailureKind, RetryPolicy
-from stepvisor.result import RunResult
-from stepvisor.state import (
+from stepvisor.core.model import Step, Workflow
+from stepvisor.core.result import RunResult
+from stepvisor.core.state import (
     AttemptRecord,
     RunState,
     RunStatus,
     StepRecord,
     StepStatus,
 )
+from stepvisor.errors import (
+    ArtifactCodecError,
+    StepCancelledError,
+    StepTimeoutError,
+    WorkerCrashedError,
+)
+from stepvisor.policies.concurrency import Scheduler
+from stepvisor.policies.retry import FailureKind, RetryPolicy
 from stepvisor.store.base import RunInfo, RunStore
 
 __all__ = ["RunPlan", "Supervisor"]
@@ -1024,7 +1024,7 @@ def _traceback_text(exc: BaseException) -> str | None:
         return remote
     if exc.__traceback__ is None:
         return None
-    from stepvisor.backends.inline import format_error  # noqa: PLC0415
+    from stepvisor.backends.thread import format_error  # noqa: PLC0415
 
     return format_error(exc)
 

@@ -19,10 +19,10 @@ import pykka
 from stepvisor._log import log
 from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
 from stepvisor.backends.base import AttemptResult
-from stepvisor.backends.inline import call_step, format_error
+from stepvisor.backends.thread import call_step, format_error
 
 if TYPE_CHECKING:
-    from stepvisor.backends.asyncio_loop import LoopThread
+    from stepvisor.backends.asyncio import LoopThread
     from stepvisor.backends.process import ProcessSlot
 
 __all__ = ["Worker", "WorkerServices", "worker_thread_name"]

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from stepvisor.core.model import StepFn
 from stepvisor.errors import StepCancelledError, StepError, StepTimeoutError
-from stepvisor.model import StepFn
 
 __all__ = ["AttemptResult", "AttemptSpec", "ResultKind", "stop_error"]
 

@@ -23,7 +23,7 @@ Why it is built this way:
   ``retry_exceptions=False``, so stepvisor's retry policy sees, decides and
   records every attempt, exactly as on threads and processes.
 * **The step's exception is caught in the task**, with the same code the other
-  backends use (:func:`~stepvisor.backends.inline.call_step`), then pickled
+  backends use (:func:`~stepvisor.backends.thread.call_step`), then pickled
   there and checked to survive the trip; it comes back as itself with the
   remote traceback text, or as :class:`RemoteStepError` when it cannot.  So a
   Ray-level error (``ray.get`` raising) always means the infrastructure failed:
@@ -73,7 +73,7 @@ import cloudpickle
 
 from stepvisor._log import log as _root_log
 from stepvisor.backends.base import AttemptResult, AttemptSpec, stop_error
-from stepvisor.backends.inline import call_step, format_error
+from stepvisor.backends.thread import call_step, format_error
 from stepvisor.context import AttemptControl
 from stepvisor.errors import (
     BackendUnavailableError,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 
-from stepvisor.graph import Graph
+from stepvisor.core.graph import Graph
 
 __all__ = ["Scheduler"]
 

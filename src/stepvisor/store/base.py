@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stepvisor.state import RunStatus, StepRecord
+from stepvisor.core.state import RunStatus, StepRecord
 
 __all__ = ["RunInfo", "RunStore", "StoredRun"]
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import RunNotFoundError
-from stepvisor.state import RunStatus, StepRecord
 from stepvisor.store.base import RunInfo, StoredRun
 
 __all__ = ["MemoryStore"]

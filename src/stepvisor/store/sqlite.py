@@ -59,6 +59,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from stepvisor.clock import Clock
+from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.errors import (
     ArtifactCodecError,
     InvalidTimeoutError,
@@ -67,7 +68,6 @@ from stepvisor.errors import (
     SchemaVersionError,
     StoreError,
 )
-from stepvisor.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo, StoredRun
 from stepvisor.store.codec import Codec, JsonCodec, codec_named
 

@@ -1,6 +1,6 @@
 """DAG facts of a workflow: validation, canonical order, dependencies, priorities.
 
-Everything here is computed once when a :class:`~stepvisor.model.Workflow` is
+Everything here is computed once when a :class:`~stepvisor.core.model.Workflow` is
 created and is pure.  Steps are numbered by their *rank* in the canonical
 order (a topological order with ties broken by step id), so the rest of the
 engine compares small integers instead of strings::
@@ -24,7 +24,7 @@ from stepvisor.errors import (
 )
 
 if TYPE_CHECKING:
-    from stepvisor.model import Step
+    from stepvisor.core.model import Step
 
 __all__ = ["Graph"]
 

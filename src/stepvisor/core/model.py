@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
 
+from stepvisor.core.graph import Graph
 from stepvisor.errors import (
     InvalidMaxParallelError,
     InvalidSettingError,
@@ -24,7 +25,6 @@ from stepvisor.errors import (
     InvalidTimeoutError,
     StepFunctionError,
 )
-from stepvisor.graph import Graph
 from stepvisor.policies.retry import RetryPolicy
 
 __all__ = [

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from stepvisor.state import AttemptRecord, StepRecord, StepStatus
+from stepvisor.core.state import AttemptRecord, StepRecord, StepStatus
 from stepvisor.store.base import StoredRun
 
 __all__ = ["OUTCOME_COLORS", "render_html", "write_html"]

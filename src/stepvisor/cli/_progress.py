@@ -28,9 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TextIO
 
-from stepvisor.events import Event, RunStarted, StepDispatched, StepFinished, StepRetrying
-from stepvisor.result import RunResult
-from stepvisor.state import RunStatus, StepStatus
+from stepvisor.core.events import Event, RunStarted, StepDispatched, StepFinished, StepRetrying
+from stepvisor.core.result import RunResult
+from stepvisor.core.state import RunStatus, StepStatus
 
 __all__ = [
     "TICK",

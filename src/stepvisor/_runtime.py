@@ -27,19 +27,19 @@ from stepvisor._log import log
 from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
 from stepvisor.actors.worker import WorkerServices, worker_thread_name
-from stepvisor.backends.asyncio_loop import LOOP_THREAD_NAME, LoopThread
+from stepvisor.backends.asyncio import LOOP_THREAD_NAME, LoopThread
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
+from stepvisor.core.events import Event
+from stepvisor.core.model import Workflow
+from stepvisor.core.result import RunResult
+from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.errors import (
     FingerprintMismatchError,
     InvalidSettingError,
     StepvisorError,
     StoreError,
 )
-from stepvisor.events import Event
-from stepvisor.model import Workflow
-from stepvisor.result import RunResult
-from stepvisor.state import RunStatus, StepStatus
 from stepvisor.store.base import RunStore
 from stepvisor.store.memory import MemoryStore
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stepvisor.backends.base import AttemptResult, AttemptSpec
-from stepvisor.backends.inline import check_outputs, format_error, make_context
+from stepvisor.backends.thread import check_outputs, format_error, make_context
 from stepvisor.context import AttemptControl
 
 __all__ = ["LOOP_THREAD_NAME", "LoopThread"]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepvisor.state import RunStatus, StepRecord, StepStatus
+from stepvisor.core.state import RunStatus, StepRecord, StepStatus
 
 __all__ = ["RunResult"]
 

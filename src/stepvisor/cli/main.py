@@ -19,7 +19,7 @@ Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed,
 
 While a run goes, the main thread waits on the run in ``TICK`` slices and
 redraws the progress display between them; the Supervisor only appends events
-to a queue (see :mod:`stepvisor.progress`).
+to a queue (see :mod:`stepvisor.cli._progress`).
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from stepvisor._runtime import RunHandle, resume_start, start
+from stepvisor.cli._progress import TICK, Inbox, Progress, end_lines, make_display, one_line
+from stepvisor.cli._report import write_html
 from stepvisor.config import _parse_text, resolve
+from stepvisor.core.model import SETTING_NAMES, Settings, Workflow
+from stepvisor.core.result import RunResult
+from stepvisor.core.state import RunStatus, StepRecord, StepStatus
 from stepvisor.errors import InvalidSettingError, StepvisorError, StoreError, ValidationError
-from stepvisor.model import SETTING_NAMES, Settings, Workflow
 from stepvisor.policies.retry import RetryPolicy
-from stepvisor.progress import TICK, Inbox, Progress, end_lines, make_display, one_line
-from stepvisor.report import write_html
-from stepvisor.result import RunResult
-from stepvisor.runtime import RunHandle, resume_start, start
-from stepvisor.state import RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo
 from stepvisor.store.sqlite import SQLiteStore
 from stepvisor.workflow_file import load_workflow
