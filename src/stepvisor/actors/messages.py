@@ -6,15 +6,25 @@ dataclasses): a few are built for every step.
 The Supervisor never waits on a Worker: it *tells* it to run an attempt, and
 the Worker tells the outcome back.  Timers (deadlines, grace periods, backoff
 delays, heartbeats) also arrive as messages, so all state changes happen on
-the Supervisor's one thread, in the order the messages arrive.
+the Supervisor's one thread, in the order the messages arrive.  What the run
+machine is told is defined with it, in :mod:`stepvisor.core.messages`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends.base import AttemptSpec
 from stepvisor.context import AttemptControl
+from stepvisor.core.messages import (
+    AttemptDone,
+    CancelRun,
+    DeadlineReached,
+    GraceExpired,
+    RetryDue,
+    RunDeadline,
+    Start,
+)
 
 __all__ = [
     "AttemptDone",
@@ -28,10 +38,6 @@ __all__ = [
     "RunDeadline",
     "Start",
 ]
-
-
-class Start(NamedTuple):
-    """Begin the run."""
 
 
 class RunAttempt(NamedTuple):
@@ -48,42 +54,5 @@ class RunBatch(NamedTuple):
     attempts: tuple[RunAttempt, ...]
 
 
-class AttemptDone(NamedTuple):
-    """Worker -> Supervisor: how an attempt ended, fenced by ``(step_id, attempt)``."""
-
-    step_id: str
-    attempt: int
-    worker: str
-    result: AttemptResult
-    started_wall: float
-    ended_wall: float
-    duration: float
-
-
-class DeadlineReached(NamedTuple):
-    step_id: str
-    attempt: int
-
-
-class GraceExpired(NamedTuple):
-    """The grace period after a cancel request ran out; abandon if still running."""
-
-    step_id: str
-    attempt: int
-
-
-class RetryDue(NamedTuple):
-    step_id: str
-    attempt: int
-
-
-class RunDeadline(NamedTuple):
-    """The run's own deadline passed."""
-
-
-class CancelRun(NamedTuple):
-    reason: str
-
-
 class Heartbeat(NamedTuple):
-    """Periodic: tell the store we are alive and look for cancel requests."""
+    """Periodic, shell-only: tell the store we are alive and look for cancel requests."""

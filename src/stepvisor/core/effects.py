@@ -1,0 +1,164 @@
+"""What the run machine decides: effects, as values the actor shell carries out.
+
+The machine never starts a thread, reads a clock, sets a timer or writes to a
+store; it returns these, in the order they must happen, and the shell does
+them (tenacity's ``Retrying.iter()`` returning ``DoAttempt``/``DoSleep`` is the
+pattern).  A test can therefore drive a whole run by feeding messages and
+reading effects, with no threads and no real time.
+
+Slots are the machine's view of Workers: it decides how many there are, which
+one runs what, and when one stuck with an abandoned attempt is replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from stepvisor.backends.base import AttemptSpec
+from stepvisor.core.events import Event
+from stepvisor.core.messages import Message
+from stepvisor.core.result import RunResult
+from stepvisor.core.state import RunStatus, StepRecord
+
+__all__ = [
+    "AddSlot",
+    "AttemptOrder",
+    "BeginRun",
+    "CancelTimer",
+    "Dispatch",
+    "Effect",
+    "Emit",
+    "Finish",
+    "FinishRun",
+    "RetireSlot",
+    "SaveOutputs",
+    "SaveStep",
+    "SaveSteps",
+    "SetTimer",
+    "StopAttempt",
+    "TimerKey",
+]
+
+#: ``("deadline" | "grace", step_id, attempt)``, ``("retry", step_id, attempt)`` or ``("run",)``.
+TimerKey = tuple[Any, ...]
+
+
+class AttemptOrder(NamedTuple):
+    """One attempt to start: its spec, backend and time budget.
+
+    ``budget`` is the seconds it may run from now (``None``: no deadline); the
+    shell turns it into ``spec.deadline`` on the real monotonic clock, the one
+    the step's own ``ctx.remaining()`` reads.
+    """
+
+    spec: AttemptSpec
+    executor: str
+    budget: float | None
+
+
+class AddSlot(NamedTuple):
+    """Start a Worker named ``slot``."""
+
+    slot: str
+
+
+class RetireSlot(NamedTuple):
+    """Stop the Worker ``slot`` (it was abandoned and has now returned)."""
+
+    slot: str
+
+
+class Dispatch(NamedTuple):
+    """Hand these attempts to ``slot``, to run one after the other."""
+
+    slot: str
+    orders: tuple[AttemptOrder, ...]
+
+
+class StopAttempt(NamedTuple):
+    """Ask the backend to stop an attempt; ``reason`` is ``timeout`` or ``cancel``."""
+
+    step_id: str
+    attempt: int
+    reason: str
+
+
+class SetTimer(NamedTuple):
+    """Deliver ``message`` back to the machine after ``delay`` seconds."""
+
+    key: TimerKey
+    delay: float
+    message: Message
+
+
+class CancelTimer(NamedTuple):
+    """The timer set under ``key`` is no longer needed (it would be fenced anyway)."""
+
+    key: TimerKey
+
+
+class BeginRun(NamedTuple):
+    """Record the run as running, with every step's record, in one transaction."""
+
+    started: float
+    records: tuple[StepRecord, ...]
+    resumed: bool
+
+
+class SaveStep(NamedTuple):
+    """Write one step's record, with its outputs if it succeeded (one transaction)."""
+
+    record: StepRecord
+    outputs: Mapping[str, Any] | None = None
+
+
+class SaveOutputs(NamedTuple):
+    """Write a succeeded step's record with its outputs, then report ``OutputsSaved``."""
+
+    record: StepRecord
+    outputs: Mapping[str, Any]
+    attempt: int
+
+
+class SaveSteps(NamedTuple):
+    """Write several records in one transaction (skips, leftovers at the end)."""
+
+    records: tuple[StepRecord, ...]
+
+
+class FinishRun(NamedTuple):
+    """Record the run's final status."""
+
+    status: RunStatus
+    ended: float
+    error: str | None
+
+
+class Emit(NamedTuple):
+    """Give ``event`` to the caller's ``on_event`` hook."""
+
+    event: Event
+
+
+class Finish(NamedTuple):
+    """The run is over: stop every Worker and hand ``result`` to the caller."""
+
+    result: RunResult
+
+
+Effect = (
+    AddSlot
+    | RetireSlot
+    | Dispatch
+    | StopAttempt
+    | SetTimer
+    | CancelTimer
+    | BeginRun
+    | SaveStep
+    | SaveOutputs
+    | SaveSteps
+    | FinishRun
+    | Emit
+    | Finish
+)

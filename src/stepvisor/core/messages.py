@@ -1,0 +1,104 @@
+"""What the run machine is told: immutable values, one per thing that happened.
+
+The actor shell turns everything that happens to a run into one of these and
+hands it to :meth:`~stepvisor.core.machine.RunMachine.handle`, with the time:
+an attempt's outcome from a Worker, a timer that fired, a cancel from the
+caller or the store, the result of writing a step's outputs.  They are
+NamedTuples (cheap to build: a few are built for every step).
+
+Timer messages carry the ``(step_id, attempt)`` they were set for, so the
+machine can *fence* them: a timer or outcome of an attempt that already ended
+changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from stepvisor.backends.base import AttemptResult
+from stepvisor.errors import ArtifactCodecError
+
+__all__ = [
+    "AttemptDone",
+    "CancelRun",
+    "DeadlineReached",
+    "GraceExpired",
+    "Message",
+    "OutputsSaved",
+    "RetryDue",
+    "RunDeadline",
+    "Start",
+]
+
+
+class Start(NamedTuple):
+    """Begin the run."""
+
+
+class AttemptDone(NamedTuple):
+    """Worker -> Supervisor: how an attempt ended, fenced by ``(step_id, attempt)``."""
+
+    step_id: str
+    attempt: int
+    worker: str
+    result: AttemptResult
+    started_wall: float
+    ended_wall: float
+    duration: float
+
+
+class OutputsSaved(NamedTuple):
+    """The shell wrote a succeeded step's outputs, or the store refused them.
+
+    A store may be unable to encode a value (the JSON codec and an object it
+    cannot represent): that is learnt only by writing, so a success becomes
+    final only once the write is reported.
+    """
+
+    step_id: str
+    attempt: int
+    error: ArtifactCodecError | None = None
+
+
+class DeadlineReached(NamedTuple):
+    """An attempt's deadline (its own timeout, or the run's deadline) is due."""
+
+    step_id: str
+    attempt: int
+
+
+class GraceExpired(NamedTuple):
+    """The grace period after a stop request ran out; abandon if still running."""
+
+    step_id: str
+    attempt: int
+
+
+class RetryDue(NamedTuple):
+    """The backoff before a step's next attempt is over."""
+
+    step_id: str
+    attempt: int
+
+
+class RunDeadline(NamedTuple):
+    """The run's own deadline passed."""
+
+
+class CancelRun(NamedTuple):
+    """Cancel the run: by its caller (``reason``), or through the store."""
+
+    reason: str
+    through_store: bool = False
+
+
+Message = (
+    Start
+    | AttemptDone
+    | OutputsSaved
+    | DeadlineReached
+    | GraceExpired
+    | RetryDue
+    | RunDeadline
+    | CancelRun
+)

@@ -1,0 +1,387 @@
+"""The run machine on its own: messages in, effects out, no threads, no real time.
+
+The simulator in ``machine_sim`` plays the shell and the Workers; each test
+scripts what attempts do and in which order things happen, then checks the
+machine's decisions.  The property test at the end draws random DAGs and
+random interleavings of outcomes, timers and cancels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import stepvisor as sv
+from stepvisor.backends.base import AttemptResult
+from stepvisor.core._outcomes import DISCARDED_AFTER_STOP, NOT_RETRIED_STOPPING
+from stepvisor.core.effects import (
+    AddSlot,
+    BeginRun,
+    Dispatch,
+    Finish,
+    RetireSlot,
+    SaveOutputs,
+    SetTimer,
+    StopAttempt,
+)
+from stepvisor.core.machine import PREFETCH_BATCH
+from stepvisor.core.messages import (
+    AttemptDone,
+    CancelRun,
+    DeadlineReached,
+    GraceExpired,
+    RetryDue,
+)
+from stepvisor.core.state import StepStatus
+from tests.machine_sim import WALL0, Sim, first, make_plan, noop
+
+RETRY2 = sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.fixed(0.5, jitter="none"))
+
+
+def wf_of(
+    edges: dict[str, list[str]], *, retry: sv.RetryPolicy | None = None, **kw: Any
+) -> sv.Workflow:
+    steps = [sv.Step(sid, noop, needs=needs, retry=retry, **kw) for sid, needs in edges.items()]
+    return sv.Workflow(id="wf", steps=steps)
+
+
+def test_start_begins_the_run_adds_slots_and_dispatches_ready_steps_in_id_order() -> None:
+    sim = Sim(make_plan(wf_of({"b": [], "a": [], "c": ["a"]}), max_parallel=4))
+    sim.start()
+    kinds = [type(e) for e in sim.effects]
+    assert kinds[0] is BeginRun
+    assert kinds.count(AddSlot) == 3  # min(max_parallel, steps)
+    dispatched = [o.spec.step_id for e in sim.effects if isinstance(e, Dispatch) for o in e.orders]
+    assert dispatched == ["a", "b"]  # c waits for a; ties go to the smaller id
+
+
+def test_a_chain_succeeds_and_each_step_sees_its_ancestors_artifacts() -> None:
+    sim = Sim(make_plan(wf_of({"a": [], "b": ["a"], "c": ["b"]})))
+    sim.start()
+    result = sim.run_to_end(first)
+    assert result.status is sv.RunStatus.SUCCEEDED
+    assert result.commits == ("a", "b", "c")
+    assert dict(result.artifacts) == {"a": 1, "b": 1, "c": 1}
+    specs = [o.spec for e in sim.effects if isinstance(e, Dispatch) for o in e.orders]
+    assert dict(specs[2].inputs) == {"a": 1, "b": 1}
+
+
+def test_the_bound_holds_with_more_ready_steps_than_slots() -> None:
+    sim = Sim(make_plan(wf_of({f"s{i}": [] for i in range(7)}), max_parallel=2))
+    sim.start()
+    sim.run_to_end(first)
+    assert sim.max_running == 2
+    assert sum(isinstance(e, AddSlot) for e in sim.effects) == 2
+
+
+def test_a_failed_attempt_waits_its_backoff_then_runs_again() -> None:
+    sim = Sim(make_plan(wf_of({"a": []}, retry=RETRY2)), {("a", 1): "err"})
+    sim.start()
+    sim.end("w1", ("a", 1))
+    timer = next(e for e in sim.effects if isinstance(e, SetTimer) and e.key[0] == "retry")
+    assert (timer.delay, timer.message) == (0.5, RetryDue("a", 1))
+    assert sim.machine.state.record("a").status is StepStatus.WAITING_RETRY
+    assert sim.machine.running == 0  # the slot is free during the backoff
+    result = sim.run_to_end(first)
+    assert result.status is sv.RunStatus.SUCCEEDED
+    assert [a.outcome for a in result.steps["a"].attempts] == ["failed", "succeeded"]
+
+
+def test_a_late_outcome_of_an_abandoned_attempt_changes_nothing_but_retires_its_slot() -> None:
+    plan = make_plan(
+        wf_of({"a": [], "b": []}, timeout=1.0),
+        max_parallel=1,
+        kill_grace=0.5,
+        on_failure="continue",
+    )
+    sim = Sim(plan, {("a", 1): "ignore"})
+    sim.start()
+    sim.fire(("deadline", "a", 1))
+    assert StopAttempt("a", 1, "timeout") in sim.effects
+    sim.fire(("grace", "a", 1))
+    assert sim.machine.state.record("a").status is StepStatus.TIMED_OUT
+    assert sim.machine.state.record("a").attempts[-1].note == "abandoned"
+    assert AddSlot("w2") in sim.effects  # the bound holds with a fresh slot
+    before = sim.machine.snapshot()
+    late = sim.end("w1", ("a", 1))  # it returns at last, with an artifact
+    assert late == [RetireSlot("w1")]
+    assert sim.machine.snapshot()[:3] == before[:3]  # state, in-flight, saving
+    assert sim.machine.discarded == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        DeadlineReached("a", 1),
+        GraceExpired("a", 1),
+        RetryDue("a", 1),
+        AttemptDone("a", 7, "w1", AttemptResult(kind="ok"), 0, 0, 0),
+    ],
+)
+def test_a_stale_timer_or_outcome_changes_no_state(message: Any) -> None:
+    sim = Sim(make_plan(wf_of({"a": [], "b": ["a"]}), max_parallel=1))
+    sim.start()
+    sim.end("w1", ("a", 1))  # attempt 1 of a is over; b runs
+    before = sim.machine.snapshot()
+    out = sim.feed(message)
+    after = sim.machine.snapshot()
+    assert out == [] or isinstance(message, AttemptDone)
+    if isinstance(message, AttemptDone):
+        assert after[:3] == before[:3]
+    else:
+        assert after == before
+
+
+@pytest.mark.parametrize("ask", ["fail_fast", "cancel", "deadline", "run_deadline"])
+def test_an_attempt_that_returns_after_it_was_asked_to_stop_ends_as_the_stop_says(
+    ask: str,
+) -> None:
+    settings: dict[str, Any] = {"max_parallel": 2}
+    timeout = 1.0 if ask == "deadline" else None
+    if ask == "run_deadline":
+        settings["deadline"] = 5.0
+    wf = sv.Workflow(
+        id="wf",
+        steps=[
+            sv.Step("bad", noop),
+            sv.Step("coop", noop, timeout=timeout),
+        ],
+    )
+    sim = Sim(make_plan(wf, **settings), {("bad", 1): "fatal", ("coop", 1): "coop"})
+    sim.start()
+    if ask == "fail_fast":
+        sim.end("w2", ("bad", 1))
+    elif ask == "cancel":
+        sim.feed(CancelRun("by the test"))
+    elif ask == "deadline":
+        sim.fire(("deadline", "coop", 1))
+    else:
+        sim.fire(("run",))
+    reason = "timeout" if ask in ("deadline", "run_deadline") else "cancel"
+    assert sim.stop_asked[("coop", 1)] == reason
+    slot = next(s for s, q in sim.queues.items() if q and q[0] == ("coop", 1))
+    sim.end(slot, ("coop", 1))  # it returns normally, with an artifact
+    record = sim.machine.state.record("coop")
+    expected = StepStatus.TIMED_OUT if reason == "timeout" else StepStatus.CANCELLED
+    assert record.status is expected
+    assert "coop" not in sim.machine.state.output("coop")
+    last = record.attempts[-1]
+    assert DISCARDED_AFTER_STOP in (last.note or "")
+    assert "the result was discarded" in (last.error_message or "")
+    result = sim.run_to_end(first)
+    assert "coop" not in result.artifacts
+
+
+def test_no_retry_starts_once_the_run_is_stopping() -> None:
+    wf = sv.Workflow(
+        id="wf", steps=[sv.Step("bad", noop), sv.Step("slow", noop, retry=RETRY2, timeout=1.0)]
+    )
+    sim = Sim(make_plan(wf, max_parallel=2), {("bad", 1): "fatal", ("slow", 1): "hang"})
+    sim.start()
+    sim.fire(("deadline", "slow", 1))  # slow is asked to stop: its own timeout
+    sim.end("w2", ("bad", 1))  # then bad fails: fail fast, the run stops
+    assert sim.machine.stopping
+    sim.end("w1", ("slow", 1))  # slow ends timed out, which its policy would retry
+    record = sim.machine.state.record("slow")
+    assert record.status is StepStatus.TIMED_OUT
+    last = record.attempts[-1]
+    assert (last.note or "").startswith(NOT_RETRIED_STOPPING)
+    assert not any(isinstance(e, SetTimer) and e.key[0] == "retry" for e in sim.effects)
+    result = sim.run_to_end(first)
+    assert result.status is sv.RunStatus.FAILED
+    assert sim.dispatched_while_stopping == 0
+
+
+def test_a_store_that_refuses_outputs_fails_the_step_and_publishes_nothing() -> None:
+    wf = wf_of({"a": [], "b": ["a"]})
+    sim = Sim(make_plan(wf, store_may_refuse=True, on_failure="continue"), refuse=frozenset("a"))
+    sim.start()
+    result = sim.run_to_end(first)
+    assert any(isinstance(w, SaveOutputs) for w in sim.writes)
+    assert result.steps["a"].status is StepStatus.FAILED
+    assert result.steps["a"].attempts[-1].error_type == "stepvisor.errors.ArtifactCodecError"
+    assert result.steps["b"].status is StepStatus.SKIPPED
+    assert "a" not in result.artifacts
+
+
+def test_a_crash_is_retried_until_the_poison_limit() -> None:
+    retry = sv.RetryPolicy(max_attempts=5, backoff=sv.Backoff.none())
+    sim = Sim(
+        make_plan(wf_of({"a": []}, retry=retry), max_worker_crashes=2),
+        {("a", 1): "crash", ("a", 2): "crash"},
+    )
+    sim.start()
+    result = sim.run_to_end(first)
+    assert result.steps["a"].attempt_count == 2
+    assert "poisonous" in (result.steps["a"].attempts[-1].note or "")
+
+
+def test_events_follow_the_decisions_in_order() -> None:
+    sim = Sim(make_plan(wf_of({"a": [], "b": ["a"]})))
+    sim.start()
+    sim.run_to_end(first)
+    names = [type(e.event).__name__ for e in sim.effects if type(e).__name__ == "Emit"]
+    assert names[0] == "RunStarted"
+    assert names[-1] == "RunFinished"
+    assert names.index("StepCommitted") > names.index("StepFinished")
+    finish = [e for e in sim.effects if isinstance(e, Finish)]
+    assert len(finish) == 1
+    assert finish[0].result.ended == WALL0 + sim.now
+
+
+# -- the property: random DAGs, random interleavings ------------------------------------
+
+BEHAVIOURS = ["ok", "ok", "ok", "err", "fatal", "crash", "hang", "coop", "ignore"]
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[sv.Workflow, dict[tuple[str, int], str], int, str]:
+    n = draw(st.integers(1, 9))
+    ids = [f"s{i}" for i in range(n)]
+    edges = {
+        sid: sorted(draw(st.sets(st.sampled_from(ids[:i]), max_size=3))) if i else []
+        for i, sid in enumerate(ids)
+    }
+    retry = sv.RetryPolicy(max_attempts=draw(st.integers(1, 3)), backoff=sv.Backoff.none())
+    steps = [
+        sv.Step(sid, noop, needs=deps, timeout=2.0, retry=retry) for sid, deps in edges.items()
+    ]
+    script = {(sid, a): draw(st.sampled_from(BEHAVIOURS)) for sid in ids for a in (1, 2, 3)}
+    wf = sv.Workflow(id="prop", steps=steps)
+    return wf, script, draw(st.integers(1, 4)), draw(st.sampled_from(["fail_fast", "continue"]))
+
+
+def chooser(data: st.DataObject) -> Any:
+    def choose(options: list[tuple[str, Any]]) -> tuple[str, Any]:
+        return options[data.draw(st.integers(0, len(options) - 1))]
+
+    return choose
+
+
+def _run(
+    wf: sv.Workflow,
+    script: dict[tuple[str, int], str],
+    bound: int,
+    on_failure: str,
+    data: st.DataObject,
+    *,
+    cancel_at: int | None = None,
+) -> Sim:
+    sim = Sim(make_plan(wf, max_parallel=bound, on_failure=on_failure, kill_grace=0.5), script)
+    sim.start()
+    choose = chooser(data)
+    for i in range(5_000):
+        if cancel_at is not None and i == cancel_at:
+            sim.feed(CancelRun("drawn"))
+        if sim.result is not None and not sim.endable():
+            break
+        stale = list(sim.cancelled_timers)
+        if stale and data.draw(st.booleans()):
+            # A timer that was cancelled may still fire (it raced its cancel).
+            before = sim.machine.snapshot()
+            assert sim.feed(stale[data.draw(st.integers(0, len(stale) - 1))]) == []
+            assert sim.machine.snapshot() == before
+        if not sim.step_once(choose):
+            break
+        # At most ``bound`` attempts run (one per slot); tiny attempts may be
+        # queued behind them (prefetch), and those count against the scheduler.
+        assert sim.busy_slots() <= bound
+        assert sim.machine.running <= bound * PREFETCH_BATCH
+    assert sim.result is not None
+    return sim
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=scenarios(), data=st.data(), cancel=st.booleans())
+def test_property_every_interleaving_keeps_the_invariants(
+    scenario: tuple[sv.Workflow, dict[tuple[str, int], str], int, str],
+    data: st.DataObject,
+    cancel: bool,
+) -> None:
+    wf, script, bound, on_failure = scenario
+    cancel_at = data.draw(st.integers(0, 30)) if cancel else None
+    sim = _run(wf, script, bound, on_failure, data, cancel_at=cancel_at)
+    result = sim.result
+    assert result is not None
+    for sid, record in result.steps.items():
+        assert record.terminal, f"{sid} ended {record.status}"
+        if record.status is StepStatus.SUCCEEDED:
+            assert result.artifacts[sid] == record.attempt_count
+        else:
+            assert sid not in result.artifacts
+    assert sim.max_running <= bound
+    assert sim.dispatched_while_stopping == 0
+    retries_after_stop = [
+        e
+        for i, e in enumerate(sim.effects)
+        if isinstance(e, SetTimer) and e.key[0] == "retry" and i > _stop_index(sim)
+    ]
+    assert retries_after_stop == []
+    assert result.commits == tuple(wf.graph.order)
+
+
+def _stop_index(sim: Sim) -> int:
+    for i, e in enumerate(sim.effects):
+        if isinstance(e, StopAttempt) and e.reason == "cancel":
+            return i
+    return len(sim.effects)
+
+
+DETERMINISTIC = ["ok", "ok", "ok", "err", "fatal", "crash"]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 9),
+    edges_seed=st.data(),
+    first_order=st.data(),
+    second_order=st.data(),
+)
+def test_property_completion_order_does_not_change_commits_or_result(
+    n: int, edges_seed: st.DataObject, first_order: st.DataObject, second_order: st.DataObject
+) -> None:
+    ids = [f"s{i}" for i in range(n)]
+    draw = edges_seed.draw
+    edges = {
+        sid: sorted(draw(st.sets(st.sampled_from(ids[:i]), max_size=3))) if i else []
+        for i, sid in enumerate(ids)
+    }
+    retry = sv.RetryPolicy(max_attempts=draw(st.integers(1, 3)), backoff=sv.Backoff.none())
+    steps = [sv.Step(sid, noop, needs=deps, retry=retry) for sid, deps in edges.items()]
+    script = {(sid, a): draw(st.sampled_from(DETERMINISTIC)) for sid in ids for a in (1, 2, 3)}
+    wf = sv.Workflow(id="order", steps=steps)
+    bound = draw(st.integers(1, 4))
+    one = _run(wf, script, bound, "continue", first_order)
+    two = _run(wf, script, bound, "continue", second_order)
+    assert one.result is not None
+    assert two.result is not None
+    assert one.result.commits == two.result.commits
+    assert one.result.statuses() == two.result.statuses()
+    assert one.result.attempts() == two.result.attempts()
+    assert dict(one.result.artifacts) == dict(two.result.artifacts)
+    commits_one = [e for e in one.effects if type(e).__name__ == "Emit" and _committed(e)]
+    commits_two = [e for e in two.effects if type(e).__name__ == "Emit" and _committed(e)]
+    assert [c.event.step_id for c in commits_one] == [c.event.step_id for c in commits_two]
+
+
+def _committed(effect: Any) -> bool:
+    return type(effect.event).__name__ == "StepCommitted"
+
+
+def test_a_backoff_that_ends_after_the_stop_began_starts_nothing() -> None:
+    steps = [sv.Step("bad", noop), sv.Step("flaky", noop, retry=RETRY2), sv.Step("slow", noop)]
+    script = {("bad", 1): "fatal", ("flaky", 1): "err", ("slow", 1): "hang"}
+    sim = Sim(make_plan(sv.Workflow(id="wf", steps=steps), max_parallel=3), script)
+    sim.start()
+    sim.end("w2", ("flaky", 1))  # flaky waits out its backoff
+    assert sim.machine.state.record("flaky").status is StepStatus.WAITING_RETRY
+    sim.end("w3", ("bad", 1))  # fail fast: the stop cancels the backoff timer
+    assert not sim.machine.finished  # slow is still stopping
+    assert ("retry", "flaky", 1) not in sim.timers
+    before = sim.machine.snapshot()
+    assert sim.feed(RetryDue("flaky", 1)) == []  # the timer raced its cancel
+    assert sim.machine.snapshot() == before
+    assert sim.dispatched_while_stopping == 0
