@@ -21,18 +21,21 @@ from stepvisor.core.effects import (
     AddSlot,
     BeginRun,
     Dispatch,
+    Emit,
     Finish,
     RetireSlot,
     SaveOutputs,
     SetTimer,
     StopAttempt,
 )
+from stepvisor.core.events import StepCommitted
 from stepvisor.core.machine import PREFETCH_BATCH
 from stepvisor.core.messages import (
     AttemptDone,
     CancelRun,
     DeadlineReached,
     GraceExpired,
+    Message,
     RetryDue,
 )
 from stepvisor.core.state import StepStatus
@@ -223,7 +226,7 @@ def test_events_follow_the_decisions_in_order() -> None:
     sim = Sim(make_plan(wf_of({"a": [], "b": ["a"]})))
     sim.start()
     sim.run_to_end(first)
-    names = [type(e.event).__name__ for e in sim.effects if type(e).__name__ == "Emit"]
+    names = [type(e.event).__name__ for e in sim.effects if isinstance(e, Emit)]
     assert names[0] == "RunStarted"
     assert names[-1] == "RunFinished"
     assert names.index("StepCommitted") > names.index("StepFinished")
@@ -278,8 +281,9 @@ def _run(
             sim.feed(CancelRun("drawn"))
         if sim.result is not None and not sim.endable():
             break
-        stale = list(sim.cancelled_timers)
-        if stale and data.draw(st.booleans()):
+        stale: list[Message] = list(sim.cancelled_timers)
+        race: bool = data.draw(st.booleans()) if stale else False
+        if race:
             # A timer that was cancelled may still fire (it raced its cancel).
             before = sim.machine.snapshot()
             assert sim.feed(stale[data.draw(st.integers(0, len(stale) - 1))]) == []
@@ -362,13 +366,16 @@ def test_property_completion_order_does_not_change_commits_or_result(
     assert one.result.statuses() == two.result.statuses()
     assert one.result.attempts() == two.result.attempts()
     assert dict(one.result.artifacts) == dict(two.result.artifacts)
-    commits_one = [e for e in one.effects if type(e).__name__ == "Emit" and _committed(e)]
-    commits_two = [e for e in two.effects if type(e).__name__ == "Emit" and _committed(e)]
-    assert [c.event.step_id for c in commits_one] == [c.event.step_id for c in commits_two]
+    assert _commit_events(one) == _commit_events(two)
 
 
-def _committed(effect: Any) -> bool:
-    return type(effect.event).__name__ == "StepCommitted"
+def _commit_events(sim: Sim) -> list[str]:
+    """The ``StepCommitted`` events of a run, in the order they were emitted."""
+    return [
+        e.event.step_id
+        for e in sim.effects
+        if isinstance(e, Emit) and isinstance(e.event, StepCommitted)
+    ]
 
 
 def test_a_backoff_that_ends_after_the_stop_began_starts_nothing() -> None:
