@@ -47,13 +47,13 @@ from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log
-from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends.base import AttemptSpec
 from stepvisor.config import Resolved
-from stepvisor.core import _outcomes as oc
 from stepvisor.core._events import Emitter
 from stepvisor.core._finish import finish_effects, supervisor_failed_result
 from stepvisor.core._inputs import Inputs
 from stepvisor.core._retries import Retries
+from stepvisor.core._settle import BACKEND_GRACE_MARGIN, Inflight, Settling
 from stepvisor.core._slots import Slots
 from stepvisor.core.effects import (
     AddSlot,
@@ -63,7 +63,6 @@ from stepvisor.core.effects import (
     Dispatch,
     Effect,
     RetireSlot,
-    SaveOutputs,
     SaveStep,
     SaveSteps,
     SetTimer,
@@ -83,9 +82,8 @@ from stepvisor.core.messages import (
 from stepvisor.core.model import Step, Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus
-from stepvisor.errors import StepTimeoutError, WorkerCrashedError
 from stepvisor.policies.concurrency import Scheduler
-from stepvisor.policies.retry import FailureKind, RetryPolicy
+from stepvisor.policies.retry import RetryPolicy
 
 __all__ = ["BACKEND_GRACE_MARGIN", "Plan", "RunMachine"]
 
@@ -94,9 +92,6 @@ __all__ = ["BACKEND_GRACE_MARGIN", "Plan", "RunMachine"]
 PREFETCH_BELOW = 0.002
 #: The most attempts handed to one slot in one Dispatch while prefetching.
 PREFETCH_BATCH = 8
-#: Extra time given to process/async/Ray backends past ``kill_grace`` before the
-#: machine abandons their slot: their own kill path should win the race.
-BACKEND_GRACE_MARGIN = 2.0
 
 _NO_INPUTS: Mapping[str, Any] = MappingProxyType({})
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
@@ -121,23 +116,7 @@ class Plan:
     store_may_refuse: bool = True
 
 
-@dataclass(slots=True)
-class _Inflight:
-    rank: int
-    attempt: int
-    slot: str
-    executor: str
-    limit: float | None
-    limit_is_run_deadline: bool
-    #: When the attempt's deadline is due, on the machine's clock (None: no deadline).
-    deadline_at: float | None = None
-    reason: str | None = None  # "timeout" or "cancel" once a stop was requested
-    timers: list[tuple[Any, ...]] = field(default_factory=list)
-    #: A success waiting for its outputs to be written: (record, outputs, base).
-    saving: tuple[StepRecord, Mapping[str, Any], dict[str, Any]] | None = None
-
-
-class RunMachine:
+class RunMachine(Settling):
     """One run's decisions.  Feed it messages with :meth:`handle`; carry out what it returns."""
 
     def __init__(self, plan: Plan) -> None:
@@ -152,8 +131,9 @@ class RunMachine:
             pool_of=[self._step(r).pool for r in range(len(graph.order))],
             pool_limits=cfg.pools,
         )
-        self._inflight: dict[str, _Inflight] = {}
-        self._saving: dict[str, _Inflight] = {}
+        self._store_may_refuse = plan.store_may_refuse
+        self._inflight: dict[str, Inflight] = {}
+        self._saving: dict[str, Inflight] = {}
         self._slots = Slots()
         self._inputs = Inputs(graph)
         self._retries = Retries(cfg, plan.seed)
@@ -342,7 +322,7 @@ class RunMachine:
             resources=step.resources,
         )
         executor = self.plan.executors[r]
-        inf = _Inflight(
+        inf = Inflight(
             rank=r,
             attempt=attempt,
             slot=slot,
@@ -366,229 +346,9 @@ class RunMachine:
             self._fx.append(SetTimer(key, budget, DeadlineReached(sid, attempt)))
         return AttemptOrder(spec, executor, budget)
 
-    # -- outcomes ------------------------------------------------------------------
-
-    def _fenced(self, step_id: str, attempt: int) -> _Inflight | None:
-        inf = self._inflight.get(step_id)
-        if inf is None or inf.attempt != attempt:
-            return None
-        return inf
-
-    def _close(self, sid: str, inf: _Inflight) -> None:
-        del self._inflight[sid]
-        for key in inf.timers:
-            self._fx.append(CancelTimer(key))
-        self.sched.release(inf.rank)
-
-    def _on_done(self, msg: AttemptDone) -> None:
-        if self._slots.returned(msg.worker):
-            self._fx.append(RetireSlot(msg.worker))
-        self._done_count += 1
-        self._avg_duration += (msg.duration - self._avg_duration) / min(self._done_count, 10)
-        inf = self._fenced(msg.step_id, msg.attempt)
-        if inf is None or inf.slot != msg.worker:
-            self.discarded += 1
-            log.info(
-                "discarded a late outcome (%s) of step %r attempt %d: that attempt already ended",
-                msg.result.kind,
-                msg.step_id,
-                msg.attempt,
-            )
-            return
-        self._close(msg.step_id, inf)
-        result = msg.result
-        base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
-        reason = inf.reason
-        if reason is None and result.kind == "cancelled":
-            # The backend stopped it on its own: its safety net at the deadline
-            # (a StepTimeoutError), or a cancel it saw before the machine asked.
-            reason = "timeout" if isinstance(result.error, StepTimeoutError) else "cancel"
-        if reason is not None:
-            self._stopped(inf, reason, result, base)
-        elif result.kind == "ok":
-            self._on_ok(msg.step_id, inf, result.outputs or {}, base)
-        elif result.kind == "crash":
-            error = result.error or WorkerCrashedError(
-                f"the worker running step {msg.step_id!r} died",
-                step_id=msg.step_id,
-                attempt=inf.attempt,
-            )
-            self._fail(inf, error, FailureKind.CRASH, StepStatus.FAILED, "crashed", base=base)
-        else:
-            error = result.error or RuntimeError(
-                f"step {msg.step_id!r} failed without an exception"
-            )
-            kind = None if result.kind == "unsendable" else FailureKind.ERROR
-            self._fail(
-                inf, error, kind, StepStatus.FAILED, "failed", base=base, traceback=result.traceback
-            )
-
-    def _stopped(
-        self, inf: _Inflight, reason: str, result: AttemptResult, base: dict[str, Any]
-    ) -> None:
-        """The one rule for an attempt that ended after it was asked to stop."""
-        step = self._step(inf.rank)
-        discarded = result.kind == "ok"
-        what = oc.stop_outcome(reason, inf.executor, result.note, result.outputs, discarded)
-        error: BaseException
-        kind: FailureKind | None = None
-        if reason == "timeout":
-            error = oc.timeout_error(
-                step.id,
-                inf.attempt,
-                self._policy(step).max_attempts,
-                limit=inf.limit,
-                run_deadline=inf.limit_is_run_deadline,
-                what=what,
-            )
-            kind, status, outcome = FailureKind.TIMEOUT, StepStatus.TIMED_OUT, "timed_out"
-        else:
-            why = self.stop_note or "the run stopped"
-            error = oc.cancelled_error(step.id, inf.attempt, what, why=why)
-            status, outcome = StepStatus.CANCELLED, "cancelled"
-        if result.error is not None:
-            error.__cause__ = result.error
-        extra = oc.DISCARDED_AFTER_STOP if discarded else None
-        self._fail(inf, error, kind, status, outcome, base=base, extra_note=extra)
-
-    def _on_ok(
-        self, sid: str, inf: _Inflight, outputs: Mapping[str, Any], base: dict[str, Any]
-    ) -> None:
-        record = self.state.record(sid)
-        attempt = oc.closed(record.attempts[-1], outcome="succeeded", **base)
-        record = record.with_last_attempt(attempt, StepStatus.SUCCEEDED)
-        if outputs and self.plan.store_may_refuse:
-            inf.saving = (record, outputs, base)
-            self._saving[sid] = inf
-            self._fx.append(SaveOutputs(record, outputs, inf.attempt))
-            return
-        self._fx.append(SaveStep(record, outputs))
-        self._succeeded(inf.rank, record, outputs)
-
-    def _on_saved(self, msg: OutputsSaved) -> None:
-        inf = self._saving.get(msg.step_id)
-        if inf is None or inf.attempt != msg.attempt or inf.saving is None:
-            return
-        del self._saving[msg.step_id]
-        record, outputs, base = inf.saving
-        if msg.error is None:
-            self._succeeded(inf.rank, record, outputs)
-        else:
-            self._fail(inf, msg.error, None, StepStatus.FAILED, "failed", base=base)
-
-    def _succeeded(self, r: int, record: StepRecord, outputs: Mapping[str, Any]) -> None:
-        self.state = self.state.set_step(record).set_outputs(record.step_id, outputs)
-        self._inputs.publish(r, outputs)
-        self.sched.succeeded(r)
-        self._events.finished(self._fx, record, self._wall)
-        self._commit()
-
-    def _fail(
-        self,
-        inf: _Inflight,
-        error: BaseException,
-        kind: FailureKind | None,
-        status: StepStatus,
-        outcome: str,
-        *,
-        base: dict[str, Any],
-        traceback: str | None = None,
-        extra_note: str | None = None,
-    ) -> None:
-        """Record a failed attempt, then retry it or end the step with ``status``.
-
-        ``kind`` is ``None`` for failures that are never retried (cancelled,
-        abandoned, unsendable, refused by the store).
-        """
-        step = self._step(inf.rank)
-        sid = step.id
-        self._errors.setdefault(sid, []).append(error)
-        delay: float | None = None
-        reason = ""
-        if kind is not None and not self.stopping:
-            delay, reason = self._retries.delay(sid, self._policy(step), error, kind, inf.attempt)
-        elif kind is not None:
-            # The step keeps the status its attempt earned, but the record says
-            # why a failure its policy might have retried was not: the run is
-            # stopping, and a retry would start new work in a run being torn down.
-            reason = f"{oc.NOT_RETRIED_STOPPING} ({self.stop_note or 'the run stopped'})"
-        if extra_note:
-            reason = f"{reason}; {extra_note}" if reason else extra_note
-        record = self.state.record(sid)
-        described = (oc.type_name(error), str(error))
-        attempt = oc.closed(
-            record.attempts[-1],
-            outcome=outcome,
-            error_type=described[0],
-            error_message=described[1],
-            error_traceback=traceback or oc.traceback_text(error),
-            delay_after=delay,
-            note=reason or None,
-            **base,
-        )
-        if delay is None:
-            self._end_step(inf.rank, record.with_last_attempt(attempt, status))
-            return
-        record = record.with_last_attempt(attempt, StepStatus.WAITING_RETRY)
-        self.state = self.state.set_step(record)
-        self._fx.append(SaveStep(record))
-        self._retries.waiting[sid] = inf.attempt
-        self._fx.append(SetTimer(("retry", sid, inf.attempt), delay, RetryDue(sid, inf.attempt)))
-        self._events.retrying(
-            self._fx, sid, inf.attempt, delay=delay, error=described, wall=self._wall
-        )
-
-    def _end_step(self, r: int, record: StepRecord) -> None:
-        """Give a step its terminal (non-success) status and apply the failure policy."""
-        sid = record.step_id
-        self._retries.waiting.pop(sid, None)
-        errors = self._errors.get(sid, [])
-        for i, earlier in enumerate(errors[:-1], start=1):
-            oc.add_note(errors[-1], f"attempt {i} failed: {oc.type_name(earlier)}: {earlier}")
-        self.state = self.state.set_step(record)
-        self._fx.append(SaveStep(record))
-        self._inputs.forget(r)
-        self._events.finished(self._fx, record, self._wall)
-        if record.status in _FAILED:
-            if self.cfg.on_failure == "fail_fast":
-                self._begin_stop(
-                    RunStatus.FAILED,
-                    f"step {sid!r} {record.status.value} and on_failure is fail_fast",
-                )
-            else:
-                self._skip_dependents(r, sid, record.status)
-        self._commit()
-
-    def _skip_dependents(self, r: int, sid: str, status: StepStatus) -> None:
-        records: list[StepRecord] = []
-        for d in sorted(self.graph.descendants(r)):
-            dep_id = self.graph.order[d]
-            current = self.state.record(dep_id)
-            if current.terminal or dep_id in self._inflight or dep_id in self._saving:
-                continue
-            records.append(
-                current.with_status(
-                    StepStatus.SKIPPED, f"skipped: it depends on {sid!r}, which {status.value}"
-                )
-            )
-        if records:
-            self.state = self.state.set_steps(records)
-            self._fx.append(SaveSteps(tuple(records)))
-            for rec in records:
-                self._events.finished(self._fx, rec, self._wall)
-
-    def _commit(self) -> None:
-        self.state, done = self.state.commit_ready()
-        self._events.committed(self._fx, self.state, done)
-
     # -- deadlines, retries, cancel -------------------------------------------------
 
-    def _grace_for(self, executor: str) -> float:
-        if executor == "thread":
-            return self.cfg.kill_grace
-        return self.cfg.kill_grace + BACKEND_GRACE_MARGIN
-
-    def _request_stop(self, sid: str, inf: _Inflight, reason: str) -> None:
+    def _request_stop(self, sid: str, inf: Inflight, reason: str) -> None:
         if inf.reason is not None:
             return
         inf.reason = reason
@@ -618,40 +378,6 @@ class RunMachine:
             self._begin_stop(RunStatus.CANCELLED, f"cancelled: {msg.reason}")
         elif not self.stopping:
             self._begin_stop(RunStatus.CANCELLED, "cancelled through the store")
-
-    def _on_grace(self, msg: GraceExpired) -> None:
-        inf = self._fenced(msg.step_id, msg.attempt)
-        if inf is None:
-            return
-        self._close(msg.step_id, inf)
-        if self._slots.abandon(inf.slot):
-            self._fx.append(AddSlot(self._slots.add()))
-        step = self._step(inf.rank)
-        what = oc.abandoned_what(inf.executor, self._grace_for(inf.executor))
-        record = self.state.record(step.id)
-        started = record.attempts[-1].started if record.attempts else self._wall
-        base = {"ended": self._wall, "duration": max(0.0, self._wall - started)}
-        log.warning("step %r attempt %d: %s", step.id, inf.attempt, what)
-        error: BaseException
-        if inf.reason == "timeout":
-            error = oc.timeout_error(
-                step.id,
-                inf.attempt,
-                self._policy(step).max_attempts,
-                limit=inf.limit,
-                run_deadline=inf.limit_is_run_deadline,
-                what=what,
-            )
-            status, outcome = StepStatus.TIMED_OUT, "timed_out"
-        else:
-            error = oc.cancelled_error(step.id, inf.attempt, what)
-            status, outcome = StepStatus.CANCELLED, "cancelled"
-        self._fail(inf, error, None, status, outcome, base=base)
-        last = self.state.record(step.id)
-        if last.attempts:
-            noted = last.attempts[-1]._replace(note="abandoned")
-            self.state = self.state.set_step(last.with_last_attempt(noted, last.status))
-            self._fx.append(SaveStep(self.state.record(step.id)))
 
     def _on_retry_due(self, msg: RetryDue) -> None:
         if not self.stopping and self._retries.due(msg.step_id, msg.attempt):

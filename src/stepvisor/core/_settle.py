@@ -1,0 +1,359 @@
+"""What an attempt's end means: the outcome half of the run machine.
+
+:class:`Settling` is the part of :class:`~stepvisor.core.machine.RunMachine`
+that turns an ended attempt into the step's next state: success (final once
+its outputs are written), a retry after a backoff, or a terminal failure and
+what the failure policy makes of it (fail fast, or skip the dependants); and
+the one rule for an attempt that ended after it was asked to stop.  It is a
+base class of the machine, kept in its own module so that each reads in one
+sitting; the attributes it uses are the machine's, declared here for mypy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stepvisor._log import log
+from stepvisor.backends.base import AttemptResult
+from stepvisor.core import _outcomes as oc
+from stepvisor.core.effects import (
+    AddSlot,
+    CancelTimer,
+    Effect,
+    RetireSlot,
+    SaveOutputs,
+    SaveStep,
+    SaveSteps,
+    SetTimer,
+)
+from stepvisor.core.messages import AttemptDone, GraceExpired, OutputsSaved, RetryDue
+from stepvisor.core.state import RunState, RunStatus, StepRecord, StepStatus
+from stepvisor.errors import StepTimeoutError, WorkerCrashedError
+from stepvisor.policies.retry import FailureKind, RetryPolicy
+
+if TYPE_CHECKING:
+    from stepvisor.config import Resolved
+    from stepvisor.core._events import Emitter
+    from stepvisor.core._inputs import Inputs
+    from stepvisor.core._retries import Retries
+    from stepvisor.core._slots import Slots
+    from stepvisor.core.graph import Graph
+    from stepvisor.core.model import Step
+    from stepvisor.policies.concurrency import Scheduler
+
+__all__ = ["BACKEND_GRACE_MARGIN", "Inflight", "Settling"]
+
+#: Extra time given to process/async/Ray backends past ``kill_grace`` before the
+#: machine abandons their slot: their own kill path should win the race.
+BACKEND_GRACE_MARGIN = 2.0
+_FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
+
+
+@dataclass(slots=True)
+class Inflight:
+    """One attempt the machine has started and not yet settled."""
+
+    rank: int
+    attempt: int
+    slot: str
+    executor: str
+    limit: float | None
+    limit_is_run_deadline: bool
+    #: When the attempt's deadline is due, on the machine's clock (None: no deadline).
+    deadline_at: float | None = None
+    reason: str | None = None  # "timeout" or "cancel" once a stop was requested
+    timers: list[tuple[Any, ...]] = field(default_factory=list)
+    #: A success waiting for its outputs to be written: (record, outputs, base).
+    saving: tuple[StepRecord, Mapping[str, Any], dict[str, Any]] | None = None
+
+
+class Settling:
+    """How ended attempts settle into state (a base of ``RunMachine``)."""
+
+    graph: Graph
+    cfg: Resolved
+    state: RunState
+    sched: Scheduler
+    stopping: bool
+    stop_note: str
+    discarded: int
+    _inflight: dict[str, Inflight]
+    _saving: dict[str, Inflight]
+    _slots: Slots
+    _inputs: Inputs
+    _retries: Retries
+    _events: Emitter
+    _errors: dict[str, list[BaseException]]
+    _store_may_refuse: bool
+    _done_count: int
+    _avg_duration: float
+    _now: float
+    _wall: float
+    _fx: list[Effect]
+
+    def _step(self, rank: int) -> Step:
+        raise NotImplementedError
+
+    def _policy(self, step: Step) -> RetryPolicy:
+        raise NotImplementedError
+
+    def _begin_stop(self, status: RunStatus, note: str) -> None:
+        raise NotImplementedError
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def _fenced(self, step_id: str, attempt: int) -> Inflight | None:
+        inf = self._inflight.get(step_id)
+        if inf is None or inf.attempt != attempt:
+            return None
+        return inf
+
+    def _close(self, sid: str, inf: Inflight) -> None:
+        del self._inflight[sid]
+        for key in inf.timers:
+            self._fx.append(CancelTimer(key))
+        self.sched.release(inf.rank)
+
+    def _on_done(self, msg: AttemptDone) -> None:
+        if self._slots.returned(msg.worker):
+            self._fx.append(RetireSlot(msg.worker))
+        self._done_count += 1
+        self._avg_duration += (msg.duration - self._avg_duration) / min(self._done_count, 10)
+        inf = self._fenced(msg.step_id, msg.attempt)
+        if inf is None or inf.slot != msg.worker:
+            self.discarded += 1
+            log.info(
+                "discarded a late outcome (%s) of step %r attempt %d: that attempt already ended",
+                msg.result.kind,
+                msg.step_id,
+                msg.attempt,
+            )
+            return
+        self._close(msg.step_id, inf)
+        result = msg.result
+        base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
+        reason = inf.reason
+        if reason is None and result.kind == "cancelled":
+            # The backend stopped it on its own: its safety net at the deadline
+            # (a StepTimeoutError), or a cancel it saw before the machine asked.
+            reason = "timeout" if isinstance(result.error, StepTimeoutError) else "cancel"
+        if reason is not None:
+            self._stopped(inf, reason, result, base)
+        elif result.kind == "ok":
+            self._on_ok(msg.step_id, inf, result.outputs or {}, base)
+        elif result.kind == "crash":
+            error = result.error or WorkerCrashedError(
+                f"the worker running step {msg.step_id!r} died",
+                step_id=msg.step_id,
+                attempt=inf.attempt,
+            )
+            self._fail(inf, error, FailureKind.CRASH, StepStatus.FAILED, "crashed", base=base)
+        else:
+            error = result.error or RuntimeError(
+                f"step {msg.step_id!r} failed without an exception"
+            )
+            kind = None if result.kind == "unsendable" else FailureKind.ERROR
+            self._fail(
+                inf, error, kind, StepStatus.FAILED, "failed", base=base, traceback=result.traceback
+            )
+
+    def _stopped(
+        self, inf: Inflight, reason: str, result: AttemptResult, base: dict[str, Any]
+    ) -> None:
+        """The one rule for an attempt that ended after it was asked to stop."""
+        step = self._step(inf.rank)
+        discarded = result.kind == "ok"
+        what = oc.stop_outcome(reason, inf.executor, result.note, result.outputs, discarded)
+        error: BaseException
+        kind: FailureKind | None = None
+        if reason == "timeout":
+            error = oc.timeout_error(
+                step.id,
+                inf.attempt,
+                self._policy(step).max_attempts,
+                limit=inf.limit,
+                run_deadline=inf.limit_is_run_deadline,
+                what=what,
+            )
+            kind, status, outcome = FailureKind.TIMEOUT, StepStatus.TIMED_OUT, "timed_out"
+        else:
+            why = self.stop_note or "the run stopped"
+            error = oc.cancelled_error(step.id, inf.attempt, what, why=why)
+            status, outcome = StepStatus.CANCELLED, "cancelled"
+        if result.error is not None:
+            error.__cause__ = result.error
+        extra = oc.DISCARDED_AFTER_STOP if discarded else None
+        self._fail(inf, error, kind, status, outcome, base=base, extra_note=extra)
+
+    def _on_ok(
+        self, sid: str, inf: Inflight, outputs: Mapping[str, Any], base: dict[str, Any]
+    ) -> None:
+        record = self.state.record(sid)
+        attempt = oc.closed(record.attempts[-1], outcome="succeeded", **base)
+        record = record.with_last_attempt(attempt, StepStatus.SUCCEEDED)
+        if outputs and self._store_may_refuse:
+            inf.saving = (record, outputs, base)
+            self._saving[sid] = inf
+            self._fx.append(SaveOutputs(record, outputs, inf.attempt))
+            return
+        self._fx.append(SaveStep(record, outputs))
+        self._succeeded(inf.rank, record, outputs)
+
+    def _on_saved(self, msg: OutputsSaved) -> None:
+        inf = self._saving.get(msg.step_id)
+        if inf is None or inf.attempt != msg.attempt or inf.saving is None:
+            return
+        del self._saving[msg.step_id]
+        record, outputs, base = inf.saving
+        if msg.error is None:
+            self._succeeded(inf.rank, record, outputs)
+        else:
+            self._fail(inf, msg.error, None, StepStatus.FAILED, "failed", base=base)
+
+    def _succeeded(self, r: int, record: StepRecord, outputs: Mapping[str, Any]) -> None:
+        self.state = self.state.set_step(record).set_outputs(record.step_id, outputs)
+        self._inputs.publish(r, outputs)
+        self.sched.succeeded(r)
+        self._events.finished(self._fx, record, self._wall)
+        self._commit()
+
+    def _fail(
+        self,
+        inf: Inflight,
+        error: BaseException,
+        kind: FailureKind | None,
+        status: StepStatus,
+        outcome: str,
+        *,
+        base: dict[str, Any],
+        traceback: str | None = None,
+        extra_note: str | None = None,
+    ) -> None:
+        """Record a failed attempt, then retry it or end the step with ``status``.
+
+        ``kind`` is ``None`` for failures that are never retried (cancelled,
+        abandoned, unsendable, refused by the store).
+        """
+        step = self._step(inf.rank)
+        sid = step.id
+        self._errors.setdefault(sid, []).append(error)
+        delay: float | None = None
+        reason = ""
+        if kind is not None and not self.stopping:
+            delay, reason = self._retries.delay(sid, self._policy(step), error, kind, inf.attempt)
+        elif kind is not None:
+            # The step keeps the status its attempt earned, but the record says
+            # why a failure its policy might have retried was not: the run is
+            # stopping, and a retry would start new work in a run being torn down.
+            reason = f"{oc.NOT_RETRIED_STOPPING} ({self.stop_note or 'the run stopped'})"
+        if extra_note:
+            reason = f"{reason}; {extra_note}" if reason else extra_note
+        record = self.state.record(sid)
+        described = (oc.type_name(error), str(error))
+        attempt = oc.closed(
+            record.attempts[-1],
+            outcome=outcome,
+            error_type=described[0],
+            error_message=described[1],
+            error_traceback=traceback or oc.traceback_text(error),
+            delay_after=delay,
+            note=reason or None,
+            **base,
+        )
+        if delay is None:
+            self._end_step(inf.rank, record.with_last_attempt(attempt, status))
+            return
+        record = record.with_last_attempt(attempt, StepStatus.WAITING_RETRY)
+        self.state = self.state.set_step(record)
+        self._fx.append(SaveStep(record))
+        self._retries.waiting[sid] = inf.attempt
+        self._fx.append(SetTimer(("retry", sid, inf.attempt), delay, RetryDue(sid, inf.attempt)))
+        self._events.retrying(
+            self._fx, sid, inf.attempt, delay=delay, error=described, wall=self._wall
+        )
+
+    def _end_step(self, r: int, record: StepRecord) -> None:
+        """Give a step its terminal (non-success) status and apply the failure policy."""
+        sid = record.step_id
+        self._retries.waiting.pop(sid, None)
+        errors = self._errors.get(sid, [])
+        for i, earlier in enumerate(errors[:-1], start=1):
+            oc.add_note(errors[-1], f"attempt {i} failed: {oc.type_name(earlier)}: {earlier}")
+        self.state = self.state.set_step(record)
+        self._fx.append(SaveStep(record))
+        self._inputs.forget(r)
+        self._events.finished(self._fx, record, self._wall)
+        if record.status in _FAILED:
+            if self.cfg.on_failure == "fail_fast":
+                self._begin_stop(
+                    RunStatus.FAILED,
+                    f"step {sid!r} {record.status.value} and on_failure is fail_fast",
+                )
+            else:
+                self._skip_dependents(r, sid, record.status)
+        self._commit()
+
+    def _skip_dependents(self, r: int, sid: str, status: StepStatus) -> None:
+        records: list[StepRecord] = []
+        for d in sorted(self.graph.descendants(r)):
+            dep_id = self.graph.order[d]
+            current = self.state.record(dep_id)
+            if current.terminal or dep_id in self._inflight or dep_id in self._saving:
+                continue
+            records.append(
+                current.with_status(
+                    StepStatus.SKIPPED, f"skipped: it depends on {sid!r}, which {status.value}"
+                )
+            )
+        if records:
+            self.state = self.state.set_steps(records)
+            self._fx.append(SaveSteps(tuple(records)))
+            for rec in records:
+                self._events.finished(self._fx, rec, self._wall)
+
+    def _commit(self) -> None:
+        self.state, done = self.state.commit_ready()
+        self._events.committed(self._fx, self.state, done)
+
+    # -- abandonment ---------------------------------------------------------------
+
+    def _grace_for(self, executor: str) -> float:
+        if executor == "thread":
+            return self.cfg.kill_grace
+        return self.cfg.kill_grace + BACKEND_GRACE_MARGIN
+
+    def _on_grace(self, msg: GraceExpired) -> None:
+        inf = self._fenced(msg.step_id, msg.attempt)
+        if inf is None:
+            return
+        self._close(msg.step_id, inf)
+        if self._slots.abandon(inf.slot):
+            self._fx.append(AddSlot(self._slots.add()))
+        step = self._step(inf.rank)
+        what = oc.abandoned_what(inf.executor, self._grace_for(inf.executor))
+        record = self.state.record(step.id)
+        started = record.attempts[-1].started if record.attempts else self._wall
+        base = {"ended": self._wall, "duration": max(0.0, self._wall - started)}
+        log.warning("step %r attempt %d: %s", step.id, inf.attempt, what)
+        error: BaseException
+        if inf.reason == "timeout":
+            error = oc.timeout_error(
+                step.id,
+                inf.attempt,
+                self._policy(step).max_attempts,
+                limit=inf.limit,
+                run_deadline=inf.limit_is_run_deadline,
+                what=what,
+            )
+            status, outcome = StepStatus.TIMED_OUT, "timed_out"
+        else:
+            error = oc.cancelled_error(step.id, inf.attempt, what)
+            status, outcome = StepStatus.CANCELLED, "cancelled"
+        self._fail(inf, error, None, status, outcome, base=base)
+        last = self.state.record(step.id)
+        if last.attempts:
+            noted = last.attempts[-1]._replace(note="abandoned")
+            self.state = self.state.set_step(last.with_last_attempt(noted, last.status))
+            self._fx.append(SaveStep(self.state.record(step.id)))
