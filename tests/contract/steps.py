@@ -152,6 +152,8 @@ def raise_base(ctx: sv.StepContext) -> Outputs:
         raise SystemExit(3)
     if kind == "KeyboardInterrupt":
         raise KeyboardInterrupt
+    if kind == "GeneratorExit":
+        raise GeneratorExit
     raise Abort("abort the step")
 
 

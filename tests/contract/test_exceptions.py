@@ -4,7 +4,7 @@ A picklable exception comes back as itself (type and message).  One that
 cannot be pickled still fails the step with a clear error: itself where the
 step ran in the engine's process, a ``RemoteStepError`` naming it where it ran
 in another (``REMOTE``).  A ``BaseException`` that is not an ``Exception``
-(``SystemExit``, ``KeyboardInterrupt``, a user subclass) fails the step, never
+(``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``, a user subclass) fails the step, never
 the Worker, the Supervisor or the run's other steps, and the run ends.
 """
 
@@ -46,7 +46,12 @@ def test_unpicklable_exception_still_fails_the_step_clearly(backend: Backend) ->
 
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [("SystemExit", SystemExit), ("KeyboardInterrupt", KeyboardInterrupt), ("Abort", steps.Abort)],
+    [
+        ("SystemExit", SystemExit),
+        ("KeyboardInterrupt", KeyboardInterrupt),
+        ("GeneratorExit", GeneratorExit),
+        ("Abort", steps.Abort),
+    ],
 )
 def test_base_exception_fails_the_step_and_the_run_ends(
     backend: Backend, kind: str, expected: type[BaseException]

@@ -36,7 +36,8 @@ def test_bad_outputs_fail_the_step_with_one_error_type(
     assert isinstance(error, TypeError), f"{type(error).__name__}: {error}"
     assert "'out'" in str(error), "the error must name the step"
 
-    reference = sv.run(sv.Workflow("out", [sv.Step("out", BAD[bad], params={"dir": "."})]))
+    on_thread = sv.Step("out", BAD[bad], executor="thread", params={"dir": "."})
+    reference = sv.run(sv.Workflow("out", [on_thread]))
     assert type(error) is type(reference.errors["out"])
     assert attempts_of(result, "out") == attempts_of(reference, "out")
 
