@@ -17,6 +17,7 @@ table.  Tests drive the engine through the public API only.
 from __future__ import annotations
 
 import contextlib
+import gc
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +88,11 @@ class Backend:
         The step's params get ``dir``, where it reports what it does.
         """
         params = {"dir": str(self.signals), **options.pop("params", {})}
-        chosen: Any = steps.ASYNC[fn] if self.name == "async" else fn
+        chosen: Any = fn
+        if self.name == "async":
+            if fn not in steps.ASYNC:
+                raise LookupError(f"{fn.__name__} has no async version in steps.ASYNC")
+            chosen = steps.ASYNC[fn]
         return sv.Step(step_id, chosen, executor=self.name, params=params, **options)
 
     def run(self, wf: sv.Workflow, **overrides: Any) -> sv.RunResult:
@@ -162,13 +167,19 @@ def backend_name(request: pytest.FixtureRequest) -> Iterator[Executor]:
 
 
 @pytest.fixture
-def backend(backend_name: Executor, chdir_tmp: Path) -> Backend:
-    """The backend under test; the test runs in an empty directory (no project config)."""
+def backend(backend_name: Executor, chdir_tmp: Path) -> Iterator[Backend]:
+    """The backend under test; the test runs in an empty directory (no project config).
+
+    After the test, a garbage collection makes what the test left unraisable
+    (a coroutine never awaited, an exception in ``__del__``) fail *this* test
+    rather than whichever later test the collector happens to run in.
+    """
     signals = chdir_tmp / "signals"
     signals.mkdir()
     if backend_name == "ray":
         _warm_ray(Backend(backend_name, chdir_tmp / "warm-up"))
-    return Backend(backend_name, signals)
+    yield Backend(backend_name, signals)
+    gc.collect()
 
 
 def _warm_ray(warm: Backend) -> None:
