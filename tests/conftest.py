@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from stepvisor._procfs import pid_gone, processes_with_env
 from stepvisor._runtime import RunHandle
 from stepvisor.clock import FakeClock
 from stepvisor.core.state import RunStatus, StepStatus
+from tests.procfs import pid_gone, processes_with_env
 
 __all__ = ["pid_gone", "pump_until", "session_processes", "wait_for"]
 
