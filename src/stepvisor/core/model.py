@@ -9,14 +9,14 @@ the problem and the fix, before any step is dispatched or any store touched.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
 
+from stepvisor._validate import duplicates, is_int, is_number, name_list, seconds
 from stepvisor.core.graph import Graph
 from stepvisor.errors import (
     InvalidMaxParallelError,
@@ -52,7 +52,7 @@ StepFn = Callable[..., Any]
 
 def check_max_parallel(value: object, *, what: str = "max_parallel") -> int:
     """Return ``value`` if it is an int >= 1, else raise a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InvalidMaxParallelError(
             f"{what} must be an integer >= 1, got {value!r} ({type(value).__name__}); "
             f"pass a whole number such as {what}=4"
@@ -66,37 +66,28 @@ def check_max_parallel(value: object, *, what: str = "max_parallel") -> int:
 
 def check_positive_seconds(value: object, *, what: str) -> float:
     """Return ``value`` as a float if it is a positive finite number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidTimeoutError(
-            f"{what} must be a positive number of seconds, got {value!r} "
-            f"({type(value).__name__}); use None for no limit"
-        )
-    seconds = float(value)
-    if math.isnan(seconds) or seconds <= 0 or math.isinf(seconds):
-        raise InvalidTimeoutError(
-            f"{what} must be a positive finite number of seconds, got {value!r}; "
-            "use None for no limit"
-        )
-    return seconds
+    return seconds(value, what=what, fail=InvalidTimeoutError, fix="use None for no limit")
 
 
 def _names(value: Iterable[str] | str, *, step_id: str, what: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        # A bare string is almost always a forgotten list: needs="a" means ["a"].
-        value = (value,)
-    names = tuple(value)
+    names = name_list(value)
+    if names is None:
+        raise InvalidSettingError(
+            f"step {step_id!r}: {what} must be a list of names, got {value!r}; "
+            f'write e.g. {what}=["extract"]'
+        )
     for name in names:
         if not isinstance(name, str) or not name:
             raise InvalidSettingError(
                 f"step {step_id!r}: {what} must be non-empty strings, got {name!r}"
             )
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    dup = duplicates(cast("tuple[str, ...]", names))
+    if dup:
         raise InvalidSettingError(
             f"step {step_id!r}: {what} lists {', '.join(map(repr, dup))} more than once; "
             "list each name once"
         )
-    return names
+    return cast("tuple[str, ...]", names)
 
 
 def _is_coroutine_fn(fn: object) -> bool:
@@ -219,7 +210,7 @@ class Step:
             )
         set_(self, "params", pmap(self.params))
         cost = self.metadata.get("cost", 1.0)
-        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+        if not is_number(cost) or not cost >= 0:
             raise InvalidSettingError(
                 f"step {self.id!r}: metadata['cost'] must be a number of seconds >= 0, got {cost!r}"
             )
@@ -230,12 +221,7 @@ class Step:
                     f'{{"CPU": 2}}, got {type(self.resources).__name__}'
                 )
             for key, amount in self.resources.items():
-                if (
-                    not isinstance(key, str)
-                    or isinstance(amount, bool)
-                    or not isinstance(amount, int | float)
-                    or not amount >= 0
-                ):
+                if not isinstance(key, str) or not is_number(amount) or not amount >= 0:
                     raise InvalidSettingError(
                         f"step {self.id!r}: resources[{key!r}] must be a number >= 0, "
                         f"got {amount!r}"
@@ -325,16 +311,12 @@ class Settings:
             raise InvalidSettingError(
                 f"retry must be a stepvisor.RetryPolicy, got {type(self.retry).__name__}"
             )
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
+        if self.seed is not None and not is_int(self.seed):
             raise InvalidSettingError(f"seed must be an integer, got {self.seed!r}")
         if self.max_worker_crashes is not None:
             check_max_parallel(self.max_worker_crashes, what="max_worker_crashes")
         if self.max_retries_total is not None and (
-            isinstance(self.max_retries_total, bool)
-            or not isinstance(self.max_retries_total, int)
-            or self.max_retries_total < 0
+            not is_int(self.max_retries_total) or self.max_retries_total < 0
         ):
             raise InvalidSettingError(
                 f"max_retries_total must be an integer >= 0, got {self.max_retries_total!r}"
