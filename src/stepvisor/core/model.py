@@ -157,6 +157,13 @@ class Step:
         self.__post_init__()
 
     def __post_init__(self) -> None:
+        # One check after another, in this order: the first problem is the one reported.
+        self._check_identity()
+        self._check_options()
+        self._check_data()
+
+    def _check_identity(self) -> None:
+        """The id, the function and the names it depends on and makes."""
         if not isinstance(self.id, str) or not self.id.strip():
             raise InvalidStepIdError(
                 f"a step id must be a non-empty string, got {self.id!r}; "
@@ -174,12 +181,12 @@ class Step:
         set_(self, "creates", _names(self.creates, step_id=self.id, what="creates"))
         if self.id in self.needs:
             raise InvalidSettingError(f"step {self.id!r} lists itself in needs; remove it")
+
+    def _check_options(self) -> None:
+        """The run settings this step overrides: timeout, retry, executor, pool."""
         if self.timeout is not None:
-            set_(
-                self,
-                "timeout",
-                check_positive_seconds(self.timeout, what=f"step {self.id!r}: timeout"),
-            )
+            timeout = check_positive_seconds(self.timeout, what=f"step {self.id!r}: timeout")
+            object.__setattr__(self, "timeout", timeout)
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise InvalidSettingError(
                 f"step {self.id!r}: retry must be a stepvisor.RetryPolicy, got "
@@ -199,34 +206,35 @@ class Step:
             raise InvalidSettingError(
                 f"step {self.id!r}: pool must be a non-empty string, got {self.pool!r}"
             )
-        if not isinstance(self.metadata, Mapping):
-            raise InvalidSettingError(
-                f"step {self.id!r}: metadata must be a mapping, got {type(self.metadata).__name__}"
-            )
-        set_(self, "metadata", pmap(self.metadata))
-        if not isinstance(self.params, Mapping):
-            raise InvalidSettingError(
-                f"step {self.id!r}: params must be a mapping, got {type(self.params).__name__}"
-            )
-        set_(self, "params", pmap(self.params))
+
+    def _check_data(self) -> None:
+        """Metadata (with its ``cost`` hint), params and Ray resources, made immutable."""
+        set_ = object.__setattr__
+        for name in ("metadata", "params"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise InvalidSettingError(
+                    f"step {self.id!r}: {name} must be a mapping, got {type(value).__name__}"
+                )
+            set_(self, name, pmap(value))
         cost = self.metadata.get("cost", 1.0)
         if not is_number(cost) or not cost >= 0:
             raise InvalidSettingError(
                 f"step {self.id!r}: metadata['cost'] must be a number of seconds >= 0, got {cost!r}"
             )
-        if self.resources is not None:
-            if not isinstance(self.resources, Mapping):
+        if self.resources is None:
+            return
+        if not isinstance(self.resources, Mapping):
+            raise InvalidSettingError(
+                f"step {self.id!r}: resources must be a mapping such as "
+                f'{{"CPU": 2}}, got {type(self.resources).__name__}'
+            )
+        for key, amount in self.resources.items():
+            if not isinstance(key, str) or not is_number(amount) or not amount >= 0:
                 raise InvalidSettingError(
-                    f"step {self.id!r}: resources must be a mapping such as "
-                    f'{{"CPU": 2}}, got {type(self.resources).__name__}'
+                    f"step {self.id!r}: resources[{key!r}] must be a number >= 0, got {amount!r}"
                 )
-            for key, amount in self.resources.items():
-                if not isinstance(key, str) or not is_number(amount) or not amount >= 0:
-                    raise InvalidSettingError(
-                        f"step {self.id!r}: resources[{key!r}] must be a number >= 0, "
-                        f"got {amount!r}"
-                    )
-            set_(self, "resources", pmap(self.resources))
+        set_(self, "resources", pmap(self.resources))
 
     @property
     def cost(self) -> float:
@@ -276,6 +284,11 @@ class Settings:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_scheduling()
+        self._check_limits()
+
+    def _check_scheduling(self) -> None:
+        """How many steps run at once, on what, and what a failure does."""
         set_ = object.__setattr__
         if self.max_parallel is not None:
             check_max_parallel(self.max_parallel)
@@ -303,6 +316,10 @@ class Settings:
                 "executor='async' cannot be a run default: async steps are chosen by "
                 "writing them as 'async def'; use 'thread', 'process' or 'ray'"
             )
+
+    def _check_limits(self) -> None:
+        """Time limits, retries, crash and retry budgets, and the store and Ray options."""
+        set_ = object.__setattr__
         for name in ("step_timeout", "deadline", "kill_grace"):
             value = getattr(self, name)
             if value is not None:
