@@ -80,25 +80,23 @@ class Graph:
 
     def ancestors(self, r: int) -> set[int]:
         """Every rank that ``r`` depends on, directly or not."""
-        seen: set[int] = set()
-        stack = list(self.deps[r])
-        while stack:
-            d = stack.pop()
-            if d not in seen:
-                seen.add(d)
-                stack.extend(self.deps[d])
-        return seen
+        return _reachable(self.deps, r)
 
     def descendants(self, r: int) -> set[int]:
         """Every rank that depends on ``r``, directly or not."""
-        seen: set[int] = set()
-        stack = list(self.dependents[r])
-        while stack:
-            d = stack.pop()
-            if d not in seen:
-                seen.add(d)
-                stack.extend(self.dependents[d])
-        return seen
+        return _reachable(self.dependents, r)
+
+
+def _reachable(links: Sequence[Sequence[int]], r: int) -> set[int]:
+    """Every rank reachable from ``r`` along ``links`` (not ``r`` itself, in a DAG)."""
+    seen: set[int] = set()
+    stack = list(links[r])
+    while stack:
+        d = stack.pop()
+        if d not in seen:
+            seen.add(d)
+            stack.extend(links[d])
+    return seen
 
 
 def _unique_index(steps: Sequence[Step]) -> dict[str, int]:
