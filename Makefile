@@ -39,7 +39,7 @@ bench-quick: venv
 	$(PY) -m benchmarks --quick
 
 chaos: venv
-	$(PY) -m stepvisor.chaos --runs 1000
+	$(PY) -m tests.chaos --runs 1000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,7 @@ from types import ModuleType
 
 from benchmarks.harness import Row, replace_row
 from benchmarks.steps import spin_until, write_pid
-from stepvisor._procfs import pid_gone
+from tests.procfs import pid_gone
 
 __all__ = [
     "Measured",

@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: every test must leave no thread, process or temp file behind.
+"""Suite-wide fixtures: every test must leave no thread, process or temp file behind, and
+none reads the repository's own project settings (setup.cfg).
 
 Children are found by a marker in their environment rather than by parent
 pid: a grandchild whose parent was killed is re-parented to init, and only the
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from stepvisor._procfs import pid_gone, processes_with_env
+from stepvisor import config
 from stepvisor._runtime import RunHandle
 from stepvisor.clock import FakeClock
+from stepvisor.core.model import Settings
 from stepvisor.core.state import RunStatus, StepStatus
+from tests.procfs import pid_gone, processes_with_env
 
 __all__ = ["pid_gone", "pump_until", "session_processes", "wait_for"]
 
@@ -45,6 +48,29 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _LEAK_WAIT = 5.0
+#: The repository: its setup.cfg holds the demo's and the benchmarks' settings, not a test's.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def no_repository_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Project discovery never finds the repository's own setup.cfg or pyproject.toml.
+
+    Tests run from the repository root, so without this a test would run with
+    whatever ``make demo`` is set to run with.  A test that wants a project
+    file writes one into its own directory (``chdir_tmp``); discovery from
+    there is untouched.  (Only this process: a test that starts Python in the
+    repository root must give it a ``cwd`` if settings matter to it.)
+    """
+    find = config.find_project_settings
+
+    def outside_the_repository(start: Path | None = None) -> tuple[Settings, str | None]:
+        settings, source = find(start)
+        if source is not None and Path(source).parent == REPO_ROOT:
+            return Settings(), None
+        return settings, source
+
+    monkeypatch.setattr(config, "find_project_settings", outside_the_repository)
 
 
 def session_processes() -> set[int]:

@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import stepvisor as sv
 from benchmarks import common, harness
 from benchmarks.common import Measured
 from benchmarks.harness import Row, Scenario, Target
 from benchmarks.scenario_makespan import Task, lower_bound, random_dag
 from benchmarks.scenario_scale import _rss_figure, chains_and_fans
-
-import stepvisor as sv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_SCENARIOS = {

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 import stepvisor as sv
-from stepvisor import chaos
 from stepvisor._runtime import fingerprint
-from stepvisor.chaos import (
+from stepvisor.core.state import AttemptRecord, StepRecord
+from tests import chaos
+from tests.chaos import (
     FAULTS,
     FOREVER,
     MARK_VAR,
@@ -43,11 +44,11 @@ from stepvisor.chaos import (
     expected_outcome,
     generate,
     marked_processes,
+    oracle,
     run_bound,
     run_one,
     run_seeds,
 )
-from stepvisor.core.state import AttemptRecord, StepRecord
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -454,7 +455,7 @@ def _oracle_on_one_timeout(
     attempt = sv.AttemptRecord(1, 0.0, 1.0, 1.0, "timed_out", note=note)
     record = sv.StepRecord(plan.id, sv.StepStatus.TIMED_OUT, (attempt,))
     checker = Checker(seed=1)
-    chaos._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
+    oracle._check_step(checker, scenario, plan, record, statuses, cancel_issued=False)
     return [v for v in checker.violations if v.invariant == "oracle"]
 
 

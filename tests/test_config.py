@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import configparser
+import os
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,3 +99,45 @@ def test_describe_lists_every_setting_with_its_source(chdir_tmp: Path) -> None:
     assert rows["max_parallel"] == (2, "argument")
     assert rows["on_failure"] == ("continue", "workflow")
     assert rows["kill_grace"] == (1.0, "default")
+
+
+# -- the repository's own project settings (setup.cfg) ------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_repository_setup_cfg_holds_only_stepvisor_settings() -> None:
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg", encoding="utf-8")
+    assert parser.sections() == ["stepvisor"]
+    assert "stepvisor" not in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]
+
+
+def test_the_demo_runs_with_the_settings_of_the_repository_setup_cfg() -> None:
+    """``stepvisor config examples/demo.yaml`` from the repository root: what ``make demo`` uses."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg", encoding="utf-8")
+    in_cfg = set(parser["stepvisor"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPVISOR_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "stepvisor", "config", "examples/demo.yaml"],
+        cwd=REPO_ROOT,
+        env={**env, "STEPVISOR_TEST_SESSION": os.environ["STEPVISOR_TEST_SESSION"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    source = {line.split()[0]: line.split()[1:-1] for line in done.stdout.splitlines()[1:]}
+    from_cfg = {name for name, words in source.items() if words[-1].endswith("setup.cfg)")}
+    from_workflow = {name for name, words in source.items() if words[0] == "workflow"}
+    assert {"kill_grace", "max_worker_crashes", "codec"} <= from_cfg
+    assert from_cfg | from_workflow >= in_cfg  # each is used unless the workflow file sets it
+    assert source["max_parallel"] == ["workflow", "file", "examples/demo.yaml"]
+
+
+def test_tests_never_read_the_repository_setup_cfg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    cfg = resolve(environ={})
+    assert set(cfg.sources.values()) == {"default"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import stepvisor as sv
 
@@ -50,11 +52,13 @@ def test_errors_derive_from_one_base() -> None:
             assert issubclass(obj, sv.StepvisorError), name
 
 
-def test_importing_stepvisor_imports_no_optional_backend() -> None:
+def test_importing_stepvisor_imports_no_optional_backend_and_only_the_errors() -> None:
     code = (
         "import sys, stepvisor\n"
         "heavy = {'ray', 'dask', 'cloudpickle', 'sqlite3'} & set(sys.modules)\n"
         "assert not heavy - {'sqlite3'}, heavy\n"
+        "mine = {m for m in sys.modules if m.startswith('stepvisor')}\n"
+        "assert mine == {'stepvisor', 'stepvisor.errors'}, mine\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -74,3 +78,18 @@ def test_a_process_child_boots_without_logging_and_the_engine_installs_its_null_
         "assert any(isinstance(h, logging.NullHandler) for h in handlers), handlers\n"
     )
     subprocess.run([sys.executable, "-c", engine], check=True, timeout=60)
+
+
+def test_the_type_checkers_view_names_the_same_modules_as_the_lazy_table() -> None:
+    """``__init__.py`` lists each public name once for runtime (``_EXPORTS``) and once for
+    type checkers (its ``if TYPE_CHECKING:`` imports): the two must agree exactly."""
+    tree = ast.parse(Path(sv.__file__).read_text(encoding="utf-8"))
+    typed: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom), ast.unparse(stmt)
+                for alias in stmt.names:
+                    assert alias.asname == alias.name, "re-export as `X as X`"
+                    typed[alias.name] = str(stmt.module)
+    assert typed == sv._LAZY

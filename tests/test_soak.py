@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 import stepvisor as sv
-from stepvisor.chaos import (
+from stepvisor.store.sqlite import SQLiteStore
+from tests.chaos import (
     FOREVER,
     MARK_VAR,
     Checker,
@@ -42,7 +43,6 @@ from stepvisor.chaos import (
     check_threads,
     read_effects,
 )
-from stepvisor.store.sqlite import SQLiteStore
 
 FULL = os.environ.get("STEPVISOR_SOAK_FULL") == "1"
 SOAK_STEPS = 20_000 if FULL else 3_000

@@ -90,40 +90,48 @@ class Resolved:
 
 
 def _parse_text(name: str, text: str) -> Any:
-    """Turn an environment/INI string into the type the setting takes."""
+    """Turn an environment/INI string into the type the setting takes.
+
+    Text that does not parse is returned as it is: ``Settings()`` then rejects
+    it with the message every other source gets.
+    """
     text = text.strip()
     if name in _INTS:
-        try:
-            return int(text)
-        except ValueError:
-            return text  # Settings() rejects it with the proper message
+        return _number(text, int)
     if name in _FLOATS:
-        if text.lower() in ("", "none"):
-            return None
-        try:
-            return float(text)
-        except ValueError:
-            return text
+        return None if text.lower() in ("", "none") else _number(text, float)
     if name == "pools":
-        pools: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            pool, sep, size = part.partition("=")
-            if not sep:
-                raise InvalidSettingError(f"pools must look like 'db=2,net=4', got {text!r}")
-            try:
-                pools[pool.strip()] = int(size)
-            except ValueError:
-                pools[pool.strip()] = size.strip()
-        return pools
+        return _parse_pools(text)
     if name == "retry":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidSettingError(
-                f"retry must be a JSON object such as "
-                f'{{"max_attempts": 3, "backoff": "exponential"}}, got {text!r}'
-            ) from exc
+        return _parse_retry(text)
     return text
+
+
+def _number(text: str, kind: type[int] | type[float]) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        return text
+
+
+def _parse_pools(text: str) -> dict[str, Any]:
+    pools: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pool, sep, size = part.partition("=")
+        if not sep:
+            raise InvalidSettingError(f"pools must look like 'db=2,net=4', got {text!r}")
+        pools[pool.strip()] = _number(size.strip(), int)
+    return pools
+
+
+def _parse_retry(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidSettingError(
+            f"retry must be a JSON object such as "
+            f'{{"max_attempts": 3, "backoff": "exponential"}}, got {text!r}'
+        ) from exc
 
 
 def _to_settings(values: Mapping[str, Any], *, where: str) -> Settings:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from stepvisor.errors import StepCancelledError, StepTimeoutError
+from stepvisor.errors import stop_error
 
 if TYPE_CHECKING:
     import logging
@@ -156,17 +156,8 @@ class StepContext:
     def raise_if_cancelled(self) -> None:
         """Raise if the attempt was asked to stop; call it often in long loops."""
         if self._control.is_cancelled:
-            if self._control.reason == "timeout":
-                raise StepTimeoutError(
-                    f"step {self.step_id!r} passed its deadline on attempt {self.attempt}",
-                    step_id=self.step_id,
-                    attempt=self.attempt,
-                )
-            raise StepCancelledError(
-                f"step {self.step_id!r} was cancelled on attempt {self.attempt}",
-                step_id=self.step_id,
-                attempt=self.attempt,
-            )
+            reason = self._control.reason
+            raise stop_error(reason or "cancel", step_id=self.step_id, attempt=self.attempt)
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (from another thread) when the attempt is asked to stop.

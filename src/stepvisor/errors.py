@@ -170,6 +170,26 @@ class StepCancelledError(StepError):
     """The attempt was stopped because the run was cancelled or failed fast."""
 
 
+def stop_error(
+    reason: str, *, step_id: str, attempt: int, how: str | None = None
+) -> StepTimeoutError | StepCancelledError:
+    """The error of an attempt that was asked to stop: by its deadline (``reason``
+    ``"timeout"``) or else by a cancel.  ``how`` says how it was stopped, when known.
+
+    One place for both messages, so a step that raises it (``ctx.raise_if_cancelled()``)
+    and a backend that stops the step report the stop the same way.
+    """
+    if reason == "timeout":
+        message = f"step {step_id!r} passed its deadline on attempt {attempt}"
+        if how:
+            message += f": {how}; raise its timeout, or make it finish sooner"
+        return StepTimeoutError(message, step_id=step_id, attempt=attempt)
+    message = f"step {step_id!r} was cancelled on attempt {attempt}"
+    return StepCancelledError(
+        f"{message}: {how}" if how else message, step_id=step_id, attempt=attempt
+    )
+
+
 class WorkerCrashedError(StepError):
     """The worker process running the attempt died (signal, ``os._exit``, crash)."""
 

@@ -27,10 +27,11 @@ import re
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import yaml
 
+from stepvisor._validate import import_module, is_number, name_list, type_name
 from stepvisor.core.model import SETTING_NAMES, Settings, Step, Workflow
 from stepvisor.errors import ValidationError, WorkflowFileError
 from stepvisor.policies.retry import RetryPolicy
@@ -142,19 +143,6 @@ def _read(path: Path, where: _Where) -> str:
 # -- shape checks ---------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
-    names = {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        type(None): "null",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
 def _suggest(key: str, known: tuple[str, ...]) -> str:
     if key in _ALIASES and _ALIASES[key] in known:
         return f" (did you mean {_ALIASES[key]!r}?)"
@@ -167,7 +155,7 @@ def _check_keys(
 ) -> None:
     for key in data:
         if not isinstance(key, str):
-            raise fail(f"{what} has the key {key!r} ({_type_name(key)}); keys must be names")
+            raise fail(f"{what} has the key {key!r} ({type_name(key)}); keys must be names")
         if key not in known:
             raise fail(
                 f"unknown key {key!r}{_suggest(key, known)}; {what} takes {', '.join(known)}"
@@ -178,36 +166,36 @@ def _mapping(
     value: object, *, key: str, example: str, fail: Callable[[str], Exception]
 ) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise fail(f"{key} must be a mapping such as {example}, got {_type_name(value)}")
+        raise fail(f"{key} must be a mapping such as {example}, got {type_name(value)}")
     for name in value:
         if not isinstance(name, str):
-            raise fail(f"{key} has the key {name!r} ({_type_name(name)}); keys must be names")
+            raise fail(f"{key} has the key {name!r} ({type_name(name)}); keys must be names")
     return value
 
 
 def _names(value: object, *, key: str, fail: Callable[[str], Exception]) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+    items = name_list(value) if isinstance(value, str | list) else None
+    if items is None or not all(isinstance(v, str) and v for v in items):
         raise fail(
             f"{key} must be a name or a list of names such as [extract, clean], "
-            f"got {value!r} ({_type_name(value)})"
+            f"got {value!r} ({type_name(value)})"
         )
-    return tuple(items)
+    return cast("tuple[str, ...]", items)
 
 
 def _optional_str(value: object, *, key: str, fail: Callable[[str], Exception]) -> str | None:
     if value is None or (isinstance(value, str) and value):
         return value
-    raise fail(f"{key} must be a non-empty string, got {value!r} ({_type_name(value)})")
+    raise fail(f"{key} must be a non-empty string, got {value!r} ({type_name(value)})")
 
 
 def _seconds(value: object, *, key: str, fail: Callable[[str], Exception]) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise fail(
             f"{key} must be a number of seconds such as 30 or 2.5 (or null for no limit), "
-            f"got {value!r} ({_type_name(value)})"
+            f"got {value!r} ({type_name(value)})"
         )
     return float(value)
 
@@ -225,7 +213,7 @@ def resolve_target(target: object) -> Callable[..., Any]:
     if not isinstance(target, str):
         raise WorkflowFileError(
             f"run must be a 'module:function' reference such as 'etl_steps:load', "
-            f"got {target!r} ({_type_name(target)})"
+            f"got {target!r} ({type_name(target)})"
         )
     match = _TARGET.match(target.strip())
     if match is None:
@@ -250,36 +238,20 @@ def resolve_target(target: object) -> Callable[..., Any]:
         found = getattr(found, part)
     if not callable(found):
         raise WorkflowFileError(
-            f"run: {target!r} is {_type_name(found)}, not a function; point run at a "
+            f"run: {target!r} is {type_name(found)}, not a function; point run at a "
             "function that takes the step context"
         )
     return found
 
 
 def _import_module(name: str) -> object:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing == name or name.startswith(missing + "."):
-            raise WorkflowFileError(
-                f"run: module {name!r} cannot be imported: there is no module named "
-                f"{missing!r}; put {name.replace('.', '/')}.py next to the workflow file, "
-                "or install the package that provides it"
-            ) from exc
-        raise WorkflowFileError(
-            f"run: importing module {name!r} failed because it imports {missing!r}, which "
-            "is not installed; install it"
-        ) from exc
-    except SyntaxError as exc:
-        raise WorkflowFileError(
-            f"run: module {name!r} has a syntax error at {exc.filename}:{exc.lineno}: "
-            f"{exc.msg}; fix the module"
-        ) from exc
-    except Exception as exc:
-        raise WorkflowFileError(
-            f"run: importing module {name!r} raised {type(exc).__name__}: {exc}; fix the module"
-        ) from exc
+    return import_module(
+        name,
+        prefix="run: ",
+        fail=WorkflowFileError,
+        fix=f"put {name.replace('.', '/')}.py next to the workflow file, "
+        "or install the package that provides it",
+    )
 
 
 # -- building the model -------------------------------------------------------------------
@@ -323,7 +295,7 @@ def _step_id(data: dict[str, Any], index: int, where: _Where) -> str:
         # YAML reads yes/no/on/off as booleans and 1.0 as a number: quoting keeps text.
         hint = "; quote it to keep it text, e.g. id: 'no'" if isinstance(sid, int | float) else ""
         raise where.fail(
-            f"id must be a non-empty string, got {sid!r} ({_type_name(sid)}){hint}", step=label
+            f"id must be a non-empty string, got {sid!r} ({type_name(sid)}){hint}", step=label
         )
     return sid
 
@@ -331,7 +303,7 @@ def _step_id(data: dict[str, Any], index: int, where: _Where) -> str:
 def _step(data: object, index: int, where: _Where) -> Step:
     if not isinstance(data, dict):
         raise where.fail(
-            f"must be a mapping with at least id and run, got {_type_name(data)}",
+            f"must be a mapping with at least id and run, got {type_name(data)}",
             step=f"steps[{index}]",
         )
     sid = _step_id(data, index, where)
@@ -377,7 +349,7 @@ def _steps(data: object, where: _Where) -> list[Step]:
     if not isinstance(data, list) or not data:
         raise where.fail(
             f"steps must be a non-empty list of steps (each '- id: ...' with a run), "
-            f"got {_type_name(data)}"
+            f"got {type_name(data)}"
         )
     return [_step(item, i, where) for i, item in enumerate(data)]
 
@@ -404,14 +376,14 @@ def load_workflow(path: str | os.PathLike[str]) -> Workflow:
         raise where.fail("is empty; a workflow file needs at least id and steps")
     if not isinstance(data, dict):
         raise where.fail(
-            f"must be a mapping with id, settings and steps at the top, got {_type_name(data)}"
+            f"must be a mapping with id, settings and steps at the top, got {type_name(data)}"
         )
     _check_keys(data, TOP_KEYS, what="a workflow file", fail=where.fail)
     if "id" not in data:
         raise where.fail("has no id; name the workflow at the top, e.g. id: etl")
     wf_id = data["id"]
     if not isinstance(wf_id, str) or not wf_id.strip():
-        raise where.fail(f"id must be a non-empty string, got {wf_id!r} ({_type_name(wf_id)})")
+        raise where.fail(f"id must be a non-empty string, got {wf_id!r} ({type_name(wf_id)})")
     settings = _settings(data["settings"], where) if data.get("settings") is not None else None
     _on_sys_path(file.resolve().parent)
     steps = _steps(data.get("steps"), where)

@@ -12,7 +12,7 @@ engine compares small integers instead of strings::
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,42 +51,8 @@ class Graph:
     @classmethod
     def build(cls, steps: Sequence[Step]) -> Graph:
         """Validate ``steps`` as a DAG and compute its canonical order."""
-        index: dict[str, int] = {}
-        for i, step in enumerate(steps):
-            if step.id in index:
-                raise DuplicateStepError(
-                    f"two steps have the id {step.id!r} (positions {index[step.id]} and {i}); "
-                    "step ids must be unique: rename one of them"
-                )
-            index[step.id] = i
-
-        creators: dict[str, list[str]] = {}
-        for step in steps:
-            for name in step.creates:
-                creators.setdefault(name, []).append(step.id)
-
-        edges: dict[str, set[str]] = {step.id: set() for step in steps}
-        for step in steps:
-            for need in step.needs:
-                if need not in index:
-                    hint = _closest(need, index)
-                    raise UnknownDependencyError(
-                        f"step {step.id!r} needs {need!r}, but there is no step with that id"
-                        + (f" (did you mean {hint!r}?)" if hint else "")
-                        + "; add that step or remove it from needs"
-                    )
-                edges[step.id].add(need)
-            for name in step.requires:
-                makers = creators.get(name)
-                if not makers:
-                    raise MissingArtifactError(
-                        f"step {step.id!r} requires the artifact {name!r}, but no step "
-                        "creates it; add it to some step's creates, or remove it from requires"
-                    )
-                for maker in makers:
-                    if maker != step.id:
-                        edges[step.id].add(maker)
-
+        index = _unique_index(steps)
+        edges = _edges(steps, index)
         order = _canonical_order(edges)
         rank = {sid: r for r, sid in enumerate(order)}
         deps = tuple(tuple(sorted(rank[d] for d in edges[sid])) for sid in order)
@@ -114,25 +80,64 @@ class Graph:
 
     def ancestors(self, r: int) -> set[int]:
         """Every rank that ``r`` depends on, directly or not."""
-        seen: set[int] = set()
-        stack = list(self.deps[r])
-        while stack:
-            d = stack.pop()
-            if d not in seen:
-                seen.add(d)
-                stack.extend(self.deps[d])
-        return seen
+        return _reachable(self.deps, r)
 
     def descendants(self, r: int) -> set[int]:
         """Every rank that depends on ``r``, directly or not."""
-        seen: set[int] = set()
-        stack = list(self.dependents[r])
-        while stack:
-            d = stack.pop()
-            if d not in seen:
-                seen.add(d)
-                stack.extend(self.dependents[d])
-        return seen
+        return _reachable(self.dependents, r)
+
+
+def _reachable(links: Sequence[Sequence[int]], r: int) -> set[int]:
+    """Every rank reachable from ``r`` along ``links`` (not ``r`` itself, in a DAG)."""
+    seen: set[int] = set()
+    stack = list(links[r])
+    while stack:
+        d = stack.pop()
+        if d not in seen:
+            seen.add(d)
+            stack.extend(links[d])
+    return seen
+
+
+def _unique_index(steps: Sequence[Step]) -> dict[str, int]:
+    """Step id -> position; two steps with one id are refused."""
+    index: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        if step.id in index:
+            raise DuplicateStepError(
+                f"two steps have the id {step.id!r} (positions {index[step.id]} and {i}); "
+                "step ids must be unique: rename one of them"
+            )
+        index[step.id] = i
+    return index
+
+
+def _edges(steps: Sequence[Step], index: Mapping[str, int]) -> dict[str, set[str]]:
+    """Step id -> the ids it waits for: its ``needs``, and the creators of what it ``requires``."""
+    creators: dict[str, list[str]] = {}
+    for step in steps:
+        for name in step.creates:
+            creators.setdefault(name, []).append(step.id)
+    edges: dict[str, set[str]] = {step.id: set() for step in steps}
+    for step in steps:
+        for need in step.needs:
+            if need not in index:
+                hint = _closest(need, index)
+                raise UnknownDependencyError(
+                    f"step {step.id!r} needs {need!r}, but there is no step with that id"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + "; add that step or remove it from needs"
+                )
+            edges[step.id].add(need)
+        for name in step.requires:
+            makers = creators.get(name)
+            if not makers:
+                raise MissingArtifactError(
+                    f"step {step.id!r} requires the artifact {name!r}, but no step "
+                    "creates it; add it to some step's creates, or remove it from requires"
+                )
+            edges[step.id].update(maker for maker in makers if maker != step.id)
+    return edges
 
 
 def _canonical_order(edges: dict[str, set[str]]) -> tuple[str, ...]:
@@ -185,7 +190,7 @@ def _find_cycle(edges: dict[str, set[str]], stuck: set[str]) -> tuple[str, ...]:
     return (*loop, loop[0])
 
 
-def _closest(name: str, candidates: dict[str, int]) -> str | None:
+def _closest(name: str, candidates: Mapping[str, int]) -> str | None:
     import difflib  # noqa: PLC0415 - only on the error path
 
     matches = difflib.get_close_matches(name, list(candidates), n=1)

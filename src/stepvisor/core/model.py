@@ -9,14 +9,14 @@ the problem and the fix, before any step is dispatched or any store touched.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
 
+from stepvisor._validate import duplicates, is_int, is_number, name_list, seconds
 from stepvisor.core.graph import Graph
 from stepvisor.errors import (
     InvalidMaxParallelError,
@@ -52,7 +52,7 @@ StepFn = Callable[..., Any]
 
 def check_max_parallel(value: object, *, what: str = "max_parallel") -> int:
     """Return ``value`` if it is an int >= 1, else raise a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InvalidMaxParallelError(
             f"{what} must be an integer >= 1, got {value!r} ({type(value).__name__}); "
             f"pass a whole number such as {what}=4"
@@ -66,37 +66,28 @@ def check_max_parallel(value: object, *, what: str = "max_parallel") -> int:
 
 def check_positive_seconds(value: object, *, what: str) -> float:
     """Return ``value`` as a float if it is a positive finite number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidTimeoutError(
-            f"{what} must be a positive number of seconds, got {value!r} "
-            f"({type(value).__name__}); use None for no limit"
-        )
-    seconds = float(value)
-    if math.isnan(seconds) or seconds <= 0 or math.isinf(seconds):
-        raise InvalidTimeoutError(
-            f"{what} must be a positive finite number of seconds, got {value!r}; "
-            "use None for no limit"
-        )
-    return seconds
+    return seconds(value, what=what, fail=InvalidTimeoutError, fix="use None for no limit")
 
 
 def _names(value: Iterable[str] | str, *, step_id: str, what: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        # A bare string is almost always a forgotten list: needs="a" means ["a"].
-        value = (value,)
-    names = tuple(value)
+    names = name_list(value)
+    if names is None:
+        raise InvalidSettingError(
+            f"step {step_id!r}: {what} must be a list of names, got {value!r}; "
+            f'write e.g. {what}=["extract"]'
+        )
     for name in names:
         if not isinstance(name, str) or not name:
             raise InvalidSettingError(
                 f"step {step_id!r}: {what} must be non-empty strings, got {name!r}"
             )
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    dup = duplicates(cast("tuple[str, ...]", names))
+    if dup:
         raise InvalidSettingError(
             f"step {step_id!r}: {what} lists {', '.join(map(repr, dup))} more than once; "
             "list each name once"
         )
-    return names
+    return cast("tuple[str, ...]", names)
 
 
 def _is_coroutine_fn(fn: object) -> bool:
@@ -166,6 +157,13 @@ class Step:
         self.__post_init__()
 
     def __post_init__(self) -> None:
+        # One check after another, in this order: the first problem is the one reported.
+        self._check_identity()
+        self._check_options()
+        self._check_data()
+
+    def _check_identity(self) -> None:
+        """The id, the function and the names it depends on and makes."""
         if not isinstance(self.id, str) or not self.id.strip():
             raise InvalidStepIdError(
                 f"a step id must be a non-empty string, got {self.id!r}; "
@@ -183,12 +181,12 @@ class Step:
         set_(self, "creates", _names(self.creates, step_id=self.id, what="creates"))
         if self.id in self.needs:
             raise InvalidSettingError(f"step {self.id!r} lists itself in needs; remove it")
+
+    def _check_options(self) -> None:
+        """The run settings this step overrides: timeout, retry, executor, pool."""
         if self.timeout is not None:
-            set_(
-                self,
-                "timeout",
-                check_positive_seconds(self.timeout, what=f"step {self.id!r}: timeout"),
-            )
+            timeout = check_positive_seconds(self.timeout, what=f"step {self.id!r}: timeout")
+            object.__setattr__(self, "timeout", timeout)
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise InvalidSettingError(
                 f"step {self.id!r}: retry must be a stepvisor.RetryPolicy, got "
@@ -208,39 +206,35 @@ class Step:
             raise InvalidSettingError(
                 f"step {self.id!r}: pool must be a non-empty string, got {self.pool!r}"
             )
-        if not isinstance(self.metadata, Mapping):
-            raise InvalidSettingError(
-                f"step {self.id!r}: metadata must be a mapping, got {type(self.metadata).__name__}"
-            )
-        set_(self, "metadata", pmap(self.metadata))
-        if not isinstance(self.params, Mapping):
-            raise InvalidSettingError(
-                f"step {self.id!r}: params must be a mapping, got {type(self.params).__name__}"
-            )
-        set_(self, "params", pmap(self.params))
+
+    def _check_data(self) -> None:
+        """Metadata (with its ``cost`` hint), params and Ray resources, made immutable."""
+        set_ = object.__setattr__
+        for name in ("metadata", "params"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise InvalidSettingError(
+                    f"step {self.id!r}: {name} must be a mapping, got {type(value).__name__}"
+                )
+            set_(self, name, pmap(value))
         cost = self.metadata.get("cost", 1.0)
-        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+        if not is_number(cost) or not cost >= 0:
             raise InvalidSettingError(
                 f"step {self.id!r}: metadata['cost'] must be a number of seconds >= 0, got {cost!r}"
             )
-        if self.resources is not None:
-            if not isinstance(self.resources, Mapping):
+        if self.resources is None:
+            return
+        if not isinstance(self.resources, Mapping):
+            raise InvalidSettingError(
+                f"step {self.id!r}: resources must be a mapping such as "
+                f'{{"CPU": 2}}, got {type(self.resources).__name__}'
+            )
+        for key, amount in self.resources.items():
+            if not isinstance(key, str) or not is_number(amount) or not amount >= 0:
                 raise InvalidSettingError(
-                    f"step {self.id!r}: resources must be a mapping such as "
-                    f'{{"CPU": 2}}, got {type(self.resources).__name__}'
+                    f"step {self.id!r}: resources[{key!r}] must be a number >= 0, got {amount!r}"
                 )
-            for key, amount in self.resources.items():
-                if (
-                    not isinstance(key, str)
-                    or isinstance(amount, bool)
-                    or not isinstance(amount, int | float)
-                    or not amount >= 0
-                ):
-                    raise InvalidSettingError(
-                        f"step {self.id!r}: resources[{key!r}] must be a number >= 0, "
-                        f"got {amount!r}"
-                    )
-            set_(self, "resources", pmap(self.resources))
+        set_(self, "resources", pmap(self.resources))
 
     @property
     def cost(self) -> float:
@@ -290,6 +284,11 @@ class Settings:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_scheduling()
+        self._check_limits()
+
+    def _check_scheduling(self) -> None:
+        """How many steps run at once, on what, and what a failure does."""
         set_ = object.__setattr__
         if self.max_parallel is not None:
             check_max_parallel(self.max_parallel)
@@ -317,6 +316,10 @@ class Settings:
                 "executor='async' cannot be a run default: async steps are chosen by "
                 "writing them as 'async def'; use 'thread', 'process' or 'ray'"
             )
+
+    def _check_limits(self) -> None:
+        """Time limits, retries, crash and retry budgets, and the store and Ray options."""
+        set_ = object.__setattr__
         for name in ("step_timeout", "deadline", "kill_grace"):
             value = getattr(self, name)
             if value is not None:
@@ -325,16 +328,12 @@ class Settings:
             raise InvalidSettingError(
                 f"retry must be a stepvisor.RetryPolicy, got {type(self.retry).__name__}"
             )
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
+        if self.seed is not None and not is_int(self.seed):
             raise InvalidSettingError(f"seed must be an integer, got {self.seed!r}")
         if self.max_worker_crashes is not None:
             check_max_parallel(self.max_worker_crashes, what="max_worker_crashes")
         if self.max_retries_total is not None and (
-            isinstance(self.max_retries_total, bool)
-            or not isinstance(self.max_retries_total, int)
-            or self.max_retries_total < 0
+            not is_int(self.max_retries_total) or self.max_retries_total < 0
         ):
             raise InvalidSettingError(
                 f"max_retries_total must be an integer >= 0, got {self.max_retries_total!r}"

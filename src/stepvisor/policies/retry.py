@@ -41,7 +41,6 @@ from __future__ import annotations
 import difflib
 import enum
 import hashlib
-import importlib
 import json
 import math
 import random
@@ -52,6 +51,7 @@ from typing import Any, Final, Literal, cast
 import tenacity
 from tenacity.wait import wait_base
 
+from stepvisor._validate import import_module, is_int, is_number, qualified_name, seconds
 from stepvisor.errors import (
     FatalError,
     InvalidRetryPolicyError,
@@ -108,20 +108,17 @@ class FailureKind(enum.Enum):
 
 def _seconds(value: object, *, what: str) -> float:
     """``value`` as a float if it is a finite number of seconds >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRetryPolicyError(
-            f"{what} must be a number of seconds, got {value!r} ({type(value).__name__}); "
-            f"write it as a number such as {what}=1.5"
-        )
-    if not 0 <= value < math.inf:  # NaN fails this comparison too
-        raise InvalidRetryPolicyError(
-            f"{what} must be a finite number of seconds >= 0, got {value!r}; use 0 for no delay"
-        )
-    return float(value)
+    return seconds(
+        value,
+        what=what,
+        fail=InvalidRetryPolicyError,
+        allow_zero=True,
+        fix=f"write it as a number such as {what}=1.5, or 0 for no delay",
+    )
 
 
 def _multiplier(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise InvalidRetryPolicyError(
             f"multiplier must be a number, got {value!r} ({type(value).__name__}); "
             "use 2 to double the delay after each attempt"
@@ -168,7 +165,7 @@ def _exception_classes(value: object, *, what: str) -> tuple[type[BaseException]
 
 
 def _max_attempts(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InvalidRetryPolicyError(
             f"max_attempts must be an integer, got {value!r} ({type(value).__name__}); "
             "it counts every attempt, e.g. 3 for one try and two retries"
@@ -185,11 +182,11 @@ def _check_decide_args(*, kind: object, attempt: object, seed: object) -> None:
         raise InvalidSettingError(
             f"kind must be a FailureKind (ERROR, TIMEOUT or CRASH), got {kind!r}"
         )
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+    if not is_int(attempt) or attempt < 1:
         raise InvalidSettingError(
             f"attempt must be the 1-based number of the attempt that failed, got {attempt!r}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise InvalidSettingError(f"seed must be an integer (the run's seed), got {seed!r}")
 
 
@@ -469,7 +466,7 @@ class RetryPolicy:
 
     def delays(self, n: int, *, seed: int = 0, step_id: str = "step") -> list[float]:
         """The backoff delays after attempts 1..n, ignoring ``max_attempts``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if not is_int(n) or n < 0:
             raise InvalidSettingError(f"n must be an integer >= 0, got {n!r}")
         return [
             self._backoff_delay(_call_state(attempt=k, error=None), seed=seed, step_id=step_id)
@@ -660,13 +657,12 @@ def _import(name: object, *, what: str) -> object:
         module_name, _, path = name.rpartition(".")
     else:
         module_name, path = "builtins", name
-    try:
-        found: object = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raised while importing
-        raise InvalidRetryPolicyError(
-            f"{what} names {name!r}, but module {module_name!r} cannot be imported "
-            f"({type(exc).__name__}: {exc}); check the spelling and that the package is installed"
-        ) from exc
+    found: object = import_module(
+        module_name,
+        prefix=f"{what} names {name!r}, but ",
+        fail=InvalidRetryPolicyError,
+        fix="check the spelling and that the package is installed",
+    )
     for part in path.split("."):
         try:
             found = getattr(found, part)
@@ -682,6 +678,4 @@ def _import(name: object, *, what: str) -> object:
 def _name_of(obj: object) -> str:
     """``Name`` for a builtin, else ``module:qualified.name`` (what _import reads)."""
     target = obj if hasattr(obj, "__qualname__") else type(obj)
-    module = getattr(target, "__module__", "builtins")
-    qualname = cast("str", getattr(target, "__qualname__", repr(target)))
-    return qualname if module == "builtins" else f"{module}:{qualname}"
+    return qualified_name(cast("type", target), sep=":")

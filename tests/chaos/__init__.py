@@ -1,0 +1,146 @@
+"""Fault campaigns: random workflows, random faults, every invariant checked after every run.
+
+Unit tests check one promise of the engine against one fault picked by hand.  A
+campaign checks all the promises at once, against faults and timings nobody
+picked, and prints the seed of any run that breaks one, so that run can be
+replayed alone::
+
+    python -m tests.chaos --runs 1000 --seed 7      # make chaos
+    python -m tests.chaos --replay 123456789 -v     # one run, by its seed
+
+How one run goes::
+
+    run seed ─▶ generate(): Scenario (a DAG of 3-25 steps; thread, async and      pure
+                process steps; a fault per step, maybe; settings; a cancel
+                or a driver kill, maybe)
+             ─▶ build_workflow(): sv.Workflow of chaos_step / chaos_step_async      pure
+             ─▶ execute, in one of two ways, while a monitor loop on this thread
+                SIGKILLs process steps that asked for it (pid files) and
+                cancels the run on time:
+                  in-process  memory or SQLite store
+                  driver      a program running the workflow on SQLite is
+                              SIGKILLed mid-run, then the run is resumed here,
+                              in another program, or in another program that is
+                              killed too before a last resume here
+             ─▶ observe: the RunResult (or the stored run), the side-effect files,
+                live processes and threads, the SQLite file
+             ─▶ check: each invariant counted; a failure is a Violation naming
+                the run seed
+
+The campaign is test tooling, not part of the library: it lives with the tests,
+run from the repository root (``make chaos`` does).  Its modules, in the order a
+run uses them: ``scenario`` (generate, build_workflow), ``steps`` (the step
+functions), ``runner`` (execute and observe), ``observe`` (what a run left),
+``oracle`` (the checks), ``campaign`` (many runs, the command line).
+
+The step functions are module-level functions of ``tests.chaos.steps``, so process
+steps and resumed runs in other programs import them; each step learns what to do
+from ``ctx.params`` and writes a line when it begins and ends an attempt into a
+per-run directory, outside the program, so that "ran exactly once" is observed
+rather than assumed.  Artifacts are a digest of the step id and its inputs, so
+a faulty run that ends well must produce exactly the artifacts of a fault-free
+run of the same workflow.
+
+What is checked (``INVARIANTS``):
+
+* ``terminal``: every step has exactly one terminal status;
+* ``run-status``: succeeded iff every step succeeded, cancelled only if a
+  cancel was injected, failed otherwise;
+* ``oracle``: each step ends as its fault says it must (e.g. a step failing
+  twice with ``max_attempts=3`` succeeds on attempt 3; a dependent of a failed
+  step is skipped under ``on_failure="continue"``), with that many attempts;
+* ``attempts``: attempt records are numbered 1..n and only the last may succeed;
+* ``effects``: no attempt ran twice, none ran unrecorded, a succeeded step's
+  last attempt really ran;
+* ``no-rerun``: no step stored as succeeded before a kill ran again on resume;
+* ``artifacts``: a run where every step succeeded has the fault-free artifacts;
+* ``store``: the store holds what the result says; an SQLite file passes
+  ``PRAGMA integrity_check`` and opens as a store;
+* ``processes`` / ``threads``: nothing of the run is left running (abandoned
+  daemon threads excepted, and counted);
+* ``bound``: the run ended within a bound derived from its timeouts.
+"""
+
+from __future__ import annotations
+
+from tests.chaos.campaign import (
+    CampaignSummary,
+    main,
+    run_campaign,
+    run_seeds,
+)
+from tests.chaos.observe import (
+    Effect,
+    Outcome,
+    marked_processes,
+    read_effects,
+)
+from tests.chaos.oracle import (
+    INVARIANTS,
+    Checker,
+    Violation,
+    check_artifacts,
+    check_effects,
+    check_no_rerun,
+    check_outcome,
+    check_processes_gone,
+    check_sqlite_file,
+    check_store_agrees,
+    check_threads,
+    expected_outcome,
+)
+from tests.chaos.runner import (
+    RunReport,
+    run_one,
+)
+from tests.chaos.scenario import (
+    FAULTS,
+    FAULTS_PROCESS,
+    FOREVER,
+    Scenario,
+    StepPlan,
+    build_workflow,
+    generate,
+    run_bound,
+)
+from tests.chaos.steps import (
+    MARK_VAR,
+    chaos_step,
+    chaos_step_async,
+)
+
+__all__ = [
+    "FAULTS",
+    "FAULTS_PROCESS",
+    "FOREVER",
+    "INVARIANTS",
+    "MARK_VAR",
+    "CampaignSummary",
+    "Checker",
+    "Effect",
+    "Outcome",
+    "RunReport",
+    "Scenario",
+    "StepPlan",
+    "Violation",
+    "build_workflow",
+    "chaos_step",
+    "chaos_step_async",
+    "check_artifacts",
+    "check_effects",
+    "check_no_rerun",
+    "check_outcome",
+    "check_processes_gone",
+    "check_sqlite_file",
+    "check_store_agrees",
+    "check_threads",
+    "expected_outcome",
+    "generate",
+    "main",
+    "marked_processes",
+    "read_effects",
+    "run_bound",
+    "run_campaign",
+    "run_one",
+    "run_seeds",
+]

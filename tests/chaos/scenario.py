@@ -1,0 +1,295 @@
+"""The plan of a run, drawn from its seed, and the workflow built from it (pure).
+
+Nothing here runs anything: :func:`generate` turns a run seed into a
+:class:`Scenario` (the same seed, the same scenario), :func:`run_bound` says how
+long its run may take, and :func:`build_workflow` makes the ``sv.Workflow`` whose
+steps are the functions of :mod:`tests.chaos.steps`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from stepvisor.core.model import Executor, Step, Workflow
+from stepvisor.policies.retry import Backoff, RetryPolicy
+from tests.chaos.steps import chaos_step, chaos_step_async
+
+# -- vocabulary -------------------------------------------------------------------------
+
+#: Step faults, and where each can be injected.
+FAULTS_ANY: Final = ("raise", "retryable", "fatal", "timeout")
+FAULTS_THREAD: Final = ("ignore_cancel",)
+FAULTS_PROCESS: Final = ("sigkill", "exit", "outside_kill", "orphan", "unpicklable")
+FAULTS_SQLITE: Final = ("unstorable",)
+FAULTS: Final = ("ok", *FAULTS_ANY, *FAULTS_THREAD, *FAULTS_PROCESS, *FAULTS_SQLITE)
+CRASHES: Final = frozenset({"sigkill", "exit", "outside_kill"})
+#: How rarely each fault is drawn, relative to the others (ignore_cancel costs time).
+_WEIGHTS: Final[Mapping[str, float]] = {"ignore_cancel": 0.3, "timeout": 0.8}
+
+#: ``failing`` for a fault that happens on every attempt.
+FOREVER: Final = 99
+#: How long a step "hangs" at most: long past any timeout, short of forever.
+HANG_SECONDS: Final = 60.0
+
+#: Extra time the engine gives non-thread backends past kill_grace (supervisor).
+_BACKEND_MARGIN: Final = 2.0
+
+
+# -- the plan of a run (pure) --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One generated step: where it runs, what goes wrong, and how it is retried."""
+
+    id: str
+    needs: tuple[str, ...]
+    executor: str  # thread | async | process
+    fault: str  # one of FAULTS
+    failing: int  # how many attempts misbehave (FOREVER: all)
+    style: str  # how a hang hangs: sleep | busy | stubborn
+    max_attempts: int
+    backoff: str  # none | fixed | exponential
+    timeout: float | None
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """Everything one run will do, drawn from its seed."""
+
+    seed: int
+    steps: tuple[StepPlan, ...]
+    max_parallel: int
+    on_failure: str
+    kill_grace: float
+    max_worker_crashes: int
+    step_timeout: float | None
+    store: str  # memory | sqlite
+    cancel_at: float | None  # seconds after start, or no cancel
+    cancel_via: str  # handle | store
+    driver: str  # none | resume-here | resume-program | kill-twice
+    kill_after: int  # attempts begun before the driver is killed
+    kill_delay: float
+
+    @property
+    def run_id(self) -> str:
+        return f"chaos-{self.seed}"
+
+    def step(self, step_id: str) -> StepPlan:
+        for plan in self.steps:
+            if plan.id == step_id:
+                return plan
+        raise KeyError(step_id)
+
+
+def generate(seed: int) -> Scenario:
+    """The scenario of the run with this seed (the same seed, the same scenario)."""
+    rng = random.Random(seed)
+    driver = "none"
+    if rng.random() < 0.08:
+        driver = rng.choices(["resume-here", "resume-program", "kill-twice"], [4, 3, 2])[0]
+    store = "sqlite" if driver != "none" or rng.random() < 0.5 else "memory"
+    cancel_at: float | None = None
+    cancel_via = "handle"
+    if driver == "none" and rng.random() < 0.15:
+        cancel_at = round(rng.uniform(0.0, 0.3), 3)
+        cancel_via = "store" if store == "sqlite" and rng.random() < 0.5 else "handle"
+    kill_grace = rng.choice([0.1, 0.2, 0.5])
+    steps = _generate_steps(rng, store=store, kill_grace=kill_grace)
+    return Scenario(
+        seed=seed,
+        steps=steps,
+        max_parallel=rng.choice([1, 2, 3, 4, 8]),
+        on_failure=rng.choice(["fail_fast", "continue"]),
+        kill_grace=kill_grace,
+        max_worker_crashes=rng.randint(1, 4),
+        step_timeout=rng.choice([None, None, 30.0]),
+        store=store,
+        cancel_at=cancel_at,
+        cancel_via=cancel_via,
+        driver=driver,
+        kill_after=rng.randint(0, len(steps)),
+        kill_delay=round(rng.uniform(0.0, 0.05), 3),
+    )
+
+
+def _generate_steps(rng: random.Random, *, store: str, kill_grace: float) -> tuple[StepPlan, ...]:
+    n = rng.randint(3, 25)
+    # Random letters ahead of the index make the canonical (id) order differ
+    # from the order the steps were generated in.
+    ids = [f"{rng.choice('abcdefgh')}{i:02d}" for i in range(n)]
+    density = rng.choice([0.05, 0.15, 0.3])
+    fault_rate = rng.choice([0.0, 0.0, 0.1, 0.2, 0.5])
+    process_ids: set[int] = set()
+    if rng.random() < 0.35:
+        process_ids = set(rng.sample(range(n), k=min(n, rng.randint(1, 3))))
+    steps: list[StepPlan] = []
+    for i, sid in enumerate(ids):
+        earlier = [ids[j] for j in range(i) if rng.random() < density]
+        needs = tuple(rng.sample(earlier, k=min(len(earlier), 4)))
+        executor = "process" if i in process_ids else _thread_or_async(rng)
+        fault = "ok"
+        # Process steps are few and their faults the most varied: fault them more.
+        if rng.random() < (max(fault_rate, 0.5) if executor == "process" else fault_rate):
+            fault = _pick_fault(rng, executor=executor, store=store)
+        steps.append(_step_plan(rng, sid, needs, executor, fault, kill_grace=kill_grace))
+    return tuple(steps)
+
+
+def _thread_or_async(rng: random.Random) -> str:
+    return "async" if rng.random() < 0.25 else "thread"
+
+
+def _pick_fault(rng: random.Random, *, executor: str, store: str) -> str:
+    choices = list(FAULTS_ANY)
+    if executor == "thread":
+        choices += FAULTS_THREAD
+    if executor == "process":
+        choices += FAULTS_PROCESS * 2
+    if store == "sqlite":
+        choices += FAULTS_SQLITE
+    return rng.choices(choices, [_WEIGHTS.get(c, 1.0) for c in choices])[0]
+
+
+def _step_plan(
+    rng: random.Random,
+    sid: str,
+    needs: tuple[str, ...],
+    executor: str,
+    fault: str,
+    *,
+    kill_grace: float,
+) -> StepPlan:
+    failing = rng.choice([1, 1, 1, 2, FOREVER]) if fault not in ("ok", "fatal") else FOREVER
+    max_attempts = rng.randint(1, 3)
+    timeout: float | None = None
+    style = "sleep"
+    if fault == "timeout":
+        styles = {"thread": ["sleep", "busy"], "async": ["sleep"]}
+        style = rng.choice(styles.get(executor, ["sleep", "busy", "stubborn"]))
+        # A process retry may wait for a fresh interpreter: give it room.
+        timeout = round(
+            rng.uniform(1.0, 1.3) if executor == "process" else rng.uniform(0.1, 0.25), 3
+        )
+    elif fault == "ignore_cancel":
+        max_attempts = 1  # abandoned attempts are never retried; keep the oracle exact
+        timeout = round(rng.uniform(0.05, 0.15), 3)
+    elif executor == "process" and rng.random() < 0.3:
+        timeout = 20.0  # a generous per-step timeout that must never fire
+    return StepPlan(
+        id=sid,
+        needs=needs,
+        executor=executor,
+        fault=fault,
+        failing=failing,
+        style=style,
+        max_attempts=max_attempts,
+        backoff=rng.choice(["none", "fixed", "exponential"]),
+        timeout=timeout,
+        duration=rng.choice([0.0, 0.0, 0.001, 0.005, 0.02]),
+    )
+
+
+def run_bound(scenario: Scenario) -> float:
+    """Seconds within which the run must end: the sum of every step's worst case, plus slack.
+
+    A step's worst case is each of its attempts running to its timeout, then the
+    kill grace and the engine's margin, then the longest backoff; steps without
+    a timeout fault are bounded by their duration and, for process steps, an
+    interpreter start-up.
+    """
+    total = 20.0
+    for plan in scenario.steps:
+        per_attempt = plan.duration + 1.0 + (3.0 if plan.executor == "process" else 0.0)
+        if plan.fault in ("timeout", "ignore_cancel"):
+            assert plan.timeout is not None
+            per_attempt += plan.timeout + scenario.kill_grace + _BACKEND_MARGIN + 0.5
+        total += plan.max_attempts * (per_attempt + 0.05)
+    return round(total, 1)
+
+
+# -- building the workflow ------------------------------------------------------------------
+
+
+def _params(plan: StepPlan, *, run_dir: Path | None, kill_grace: float) -> dict[str, Any]:
+    hang = HANG_SECONDS
+    if plan.fault == "ignore_cancel":
+        assert plan.timeout is not None
+        hang = plan.timeout + kill_grace + 0.5  # past abandonment, then it returns
+    return {
+        "dir": "" if run_dir is None else str(run_dir),
+        "executor": plan.executor,
+        "fault": plan.fault,
+        "failing": plan.failing,
+        "style": plan.style,
+        "duration": plan.duration,
+        "hang": hang,
+    }
+
+
+def _policy(plan: StepPlan) -> RetryPolicy:
+    backoff = {
+        "none": Backoff.none(),
+        "fixed": Backoff.fixed(0.005),
+        "exponential": Backoff.exponential(initial=0.002, cap=0.02),
+    }[plan.backoff]
+    return RetryPolicy(max_attempts=plan.max_attempts, backoff=backoff)
+
+
+_EXECUTORS: Final[Mapping[str, Executor]] = {
+    "thread": "thread",
+    "async": "async",
+    "process": "process",
+}
+
+
+def build_workflow(
+    scenario: Scenario, run_dir: Path | None, *, reference: bool = False
+) -> Workflow:
+    """The ``sv.Workflow`` of a scenario.
+
+    ``reference=True`` builds its fault-free twin: every step a thread step
+    without a fault and without side-effect files, to compute the artifacts a
+    good run must end with.
+    """
+
+    steps = []
+    for original in scenario.steps:
+        plan = original
+        if reference:
+            plan = StepPlan(
+                plan.id, plan.needs, "thread", "ok", FOREVER, "sleep", 1, "none", None, 0.0
+            )
+        fn: Callable[..., Any] = chaos_step_async if plan.executor == "async" else chaos_step
+        steps.append(
+            Step(
+                plan.id,
+                fn,
+                needs=plan.needs,
+                executor=_EXECUTORS[plan.executor],
+                timeout=plan.timeout,
+                retry=_policy(plan),
+                params=_params(
+                    plan, run_dir=None if reference else run_dir, kill_grace=scenario.kill_grace
+                ),
+            )
+        )
+    return Workflow(f"chaos-{scenario.seed}", steps)
+
+
+def overrides(scenario: Scenario) -> dict[str, Any]:
+    """Settings passed as arguments, so no environment or project file changes them."""
+    return {
+        "max_parallel": scenario.max_parallel,
+        "on_failure": scenario.on_failure,
+        "kill_grace": scenario.kill_grace,
+        "max_worker_crashes": scenario.max_worker_crashes,
+        "step_timeout": scenario.step_timeout,
+        "seed": scenario.seed & 0xFFFFFFFF,
+        "codec": "json",
+    }
