@@ -20,24 +20,16 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytest.importorskip(
-    "tapps_agents",
-    reason=os.environ.get("STEPVISOR_CLIENT_UNAVAILABLE")
-    or (
-        f"tapps-agents is not installed in this interpreter (Python "
-        f"{sys.version_info.major}.{sys.version_info.minor}); `make client-test` runs these "
-        "tests in .venv-client with Python 3.12"
-    ),
-)
+from tests.client import unavailable_reason
+
+pytest.importorskip("tapps_agents", reason=unavailable_reason())
 
 from tests.client.harness import (  # only once the client is known present
     ENGINES,
