@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -199,7 +201,7 @@ def test_records_go_pending_running_then_terminal_in_state(chdir_tmp: Path) -> N
         assert own.completed_at is None
         return {}
 
-    results = run(execute([Spec("b"), Spec("a")], fn, state=state, max_parallel=1))
+    results = run(execute([Spec("b"), Spec("a")], fn, state=state, max_parallel=1, tz=UTC))
     assert seen == {
         "a": {"a": "running", "b": "pending"},
         "b": {"a": "completed", "b": "running"},
@@ -213,6 +215,61 @@ def test_records_go_pending_running_then_terminal_in_state(chdir_tmp: Path) -> N
         assert record.started_at.utcoffset() is not None
         assert record.started_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
         assert record.error is None
+
+
+def test_records_are_naive_local_times_by_default_as_the_asyncio_executor_wrote(
+    chdir_tmp: Path,
+) -> None:
+    @dataclass
+    class AgentStep(Spec):
+        agent: str = ""
+        action: str = ""
+
+    async def fn(step: Spec) -> Artifacts:
+        return {}
+
+    before = datetime.now()
+    state = WorkflowState()
+    run(execute([AgentStep("a", agent="reviewer", action="review_code")], fn, state=state))
+    after = datetime.now()
+    (record,) = state.step_executions
+    assert (record.agent, record.action) == ("reviewer", "review_code")
+    assert record.started_at.tzinfo is None
+    assert record.completed_at is not None
+    assert record.completed_at.tzinfo is None
+    # Naive *local*: comparable with the caller's own datetime.now() values.
+    assert before <= record.started_at <= record.completed_at <= after
+    assert record.duration_seconds is not None
+    assert record.duration_seconds >= 0
+
+
+def test_a_record_type_of_the_callers_own_is_built_and_updated(chdir_tmp: Path) -> None:
+    @dataclass
+    class TheirRecord:  # the shape of a client's own record class, all required
+        step_id: str
+        agent: str
+        action: str
+        started_at: datetime
+        completed_at: datetime | None = None
+        duration_seconds: float | None = None
+        status: str = "running"
+        error: str | None = None
+
+    async def fn(step: Spec) -> Artifacts:
+        if step.id == "bad":
+            raise ValueError("no")
+        return {}
+
+    state = WorkflowState()
+    results = run(execute([Spec("ok"), Spec("bad")], fn, state=state, record_type=TheirRecord))
+    records: list[Any] = list(state.step_executions)
+    assert all(type(r) is TheirRecord for r in records)
+    assert [r.step_execution for r in results] == state.step_executions
+    assert {r.step_id: (r.status, r.error) for r in state.step_executions} == {
+        "bad": ("failed", "no"),
+        "ok": ("completed", None),
+    }
+    assert all(r.completed_at is not None for r in state.step_executions)
 
 
 @pytest.mark.realtime
@@ -260,7 +317,10 @@ def test_a_raising_step_keeps_its_exception_and_the_others_go_on(chdir_tmp: Path
     assert results["other"].error is None
     skipped = results["report"]
     assert skipped.step_execution.status == "cancelled"
-    assert skipped.step_execution.started_at is None
+    # Never None (callers format it unguarded): a step that never started
+    # keeps the time it was queued, and no running time.
+    assert skipped.step_execution.started_at <= results["parse"].step_execution.started_at
+    assert skipped.step_execution.duration_seconds is None
     assert skipped.attempts == 0
     assert isinstance(skipped.error, sv.StepCancelledError)
     assert skipped.step_execution.error == (
@@ -431,16 +491,55 @@ def test_backoff_between_attempts_does_not_hold_a_slot(chdir_tmp: Path) -> None:
     assert [r.step_execution.status for r in results] == ["completed", "completed"]
 
 
-def test_a_bad_retry_dict_is_refused_before_anything_runs(chdir_tmp: Path) -> None:
+def test_a_retry_dict_with_a_wrong_value_is_refused_before_anything_runs(
+    chdir_tmp: Path,
+) -> None:
     state = WorkflowState()
 
     async def fn(step: Spec) -> Artifacts:
         raise AssertionError("must not run")
 
-    step = Spec("a", metadata={"retry": {"max_attempt": 3}})
-    with pytest.raises(sv.InvalidRetryPolicyError, match=r"step 'a'.*max_attempt is not"):
+    step = Spec("a", metadata={"retry": {"enabled": True, "max_attempts": "3"}})
+    with pytest.raises(
+        sv.InvalidRetryPolicyError, match=r"step 'a'.*max_attempts must be an integer >= 1"
+    ):
         run(execute([step], fn, state=state))
     assert state.step_executions == []
+
+
+def test_unknown_keys_in_a_retry_dict_are_ignored_with_a_debug_log(
+    chdir_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+
+    async def fn(step: Spec) -> Artifacts:
+        calls.append(step.id)
+        if len(calls) == 1:
+            raise ConnectionError("flaky")
+        return {}
+
+    # "enabled" lives beside the retry fields in callers' metadata; "max_attempt"
+    # is a typo, ignored as the asyncio executor ignored it (so: 2 attempts).
+    retry = no_wait(enabled=True, max_attempt=5, max_attempts=2)
+    with caplog.at_level(logging.DEBUG, logger="stepvisor.compat"):
+        result = run(execute([Spec("a", metadata={"retry": retry})], fn))[0]
+    assert result.attempts == 2
+    assert result.step_execution.status == "completed"
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "stepvisor.compat"]
+    assert "ignoring enabled, max_attempt" in message
+    assert "the fields are max_attempts" in message
+
+
+def test_an_empty_retry_dict_means_the_executors_default(chdir_tmp: Path) -> None:
+    calls: list[str] = []
+
+    async def fn(step: Spec) -> Artifacts:
+        calls.append(step.id)
+        raise ConnectionError("down")
+
+    config = RetryConfig(max_attempts=2, initial_backoff_seconds=0.0, max_backoff_seconds=0.0)
+    result = run(execute([Spec("a", metadata={"retry": {}})], fn, default_retry_config=config))[0]
+    assert result.attempts == 2
 
 
 def test_retry_config_errors_name_the_field_and_the_fix() -> None:
@@ -450,6 +549,32 @@ def test_retry_config_errors_name_the_field_and_the_fix() -> None:
         RetryConfig(max_attempts=0)
     with pytest.raises(sv.InvalidRetryPolicyError, match="retryable_errors must be a tuple"):
         RetryConfig(retryable_errors=("ValueError",))  # type: ignore[arg-type]
+
+
+def test_retry_config_methods_answer_as_the_asyncio_executors_did() -> None:
+    config = RetryConfig(
+        max_attempts=3,
+        initial_backoff_seconds=1.0,
+        max_backoff_seconds=3.0,
+        non_retryable_errors=(PermissionError,),
+    )
+    assert config.should_retry(1, ConnectionError())
+    assert config.should_retry(2, TimeoutError())
+    assert not config.should_retry(3, ConnectionError())  # the last attempt
+    assert not config.should_retry(1, PermissionError())
+    assert not RetryConfig(max_attempts=2, retryable_errors=(OSError,)).should_retry(
+        1, ValueError()
+    )
+    assert RetryConfig(max_attempts=2, retryable_errors=()).should_retry(1, ValueError())
+    assert [config.get_backoff_seconds(n) for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+
+
+def test_step_execution_result_has_the_asyncio_executors_defaults() -> None:
+    record = StepExecution("a")
+    result = StepExecutionResult(step=Spec("a"), step_execution=record)
+    assert (result.artifacts, result.error, result.attempts) == ({}, None, 1)
+    assert record.status == "pending"
+    assert record.started_at.tzinfo is None
 
 
 def test_retry_config_maps_onto_a_stepvisor_retry_policy() -> None:
@@ -485,6 +610,42 @@ def test_find_ready_steps_skips_done_running_and_unsatisfied_steps() -> None:
     ready = find_ready_steps(steps, {"done"}, {"busy"}, {"a", "b"})
     assert [s.id for s in ready] == ["ready", "free"]
     assert find_ready_steps(steps, set(), set(), set()) == [steps[0], steps[4]]
+    assert find_ready_steps(steps, set(), set()) == [steps[0], steps[4]]  # artifacts optional
+
+
+@dataclass
+class Chained(Spec):
+    next: str | None = None
+
+
+def ids(ready: list[Chained]) -> list[str]:
+    return [s.id for s in ready]
+
+
+def test_a_step_named_by_next_waits_for_the_step_that_names_it() -> None:
+    steps = [
+        Chained("enhance", next="plan"),
+        Chained("plan", next="finish"),
+        Chained("finish"),  # requires nothing, yet must not run right after enhance
+        Chained("lint"),  # named by no next: independent
+        Chained("docs", requires=["plan.md"]),  # named by no next, waits for its artifact
+    ]
+    assert ids(find_ready_steps(steps, set(), set(), set())) == ["enhance", "lint"]
+    assert ids(find_ready_steps(steps, {"enhance", "lint"}, set(), set())) == ["plan"]
+    assert ids(find_ready_steps(steps, {"enhance", "lint"}, {"plan"}, set())) == []
+    done = {"enhance", "lint", "plan"}
+    assert ids(find_ready_steps(steps, done, set(), {"plan.md"})) == ["finish", "docs"]
+    # The method is the same rule.
+    assert ParallelStepExecutor().find_ready_steps(steps, done, set(), {"plan.md"}) == [
+        steps[2],
+        steps[4],
+    ]
+
+
+def test_the_first_step_starts_even_when_a_later_next_loops_back_to_it() -> None:
+    steps = [Chained("fix", next="review"), Chained("review", next="fix")]
+    assert find_ready_steps(steps, set(), set(), set()) == [steps[0]]
+    assert find_ready_steps(steps, {"fix"}, set(), set()) == [steps[1]]
 
 
 # -- the caller's loop -------------------------------------------------------------------------
@@ -585,7 +746,8 @@ def test_cancelling_the_awaiting_task_ends_every_record_cancelled(chdir_tmp: Pat
     assert ran.started_at is not None
     assert ran.completed_at is not None
     assert ran.error == "step 'a' was cancelled while it ran: execute_parallel was cancelled"
-    assert never.started_at is None
+    assert never.started_at <= ran.started_at  # the time it was queued: never None
+    assert never.duration_seconds is None
     assert never.completed_at is not None
     assert never.error == (
         "step 'c' was cancelled before it started: execute_parallel was cancelled"

@@ -1,0 +1,252 @@
+"""The facade's executor: one ``execute_parallel`` call is one stepvisor run.
+
+How a call flows::
+
+    execute_parallel(steps, execute_fn, state=...)       on the caller's loop
+      ├─ a record per step, "pending", appended to state.step_executions
+      ├─ sv.Workflow: one thread Step per step; fn = OnCallerLoop
+      ├─ await sv.run_async(wf, on_event=Tracker, on_failure="continue")
+      │     Worker thread: OnCallerLoop ──call_soon_threadsafe──> execute_fn(step)
+      │       as a task on the caller's loop; on a deadline or a cancel it
+      │       cancels that task and waits for it to end
+      │     Supervisor thread: Tracker moves each record to running/completed/...
+      └─ StepExecutionResult per step, sorted by id (errors from RunResult.errors)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from datetime import datetime, tzinfo
+from typing import Any
+
+import stepvisor as sv
+from stepvisor.compat._loop import OnCallerLoop
+from stepvisor.compat._ready import find_ready_steps, names
+from stepvisor.compat._records import (
+    StateLike,
+    StepExecution,
+    StepExecutionResult,
+    StepLike,
+    StepT,
+    stamp,
+)
+from stepvisor.compat._retry import RetryConfig
+from stepvisor.compat._tracker import CANCELLED, Slot, Tracker
+from stepvisor.core.model import check_max_parallel, check_positive_seconds
+from stepvisor.errors import InvalidRetryPolicyError, StepCancelledError
+
+ExecuteFn = Callable[[StepT], Awaitable[Mapping[str, Any] | None]]
+
+
+# -- the executor ----------------------------------------------------------------------
+
+
+async def _run_once_cancelled(workflow: sv.Workflow, **kwargs: Any) -> sv.RunResult:
+    """``sv.run_async``, handed at most one cancellation however many arrive.
+
+    Cancelled, ``sv.run_async`` cancels the run and waits for it to stop; a
+    second cancel cuts that wait short and it then joins the run's Worker
+    threads synchronously, on this loop.  Our Workers are waiting for this
+    loop to cancel ``execute_fn``'s tasks, so the loop would freeze until the
+    join gives up (about 11 s).  Here further cancels are absorbed while the
+    run stops (bounded by its kill grace) and one ``CancelledError`` is
+    raised at the end.
+    """
+    run = asyncio.ensure_future(sv.run_async(workflow, **kwargs))
+    try:
+        return await asyncio.shield(run)
+    except asyncio.CancelledError:
+        run.cancel()
+        while not run.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([run])
+        if not run.cancelled():
+            run.exception()  # retrieved: it is superseded by the cancellation
+        raise
+
+
+class ParallelStepExecutor:
+    """Run a set of steps in parallel on stepvisor, with the asyncio executor's call shape.
+
+    At most ``max_parallel`` steps run at once.  A step's timeout (per
+    attempt) is the ``timeout_seconds`` given to :meth:`execute_parallel`,
+    else ``step.metadata["timeout_seconds"]``, else
+    ``default_timeout_seconds`` (``None``: no limit).  Its retries are
+    ``step.metadata["retry"]`` (a :class:`RetryConfig` or a dict of its
+    fields), else ``default_retry_config``, else none.
+
+    The records are :class:`StepExecution` values, or built by
+    ``record_type`` (called with ``step_id``, ``agent``, ``action``,
+    ``started_at`` and ``status`` as keywords) when the caller wants its own
+    class.  Their times are naive local ``datetime`` values, as the asyncio
+    executor wrote them; give ``tz`` (e.g. ``datetime.UTC``) for aware ones.
+    """
+
+    def __init__(
+        self,
+        # Positional too: existing call sites write ParallelStepExecutor(4).
+        max_parallel: int = 8,
+        default_timeout_seconds: float | None = 3600.0,
+        default_retry_config: RetryConfig | None = None,
+        *,
+        record_type: Callable[..., Any] | None = None,
+        tz: tzinfo | None = None,
+    ) -> None:
+        self.max_parallel = check_max_parallel(max_parallel)
+        self.default_timeout_seconds = (
+            None
+            if default_timeout_seconds is None
+            else check_positive_seconds(default_timeout_seconds, what="default_timeout_seconds")
+        )
+        if default_retry_config is not None and not isinstance(default_retry_config, RetryConfig):
+            raise InvalidRetryPolicyError(
+                f"default_retry_config must be a stepvisor.compat.RetryConfig, got "
+                f"{type(default_retry_config).__name__}; build one with RetryConfig(max_attempts=3)"
+            )
+        self.default_retry_config = default_retry_config or RetryConfig()
+        if record_type is not None and not callable(record_type):
+            raise TypeError(
+                f"record_type must be a class (or callable) that builds a step record, got "
+                f"{record_type!r}; pass e.g. record_type=StepExecution"
+            )
+        if tz is not None and not isinstance(tz, tzinfo):
+            raise TypeError(f"tz must be a datetime.tzinfo such as datetime.UTC, got {tz!r}")
+        self.record_type = record_type
+        self.tz = tz
+
+    def find_ready_steps(
+        self,
+        workflow_steps: Iterable[StepT],
+        completed_step_ids: Collection[str],
+        running_step_ids: Collection[str],
+        available_artifacts: Collection[str] | None = None,
+    ) -> list[StepT]:
+        """The steps that may start now; see :func:`stepvisor.compat.find_ready_steps`."""
+        return find_ready_steps(
+            workflow_steps, completed_step_ids, running_step_ids, available_artifacts
+        )
+
+    async def execute_parallel(
+        self,
+        steps: Iterable[StepT],
+        execute_fn: ExecuteFn[StepT],
+        *,
+        state: StateLike,
+        timeout_seconds: float | None = None,
+    ) -> list[StepExecutionResult[StepT]]:
+        """Run ``execute_fn(step)`` for every step; return one result per step, by id.
+
+        Steps wait for the steps among them that create what they require;
+        a required artifact that none of them creates is taken as available.
+        A step that fails does not stop the others, but the steps that
+        depend on it are not run (``cancelled``).  Each record is appended
+        to ``state.step_executions`` before anything runs and is terminal
+        when this returns or raises.  Cancelling the awaiting task cancels
+        every step in flight and ends their records ``cancelled``.
+        """
+        given = list(steps)
+        if not given:
+            return []
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        queued = stamp(time.time(), self.tz)
+        slots = {step.id: self._slot(step, timeout_seconds, queued) for step in given}
+        workflow = self._workflow(given, slots, execute_fn, loop=loop, context=context)
+        for sid in sorted(slots):
+            state.step_executions.append(slots[sid].record)
+        tracker = Tracker(slots, tz=self.tz)
+        try:
+            result = await _run_once_cancelled(
+                workflow,
+                on_event=tracker,
+                max_parallel=self.max_parallel,
+                on_failure="continue",
+            )
+        except asyncio.CancelledError:
+            tracker.end_all(why=CANCELLED)  # normally done already, by the run's own events
+            raise
+        except BaseException as exc:
+            tracker.end_all(why=f"the run stopped on {type(exc).__name__}: {exc}")
+            raise
+        tracker.settle(result)
+        return [self._result(slots[sid], result) for sid in sorted(slots)]
+
+    # -- building the workflow ------------------------------------------------------------
+
+    def _slot(self, step: StepLike, timeout_seconds: float | None, queued: datetime) -> Slot:
+        metadata = getattr(step, "metadata", None) or {}
+        timeout = timeout_seconds
+        if timeout is None:
+            timeout = metadata.get("timeout_seconds")
+        if timeout is None:
+            timeout = self.default_timeout_seconds
+        record = (self.record_type or StepExecution)(
+            step_id=step.id,
+            agent=getattr(step, "agent", None) or "",
+            action=getattr(step, "action", None) or "",
+            started_at=queued,
+            status="pending",
+        )
+        return Slot(step, record, timeout=timeout)
+
+    def _retry(self, step: StepLike) -> RetryConfig:
+        metadata = getattr(step, "metadata", None) or {}
+        value = metadata.get("retry")
+        if not value:  # absent, None or {}: the default, as the asyncio executor did
+            return self.default_retry_config
+        if isinstance(value, RetryConfig):
+            return value
+        return RetryConfig.from_mapping(value, where=f"step {step.id!r}: metadata['retry']")
+
+    def _workflow(
+        self,
+        given: list[StepT],
+        slots: Mapping[str, Slot],
+        execute_fn: ExecuteFn[StepT],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context,
+    ) -> sv.Workflow:
+        created = {name for step in given for name in names(getattr(step, "creates", None))}
+        sv_steps = []
+        for step in given:
+            requires = names(getattr(step, "requires", None))
+            sv_steps.append(
+                sv.Step(
+                    step.id,
+                    OnCallerLoop(slots[step.id], execute_fn, loop=loop, context=context),
+                    # Only artifacts one of these steps creates make an edge;
+                    # the rest are taken as available already.
+                    requires=[name for name in requires if name in created],
+                    creates=names(getattr(step, "creates", None)),
+                    timeout=slots[step.id].timeout,
+                    retry=self._retry(step).to_policy(),
+                    executor="thread",
+                )
+            )
+        workflow = sv.Workflow("execute_parallel", sv_steps)
+        for sid, slot in slots.items():
+            rank = workflow.graph.rank[sid]
+            slot.deps = tuple(workflow.graph.order[d] for d in workflow.graph.deps[rank])
+        return workflow
+
+    # -- results ------------------------------------------------------------------------
+
+    @staticmethod
+    def _result(slot: Slot, result: sv.RunResult) -> StepExecutionResult[Any]:
+        record = slot.record
+        error = result.errors.get(record.step_id)
+        if error is None and record.status == "cancelled":
+            error = StepCancelledError(record.error or "not run", step_id=record.step_id)
+        completed = record.status == "completed"
+        return StepExecutionResult(
+            step=slot.step,
+            step_execution=record,
+            artifacts=slot.artifacts if completed else {},
+            error=None if completed else error,
+            attempts=result.steps[record.step_id].attempt_count,
+        )

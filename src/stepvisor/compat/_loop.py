@@ -1,0 +1,144 @@
+"""Running ``execute_fn(step)`` on the caller's event loop from a Worker thread.
+
+Why: ``execute_fn`` was written for the caller's loop: it may use what
+belongs to that loop (an ``aiohttp`` session, an ``asyncio.Lock``, a queue)
+and reads the caller's context variables.  So each step's Worker thread
+schedules the call as a task on that loop and waits for it; on a deadline
+or a cancel it cancels the task and waits until the task has really ended,
+so a retry never overlaps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Final
+
+import stepvisor as sv
+from stepvisor.compat._tracker import Slot
+
+#: How often a Worker thread waiting for ``execute_fn`` checks that the caller's
+#: loop is still open (cancellation itself arrives through ``ctx.on_cancel``).
+_POLL_SECONDS: Final = 0.02
+
+
+class _LoopCall:
+    """One call of ``execute_fn`` as a task on another thread's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.done = threading.Event()
+        self._task: asyncio.Task[Any] | None = None
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def start(self, make: Callable[[], object], context: contextvars.Context) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._start, make, context)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                "the event loop that called execute_parallel is closed, so execute_fn cannot "
+                "run; await execute_parallel until it returns instead of leaving it behind"
+            ) from exc
+
+    def cancel(self) -> None:
+        """Cancel the task (it runs its cleanup on the caller's loop)."""
+        try:
+            self._loop.call_soon_threadsafe(self._cancel)
+        except RuntimeError:  # the loop is closed: the task cannot run any more
+            self.done.set()
+
+    def wait_ended(self) -> None:
+        """Wait for the task to end, or for its loop to close under it."""
+        while not self.done.wait(_POLL_SECONDS):
+            if self._loop.is_closed():
+                return
+
+    def outcome(self) -> Any:
+        """The task's value, or raise its exception."""
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    # -- on the caller's loop ----------------------------------------------------------
+
+    def _start(self, make: Callable[[], object], context: contextvars.Context) -> None:
+        own = context.copy()  # like create_task from the caller: a copy per step
+        try:
+            coro = _as_coroutine(own.run(make))
+            self._task = self._loop.create_task(coro, context=own)
+        except BaseException as exc:
+            self._error = exc
+            self.done.set()
+            return
+        self._task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self._error = asyncio.CancelledError(
+                "execute_fn's task was cancelled by something other than stepvisor"
+            )
+        else:
+            self._error = task.exception()
+            if self._error is None:
+                self._value = task.result()
+        self.done.set()
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _as_coroutine(value: object) -> Coroutine[Any, Any, Any]:
+    """What ``execute_fn(step)`` returned, as a coroutine a task can run."""
+    if asyncio.iscoroutine(value):
+        return value
+    if isinstance(value, Awaitable):
+        return _await(value)
+    raise TypeError(
+        f"execute_fn returned {type(value).__name__}, not an awaitable; "
+        "execute_fn must be an async function (async def) returning the artifacts"
+    )
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+class OnCallerLoop:
+    """A thread step function that runs ``execute_fn(step)`` on the caller's loop.
+
+    It waits on its Worker thread; on a deadline or a cancel it cancels the
+    task, waits until the task has really ended (so a retry never overlaps
+    it), then raises the engine's timeout or cancel error.
+    """
+
+    def __init__(
+        self,
+        slot: Slot,
+        execute_fn: Callable[[Any], object],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context,
+    ) -> None:
+        self._slot = slot
+        self._execute_fn = execute_fn
+        self._loop = loop
+        self._context = context
+
+    def __call__(self, ctx: sv.StepContext) -> Any:
+        step = self._slot.step
+        call = _LoopCall(self._loop)
+        call.start(lambda: self._execute_fn(step), self._context)
+        # A deadline or cancel cancels the task on the caller's loop at once; the
+        # step then waits until the task has really ended, so a retry never overlaps it.
+        ctx.on_cancel(call.cancel)
+        call.wait_ended()
+        if ctx.cancelled and call._error is not None:
+            ctx.raise_if_cancelled()  # the task was stopped: say why, not CancelledError
+        value = call.outcome()
+        if isinstance(value, Mapping):
+            self._slot.artifacts = dict(value)
+        return value
