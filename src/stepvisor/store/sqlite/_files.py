@@ -228,6 +228,20 @@ _FAULTS: Final[dict[int, tuple[str, str]]] = {
 }
 
 
+#: What SQLite says when the real cause is a read-only file system or directory:
+#: it opens such a file read-only, then cannot make the WAL's index beside it.
+_READ_ONLY_SIGNS: Final = (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM)
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return False
+    return not os.access(path.parent, os.W_OK)
+
+
 def fault_error(path: Path, what: str, exc: sqlite3.Error, *, busy_timeout: float) -> StoreError:
     """The error for an SQLite failure: a ``StoreFaultError`` naming ``path`` and the fault."""
     primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
@@ -237,6 +251,8 @@ def fault_error(path: Path, what: str, exc: sqlite3.Error, *, busy_timeout: floa
             f"another program held it locked for over {busy_timeout:g} s; "
             "try again, or find the program writing to it"
         )
+    elif primary in _READ_ONLY_SIGNS and _read_only(path):
+        fault, fix = _FAULTS[sqlite3.SQLITE_READONLY]
     elif primary in _FAULTS:
         fault, fix = _FAULTS[primary]
     else:

@@ -141,6 +141,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise open_error(self.path, exc, self._busy_timeout) from exc
         self._file_id = FileId.of(self.path)
+        #: The log files this connection uses, to remove ours (and only ours) if the
+        #: store file is deleted under us: SQLite leaves them then.
+        self._logs = [(log, FileId.of(log)) for log in _logs(self.path)]
         try:
             open_existing(self._conn, self.path, self._codec, self._busy_timeout)
         except BaseException:
@@ -179,6 +182,10 @@ class SQLiteStore:
         conn, self._conn = self._conn, None
         saved = save_copy(conn, self.path)
         conn.close()
+        for log, log_id in self._logs:
+            if log_id is not None and FileId.of(log) == log_id:
+                with contextlib.suppress(OSError):
+                    log.unlink()
         kind = "file deleted" if now is None else "file replaced"
         where = (
             f"what it held up to now was saved to {saved}; move that back to {self.path} "
@@ -503,3 +510,7 @@ class SQLiteStore:
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else "open"
         return f"<SQLiteStore {os.fspath(self.path)!r} codec={self._codec.name} {state}>"
+
+
+def _logs(path: Path) -> list[Path]:
+    return [Path(f"{path}-wal"), Path(f"{path}-shm")]
