@@ -40,6 +40,11 @@ is wrong) so that generic callers catching those still see them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stepvisor.store.base import RunOwner
+
 __all__ = [
     "ArtifactCodecError",
     "BackendUnavailableError",
@@ -319,7 +324,7 @@ class RunOwnedError(StoreError):
     that did not record owners and whose heartbeat is fresh.
     """
 
-    def __init__(self, message: str, *, run_id: str, owner: object = None) -> None:
+    def __init__(self, message: str, *, run_id: str, owner: RunOwner | None = None) -> None:
         super().__init__(message)
         self.run_id = run_id
         self.owner = owner
