@@ -121,7 +121,8 @@ class RunLock:
         Raises ``OSError`` when the lock file cannot be made (read-only, full).
         """
         for _ in range(_MAX_TRIES):
-            path.parent.mkdir(mode=0o700, exist_ok=True)
+            if not path.parent.is_dir():  # a stat: cheaper than mkdir on every claim
+                path.parent.mkdir(mode=0o700, exist_ok=True)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
@@ -148,6 +149,12 @@ class RunLock:
             os.close(fd)
         raise OSError(f"the lock file {path} keeps being replaced")
 
+    @staticmethod
+    def tidy(store: Path) -> None:
+        """Remove the store's lock directory if no run holds a lock there (best effort)."""
+        with contextlib.suppress(OSError):
+            lock_path(store, "x").parent.rmdir()
+
     def release(self) -> None:
         """Remove the lock file, then unlock it (idempotent)."""
         fd, self._fd = self._fd, None
@@ -156,8 +163,6 @@ class RunLock:
         with contextlib.suppress(OSError):
             self.path.unlink()
         os.close(fd)
-        with contextlib.suppress(OSError):
-            self.path.parent.rmdir()  # only when no other run holds a lock there
 
 
 # -- claims -------------------------------------------------------------------------

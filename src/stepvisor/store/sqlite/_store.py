@@ -489,8 +489,11 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Give up every run this store owns, close the connection (idempotent)."""
+        claimed = bool(self._claims)
         for run_id in list(self._claims):
             self.release_run(run_id)
+        if claimed or self._conn is not None:
+            _owner.RunLock.tidy(self.path)
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
