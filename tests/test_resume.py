@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 import stepvisor as sv
+from stepvisor.errors import RunOwnedError
 from stepvisor.store.sqlite import SQLiteStore
 from tests.conftest import wait_for
 
@@ -209,3 +211,96 @@ def test_resume_of_unknown_run_names_it(wf_root: Path) -> None:
     sv.run(sv.Workflow("x", steps=[sv.Step("a", lambda ctx: None)]), store=str(db))
     with pytest.raises(sv.RunNotFoundError, match="nope"):
         sv.resume("nope", wfmod.build(), store=str(db))
+
+
+@pytest.mark.realtime
+def test_resume_right_after_the_owner_is_sigkilled_needs_no_stale_heartbeat(
+    wf_root: Path,
+) -> None:
+    root = wf_root / "effects"
+    (root / "slow").touch()
+    db = wf_root / "runs.db"
+    proc = subprocess.Popen(
+        [sys.executable, str(wf_root / "driver.py"), str(db), "r9"],
+        cwd=wf_root,
+        env={**os.environ, "PYTHONPATH": str(wf_root)},
+    )
+    try:
+        wait_for(lambda: len(counts(root)) >= 3, timeout=30, what="progress")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    (root / "slow").unlink()
+    # An hour of stale_after and the real clock: only the owner check can say it died.
+    with SQLiteStore(db, stale_after=3600.0) as store:
+        stored = store.load("r9")
+        assert stored.info.status is sv.RunStatus.INTERRUPTED
+        assert stored.info.owner is not None
+        assert stored.info.owner.pid == proc.pid
+        done_before = {
+            sid for sid, rec in stored.steps.items() if rec.status is sv.StepStatus.SUCCEEDED
+        }
+        import wfmod  # noqa: PLC0415
+
+        result = sv.resume("r9", wfmod.build(), store=store)
+    assert result.ok, result.error_message
+    ran = counts(root)
+    for sid in done_before:
+        assert ran[sid] == 1, f"{sid} had succeeded before the kill but ran again"
+    assert set(ran) == set(result.steps)
+
+
+def test_of_two_racing_resumes_one_runs_the_steps_and_the_other_is_refused(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "runs.db"
+    ran: list[str] = []
+    failed_once: list[bool] = []
+    gate = threading.Event()
+
+    def work(ctx: sv.StepContext) -> dict[str, int]:
+        if ctx.step_id != "a":
+            assert gate.wait(30), "the racing resumes never both tried"
+        ran.append(ctx.step_id)
+        if ctx.step_id == "b" and not failed_once:
+            failed_once.append(True)
+            raise RuntimeError("b fails the first time")
+        return {f"n_{ctx.step_id}": 1}
+
+    wf = sv.Workflow(
+        "race",
+        steps=[
+            sv.Step("a", work),
+            sv.Step("b", work, needs=["a"]),
+            sv.Step("c", work, needs=["b"]),
+        ],
+        settings=sv.Settings(max_parallel=1),
+    )
+    gate.set()
+    assert sv.run(wf, store=str(db), run_id="r").status is sv.RunStatus.FAILED
+    gate.clear()
+    assert ran == ["a", "b"]
+    both_ready = threading.Barrier(2, timeout=30)
+    both_tried = threading.Barrier(2, timeout=30, action=gate.set)
+    handles: list[sv.RunHandle] = []
+    refused: list[RunOwnedError] = []
+
+    def resume() -> None:
+        both_ready.wait()
+        try:
+            handles.append(sv.resume_start("r", wf, store=str(db)))
+        except RunOwnedError as exc:
+            refused.append(exc)
+        both_tried.wait()  # the steps wait until both have tried
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(handles) == 1
+    assert len(refused) == 1
+    assert f"pid {os.getpid()} on host" in str(refused[0])
+    result = handles[0].wait(30)
+    assert result.ok, result.error_message
+    assert ran == ["a", "b", "b", "c"]  # a kept; b and c once each across both resumes

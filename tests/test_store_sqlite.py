@@ -144,9 +144,14 @@ def test_store_and_wal_files_are_owner_only_whatever_the_umask(tmp_path: Path) -
         with SQLiteStore(path) as s:
             s.begin_run(run_info(), [StepRecord("a")])
             names = sorted(p.name for p in path.parent.iterdir())
-            assert names == ["runs.db", "runs.db-shm", "runs.db-wal"]  # no temporary left
-            for name in names:
+            # no temporary left; the running run's lock file has a directory of its own
+            assert names == ["runs.db", "runs.db-shm", "runs.db-wal", "runs.db.locks"]
+            for name in names[:3]:
                 assert stat.S_IMODE((path.parent / name).stat().st_mode) == 0o600, name
+            locks = path.parent / "runs.db.locks"
+            assert stat.S_IMODE(locks.stat().st_mode) == 0o700
+            assert [p.name for p in locks.iterdir()] == ["run-run-1.lock"]
+            assert stat.S_IMODE((locks / "run-run-1.lock").stat().st_mode) == 0o600
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

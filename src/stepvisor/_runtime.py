@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from os import PathLike
-from typing import Any
+from typing import Any, Final
 
 import pykka
 
@@ -37,10 +37,10 @@ from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.errors import (
     FingerprintMismatchError,
     InvalidSettingError,
-    StepvisorError,
+    RunOwnedError,
     StoreError,
 )
-from stepvisor.store.base import RunStore
+from stepvisor.store.base import ClaimingStore, RunStore
 from stepvisor.store.memory import MemoryStore
 
 __all__ = ["RunHandle", "fingerprint", "resume", "run", "run_async", "start"]
@@ -201,8 +201,13 @@ def fingerprint(wf: Workflow) -> str:
     return h.hexdigest()[:16]
 
 
+#: The store name that means "in memory", as it does for SQLite itself.
+MEMORY: Final = ":memory:"
+
+
 def _open_store(store: StoreArg, codec: str) -> tuple[RunStore, bool]:
-    if store is None:
+    """The store to run with, and whether this run opened it (so closes it)."""
+    if store is None or (isinstance(store, str) and store == MEMORY):
         return MemoryStore(), True
     if isinstance(store, str | PathLike):
         from stepvisor.store.sqlite import SQLiteStore  # noqa: PLC0415
@@ -272,15 +277,22 @@ def start(
     executors = _executors(wf, cfg)
     payloads = _payloads(wf, executors)
     the_store, owned = _open_store(store, cfg.codec)
+    claimed: str | None = None
     try:
         if _resume is not None:
             plan_extra, run_id, seed = _resume(the_store, cfg)
+            claimed = run_id
         else:
             plan_extra = {}
             seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
-            if run_id is not None:
+            if run_id is None:
+                run_id = uuid.uuid4().hex[:12]
+            elif not isinstance(the_store, ClaimingStore):
                 _check_run_id_is_new(the_store, run_id)
-        return _launch(
+            if isinstance(the_store, ClaimingStore):
+                the_store.claim_run(run_id, new=True)
+                claimed = run_id
+        handle = _launch(
             wf,
             cfg,
             store=the_store,
@@ -288,16 +300,29 @@ def start(
             executors=executors,
             payloads=payloads,
             clock=clock or _DEFAULT_CLOCK,
-            run_id=run_id or uuid.uuid4().hex[:12],
+            run_id=run_id,
             seed=seed,
             on_event=on_event,
             source=source,
             plan_extra=plan_extra,
         )
     except BaseException:
+        _release(the_store, claimed)
         if owned:
             the_store.close()
         raise
+    # finish_run gives the run up; this covers a run that ended without it
+    # (a store fault, a Supervisor failure), so the run can be resumed at once.
+    handle._add_done_callback(lambda _: _release(the_store, claimed))
+    return handle
+
+
+def _release(store: RunStore, run_id: str | None) -> None:
+    if run_id is not None and isinstance(store, ClaimingStore):
+        try:
+            store.release_run(run_id)
+        except Exception:
+            log.exception("giving up run %s in its store failed", run_id)
 
 
 def _check_run_id_is_new(store: RunStore, run_id: str) -> None:
@@ -489,28 +514,52 @@ def resume_start(
         raise InvalidSettingError(
             "resume needs the store the run was kept in: pass store='path/to/runs.db'"
         )
+    if isinstance(store, str) and store == MEMORY:
+        raise InvalidSettingError(
+            f"resume needs the store the run was kept in, but store={MEMORY!r} is a new, "
+            "empty in-memory store; pass the MemoryStore object the run was kept in, or "
+            "the path of a store file (a run survives its program only in a file)"
+        )
 
     def prepare(the_store: RunStore, cfg: Resolved) -> tuple[dict[str, Any], str, int]:
-        stored = the_store.load(run_id)
-        if stored.info.status is RunStatus.RUNNING:
-            raise StepvisorError(
-                f"run {run_id!r} is still running (its heartbeat is fresh); cancel it with "
-                f"`stepvisor cancel {run_id}` or wait for it before resuming"
-            )
-        now_fp = fingerprint(wf)
-        if stored.info.fingerprint != now_fp and not force:
-            raise FingerprintMismatchError(
-                f"run {run_id!r} was started with a different workflow "
-                f"(fingerprint {stored.info.fingerprint}, now {now_fp}): its steps, "
-                "functions or parameters changed; resume with force=True (--force) to run "
-                "it anyway, or start a new run"
-            )
-        restored = {
-            sid: dict(stored.outputs.get(sid, {}))
-            for sid, record in stored.steps.items()
-            if record.status is StepStatus.SUCCEEDED and sid in wf.graph.rank
-        }
-        records = {sid: stored.steps[sid] for sid in restored}
-        return {"restored": restored, "restored_records": records}, run_id, stored.info.seed
+        plan = _plan_resume(the_store, run_id, wf, force=force)  # refusals write nothing
+        if not isinstance(the_store, ClaimingStore):
+            return plan
+        # The claim is one atomic check-and-write; once it is ours nobody else
+        # writes the run, so we read it again: that is what we resume.
+        the_store.claim_run(run_id, new=False)
+        try:
+            return _plan_resume(the_store, run_id, wf, force=force)
+        except BaseException:
+            _release(the_store, run_id)
+            raise
 
     return start(wf, store=store, _resume=prepare, **kwargs)
+
+
+def _plan_resume(
+    the_store: RunStore, run_id: str, wf: Workflow, *, force: bool
+) -> tuple[dict[str, Any], str, int]:
+    """What a resumed run keeps: the succeeded steps' records and artifacts."""
+    stored = the_store.load(run_id)
+    if not isinstance(the_store, ClaimingStore) and stored.info.status is RunStatus.RUNNING:
+        raise RunOwnedError(
+            f"run {run_id!r} is still running (its heartbeat is fresh); cancel it with "
+            f"`stepvisor cancel {run_id}` or wait for it before resuming",
+            run_id=run_id,
+        )
+    now_fp = fingerprint(wf)
+    if stored.info.fingerprint != now_fp and not force:
+        raise FingerprintMismatchError(
+            f"run {run_id!r} was started with a different workflow "
+            f"(fingerprint {stored.info.fingerprint}, now {now_fp}): its steps, "
+            "functions or parameters changed; resume with force=True (--force) to run "
+            "it anyway, or start a new run"
+        )
+    restored = {
+        sid: dict(stored.outputs.get(sid, {}))
+        for sid, record in stored.steps.items()
+        if record.status is StepStatus.SUCCEEDED and sid in wf.graph.rank
+    }
+    records = {sid: stored.steps[sid] for sid in restored}
+    return {"restored": restored, "restored_records": records}, run_id, stored.info.seed

@@ -29,7 +29,9 @@ Each message says what was wrong and what to do about it.  The hierarchy::
     │   ├── SchemaVersionError                  the store was written by a newer stepvisor
     │   ├── RunNotFoundError                    no run with that id
     │   ├── FingerprintMismatchError            resume with a workflow that changed
-    │   └── ArtifactCodecError                  an artifact the codec cannot hold
+    │   ├── ArtifactCodecError                  an artifact the codec cannot hold
+    │   ├── RunOwnedError                       another live program owns the run
+    │   └── StoreFaultError                     the store failed under a run (disk, lock, file)
     └── BackendUnavailableError             an optional backend (Ray) cannot be used
 
 Validation errors also derive from ``ValueError`` (or ``TypeError`` where the type
@@ -37,6 +39,11 @@ is wrong) so that generic callers catching those still see them.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stepvisor.store.base import RunOwner
 
 __all__ = [
     "ArtifactCodecError",
@@ -56,6 +63,7 @@ __all__ = [
     "RetryBudgetExhaustedError",
     "RetryableError",
     "RunNotFoundError",
+    "RunOwnedError",
     "SchemaVersionError",
     "StepCancelledError",
     "StepError",
@@ -64,6 +72,7 @@ __all__ = [
     "StepTimeoutError",
     "StepvisorError",
     "StoreError",
+    "StoreFaultError",
     "UnknownDependencyError",
     "ValidationError",
     "WorkerCrashedError",
@@ -325,6 +334,34 @@ class FingerprintMismatchError(StoreError):
 
 class ArtifactCodecError(StoreError):
     """An artifact value that the store's codec cannot hold."""
+
+
+class RunOwnedError(StoreError):
+    """Another program that is alive owns the run, so this one may not run it.
+
+    ``owner`` is the :class:`~stepvisor.store.base.RunOwner` recorded in the
+    store (host, pid, since when), or ``None`` for a run stored by a stepvisor
+    that did not record owners and whose heartbeat is fresh.
+    """
+
+    def __init__(self, message: str, *, run_id: str, owner: RunOwner | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.owner = owner
+
+
+class StoreFaultError(StoreError):
+    """The store failed while a run used it: disk full, read-only, locked, file gone.
+
+    ``path`` is the store file and ``fault`` a short name of what failed
+    (``"disk full"``, ``"read-only"``, ``"locked"``, ``"file replaced"``, ...),
+    so a supervisor or a fault campaign can tell faults apart without parsing text.
+    """
+
+    def __init__(self, message: str, *, path: str, fault: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.fault = fault
 
 
 # -- optional backends ----------------------------------------------------------

@@ -48,7 +48,8 @@ from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepRecord, StepStatus
 from stepvisor.errors import InvalidSettingError, StepvisorError, StoreError, ValidationError
 from stepvisor.policies.retry import RetryPolicy
-from stepvisor.store.base import RunInfo
+from stepvisor.store.base import RunInfo, RunStore
+from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore
 from stepvisor.workflow_file import load_workflow
 
@@ -128,7 +129,17 @@ def _codec() -> str:
     return resolve(None, None).codec
 
 
+#: ``--db :memory:``: a store in this program's memory, as SQLite names it.
+_MEMORY: Final = ":memory:"
+
+
 def _existing_store(db: str) -> SQLiteStore:
+    if db == _MEMORY:
+        raise StoreError(
+            f"--db {_MEMORY} is an in-memory store: it holds only the runs of the program "
+            "that made it, so no other command can see them; point --db at the store "
+            "file the run was kept in (default: .stepvisor/runs.db)"
+        )
     if not os.path.lexists(db):
         raise StoreError(
             f"there is no run store at {db}; start a run first (stepvisor run FILE), "
@@ -229,7 +240,7 @@ def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
     return text + (f" (resumed; {kept} succeeded steps kept)" if kept else "")
 
 
-def _finish(result: RunResult, *, interrupted: bool, store: SQLiteStore, report: str | None) -> int:
+def _finish(result: RunResult, *, interrupted: bool, store: RunStore, report: str | None) -> int:
     if report is not None:
         try:
             path = write_html(store.load(result.run_id), report)
@@ -254,7 +265,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)  # flags first: a typo there is cheaper to report
     wf = load_workflow(args.file)
     codec = resolve(wf.settings, overrides).codec
-    store = SQLiteStore(args.db, codec=codec)
+    # --db :memory: runs without a file: nothing to resume or inspect afterwards.
+    store: RunStore = MemoryStore() if args.db == _MEMORY else SQLiteStore(args.db, codec=codec)
     try:
         inbox = Inbox()
         try:
@@ -381,6 +393,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             for info in shown
         ]
         print(_table(["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "STEPS"], rows))
+        for info in shown:
+            if info.status is RunStatus.RUNNING and info.owner is not None:
+                print(f"run {info.run_id} is run by {info.owner.describe()}")
         if len(shown) < len(runs):
             print(f"({len(runs) - len(shown)} older runs not shown; use --all)")
         return EXIT_OK
@@ -400,6 +415,8 @@ def _one_run(store: SQLiteStore, run_id: str) -> str:
         f"seed      {info.seed}",
         f"steps     {_counts(stored.steps)}",
     ]
+    if info.status is RunStatus.RUNNING and info.owner is not None:
+        head.append(f"owner     {info.owner.describe()}")
     if info.error:
         head.append(f"error     {one_line(info.error, limit=300)}")
     rows = []

@@ -8,13 +8,36 @@ also be read from other threads or programs (``stepvisor status``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from stepvisor.core.state import RunStatus, StepRecord
 
-__all__ = ["RunInfo", "RunStore", "StoredRun"]
+__all__ = ["ClaimingStore", "RunInfo", "RunOwner", "RunStore", "StoredRun"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunOwner:
+    """The program that owns a run: the only one allowed to run its steps.
+
+    ``started`` (the process's start time, in clock ticks since boot) and
+    ``boot_id`` tell a live owner from a process that merely got its pid after
+    it died or after a reboot.  ``token`` tells two claims of one process apart.
+    """
+
+    host: str
+    pid: int
+    since: float
+    started: int | None = None
+    boot_id: str | None = None
+    token: str = ""
+
+    def describe(self) -> str:
+        """``pid 123 on host h since 2024-05-01 10:00:00``, for messages."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"pid {self.pid} on host {self.host} since {when}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +56,9 @@ class RunInfo:
     error: str | None = None
     #: Where the workflow came from (a file path), when known; used by ``resume``.
     source: str | None = None
+    #: Who owns the run while it runs (a store that records owners); not part
+    #: of the run's identity, so two reads of one run compare equal across owners.
+    owner: RunOwner | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,4 +120,23 @@ class RunStore(Protocol):
 
     def close(self) -> None:
         """Release what the store holds open."""
+        ...
+
+
+@runtime_checkable
+class ClaimingStore(Protocol):
+    """A store that gives a run to one program at a time (both built-in stores).
+
+    The runtime claims a run before its Supervisor starts, so a run that
+    another program owns is refused with ``RunOwnedError`` before anything
+    runs.  ``begin_run`` of a claimed run writes it; ``finish_run`` (or
+    ``release_run``) gives it up.  A store without these methods is used as is.
+    """
+
+    def claim_run(self, run_id: str, *, new: bool) -> None:
+        """Own ``run_id``: a new run (``new=True``: the id must be unused) or a resumed one."""
+        ...
+
+    def release_run(self, run_id: str) -> None:
+        """Give up ``run_id`` if this store owns it (idempotent)."""
         ...

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from stepvisor.core.state import RunStatus, StepRecord
-from stepvisor.errors import RunNotFoundError
+from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.base import RunInfo, StoredRun
 
 __all__ = ["MemoryStore"]
@@ -28,6 +28,31 @@ class MemoryStore:
         self._steps: dict[str, dict[str, StepRecord]] = {}
         self._outputs: dict[str, dict[str, Mapping[str, Any]]] = {}
         self._cancel: set[str] = set()
+        #: Runs being run now: one program only ever sees its own memory store,
+        #: so ownership is "claimed or not" (two threads resuming one run).
+        self._claimed: set[str] = set()
+
+    def claim_run(self, run_id: str, *, new: bool) -> None:
+        with self._lock:
+            if run_id in self._claimed:
+                raise RunOwnedError(
+                    f"run {run_id!r} is already running in this program; wait for it to end",
+                    run_id=run_id,
+                )
+            if new and run_id in self._runs:
+                raise StoreError(
+                    f"run id {run_id!r} is already used by a run in this store; choose another "
+                    f"run_id, or continue that run with resume({run_id!r}, ...)"
+                )
+            if not new and run_id not in self._runs:
+                raise RunNotFoundError(
+                    f"no run with id {run_id!r} in this store; list runs with `stepvisor status`"
+                )
+            self._claimed.add(run_id)
+
+    def release_run(self, run_id: str) -> None:
+        with self._lock:
+            self._claimed.discard(run_id)
 
     def begin_run(self, info: RunInfo, steps: Sequence[StepRecord]) -> None:
         with self._lock:
@@ -59,6 +84,7 @@ class MemoryStore:
             self._runs[run_id] = replace(
                 self._runs[run_id], status=status, ended=ended, error=error
             )
+            self._claimed.discard(run_id)
 
     def heartbeat(self, run_id: str, now: float) -> None:
         with self._lock:
