@@ -159,11 +159,6 @@ def test_a_full_disk_stops_the_run_and_a_resume_after_freeing_space_completes(
     assert counts(effects)["s3"] == 2  # its success could not be stored: it ran again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the Supervisor to end a run with the StoreError its store raised "
-    "(today on_failure reports 'stepvisor's supervisor failed (a bug)'); see the store report",
-)
 def test_the_result_of_a_run_stopped_by_a_store_fault_carries_the_fault(
     disk: Path, effects: Path
 ) -> None:

@@ -63,7 +63,7 @@ from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSave
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepRecord
-from stepvisor.errors import ArtifactCodecError
+from stepvisor.errors import ArtifactCodecError, StoreError
 from stepvisor.store.base import RunInfo, RunStore
 from stepvisor.store.memory import MemoryStore
 
@@ -156,9 +156,12 @@ class Supervisor(pykka.ThreadingActor):
     def on_start(self) -> None:
         self._register_thread(threading.current_thread())
 
-    def on_failure(self, *_: object) -> None:
-        # A bug in the Supervisor or a store that broke: stop everything, and
-        # still give the caller a result rather than leave it waiting forever.
+    def on_failure(
+        self, exception_type: object = None, exception_value: object = None, *_: object
+    ) -> None:
+        # A store that broke under the run, or a bug in the Supervisor: stop
+        # everything, and still give the caller a result (with the store's own
+        # error, which names the path and the fault) rather than leave it waiting.
         log.error("the supervisor of run %s failed; cancelling everything", self.plan.run_id)
         for _attempt, control in self._controls.values():
             control.cancel("cancel")
@@ -166,9 +169,13 @@ class Supervisor(pykka.ThreadingActor):
         self._stop_workers()
         if not self._completed:
             self._completed = True
-            error = RuntimeError(
-                "stepvisor's supervisor failed (a bug, or its store failed: see the log)"
+            error: BaseException = (
+                exception_value
+                if isinstance(exception_value, StoreError)
+                else RuntimeError("stepvisor's supervisor failed (a bug: please report it)")
             )
+            if error is not exception_value and isinstance(exception_value, BaseException):
+                error.__cause__ = exception_value
             self._complete(self.machine.failed_result(error, wall=self.clock.wall()))
 
     def on_receive(self, message: Any) -> None:
