@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from os import PathLike
 from typing import Any
 
@@ -28,6 +29,8 @@ from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
 from stepvisor.actors.worker import WorkerServices, worker_thread_name
 from stepvisor.backends.asyncio import LOOP_THREAD_NAME, LoopThread
+from stepvisor.backends.base import Backend
+from stepvisor.backends.thread import ThreadBackend
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.events import Event
@@ -47,6 +50,8 @@ __all__ = ["RunHandle", "fingerprint", "resume", "run", "run_async", "start"]
 
 
 _DEFAULT_CLOCK = RealClock()
+#: The executor names a step may give (``Step.executor``), each with a backend.
+_EXECUTORS = frozenset({"thread", "async", "process", "ray"})
 
 StoreArg = RunStore | str | PathLike[str] | None
 
@@ -252,6 +257,7 @@ def start(
     clock: Clock | None = None,
     run_id: str | None = None,
     source: str | None = None,
+    backends: Mapping[str, Backend] | None = None,
     _resume: Any = None,
     **overrides: Any,
 ) -> RunHandle:
@@ -260,13 +266,17 @@ def start(
     Keyword overrides (``max_parallel=``, ``on_failure=``, ``step_timeout=``,
     ``deadline=``, ``kill_grace=``, ``executor=``, ``retry=``, ``pools=``,
     ``seed=``, ``max_worker_crashes=``, ``max_retries_total=``, ``codec=``,
-    ``ray_address=``) take precedence over every other source.
+    ``ray_address=``) take precedence over every other source.  ``backends=``
+    maps executor names to :class:`~stepvisor.backends.base.Backend` objects
+    that run those steps instead of the built-in ones (a test's
+    :class:`~stepvisor.testing.FakeBackend`); the caller keeps and closes them.
     """
     if not isinstance(wf, Workflow):
         raise InvalidSettingError(
             f"expected a stepvisor.Workflow, got {type(wf).__name__}; build one with "
             "sv.Workflow(id, steps=[...]) or load a file with sv.load_workflow(path)"
         )
+    _check_backends(backends)
     cfg = resolve(wf.settings, overrides)
     _check_pools(wf, cfg)
     executors = _executors(wf, cfg)
@@ -293,6 +303,7 @@ def start(
             on_event=on_event,
             source=source,
             plan_extra=plan_extra,
+            backends=backends,
         )
     except BaseException:
         if owned:
@@ -324,6 +335,7 @@ def _launch(
     on_event: Callable[[Event], None] | None,
     source: str | None,
     plan_extra: dict[str, Any],
+    backends: Mapping[str, Backend] | None,
 ) -> RunHandle:
     plan = RunPlan(
         workflow=wf,
@@ -340,42 +352,57 @@ def _launch(
         **plan_extra,
     )
     handle = RunHandle(run_id, cfg.kill_grace)
-    loop_lock = threading.Lock()
-    loop_box: list[LoopThread] = []
-    ray_box: list[Any] = []
+    given = dict(backends or {})
+    lock = threading.Lock()
+    made: dict[str, Backend] = {}
 
-    def get_loop() -> LoopThread:
-        with loop_lock:
-            if not loop_box:
-                loop_box.append(LoopThread(on_thread=handle._threads.add))
-            return loop_box[0]
+    def lazily(executor: str, make: Callable[[], Backend]) -> Callable[[], Backend]:
+        """The run's one backend for ``executor``, made on first use, closed at the end."""
 
-    def get_ray() -> Any:
-        with loop_lock:
-            if not ray_box:
-                from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
+        def get() -> Backend:
+            with lock:
+                backend = made.get(executor)
+                if backend is None:
+                    backend = made[executor] = make()
+                return backend
 
-                ray_box.append(RayBackend.connect(address=cfg.ray_address))
-            return ray_box[0]
+        return get
+
+    def connect_ray() -> Backend:
+        from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
+
+        return RayBackend.connect(address=cfg.ray_address)
+
+    thread = ThreadBackend()
+    shared: dict[str, Callable[[], Backend]] = {
+        "thread": lambda: thread,
+        "async": lazily("async", lambda: LoopThread(on_thread=handle._threads.add)),
+        "ray": lazily("ray", connect_ray),
+    }
+    per_worker: dict[str, Callable[[str], Backend]] = {"process": _open_slot}
+    for executor, backend in given.items():  # the caller's own: not ours to close
+        shared[executor] = functools.partial(_itself, backend)
+        per_worker.pop(executor, None)
 
     def cleanup() -> None:
-        if loop_box:
-            loop_box[0].close()
-        if ray_box:
-            ray_box[0].close()
+        for backend in made.values():
+            backend.close()
         if owned:
             store.close()
 
     handle._cleanup.append(cleanup)
-    if "ray" in executors:
-        get_ray()  # connect before any step runs: an unreachable cluster fails here
+    for executor in ("ray", "async"):
+        if executor in executors and executor not in given:
+            # Before any step runs: an unreachable cluster fails here, and no
+            # attempt's deadline is spent starting the loop.
+            shared[executor]()
 
     def services(_: pykka.ActorRef[Any]) -> WorkerServices:
         return WorkerServices(
-            loop=get_loop,
-            ray=get_ray,
+            shared=shared,
+            per_worker=per_worker,
             register_thread=handle._threads.add,
-            prestart_process="process" in executors,
+            prestart=[name for name in per_worker if name in executors],
         )
 
     ref = Supervisor.start(
@@ -387,6 +414,32 @@ def _launch(
     handle._supervisor = ref
     ref.tell(Start())
     return handle
+
+
+def _itself(backend: Backend) -> Backend:
+    return backend
+
+
+def _open_slot(worker_id: str) -> Backend:
+    from stepvisor.backends.process import open_slot  # noqa: PLC0415
+
+    return open_slot(worker_id)
+
+
+def _check_backends(backends: Mapping[str, Backend] | None) -> None:
+    """``backends=`` maps executor names to Backend objects (see ``stepvisor.testing``)."""
+    for name, backend in (backends or {}).items():
+        if name not in _EXECUTORS:
+            raise InvalidSettingError(
+                f"backends={{{name!r}: ...}} names no executor; use one of "
+                f"{', '.join(sorted(_EXECUTORS))}"
+            )
+        if not callable(getattr(backend, "run", None)) or not hasattr(backend, "sends_ahead"):
+            raise InvalidSettingError(
+                f"backends[{name!r}] is a {type(backend).__name__}, not a Backend: give an "
+                "object with run(spec, control, ahead), close() and sends_ahead, such as "
+                "stepvisor.testing.FakeBackend"
+            )
 
 
 def run(wf: Workflow, **kwargs: Any) -> RunResult:

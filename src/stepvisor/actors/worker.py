@@ -1,29 +1,28 @@
 """The Worker actor: runs one attempt at a time and tells the outcome back.
 
-A Worker is one slot of the run's parallelism.  It runs thread steps on its own
-thread, hands async steps to the runtime's loop and waits for them, and owns at
-most one child process for process steps (started on first use, reused after,
-replaced when it dies or is killed).  Whatever the step does, the Worker
-reports an :class:`~stepvisor.actors.messages.AttemptDone`; it never raises.
+A Worker is one slot of the run's parallelism.  It knows no executor: it looks
+the attempt's backend up by the executor name in what the runtime gave it
+(:class:`WorkerServices`) and calls it through the guard
+(:func:`~stepvisor.backends.base.run_guarded`).  A backend is either shared by
+the run (thread, the asyncio loop, Ray) or this Worker's own (a process slot,
+one child process per Worker, started on first use or when the Worker starts,
+closed when it stops).  Whatever the step does, the Worker reports an
+:class:`~stepvisor.actors.messages.AttemptDone`; it never raises.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, ClassVar
 
 import pykka
 
 from stepvisor._log import log
 from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
-from stepvisor.backends.base import AttemptResult
-from stepvisor.backends.thread import call_step, format_error
-
-if TYPE_CHECKING:
-    from stepvisor.backends.asyncio import LoopThread
-    from stepvisor.backends.process import ProcessSlot
+from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
+from stepvisor.context import AttemptControl
 
 __all__ = ["Worker", "WorkerServices", "worker_thread_name"]
 
@@ -34,22 +33,44 @@ def worker_thread_name(worker_id: str) -> str:
 
 
 class WorkerServices:
-    """What Workers share within one run: the loop, Ray, and the thread registry."""
+    """What Workers share within one run: the backends by executor name, the thread registry.
+
+    ``shared[name]()`` gives the run's one backend for that executor (made on
+    first use; the runtime closes it).  ``per_worker[name](worker_id)`` makes a
+    Worker its own (the Worker closes it).  ``prestart`` names the per-Worker
+    backends a Worker opens as it starts, so a process step's deadline is not
+    spent booting an interpreter.
+    """
 
     def __init__(
         self,
         *,
-        loop: Callable[[], LoopThread],
-        ray: Callable[[], Any] | None = None,
+        shared: Mapping[str, Callable[[], Backend]],
+        per_worker: Mapping[str, Callable[[str], Backend]] | None = None,
         register_thread: Callable[[threading.Thread], None],
-        prestart_process: bool = False,
+        prestart: Collection[str] = (),
     ) -> None:
-        self.loop = loop
-        self.ray = ray
+        self.shared = shared
+        self.per_worker = per_worker or {}
         self.register_thread = register_thread
-        #: Start each Worker's child process as the Worker starts, so a process
-        #: step's deadline is not spent booting an interpreter.
-        self.prestart_process = prestart_process
+        self.prestart = tuple(prestart)
+
+
+class _Unavailable:
+    """Stands for a backend that could not be had: its ``run`` raises why (a bug)."""
+
+    sends_ahead: ClassVar[bool] = False
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def run(
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+    ) -> AttemptResult:
+        raise self._error
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class Worker(pykka.ThreadingActor):
@@ -65,19 +86,26 @@ class Worker(pykka.ThreadingActor):
         self.worker_id = worker_id
         self.supervisor = supervisor
         self.services = services
-        self._process: ProcessSlot | None = None
+        self._backends: dict[str, Backend] = {}
+        self._owned: list[Backend] = []
+        #: The attempt last passed to a backend as ``ahead``: it may have started it.
+        self._offered: RunAttempt | None = None
 
     def on_start(self) -> None:
         thread = threading.current_thread()
         thread.name = worker_thread_name(self.worker_id)
         self.services.register_thread(thread)
-        if self.services.prestart_process:
-            self._process_slot().start()
+        for executor in self.services.prestart:
+            self._backend(executor)
 
     def on_stop(self) -> None:
-        if self._process is not None:
-            self._process.close()
-            self._process = None
+        owned, self._owned = self._owned, []
+        self._backends.clear()
+        for backend in owned:
+            try:
+                backend.close()
+            except Exception:
+                log.exception("worker %s could not close its %r", self.worker_id, backend)
 
     def on_failure(self, *_: object) -> None:
         self.on_stop()
@@ -92,15 +120,41 @@ class Worker(pykka.ThreadingActor):
         else:
             log.warning("worker %s ignored an unexpected message %r", self.worker_id, message)
 
+    def _backend(self, executor: str) -> Backend:
+        """The backend for ``executor``: this Worker's own, or the run's shared one."""
+        backend = self._backends.get(executor)
+        if backend is not None:
+            return backend
+        make_own = self.services.per_worker.get(executor)
+        shared = self.services.shared.get(executor)
+        try:
+            if make_own is not None:
+                backend = make_own(self.worker_id)
+                self._owned.append(backend)
+            elif shared is not None:
+                backend = shared()
+            else:
+                return _Unavailable(LookupError(f"no backend was set up for {executor!r}"))
+        except Exception as exc:  # reported by the attempt that needed it (not kept)
+            return _Unavailable(exc)
+        self._backends[executor] = backend
+        return backend
+
     def _attempt(self, message: RunAttempt, following: RunAttempt | None = None) -> None:
         spec = message.spec
         started_wall = time.time()
         started = time.monotonic()
-        try:
-            result = self._run(message, following)
-        except BaseException as exc:  # a backend bug must still end the attempt
-            log.exception("backend failed while running step %r", spec.step_id)
-            result = AttemptResult(kind="error", error=exc, traceback=format_error(exc))
+        backend = self._backend(message.executor)
+        ahead: Ahead | None = None
+        if (
+            following is not None
+            and backend.sends_ahead
+            and following.executor == message.executor
+        ):
+            ahead = (following.spec, following.control)
+        offered = self._offered is message
+        self._offered = following if ahead is not None else None
+        result = run_guarded(backend, spec, message.control, ahead, offered=offered)
         done = AttemptDone(
             step_id=spec.step_id,
             attempt=spec.attempt,
@@ -114,33 +168,3 @@ class Worker(pykka.ThreadingActor):
             self.supervisor.tell(done)
         except pykka.ActorDeadError:
             log.debug("supervisor gone; dropped the outcome of %s", spec.step_id)
-
-    def _process_slot(self) -> ProcessSlot:
-        if self._process is None:
-            from stepvisor.backends.process import ProcessSlot  # noqa: PLC0415
-
-            self._process = ProcessSlot(name=self.worker_id)
-        return self._process
-
-    def _run(self, message: RunAttempt, following: RunAttempt | None) -> AttemptResult:
-        executor = message.executor
-        if executor == "process":
-            # The slot checks for a cancel itself: it may have sent this attempt
-            # to its child already, behind the previous one (``ahead``).
-            ahead = None
-            if following is not None and following.executor == "process":
-                ahead = (following.spec, following.control)
-            return self._process_slot().run(message.spec, message.control, ahead)
-        if message.control.is_cancelled:
-            # Queued behind another attempt and cancelled before its turn.
-            return AttemptResult(kind="cancelled", note="it was cancelled before it started")
-        if executor == "thread":
-            return call_step(message.spec, message.control)
-        if executor == "async":
-            return self.services.loop().run(message.spec, message.control)
-        if executor == "ray":
-            if self.services.ray is None:
-                raise RuntimeError("no Ray backend was set up for this run")
-            result: AttemptResult = self.services.ray().run(message.spec, message.control)
-            return result
-        raise ValueError(f"unknown executor {executor!r}")

@@ -1,6 +1,7 @@
-"""The event loop that runs ``async def`` steps, owned by the runtime.
+"""The async backend: the event loop that runs ``async def`` steps, shared by a run.
 
-One loop thread per run, started only when the workflow has async steps.  An
+One loop thread per run, started only when the workflow has async steps;
+:class:`LoopThread` is the backend.  An
 attempt is submitted from its Worker's thread; a deadline or cancel cancels
 the attempt's *task* (not just the wait for it), and the Worker waits until
 the task has really finished, so a retry never overlaps the attempt it
@@ -13,19 +14,23 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
-from stepvisor.backends.base import AttemptResult, AttemptSpec
-from stepvisor.backends.thread import check_outputs, format_error, make_context
+from stepvisor.backends._wire import check_outputs
+from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, format_error, stop_error
+from stepvisor.backends.thread import make_context
 from stepvisor.context import AttemptControl
 
 __all__ = ["LOOP_THREAD_NAME", "LoopThread"]
 
 LOOP_THREAD_NAME = "stepvisor-loop"
+_CANCELLED_NOTE = "its task was cancelled"
 
 
 class LoopThread:
     """An asyncio loop running forever on a daemon thread until :meth:`close`."""
+
+    sends_ahead: ClassVar[bool] = False
 
     def __init__(self, *, on_thread: Callable[[threading.Thread], None] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
@@ -50,8 +55,11 @@ class LoopThread:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
-    def run(self, spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
+    def run(
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+    ) -> AttemptResult:
         """Run one async attempt; blocks the calling Worker thread until it ends."""
+        del ahead
         ctx = make_context(spec, control)
 
         async def runner() -> Any:
@@ -70,7 +78,9 @@ class LoopThread:
             value = future.result()
         except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
             if control.is_cancelled:
-                return AttemptResult(kind="cancelled", error=exc, note="its task was cancelled")
+                error = stop_error(spec, control.reason, _CANCELLED_NOTE)
+                error.__cause__ = exc
+                return AttemptResult(kind="cancelled", error=error, note=_CANCELLED_NOTE)
             return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
         except BaseException as exc:  # the step must never take down its Worker
             return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
