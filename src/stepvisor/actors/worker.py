@@ -146,11 +146,7 @@ class Worker(pykka.ThreadingActor):
         started = time.monotonic()
         backend = self._backend(message.executor)
         ahead: Ahead | None = None
-        if (
-            following is not None
-            and backend.sends_ahead
-            and following.executor == message.executor
-        ):
+        if following is not None and backend.sends_ahead and following.executor == message.executor:
             ahead = (following.spec, following.control)
         offered = self._offered is message
         self._offered = following if ahead is not None else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from stepvisor.backends._wire import check_outputs
@@ -62,8 +62,8 @@ class LoopThread:
         del ahead
         ctx = make_context(spec, control)
 
-        async def runner() -> Any:
-            task = asyncio.ensure_future(spec.fn(ctx))
+        async def runner() -> tuple[Any, BaseException | None]:
+            task = asyncio.ensure_future(_caught(spec.fn(ctx)))
 
             def cancel_task() -> None:
                 self.loop.call_soon_threadsafe(task.cancel)
@@ -71,11 +71,9 @@ class LoopThread:
             control.on_cancel(cancel_task)
             return await task
 
-        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
-            runner(), self.loop
-        )
+        future = asyncio.run_coroutine_threadsafe(runner(), self.loop)
         try:
-            value = future.result()
+            value, raised = future.result()
         except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
             if control.is_cancelled:
                 error = stop_error(spec, control.reason, _CANCELLED_NOTE)
@@ -84,6 +82,8 @@ class LoopThread:
             return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
         except BaseException as exc:  # the step must never take down its Worker
             return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
+        if raised is not None:
+            return AttemptResult(kind="error", error=raised, traceback=format_error(raised))
         try:
             outputs = check_outputs(spec.step_id, value)
         except TypeError as exc:
@@ -96,3 +96,18 @@ class LoopThread:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5.0)
+
+
+async def _caught(step: Awaitable[Any]) -> tuple[Any, BaseException | None]:
+    """The step's value, or what it raised, as a value.
+
+    asyncio re-raises ``SystemExit`` and ``KeyboardInterrupt`` out of the
+    loop, which would end the loop thread of the whole run; caught here, they
+    fail the step like any exception.  A cancel still cancels.
+    """
+    try:
+        return await step, None
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # the step must never take down the loop
+        return None, exc

@@ -47,6 +47,7 @@ __all__ = [
     "Backend",
     "ResultKind",
     "backend_bug",
+    "caused",
     "format_error",
     "not_started",
     "remote_failure",
@@ -197,23 +198,43 @@ def not_started(spec: AttemptSpec, control: AttemptControl) -> AttemptResult | N
     )
 
 
+def caused(
+    spec: AttemptSpec,
+    kind: ResultKind,
+    error_type: type[StepError],
+    message: str,
+    cause: BaseException,
+    *,
+    note: str | None = None,
+    traceback: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> AttemptResult:
+    """A result whose error (``error_type(message)``) was caused by ``cause``: chained."""
+    error = error_type(message, step_id=spec.step_id, attempt=spec.attempt)
+    error.__cause__ = cause
+    return AttemptResult(
+        kind=kind,
+        error=error,
+        traceback=traceback,
+        note=note,
+        extra={} if extra is None else extra,
+    )
+
+
 def backend_bug(spec: AttemptSpec, exc: BaseException) -> AttemptResult:
     """The result of an attempt whose backend raised: one kind, ``"error"``, everywhere.
 
     The backend's exception is the cause; the step's retry policy decides as
     for any error, and the note says whom to tell.
     """
-    error = StepError(
+    return caused(
+        spec,
+        "error",
+        StepError,
         f"the backend running step {spec.step_id!r} failed on attempt {spec.attempt} "
         f"({type(exc).__name__}: {exc}); this is a stepvisor bug: please report it with "
         "the traceback",
-        step_id=spec.step_id,
-        attempt=spec.attempt,
-    )
-    error.__cause__ = exc
-    return AttemptResult(
-        kind="error",
-        error=error,
+        exc,
         traceback=format_error(exc),
         note="its backend failed (a stepvisor bug)",
     )

@@ -13,7 +13,13 @@ from typing import Any, Final
 
 from stepvisor.backends._child import EXIT_PROTOCOL_ERROR
 from stepvisor.backends._wire import Reply, Returned
-from stepvisor.backends.base import AttemptResult, AttemptSpec, remote_failure, stop_error
+from stepvisor.backends.base import (
+    AttemptResult,
+    AttemptSpec,
+    caused,
+    remote_failure,
+    stop_error,
+)
 from stepvisor.errors import StepCancelledError, StepNotSerializableError, WorkerCrashedError
 
 __all__ = [
@@ -61,15 +67,17 @@ def reply_result(spec: AttemptSpec, message: Reply, parts: list[bytes]) -> Attem
         try:
             outputs[name] = pickle.loads(blob)  # noqa: S301 - from our own child
         except Exception as exc:
-            error = StepNotSerializableError(
+            return caused(
+                spec,
+                "unsendable",
+                StepNotSerializableError,
                 f"step {spec.step_id!r} returned artifact {name!r}, which could not be loaded "
                 f"in the parent process ({type(exc).__name__}: {exc}); return values whose "
                 "classes the parent can import, or plain data",
-                step_id=spec.step_id,
-                attempt=spec.attempt,
+                exc,
+                note=note,
+                extra=extra,
             )
-            error.__cause__ = exc
-            return AttemptResult(kind="unsendable", error=error, note=note, extra=extra)
     return AttemptResult(kind="ok", outputs=outputs, note=note, extra=extra)
 
 
@@ -140,14 +148,12 @@ def crash_result(spec: AttemptSpec, pid: int, returncode: int, *, ready: bool) -
 
 
 def spawn_failed(spec: AttemptSpec, exc: OSError) -> AttemptResult:
-    error = WorkerCrashedError(
+    why = (
         f"could not start a worker process for step {spec.step_id!r} ({exc}); check the "
-        "process and file-descriptor limits (ulimit -u, ulimit -n) and free memory",
-        step_id=spec.step_id,
-        attempt=spec.attempt,
+        "process and file-descriptor limits (ulimit -u, ulimit -n) and free memory"
     )
-    error.__cause__ = exc
-    return AttemptResult(kind="crash", error=error, note="no worker process could be started")
+    note = "no worker process could be started"
+    return caused(spec, "crash", WorkerCrashedError, why, exc, note=note)
 
 
 def closed_result(spec: AttemptSpec, slot: str, *, pid: int | None) -> AttemptResult:

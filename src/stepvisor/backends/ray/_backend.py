@@ -41,6 +41,7 @@ from stepvisor.backends.base import (
     Ahead,
     AttemptResult,
     AttemptSpec,
+    caused,
     format_error,
     not_started,
     remote_failure,
@@ -220,14 +221,15 @@ class RayBackend:
             found.attempt = spec.attempt
             found.__cause__ = exc
             return AttemptResult(kind="unsendable", error=found, note="nothing was sent")
-        error = WorkerCrashedError(
+        return caused(
+            spec,
+            "crash",
+            WorkerCrashedError,
             f"could not submit step {spec.step_id!r} to Ray ({type(exc).__name__}: {exc}); "
             "check that the Ray cluster is still up (`ray status`)",
-            step_id=spec.step_id,
-            attempt=spec.attempt,
+            exc,
+            note="no Ray task was submitted",
         )
-        error.__cause__ = exc
-        return AttemptResult(kind="crash", error=error, note="no Ray task was submitted")
 
     def _remote(self, spec: AttemptSpec) -> Any:
         """The task with this step's options (made once per resource shape)."""
@@ -376,15 +378,15 @@ class RayBackend:
         if isinstance(exc, errors.RaySystemError) and "deserializ" in str(
             getattr(exc, "traceback_str", "") or exc
         ):
-            error = StepNotSerializableError(
+            return caused(
+                spec,
+                "unsendable",
+                StepNotSerializableError,
                 f"step {spec.step_id!r} (attempt {spec.attempt}) returned artifacts that "
                 f"could not be loaded here ({_first_line(exc)}); return values whose classes "
                 "this process can import, or plain data",
-                step_id=spec.step_id,
-                attempt=spec.attempt,
+                exc,
             )
-            error.__cause__ = exc
-            return AttemptResult(kind="unsendable", error=error)
         if isinstance(exc, errors.TaskCancelledError):
             return self._crash(spec, exc, how="was cancelled outside stepvisor (ray.cancel?)")
         if isinstance(exc, (*self._crash_types, errors.RayError)):
@@ -395,17 +397,14 @@ class RayBackend:
         self, spec: AttemptSpec, exc: BaseException, *, how: str = "died, or its node did"
     ) -> AttemptResult:
         name = type(exc).__name__
-        error = WorkerCrashedError(
+        return caused(
+            spec,
+            "crash",
+            WorkerCrashedError,
             f"the Ray worker running step {spec.step_id!r} (attempt {spec.attempt}) {how} "
             f"({name}: {_first_line(exc)}); Ray does not retry it: stepvisor retries it if "
             "the step's retry policy allows (retry_crashes)",
-            step_id=spec.step_id,
-            attempt=spec.attempt,
-        )
-        error.__cause__ = exc
-        return AttemptResult(
-            kind="crash",
-            error=error,
+            exc,
             note=f"the Ray worker {how} ({name})",
             extra={"ray_error": name},
         )
@@ -416,13 +415,13 @@ def _is_ours(module: str | None) -> bool:
 
 
 def _not_installed_remotely(spec: AttemptSpec, exc: BaseException) -> AttemptResult:
-    error = StepNotSerializableError(
+    return caused(
+        spec,
+        "unsendable",
+        StepNotSerializableError,
         f"step {spec.step_id!r} could not run: stepvisor cannot be imported in the Ray "
         f"workers ({_first_line(exc)}); install the same stepvisor on every node of the "
         "cluster, or call ray.init(address=..., runtime_env={'py_modules': [stepvisor]}) "
         "before sv.run",
-        step_id=spec.step_id,
-        attempt=spec.attempt,
+        exc,
     )
-    error.__cause__ = exc
-    return AttemptResult(kind="unsendable", error=error)
