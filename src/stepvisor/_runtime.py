@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import secrets
 import threading
@@ -27,10 +26,14 @@ import pykka
 from stepvisor._log import log
 from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
-from stepvisor.actors.worker import WorkerServices, worker_thread_name
-from stepvisor.backends.asyncio import LOOP_THREAD_NAME, LoopThread
+from stepvisor.actors.worker import (
+    RunBackends,
+    WorkerServices,
+    check_backends,
+    worker_thread_name,
+)
+from stepvisor.backends.asyncio import LOOP_THREAD_NAME
 from stepvisor.backends.base import Backend
-from stepvisor.backends.thread import ThreadBackend
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.events import Event
@@ -50,8 +53,6 @@ __all__ = ["RunHandle", "fingerprint", "resume", "run", "run_async", "start"]
 
 
 _DEFAULT_CLOCK = RealClock()
-#: The executor names a step may give (``Step.executor``), each with a backend.
-_EXECUTORS = frozenset({"thread", "async", "process", "ray"})
 
 StoreArg = RunStore | str | PathLike[str] | None
 
@@ -276,7 +277,7 @@ def start(
             f"expected a stepvisor.Workflow, got {type(wf).__name__}; build one with "
             "sv.Workflow(id, steps=[...]) or load a file with sv.load_workflow(path)"
         )
-    _check_backends(backends)
+    check_backends(backends)
     cfg = resolve(wf.settings, overrides)
     _check_pools(wf, cfg)
     executors = _executors(wf, cfg)
@@ -352,58 +353,23 @@ def _launch(
         **plan_extra,
     )
     handle = RunHandle(run_id, cfg.kill_grace)
-    given = dict(backends or {})
-    lock = threading.Lock()
-    made: dict[str, Backend] = {}
-
-    def lazily(executor: str, make: Callable[[], Backend]) -> Callable[[], Backend]:
-        """The run's one backend for ``executor``, made on first use, closed at the end."""
-
-        def get() -> Backend:
-            with lock:
-                backend = made.get(executor)
-                if backend is None:
-                    backend = made[executor] = make()
-                return backend
-
-        return get
-
-    def connect_ray() -> Backend:
-        from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
-
-        return RayBackend.connect(address=cfg.ray_address)
-
-    thread = ThreadBackend()
-    shared: dict[str, Callable[[], Backend]] = {
-        "thread": lambda: thread,
-        "async": lazily("async", lambda: LoopThread(on_thread=handle._threads.add)),
-        "ray": lazily("ray", connect_ray),
-    }
-    per_worker: dict[str, Callable[[str], Backend]] = {"process": _open_slot}
-    for executor, backend in given.items():  # the caller's own: not ours to close
-        shared[executor] = functools.partial(_itself, backend)
-        per_worker.pop(executor, None)
+    run_backends = RunBackends(
+        executors,
+        given=backends,
+        ray_address=cfg.ray_address,
+        register_thread=handle._threads.add,
+    )
 
     def cleanup() -> None:
-        for backend in made.values():
-            backend.close()
+        run_backends.close()
         if owned:
             store.close()
 
     handle._cleanup.append(cleanup)
-    for executor in ("ray", "async"):
-        if executor in executors and executor not in given:
-            # Before any step runs: an unreachable cluster fails here, and no
-            # attempt's deadline is spent starting the loop.
-            shared[executor]()
+    run_backends.connect()  # before any step runs: an unreachable Ray cluster fails here
 
     def services(_: pykka.ActorRef[Any]) -> WorkerServices:
-        return WorkerServices(
-            shared=shared,
-            per_worker=per_worker,
-            register_thread=handle._threads.add,
-            prestart=[name for name in per_worker if name in executors],
-        )
+        return run_backends.services()
 
     ref = Supervisor.start(
         plan,
@@ -414,32 +380,6 @@ def _launch(
     handle._supervisor = ref
     ref.tell(Start())
     return handle
-
-
-def _itself(backend: Backend) -> Backend:
-    return backend
-
-
-def _open_slot(worker_id: str) -> Backend:
-    from stepvisor.backends.process import open_slot  # noqa: PLC0415
-
-    return open_slot(worker_id)
-
-
-def _check_backends(backends: Mapping[str, Backend] | None) -> None:
-    """``backends=`` maps executor names to Backend objects (see ``stepvisor.testing``)."""
-    for name, backend in (backends or {}).items():
-        if name not in _EXECUTORS:
-            raise InvalidSettingError(
-                f"backends={{{name!r}: ...}} names no executor; use one of "
-                f"{', '.join(sorted(_EXECUTORS))}"
-            )
-        if not callable(getattr(backend, "run", None)) or not hasattr(backend, "sends_ahead"):
-            raise InvalidSettingError(
-                f"backends[{name!r}] is a {type(backend).__name__}, not a Backend: give an "
-                "object with run(spec, control, ahead), close() and sends_ahead, such as "
-                "stepvisor.testing.FakeBackend"
-            )
 
 
 def run(wf: Workflow, **kwargs: Any) -> RunResult:

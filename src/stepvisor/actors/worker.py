@@ -12,19 +12,25 @@ closed when it stops).  Whatever the step does, the Worker reports an
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import pykka
 
 from stepvisor._log import log
 from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
+from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
+from stepvisor.errors import InvalidSettingError
 
-__all__ = ["Worker", "WorkerServices", "worker_thread_name"]
+__all__ = ["RunBackends", "Worker", "WorkerServices", "check_backends", "worker_thread_name"]
+
+#: The executor names a step may give (``Step.executor``), each with a backend.
+EXECUTORS: Final = frozenset({"thread", "async", "process", "ray"})
 
 
 def worker_thread_name(worker_id: str) -> str:
@@ -54,6 +60,110 @@ class WorkerServices:
         self.per_worker = per_worker or {}
         self.register_thread = register_thread
         self.prestart = tuple(prestart)
+
+
+class RunBackends:
+    """The backends of one run: which are shared, which each Worker owns, and closing them.
+
+    Thread steps share one :class:`ThreadBackend`; the asyncio loop and the Ray
+    connection are made once per run, on first use (or by :meth:`connect`);
+    each Worker gets its own process slot.  Backends the caller gave
+    (``given``: executor name -> Backend, such as a test's ``FakeBackend``)
+    replace the built-in ones and are shared; the caller closes them.
+    """
+
+    def __init__(
+        self,
+        executors: Collection[str],
+        *,
+        given: Mapping[str, Backend] | None,
+        ray_address: str | None,
+        register_thread: Callable[[threading.Thread], None],
+    ) -> None:
+        self._executors = frozenset(executors)
+        self._given = dict(given or {})
+        self._ray_address = ray_address
+        self._register_thread = register_thread
+        self._lock = threading.Lock()
+        self._made: dict[str, Backend] = {}
+        thread = ThreadBackend()
+        self.shared: dict[str, Callable[[], Backend]] = {
+            "thread": functools.partial(_itself, thread),
+            "async": functools.partial(self._once, "async", self._loop),
+            "ray": functools.partial(self._once, "ray", self._ray),
+        }
+        self.per_worker: dict[str, Callable[[str], Backend]] = {"process": _open_slot}
+        for executor, backend in self._given.items():
+            self.shared[executor] = functools.partial(_itself, backend)
+            self.per_worker.pop(executor, None)
+
+    def connect(self) -> None:
+        """Make the shared backends the run's steps need before any step runs.
+
+        An unreachable Ray cluster fails here, and no attempt's deadline is
+        spent starting the event loop.
+        """
+        for executor in ("ray", "async"):
+            if executor in self._executors and executor not in self._given:
+                self.shared[executor]()
+
+    def services(self) -> WorkerServices:
+        return WorkerServices(
+            shared=self.shared,
+            per_worker=self.per_worker,
+            register_thread=self._register_thread,
+            prestart=[name for name in self.per_worker if name in self._executors],
+        )
+
+    def close(self) -> None:
+        """Close the shared backends this run made (not the caller's)."""
+        with self._lock:
+            made, self._made = list(self._made.values()), {}
+        for backend in made:
+            backend.close()
+
+    def _once(self, executor: str, make: Callable[[], Backend]) -> Backend:
+        with self._lock:
+            backend = self._made.get(executor)
+            if backend is None:
+                backend = self._made[executor] = make()
+            return backend
+
+    def _loop(self) -> Backend:
+        from stepvisor.backends.asyncio import LoopThread  # noqa: PLC0415
+
+        return LoopThread(on_thread=self._register_thread)
+
+    def _ray(self) -> Backend:
+        from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
+
+        return RayBackend.connect(address=self._ray_address)
+
+
+def check_backends(backends: Mapping[str, Backend] | None) -> None:
+    """``backends=`` maps executor names to Backend objects (see ``stepvisor.testing``)."""
+    for name, backend in (backends or {}).items():
+        if name not in EXECUTORS:
+            raise InvalidSettingError(
+                f"backends={{{name!r}: ...}} names no executor; use one of "
+                f"{', '.join(sorted(EXECUTORS))}"
+            )
+        if not callable(getattr(backend, "run", None)) or not hasattr(backend, "sends_ahead"):
+            raise InvalidSettingError(
+                f"backends[{name!r}] is a {type(backend).__name__}, not a Backend: give an "
+                "object with run(spec, control, ahead), close() and sends_ahead, such as "
+                "stepvisor.testing.FakeBackend"
+            )
+
+
+def _itself(backend: Backend) -> Backend:
+    return backend
+
+
+def _open_slot(worker_id: str) -> Backend:
+    from stepvisor.backends.process import open_slot  # noqa: PLC0415 - only for process steps
+
+    return open_slot(worker_id)
 
 
 class _Unavailable:
