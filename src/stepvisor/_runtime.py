@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from os import PathLike
 from typing import Any, Final
 
@@ -26,8 +26,14 @@ import pykka
 from stepvisor._log import log
 from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
-from stepvisor.actors.worker import WorkerServices, worker_thread_name
-from stepvisor.backends.asyncio import LOOP_THREAD_NAME, LoopThread
+from stepvisor.actors.worker import (
+    RunBackends,
+    WorkerServices,
+    check_backends,
+    worker_thread_name,
+)
+from stepvisor.backends.asyncio import LOOP_THREAD_NAME
+from stepvisor.backends.base import Backend
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.events import Event
@@ -257,6 +263,7 @@ def start(
     clock: Clock | None = None,
     run_id: str | None = None,
     source: str | None = None,
+    backends: Mapping[str, Backend] | None = None,
     _resume: Any = None,
     **overrides: Any,
 ) -> RunHandle:
@@ -265,13 +272,17 @@ def start(
     Keyword overrides (``max_parallel=``, ``on_failure=``, ``step_timeout=``,
     ``deadline=``, ``kill_grace=``, ``executor=``, ``retry=``, ``pools=``,
     ``seed=``, ``max_worker_crashes=``, ``max_retries_total=``, ``codec=``,
-    ``ray_address=``) take precedence over every other source.
+    ``ray_address=``) take precedence over every other source.  ``backends=``
+    maps executor names to :class:`~stepvisor.backends.base.Backend` objects
+    that run those steps instead of the built-in ones (a test's
+    :class:`~stepvisor.testing.FakeBackend`); the caller keeps and closes them.
     """
     if not isinstance(wf, Workflow):
         raise InvalidSettingError(
             f"expected a stepvisor.Workflow, got {type(wf).__name__}; build one with "
             "sv.Workflow(id, steps=[...]) or load a file with sv.load_workflow(path)"
         )
+    check_backends(backends)
     cfg = resolve(wf.settings, overrides)
     _check_pools(wf, cfg)
     executors = _executors(wf, cfg)
@@ -305,6 +316,7 @@ def start(
             on_event=on_event,
             source=source,
             plan_extra=plan_extra,
+            backends=backends,
         )
     except BaseException:
         _release(the_store, claimed)
@@ -349,6 +361,7 @@ def _launch(
     on_event: Callable[[Event], None] | None,
     source: str | None,
     plan_extra: dict[str, Any],
+    backends: Mapping[str, Backend] | None,
 ) -> RunHandle:
     plan = RunPlan(
         workflow=wf,
@@ -365,43 +378,23 @@ def _launch(
         **plan_extra,
     )
     handle = RunHandle(run_id, cfg.kill_grace)
-    loop_lock = threading.Lock()
-    loop_box: list[LoopThread] = []
-    ray_box: list[Any] = []
-
-    def get_loop() -> LoopThread:
-        with loop_lock:
-            if not loop_box:
-                loop_box.append(LoopThread(on_thread=handle._threads.add))
-            return loop_box[0]
-
-    def get_ray() -> Any:
-        with loop_lock:
-            if not ray_box:
-                from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
-
-                ray_box.append(RayBackend.connect(address=cfg.ray_address))
-            return ray_box[0]
+    run_backends = RunBackends(
+        executors,
+        given=backends,
+        ray_address=cfg.ray_address,
+        register_thread=handle._threads.add,
+    )
 
     def cleanup() -> None:
-        if loop_box:
-            loop_box[0].close()
-        if ray_box:
-            ray_box[0].close()
+        run_backends.close()
         if owned:
             store.close()
 
     handle._cleanup.append(cleanup)
-    if "ray" in executors:
-        get_ray()  # connect before any step runs: an unreachable cluster fails here
+    run_backends.connect()  # before any step runs: an unreachable Ray cluster fails here
 
     def services(_: pykka.ActorRef[Any]) -> WorkerServices:
-        return WorkerServices(
-            loop=get_loop,
-            ray=get_ray,
-            register_thread=handle._threads.add,
-            prestart_process="process" in executors,
-        )
+        return run_backends.services()
 
     ref = Supervisor.start(
         plan,

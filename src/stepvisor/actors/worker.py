@@ -1,31 +1,36 @@
 """The Worker actor: runs one attempt at a time and tells the outcome back.
 
-A Worker is one slot of the run's parallelism.  It runs thread steps on its own
-thread, hands async steps to the runtime's loop and waits for them, and owns at
-most one child process for process steps (started on first use, reused after,
-replaced when it dies or is killed).  Whatever the step does, the Worker
-reports an :class:`~stepvisor.actors.messages.AttemptDone`; it never raises.
+A Worker is one slot of the run's parallelism.  It knows no executor: it looks
+the attempt's backend up by the executor name in what the runtime gave it
+(:class:`WorkerServices`) and calls it through the guard
+(:func:`~stepvisor.backends.base.run_guarded`).  A backend is either shared by
+the run (thread, the asyncio loop, Ray) or this Worker's own (a process slot,
+one child process per Worker, started on first use or when the Worker starts,
+closed when it stops).  Whatever the step does, the Worker reports an
+:class:`~stepvisor.actors.messages.AttemptDone`; it never raises.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, ClassVar, Final
 
 import pykka
 
 from stepvisor._log import log
 from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
-from stepvisor.backends.base import AttemptResult
-from stepvisor.backends.thread import call_step, format_error
+from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
+from stepvisor.backends.thread import ThreadBackend
+from stepvisor.context import AttemptControl
+from stepvisor.errors import InvalidSettingError
 
-if TYPE_CHECKING:
-    from stepvisor.backends.asyncio import LoopThread
-    from stepvisor.backends.process import ProcessSlot
+__all__ = ["RunBackends", "Worker", "WorkerServices", "check_backends", "worker_thread_name"]
 
-__all__ = ["Worker", "WorkerServices", "worker_thread_name"]
+#: The executor names a step may give (``Step.executor``), each with a backend.
+EXECUTORS: Final = frozenset({"thread", "async", "process", "ray"})
 
 
 def worker_thread_name(worker_id: str) -> str:
@@ -34,22 +39,148 @@ def worker_thread_name(worker_id: str) -> str:
 
 
 class WorkerServices:
-    """What Workers share within one run: the loop, Ray, and the thread registry."""
+    """What Workers share within one run: the backends by executor name, the thread registry.
+
+    ``shared[name]()`` gives the run's one backend for that executor (made on
+    first use; the runtime closes it).  ``per_worker[name](worker_id)`` makes a
+    Worker its own (the Worker closes it).  ``prestart`` names the per-Worker
+    backends a Worker opens as it starts, so a process step's deadline is not
+    spent booting an interpreter.
+    """
 
     def __init__(
         self,
         *,
-        loop: Callable[[], LoopThread],
-        ray: Callable[[], Any] | None = None,
+        shared: Mapping[str, Callable[[], Backend]],
+        per_worker: Mapping[str, Callable[[str], Backend]] | None = None,
         register_thread: Callable[[threading.Thread], None],
-        prestart_process: bool = False,
+        prestart: Collection[str] = (),
     ) -> None:
-        self.loop = loop
-        self.ray = ray
+        self.shared = shared
+        self.per_worker = per_worker or {}
         self.register_thread = register_thread
-        #: Start each Worker's child process as the Worker starts, so a process
-        #: step's deadline is not spent booting an interpreter.
-        self.prestart_process = prestart_process
+        self.prestart = tuple(prestart)
+
+
+class RunBackends:
+    """The backends of one run: which are shared, which each Worker owns, and closing them.
+
+    Thread steps share one :class:`ThreadBackend`; the asyncio loop and the Ray
+    connection are made once per run, on first use (or by :meth:`connect`);
+    each Worker gets its own process slot.  Backends the caller gave
+    (``given``: executor name -> Backend, such as a test's ``FakeBackend``)
+    replace the built-in ones and are shared; the caller closes them.
+    """
+
+    def __init__(
+        self,
+        executors: Collection[str],
+        *,
+        given: Mapping[str, Backend] | None,
+        ray_address: str | None,
+        register_thread: Callable[[threading.Thread], None],
+    ) -> None:
+        self._executors = frozenset(executors)
+        self._given = dict(given or {})
+        self._ray_address = ray_address
+        self._register_thread = register_thread
+        self._lock = threading.Lock()
+        self._made: dict[str, Backend] = {}
+        thread = ThreadBackend()
+        self.shared: dict[str, Callable[[], Backend]] = {
+            "thread": functools.partial(_itself, thread),
+            "async": functools.partial(self._once, "async", self._loop),
+            "ray": functools.partial(self._once, "ray", self._ray),
+        }
+        self.per_worker: dict[str, Callable[[str], Backend]] = {"process": _open_slot}
+        for executor, backend in self._given.items():
+            self.shared[executor] = functools.partial(_itself, backend)
+            self.per_worker.pop(executor, None)
+
+    def connect(self) -> None:
+        """Make the shared backends the run's steps need before any step runs.
+
+        An unreachable Ray cluster fails here, and no attempt's deadline is
+        spent starting the event loop.
+        """
+        for executor in ("ray", "async"):
+            if executor in self._executors and executor not in self._given:
+                self.shared[executor]()
+
+    def services(self) -> WorkerServices:
+        return WorkerServices(
+            shared=self.shared,
+            per_worker=self.per_worker,
+            register_thread=self._register_thread,
+            prestart=[name for name in self.per_worker if name in self._executors],
+        )
+
+    def close(self) -> None:
+        """Close the shared backends this run made (not the caller's)."""
+        with self._lock:
+            made, self._made = list(self._made.values()), {}
+        for backend in made:
+            backend.close()
+
+    def _once(self, executor: str, make: Callable[[], Backend]) -> Backend:
+        with self._lock:
+            backend = self._made.get(executor)
+            if backend is None:
+                backend = self._made[executor] = make()
+            return backend
+
+    def _loop(self) -> Backend:
+        from stepvisor.backends.asyncio import LoopThread  # noqa: PLC0415
+
+        return LoopThread(on_thread=self._register_thread)
+
+    def _ray(self) -> Backend:
+        from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
+
+        return RayBackend.connect(address=self._ray_address)
+
+
+def check_backends(backends: Mapping[str, Backend] | None) -> None:
+    """``backends=`` maps executor names to Backend objects (see ``stepvisor.testing``)."""
+    for name, backend in (backends or {}).items():
+        if name not in EXECUTORS:
+            raise InvalidSettingError(
+                f"backends={{{name!r}: ...}} names no executor; use one of "
+                f"{', '.join(sorted(EXECUTORS))}"
+            )
+        if not callable(getattr(backend, "run", None)) or not hasattr(backend, "sends_ahead"):
+            raise InvalidSettingError(
+                f"backends[{name!r}] is a {type(backend).__name__}, not a Backend: give an "
+                "object with run(spec, control, ahead), close() and sends_ahead, such as "
+                "stepvisor.testing.FakeBackend"
+            )
+
+
+def _itself(backend: Backend) -> Backend:
+    return backend
+
+
+def _open_slot(worker_id: str) -> Backend:
+    from stepvisor.backends.process import open_slot  # noqa: PLC0415 - only for process steps
+
+    return open_slot(worker_id)
+
+
+class _Unavailable:
+    """Stands for a backend that could not be had: its ``run`` raises why (a bug)."""
+
+    sends_ahead: ClassVar[bool] = False
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def run(
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+    ) -> AttemptResult:
+        raise self._error
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class Worker(pykka.ThreadingActor):
@@ -65,19 +196,26 @@ class Worker(pykka.ThreadingActor):
         self.worker_id = worker_id
         self.supervisor = supervisor
         self.services = services
-        self._process: ProcessSlot | None = None
+        self._backends: dict[str, Backend] = {}
+        self._owned: list[Backend] = []
+        #: The attempt last passed to a backend as ``ahead``: it may have started it.
+        self._offered: RunAttempt | None = None
 
     def on_start(self) -> None:
         thread = threading.current_thread()
         thread.name = worker_thread_name(self.worker_id)
         self.services.register_thread(thread)
-        if self.services.prestart_process:
-            self._process_slot().start()
+        for executor in self.services.prestart:
+            self._backend(executor)
 
     def on_stop(self) -> None:
-        if self._process is not None:
-            self._process.close()
-            self._process = None
+        owned, self._owned = self._owned, []
+        self._backends.clear()
+        for backend in owned:
+            try:
+                backend.close()
+            except Exception:
+                log.exception("worker %s could not close its %r", self.worker_id, backend)
 
     def on_failure(self, *_: object) -> None:
         self.on_stop()
@@ -92,15 +230,37 @@ class Worker(pykka.ThreadingActor):
         else:
             log.warning("worker %s ignored an unexpected message %r", self.worker_id, message)
 
+    def _backend(self, executor: str) -> Backend:
+        """The backend for ``executor``: this Worker's own, or the run's shared one."""
+        backend = self._backends.get(executor)
+        if backend is not None:
+            return backend
+        make_own = self.services.per_worker.get(executor)
+        shared = self.services.shared.get(executor)
+        try:
+            if make_own is not None:
+                backend = make_own(self.worker_id)
+                self._owned.append(backend)
+            elif shared is not None:
+                backend = shared()
+            else:
+                return _Unavailable(LookupError(f"no backend was set up for {executor!r}"))
+        except Exception as exc:  # reported by the attempt that needed it (not kept)
+            return _Unavailable(exc)
+        self._backends[executor] = backend
+        return backend
+
     def _attempt(self, message: RunAttempt, following: RunAttempt | None = None) -> None:
         spec = message.spec
         started_wall = time.time()
         started = time.monotonic()
-        try:
-            result = self._run(message, following)
-        except BaseException as exc:  # a backend bug must still end the attempt
-            log.exception("backend failed while running step %r", spec.step_id)
-            result = AttemptResult(kind="error", error=exc, traceback=format_error(exc))
+        backend = self._backend(message.executor)
+        ahead: Ahead | None = None
+        if following is not None and backend.sends_ahead and following.executor == message.executor:
+            ahead = (following.spec, following.control)
+        offered = self._offered is message
+        self._offered = following if ahead is not None else None
+        result = run_guarded(backend, spec, message.control, ahead, offered=offered)
         done = AttemptDone(
             step_id=spec.step_id,
             attempt=spec.attempt,
@@ -114,33 +274,3 @@ class Worker(pykka.ThreadingActor):
             self.supervisor.tell(done)
         except pykka.ActorDeadError:
             log.debug("supervisor gone; dropped the outcome of %s", spec.step_id)
-
-    def _process_slot(self) -> ProcessSlot:
-        if self._process is None:
-            from stepvisor.backends.process import ProcessSlot  # noqa: PLC0415
-
-            self._process = ProcessSlot(name=self.worker_id)
-        return self._process
-
-    def _run(self, message: RunAttempt, following: RunAttempt | None) -> AttemptResult:
-        executor = message.executor
-        if executor == "process":
-            # The slot checks for a cancel itself: it may have sent this attempt
-            # to its child already, behind the previous one (``ahead``).
-            ahead = None
-            if following is not None and following.executor == "process":
-                ahead = (following.spec, following.control)
-            return self._process_slot().run(message.spec, message.control, ahead)
-        if message.control.is_cancelled:
-            # Queued behind another attempt and cancelled before its turn.
-            return AttemptResult(kind="cancelled", note="it was cancelled before it started")
-        if executor == "thread":
-            return call_step(message.spec, message.control)
-        if executor == "async":
-            return self.services.loop().run(message.spec, message.control)
-        if executor == "ray":
-            if self.services.ray is None:
-                raise RuntimeError("no Ray backend was set up for this run")
-            result: AttemptResult = self.services.ray().run(message.spec, message.control)
-            return result
-        raise ValueError(f"unknown executor {executor!r}")

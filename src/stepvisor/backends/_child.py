@@ -31,12 +31,17 @@ Why it is written the way it is:
   their pids are reported; only processes that both left the process group and
   double-forked before the subreaper existed can escape.
 * **Nothing a step does can hang the protocol.**  Results and exceptions are
-  pickled here, with ``pickle`` first and ``cloudpickle`` as the fallback; an
-  exception that does not survive a pickle round trip is sent as text (type,
-  message, traceback) and becomes ``RemoteStepError`` in the parent.
+  checked and packed here with the functions every backend shares
+  (:mod:`stepvisor.backends._wire`): ``pickle`` first and ``cloudpickle`` as the
+  fallback; an exception that does not survive a pickle round trip is sent as
+  text (type, message, traceback) and becomes ``RemoteStepError`` in the parent.
+* **It lives beside the process package, not in it**: importing
+  ``stepvisor.backends.process`` would load the parent's side (``logging``,
+  ``subprocess``, ``cloudpickle``) at every boot.
 
 Wire format, both ways: a message is ``u32 n``, then ``n`` lengths as ``u64``,
-then the ``n`` parts; part 0 is always a pickled tuple of builtins.
+then the ``n`` parts; part 0 is always a pickled :mod:`~stepvisor.backends._wire`
+message (``Attempt`` in; ``Ready``, ``Returned``, ``Raised`` or ``Unsendable`` out).
 """
 
 from __future__ import annotations
@@ -48,9 +53,23 @@ import struct
 import sys
 import threading
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from stepvisor.backends._wire import (
+    PROTOCOL,
+    Attempt,
+    Raised,
+    Ready,
+    Reply,
+    Returned,
+    Unsendable,
+    check_outputs,
+    dump,
+    format_remote,
+    pack_error,
+    safe_str,
+)
 from stepvisor.context import StepContext
 
 __all__ = ["EXIT_PROTOCOL_ERROR", "decode_message", "encode_message", "main"]
@@ -226,13 +245,13 @@ def _descendants() -> list[int]:
     return order
 
 
-def _kill_leftovers() -> list[int]:
+def _kill_leftovers() -> tuple[int, ...]:
     """SIGKILL and reap what the last step left running; return the pids killed."""
     try:
         # The common case, in about a microsecond: no children at all, running or not.
         os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        return []
+        return ()
     killed: list[int] = []
     for _ in range(3):  # a second pass catches what forked while we were killing
         running = [pid for pid in _descendants() if not _is_zombie(pid)]
@@ -246,7 +265,7 @@ def _kill_leftovers() -> list[int]:
                 continue
         _reap(running)
     _reap_exited()
-    return sorted(set(killed))
+    return tuple(sorted(set(killed)))
 
 
 def _reap(pids: Sequence[int]) -> None:
@@ -282,87 +301,26 @@ class _UnsendableError(Exception):
         self.cause = cause
 
 
-def _dump(value: object) -> bytes:
-    """Pickle ``value`` for the parent, without importing anything as a side effect.
-
-    Plain ``pickle`` is fastest, but it *imports* the module named by each class it
-    meets, to check the class is reachable there.  For a class that came by value
-    (defined in a step function sent by value, whose module this process never
-    imported) that would run the module here: a test module, say, with its
-    conftest.  So once anything came by value (``cloudpickle`` is loaded), or
-    when plain ``pickle`` fails, ``cloudpickle`` is used: it sends such classes by
-    value and never imports.
-    """
-    if "cloudpickle" not in sys.modules:
-        try:
-            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: S110 - the fallback below says what is wrong
-            pass
-    import cloudpickle  # noqa: PLC0415 - slow to import, needed only for by-value values
-
-    return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+def _reply(message: Reply, *values: bytes) -> list[bytes]:
+    return [pickle.dumps(message, protocol=PROTOCOL), *values]
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return f"<str() of the {type(exc).__name__} failed>"
-
-
-def _remote_traceback(exc: BaseException) -> str:
-    import traceback  # noqa: PLC0415 - only needed when a step fails
-
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next  # drop this module's own frames: the step's come first
-    try:
-        return "".join(traceback.format_exception(type(exc), exc, tb))
-    except Exception:
-        return f"{_qualname(type(exc))}: {_safe_str(exc)} (its traceback could not be formatted)\n"
-
-
-def _pack_exception(exc: BaseException) -> tuple[bytes, str]:
-    """``(pickled exception, "")``, or ``(b"", why not)`` if it cannot travel back."""
-    try:
-        blob = _dump(exc)
-        pickle.loads(blob)  # noqa: S301 - our own bytes; proves the parent can load them
-    except BaseException as why:
-        return b"", f"{type(why).__name__}: {_safe_str(why)}"
-    return blob, ""
-
-
-def _error_reply(exc: BaseException, leftovers: list[int]) -> list[bytes]:
-    blob, why_not = _pack_exception(exc)
-    meta = (
-        "error",
-        _qualname(type(exc)),
-        _safe_str(exc),
-        _remote_traceback(exc),
-        why_not,
-        leftovers,
-    )
-    return [pickle.dumps(meta), blob]
-
-
-def _unsendable_reply(bad: _UnsendableError, leftovers: list[int]) -> list[bytes]:
+def _unsendable_reply(bad: _UnsendableError, leftovers: tuple[int, ...]) -> list[bytes]:
     cause = bad.cause
-    message = f"{bad.problem} ({type(cause).__name__}: {_safe_str(cause)}); {bad.fix}"
-    return [pickle.dumps(("unsendable", message, _remote_traceback(cause), leftovers))]
+    message = f"{bad.problem} ({type(cause).__name__}: {safe_str(cause)}); {bad.fix}"
+    return _reply(Unsendable(message, format_remote(cause), leftovers))
 
 
-def _ok_reply(step_id: str, outputs: dict[str, Any] | None, leftovers: list[int]) -> list[bytes]:
+def _ok_reply(
+    step_id: str, outputs: dict[str, Any] | None, leftovers: tuple[int, ...]
+) -> list[bytes]:
     """The reply for a step that returned; raises ``_UnsendableError`` naming a bad artifact."""
     if outputs is None:
-        return [pickle.dumps(("ok", None, leftovers))]
+        return _reply(Returned(leftovers=leftovers))
     blobs: list[bytes] = []
     for name, value in outputs.items():
         try:
-            blobs.append(_dump(value))
+            blobs.append(dump(value))
         except Exception as exc:
             raise _UnsendableError(
                 f"step {step_id!r} returned artifact {name!r} (a {type(value).__name__}) "
@@ -370,7 +328,7 @@ def _ok_reply(step_id: str, outputs: dict[str, Any] | None, leftovers: list[int]
                 "return picklable values (plain data), or run the step with executor='thread'",
                 exc,
             ) from exc
-    return [pickle.dumps(("ok", list(outputs), leftovers)), *blobs]
+    return _reply(Returned(names=tuple(outputs), leftovers=leftovers), *blobs)
 
 
 def _call(fn: Callable[..., Any], ctx: StepContext, *, is_async: bool) -> object:
@@ -382,28 +340,15 @@ def _call(fn: Callable[..., Any], ctx: StepContext, *, is_async: bool) -> object
     return result
 
 
-def _check_result(step_id: str, result: object) -> dict[str, Any] | None:
-    if result is None:
-        return None
-    if not isinstance(result, Mapping):
-        raise TypeError(
-            f"step {step_id!r} returned {type(result).__name__}; a step must return a "
-            "mapping of artifact names to values (such as a dict), or None"
-        )
-    return dict(result)
-
-
-def _load_attempt(parts: list[bytes]) -> tuple[tuple[Any, ...], Callable[..., Any], Any, Any]:
-    meta = pickle.loads(parts[0])  # noqa: S301 - from our parent over a private pipe
-    step_id = meta[1]
-    path = meta[6]
-    if path is not None:
-        sys.path[:] = path
+def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any, Any]:
+    meta: Attempt = pickle.loads(parts[0])  # noqa: S301 - from our parent over a private pipe
+    if meta.path is not None:
+        sys.path[:] = meta.path
     try:
         fn = pickle.loads(parts[1])  # noqa: S301 - same
     except BaseException as exc:
         raise _UnsendableError(
-            f"step {step_id!r}: its function could not be loaded in the worker process",
+            f"step {meta.step_id!r}: its function could not be loaded in the worker process",
             "make its module importable there (same sys.path and working directory)",
             exc,
         ) from exc
@@ -411,7 +356,8 @@ def _load_attempt(parts: list[bytes]) -> tuple[tuple[Any, ...], Callable[..., An
         inputs, params = pickle.loads(parts[2])  # noqa: S301 - same
     except BaseException as exc:
         raise _UnsendableError(
-            f"step {step_id!r}: its inputs or params could not be loaded in the worker process",
+            f"step {meta.step_id!r}: its inputs or params could not be loaded in the worker "
+            "process",
             "pass plain data, or run the step with executor='thread'",
             exc,
         ) from exc
@@ -427,29 +373,29 @@ def _run_attempt(parts: list[bytes]) -> list[bytes]:
     try:
         meta, fn, inputs, params = _load_attempt(parts)
     except _UnsendableError as bad:
-        return _unsendable_reply(bad, [])
-    run_id, step_id, attempt, max_attempts, deadline, is_async, _path = meta
+        return _unsendable_reply(bad, ())
     ctx = StepContext(
-        run_id=run_id,
-        step_id=step_id,
-        attempt=attempt,
-        max_attempts=max_attempts,
+        run_id=meta.run_id,
+        step_id=meta.step_id,
+        attempt=meta.attempt,
+        max_attempts=meta.max_attempts,
         inputs=inputs,
         params=params,
-        deadline=deadline,
+        deadline=meta.deadline,
     )
     try:
-        outputs = _check_result(step_id, _call(fn, ctx, is_async=is_async))
+        outputs = check_outputs(meta.step_id, _call(fn, ctx, is_async=meta.is_async))
     except BaseException as exc:
-        return _error_reply(exc, _finish_attempt())
+        packed = pack_error(exc, where=f"worker process {os.getpid()}")
+        return _reply(Raised(packed, _finish_attempt()))
     leftovers = _finish_attempt()
     try:
-        return _ok_reply(step_id, outputs, leftovers)
+        return _ok_reply(meta.step_id, outputs, leftovers)
     except _UnsendableError as bad:
         return _unsendable_reply(bad, leftovers)
 
 
-def _finish_attempt() -> list[int]:
+def _finish_attempt() -> tuple[int, ...]:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -477,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _arm_parent_death(alive_fd)
     _become_subreaper()
     try:
-        _write_all(res_fd, encode_message([pickle.dumps(("ready", os.getpid()))]))
+        _write_all(res_fd, encode_message([pickle.dumps(Ready(os.getpid()), protocol=PROTOCOL)]))
         reader = _Reader(cmd_fd)
         while True:
             try:
@@ -489,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Our own failure (a broken pipe, a corrupt message): nothing can be reported
         # through the pipe; say it on stderr and let the parent see the exit code.
         if not isinstance(exc, BrokenPipeError):
-            os.write(2, f"stepvisor worker {os.getpid()}: {_remote_traceback(exc)}".encode())
+            os.write(2, f"stepvisor worker {os.getpid()}: {format_remote(exc)}".encode())
         os._exit(EXIT_PROTOCOL_ERROR)
     _finish_attempt()
     os._exit(0)

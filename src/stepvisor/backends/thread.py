@@ -1,23 +1,21 @@
-"""Calling a step function and turning whatever happens into an AttemptResult.
+"""The thread backend: a step runs on the thread of the Worker that runs it.
 
-Shared by every backend: the thread backend calls :func:`call_step` on the
-Worker's thread, the process backend's child calls it in the child, the Ray
-backend in a Ray worker.  It catches ``BaseException`` on purpose: a step that
-raises ``SystemExit`` or ``KeyboardInterrupt`` must fail *the step*, never the
-Worker or the Supervisor.
+:func:`call_step` calls a plain (non-async) step function and turns whatever
+happens into an :class:`AttemptResult`.  It catches ``BaseException`` on
+purpose: a step that raises ``SystemExit`` or ``KeyboardInterrupt`` must fail
+*the step*, never the Worker or the Supervisor.  A Ray task calls it too.
 """
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Mapping
-from typing import Any
+from typing import ClassVar
 
-from stepvisor.backends.base import AttemptResult, AttemptSpec
+from stepvisor.backends._wire import check_outputs
+from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, format_error
 from stepvisor.context import AttemptControl, StepContext
 from stepvisor.errors import StepCancelledError, StepTimeoutError
 
-__all__ = ["call_step", "check_outputs", "format_error", "make_context"]
+__all__ = ["ThreadBackend", "call_step", "check_outputs", "format_error", "make_context"]
 
 
 def make_context(spec: AttemptSpec, control: AttemptControl | None) -> StepContext:
@@ -31,27 +29,6 @@ def make_context(spec: AttemptSpec, control: AttemptControl | None) -> StepConte
         deadline=spec.deadline,
         control=control,
     )
-
-
-def check_outputs(step_id: str, value: object) -> Mapping[str, Any]:
-    """A step returns a mapping of artifact name to value, or ``None``."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"step {step_id!r} returned {type(value).__name__}; a step must return a "
-            "mapping of artifact name to value (a dict), or None"
-        )
-    for key in value:
-        if not isinstance(key, str):
-            raise TypeError(
-                f"step {step_id!r} returned an artifact name {key!r} that is not a string"
-            )
-    return dict(value)
-
-
-def format_error(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResult:
@@ -71,3 +48,23 @@ def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResul
     except BaseException as exc:  # the step must never take down its Worker
         return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
     return AttemptResult(kind="ok", outputs=outputs)
+
+
+class ThreadBackend:
+    """Runs each attempt on the calling Worker's thread; holds nothing, shared by a run.
+
+    A deadline or cancel reaches the step only through its context: Python
+    cannot stop a thread from outside, so the engine abandons (and replaces) a
+    Worker whose step ignores it.
+    """
+
+    sends_ahead: ClassVar[bool] = False
+
+    def run(
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+    ) -> AttemptResult:
+        del ahead
+        return call_step(spec, control)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,196 @@
+"""Pickling what a process step needs, and naming what cannot be pickled.
+
+The step function is pickled with cloudpickle (by import reference when
+importable, by value otherwise), once per step; the inputs and params once per
+attempt.  A value that cannot be pickled raises :class:`StepNotSerializableError`
+naming the step and the path to the offending object (``inputs['rows'][2]``,
+``closure variable 'lock' of <lambda>``) before anything is sent, instead of
+failing in the child.  The Ray backend uses the same checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import pickle
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
+
+import cloudpickle
+
+from stepvisor.backends.base import AttemptSpec
+from stepvisor.errors import StepNotSerializableError
+
+__all__ = ["args_blob", "check_sendable", "payload_and_args", "prepare_payload"]
+
+_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+_EMPTY_ARGS: Final = pickle.dumps(({}, {}), protocol=_PROTOCOL)
+#: How deep, and how many items per level, the search for an unpicklable part goes.
+_SEARCH_DEPTH: Final = 6
+_SEARCH_WIDTH: Final = 100
+
+
+def prepare_payload(step_id: str, fn: Callable[..., Any]) -> bytes:
+    """Pickle a step function for a worker process.
+
+    Importable functions travel as an import reference; ``__main__`` functions,
+    lambdas and closures travel by value (cloudpickle).  Raises
+    :class:`StepNotSerializableError` naming the step and the object that
+    cannot be pickled, such as a lock captured by a closure.
+    """
+    try:
+        return bytes(cloudpickle.dumps(fn, protocol=_PROTOCOL))
+    except Exception as exc:
+        raise _not_serializable(
+            step_id,
+            f"its function {_function_name(fn)}",
+            fn,
+            exc,
+            fix="create such objects inside the function instead of capturing them, "
+            "or run the step with executor='thread'",
+        ) from exc
+
+
+def check_sendable(step_id: str, what: str, value: object) -> bytes:
+    """Pickle ``value`` (an input or param, described by ``what``) for a worker process.
+
+    Returns the pickled bytes.  Raises :class:`StepNotSerializableError` naming
+    the step, ``what`` and the part of ``value`` that cannot be pickled.
+    """
+    try:
+        return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
+    except Exception as exc:
+        raise _not_serializable(
+            step_id,
+            what,
+            value,
+            exc,
+            fix="pass plain, picklable data (numbers, strings, lists, dicts, dataclasses), "
+            "or run the step with executor='thread'",
+        ) from exc
+
+
+def _function_name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+def _type_name(value: object) -> str:
+    cls = type(value)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _not_serializable(
+    step_id: str, what: str, value: object, exc: Exception, *, fix: str
+) -> StepNotSerializableError:
+    root = _function_name(value) if what.startswith("its function") else what
+    found = _find_unpicklable(value, root, depth=0)
+    why = f"{type(exc).__name__}: {exc}"
+    if found is None:
+        message = (
+            f"step {step_id!r}: {what} is a {_type_name(value)}, which cannot be sent to a "
+            f"worker process ({why}); {fix}"
+        )
+    else:
+        path, culprit = found
+        message = (
+            f"step {step_id!r}: {what} cannot be sent to a worker process: {path} is a "
+            f"{_type_name(culprit)}, which cannot be pickled ({why}); {fix}"
+        )
+    return StepNotSerializableError(message, step_id=step_id)
+
+
+def _pickles(value: object) -> bool:
+    try:
+        cloudpickle.dumps(value, protocol=_PROTOCOL)
+    except Exception:
+        return False
+    return True
+
+
+def _find_unpicklable(value: object, path: str, *, depth: int) -> tuple[str, object] | None:
+    """The deepest part of ``value`` that fails to pickle, with a path naming it."""
+    if depth >= _SEARCH_DEPTH:
+        return None
+    for part_path, part in itertools.islice(_parts(value, path), _SEARCH_WIDTH):
+        if not _pickles(part):
+            return _find_unpicklable(part, part_path, depth=depth + 1) or (part_path, part)
+    return None
+
+
+def _wrap(path: str) -> str:
+    """Parenthesise a path in words before a subscript: ``(global 'cfg' of f)['db']``."""
+    return f"({path})" if " " in path and not path.startswith("(") else path
+
+
+def _parts(value: object, path: str) -> Iterator[tuple[str, object]]:
+    """The parts pickling ``value`` would pickle, each with its path."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield f"{_wrap(path)}[{key!r}]", item
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield f"{_wrap(path)}[{index}]", item
+    elif isinstance(value, set | frozenset):
+        for item in value:
+            yield f"an element of {path}", item
+    elif isinstance(value, types.FunctionType):
+        yield from _function_parts(value, path)
+    elif isinstance(value, functools.partial):
+        yield f"{_wrap(path)}.func", value.func
+        yield from _parts(value.args, f"{_wrap(path)}.args")
+        yield from _parts(value.keywords, f"{_wrap(path)}.keywords")
+    elif isinstance(value, types.MethodType):
+        yield f"{_wrap(path)}.__self__", value.__self__
+        yield f"{_wrap(path)}.__func__", value.__func__
+    else:
+        attrs = getattr(value, "__dict__", None)
+        if isinstance(attrs, dict):
+            for name, item in attrs.items():
+                yield f"{_wrap(path)}.{name}", item
+
+
+def _function_parts(fn: types.FunctionType, path: str) -> Iterator[tuple[str, object]]:
+    code = fn.__code__
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
+        try:
+            yield f"closure variable {name!r} of {path}", cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    for name in _global_names(code):
+        if name in fn.__globals__:
+            yield f"global {name!r} of {path}", fn.__globals__[name]
+    for index, default in enumerate(fn.__defaults__ or ()):
+        yield f"default #{index + 1} of {path}", default
+    for name, default in (fn.__kwdefaults__ or {}).items():
+        yield f"default {name!r} of {path}", default
+
+
+def _global_names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _global_names(const)
+
+
+def args_blob(spec: AttemptSpec) -> bytes:
+    """The attempt's inputs and params, pickled; names the culprit if one cannot be."""
+    if not spec.inputs and not spec.params:
+        return _EMPTY_ARGS
+    value = (dict(spec.inputs), dict(spec.params))
+    try:
+        return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
+    except Exception as exc:
+        for what, mapping in (("inputs", spec.inputs), ("params", spec.params)):
+            for key, item in mapping.items():
+                check_sendable(spec.step_id, f"{what}[{key!r}]", item)
+        raise _not_serializable(
+            spec.step_id, "its inputs and params", value, exc, fix="pass plain, picklable data"
+        ) from exc
+
+
+def payload_and_args(spec: AttemptSpec) -> tuple[bytes, bytes]:
+    """The pickled function and inputs of an attempt (raises ``StepNotSerializableError``)."""
+    return spec.fn_payload or prepare_payload(spec.step_id, spec.fn), args_blob(spec)

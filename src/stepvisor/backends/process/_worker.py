@@ -1,0 +1,241 @@
+"""One child process of a process slot, and this process's ends of its pipes.
+
+The worker manager's half of the process backend (the slot, ``_slot.py``, is
+the task manager): start the child (fork+exec of ``sys.executable`` running
+:mod:`stepvisor.backends._child`, in a session of its own), signal its whole
+process group, reap it, and move bytes through its pipes without blocking.
+
+It is started with ``-c`` and the directory this ``stepvisor`` was imported
+from, rather than ``-m``, so the child runs the *same* stepvisor even when the
+parent found it through a ``sys.path`` edit rather than an installation.  The
+child is reaped only after SIGKILL has been sent to its group: while the dead
+leader is unreaped its pid (the group id) cannot be reused, so the signal
+cannot reach a stranger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Final
+
+import stepvisor
+from stepvisor.backends._child import decode_message
+from stepvisor.backends._wire import Ready, Reply
+
+__all__ = ["Child", "Received"]
+
+#: The directory holding the ``stepvisor`` package this process runs.
+_PKG_ROOT: Final = str(Path(stepvisor.__file__).resolve().parent.parent)
+_BOOTSTRAP: Final = (
+    "import sys; sys.path.insert(0, sys.argv[4]); "
+    "from stepvisor.backends._child import main; main(sys.argv[1:4])"
+)
+_READ_CHUNK: Final = 1 << 20
+
+#: A reply from the child: its message and all its parts (values follow part 0).
+Received = tuple[Reply, list[bytes]]
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class Child:
+    """One live child process and this process's ends of its pipes.
+
+    ``lock`` guards the signalling state, because cancellers run on other
+    threads; everything else is used by the one thread inside ``run``.
+    """
+
+    def __init__(self, *, name: str) -> None:
+        fds: list[int] = []
+        try:
+            for _ in range(3):
+                fds.extend(os.pipe())
+            cmd_r, self.cmd_w, self.res_r, res_w, alive_r, self.alive_w = fds
+            theirs = (cmd_r, res_w, alive_r)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, *map(str, theirs), _PKG_ROOT, name],
+                pass_fds=theirs,
+                close_fds=True,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            for fd in fds:
+                _close_quietly(fd)
+            raise
+        for fd in theirs:
+            _close_quietly(fd)
+        self.pid: int = self.proc.pid
+        os.set_blocking(self.cmd_w, False)
+        os.set_blocking(self.res_r, False)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.pidfd = self._open_pidfd(self.pid)
+        self.poller = select.poll()
+        for fd in (self.res_r, self.wake_r):
+            self.poller.register(fd, select.POLLIN)
+        if self.pidfd is not None:
+            self.poller.register(self.pidfd, select.POLLIN)
+        self.lock = threading.Lock()
+        self.buf = bytearray()
+        self.ready = False
+        self.sent_path: list[str] | None = None
+        # Signalling state, under ``lock``:
+        self.token: object | None = None
+        self.term_at: float | None = None
+        self.killed_after_grace = False
+        self.dying = False
+        self.reaped = False
+        self.returncode: int | None = None
+
+    @staticmethod
+    def _open_pidfd(pid: int) -> int | None:
+        try:
+            return os.pidfd_open(pid)
+        except (AttributeError, OSError):  # pragma: no cover - kernels before 5.3
+            return None
+
+    # -- signalling (any thread) --
+
+    def _killpg(self, sig: int) -> None:
+        """Signal the group; the caller holds ``lock`` and has checked ``dying``."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (already woken) or closed
+            os.write(self.wake_w, b"!")
+
+    def terminate(self, token: object) -> None:
+        """The canceller of one attempt: SIGTERM to the group, once, if still running it."""
+        with self.lock:
+            if self.token is not token or self.dying or self.term_at is not None:
+                return
+            self.term_at = time.monotonic()
+            self._killpg(signal.SIGTERM)
+            self._wake()
+
+    def escalate(self, *, grace: float) -> None:
+        """SIGKILL the group if SIGTERM was sent ``grace`` seconds ago and it still runs."""
+        with self.lock:
+            if self.dying or self.term_at is None or self.killed_after_grace:
+                return
+            if time.monotonic() >= self.term_at + grace:
+                self.killed_after_grace = True
+                self._killpg(signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL the group now (closing the slot)."""
+        with self.lock:
+            if not self.dying:
+                self._killpg(signal.SIGKILL)
+
+    def claim_reply(self) -> bool:
+        """Whether a complete reply counts: only if no cancel reached the child first."""
+        with self.lock:
+            if self.term_at is not None or self.dying:
+                return False
+            self.token = None
+            return True
+
+    # -- the owning thread --
+
+    def has_exited(self) -> bool:
+        """Whether the child has died (without reaping it)."""
+        if self.pidfd is not None:
+            return bool(select.select([self.pidfd], [], [], 0)[0])
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.pid, flags) is not None
+
+    def reap(self) -> int:
+        """Kill what is left of the group, reap the child, close our fds; the exit status."""
+        with self.lock:
+            if self.reaped:
+                assert self.returncode is not None
+                return self.returncode
+            self.dying = True
+            # The leader is not reaped yet, so its pid still names only its group.
+            self._killpg(signal.SIGKILL)
+        returncode = self.proc.wait()
+        with self.lock:
+            self.reaped = True
+            self.returncode = returncode
+            for fd in (self.cmd_w, self.res_r, self.alive_w, self.wake_r, self.wake_w):
+                _close_quietly(fd)
+            if self.pidfd is not None:
+                _close_quietly(self.pidfd)
+        return returncode
+
+    def send_whole(self, data: bytes) -> bool:
+        """Write ``data`` (at most ``PIPE_BUF`` bytes) in one go, or nothing; whether it was."""
+        try:
+            return os.write(self.cmd_w, data) == len(data)
+        except OSError:  # full (BlockingIOError), or the child is gone
+            return False
+
+    def send_some(self, pending: memoryview) -> memoryview:
+        """Write what the pipe takes now; the rest.  A dead reader drops everything."""
+        try:
+            written = os.write(self.cmd_w, pending)
+        except BlockingIOError:
+            return pending
+        except (BrokenPipeError, OSError):
+            return pending[:0]
+        return pending[written:]
+
+    def read_some(self) -> bool:
+        """Read what is available into ``buf``; False at end of file."""
+        try:
+            chunk = os.read(self.res_r, _READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def take_reply(self) -> Received | None:
+        """The next reply in ``buf`` (skipping the start-up greeting), if complete."""
+        while True:
+            found = decode_message(self.buf)
+            if found is None:
+                return None
+            parts, end = found
+            del self.buf[:end]
+            message = pickle.loads(parts[0])  # noqa: S301 - from our own child
+            if isinstance(message, Ready):
+                self.ready = True
+                continue
+            return message, parts
+
+    def drain(self) -> Received | None:
+        """After death: read what is left in the pipe and return a reply if complete."""
+        while True:
+            try:
+                chunk = os.read(self.res_r, _READ_CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        return self.take_reply()
+
+    def drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
