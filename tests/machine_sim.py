@@ -30,6 +30,7 @@ from stepvisor.core.effects import (
     Dispatch,
     Effect,
     Finish,
+    ReleaseSlot,
     RetireSlot,
     SaveOutputs,
     SaveStep,
@@ -38,7 +39,7 @@ from stepvisor.core.effects import (
     StopAttempt,
 )
 from stepvisor.core.machine import Plan, RunMachine
-from stepvisor.core.messages import AttemptDone, Message, OutputsSaved, Start
+from stepvisor.core.messages import AttemptDone, Message, OutputsSaved, SlotReady, Start
 from stepvisor.errors import ArtifactCodecError
 
 WALL0 = 1_700_000_000.0
@@ -49,7 +50,12 @@ def noop(ctx: sv.StepContext) -> None:
 
 
 def make_plan(
-    wf: sv.Workflow, *, store_may_refuse: bool = False, emit_events: bool = True, **settings: Any
+    wf: sv.Workflow,
+    *,
+    store_may_refuse: bool = False,
+    emit_events: bool = True,
+    lend_slots: bool = False,
+    **settings: Any,
 ) -> Plan:
     cfg = resolve(wf.settings, settings, environ={}, cwd=Path("/nonexistent-stepvisor-test"))
     return Plan(
@@ -60,6 +66,7 @@ def make_plan(
         executors=tuple("thread" for _ in wf.graph.order),
         emit_events=emit_events,
         store_may_refuse=store_may_refuse,
+        lend_slots=lend_slots,
     )
 
 
@@ -105,6 +112,9 @@ class Sim:
         self.effects.append(effect)
         if isinstance(effect, AddSlot):
             self.queues[effect.slot] = deque()
+            self.feed(SlotReady(effect.slot))
+        elif isinstance(effect, ReleaseSlot):
+            assert not self.queues.pop(effect.slot), "released a slot with work queued"
         elif isinstance(effect, RetireSlot):
             assert not self.queues.get(effect.slot), "retired a slot with work queued"
             self.queues.pop(effect.slot, None)
@@ -189,6 +199,14 @@ class Sim:
             assert after[4:] == before[4:]
             assert all(isinstance(e, RetireSlot) for e in out), out
         return out
+
+    def slot_of(self, key: tuple[str, int]) -> str:
+        """The slot whose running attempt is ``key``."""
+        return next(slot for slot, queue in self.queues.items() if queue and queue[0] == key)
+
+    def end_attempt(self, key: tuple[str, int]) -> list[Effect]:
+        """Let attempt ``key`` (running on some slot) end as scripted."""
+        return self.end(self.slot_of(key), key)
 
     def fire(self, key: tuple[Any, ...]) -> None:
         due, message = self.timers.pop(key)

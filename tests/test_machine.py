@@ -23,6 +23,7 @@ from stepvisor.core.effects import (
     Dispatch,
     Emit,
     Finish,
+    ReleaseSlot,
     RetireSlot,
     SaveOutputs,
     SetTimer,
@@ -56,7 +57,7 @@ def test_start_begins_the_run_adds_slots_and_dispatches_ready_steps_in_id_order(
     sim.start()
     kinds = [type(e) for e in sim.effects]
     assert kinds[0] is BeginRun
-    assert kinds.count(AddSlot) == 3  # min(max_parallel, steps)
+    assert kinds.count(AddSlot) == 2  # one per ready step, up to max_parallel
     dispatched = [o.spec.step_id for e in sim.effects if isinstance(e, Dispatch) for o in e.orders]
     assert dispatched == ["a", "b"]  # c waits for a; ties go to the smaller id
 
@@ -83,7 +84,7 @@ def test_the_bound_holds_with_more_ready_steps_than_slots() -> None:
 def test_a_failed_attempt_waits_its_backoff_then_runs_again() -> None:
     sim = Sim(make_plan(wf_of({"a": []}, retry=RETRY2)), {("a", 1): "err"})
     sim.start()
-    sim.end("w1", ("a", 1))
+    sim.end_attempt(("a", 1))
     timer = next(e for e in sim.effects if isinstance(e, SetTimer) and e.key[0] == "retry")
     assert (timer.delay, timer.message) == (0.5, RetryDue("a", 1))
     assert sim.machine.state.record("a").status is StepStatus.WAITING_RETRY
@@ -109,7 +110,7 @@ def test_a_late_outcome_of_an_abandoned_attempt_changes_nothing_but_retires_its_
     assert sim.machine.state.record("a").attempts[-1].note == "abandoned"
     assert AddSlot("w2") in sim.effects  # the bound holds with a fresh slot
     before = sim.machine.snapshot()
-    late = sim.end("w1", ("a", 1))  # it returns at last, with an artifact
+    late = sim.end_attempt(("a", 1))  # it returns at last, with an artifact
     assert late == [RetireSlot("w1")]
     assert sim.machine.snapshot()[:3] == before[:3]  # state, in-flight, saving
     assert sim.machine.discarded == 1
@@ -127,7 +128,7 @@ def test_a_late_outcome_of_an_abandoned_attempt_changes_nothing_but_retires_its_
 def test_a_stale_timer_or_outcome_changes_no_state(message: Any) -> None:
     sim = Sim(make_plan(wf_of({"a": [], "b": ["a"]}), max_parallel=1))
     sim.start()
-    sim.end("w1", ("a", 1))  # attempt 1 of a is over; b runs
+    sim.end_attempt(("a", 1))  # attempt 1 of a is over; b runs
     before = sim.machine.snapshot()
     out = sim.feed(message)
     after = sim.machine.snapshot()
@@ -156,7 +157,7 @@ def test_an_attempt_that_returns_after_it_was_asked_to_stop_ends_as_the_stop_say
     sim = Sim(make_plan(wf, **settings), {("bad", 1): "fatal", ("coop", 1): "coop"})
     sim.start()
     if ask == "fail_fast":
-        sim.end("w2", ("bad", 1))
+        sim.end_attempt(("bad", 1))
     elif ask == "cancel":
         sim.feed(CancelRun("by the test"))
     elif ask == "deadline":
@@ -165,8 +166,7 @@ def test_an_attempt_that_returns_after_it_was_asked_to_stop_ends_as_the_stop_say
         sim.fire(("run",))
     reason = "timeout" if ask in ("deadline", "run_deadline") else "cancel"
     assert sim.stop_asked[("coop", 1)] == reason
-    slot = next(s for s, q in sim.queues.items() if q and q[0] == ("coop", 1))
-    sim.end(slot, ("coop", 1))  # it returns normally, with an artifact
+    sim.end_attempt(("coop", 1))  # it returns normally, with an artifact
     record = sim.machine.state.record("coop")
     expected = StepStatus.TIMED_OUT if reason == "timeout" else StepStatus.CANCELLED
     assert record.status is expected
@@ -185,9 +185,9 @@ def test_no_retry_starts_once_the_run_is_stopping() -> None:
     sim = Sim(make_plan(wf, max_parallel=2), {("bad", 1): "fatal", ("slow", 1): "hang"})
     sim.start()
     sim.fire(("deadline", "slow", 1))  # slow is asked to stop: its own timeout
-    sim.end("w2", ("bad", 1))  # then bad fails: fail fast, the run stops
+    sim.end_attempt(("bad", 1))  # then bad fails: fail fast, the run stops
     assert sim.machine.stopping
-    sim.end("w1", ("slow", 1))  # slow ends timed out, which its policy would retry
+    sim.end_attempt(("slow", 1))  # slow ends timed out, which its policy would retry
     record = sim.machine.state.record("slow")
     assert record.status is StepStatus.TIMED_OUT
     last = record.attempts[-1]
@@ -272,8 +272,10 @@ def _run(
     data: st.DataObject,
     *,
     cancel_at: int | None = None,
+    lend: bool = False,
 ) -> Sim:
-    sim = Sim(make_plan(wf, max_parallel=bound, on_failure=on_failure, kill_grace=0.5), script)
+    plan = make_plan(wf, max_parallel=bound, on_failure=on_failure, kill_grace=0.5, lend_slots=lend)
+    sim = Sim(plan, script)
     sim.start()
     choose = chooser(data)
     for i in range(5_000):
@@ -307,7 +309,8 @@ def test_property_every_interleaving_keeps_the_invariants(
 ) -> None:
     wf, script, bound, on_failure = scenario
     cancel_at = data.draw(st.integers(0, 30)) if cancel else None
-    sim = _run(wf, script, bound, on_failure, data, cancel_at=cancel_at)
+    lend: bool = data.draw(st.booleans())
+    sim = _run(wf, script, bound, on_failure, data, cancel_at=cancel_at, lend=lend)
     result = sim.result
     assert result is not None
     for sid, record in result.steps.items():
@@ -383,12 +386,34 @@ def test_a_backoff_that_ends_after_the_stop_began_starts_nothing() -> None:
     script = {("bad", 1): "fatal", ("flaky", 1): "err", ("slow", 1): "hang"}
     sim = Sim(make_plan(sv.Workflow(id="wf", steps=steps), max_parallel=3), script)
     sim.start()
-    sim.end("w2", ("flaky", 1))  # flaky waits out its backoff
+    sim.end_attempt(("flaky", 1))  # flaky waits out its backoff
     assert sim.machine.state.record("flaky").status is StepStatus.WAITING_RETRY
-    sim.end("w3", ("bad", 1))  # fail fast: the stop cancels the backoff timer
+    sim.end_attempt(("bad", 1))  # fail fast: the stop cancels the backoff timer
     assert not sim.machine.finished  # slow is still stopping
     assert ("retry", "flaky", 1) not in sim.timers
     before = sim.machine.snapshot()
     assert sim.feed(RetryDue("flaky", 1)) == []  # the timer raced its cancel
     assert sim.machine.snapshot() == before
     assert sim.dispatched_while_stopping == 0
+
+
+def test_a_run_asks_for_slots_as_work_becomes_ready_and_lends_idle_ones_back() -> None:
+    wf = wf_of({"a": [], "b": ["a"], "c": ["a"], "d": ["a"], "e": ["b", "c", "d"]})
+    sim = Sim(make_plan(wf, max_parallel=4, lend_slots=True))
+    sim.start()
+    assert sum(isinstance(e, AddSlot) for e in sim.effects) == 1  # only a is ready
+    sim.end_attempt(("a", 1))  # b, c and d become ready: two more slots
+    assert sum(isinstance(e, AddSlot) for e in sim.effects) == 3
+    sim.end_attempt(("b", 1))  # nothing new is ready: b's slot is lent back
+    assert sum(isinstance(e, ReleaseSlot) for e in sim.effects) == 1
+    result = sim.run_to_end(first)
+    assert result.status is sv.RunStatus.SUCCEEDED
+    assert sim.max_running == 3
+
+
+def test_a_run_that_does_not_lend_keeps_its_slots() -> None:
+    wf = wf_of({"a": [], "b": [], "c": ["a", "b"]})
+    sim = Sim(make_plan(wf, max_parallel=4))
+    sim.start()
+    sim.run_to_end(first)
+    assert not any(isinstance(e, ReleaseSlot) for e in sim.effects)

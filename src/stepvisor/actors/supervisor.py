@@ -59,7 +59,7 @@ from stepvisor.core.effects import (
 )
 from stepvisor.core.events import Event
 from stepvisor.core.machine import Plan, RunMachine
-from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSaved
+from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSaved, SlotReady
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepRecord
@@ -218,6 +218,11 @@ class Supervisor(pykka.ThreadingActor):
         if self._services is None:
             self._services = self._services_factory(self.actor_ref)
         self._workers[effect.slot] = Worker.start(effect.slot, self.actor_ref, self._services)
+        self._pending.extend(
+            self.machine.handle(
+                SlotReady(effect.slot), now=self.clock.monotonic(), wall=self.clock.wall()
+            )
+        )
 
     def _retire_slot(self, effect: RetireSlot) -> None:
         ref = self._workers.pop(effect.slot, None)

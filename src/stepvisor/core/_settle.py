@@ -19,7 +19,6 @@ from stepvisor._log import log
 from stepvisor.backends.base import AttemptResult
 from stepvisor.core import _outcomes as oc
 from stepvisor.core.effects import (
-    AddSlot,
     CancelTimer,
     Effect,
     RetireSlot,
@@ -329,8 +328,7 @@ class Settling:
         if inf is None:
             return
         self._close(msg.step_id, inf)
-        if self._slots.abandon(inf.slot):
-            self._fx.append(AddSlot(self._slots.add()))
+        self._slots.abandon(inf.slot)  # a fresh slot is asked for if work waits
         step = self._step(inf.rank)
         what = oc.abandoned_what(inf.executor, self._grace_for(inf.executor))
         record = self.state.record(step.id)

@@ -31,6 +31,7 @@ __all__ = [
     "Emit",
     "Finish",
     "FinishRun",
+    "ReleaseSlot",
     "RetireSlot",
     "SaveOutputs",
     "SaveStep",
@@ -58,13 +59,19 @@ class AttemptOrder(NamedTuple):
 
 
 class AddSlot(NamedTuple):
-    """Start a Worker named ``slot``."""
+    """Find a Worker for a new slot named ``slot``; say ``SlotReady`` once there is one."""
+
+    slot: str
+
+
+class ReleaseSlot(NamedTuple):
+    """Give back the free slot ``slot``: the run has nothing ready to run on it."""
 
     slot: str
 
 
 class RetireSlot(NamedTuple):
-    """Stop the Worker ``slot`` (it was abandoned and has now returned)."""
+    """The abandoned slot ``slot`` has returned: its Worker may be stopped."""
 
     slot: str
 
@@ -149,6 +156,7 @@ class Finish(NamedTuple):
 
 Effect = (
     AddSlot
+    | ReleaseSlot
     | RetireSlot
     | Dispatch
     | StopAttempt

@@ -3,7 +3,8 @@
 ::
 
     shell (Supervisor actor)                      RunMachine.handle(message, now, wall)
-      Start ─────────────────────────────────▶   BeginRun, AddSlot (n), Dispatch…, SetTimer
+      Start ─────────────────────────────────▶   BeginRun, AddSlot…, SetTimer
+      SlotReady (the shell has a Worker) ────▶   Dispatch… (or ReleaseSlot, if idle)
       AttemptDone (from a Worker) ───────────▶   classify ─▶ succeed | retry | end step
       DeadlineReached / GraceExpired ────────▶   StopAttempt, SetTimer(grace) | abandon slot
       RetryDue / RunDeadline / CancelRun ────▶   queue again | stop the run
@@ -62,6 +63,7 @@ from stepvisor.core.effects import (
     CancelTimer,
     Dispatch,
     Effect,
+    ReleaseSlot,
     RetireSlot,
     SaveStep,
     SaveSteps,
@@ -77,6 +79,7 @@ from stepvisor.core.messages import (
     OutputsSaved,
     RetryDue,
     RunDeadline,
+    SlotReady,
     Start,
 )
 from stepvisor.core.model import Step, Workflow
@@ -114,6 +117,8 @@ class Plan:
     #: The store may refuse a step's outputs (it encodes them): a success with
     #: outputs is final only once ``OutputsSaved`` reports the write.
     store_may_refuse: bool = True
+    #: Give free slots back while nothing is ready (the run shares an engine).
+    lend_slots: bool = False
 
 
 class RunMachine(Settling):
@@ -168,6 +173,7 @@ class RunMachine(Settling):
             RetryDue: self._on_retry_due,
             RunDeadline: self._on_run_deadline,
             CancelRun: self._on_cancel,
+            SlotReady: self._on_slot_ready,
             Start: self._on_start,
         }
 
@@ -248,9 +254,6 @@ class RunMachine(Settling):
             resumed=bool(restored),
             wall=self._wall,
         )
-        left = len(self.graph.order) - len(restored)
-        for _slot in range(min(self.cfg.max_parallel, max(1, left))):
-            fx.append(AddSlot(self._slots.add()))
         self.sched.initial_ready(restored)
         self._commit()
         if self.cfg.deadline is not None:
@@ -286,9 +289,34 @@ class RunMachine(Settling):
                     break
                 orders.append(self._dispatch(r, slot))
             if not orders:
-                return
+                break
             free.pop()
             self._fx.append(Dispatch(slot, tuple(orders)))
+        self._balance_slots()
+
+    def _balance_slots(self) -> None:
+        """Ask for slots while ready work outnumbers them; lend idle ones back.
+
+        The slots a run wants are the busy ones plus one per ready step, up to
+        ``max_parallel``: a chain of steps holds one slot, a fan as many as it
+        has branches ready.
+        """
+        slots, fx = self._slots, self._fx
+        if self.stopping:
+            want = 0
+        else:
+            busy = slots.held - slots.pending - len(slots.free)
+            want = min(self.cfg.max_parallel, busy + self.sched.ready_count)
+        for _slot in range(want - slots.held):
+            fx.append(AddSlot(slots.add()))
+        if self.plan.lend_slots:
+            while slots.free and slots.held > want:
+                slot = slots.free[-1]
+                slots.release(slot)
+                fx.append(ReleaseSlot(slot))
+
+    def _on_slot_ready(self, msg: SlotReady) -> None:
+        self._slots.ready(msg.slot)
 
     def _dispatch(self, r: int, slot: str) -> AttemptOrder:
         """Record the start of ``r``'s next attempt on ``slot``; return its order."""

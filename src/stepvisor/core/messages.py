@@ -27,6 +27,7 @@ __all__ = [
     "OutputsSaved",
     "RetryDue",
     "RunDeadline",
+    "SlotReady",
     "Start",
 ]
 
@@ -58,6 +59,12 @@ class OutputsSaved(NamedTuple):
     step_id: str
     attempt: int
     error: ArtifactCodecError | None = None
+
+
+class SlotReady(NamedTuple):
+    """The shell has a Worker for a slot the machine asked for (``AddSlot``)."""
+
+    slot: str
 
 
 class DeadlineReached(NamedTuple):
@@ -96,6 +103,7 @@ Message = (
     Start
     | AttemptDone
     | OutputsSaved
+    | SlotReady
     | DeadlineReached
     | GraceExpired
     | RetryDue
