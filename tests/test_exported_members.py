@@ -11,7 +11,7 @@ import stepvisor as sv
 
 PUBLIC_API = {
     # running
-    "run", "start", "run_async", "resume", "resume_start", "RunHandle", "RunResult",
+    "run", "start", "run_async", "resume", "resume_start", "RunHandle", "RunResult", "Engine",
     # model
     "Step", "Workflow", "Settings", "StepContext", "RetryPolicy", "Backoff",
     "resolve", "Resolved", "load_workflow",
@@ -30,7 +30,7 @@ PUBLIC_API = {
     "StepCancelledError", "WorkerCrashedError", "StepNotSerializableError", "RemoteStepError",
     "RetryBudgetExhaustedError", "RetryableError", "FatalError", "StoreError", "NotAStoreError",
     "SchemaVersionError", "RunNotFoundError", "FingerprintMismatchError", "ArtifactCodecError",
-    "BackendUnavailableError",
+    "BackendUnavailableError", "RunOwnedError", "StoreFaultError",
     "__version__",
 }  # fmt: skip
 

@@ -281,13 +281,16 @@ def test_process_is_the_run_default_when_settings_say_so(chdir_tmp: Path) -> Non
 def _record_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Patch the Worker to record the size of every message it is handed."""
     from stepvisor.actors import worker as worker_module  # noqa: PLC0415
-    from stepvisor.actors.messages import RunBatch  # noqa: PLC0415
+    from stepvisor.actors.messages import RunAttempt, RunBatch  # noqa: PLC0415
 
     sizes: list[int] = []
     original = worker_module.Worker.on_receive
 
     def recording(self: Any, message: Any) -> None:
-        sizes.append(len(message.attempts) if isinstance(message, RunBatch) else 1)
+        if isinstance(message, RunBatch):
+            sizes.append(len(message.attempts))
+        elif isinstance(message, RunAttempt):
+            sizes.append(1)
         original(self, message)
 
     monkeypatch.setattr(worker_module.Worker, "on_receive", recording)

@@ -27,12 +27,8 @@ from stepvisor._log import log
 from stepvisor.actors.messages import CancelRun, Start
 from stepvisor.actors.supervisor import RunPlan, Supervisor
 from stepvisor.actors.worker import (
-    RunBackends,
-    WorkerServices,
     check_backends,
-    worker_thread_name,
 )
-from stepvisor.backends.asyncio import LOOP_THREAD_NAME
 from stepvisor.backends.base import Backend
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
@@ -40,6 +36,7 @@ from stepvisor.core.events import Event
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
+from stepvisor.engine import Engine
 from stepvisor.errors import (
     FingerprintMismatchError,
     InvalidSettingError,
@@ -91,7 +88,6 @@ class RunHandle:
         self._supervisor: pykka.ActorRef[Any] | None = None
         self._threads = _RunThreads()
         self._cleanup: list[Callable[[], None]] = []
-        self._abandoned: set[str] = set()
         self._joined = False
 
     # -- called by the runtime ---------------------------------------------------
@@ -155,18 +151,10 @@ class RunHandle:
             if self._joined:
                 return
             self._joined = True
-        result = self._result
-        skip: set[str] = set()
-        if result is not None:
-            for record in result.steps.values():
-                last = record.last_attempt
-                if last is not None and last.note == "abandoned" and last.worker:
-                    skip.add(last.worker)
-        names = {worker_thread_name(wid) for wid in skip}
-        # Workers and the Supervisor end on their own once the run is over;
-        # join them first (process children are reaped as their Workers stop),
-        # then close what outlives them: the async loop, Ray, the store.
-        self._threads.join(timeout=10.0 + self._grace, skip=names | {LOOP_THREAD_NAME})
+        # The Supervisor ends on its own once the run is over; join it, then
+        # close what outlives it: a private engine (Workers, their process
+        # children, the loop, Ray), the store.
+        self._threads.join(timeout=10.0 + self._grace, skip=set())
         for fn in self._cleanup:
             try:
                 fn()
@@ -264,6 +252,7 @@ def start(
     run_id: str | None = None,
     source: str | None = None,
     backends: Mapping[str, Backend] | None = None,
+    engine: Engine | None = None,
     _resume: Any = None,
     **overrides: Any,
 ) -> RunHandle:
@@ -276,6 +265,9 @@ def start(
     maps executor names to :class:`~stepvisor.backends.base.Backend` objects
     that run those steps instead of the built-in ones (a test's
     :class:`~stepvisor.testing.FakeBackend`); the caller keeps and closes them.
+    ``engine=`` runs on a warm :class:`~stepvisor.Engine` (its Workers, process
+    children, loop and Ray are kept for the next run); without one, the run
+    has a private engine, closed when it ends.
     """
     if not isinstance(wf, Workflow):
         raise InvalidSettingError(
@@ -283,6 +275,11 @@ def start(
             "sv.Workflow(id, steps=[...]) or load a file with sv.load_workflow(path)"
         )
     check_backends(backends)
+    if engine is not None and backends:
+        raise InvalidSettingError(
+            "backends= cannot be given to a run on an Engine: its Workers are shared; "
+            "give them to the engine instead: sv.Engine(backends=...)"
+        )
     cfg = resolve(wf.settings, overrides)
     _check_pools(wf, cfg)
     executors = _executors(wf, cfg)
@@ -317,6 +314,7 @@ def start(
             source=source,
             plan_extra=plan_extra,
             backends=backends,
+            engine=engine,
         )
     except BaseException:
         _release(the_store, claimed)
@@ -362,6 +360,7 @@ def _launch(
     source: str | None,
     plan_extra: dict[str, Any],
     backends: Mapping[str, Backend] | None,
+    engine: Engine | None,
 ) -> RunHandle:
     plan = RunPlan(
         workflow=wf,
@@ -378,29 +377,33 @@ def _launch(
         **plan_extra,
     )
     handle = RunHandle(run_id, cfg.kill_grace)
-    run_backends = RunBackends(
-        executors,
-        given=backends,
-        ray_address=cfg.ray_address,
-        register_thread=handle._threads.add,
-    )
+    private = engine is None
+    if engine is None:
+        engine = Engine(
+            max_parallel=cfg.max_parallel, ray_address=cfg.ray_address, backends=backends
+        )
+    the_engine = engine
 
     def cleanup() -> None:
-        run_backends.close()
+        the_engine._dismiss(handle)
+        if private:
+            the_engine.close()
         if owned:
             store.close()
 
+    try:
+        the_engine._admit(handle, executors)  # an unreachable Ray cluster fails here
+    except BaseException:
+        if private:
+            the_engine.close()
+        raise
     handle._cleanup.append(cleanup)
-    run_backends.connect()  # before any step runs: an unreachable Ray cluster fails here
-
-    def services(_: pykka.ActorRef[Any]) -> WorkerServices:
-        return run_backends.services()
-
     ref = Supervisor.start(
         plan,
         complete=handle._complete,
-        services=services,
+        pool=the_engine.pool,
         register_thread=handle._threads.add,
+        lend_slots=not private,
     )
     handle._supervisor = ref
     ref.tell(Start())

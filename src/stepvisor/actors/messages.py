@@ -12,7 +12,9 @@ machine is told is defined with it, in :mod:`stepvisor.core.messages`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import pykka
 
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.context import AttemptControl
@@ -36,16 +38,37 @@ __all__ = [
     "RunAttempt",
     "RunBatch",
     "RunDeadline",
+    "SlotGranted",
     "Start",
+    "Warm",
 ]
 
 
 class RunAttempt(NamedTuple):
-    """Supervisor -> Worker: run this attempt with this backend."""
+    """Supervisor -> Worker: run this attempt with this backend, in this slot of a run.
+
+    ``reply_to`` is the run's Supervisor: the outcome goes there, as an
+    :class:`AttemptDone` naming ``slot`` (the run's name for the Worker).
+    """
 
     spec: AttemptSpec
     control: AttemptControl
     executor: str
+    slot: str
+    reply_to: pykka.ActorRef[Any]
+
+
+class SlotGranted(NamedTuple):
+    """Pool -> Supervisor: a Worker for a slot whose lease had to wait."""
+
+    slot: str
+    worker: pykka.ActorRef[Any]
+
+
+class Warm(NamedTuple):
+    """Supervisor -> Worker: open what you own for these executors (boot a process child)."""
+
+    executors: tuple[str, ...]
 
 
 class RunBatch(NamedTuple):

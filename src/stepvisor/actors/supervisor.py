@@ -34,13 +34,14 @@ from typing import Any
 import pykka
 
 from stepvisor._log import log
-from stepvisor.actors.messages import Heartbeat, RunAttempt, RunBatch
-from stepvisor.actors.worker import Worker, WorkerServices
+from stepvisor.actors._pool import WorkerPool
+from stepvisor.actors.messages import Heartbeat, RunAttempt, RunBatch, SlotGranted, Warm
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
 from stepvisor.context import AttemptControl
 from stepvisor.core._outcomes import NOT_RETRIED_STOPPING
 from stepvisor.core.effects import (
+    AbandonSlot,
     AddSlot,
     BeginRun,
     CancelTimer,
@@ -49,6 +50,7 @@ from stepvisor.core.effects import (
     Emit,
     Finish,
     FinishRun,
+    ReleaseSlot,
     RetireSlot,
     SaveOutputs,
     SaveStep,
@@ -91,7 +93,7 @@ class RunPlan:
     restored_records: Mapping[str, StepRecord] = field(default_factory=dict)
     source: str | None = None
 
-    def machine_plan(self) -> Plan:
+    def machine_plan(self, *, lend_slots: bool = False) -> Plan:
         """The part of the plan the machine decides from: values only."""
         return Plan(
             workflow=self.workflow,
@@ -104,6 +106,7 @@ class RunPlan:
             restored_records=self.restored_records,
             emit_events=self.on_event is not None,
             store_may_refuse=not isinstance(self.store, MemoryStore),
+            lend_slots=lend_slots,
         )
 
 
@@ -117,19 +120,21 @@ class Supervisor(pykka.ThreadingActor):
         plan: RunPlan,
         *,
         complete: Callable[[RunResult], None],
-        services: Callable[[pykka.ActorRef[Any]], WorkerServices],
+        pool: WorkerPool,
         register_thread: Callable[[threading.Thread], None],
+        lend_slots: bool = False,
     ) -> None:
         super().__init__()
         self.plan = plan
         self.clock = plan.clock
         self.store = plan.store
-        self.machine = RunMachine(plan.machine_plan())
+        self.machine = RunMachine(plan.machine_plan(lend_slots=lend_slots))
         self._complete = complete
-        self._services_factory = services
-        self._services: WorkerServices | None = None
+        self._pool = pool
         self._register_thread = register_thread
+        #: The Worker leased for each of the machine's slots.
         self._workers: dict[str, pykka.ActorRef[Any]] = {}
+        self._warm = tuple(ex for ex in ("process",) if ex in plan.executors)
         self._controls: dict[str, tuple[int, AttemptControl]] = {}
         self._timers: dict[TimerKey, TimerHandle] = {}
         self._heartbeat: TimerHandle | None = None
@@ -144,6 +149,8 @@ class Supervisor(pykka.ThreadingActor):
             StopAttempt: self._stop_attempt,
             Emit: self._emit,
             AddSlot: self._add_slot,
+            ReleaseSlot: self._release_slot,
+            AbandonSlot: self._abandon_slot,
             RetireSlot: self._retire_slot,
             BeginRun: self._begin_run,
             FinishRun: self._finish_run,
@@ -186,6 +193,13 @@ class Supervisor(pykka.ThreadingActor):
         elif type(message) is Heartbeat:
             self._on_heartbeat()
             return
+        elif type(message) is SlotGranted:
+            if self.machine.finished or self._completed:
+                self._pool.give_back(message.worker)
+            else:
+                self._bind(message.slot, message.worker)
+                self._run_pending()
+            return
         self._feed(message)
 
     def _feed(self, message: Message) -> None:
@@ -194,11 +208,13 @@ class Supervisor(pykka.ThreadingActor):
         An effect that feeds a message back (``SaveOutputs``) queues the new
         effects behind the ones already decided, which were decided first.
         """
-        pending = self._pending
-        pending.extend(
+        self._pending.extend(
             self.machine.handle(message, now=self.clock.monotonic(), wall=self.clock.wall())
         )
-        carry_out = self._carry_out
+        self._run_pending()
+
+    def _run_pending(self) -> None:
+        pending, carry_out = self._pending, self._carry_out
         while pending:
             effect = pending.popleft()
             carry_out[type(effect)](effect)
@@ -215,30 +231,47 @@ class Supervisor(pykka.ThreadingActor):
         return tell
 
     def _add_slot(self, effect: AddSlot) -> None:
-        if self._services is None:
-            self._services = self._services_factory(self.actor_ref)
-        self._workers[effect.slot] = Worker.start(effect.slot, self.actor_ref, self._services)
+        slot, tell = effect.slot, self.actor_ref.tell
+
+        def deliver(ref: pykka.ActorRef[Any]) -> None:
+            try:
+                tell(SlotGranted(slot, ref))
+            except pykka.ActorDeadError:  # the run ended meanwhile
+                self._pool.give_back(ref)
+
+        ref = self._pool.lease(self, deliver)
+        if ref is not None:
+            self._bind(slot, ref)
+
+    def _bind(self, slot: str, ref: pykka.ActorRef[Any]) -> None:
+        """``ref`` serves ``slot``: tell the machine, which may dispatch at once."""
+        self._workers[slot] = ref
+        if self._warm:
+            ref.tell(Warm(self._warm))
         self._pending.extend(
-            self.machine.handle(
-                SlotReady(effect.slot), now=self.clock.monotonic(), wall=self.clock.wall()
-            )
+            self.machine.handle(SlotReady(slot), now=self.clock.monotonic(), wall=self.clock.wall())
         )
+
+    def _release_slot(self, effect: ReleaseSlot) -> None:
+        self._pool.give_back(self._workers.pop(effect.slot))
+
+    def _abandon_slot(self, effect: AbandonSlot) -> None:
+        self._pool.abandon(self._workers[effect.slot])
 
     def _retire_slot(self, effect: RetireSlot) -> None:
         ref = self._workers.pop(effect.slot, None)
         if ref is not None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.stop(block=False)
+            self._pool.retire(ref)
 
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
-        controls = self._controls
+        controls, me = self._controls, self.actor_ref
         for order, executor, budget in effect.orders:
             control = AttemptControl()
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order if budget is None else order._replace(deadline=time.monotonic() + budget)
             controls[spec.step_id] = (spec.attempt, control)
-            messages.append(RunAttempt(spec=spec, control=control, executor=executor))
+            messages.append(RunAttempt(spec, control, executor, effect.slot, me))
         ref = self._workers[effect.slot]
         ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
 
@@ -341,6 +374,10 @@ class Supervisor(pykka.ThreadingActor):
         self._timers.clear()
 
     def _stop_workers(self) -> None:
-        for ref in self._workers.values():
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.stop(block=False)
+        """Give every leased Worker back (abandoned ones were given up already)."""
+        self._pool.cancel_waiting(self)
+        abandoned = set(self.machine.abandoned_slots)
+        workers, self._workers = self._workers, {}
+        for slot, ref in workers.items():
+            if slot not in abandoned:
+                self._pool.give_back(ref)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Final
 import pykka
 
 from stepvisor._log import log
-from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch
+from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch, Warm
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
 from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
@@ -63,26 +63,25 @@ class WorkerServices:
 
 
 class RunBackends:
-    """The backends of one run: which are shared, which each Worker owns, and closing them.
+    """The backends of an engine: which are shared, which each Worker owns, and closing them.
 
     Thread steps share one :class:`ThreadBackend`; the asyncio loop and the Ray
-    connection are made once per run, on first use (or by :meth:`connect`);
-    each Worker gets its own process slot.  Backends the caller gave
-    (``given``: executor name -> Backend, such as a test's ``FakeBackend``)
-    replace the built-in ones and are shared; the caller closes them.
+    connection are made once per engine, on first use (or by :meth:`connect`);
+    each Worker gets its own process slot, kept across the runs it serves.
+    Backends the caller gave (``given``: executor name -> Backend, such as a
+    test's ``FakeBackend``) replace the built-in ones and are shared; the caller
+    closes them.
     """
 
     def __init__(
         self,
-        executors: Collection[str],
         *,
         given: Mapping[str, Backend] | None,
         ray_address: str | None,
         register_thread: Callable[[threading.Thread], None],
     ) -> None:
-        self._executors = frozenset(executors)
         self._given = dict(given or {})
-        self._ray_address = ray_address
+        self.ray_address = ray_address
         self._register_thread = register_thread
         self._lock = threading.Lock()
         self._made: dict[str, Backend] = {}
@@ -97,26 +96,28 @@ class RunBackends:
             self.shared[executor] = functools.partial(_itself, backend)
             self.per_worker.pop(executor, None)
 
-    def connect(self) -> None:
-        """Make the shared backends the run's steps need before any step runs.
+    @property
+    def given(self) -> Mapping[str, Backend]:
+        """The backends the caller gave, by executor name."""
+        return self._given
+
+    def connect(self, executors: Collection[str]) -> None:
+        """Make the shared backends a run's steps need, before any of them runs.
 
         An unreachable Ray cluster fails here, and no attempt's deadline is
         spent starting the event loop.
         """
         for executor in ("ray", "async"):
-            if executor in self._executors and executor not in self._given:
+            if executor in executors and executor not in self._given:
                 self.shared[executor]()
 
     def services(self) -> WorkerServices:
         return WorkerServices(
-            shared=self.shared,
-            per_worker=self.per_worker,
-            register_thread=self._register_thread,
-            prestart=[name for name in self.per_worker if name in self._executors],
+            shared=self.shared, per_worker=self.per_worker, register_thread=self._register_thread
         )
 
     def close(self) -> None:
-        """Close the shared backends this run made (not the caller's)."""
+        """Close the shared backends this engine made (not the caller's)."""
         with self._lock:
             made, self._made = list(self._made.values()), {}
         for backend in made:
@@ -137,7 +138,7 @@ class RunBackends:
     def _ray(self) -> Backend:
         from stepvisor.backends.ray import RayBackend  # noqa: PLC0415
 
-        return RayBackend.connect(address=self._ray_address)
+        return RayBackend.connect(address=self.ray_address)
 
 
 def check_backends(backends: Mapping[str, Backend] | None) -> None:
@@ -184,17 +185,20 @@ class _Unavailable:
 
 
 class Worker(pykka.ThreadingActor):
-    """One slot: a thread that runs attempts one at a time."""
+    """One slot's thread: runs attempts one at a time, for whichever run leased it.
+
+    A Worker belongs to an engine's pool and serves one run at a time; each
+    attempt says which run's slot it runs in and where the outcome goes
+    (``RunAttempt.slot``, ``RunAttempt.reply_to``), so the Worker holds nothing
+    of a run between attempts.
+    """
 
     # An abandoned Worker (its step ignored cancellation) must not block exit.
     use_daemon_thread = True
 
-    def __init__(
-        self, worker_id: str, supervisor: pykka.ActorRef[Any], services: WorkerServices
-    ) -> None:
+    def __init__(self, worker_id: str, services: WorkerServices) -> None:
         super().__init__()
         self.worker_id = worker_id
-        self.supervisor = supervisor
         self.services = services
         self._backends: dict[str, Backend] = {}
         self._owned: list[Backend] = []
@@ -227,6 +231,10 @@ class Worker(pykka.ThreadingActor):
                 self._attempt(attempt, attempts[i + 1] if i + 1 < len(attempts) else None)
         elif isinstance(message, RunAttempt):
             self._attempt(message)
+        elif isinstance(message, Warm):
+            for executor in message.executors:
+                if executor in self.services.per_worker:
+                    self._backend(executor)
         else:
             log.warning("worker %s ignored an unexpected message %r", self.worker_id, message)
 
@@ -264,13 +272,13 @@ class Worker(pykka.ThreadingActor):
         done = AttemptDone(
             step_id=spec.step_id,
             attempt=spec.attempt,
-            worker=self.worker_id,
+            worker=message.slot,
             result=result,
             started_wall=started_wall,
             ended_wall=time.time(),
             duration=time.monotonic() - started,
         )
         try:
-            self.supervisor.tell(done)
+            message.reply_to.tell(done)
         except pykka.ActorDeadError:
             log.debug("supervisor gone; dropped the outcome of %s", spec.step_id)

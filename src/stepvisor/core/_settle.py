@@ -19,6 +19,7 @@ from stepvisor._log import log
 from stepvisor.backends.base import AttemptResult
 from stepvisor.core import _outcomes as oc
 from stepvisor.core.effects import (
+    AbandonSlot,
     CancelTimer,
     Effect,
     RetireSlot,
@@ -328,7 +329,8 @@ class Settling:
         if inf is None:
             return
         self._close(msg.step_id, inf)
-        self._slots.abandon(inf.slot)  # a fresh slot is asked for if work waits
+        if self._slots.abandon(inf.slot):  # a fresh slot is asked for if work waits
+            self._fx.append(AbandonSlot(inf.slot))
         step = self._step(inf.rank)
         what = oc.abandoned_what(inf.executor, self._grace_for(inf.executor))
         record = self.state.record(step.id)

@@ -39,6 +39,11 @@ class Slots:
         """Slots asked for that the shell has not yet said are there."""
         return len(self._pending)
 
+    @property
+    def abandoned(self) -> frozenset[str]:
+        """Slots abandoned and not yet retired."""
+        return frozenset(self._abandoned)
+
     def add(self) -> str:
         """A new slot, pending until :meth:`ready`."""
         self._seq += 1
@@ -72,11 +77,13 @@ class Slots:
             self.free.append(slot)
         return False
 
-    def abandon(self, slot: str) -> None:
-        """Stop counting ``slot``: its attempt ignored a stop."""
-        if slot in self._active:
-            self._active.discard(slot)
-            self._abandoned.add(slot)
+    def abandon(self, slot: str) -> bool:
+        """Stop counting ``slot``: its attempt ignored a stop.  True if it counted."""
+        if slot not in self._active:
+            return False
+        self._active.discard(slot)
+        self._abandoned.add(slot)
+        return True
 
     def snapshot(self) -> tuple[object, ...]:
         """The whole pool as a comparable value."""

@@ -22,6 +22,7 @@ from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepRecord
 
 __all__ = [
+    "AbandonSlot",
     "AddSlot",
     "AttemptOrder",
     "BeginRun",
@@ -66,6 +67,12 @@ class AddSlot(NamedTuple):
 
 class ReleaseSlot(NamedTuple):
     """Give back the free slot ``slot``: the run has nothing ready to run on it."""
+
+    slot: str
+
+
+class AbandonSlot(NamedTuple):
+    """Slot ``slot``'s attempt ignored its stop: stop counting its Worker (it runs on)."""
 
     slot: str
 
@@ -155,7 +162,8 @@ class Finish(NamedTuple):
 
 
 Effect = (
-    AddSlot
+    AbandonSlot
+    | AddSlot
     | ReleaseSlot
     | RetireSlot
     | Dispatch

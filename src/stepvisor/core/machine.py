@@ -220,6 +220,11 @@ class RunMachine(Settling):
         )
 
     @property
+    def abandoned_slots(self) -> frozenset[str]:
+        """Slots whose attempt was abandoned and has not returned."""
+        return self._slots.abandoned
+
+    @property
     def running(self) -> int:
         """Attempts counted against the bound right now."""
         return self.sched.running
