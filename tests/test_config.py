@@ -141,3 +141,26 @@ def test_tests_never_read_the_repository_setup_cfg(monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(REPO_ROOT)
     cfg = resolve(environ={})
     assert set(cfg.sources.values()) == {"default"}
+
+
+def test_a_project_file_is_parsed_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stepvisor import config  # noqa: PLC0415
+
+    project = tmp_path / "pyproject.toml"
+    project.write_text("[tool.stepvisor]\nmax_parallel = 3\n")
+    parsed: list[str] = []
+    real = tomllib.loads
+
+    def counting(text: str) -> dict[str, object]:
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(tomllib, "loads", counting)
+    assert config.resolve(environ={}, cwd=tmp_path).max_parallel == 3
+    assert config.resolve(environ={}, cwd=tmp_path).max_parallel == 3
+    assert len(parsed) == 1  # the second run read the cached section
+    project.write_text("[tool.stepvisor]\nmax_parallel = 5\n")  # a new size: read again
+    assert config.resolve(environ={}, cwd=tmp_path).max_parallel == 5
+    assert len(parsed) == 2

@@ -19,7 +19,7 @@ import configparser
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -172,37 +172,70 @@ def find_project_settings(start: Path | None = None) -> tuple[Settings, str | No
     """
     here = (start or Path.cwd()).resolve()
     for directory in (here, *here.parents):
-        if not (directory / "pyproject.toml").is_file() and not (directory / "setup.cfg").is_file():
-            continue
-        pyproject = directory / "pyproject.toml"
-        if pyproject.is_file():
-            try:
-                data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
-                raise InvalidSettingError(
-                    f"{pyproject}: cannot read it as TOML ({exc}); fix the file"
-                ) from exc
-            section = data.get("tool", {}).get("stepvisor")
-            if section is not None:
-                if not isinstance(section, dict):
-                    raise InvalidSettingError(f"{pyproject}: [tool.stepvisor] must be a table")
-                return _to_settings(section, where=str(pyproject)), str(pyproject)
-        setup_cfg = directory / "setup.cfg"
-        if setup_cfg.is_file():
-            parser = configparser.ConfigParser()
-            try:
-                parser.read(setup_cfg, encoding="utf-8")
-            except configparser.Error as exc:
-                raise InvalidSettingError(
-                    f"{setup_cfg}: cannot read it ({exc}); fix the file"
-                ) from exc
-            if parser.has_section("stepvisor"):
-                raw = {k: _parse_text(k, v) for k, v in parser.items("stepvisor")}
-                return _to_settings(raw, where=str(setup_cfg)), str(setup_cfg)
-        # The first directory with a project file is the project root: stop there,
-        # so a parent directory's settings never leak into a nested project.
-        break
+        pyproject, setup_cfg = directory / "pyproject.toml", directory / "setup.cfg"
+        found = False
+        for path, read in ((pyproject, _pyproject_section), (setup_cfg, _setup_cfg_section)):
+            section = _cached_section(path, read)
+            if section is _ABSENT:
+                continue
+            found = True
+            if isinstance(section, Settings):
+                return section, str(path)
+        if found:
+            # The first directory with a project file is the project root: stop
+            # there, so a parent directory's settings never leak into a nested project.
+            break
     return Settings(), None
+
+
+#: A file that does not exist (as opposed to one without a stepvisor section: None).
+_ABSENT: Final = object()
+#: Parsed sections by file, valid while the file's (inode, size, mtime) hold: every
+#: run resolves its settings, and parsing pyproject.toml costs about a millisecond.
+_SECTIONS: dict[Path, tuple[tuple[int, int, int], Settings | None]] = {}
+
+
+def _cached_section(path: Path, read: Callable[[Path], Settings | None]) -> object:
+    try:
+        st = path.stat()
+    except OSError:
+        return _ABSENT
+    if not path.is_file():
+        return _ABSENT
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _SECTIONS.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    section = read(path)  # a bad file raises every time: it is never cached
+    _SECTIONS[path] = (key, section)
+    return section
+
+
+def _pyproject_section(pyproject: Path) -> Settings | None:
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise InvalidSettingError(
+            f"{pyproject}: cannot read it as TOML ({exc}); fix the file"
+        ) from exc
+    section = data.get("tool", {}).get("stepvisor")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise InvalidSettingError(f"{pyproject}: [tool.stepvisor] must be a table")
+    return _to_settings(section, where=str(pyproject))
+
+
+def _setup_cfg_section(setup_cfg: Path) -> Settings | None:
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(setup_cfg, encoding="utf-8")
+    except configparser.Error as exc:
+        raise InvalidSettingError(f"{setup_cfg}: cannot read it ({exc}); fix the file") from exc
+    if not parser.has_section("stepvisor"):
+        return None
+    raw = {k: _parse_text(k, v) for k, v in parser.items("stepvisor")}
+    return _to_settings(raw, where=str(setup_cfg))
 
 
 def resolve(
