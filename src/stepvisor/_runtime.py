@@ -88,6 +88,8 @@ class RunHandle:
         self._supervisor: pykka.ActorRef[Any] | None = None
         self._threads = _RunThreads()
         self._cleanup: list[Callable[[], None]] = []
+        #: Whether finalizing only joins the Supervisor (the run is on a shared engine).
+        self._quick_finalize = False
         self._joined = False
 
     # -- called by the runtime ---------------------------------------------------
@@ -398,6 +400,7 @@ def _launch(
             the_engine.close()
         raise
     handle._cleanup.append(cleanup)
+    handle._quick_finalize = not private
     ref = Supervisor.start(
         plan,
         complete=handle._complete,
@@ -457,7 +460,13 @@ async def run_async(wf: Workflow, **kwargs: Any) -> RunResult:
                 await asyncio.shield(done)
         await _finalize_off_loop(handle)
         raise
-    await _finalize_off_loop(handle)
+    if handle._quick_finalize:
+        # On a shared engine only the run's Supervisor thread is left, and it
+        # ends right after handing over the result: join it here, not in a
+        # thread started for the purpose (which cost as much as a whole run).
+        handle._finalize()
+    else:
+        await _finalize_off_loop(handle)
     return done.result()
 
 

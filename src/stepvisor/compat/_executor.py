@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import datetime, tzinfo
 from typing import Any
@@ -117,6 +118,26 @@ class ParallelStepExecutor:
             raise TypeError(f"tz must be a datetime.tzinfo such as datetime.UTC, got {tz!r}")
         self.record_type = record_type
         self.tz = tz
+        self._engine: sv.Engine | None = None
+        self._closer: weakref.finalize[..., Any] | None = None
+
+    @property
+    def engine(self) -> sv.Engine:
+        """The warm engine behind this executor: made on first use, reused by every call.
+
+        Its Worker threads are kept between ``execute_parallel`` calls, so a
+        call does not pay for starting them.  :meth:`close` (or the executor
+        being garbage-collected, or the interpreter exiting) closes it.
+        """
+        if self._engine is None or self._engine.closed:
+            self._engine = sv.Engine(max_parallel=self.max_parallel)
+            self._closer = weakref.finalize(self, self._engine.close)
+        return self._engine
+
+    def close(self) -> None:
+        """Close the engine behind this executor (a later call makes a new one)."""
+        if self._closer is not None:
+            self._closer()
 
     def find_ready_steps(
         self,
@@ -165,6 +186,7 @@ class ParallelStepExecutor:
                 on_event=tracker,
                 max_parallel=self.max_parallel,
                 on_failure="continue",
+                engine=self.engine,
             )
         except asyncio.CancelledError:
             tracker.end_all(why=CANCELLED)  # normally done already, by the run's own events
