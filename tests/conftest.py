@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -71,6 +72,19 @@ def no_repository_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         return settings, source
 
     monkeypatch.setattr(config, "find_project_settings", outside_the_repository)
+
+
+@pytest.fixture(autouse=True)
+def close_compat_engines(no_leaks: None) -> Iterator[None]:
+    """Close the warm engines of the compat executors a test made, before the leak check.
+
+    A ``ParallelStepExecutor`` keeps an engine (Worker threads) between calls
+    and closes it when collected; a test must not rely on when that happens.
+    """
+    yield
+    compat = sys.modules.get("stepvisor.compat._executor")
+    if compat is not None:
+        compat.close_all()
 
 
 def session_processes() -> set[int]:

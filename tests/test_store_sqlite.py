@@ -730,8 +730,14 @@ def test_threads_can_read_while_the_supervisor_thread_writes(store: SQLiteStore)
     for t in readers:
         t.start()
     start.wait()
-    for sid in ids:
+    for n, sid in enumerate(ids):
         store.save_step("run-1", succeeded(sid), {"v": sid})
+        if n == len(ids) // 2:
+            # Halfway, let the readers finish a read while writes are still to come
+            # (on a loaded machine the writer could otherwise finish first).
+            deadline = time.monotonic() + WAIT
+            while len(seen) < 3 and not errors and time.monotonic() < deadline:
+                time.sleep(0.001)
     stop.set()
     for t in readers:
         t.join(WAIT)

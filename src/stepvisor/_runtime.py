@@ -24,8 +24,8 @@ from typing import Any, Final
 import pykka
 
 from stepvisor._log import log
-from stepvisor.actors.messages import CancelRun, Start
-from stepvisor.actors.supervisor import RunPlan, Supervisor
+from stepvisor.actors.messages import CancelRun
+from stepvisor.actors.supervisor import ForRun, RunPlan, StartRun
 from stepvisor.actors.worker import (
     check_backends,
 )
@@ -120,7 +120,7 @@ class RunHandle:
         ref = self._supervisor
         if ref is not None and not self._done.is_set():
             with contextlib.suppress(pykka.ActorDeadError):
-                ref.tell(CancelRun("cancel() was called"))
+                ref.tell(ForRun(self.run_id, CancelRun("cancel() was called")))
 
     def done(self) -> bool:
         """Whether the run has finished."""
@@ -401,15 +401,9 @@ def _launch(
         raise
     handle._cleanup.append(cleanup)
     handle._quick_finalize = not private
-    ref = Supervisor.start(
-        plan,
-        complete=handle._complete,
-        pool=the_engine.pool,
-        register_thread=handle._threads.add,
-        lend_slots=not private,
-    )
+    ref = the_engine._supervisor_ref()
     handle._supervisor = ref
-    ref.tell(Start())
+    ref.tell(StartRun(plan, handle._complete, not private))
     return handle
 
 

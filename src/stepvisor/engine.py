@@ -24,16 +24,21 @@ that every time.  An :class:`Engine` keeps them::
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import pykka
+
 from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
+from stepvisor.actors.supervisor import Supervisor
 from stepvisor.actors.worker import RunBackends, check_backends
 from stepvisor.backends.asyncio import LOOP_THREAD_NAME
 from stepvisor.core.model import check_max_parallel
+from stepvisor.errors import InvalidSettingError
 
 if TYPE_CHECKING:
     from stepvisor._runtime import RunHandle
@@ -92,6 +97,7 @@ class Engine:
         self._pool = WorkerPool(capacity=self.max_parallel, services=self._backends.services())
         self._lock = threading.Lock()
         self._runs: set[RunHandle] = set()
+        self._supervisor: pykka.ActorRef[Any] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -143,14 +149,26 @@ class Engine:
     def backends(self) -> RunBackends:
         return self._backends
 
+    def _supervisor_ref(self) -> pykka.ActorRef[Any]:
+        """The engine's one Supervisor actor, which hosts every run's shell."""
+        with self._lock:
+            if self._supervisor is None:
+                self._supervisor = Supervisor.start(
+                    pool=self._pool, register_thread=self._threads.add
+                )
+            return self._supervisor
+
     def _admit(self, handle: RunHandle, executors: tuple[str, ...]) -> None:
         """A run starts on this engine: connect what its steps need first."""
         with self._lock:
             if self._closed:
-                from stepvisor.errors import InvalidSettingError  # noqa: PLC0415
-
                 raise InvalidSettingError(
                     "this Engine is closed; start runs on an open one (or without engine=)"
+                )
+            if any(other.run_id == handle.run_id for other in self._runs):
+                raise InvalidSettingError(
+                    f"a run with id {handle.run_id!r} is already going on this engine; "
+                    "give each run its own run_id (or none: one is made up)"
                 )
             self._runs.add(handle)
         try:
@@ -179,6 +197,9 @@ class Engine:
                 handle.wait(timeout)
             except TimeoutError:
                 log.warning("run %s did not stop within %g s of close()", handle.run_id, timeout)
+        if self._supervisor is not None:
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                self._supervisor.stop(block=True, timeout=timeout)
         self._pool.close(timeout=timeout)
         skip = self._pool.abandoned_threads | {LOOP_THREAD_NAME}
         self._threads.join(timeout=timeout, skip=skip)

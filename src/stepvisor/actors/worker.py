@@ -277,6 +277,7 @@ class Worker(pykka.ThreadingActor):
             started_wall=started_wall,
             ended_wall=time.time(),
             duration=time.monotonic() - started,
+            run_id=spec.run_id,
         )
         try:
             message.reply_to.tell(done)

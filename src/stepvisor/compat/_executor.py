@@ -70,6 +70,16 @@ async def _run_once_cancelled(workflow: sv.Workflow, **kwargs: Any) -> sv.RunRes
         raise
 
 
+#: Executors whose engine is open (tests close them all: ``close_all``).
+_OPEN: weakref.WeakSet[ParallelStepExecutor] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close the engine of every executor that has one (for test suites and shutdown hooks)."""
+    for executor in list(_OPEN):
+        executor.close()
+
+
 class ParallelStepExecutor:
     """Run a set of steps in parallel on stepvisor, with the asyncio executor's call shape.
 
@@ -132,12 +142,14 @@ class ParallelStepExecutor:
         if self._engine is None or self._engine.closed:
             self._engine = sv.Engine(max_parallel=self.max_parallel)
             self._closer = weakref.finalize(self, self._engine.close)
+            _OPEN.add(self)
         return self._engine
 
     def close(self) -> None:
         """Close the engine behind this executor (a later call makes a new one)."""
         if self._closer is not None:
             self._closer()
+        _OPEN.discard(self)
 
     def find_ready_steps(
         self,

@@ -46,6 +46,8 @@ class AttemptDone(NamedTuple):
     started_wall: float
     ended_wall: float
     duration: float
+    #: The run the attempt belongs to: one engine's Workers serve many runs.
+    run_id: str = ""
 
 
 class OutputsSaved(NamedTuple):
