@@ -127,7 +127,8 @@ class Sim:
         elif isinstance(effect, StopAttempt):
             self.stop_asked[(effect.step_id, effect.attempt)] = effect.reason
         elif isinstance(effect, SetTimer):
-            self.timers[effect.key] = (self.now + effect.delay, effect.message)
+            assert effect.due == self.now + effect.delay
+            self.timers[effect.key] = (effect.due, effect.message)
         elif isinstance(effect, CancelTimer):
             entry = self.timers.pop(effect.key, None)
             if entry is not None:

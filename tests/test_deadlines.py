@@ -19,8 +19,12 @@ import stepvisor as sv
 from stepvisor.actors.supervisor import HEARTBEAT_INTERVAL
 from tests.conftest import pump_until, wait_for
 
+#: Set by ``cooperative`` once it runs: a test moves time past a deadline only then.
+COOPERATIVE_RUNNING = threading.Event()
+
 
 def cooperative(ctx: sv.StepContext) -> None:
+    COOPERATIVE_RUNNING.set()
     ctx.wait_cancelled(30)
     ctx.raise_if_cancelled()
 
@@ -33,8 +37,10 @@ def timers_beyond_heartbeat(clock: sv.FakeClock, n: int) -> bool:
 def test_thread_step_is_told_to_stop_at_its_deadline(chdir_tmp: Path) -> None:
     clock = sv.FakeClock()
     wf = sv.Workflow("t", steps=[sv.Step("slow", cooperative, timeout=5.0)])
+    COOPERATIVE_RUNNING.clear()
     handle = sv.start(wf, clock=clock)
     wait_for(lambda: timers_beyond_heartbeat(clock, 1), what="deadline timer")
+    assert COOPERATIVE_RUNNING.wait(10)  # its deadline passes while it runs
     clock.advance(4.9)
     assert not handle.done()
     clock.advance(0.2)
@@ -102,8 +108,10 @@ def test_late_outcome_of_abandoned_attempt_is_discarded(
     clock = sv.FakeClock()
     release_stubborn = threading.Event()
     release_holder = threading.Event()
+    running = threading.Event()
 
     def stubborn(ctx: sv.StepContext) -> dict[str, str]:
+        running.set()
         assert release_stubborn.wait(30)
         return {"late": "should never be committed"}
 
@@ -118,6 +126,7 @@ def test_late_outcome_of_abandoned_attempt_is_discarded(
     handle = sv.start(wf, clock=clock)
     try:
         wait_for(lambda: timers_beyond_heartbeat(clock, 1), what="deadline timer")
+        assert running.wait(10)  # past its deadline while it runs, not before it starts
         clock.advance(1.0)
         clock.advance(1.0)
         pump_until(clock, lambda: "abandoned" in caplog.text, what="abandonment")

@@ -1,18 +1,24 @@
-"""The Workers of an engine: at most ``capacity`` counted at once, idle ones kept warm.
+"""The capacity of an engine, and its Workers: at most ``capacity`` slots leased at once.
 
-A run's Supervisor leases a Worker for each slot its machine asks for, and
-gives it back when the machine lends the slot back or the run ends.  A Worker
-keeps what it owns between leases (a process backend's child stays booted),
-so the next run does not pay for it again.  When every counted Worker is
-leased, a lease waits its turn (first come, first served) and is delivered
-when one is given back::
+A run's shell leases a :class:`Lease` for each slot its machine asks for, and
+gives it back when the machine lends the slot back or the run ends.  A lease
+is a unit of the engine's bound; a Worker (a thread) is attached to it only
+when an attempt that needs one is dispatched on it (thread, process, Ray
+steps).  An ``async def`` step runs on the event loop and needs no Worker, so
+thousands of async attempts in flight hold thousands of leases and no threads.
 
-    Supervisor A ── lease ──▶ idle Worker, or a new one (live < capacity),
-                              or None: queued, delivered later by give_back
-    Supervisor B ── give_back(w) ──▶ to the first waiter, else idle
+A Worker keeps what it owns between leases (a process backend's child stays
+booted), so the next run does not pay for it again.  When every lease is
+taken, a request waits its turn (first come, first served) and is delivered
+when a lease is given back::
 
-An abandoned Worker (its attempt ignored a stop) stops counting at once, so a
-fresh one can take its place; it is stopped when its attempt returns
+    shell A ── lease ──▶ a Lease (taken < capacity), or None: queued, and
+                         delivered later by give_back or abandon
+    shell A ── attach(lease) ──▶ an idle Worker, or a new one
+    shell B ── give_back(lease) ──▶ its Worker idles; the lease goes to the first waiter
+
+An abandoned lease (its attempt ignored a stop) stops counting at once, so a
+fresh one can be leased; its Worker is stopped when the attempt returns
 (``retire``), or left to die as a daemon thread when the engine closes.
 """
 
@@ -29,70 +35,102 @@ import pykka
 from stepvisor._log import log
 from stepvisor.actors.worker import Worker, WorkerServices, worker_thread_name
 
-__all__ = ["WorkerPool"]
+__all__ = ["Lease", "WorkerPool"]
 
-Deliver = Callable[["pykka.ActorRef[Any]"], None]
+
+class Lease:
+    """One unit of the engine's bound, with the Worker attached to it, if any."""
+
+    __slots__ = ("worker", "worker_id")
+
+    def __init__(self) -> None:
+        self.worker: pykka.ActorRef[Any] | None = None
+        self.worker_id: str | None = None
+
+
+Deliver = Callable[[Lease], None]
 
 
 class WorkerPool:
-    """Leases Worker actors to Supervisors; thread-safe."""
+    """Leases capacity and attaches Worker actors to leases; thread-safe."""
 
     def __init__(self, *, capacity: int, services: WorkerServices) -> None:
         self.capacity = capacity
         self._services = services
         self._lock = threading.Lock()
-        self._idle: list[pykka.ActorRef[Any]] = []
-        self._live = 0
+        self._taken = 0
+        self._idle: list[tuple[str, pykka.ActorRef[Any]]] = []
         self._seq = 0
         self._waiting: deque[tuple[object, Deliver]] = deque()
         self._workers: dict[str, pykka.ActorRef[Any]] = {}
-        self._names: dict[str, str] = {}  # actor urn -> worker id
         self._abandoned: set[str] = set()
         self._closed = False
 
-    def lease(self, owner: object, deliver: Deliver) -> pykka.ActorRef[Any] | None:
-        """A Worker now, or ``None``: then ``deliver(worker)`` is called once one is free."""
+    @property
+    def services(self) -> WorkerServices:
+        """What the Workers are given: the engine's backends."""
+        return self._services
+
+    @property
+    def taken(self) -> int:
+        """Leases held now (abandoned ones do not count)."""
+        return self._taken
+
+    def lease(self, owner: object, deliver: Deliver) -> Lease | None:
+        """A lease now, or ``None``: then ``deliver(lease)`` is called once one is free."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this engine is closed")
-            if self._idle:
-                return self._idle.pop()
-            if self._live >= self.capacity:
+            if self._taken >= self.capacity:
                 self._waiting.append((owner, deliver))
                 return None
-            self._live += 1
+            self._taken += 1
+        return Lease()
+
+    def attach(self, lease: Lease) -> pykka.ActorRef[Any]:
+        """The Worker of ``lease``: an idle one, or a new one, attached on first need."""
+        if lease.worker is not None:
+            return lease.worker
+        with self._lock:
+            if self._idle:
+                lease.worker_id, lease.worker = self._idle.pop()
+                return lease.worker
             self._seq += 1
             worker_id = f"e{self._seq}"
         ref = Worker.start(worker_id, self._services)
         with self._lock:
             self._workers[worker_id] = ref
-            self._names[ref.actor_urn] = worker_id
+        lease.worker_id, lease.worker = worker_id, ref
         return ref
 
-    def give_back(self, ref: pykka.ActorRef[Any]) -> None:
-        """``ref`` is no longer leased: hand it to the first waiter, or keep it idle."""
+    def give_back(self, lease: Lease) -> None:
+        """``lease`` is no longer needed: its Worker idles; the lease may go to a waiter."""
         with self._lock:
+            if lease.worker is not None and lease.worker_id is not None:
+                self._idle.append((lease.worker_id, lease.worker))
+                lease.worker = lease.worker_id = None
             waiter = self._waiting.popleft() if self._waiting else None
             if waiter is None:
-                self._idle.append(ref)
+                self._taken -= 1
                 return
-        waiter[1](ref)
+        waiter[1](lease)  # the capacity unit passes on as it is: still taken
 
-    def abandon(self, ref: pykka.ActorRef[Any]) -> None:
-        """Stop counting ``ref`` (its attempt ignored a stop): a fresh Worker may start."""
-        worker_id = self._id_of(ref)
+    def abandon(self, lease: Lease) -> None:
+        """Stop counting ``lease`` (its attempt ignored a stop): its capacity is free again."""
         with self._lock:
-            self._abandoned.add(worker_id)
-            self._live -= 1
+            if lease.worker_id is not None:
+                self._abandoned.add(lease.worker_id)
             waiter = self._waiting.popleft() if self._waiting else None
+            if waiter is None:
+                self._taken -= 1
         if waiter is not None:
-            fresh = self.lease(waiter[0], waiter[1])
-            if fresh is not None:
-                waiter[1](fresh)
+            waiter[1](Lease())
 
-    def retire(self, ref: pykka.ActorRef[Any]) -> None:
-        """An abandoned Worker's attempt returned: stop it."""
-        worker_id = self._id_of(ref)
+    def retire(self, lease: Lease) -> None:
+        """An abandoned lease's attempt returned: stop its Worker."""
+        ref, worker_id = lease.worker, lease.worker_id
+        if ref is None or worker_id is None:
+            return
         with self._lock:
             self._workers.pop(worker_id, None)
             self._abandoned.discard(worker_id)
@@ -100,7 +138,7 @@ class WorkerPool:
             ref.stop(block=False)
 
     def cancel_waiting(self, owner: object) -> None:
-        """``owner`` no longer wants the Workers it is waiting for."""
+        """``owner`` no longer wants the leases it is waiting for."""
         with self._lock:
             self._waiting = deque(w for w in self._waiting if w[0] is not owner)
 
@@ -122,12 +160,8 @@ class WorkerPool:
             with contextlib.suppress(pykka.ActorDeadError):
                 if worker_id in abandoned:
                     ref.stop(block=False)
-                else:
-                    try:
-                        ref.stop(block=True, timeout=timeout)
-                    except pykka.Timeout:
-                        log.warning("worker %s did not stop within %g s", worker_id, timeout)
-
-    def _id_of(self, ref: pykka.ActorRef[Any]) -> str:
-        with self._lock:
-            return self._names[ref.actor_urn]
+                    continue
+                try:
+                    ref.stop(block=True, timeout=timeout)
+                except pykka.Timeout:
+                    log.warning("worker %s did not stop within %g s", worker_id, timeout)

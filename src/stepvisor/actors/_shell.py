@@ -24,6 +24,7 @@ after the rest.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -33,8 +34,9 @@ from typing import Any
 import pykka
 
 from stepvisor._log import log
-from stepvisor.actors._pool import WorkerPool
+from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import Heartbeat, RunAttempt, RunBatch, SlotGranted, Warm
+from stepvisor.backends.base import AttemptResult, AttemptSpec, backend_bug, not_started
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
 from stepvisor.context import AttemptControl
@@ -141,9 +143,18 @@ class RunShell:
         self._pool = pool
         self._tell = tell
         self._reply_to = reply_to
-        #: The Worker leased for each of the machine's slots.
-        self._workers: dict[str, pykka.ActorRef[Any]] = {}
+        #: The lease (of the engine's bound, with a Worker once one is needed) of each slot.
+        self._leases: dict[str, Lease] = {}
+        #: The engine's event loop, if this run has async steps and it can take
+        #: attempts without a thread waiting (``submit``).
+        self._loop: Any = None
+        if "async" in plan.executors:
+            make = pool.services.shared.get("async")
+            backend = make() if make is not None else None
+            if callable(getattr(backend, "submit", None)):
+                self._loop = backend
         self._warm = tuple(ex for ex in ("process",) if ex in plan.executors)
+        self._needs_workers = any(ex != "async" for ex in plan.executors)
         self._controls: dict[str, tuple[int, AttemptControl]] = {}
         self._timers: dict[TimerKey, TimerHandle] = {}
         self._heartbeat: TimerHandle | None = None
@@ -191,9 +202,9 @@ class RunShell:
         elif kind is SlotGranted:
             granted: Any = message
             if self.machine.finished or self._completed:
-                self._pool.give_back(granted.worker)
+                self._pool.give_back(granted.lease)
             else:
-                self._bind(granted.slot, granted.worker)
+                self._bind(granted.slot, granted.lease)
                 self._run_pending()
             return
         self.feed(message)  # type: ignore[arg-type]
@@ -251,33 +262,38 @@ class RunShell:
     def _add_slot(self, effect: AddSlot) -> None:
         slot, tell = effect.slot, self._tell
 
-        def deliver(ref: pykka.ActorRef[Any]) -> None:
-            if not tell(SlotGranted(slot, ref)):  # the engine is gone
-                self._pool.give_back(ref)
+        def deliver(lease: Lease) -> None:
+            if not tell(SlotGranted(slot, lease)):  # the engine is gone
+                self._pool.give_back(lease)
 
-        ref = self._pool.lease(self, deliver)
-        if ref is not None:
-            self._bind(slot, ref)
+        lease = self._pool.lease(self, deliver)
+        if lease is not None:
+            self._bind(slot, lease)
 
-    def _bind(self, slot: str, ref: pykka.ActorRef[Any]) -> None:
-        """``ref`` serves ``slot``: tell the machine, which may dispatch at once."""
-        self._workers[slot] = ref
-        if self._warm:
-            ref.tell(Warm(self._warm))
+    def _bind(self, slot: str, lease: Lease) -> None:
+        """``lease`` serves ``slot``: tell the machine, which may dispatch at once."""
+        self._leases[slot] = lease
+        if self._needs_workers:
+            # Attach the Worker now, not at the first dispatch: its thread (and,
+            # for process steps, its child) is then up before an attempt's
+            # deadline starts counting.
+            worker = self._pool.attach(lease)
+            if self._warm:
+                worker.tell(Warm(self._warm))
         self._pending.extend(
             self.machine.handle(SlotReady(slot), now=self.clock.monotonic(), wall=self.clock.wall())
         )
 
     def _release_slot(self, effect: ReleaseSlot) -> None:
-        self._pool.give_back(self._workers.pop(effect.slot))
+        self._pool.give_back(self._leases.pop(effect.slot))
 
     def _abandon_slot(self, effect: AbandonSlot) -> None:
-        self._pool.abandon(self._workers[effect.slot])
+        self._pool.abandon(self._leases[effect.slot])
 
     def _retire_slot(self, effect: RetireSlot) -> None:
-        ref = self._workers.pop(effect.slot, None)
-        if ref is not None:
-            self._pool.retire(ref)
+        lease = self._leases.pop(effect.slot, None)
+        if lease is not None:
+            self._pool.retire(lease)
 
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
@@ -287,9 +303,43 @@ class RunShell:
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order if budget is None else order._replace(deadline=time.monotonic() + budget)
             controls[spec.step_id] = (spec.attempt, control)
+            if executor == "async" and self._loop is not None:
+                # An async attempt needs no Worker: it runs on the loop and says
+                # when it ends (the machine never batches async attempts).
+                self._submit(effect.slot, spec, control, self._loop)
+                continue
             messages.append(RunAttempt(spec, control, executor, effect.slot, me))
-        ref = self._workers[effect.slot]
-        ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
+        if messages:
+            ref = self._pool.attach(self._leases[effect.slot])
+            ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
+
+    def _submit(self, slot: str, spec: AttemptSpec, control: AttemptControl, loop: Any) -> None:
+        reply_to = self._reply_to
+        started_wall, started = time.time(), time.monotonic()
+
+        def done(result: AttemptResult) -> None:
+            ended = time.monotonic()
+            outcome = AttemptDone(
+                spec.step_id,
+                spec.attempt,
+                slot,
+                result,
+                started_wall,
+                time.time(),
+                ended - started,
+                spec.run_id,
+            )
+            with contextlib.suppress(pykka.ActorDeadError):
+                reply_to.tell(outcome)
+
+        stopped = not_started(spec, control)
+        if stopped is not None:
+            done(stopped)
+            return
+        try:
+            loop.submit(spec, control, done)
+        except Exception as exc:  # the loop is gone (a bug): the attempt still ends
+            done(backend_bug(spec, exc))
 
     def _stop_attempt(self, effect: StopAttempt) -> None:
         entry = self._controls.get(effect.step_id)
@@ -297,9 +347,8 @@ class RunShell:
             entry[1].cancel(effect.reason)
 
     def _set_timer(self, effect: SetTimer) -> None:
-        self._timers[effect.key] = self.clock.call_later(
-            effect.delay, self._tell_self(effect.message)
-        )
+        delay = max(0.0, effect.due - self.clock.monotonic())
+        self._timers[effect.key] = self.clock.call_later(delay, self._tell_self(effect.message))
 
     def _cancel_timer(self, effect: CancelTimer) -> None:
         timer = self._timers.pop(effect.key, None)
@@ -389,10 +438,10 @@ class RunShell:
         self._timers.clear()
 
     def _stop_workers(self) -> None:
-        """Give every leased Worker back (abandoned ones were given up already)."""
+        """Give every lease back (abandoned ones were given up already)."""
         self._pool.cancel_waiting(self)
         abandoned = set(self.machine.abandoned_slots)
-        workers, self._workers = self._workers, {}
-        for slot, ref in workers.items():
+        leases, self._leases = self._leases, {}
+        for slot, lease in leases.items():
             if slot not in abandoned:
-                self._pool.give_back(ref)
+                self._pool.give_back(lease)

@@ -59,10 +59,10 @@ class RunAttempt(NamedTuple):
 
 
 class SlotGranted(NamedTuple):
-    """Pool -> Supervisor: a Worker for a slot whose lease had to wait."""
+    """Pool -> a run's shell: the lease for a slot, which had to wait its turn."""
 
     slot: str
-    worker: pykka.ActorRef[Any]
+    lease: Any  # stepvisor.actors._pool.Lease (not imported: it imports the Worker)
 
 
 class Warm(NamedTuple):

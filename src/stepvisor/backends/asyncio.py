@@ -1,23 +1,33 @@
 """The async backend: the event loop that runs ``async def`` steps, shared by a run.
 
-One loop thread per run, started only when the workflow has async steps;
-:class:`LoopThread` is the backend.  An
-attempt is submitted from its Worker's thread; a deadline or cancel cancels
-the attempt's *task* (not just the wait for it), and the Worker waits until
-the task has really finished, so a retry never overlaps the attempt it
-replaces.
+One loop thread per engine, started when a run with async steps starts;
+:class:`LoopThread` is the backend.  A run's shell submits an attempt
+(:meth:`LoopThread.submit`) and is told when it ends: no thread waits for an
+async attempt, so thousands can be in flight on one loop.  A deadline or
+cancel cancels the attempt's *task* (not just the wait for it), and the end is
+reported only once the task has really finished, so a retry never overlaps
+the attempt it replaces.  :meth:`LoopThread.run` is the blocking form, for a
+caller that has a thread to spare (the Backend protocol).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from stepvisor.backends._wire import check_outputs
-from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, format_error, stop_error
+from stepvisor.backends.base import (
+    Ahead,
+    AttemptResult,
+    AttemptSpec,
+    backend_bug,
+    format_error,
+    stop_error,
+)
 from stepvisor.backends.thread import make_context
 from stepvisor.context import AttemptControl
 
@@ -58,29 +68,49 @@ class LoopThread:
     def run(
         self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
     ) -> AttemptResult:
-        """Run one async attempt; blocks the calling Worker thread until it ends."""
+        """Run one async attempt; blocks the calling thread until it ends."""
         del ahead
+        future = asyncio.run_coroutine_threadsafe(self._attempt(spec, control), self.loop)
+        return future.result()
+
+    def submit(
+        self, spec: AttemptSpec, control: AttemptControl, done: Callable[[AttemptResult], None]
+    ) -> None:
+        """Start one async attempt and return at once; ``done(result)`` is called when it ends.
+
+        This is how a run's shell runs async steps: no thread waits for them,
+        so the attempts in flight are bounded by the run's slots, not by
+        threads.  ``done`` is called on the loop's thread, exactly once.
+        """
+        future = asyncio.run_coroutine_threadsafe(self._attempt(spec, control), self.loop)
+
+        def finished(f: concurrent.futures.Future[AttemptResult]) -> None:
+            try:
+                result = f.result()
+            except BaseException as exc:  # the loop closed under it, or a bug
+                result = backend_bug(spec, exc)
+            done(result)
+
+        future.add_done_callback(finished)
+
+    async def _attempt(self, spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
+        """The attempt as a task on this loop, and how it ended, as a value."""
         ctx = make_context(spec, control)
+        loop = self.loop
+        task = loop.create_task(_caught(spec.fn(ctx)))
 
-        async def runner() -> tuple[Any, BaseException | None]:
-            task = asyncio.ensure_future(_caught(spec.fn(ctx)))
+        def cancel_task() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to cancel
+                loop.call_soon_threadsafe(task.cancel)
 
-            def cancel_task() -> None:
-                self.loop.call_soon_threadsafe(task.cancel)
-
-            control.on_cancel(cancel_task)
-            return await task
-
-        future = asyncio.run_coroutine_threadsafe(runner(), self.loop)
+        control.on_cancel(cancel_task)
         try:
-            value, raised = future.result()
-        except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+            value, raised = await task
+        except asyncio.CancelledError as exc:
             if control.is_cancelled:
                 error = stop_error(spec, control.reason, _CANCELLED_NOTE)
                 error.__cause__ = exc
                 return AttemptResult(kind="cancelled", error=error, note=_CANCELLED_NOTE)
-            return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
-        except BaseException as exc:  # the step must never take down its Worker
             return AttemptResult(kind="error", error=exc, traceback=format_error(exc))
         if raised is not None:
             return AttemptResult(kind="error", error=raised, traceback=format_error(raised))

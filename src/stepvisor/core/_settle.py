@@ -269,7 +269,11 @@ class Settling:
         self.state = self.state.set_step(record)
         self._fx.append(SaveStep(record))
         self._retries.waiting[sid] = inf.attempt
-        self._fx.append(SetTimer(("retry", sid, inf.attempt), delay, RetryDue(sid, inf.attempt)))
+        self._fx.append(
+            SetTimer(
+                ("retry", sid, inf.attempt), delay, RetryDue(sid, inf.attempt), self._now + delay
+            )
+        )
         self._events.retrying(
             self._fx, sid, inf.attempt, delay=delay, error=described, wall=self._wall
         )

@@ -99,11 +99,18 @@ class StopAttempt(NamedTuple):
 
 
 class SetTimer(NamedTuple):
-    """Deliver ``message`` back to the machine after ``delay`` seconds."""
+    """Deliver ``message`` back to the machine ``delay`` seconds after it decided so.
+
+    ``due`` is that moment on the machine's clock (the ``now`` it was given
+    plus ``delay``): the shell sets the timer for what is left of it when it
+    gets to the effect, so a busy shell, or a clock that moved meanwhile,
+    never pushes a deadline or a grace period later.
+    """
 
     key: TimerKey
     delay: float
     message: Message
+    due: float
 
 
 class CancelTimer(NamedTuple):

@@ -263,7 +263,9 @@ class RunMachine(Settling):
         self._commit()
         if self.cfg.deadline is not None:
             self._run_deadline = self._now + self.cfg.deadline
-            fx.append(SetTimer(("run",), self.cfg.deadline, RunDeadline()))
+            fx.append(
+                SetTimer(("run",), self.cfg.deadline, RunDeadline(), self._now + self.cfg.deadline)
+            )
 
     def _fill(self) -> None:
         """Hand ready steps to idle slots; for tiny steps, several at a time.
@@ -376,7 +378,7 @@ class RunMachine(Settling):
             budget = deadline - now
             key = ("deadline", sid, attempt)
             inf.timers.append(key)
-            self._fx.append(SetTimer(key, budget, DeadlineReached(sid, attempt)))
+            self._fx.append(SetTimer(key, budget, DeadlineReached(sid, attempt), now + budget))
         return AttemptOrder(spec, executor, budget)
 
     # -- deadlines, retries, cancel -------------------------------------------------
@@ -393,7 +395,7 @@ class RunMachine(Settling):
             grace = max(0.0, inf.deadline_at + grace - self._now)
         key = ("grace", sid, inf.attempt)
         inf.timers.append(key)
-        self._fx.append(SetTimer(key, grace, GraceExpired(sid, inf.attempt)))
+        self._fx.append(SetTimer(key, grace, GraceExpired(sid, inf.attempt), self._now + grace))
 
     def _on_deadline(self, msg: DeadlineReached) -> None:
         inf = self._fenced(msg.step_id, msg.attempt)
