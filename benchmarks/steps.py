@@ -18,10 +18,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from stepvisor import StepContext
 
-__all__ = ["busy", "noop", "ready", "spin", "spin_step", "spin_until", "write_pid"]
+__all__ = ["busy", "noop", "nothing", "ready", "spin", "spin_step", "spin_until", "write_pid"]
 
 #: How long a "never ends" step runs if nothing stops it.
 RUNAWAY_SECONDS = 60.0
+
+
+def nothing() -> None:
+    """A plain function that does nothing: a no-op call for the executors."""
 
 
 def noop(ctx: StepContext) -> None:

@@ -12,6 +12,7 @@ import stepvisor as sv
 PUBLIC_API = {
     # running
     "run", "start", "run_async", "resume", "resume_start", "RunHandle", "RunResult", "Engine",
+    "Executor",
     # model
     "Step", "Workflow", "Settings", "StepContext", "RetryPolicy", "Backoff",
     "resolve", "Resolved", "load_workflow",
@@ -30,7 +31,7 @@ PUBLIC_API = {
     "StepCancelledError", "WorkerCrashedError", "StepNotSerializableError", "RemoteStepError",
     "RetryBudgetExhaustedError", "RetryableError", "FatalError", "StoreError", "NotAStoreError",
     "SchemaVersionError", "RunNotFoundError", "FingerprintMismatchError", "ArtifactCodecError",
-    "BackendUnavailableError", "RunOwnedError", "StoreFaultError",
+    "BackendUnavailableError", "RunOwnedError", "StoreFaultError", "ExecutorShutdownError",
     "__version__",
 }  # fmt: skip
 

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "stepvisor.core.model": ("Settings", "Step", "Workflow"),
     "stepvisor.engine": ("Engine",),
+    "stepvisor.futures": ("Executor",),
     "stepvisor.core.result": ("RunResult",),
     "stepvisor.core.state": ("AttemptRecord", "RunStatus", "StepRecord", "StepStatus"),
     "stepvisor.policies.retry": ("Backoff", "RetryPolicy"),
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
     from stepvisor.core.state import StepRecord as StepRecord
     from stepvisor.core.state import StepStatus as StepStatus
     from stepvisor.engine import Engine as Engine
+    from stepvisor.futures import Executor as Executor
     from stepvisor.policies.retry import Backoff as Backoff
     from stepvisor.policies.retry import RetryPolicy as RetryPolicy
     from stepvisor.store.base import RunStore as RunStore

@@ -32,7 +32,8 @@ Each message says what was wrong and what to do about it.  The hierarchy::
     │   ├── ArtifactCodecError                  an artifact the codec cannot hold
     │   ├── RunOwnedError                       another live program owns the run
     │   └── StoreFaultError                     the store failed under a run (disk, lock, file)
-    └── BackendUnavailableError             an optional backend (Ray) cannot be used
+    ├── BackendUnavailableError             an optional backend (Ray) cannot be used
+    └── ExecutorShutdownError (+ RuntimeError)  submit() after Executor.shutdown()
 
 Validation errors also derive from ``ValueError`` (or ``TypeError`` where the type
 is wrong) so that generic callers catching those still see them.
@@ -50,6 +51,7 @@ __all__ = [
     "BackendUnavailableError",
     "CycleError",
     "DuplicateStepError",
+    "ExecutorShutdownError",
     "FatalError",
     "FingerprintMismatchError",
     "InvalidMaxParallelError",
@@ -369,3 +371,13 @@ class StoreFaultError(StoreError):
 
 class BackendUnavailableError(StepvisorError):
     """An optional backend (such as Ray) is not installed or cannot be reached."""
+
+
+# -- the Executor ---------------------------------------------------------------
+
+
+class ExecutorShutdownError(StepvisorError, RuntimeError):
+    """A call submitted to an :class:`~stepvisor.Executor` after its ``shutdown()``.
+
+    A ``RuntimeError``, as the standard library's executors raise.
+    """

@@ -1,0 +1,519 @@
+"""``stepvisor.Executor``: a ``concurrent.futures.Executor`` whose timeouts stop the work.
+
+Code written against ``ThreadPoolExecutor`` or ``ProcessPoolExecutor`` keeps
+working (``submit``, ``map``, ``wait``, ``as_completed``, ``with``), and each
+call gets what a step gets: a timeout that stops it by its backend's means (a
+process call's process group is killed), retries with backoff, a crash that
+fails that call alone, and ``shutdown(cancel_futures=True)`` that also stops
+what is running::
+
+    with sv.Executor(max_workers=4, executor="process") as ex:
+        fut = ex.options(timeout=5, retry=sv.RetryPolicy(max_attempts=3)).submit(fn, x)
+        fut.result()        # fn's value, or its exception, StepTimeoutError, WorkerCrashedError
+
+How a call runs::
+
+    submit(fn, *args) ── a one-step plan (cached per function and options)
+                      ── RunMachine(plan): the run machine decides everything
+                      ── SubmitCall ──▶ CallHub (one actor for every call, actors/_hub.py)
+                                          ├── leases a Worker of the engine's pool
+                                          ├── Worker runs Invoke(fn)(ctx) on its backend
+                                          └── Finish(result) ──▶ the Future settles
+
+Each call is a one-step run of the machine, so a deadline, retry, cancel and
+crash mean exactly what they mean for a step.  What makes it cheap: settings
+are resolved once per Executor, the one-step workflow is built once per
+function and options (a call's arguments travel in its spec, not its plan),
+a process call's function is pickled once, and every call's machine lives on
+one hub actor instead of a Supervisor thread and a store per call.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import secrets
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, NamedTuple, cast
+
+import pykka
+
+from stepvisor._invoke import ARGS, CURRENT, KWARGS, RESULT, AsyncInvoke, Invoke
+from stepvisor._validate import is_int
+from stepvisor.actors._hub import CallHub, CancelAll, CancelCall, HubCall, SubmitCall
+from stepvisor.clock import RealClock
+from stepvisor.config import Resolved, resolve
+from stepvisor.context import StepContext
+from stepvisor.core.machine import Plan, RunMachine
+from stepvisor.core.model import (
+    EXECUTORS,
+    Step,
+    Workflow,
+    _is_coroutine_fn,
+    check_max_parallel,
+    check_positive_seconds,
+)
+from stepvisor.core.result import RunResult
+from stepvisor.core.state import RunStatus
+from stepvisor.engine import Engine
+from stepvisor.errors import (
+    ExecutorShutdownError,
+    InvalidMaxParallelError,
+    InvalidSettingError,
+    StepCancelledError,
+    StepFunctionError,
+    StepNotSerializableError,
+)
+from stepvisor.policies.retry import RetryPolicy
+
+__all__ = ["CallOptions", "Executor"]
+
+#: "Not given here": keep the value the options came with.
+_UNSET: Final[Any] = object()
+#: At most this many functions' pickles and plans are kept (a map uses one).
+_CACHE_SIZE: Final = 256
+_NO_RETRY: Final = RetryPolicy(max_attempts=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Settled(Resolved):
+    """Settings resolved once for every call of an Executor, their JSON form made once.
+
+    The run machine asks for ``settings.jsonable()`` twice per run (for the
+    start event and the result); for a one-step run that was a tenth of its
+    cost, and an Executor's settings never change.
+    """
+
+    json: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: Resolved) -> _Settled:
+        values = {f.name: getattr(cfg, f.name) for f in fields(Resolved)}
+        return cls(**values, json=cfg.jsonable())
+
+    def jsonable(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.json)  # shared: read-only by convention
+
+
+class _Options(NamedTuple):
+    timeout: float | None
+    retry: RetryPolicy
+    executor: str
+
+
+def _checked(timeout: Any, retry: Any, executor: Any) -> _Options:
+    if timeout is not None:
+        timeout = check_positive_seconds(timeout, what="timeout")
+    if retry is None:
+        retry = _NO_RETRY
+    elif not isinstance(retry, RetryPolicy):
+        raise InvalidSettingError(
+            f"retry must be a stepvisor.RetryPolicy, got {type(retry).__name__}; "
+            "write e.g. retry=sv.RetryPolicy(max_attempts=3)"
+        )
+    if executor not in EXECUTORS:
+        raise InvalidSettingError(
+            f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}"
+        )
+    return _Options(timeout, retry, executor)
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return name if isinstance(name, str) and name.strip() else type(fn).__name__
+
+
+class _Link:
+    """Ties one call's Future to the hub: begin, end, cancel while queued."""
+
+    __slots__ = ("begun", "executor", "future", "invoke", "params")
+
+    def __init__(
+        self,
+        executor: Executor,
+        future: concurrent.futures.Future[Any],
+        invoke: Invoke,
+        params: dict[str, Any],
+    ) -> None:
+        self.executor = executor
+        self.future = future
+        self.invoke = invoke
+        self.params = params
+        self.begun = False
+
+    def begin(self) -> bool:
+        self.begun = True
+        return self.future.set_running_or_notify_cancel()
+
+    def queued_cancel(self) -> None:
+        self.future.cancel()
+
+    def end(self, result: RunResult) -> None:
+        future = self.future
+        try:
+            if future.cancelled():
+                if not self.begun:  # tell wait() and as_completed() it is done
+                    future.set_running_or_notify_cancel()
+            elif result.status is RunStatus.SUCCEEDED:
+                future.set_result(result.artifacts.get(RESULT))
+            else:
+                error = result.error or next(iter(result.errors.values()), None)
+                if error is None:
+                    error = StepCancelledError(f"the call ended {result.status.value}")
+                future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # pragma: no cover - settled twice: a bug
+            pass
+        finally:
+            # What the Workers and the hub may still hold of the call must not
+            # keep its function or arguments alive (CPython's executors neither).
+            self.invoke.forget()
+            self.params.clear()
+            self.executor._call_ended()
+
+
+def _nothing() -> None:
+    """The stand-in function of a shared plan."""
+
+
+async def _nothing_async() -> None:
+    """The stand-in function of a shared plan of ``async def`` calls."""
+
+
+class _Calls:
+    """What calls of one function with one set of options share: plan and pickle."""
+
+    __slots__ = ("executors", "workflow")
+
+    def __init__(self, fn: Invoke, opts: _Options) -> None:
+        is_async = isinstance(fn, AsyncInvoke)
+        executor = opts.executor
+        if is_async and executor == "thread":
+            executor = "async"
+        # The plan's function stands in for every call's own (the hub puts that
+        # in each attempt's spec), so the plan keeps no call's function alive.
+        step = Step(
+            _name_of(fn.fn),
+            AsyncInvoke(_nothing_async) if is_async else Invoke(_nothing),
+            timeout=opts.timeout,
+            retry=opts.retry,
+            executor=cast("Any", executor),
+        )
+        self.workflow = Workflow("executor", [step])
+        self.executors = (executor,)
+
+
+class Executor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` on a warm stepvisor engine; see the module docstring.
+
+    ``max_workers`` bounds the calls running at once (the engine's bound;
+    default: the configured ``max_parallel``).  ``executor`` (``"thread"``,
+    ``"process"``, ``"async"`` or ``"ray"``), ``timeout`` (seconds per
+    attempt) and ``retry`` (a :class:`~stepvisor.RetryPolicy`; default: no
+    retries) are the defaults of every call; :meth:`options` changes them for
+    some calls.  ``engine=`` runs the calls on an engine you own and close.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        executor: str = "thread",
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        kill_grace: float | None = None,
+        ray_address: str | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        if max_workers is not None:
+            if is_int(max_workers) and max_workers <= 0:
+                raise InvalidMaxParallelError(
+                    f"max_workers must be greater than 0, got {max_workers}; give the number "
+                    "of calls to run at once, such as max_workers=4, or None for the default"
+                )
+            check_max_parallel(max_workers, what="max_workers")
+            if engine is not None:
+                raise InvalidSettingError(
+                    "give max_workers= or engine=, not both: the calls share the engine's "
+                    "bound (sv.Engine(max_parallel=...))"
+                )
+        self._defaults = _checked(timeout, retry, executor)
+        self._cfg = _Settled.of(
+            resolve(
+                None,
+                {"max_parallel": max_workers, "kill_grace": kill_grace, "ray_address": ray_address},
+            )
+        )
+        self._seed = self._cfg.seed if self._cfg.seed is not None else secrets.randbits(32)
+        self._owns_engine = engine is None
+        self._engine = engine or Engine(
+            max_parallel=self._cfg.max_parallel, ray_address=self._cfg.ray_address
+        )
+        self._max_workers = self._engine.max_parallel
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._seq = 0
+        self._outstanding = 0
+        self._shutdown = False
+        self._closed = threading.Event()
+        self._connected: set[str] = set()
+        self._plans: dict[tuple[Any, ...], _Calls] = {}
+        # Weak: an executor must not keep a call's function alive after the call.
+        self._payloads: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+        self._threads: list[threading.Thread] = []
+        try:
+            self._connect(self._defaults.executor)
+            self._hub = CallHub.start(
+                pool=self._engine.pool, clock=RealClock(), on_thread=self._threads.append
+            )
+        except BaseException:
+            if self._owns_engine:
+                self._engine.close()
+            raise
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else f"{self._outstanding} calls"
+        return (
+            f"<stepvisor.Executor max_workers={self._max_workers} "
+            f"executor={self._defaults.executor!r} {state}>"
+        )
+
+    @staticmethod
+    def context() -> StepContext:
+        """The context of the call running in this thread, task or process.
+
+        A call is a plain function with no ``ctx`` argument; one that runs long
+        can still see a timeout or a cancel coming (``Executor.context().cancelled``,
+        ``.remaining()``) and stop in time: a thread call cannot be stopped from
+        outside, and one that ignores a stop is abandoned after the grace period.
+        Raises ``LookupError`` outside a call.
+        """
+        try:
+            return CURRENT.get()
+        except LookupError:
+            raise LookupError(
+                "Executor.context() is only available inside a call run by a stepvisor.Executor"
+            ) from None
+
+    @property
+    def max_workers(self) -> int:
+        """The most calls running at once."""
+        return self._max_workers
+
+    # -- submitting --------------------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        """Schedule ``fn(*args, **kwargs)``; return a Future of its value."""
+        return self._submit(self._defaults, fn, args, kwargs)
+
+    def options(
+        self,
+        *,
+        timeout: float | None = _UNSET,
+        retry: RetryPolicy | None = _UNSET,
+        executor: str = _UNSET,
+    ) -> CallOptions:
+        """A view of this executor whose calls use these options (the rest as they are).
+
+        ``ex.options(timeout=5).submit(fn, x)``: the options never mix with
+        ``fn``'s own keyword arguments.  ``timeout=None`` means no timeout.
+        """
+        return CallOptions(self, _replaced(self._defaults, timeout, retry, executor))
+
+    def _submit(
+        self, opts: _Options, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> concurrent.futures.Future[Any]:
+        if not callable(fn):
+            raise StepFunctionError(
+                f"submit() needs a callable, got {fn!r} ({type(fn).__name__}); pass the "
+                "function and its arguments apart: submit(fn, x), not submit(fn(x))"
+            )
+        invoke = AsyncInvoke(fn) if _is_coroutine_fn(fn) else Invoke(fn)
+        calls = self._calls_for(invoke, opts)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        payload: bytes | None = None
+        executor = calls.executors[0]
+        if executor in ("process", "ray"):
+            try:
+                payload = self._payload(calls, invoke)
+            except StepNotSerializableError as exc:  # as ProcessPoolExecutor: in the future
+                future.set_exception(exc)
+                return future
+        with self._lock:
+            if self._shutdown:
+                raise ExecutorShutdownError(
+                    "cannot schedule new futures after shutdown(); submit before shutting "
+                    "the executor down, or make a new one"
+                )
+            self._seq += 1
+            self._outstanding += 1
+            key = str(self._seq)
+        if executor not in self._connected:
+            self._connect(executor)
+        machine = RunMachine(
+            Plan(
+                workflow=calls.workflow,
+                settings=self._cfg,
+                run_id=key,
+                seed=(self._seed + self._seq) & 0xFFFFFFFF,
+                executors=calls.executors,
+                store_may_refuse=False,
+                lend_slots=True,
+            )
+        )
+        params = {ARGS: args, KWARGS: kwargs}
+        link = _Link(self, future, invoke, params)
+        call = HubCall(
+            key,
+            machine,
+            executor=executor,
+            fn=invoke,
+            fn_payload=payload,
+            params=params,
+            begin=link.begin,
+            end=link.end,
+            queued_cancel=link.queued_cancel,
+        )
+        hub = self._hub
+
+        def cancelled(f: concurrent.futures.Future[Any]) -> None:
+            if f.cancelled():
+                with contextlib.suppress(pykka.ActorDeadError):
+                    hub.tell(CancelCall(key, "its future was cancelled"))
+
+        future.add_done_callback(cancelled)
+        hub.tell(SubmitCall(call))
+        return future
+
+    def _calls_for(self, invoke: Invoke, opts: _Options) -> _Calls:
+        key = (_name_of(invoke.fn), type(invoke), opts)
+        try:
+            calls = self._plans.get(key)
+        except TypeError:  # an option that cannot be hashed: no sharing
+            return _Calls(invoke, opts)
+        if calls is None:
+            calls = _Calls(invoke, opts)
+            if len(self._plans) >= _CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = calls
+        return calls
+
+    def _payload(self, calls: _Calls, invoke: Invoke) -> bytes:
+        from stepvisor.backends.process import prepare_payload  # noqa: PLC0415 - process only
+
+        fn = invoke.fn
+        try:
+            payload = self._payloads.get(fn)
+        except TypeError:  # an unhashable callable: pickled every time
+            return prepare_payload(calls.workflow.steps[0].id, invoke)
+        if payload is None:
+            payload = prepare_payload(calls.workflow.steps[0].id, invoke)
+            with contextlib.suppress(TypeError):  # a callable that takes no weak reference
+                self._payloads[fn] = payload
+        return payload
+
+    def _connect(self, executor: str) -> None:
+        """Start what ``executor``'s calls need (the loop, Ray) before the first one runs."""
+        self._engine.backends.connect((executor,))
+        self._connected.add(executor)
+
+    # -- shutting down ------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new calls; free the workers once every call has ended.
+
+        ``cancel_futures=True`` cancels the calls still queued *and stops the
+        running ones* (their futures raise ``StepCancelledError``); a thread
+        call that ignores its context is abandoned after the grace period.
+        ``wait=True`` returns once every call has ended and every worker,
+        process and thread of the executor is gone.
+        """
+        with self._lock:
+            first = not self._shutdown
+            self._shutdown = True
+        if cancel_futures:
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._hub.tell(CancelAll("the executor was shut down with cancel_futures=True"))
+        if first:
+            if wait:
+                self._close()
+            else:
+                threading.Thread(target=self._close, name="stepvisor-executor-close").start()
+        if wait:
+            self._closed.wait()
+
+    def _call_ended(self) -> None:
+        with self._idle:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
+
+    def _close(self) -> None:
+        try:
+            with self._idle:
+                while self._outstanding:
+                    self._idle.wait()
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._hub.stop(block=True)
+            if self._owns_engine:
+                self._engine.close()
+            for thread in self._threads:
+                thread.join()
+        finally:
+            self._closed.set()
+
+
+def _replaced(opts: _Options, timeout: Any, retry: Any, executor: Any) -> _Options:
+    return _checked(
+        opts.timeout if timeout is _UNSET else timeout,
+        opts.retry if retry is _UNSET else retry,
+        opts.executor if executor is _UNSET else executor,
+    )
+
+
+class CallOptions:
+    """Calls with options: ``ex.options(timeout=5).submit(fn, x)``; see :meth:`Executor.options`."""
+
+    __slots__ = ("_executor", "_opts")
+
+    def __init__(self, executor: Executor, opts: _Options) -> None:
+        self._executor = executor
+        self._opts = opts
+
+    def __repr__(self) -> str:
+        o = self._opts
+        return f"<stepvisor.CallOptions timeout={o.timeout} executor={o.executor!r}>"
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        """``Executor.submit`` with these options."""
+        return self._executor._submit(self._opts, fn, args, kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """``Executor.map`` with these options."""
+        as_executor = cast("concurrent.futures.Executor", self)
+        return concurrent.futures.Executor.map(
+            as_executor, fn, *iterables, timeout=timeout, chunksize=chunksize
+        )
+
+    def options(self, **changes: Any) -> CallOptions:
+        """These options, some changed (the keywords of :meth:`Executor.options`)."""
+        unknown = set(changes) - set(_Options._fields)
+        if unknown:
+            raise TypeError(
+                f"options() got unexpected keyword(s) {', '.join(sorted(unknown))}; "
+                f"it takes {', '.join(_Options._fields)}"
+            )
+        merged = {name: changes.get(name, _UNSET) for name in _Options._fields}
+        return CallOptions(self._executor, _replaced(self._opts, **merged))

@@ -1,0 +1,367 @@
+"""sv.Executor behaves as the standard library's executors do, and stops what it times out.
+
+The first part follows CPython's own suite (``Lib/test/test_concurrent_futures``:
+executor.py, test_wait.py, test_as_completed.py, test_shutdown.py), run on
+thread and process calls; the second checks what stepvisor adds (timeouts that
+stop the call, retries, crashes that fail one call, shutdown that stops
+running calls).  Calls signal through files (tests/futures_calls.py), so no
+test sleeps hoping something happened.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import pytest
+
+import stepvisor as sv
+from tests import futures_calls as calls
+from tests.conftest import wait_for
+from tests.procfs import pid_gone
+
+KINDS = ["thread", "process"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def ex(kind: str) -> Iterator[sv.Executor]:
+    with sv.Executor(max_workers=2, executor=kind, kill_grace=0.5) as executor:
+        yield executor
+
+
+def _go(tmp: Path, name: str) -> None:
+    (tmp / f"{name}.go").write_text("")
+
+
+def _started(tmp: Path, name: str) -> int:
+    path = tmp / f"{name}.started"
+    wait_for(path.exists, what=f"{name} started")
+    return int(path.read_text())
+
+
+def _finished(state: str) -> futures.Future[None]:
+    f: futures.Future[None] = futures.Future()
+    if state == "cancelled":
+        f.cancel()
+        f.set_running_or_notify_cancel()
+    elif state == "exception":
+        f.set_exception(OSError("made up"))
+    else:
+        f.set_result(None)
+    return f
+
+
+# -- executor.py ----------------------------------------------------------------------------
+
+
+def test_submit(ex: sv.Executor) -> None:
+    assert ex.submit(pow, 2, 8).result(timeout=30) == 256
+
+
+def test_submit_keyword(ex: sv.Executor) -> None:
+    assert ex.submit(calls.mul, 2, y=8).result(timeout=30) == 16
+    got = ex.submit(calls.capture, 1, self=2, fn=3).result(timeout=30)
+    assert got == ((1,), {"self": 2, "fn": 3})
+    with pytest.raises(TypeError):
+        ex.submit(fn=calls.capture, arg=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        ex.submit(arg=1)  # type: ignore[call-arg]
+
+
+def test_map(ex: sv.Executor) -> None:
+    expected = list(map(pow, range(10), range(10)))
+    assert list(ex.map(pow, range(10), range(10))) == expected
+    assert list(ex.map(pow, range(10), range(10), chunksize=3)) == expected
+
+
+def test_map_exception(ex: sv.Executor) -> None:
+    results = ex.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5])
+    assert next(results) == (0, 1)
+    assert next(results) == (0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+@pytest.mark.realtime
+def test_map_timeout_stops_the_waiting(ex: sv.Executor, tmp_path: Path) -> None:
+    _go(tmp_path, "a")
+    _go(tmp_path, "b")
+    results = ex.map(calls.block, [str(tmp_path)] * 3, ["a", "b", "c"], timeout=2.0)
+    assert [next(results), next(results)] == ["a", "b"]
+    with pytest.raises(TimeoutError):
+        next(results)
+    _go(tmp_path, "c")
+
+
+def test_max_workers_must_be_positive() -> None:
+    for number in (0, -1):
+        with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+            sv.Executor(max_workers=number)
+
+
+def test_a_non_callable_is_a_type_error(ex: sv.Executor) -> None:
+    with pytest.raises(TypeError, match="needs a callable"):
+        ex.submit(42)  # type: ignore[arg-type]
+
+
+def test_no_stale_references(ex: sv.Executor) -> None:
+    class Thing:
+        def method(self) -> None:
+            pass
+
+    thing = Thing()
+    collected = weakref.ref(thing)
+    ex.submit(thing.method).result(timeout=30)
+    del thing
+    # As CPython's test: the executor lets go of it soon after the call (not
+    # necessarily before result() returns).
+    wait_for(lambda: gc.collect() >= 0 and collected() is None, what="the object collected")
+
+
+# -- test_wait.py ------------------------------------------------------------------------------
+
+
+def test_wait_first_completed(ex: sv.Executor, tmp_path: Path) -> None:
+    cancelled = _finished("cancelled")
+    quick = ex.submit(calls.mul, 21, 2)
+    slow = ex.submit(calls.block, str(tmp_path), "slow")
+    done, not_done = futures.wait([cancelled, quick, slow], return_when=futures.FIRST_COMPLETED)
+    if quick not in done:  # the cancelled one is done from the start: wait for the quick one too
+        done, not_done = futures.wait([quick, slow], return_when=futures.FIRST_COMPLETED)
+        done |= {cancelled}
+    assert done == {cancelled, quick}
+    assert not_done == {slow}
+    _go(tmp_path, "slow")
+    assert slow.result(timeout=30) == "slow"
+
+
+def test_wait_first_exception(ex: sv.Executor, tmp_path: Path) -> None:
+    quick = ex.submit(calls.mul, 2, 21)
+    failing = ex.submit(calls.fail, "bad")
+    slow = ex.submit(calls.block, str(tmp_path), "slow")
+    done, not_done = futures.wait([quick, failing, slow], return_when=futures.FIRST_EXCEPTION)
+    assert done == {quick, failing}
+    assert not_done == {slow}
+    _go(tmp_path, "slow")
+    futures.wait([slow], timeout=30)
+
+
+def test_wait_all_completed_and_a_duplicate_counted_once(ex: sv.Executor) -> None:
+    fs = [ex.submit(calls.mul, i, 2) for i in range(4)]
+    done, not_done = futures.wait([*fs, fs[0]], return_when=futures.ALL_COMPLETED)
+    assert done == set(fs)
+    assert not not_done
+
+
+@pytest.mark.realtime
+def test_wait_timeout(ex: sv.Executor, tmp_path: Path) -> None:
+    quick = ex.submit(calls.mul, 6, 7)
+    slow = ex.submit(calls.block, str(tmp_path), "slow")
+    done, not_done = futures.wait([quick, slow], timeout=0.2, return_when=futures.ALL_COMPLETED)
+    assert done == {quick}
+    assert not_done == {slow}
+    _go(tmp_path, "slow")
+
+
+# -- test_as_completed.py --------------------------------------------------------------------
+
+
+def test_as_completed_yields_each_future_once(ex: sv.Executor) -> None:
+    ready = [_finished("cancelled"), _finished("exception"), _finished("result")]
+    mine = [ex.submit(calls.mul, 2, 21), ex.submit(calls.mul, 7, 6)]
+    seen = list(futures.as_completed([*ready, *mine, mine[0]], timeout=30))
+    assert sorted(map(id, seen)) == sorted(map(id, ready + mine))
+    assert [f.result() for f in mine] == [42, 42]
+
+
+def test_as_completed_times_out_on_a_running_call(ex: sv.Executor, tmp_path: Path) -> None:
+    slow = ex.submit(calls.block, str(tmp_path), "slow")
+    with pytest.raises(TimeoutError):
+        list(futures.as_completed([slow], timeout=0))
+    _go(tmp_path, "slow")
+
+
+def test_done_callbacks_are_called_with_the_future(ex: sv.Executor) -> None:
+    seen: list[futures.Future[int]] = []
+    fut = ex.submit(calls.mul, 3, 3)
+    fut.add_done_callback(seen.append)
+    assert fut.result(timeout=30) == 9
+    wait_for(lambda: seen == [fut], what="the callback")
+
+
+# -- cancel and shutdown (test_shutdown.py) ------------------------------------------------
+
+
+def test_run_after_shutdown(kind: str) -> None:
+    executor = sv.Executor(1, executor=kind)
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(pow, 2, 5)
+    with pytest.raises(sv.ExecutorShutdownError):
+        executor.submit(pow, 2, 5)
+
+
+def test_shutdown_waits_for_every_call(kind: str) -> None:
+    executor = sv.Executor(2, executor=kind)
+    fs = [executor.submit(calls.mul, i, 2) for i in range(20)]
+    executor.shutdown()
+    assert [f.result(timeout=0) for f in fs] == [i * 2 for i in range(20)]
+
+
+def test_shutdown_without_waiting_still_ends_every_call(kind: str) -> None:
+    executor = sv.Executor(2, executor=kind)
+    results = executor.map(abs, range(-5, 5))
+    executor.shutdown(wait=False)
+    assert list(results) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+    executor.shutdown(wait=True)  # a second shutdown waits for the first
+
+
+def test_a_cancelled_queued_call_never_runs_and_wait_sees_it(tmp_path: Path, kind: str) -> None:
+    with sv.Executor(1, executor=kind) as executor:
+        first = executor.submit(calls.block, str(tmp_path), "first")
+        _started(tmp_path, "first")
+        queued = executor.submit(calls.block, str(tmp_path), "queued")
+        assert queued.cancel()
+        done, _ = futures.wait([queued], timeout=30)
+        assert done == {queued}
+        assert queued.cancelled()
+        _go(tmp_path, "first")
+        assert first.result(timeout=30) == "first"
+    assert not (tmp_path / "queued.started").exists()
+
+
+def test_shutdown_after_a_quick_cancel_does_not_hang(kind: str) -> None:
+    executor = sv.Executor(1, executor=kind)
+    executor.submit(int).result(timeout=30)
+    executor.submit(int).cancel()
+    executor.shutdown(wait=True)
+
+
+def test_cancel_futures_cancels_the_queued_and_stops_the_running(tmp_path: Path) -> None:
+    executor = sv.Executor(1, executor="process", kill_grace=0.5)
+    running = executor.submit(calls.run_away, str(tmp_path), "running")
+    pid = _started(tmp_path, "running")
+    queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in queued)
+    with pytest.raises(sv.StepCancelledError):
+        running.result(timeout=0)
+    assert pid_gone(pid)
+
+
+def test_cancel_futures_tells_a_thread_call_through_its_context(tmp_path: Path) -> None:
+    executor = sv.Executor(1, executor="thread")
+    running = executor.submit(calls.until_stopped, str(tmp_path), "running")
+    _started(tmp_path, "running")
+    queued = executor.submit(calls.mul, 1, 2)
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert queued.cancelled()
+    with pytest.raises(sv.StepCancelledError):
+        running.result(timeout=0)
+
+
+# -- what stepvisor adds --------------------------------------------------------------------
+
+
+@pytest.mark.realtime
+def test_a_timed_out_process_call_is_killed_and_says_so(tmp_path: Path) -> None:
+    with sv.Executor(1, executor="process", kill_grace=0.5) as executor:
+        fut = executor.options(timeout=0.3).submit(calls.run_away, str(tmp_path), "late")
+        pid = _started(tmp_path, "late")
+        with pytest.raises(TimeoutError, match="timeout") as caught:
+            fut.result(timeout=30)
+        assert isinstance(caught.value, sv.StepTimeoutError)
+        assert "killed" in str(caught.value)
+        assert pid_gone(pid)
+        assert executor.submit(calls.mul, 2, 3).result(timeout=30) == 6
+
+
+@pytest.mark.realtime
+def test_a_timed_out_thread_call_is_told_and_ends(tmp_path: Path) -> None:
+    with sv.Executor(1, executor="thread", timeout=0.2) as executor:
+        fut = executor.submit(calls.until_stopped, str(tmp_path), "told")
+        with pytest.raises(sv.StepTimeoutError):
+            fut.result(timeout=30)
+        assert executor.submit(calls.mul, 2, 3).result(timeout=30) == 6
+
+
+@pytest.mark.realtime
+def test_a_thread_call_that_ignores_its_timeout_is_abandoned(tmp_path: Path) -> None:
+    with sv.Executor(1, executor="thread", kill_grace=0.2) as executor:
+        stuck = executor.options(timeout=0.2).submit(calls.block, str(tmp_path), "stuck")
+        with pytest.raises(sv.StepTimeoutError, match="abandon"):
+            stuck.result(timeout=30)
+        # Its Worker is replaced: the bound of 1 still runs the next call.
+        assert executor.submit(calls.mul, 4, 5).result(timeout=30) == 20
+        _go(tmp_path, "stuck")
+
+
+def test_a_crashed_process_call_fails_alone(tmp_path: Path) -> None:
+    with sv.Executor(2, executor="process") as executor:
+        other = executor.submit(calls.block, str(tmp_path), "other")
+        _started(tmp_path, "other")
+        crashed = executor.submit(calls.die, 7)
+        with pytest.raises(sv.WorkerCrashedError) as caught:
+            crashed.result(timeout=30)
+        assert caught.value.exitcode == 7
+        _go(tmp_path, "other")
+        assert other.result(timeout=30) == "other"
+        assert list(executor.map(calls.mul, range(3), range(3))) == [0, 1, 4]
+
+
+def test_retries_follow_the_policy(tmp_path: Path, kind: str) -> None:
+    retry = sv.RetryPolicy(max_attempts=3, backoff=sv.Backoff.none())
+    with sv.Executor(1, executor=kind, retry=retry) as executor:
+        assert executor.submit(calls.flaky, str(tmp_path), 2).result(timeout=30) == 3
+        (tmp_path / "flaky.log").unlink()
+        no_retry = executor.options(retry=None).submit(calls.flaky, str(tmp_path), 1)
+        with pytest.raises(ConnectionError):
+            no_retry.result(timeout=30)
+
+
+def test_an_async_call_runs_on_the_loop() -> None:
+    with sv.Executor(1) as executor:
+        assert executor.submit(calls.add_async, 2, 3).result(timeout=30) == 5
+        assert executor.options(executor="async").submit(calls.add_async, 1, 1).result(30) == 2
+
+
+def test_options_do_not_mix_with_the_functions_keywords(ex: sv.Executor) -> None:
+    got = ex.options(timeout=30).submit(calls.capture, timeout=1, retry=2, executor=3)
+    assert got.result(timeout=30) == ((), {"timeout": 1, "retry": 2, "executor": 3})
+    assert list(ex.options(timeout=30).map(calls.mul, [1, 2], [3, 4])) == [3, 8]
+    chained = ex.options(timeout=30).options(retry=None)
+    assert chained.submit(calls.mul, 5, 5).result(timeout=30) == 25
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        chained.options(deadline=3)
+
+
+def test_bad_options_are_refused_naming_the_fix(ex: sv.Executor) -> None:
+    with pytest.raises(sv.InvalidTimeoutError):
+        ex.options(timeout=-1)
+    with pytest.raises(sv.InvalidSettingError, match="RetryPolicy"):
+        ex.options(retry=3)  # type: ignore[arg-type]
+    with pytest.raises(sv.InvalidSettingError, match="executor must be one of"):
+        ex.options(executor="fork")
+
+
+def test_an_unpicklable_process_call_fails_in_its_future() -> None:
+    import threading  # noqa: PLC0415
+
+    lock = threading.Lock()
+    with sv.Executor(1, executor="process") as executor:
+        fut = executor.submit(lambda: lock)
+        with pytest.raises(sv.StepNotSerializableError):
+            fut.result(timeout=30)
+
+
+def test_context_outside_a_call_is_a_lookup_error() -> None:
+    with pytest.raises(LookupError, match="only available inside a call"):
+        sv.Executor.context()
