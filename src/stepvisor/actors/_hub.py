@@ -9,7 +9,7 @@ So one long-lived hub carries out the effects of many machines, routing what
 comes back by call::
 
     Executor.submit ── SubmitCall(call) ─────▶ hub: call.machine.handle(Start)
-    pool ── SlotGranted("17/w1", worker) ────▶ SlotReady("w1") to call 17
+    pool ── SlotGranted("17/w1", lease) ─────▶ SlotReady("w1") to call 17
     Worker ── AttemptDone(worker="17/w1") ───▶ call 17's machine, as worker "w1"
     clock ── Timed("17", DeadlineReached) ───▶ call 17's machine
     Executor ── CancelCall("17") / CancelAll ▶ CancelRun to the machine(s)
@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import pykka
 
 from stepvisor._log import log
-from stepvisor.actors._pool import WorkerPool
+from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import RunAttempt, SlotGranted, Warm
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.context import AttemptControl
@@ -120,7 +120,7 @@ class HubCall:
         #: The machine's slot names, in the order it asked for them.
         self.slots: list[str] = []
         self.timers: dict[TimerKey, TimerHandle] = {}
-        self.workers: dict[str, pykka.ActorRef[Any]] = {}
+        self.workers: dict[str, Lease] = {}  # the lease of each slot
 
 
 class SubmitCall(NamedTuple):
@@ -232,10 +232,10 @@ class CallHub(pykka.ThreadingActor):
     def _on_granted(self, message: SlotGranted) -> None:
         entry = self._slots.get(message.slot)
         if entry is None or entry[0].done:
-            self._pool.give_back(message.worker)
+            self._pool.give_back(message.lease)
             return
         call, slot = entry
-        self._bind(call, slot, message.worker)
+        self._bind(call, slot, message.lease)
         self._run_pending()
 
     def _on_submit(self, message: SubmitCall) -> None:
@@ -286,20 +286,21 @@ class CallHub(pykka.ThreadingActor):
         tell = self.actor_ref.tell
         pool = self._pool
 
-        def deliver(ref: pykka.ActorRef[Any]) -> None:
+        def deliver(lease: Lease) -> None:
             try:
-                tell(SlotGranted(wire, ref))
+                tell(SlotGranted(wire, lease))
             except pykka.ActorDeadError:  # the executor closed meanwhile
-                pool.give_back(ref)
+                pool.give_back(lease)
 
-        ref = pool.lease(call, deliver)
-        if ref is not None:
-            self._bind(call, effect.slot, ref)
+        lease = pool.lease(call, deliver)
+        if lease is not None:
+            self._bind(call, effect.slot, lease)
 
-    def _bind(self, call: HubCall, slot: str, ref: pykka.ActorRef[Any]) -> None:
-        call.workers[slot] = ref
+    def _bind(self, call: HubCall, slot: str, lease: Lease) -> None:
+        call.workers[slot] = lease
+        worker = self._pool.attach(lease)  # a call always needs its Worker: attach now
         if call.executor == "process":
-            ref.tell(Warm(("process",)))
+            worker.tell(Warm(("process",)))
         self._then(call, SlotReady(slot))
 
     def _release_slot(self, call: HubCall, effect: ReleaseSlot) -> None:
@@ -320,7 +321,7 @@ class CallHub(pykka.ThreadingActor):
     # -- attempts and timers --------------------------------------------------------------
 
     def _dispatch(self, call: HubCall, effect: Dispatch) -> None:
-        ref = call.workers[effect.slot]
+        ref = self._pool.attach(call.workers[effect.slot])
         wire = f"{call.key}/{effect.slot}"
         me = self.actor_ref
         for order in effect.orders:
@@ -354,7 +355,8 @@ class CallHub(pykka.ThreadingActor):
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(message)
 
-        call.timers[effect.key] = self._clock.call_later(effect.delay, fire)
+        delay = max(0.0, effect.due - self._clock.monotonic())
+        call.timers[effect.key] = self._clock.call_later(delay, fire)
 
     def _cancel_timer(self, call: HubCall, effect: CancelTimer) -> None:
         timer = call.timers.pop(effect.key, None)
