@@ -54,27 +54,6 @@ _DEFAULT_CLOCK = RealClock()
 StoreArg = RunStore | str | PathLike[str] | None
 
 
-class _RunThreads:
-    """The threads one run starts, so ``wait()`` can join them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
-
-    def add(self, thread: threading.Thread) -> None:
-        with self._lock:
-            self.threads.append(thread)
-
-    def join(self, *, timeout: float, skip: set[str]) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            threads = list(self.threads)
-        for thread in threads:
-            if thread.name in skip or thread is threading.current_thread():
-                continue
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
 class RunHandle:
     """A run in progress: wait for it, cancel it, or ask whether it is done."""
 
@@ -86,7 +65,6 @@ class RunHandle:
         self._callbacks: list[Callable[[RunResult], None]] = []
         self._lock = threading.Lock()
         self._supervisor: pykka.ActorRef[Any] | None = None
-        self._threads = _RunThreads()
         self._cleanup: list[Callable[[], None]] = []
         #: Whether finalizing only joins the Supervisor (the run is on a shared engine).
         self._quick_finalize = False
@@ -153,10 +131,8 @@ class RunHandle:
             if self._joined:
                 return
             self._joined = True
-        # The Supervisor ends on its own once the run is over; join it, then
-        # close what outlives it: a private engine (Workers, their process
-        # children, the loop, Ray), the store.
-        self._threads.join(timeout=10.0 + self._grace, skip=set())
+        # Close what outlives the run: a private engine (its Supervisor, Workers
+        # and their process children, the loop, Ray; closing joins them), the store.
         for fn in self._cleanup:
             try:
                 fn()

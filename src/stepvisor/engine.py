@@ -27,11 +27,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from stepvisor._closing import Closing
 from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors.supervisor import Supervisor
@@ -68,7 +68,7 @@ class _Threads:
                 thread.join(timeout)
 
 
-class Engine:
+class Engine(Closing):
     """Workers and backends kept warm for many runs; a context manager.
 
     ``max_parallel`` bounds the attempts running at once across every run on
@@ -103,17 +103,6 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._runs)} runs"
         return f"<stepvisor.Engine max_parallel={self.max_parallel} {state}>"
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def closed(self) -> bool:

@@ -7,6 +7,7 @@ timed-out step, or the run's own deadline, makes it ``failed``; else it
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from stepvisor.core._outcomes import type_name
@@ -57,17 +58,8 @@ def finish_effects(
     elif status is RunStatus.CANCELLED:
         error_text = stop_note or "cancelled"
     state = state.finish(status, error_text)
-    result = RunResult(
-        run_id=state.run_id,
-        workflow_id=state.workflow_id,
-        status=status,
-        steps={sid: state.record(sid) for sid in order},
-        artifacts=state.artifacts,
-        seed=seed,
-        commits=tuple(state.commits),
-        started=started,
-        ended=ended,
-        error=error,
+    result = dataclasses.replace(
+        _result(state, status, error, seed=seed, started=started, ended=ended),
         failed_step=failed_step,
         errors={
             sid: errs[-1]
@@ -92,10 +84,22 @@ def supervisor_failed_result(
     state: RunState, error: BaseException, *, seed: int, started: float, ended: float
 ) -> RunResult:
     """A failed result for a run whose shell broke (a stepvisor bug), from what is known."""
+    return _result(state, RunStatus.FAILED, error, seed=seed, started=started, ended=ended)
+
+
+def _result(
+    state: RunState,
+    status: RunStatus,
+    error: BaseException | None,
+    *,
+    seed: int,
+    started: float,
+    ended: float,
+) -> RunResult:
     return RunResult(
         run_id=state.run_id,
         workflow_id=state.workflow_id,
-        status=RunStatus.FAILED,
+        status=status,
         steps={sid: state.record(sid) for sid in state.order},
         artifacts=state.artifacts,
         seed=seed,

@@ -169,14 +169,7 @@ class Settling:
         error: BaseException
         kind: FailureKind | None = None
         if reason == "timeout":
-            error = oc.timeout_error(
-                step.id,
-                inf.attempt,
-                self._policy(step).max_attempts,
-                limit=inf.limit,
-                run_deadline=inf.limit_is_run_deadline,
-                what=what,
-            )
+            error = self._timeout_error(step, inf, what)
             kind, status, outcome = FailureKind.TIMEOUT, StepStatus.TIMED_OUT, "timed_out"
         else:
             why = self.stop_note or "the run stopped"
@@ -321,6 +314,16 @@ class Settling:
         self.state, done = self.state.commit_ready()
         self._events.committed(self._fx, self.state, done)
 
+    def _timeout_error(self, step: Step, inf: Inflight, what: str) -> BaseException:
+        return oc.timeout_error(
+            step.id,
+            inf.attempt,
+            self._policy(step).max_attempts,
+            limit=inf.limit,
+            run_deadline=inf.limit_is_run_deadline,
+            what=what,
+        )
+
     # -- abandonment ---------------------------------------------------------------
 
     def _grace_for(self, executor: str) -> float:
@@ -343,14 +346,7 @@ class Settling:
         log.warning("step %r attempt %d: %s", step.id, inf.attempt, what)
         error: BaseException
         if inf.reason == "timeout":
-            error = oc.timeout_error(
-                step.id,
-                inf.attempt,
-                self._policy(step).max_attempts,
-                limit=inf.limit,
-                run_deadline=inf.limit_is_run_deadline,
-                what=what,
-            )
+            error = self._timeout_error(step, inf, what)
             status, outcome = StepStatus.TIMED_OUT, "timed_out"
         else:
             error = oc.cancelled_error(step.id, inf.attempt, what)

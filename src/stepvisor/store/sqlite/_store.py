@@ -10,9 +10,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
+from stepvisor._closing import Closing
 from stepvisor.clock import Clock
 from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.errors import (
@@ -77,7 +77,7 @@ _LIST_RUNS_HINT: Final = "list the runs it holds with `stepvisor status`"
 _SETTINGS_CODEC: Final = JsonCodec()
 
 
-class SQLiteStore:
+class SQLiteStore(Closing):
     """Run state in one SQLite file, for runs that must survive their program.
 
     ``SQLiteStore(path)`` opens the store at ``path``, creating it (and its
@@ -498,17 +498,6 @@ class SQLiteStore:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-
-    def __enter__(self) -> SQLiteStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else "open"
