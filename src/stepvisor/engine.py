@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors.worker import RunBackends, check_backends
+from stepvisor.backends import _shm
 from stepvisor.backends.asyncio import LOOP_THREAD_NAME
 from stepvisor.core.model import check_max_parallel
 
@@ -153,6 +154,7 @@ class Engine:
                     "this Engine is closed; start runs on an open one (or without engine=)"
                 )
             self._runs.add(handle)
+        _shm.open_run(handle.run_id)  # large values of its process steps kept for the run
         try:
             self._backends.connect(executors)
         except BaseException:
@@ -162,6 +164,7 @@ class Engine:
     def _dismiss(self, handle: RunHandle) -> None:
         with self._lock:
             self._runs.discard(handle)
+        _shm.release_run(handle.run_id)  # values in its result keep their own mappings
 
     # -- closing -----------------------------------------------------------------------
 
@@ -179,6 +182,8 @@ class Engine:
                 handle.wait(timeout)
             except TimeoutError:
                 log.warning("run %s did not stop within %g s of close()", handle.run_id, timeout)
+        for handle in runs:  # a run that did not stop in time: its segments go now
+            _shm.release_run(handle.run_id)
         self._pool.close(timeout=timeout)
         skip = self._pool.abandoned_threads | {LOOP_THREAD_NAME}
         self._threads.join(timeout=timeout, skip=skip)
