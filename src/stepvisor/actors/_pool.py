@@ -27,6 +27,7 @@ from typing import Any
 import pykka
 
 from stepvisor._log import log
+from stepvisor.actors.messages import Warm
 from stepvisor.actors.worker import Worker, WorkerServices, worker_thread_name
 
 __all__ = ["WorkerPool"]
@@ -75,7 +76,13 @@ class WorkerPool:
             waiter = self._waiting.popleft() if self._waiting else None
             if waiter is None:
                 self._idle.append(ref)
-                return
+        if waiter is None:
+            # An idle actor's loop keeps its last message (the attempt, its inputs)
+            # until the next: a no-op one lets a run's large values, and the shared
+            # memory they map, go when the run does.
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(Warm(()))
+            return
         waiter[1](ref)
 
     def abandon(self, ref: pykka.ActorRef[Any]) -> None:

@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -97,6 +98,10 @@ _TAG: Final = b"stepvisor-fds"
 
 #: Descriptors are sent before the message that needs them: waiting long means a bug.
 _RECV_TIMEOUT: Final = 10.0
+
+#: Python 3.13 can map without keeping a copy of the descriptor; before, each
+#: mapping holds one until its last view goes.
+_NO_FD_COPY: Final[dict[str, Any]] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 Dumps = Callable[[object, "list[pickle.PickleBuffer] | None"], bytes]
 
@@ -280,7 +285,7 @@ def map_segment(fd: int, size: int) -> memoryview:
     """A read-only view of the whole segment (the mapping lives as long as views of it)."""
     import mmap  # noqa: PLC0415 - small builtin module, needed only here
 
-    return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+    return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ, **_NO_FD_COPY))
 
 
 def load(pickled: bytes, view: memoryview, spans: Iterable[tuple[int, int]]) -> Any:
