@@ -33,6 +33,8 @@ EXPECTED_SCENARIOS = {
     "scale",
     "retry_storm",
     "ray",
+    "data",
+    "runs",
 }
 
 
