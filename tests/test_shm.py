@@ -406,3 +406,25 @@ def test_a_sigkilled_parent_leaves_no_segment_anywhere(tmp_path: Path) -> None:
     everyone: list[int | str] = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     assert segment_inodes(everyone) & held == set()
     assert dev_shm_entries() == set()
+
+
+def test_nothing_imports_numpy_and_the_child_boots_without_the_shared_memory_modules() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import stepvisor.backends._child
+        light = {"numpy", "mmap", "socket", "fcntl"} & set(sys.modules)
+        assert not light - {"fcntl"}, f"the child boot imported {light}"
+        import stepvisor as sv
+        def big(ctx):
+            return {"b": b"x" * (4 << 20)}
+        def size(ctx):
+            return {"n": len(ctx.inputs["b"])}
+        wf = sv.Workflow("w", [sv.Step("a", big, executor="process"),
+                               sv.Step("z", size, needs=["a"], executor="process")])
+        result = sv.run(wf)
+        assert result.ok and result.artifacts["n"] == 4 << 20, result
+        assert "numpy" not in sys.modules, "a run of bytes imported numpy"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO_ROOT)
