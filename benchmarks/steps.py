@@ -18,7 +18,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from stepvisor import StepContext
 
-__all__ = ["busy", "noop", "nothing", "ready", "spin", "spin_step", "spin_until", "write_pid"]
+__all__ = [
+    "busy",
+    "make_array",
+    "make_array_step",
+    "noop",
+    "nothing",
+    "ready",
+    "spin",
+    "spin_step",
+    "spin_until",
+    "total",
+    "total_step",
+    "write_pid",
+]
 
 #: How long a "never ends" step runs if nothing stops it.
 RUNAWAY_SECONDS = 60.0
@@ -74,3 +87,26 @@ def spin(iterations: int) -> float:
 def spin_step(ctx: StepContext) -> dict[str, float]:
     """Spin ``params["iterations"]`` rounds; report the busy time as an artifact."""
     return {f"busy_{ctx.step_id}": spin(int(ctx.params["iterations"]))}
+
+
+# -- data (numpy imported only by the steps that make or read arrays) -------------------------
+
+
+def make_array(megabytes: float) -> object:
+    """A float64 array of about ``megabytes`` MB (every page written)."""
+    import numpy as np  # noqa: PLC0415 - only the data scenario needs it
+
+    return np.ones(int(megabytes * 1e6) // 8, dtype=np.float64)
+
+
+def total(array: object) -> float:
+    """Read every element (a sum), as a reader step would."""
+    return float(array.sum())  # type: ignore[attr-defined]
+
+
+def make_array_step(ctx: StepContext) -> dict[str, object]:
+    return {"array": make_array(ctx.params["megabytes"])}
+
+
+def total_step(ctx: StepContext) -> dict[str, float]:
+    return {f"total_{ctx.step_id}": total(ctx.inputs["array"])}

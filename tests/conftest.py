@@ -1,5 +1,5 @@
-"""Suite-wide fixtures: every test must leave no thread, process or temp file behind, and
-none reads the repository's own project settings (setup.cfg).
+"""Suite-wide fixtures: every test must leave no thread, process, shared-memory segment
+or temp file behind, and none reads the repository's own project settings (setup.cfg).
 
 Children are found by a marker in their environment rather than by parent
 pid: a grandchild whose parent was killed is re-parented to init, and only the
@@ -8,6 +8,7 @@ inherited environment still ties it to this test session.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from stepvisor.clock import FakeClock
 from stepvisor.core.model import Settings
 from stepvisor.core.state import RunStatus, StepStatus
 from tests.procfs import pid_gone, processes_with_env
+from tests.shmprobe import dev_shm_entries, segment_fds
 
 __all__ = ["pid_gone", "pump_until", "session_processes", "wait_for"]
 
@@ -96,12 +98,25 @@ def _temp_entries() -> set[str]:
     return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith("pytest-")}
 
 
+def _segments_left(fds_before: set[int], shm_before: set[str]) -> str:
+    """What a test left of shared memory: descriptors here, names in /dev/shm."""
+    fds = set(segment_fds()) - fds_before
+    if fds:
+        gc.collect()  # a value in a reference cycle may still hold its mapping's descriptor
+        fds = set(segment_fds()) - fds_before
+    names = dev_shm_entries() - shm_before
+    if not fds and not names:
+        return ""
+    return f"shared-memory segments: descriptors {sorted(fds)}, /dev/shm names {sorted(names)}"
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail the test if it leaves threads, processes or temp files behind."""
+    """Fail the test if it leaves threads, processes, segments or temp files behind."""
     threads_before = set(threading.enumerate())
     procs_before = session_processes()
     temps_before = _temp_entries()
+    fds_before, shm_before = set(segment_fds()), dev_shm_entries()
     yield
     deadline = time.monotonic() + _LEAK_WAIT
     while True:
@@ -115,6 +130,9 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"and processes {sorted(procs)}"
             )
         time.sleep(0.01)
+    segments = _segments_left(fds_before, shm_before)
+    if segments:
+        pytest.fail(f"{request.node.nodeid} left {segments} behind")
     new_temps = _temp_entries() - temps_before
     if new_temps:
         pytest.fail(f"{request.node.nodeid} left temporary files behind: {sorted(new_temps)}")

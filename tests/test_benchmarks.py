@@ -34,6 +34,8 @@ EXPECTED_SCENARIOS = {
     "scale",
     "retry_storm",
     "ray",
+    "data",
+    "runs",
 }
 
 

@@ -36,6 +36,7 @@ from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors.supervisor import Supervisor
 from stepvisor.actors.worker import RunBackends, check_backends
+from stepvisor.backends import _shm
 from stepvisor.backends.asyncio import LOOP_THREAD_NAME
 from stepvisor.core.model import check_max_parallel
 from stepvisor.errors import InvalidSettingError
@@ -160,6 +161,7 @@ class Engine(Closing):
                     "give each run its own run_id (or none: one is made up)"
                 )
             self._runs.add(handle)
+        _shm.open_run(handle.run_id)  # large values of its process steps kept for the run
         try:
             self._backends.connect(executors)
         except BaseException:
@@ -169,6 +171,7 @@ class Engine(Closing):
     def _dismiss(self, handle: RunHandle) -> None:
         with self._lock:
             self._runs.discard(handle)
+        _shm.release_run(handle.run_id)  # values in its result keep their own mappings
 
     # -- closing -----------------------------------------------------------------------
 
@@ -189,6 +192,8 @@ class Engine(Closing):
         if self._supervisor is not None:
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 self._supervisor.stop(block=True, timeout=timeout)
+        for handle in runs:  # a run that did not stop in time: its segments go now
+            _shm.release_run(handle.run_id)
         self._pool.close(timeout=timeout)
         skip = self._pool.abandoned_threads | {LOOP_THREAD_NAME}
         self._threads.join(timeout=timeout, skip=skip)

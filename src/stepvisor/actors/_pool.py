@@ -33,6 +33,7 @@ from typing import Any
 import pykka
 
 from stepvisor._log import log
+from stepvisor.actors.messages import Warm
 from stepvisor.actors.worker import Worker, WorkerServices, worker_thread_name
 
 __all__ = ["Lease", "WorkerPool"]
@@ -105,15 +106,23 @@ class WorkerPool:
 
     def give_back(self, lease: Lease) -> None:
         """``lease`` is no longer needed: its Worker idles; the lease may go to a waiter."""
+        idle = None
         with self._lock:
             if lease.worker is not None and lease.worker_id is not None:
+                idle = lease.worker
                 self._idle.append((lease.worker_id, lease.worker))
                 lease.worker = lease.worker_id = None
             waiter = self._waiting.popleft() if self._waiting else None
             if waiter is None:
                 self._taken -= 1
-                return
-        waiter[1](lease)  # the capacity unit passes on as it is: still taken
+        if idle is not None:
+            # An idle actor's loop keeps its last message (the attempt, its inputs)
+            # until the next: a no-op one lets a run's large values, and the shared
+            # memory they map, go when the run does.
+            with contextlib.suppress(pykka.ActorDeadError):
+                idle.tell(Warm(()))
+        if waiter is not None:
+            waiter[1](lease)  # the capacity unit passes on as it is: still taken
 
     def abandon(self, lease: Lease) -> None:
         """Stop counting ``lease`` (its attempt ignored a stop): its capacity is free again."""

@@ -9,6 +9,8 @@ start-up only when its worker was replaced (after a timeout, cancel or crash)::
     cmd_w   ──[ meta | fn payload | args ]──▶    cmd_fd    main loop: load, call, reply
     res_r   ◀──[ ready | ok | error | unsendable ]──  res_fd
     alive_w (never written)      ── EOF ──▶      alive_fd  SIGIO + watchdog: kill the group
+    shm socket  ◀──[ memfd descriptors ]──▶      shm_fd    large values (``_shm``), sent
+                                                           ahead of the message naming them
 
 Why it is written the way it is:
 
@@ -56,6 +58,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from stepvisor.backends import _shm
 from stepvisor.backends._wire import (
     PROTOCOL,
     Attempt,
@@ -82,6 +85,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 _READ_CHUNK = 1 << 16
 #: The exit code of a worker that lost its pipes to the parent (or got a corrupt message).
 EXIT_PROTOCOL_ERROR = 70
+#: The socket descriptors of shared-memory segments travel on (both ways), set by ``main``.
+_SHM_FD = [-1]
 
 
 # -- wire format (shared with the parent) --------------------------------------
@@ -317,10 +322,10 @@ def _ok_reply(
     """The reply for a step that returned; raises ``_UnsendableError`` naming a bad artifact."""
     if outputs is None:
         return _reply(Returned(leftovers=leftovers))
-    blobs: list[bytes] = []
+    pickles: list[tuple[bytes, list[memoryview]]] = []
     for name, value in outputs.items():
         try:
-            blobs.append(dump(value))
+            pickles.append(_shm.dumps_sharing(value, dump))
         except Exception as exc:
             raise _UnsendableError(
                 f"step {step_id!r} returned artifact {name!r} (a {type(value).__name__}) "
@@ -328,7 +333,20 @@ def _ok_reply(
                 "return picklable values (plain data), or run the step with executor='thread'",
                 exc,
             ) from exc
-    return _reply(Returned(names=tuple(outputs), leftovers=leftovers), *blobs)
+    names = tuple(outputs)
+    if not any(raws for _, raws in pickles):
+        return _reply(Returned(names=names, leftovers=leftovers), *(p for p, _ in pickles))
+    try:
+        # Large buffers: one segment, its descriptor sent ahead of the reply.
+        shared = _shm.share(pickles, lambda fds: _shm.send_fds(_shm.socket_of(_SHM_FD[0]), fds))
+    except OSError:  # no memfd here, or no descriptors left: the pipe still works
+        blobs = [
+            _shm.in_band(v, dump) if raws else p
+            for v, (p, raws) in zip(outputs.values(), pickles, strict=True)
+        ]
+        return _reply(Returned(names=names, leftovers=leftovers), *blobs)
+    message = Returned(names=names, leftovers=leftovers, shared=shared, fds=1)
+    return _reply(message, *(p for p, _ in pickles))
 
 
 def _call(fn: Callable[..., Any], ctx: StepContext, *, is_async: bool) -> object:
@@ -352,8 +370,13 @@ def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any,
             "make its module importable there (same sys.path and working directory)",
             exc,
         ) from exc
+    fds: list[int] = []
     try:
+        if meta.fds:  # sent ahead of this message, so already here
+            fds = _shm.recv_fds(_shm.socket_of(_SHM_FD[0]), meta.fds)
         inputs, params = pickle.loads(parts[2])  # noqa: S301 - same
+        if fds:
+            inputs, params = _shm.resolve(inputs, fds), _shm.resolve(params, fds)
     except BaseException as exc:
         raise _UnsendableError(
             f"step {meta.step_id!r}: its inputs or params could not be loaded in the worker "
@@ -361,6 +384,9 @@ def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any,
             "pass plain data, or run the step with executor='thread'",
             exc,
         ) from exc
+    finally:
+        for fd in fds:  # each mapping holds its own
+            os.close(fd)
     return meta, fn, inputs, params
 
 
@@ -408,17 +434,17 @@ def _finish_attempt() -> tuple[int, ...]:
 # -- main loop --------------------------------------------------------------------------
 
 
-def _take_fds(argv: Sequence[str]) -> tuple[int, int, int]:
-    cmd_fd, res_fd, alive_fd = (int(arg) for arg in argv[:3])
-    for fd in (cmd_fd, res_fd, alive_fd):
+def _take_fds(argv: Sequence[str]) -> tuple[int, int, int, int]:
+    cmd_fd, res_fd, alive_fd, shm_fd = (int(arg) for arg in argv[:4])
+    for fd in (cmd_fd, res_fd, alive_fd, shm_fd):
         # The parent passed them inheritable; the step's own subprocesses must not get them.
         os.set_inheritable(fd, False)
-    return cmd_fd, res_fd, alive_fd
+    return cmd_fd, res_fd, alive_fd, shm_fd
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve attempts from the parent until it closes the command pipe (or dies)."""
-    cmd_fd, res_fd, alive_fd = _take_fds(sys.argv[1:] if argv is None else argv)
+    cmd_fd, res_fd, alive_fd, _SHM_FD[0] = _take_fds(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # an ignoring parent must not protect us
     _arm_parent_death(alive_fd)
     _become_subreaper()

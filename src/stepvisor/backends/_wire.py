@@ -38,6 +38,8 @@ __all__ = [
     "Ready",
     "Reply",
     "Returned",
+    "Segment",
+    "SharedInput",
     "Unsendable",
     "check_outputs",
     "dump",
@@ -67,6 +69,8 @@ class Attempt(NamedTuple):
     is_async: bool
     #: The parent's ``sys.path``, when it changed since the last attempt (process only).
     path: list[str] | None = None
+    #: How many shared-memory descriptors were sent ahead of this message (process only).
+    fds: int = 0
 
 
 class RayCall(NamedTuple):
@@ -107,6 +111,26 @@ class PackedError(NamedTuple):
     where: str
 
 
+class Segment(NamedTuple):
+    """Where one value's out-of-band buffers are: in a shared-memory segment whose
+    descriptor travelled beside the message (see :mod:`stepvisor.backends._shm`)."""
+
+    #: Index of the segment's descriptor among those sent with the message.
+    fd: int
+    #: The segment's size in bytes.
+    size: int
+    #: ``(offset, length)`` of each out-of-band buffer, in the order the pickle uses them.
+    spans: tuple[tuple[int, int], ...]
+
+
+class SharedInput(NamedTuple):
+    """Engine -> process child: stands in for an input or param whose buffers are shared."""
+
+    #: The value pickled (protocol 5) without its out-of-band buffers.
+    pickled: bytes
+    segment: Segment
+
+
 class Returned(NamedTuple):
     """The step returned.  A process child sends ``names`` and one part per value after
     the message; a Ray task sends the ``outputs`` themselves."""
@@ -115,6 +139,11 @@ class Returned(NamedTuple):
     outputs: Mapping[str, Any] | None = None
     #: Processes the step left running, killed after it returned (process only).
     leftovers: tuple[int, ...] = ()
+    #: Per name, the segment holding that value's buffers (its part is then the pickle
+    #: without them), or ``None`` for a value sent whole; empty: all sent whole.
+    shared: tuple[Segment | None, ...] = ()
+    #: How many shared-memory descriptors were sent ahead of this message.
+    fds: int = 0
 
 
 class Raised(NamedTuple):
@@ -161,7 +190,7 @@ def check_outputs(step_id: str, value: object) -> dict[str, Any] | None:
     return dict(value)
 
 
-def dump(value: object) -> bytes:
+def dump(value: object, buffers: list[pickle.PickleBuffer] | None = None) -> bytes:
     """Pickle ``value`` for the engine, without importing anything as a side effect.
 
     Plain ``pickle`` is fastest, but it *imports* the module named by each class it
@@ -171,15 +200,20 @@ def dump(value: object) -> bytes:
     conftest.  So once anything came by value (``cloudpickle`` is loaded), or
     when plain ``pickle`` fails, ``cloudpickle`` is used: it sends such classes by
     value and never imports.
+
+    Given ``buffers``, out-of-band buffers (protocol 5) are left out of the bytes
+    and appended to it instead, for :mod:`stepvisor.backends._shm`.
     """
+    keep = None if buffers is None else buffers.append
     if "cloudpickle" not in sys.modules:
         try:
-            return pickle.dumps(value, protocol=PROTOCOL)
-        except Exception:  # noqa: S110 - the fallback below says what is wrong
-            pass
+            return pickle.dumps(value, protocol=PROTOCOL, buffer_callback=keep)
+        except Exception:
+            if buffers is not None:
+                buffers.clear()  # what the failed attempt handed over
     import cloudpickle  # noqa: PLC0415 - slow to import, needed only for by-value values
 
-    return bytes(cloudpickle.dumps(value, protocol=PROTOCOL))
+    return bytes(cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=keep))
 
 
 def _qualname(cls: type) -> str:

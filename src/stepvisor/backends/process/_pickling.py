@@ -10,19 +10,23 @@ failing in the child.  The Ray backend uses the same checks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import os
 import pickle
 import types
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cloudpickle
 
+from stepvisor.backends import _shm
+from stepvisor.backends._wire import Segment
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.errors import StepNotSerializableError
 
-__all__ = ["args_blob", "check_sendable", "payload_and_args", "prepare_payload"]
+__all__ = ["Args", "args_blob", "check_sendable", "payload_and_args", "prepare_payload"]
 
 _PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 _EMPTY_ARGS: Final = pickle.dumps(({}, {}), protocol=_PROTOCOL)
@@ -175,13 +179,48 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
             yield from _global_names(const)
 
 
-def args_blob(spec: AttemptSpec) -> bytes:
-    """The attempt's inputs and params, pickled; names the culprit if one cannot be."""
+class Args(NamedTuple):
+    """An attempt's inputs and params, pickled, and the segment descriptors they name.
+
+    The descriptors are borrowed from the run's table (:mod:`~stepvisor.backends._shm`),
+    except those in ``owned``: made for this attempt alone (no run table), to be
+    closed once sent (``close``).
+    """
+
+    blob: bytes
+    fds: tuple[int, ...] = ()
+    owned: tuple[int, ...] = ()
+
+    def close(self) -> None:
+        for fd in self.owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _cloud_dumps(value: object, buffers: list[pickle.PickleBuffer] | None) -> bytes:
+    keep = None if buffers is None else buffers.append
+    return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL, buffer_callback=keep))
+
+
+def args_blob(spec: AttemptSpec) -> Args:
+    """The attempt's inputs and params, pickled; names the culprit if one cannot be.
+
+    A value whose buffers are large goes by shared memory: one the run already
+    holds in a segment (an artifact of an earlier process step) is sent by
+    reference; another is written into a new segment once, kept for the run.
+    """
     if not spec.inputs and not spec.params:
-        return _EMPTY_ARGS
+        return Args(_EMPTY_ARGS)
     value = (dict(spec.inputs), dict(spec.params))
     try:
-        return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
+        if not _maybe_shared(spec, value):
+            buffers: list[pickle.PickleBuffer] = []
+            blob = _cloud_dumps(value, buffers)
+            if not buffers:  # today's path: no out-of-band buffers at all
+                return Args(blob)
+            if sum(memoryview(b).nbytes for b in buffers) < _shm.SHARE_MIN:
+                return Args(_cloud_dumps(value, None))
+        return _shared_args(spec, value)
     except Exception as exc:
         for what, mapping in (("inputs", spec.inputs), ("params", spec.params)):
             for key, item in mapping.items():
@@ -191,6 +230,60 @@ def args_blob(spec: AttemptSpec) -> bytes:
         ) from exc
 
 
-def payload_and_args(spec: AttemptSpec) -> tuple[bytes, bytes]:
+def _maybe_shared(spec: AttemptSpec, value: tuple[dict[str, Any], dict[str, Any]]) -> bool:
+    """Whether a value must be looked at one by one: held by the run, or bytes-like."""
+    items = [*value[0].values(), *value[1].values()]
+    return any(_shm.needs_wrap(item) for item in items) or _shm.is_known(spec.run_id, items)
+
+
+def _shared_args(spec: AttemptSpec, value: tuple[dict[str, Any], dict[str, Any]]) -> Args:
+    fds: list[int] = []
+    owned: list[int] = []
+    index: dict[int, int] = {}  # descriptor -> its index in this message
+
+    def slot_of(fd: int) -> int | None:
+        if fd not in index:
+            if len(fds) >= _shm.MAX_FDS:
+                return None
+            index[fd] = len(fds)
+            fds.append(fd)
+        return index[fd]
+
+    try:
+        for mapping in value:
+            for key, item in mapping.items():
+                mapping[key] = _one_value(spec.run_id, item, slot_of, owned)
+        return Args(_cloud_dumps(value, None), tuple(fds), tuple(owned))
+    except BaseException:
+        Args(b"", owned=tuple(owned)).close()
+        raise
+
+
+def _one_value(
+    run_id: str, item: object, slot_of: Callable[[int], int | None], owned: list[int]
+) -> object:
+    """``item`` itself, or the :class:`SharedInput` standing in for it."""
+    held = _shm.known(run_id, item)
+    if held is None:
+        pickled, raws = _shm.dumps_sharing(item, _cloud_dumps)
+        if not raws:
+            return _shm.wrap(item)
+        try:
+            fd, size, (spans,) = _shm.write_segment([raws])
+        except OSError:  # no memfd here, or no descriptors left: the pipe still works
+            return _shm.wrap(item)
+        segment = Segment(0, size, spans)
+        if _shm.hold(run_id, fd):
+            _shm.remember(run_id, item, fd, pickled, segment)
+        else:
+            owned.append(fd)
+        held = _shm.Held(item, fd, pickled, segment)
+    index = slot_of(held.fd)
+    if index is None:  # more segments than one message carries: the rest go whole
+        return _shm.wrap(item)
+    return _shm.shared_input(held, index)
+
+
+def payload_and_args(spec: AttemptSpec) -> tuple[bytes, Args]:
     """The pickled function and inputs of an attempt (raises ``StepNotSerializableError``)."""
     return spec.fn_payload or prepare_payload(spec.step_id, spec.fn), args_blob(spec)

@@ -6,13 +6,16 @@ code, what was left running) and what to do about it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import sys
 from typing import Any, Final
 
+from stepvisor.backends import _shm
 from stepvisor.backends._child import EXIT_PROTOCOL_ERROR
-from stepvisor.backends._wire import Reply, Returned
+from stepvisor.backends._shm import Fds
+from stepvisor.backends._wire import Reply, Returned, Segment
 from stepvisor.backends.base import (
     AttemptResult,
     AttemptSpec,
@@ -55,17 +58,35 @@ def _leftover_info(leftovers: tuple[int, ...]) -> tuple[str | None, dict[str, An
     return note, {"leftover_pids": leftovers}
 
 
-def reply_result(spec: AttemptSpec, message: Reply, parts: list[bytes]) -> AttemptResult:
-    """The result a child's reply (``message``, then the values in ``parts[1:]``) stands for."""
+def reply_result(
+    spec: AttemptSpec, message: Reply, parts: list[bytes], fds: Fds | None = None
+) -> AttemptResult:
+    """The result a child's reply (``message``, then the values in ``parts[1:]``, with
+    the segment descriptors ``fds``) stands for."""
+    try:
+        return _reply_result(spec, message, parts, fds)
+    finally:
+        if fds is not None:
+            fds.close()  # those the run's table did not take
+
+
+def _reply_result(
+    spec: AttemptSpec, message: Reply, parts: list[bytes], fds: Fds | None
+) -> AttemptResult:
     note, extra = _leftover_info(message.leftovers)
     if not isinstance(message, Returned):
         return remote_failure(spec, message, origin=_ORIGIN, note=note, extra=extra)
     if message.names is None:
         return AttemptResult(kind="ok", note=note, extra=extra)
     outputs: dict[str, Any] = {}
-    for name, blob in zip(message.names, parts[1:], strict=True):
+    shared = message.shared or (None,) * len(message.names)
+    segments = _Segments(spec.run_id, fds)
+    for name, blob, segment in zip(message.names, parts[1:], shared, strict=True):
         try:
-            outputs[name] = pickle.loads(blob)  # noqa: S301 - from our own child
+            if segment is None:
+                outputs[name] = pickle.loads(blob)  # noqa: S301 - from our own child
+            else:
+                outputs[name] = segments.load(blob, segment)
         except Exception as exc:
             return caused(
                 spec,
@@ -79,6 +100,33 @@ def reply_result(spec: AttemptSpec, message: Reply, parts: list[bytes]) -> Attem
                 extra=extra,
             )
     return AttemptResult(kind="ok", outputs=outputs, note=note, extra=extra)
+
+
+class _Segments:
+    """The segments of one reply, mapped once each; the run's table keeps their descriptors."""
+
+    def __init__(self, run_id: str, fds: Fds | None) -> None:
+        self._run_id = run_id
+        self._fds = fds
+        self._views: dict[int, tuple[memoryview, int | None]] = {}
+
+    def load(self, pickled: bytes, segment: Segment) -> Any:
+        if self._fds is None:
+            raise ValueError("the reply named a shared-memory segment but none came with it")
+        mapped = self._views.get(segment.fd)
+        if mapped is None:
+            view = _shm.map_segment(self._fds.peek(segment.fd), segment.size)
+            fd = self._fds.take(segment.fd)
+            held: int | None = fd
+            if not _shm.hold(self._run_id, fd):  # no run to keep it for: close it now
+                os.close(fd)
+                held = None
+            mapped = self._views[segment.fd] = (view, held)
+        view, held = mapped
+        value = _shm.load(pickled, view, segment.spans)
+        if held is not None:
+            _shm.remember(self._run_id, value, held, pickled, segment)
+        return value
 
 
 def stopped_result(

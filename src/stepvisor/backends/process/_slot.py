@@ -42,7 +42,7 @@ from stepvisor._log import log as _root_log
 from stepvisor.backends._child import encode_message
 from stepvisor.backends._wire import PROTOCOL, Attempt
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, not_started
-from stepvisor.backends.process._pickling import payload_and_args
+from stepvisor.backends.process._pickling import Args, payload_and_args
 from stepvisor.backends.process._results import (
     closed_result,
     crash_result,
@@ -203,10 +203,15 @@ class ProcessSlot:
         try:
             child = self._ensure_child()
         except OSError as exc:
+            args.close()
             return spawn_failed(spec, exc)
         if child is None:
+            args.close()
             return closed_result(spec, self._name, pid=None)
         message = self._message(child, spec, fn_payload, args)
+        if args.fds:  # ahead of the message: the child takes them when it reads it
+            child.send_fds(args.fds)
+        args.close()
         return self._attempt_on(child, spec, control, message, ahead)
 
     def _attempt_on(
@@ -244,7 +249,7 @@ class ProcessSlot:
             self._retire(sent.child, respawn=True)
         return None
 
-    def _message(self, child: Child, spec: AttemptSpec, fn_payload: bytes, args: bytes) -> bytes:
+    def _message(self, child: Child, spec: AttemptSpec, fn_payload: bytes, args: Args) -> bytes:
         path = None if child.sent_path == sys.path else list(sys.path)
         meta = Attempt(
             spec.run_id,
@@ -254,8 +259,9 @@ class ProcessSlot:
             spec.deadline,
             spec.is_async,
             path,
+            fds=len(args.fds),
         )
-        message = encode_message([pickle.dumps(meta, protocol=PROTOCOL), fn_payload, args])
+        message = encode_message([pickle.dumps(meta, protocol=PROTOCOL), fn_payload, args.blob])
         if path is not None:
             child.sent_path = path
         return message
@@ -282,6 +288,9 @@ class ProcessSlot:
             fn_payload, args = payload_and_args(spec)
         except StepNotSerializableError:
             return b""  # its own run reports that
+        if args.fds:  # descriptors go just before their message, which must not wait
+            args.close()
+            return b""
         message = self._message(child, spec, fn_payload, args)
         return message if len(message) <= _AHEAD_MAX else b""
 

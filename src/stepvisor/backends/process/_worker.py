@@ -20,29 +20,33 @@ import os
 import pickle
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import stepvisor
 from stepvisor.backends._child import decode_message
-from stepvisor.backends._wire import Ready, Reply
+from stepvisor.backends._shm import Fds, recv_fds, send_fds
+from stepvisor.backends._wire import Ready, Reply, Returned
 
 __all__ = ["Child", "Received"]
 
 #: The directory holding the ``stepvisor`` package this process runs.
 _PKG_ROOT: Final = str(Path(stepvisor.__file__).resolve().parent.parent)
 _BOOTSTRAP: Final = (
-    "import sys; sys.path.insert(0, sys.argv[4]); "
-    "from stepvisor.backends._child import main; main(sys.argv[1:4])"
+    "import sys; sys.path.insert(0, sys.argv[5]); "
+    "from stepvisor.backends._child import main; main(sys.argv[1:5])"
 )
 _READ_CHUNK: Final = 1 << 20
 
-#: A reply from the child: its message and all its parts (values follow part 0).
-Received = tuple[Reply, list[bytes]]
+#: A reply from the child: its message, all its parts (values follow part 0), and the
+#: shared-memory descriptors sent with it.
+Received = tuple[Reply, list[bytes], Fds | None]
 
 
 def _close_quietly(fd: int) -> None:
@@ -62,8 +66,11 @@ class Child:
         try:
             for _ in range(3):
                 fds.extend(os.pipe())
-            cmd_r, self.cmd_w, self.res_r, res_w, alive_r, self.alive_w = fds
-            theirs = (cmd_r, res_w, alive_r)
+            # Datagrams: each batch of descriptors arrives whole, in order, on its own.
+            self.shm, shm_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            fds.append(shm_theirs.detach())
+            cmd_r, self.cmd_w, self.res_r, res_w, alive_r, self.alive_w, shm_r = fds
+            theirs = (cmd_r, res_w, alive_r, shm_r)
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, *map(str, theirs), _PKG_ROOT, name],
                 pass_fds=theirs,
@@ -74,12 +81,15 @@ class Child:
         except BaseException:
             for fd in fds:
                 _close_quietly(fd)
+            if hasattr(self, "shm"):
+                self.shm.close()
             raise
         for fd in theirs:
             _close_quietly(fd)
         self.pid: int = self.proc.pid
         os.set_blocking(self.cmd_w, False)
         os.set_blocking(self.res_r, False)
+        self.shm.setblocking(False)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -175,6 +185,7 @@ class Child:
             self.returncode = returncode
             for fd in (self.cmd_w, self.res_r, self.alive_w, self.wake_r, self.wake_w):
                 _close_quietly(fd)
+            self.shm.close()  # descriptors still queued in it are freed with it
             if self.pidfd is not None:
                 _close_quietly(self.pidfd)
         return returncode
@@ -219,7 +230,20 @@ class Child:
             if isinstance(message, Ready):
                 self.ready = True
                 continue
-            return message, parts
+            fds = None
+            if isinstance(message, Returned) and message.fds:
+                # Sent before the reply, so queued by now; a loss is a lost reply.
+                fds = Fds(recv_fds(self.shm, message.fds))
+            return message, parts, fds
+
+    def send_fds(self, fds: Sequence[int]) -> bool:
+        """Send shared-memory descriptors ahead of the attempt naming them; False if the
+        child is gone (the attempt then finds it dead)."""
+        try:
+            send_fds(self.shm, fds)
+        except OSError:
+            return False
+        return True
 
     def drain(self) -> Received | None:
         """After death: read what is left in the pipe and return a reply if complete."""
