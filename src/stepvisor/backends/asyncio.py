@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from stepvisor.backends._wire import check_outputs
+from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, format_error, stop_error
 from stepvisor.backends.thread import make_context
 from stepvisor.context import AttemptControl
@@ -63,7 +63,11 @@ class LoopThread:
         ctx = make_context(spec, control)
 
         async def runner() -> tuple[Any, BaseException | None]:
-            task = asyncio.ensure_future(_caught(spec.fn(ctx)))
+            if spec.trace is None:
+                task = asyncio.ensure_future(_caught(spec.fn(ctx)))
+            else:  # the task copies the context current here: the attempt's span
+                with trace_context(spec.trace):
+                    task = asyncio.ensure_future(_caught(spec.fn(ctx)))
 
             def cancel_task() -> None:
                 self.loop.call_soon_threadsafe(task.cancel)

@@ -254,6 +254,7 @@ class ProcessSlot:
             spec.deadline,
             spec.is_async,
             path,
+            trace=spec.trace,
         )
         message = encode_message([pickle.dumps(meta, protocol=PROTOCOL), fn_payload, args])
         if path is not None:
