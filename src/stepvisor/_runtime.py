@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +27,7 @@ import pykka
 
 from stepvisor._log import log
 from stepvisor.actors.messages import CancelRun, Start
-from stepvisor.actors.supervisor import RunPlan, Supervisor
+from stepvisor.actors.supervisor import RunObserver, RunPlan, Supervisor
 from stepvisor.actors.worker import (
     check_backends,
 )
@@ -345,6 +347,21 @@ def _check_run_id_is_new(store: RunStore, run_id: str) -> None:
     )
 
 
+def _run_tracer(wf: Workflow, run_id: str, executors: tuple[str, ...]) -> RunObserver | None:
+    """OpenTelemetry spans for this run, if a tracer provider is set (:mod:`stepvisor._otel`).
+
+    A provider can only have been set by code that imported ``opentelemetry.trace``,
+    or through ``OTEL_PYTHON_TRACER_PROVIDER``: otherwise nothing is imported.
+    """
+    if "opentelemetry.trace" not in sys.modules and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ:
+        return None
+    try:
+        from stepvisor._otel import run_tracer  # noqa: PLC0415 - the optional extra
+    except ImportError:
+        return None
+    return run_tracer(run_id, wf.id, dict(zip(wf.graph.order, executors, strict=True)))
+
+
 def _launch(
     wf: Workflow,
     cfg: Resolved,
@@ -374,6 +391,7 @@ def _launch(
         payloads=payloads,
         on_event=on_event,
         source=source,
+        observer=_run_tracer(wf, run_id, executors),
         **plan_extra,
     )
     handle = RunHandle(run_id, cfg.kill_grace)

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pykka
 
@@ -64,15 +64,27 @@ from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSaved, SlotReady
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import RunStatus, StepRecord
+from stepvisor.core.state import RunState, RunStatus, StepRecord
 from stepvisor.errors import ArtifactCodecError, StoreError
 from stepvisor.store.base import RunInfo, RunStore
 from stepvisor.store.memory import MemoryStore
 
-__all__ = ["HEARTBEAT_INTERVAL", "NOT_RETRIED_STOPPING", "RunPlan", "Supervisor"]
+__all__ = ["HEARTBEAT_INTERVAL", "NOT_RETRIED_STOPPING", "RunObserver", "RunPlan", "Supervisor"]
 
 #: How often the Supervisor writes a heartbeat and looks for cancel requests.
 HEARTBEAT_INTERVAL = 0.5
+
+
+class RunObserver(Protocol):
+    """Sees a run's events and records, and gives each attempt a trace carrier.
+
+    The OpenTelemetry tracer (:mod:`stepvisor._otel`) is one; it is called on
+    the Supervisor's thread and must never raise.
+    """
+
+    def event(self, event: Event, state: RunState) -> None: ...
+
+    def carrier(self, step_id: str, attempt: int) -> Mapping[str, str] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,8 @@ class RunPlan:
     restored: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     restored_records: Mapping[str, StepRecord] = field(default_factory=dict)
     source: str | None = None
+    #: Traces the run (OpenTelemetry is set up): it needs the events.
+    observer: RunObserver | None = None
 
     def machine_plan(self, *, lend_slots: bool = False) -> Plan:
         """The part of the plan the machine decides from: values only."""
@@ -104,7 +118,7 @@ class RunPlan:
             payloads=self.payloads,
             restored=self.restored,
             restored_records=self.restored_records,
-            emit_events=self.on_event is not None,
+            emit_events=self.on_event is not None or self.observer is not None,
             store_may_refuse=not isinstance(self.store, MemoryStore),
             lend_slots=lend_slots,
         )
@@ -265,11 +279,13 @@ class Supervisor(pykka.ThreadingActor):
 
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
-        controls, me = self._controls, self.actor_ref
+        controls, me, observer = self._controls, self.actor_ref, self.plan.observer
         for order, executor, budget in effect.orders:
             control = AttemptControl()
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order if budget is None else order._replace(deadline=time.monotonic() + budget)
+            if observer is not None:
+                spec = spec._replace(trace=observer.carrier(spec.step_id, spec.attempt))
             controls[spec.step_id] = (spec.attempt, control)
             messages.append(RunAttempt(spec, control, executor, effect.slot, me))
         ref = self._workers[effect.slot]
@@ -336,6 +352,8 @@ class Supervisor(pykka.ThreadingActor):
         )
 
     def _emit(self, effect: Emit) -> None:
+        if self.plan.observer is not None:
+            self.plan.observer.event(effect.event, self.machine.state)
         hook = self.plan.on_event
         if hook is None:
             return
