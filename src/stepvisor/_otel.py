@@ -81,7 +81,11 @@ def run_tracer(run_id: str, workflow_id: str, executors: Mapping[str, str]) -> R
         return None
     from stepvisor import __version__  # noqa: PLC0415 - the package is loaded by now
 
-    tracer = provider.get_tracer(SCOPE, __version__)
+    try:
+        tracer = provider.get_tracer(SCOPE, __version__)
+    except Exception:  # a broken provider must not stop the run
+        log.exception("the tracer provider gave no tracer; run %s is not traced", run_id)
+        return None
     return RunTracer(
         tracer,
         run_id=run_id,
