@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from typing import Any, Final
 import pykka
 
 from stepvisor._log import log
+from stepvisor.actors._shell import RunObserver
 from stepvisor.actors.messages import CancelRun
 from stepvisor.actors.supervisor import ForRun, RunPlan, StartRun
 from stepvisor.actors.worker import (
@@ -323,6 +326,21 @@ def _check_run_id_is_new(store: RunStore, run_id: str) -> None:
     )
 
 
+def _run_tracer(wf: Workflow, run_id: str, executors: tuple[str, ...]) -> RunObserver | None:
+    """OpenTelemetry spans for this run, if a tracer provider is set (:mod:`stepvisor._otel`).
+
+    A provider can only have been set by code that imported ``opentelemetry.trace``,
+    or through ``OTEL_PYTHON_TRACER_PROVIDER``: otherwise nothing is imported.
+    """
+    if "opentelemetry.trace" not in sys.modules and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ:
+        return None
+    try:
+        from stepvisor._otel import run_tracer  # noqa: PLC0415 - the optional extra
+    except ImportError:
+        return None
+    return run_tracer(run_id, wf.id, dict(zip(wf.graph.order, executors, strict=True)))
+
+
 def _launch(
     wf: Workflow,
     cfg: Resolved,
@@ -352,6 +370,7 @@ def _launch(
         payloads=payloads,
         on_event=on_event,
         source=source,
+        observer=_run_tracer(wf, run_id, executors),
         **plan_extra,
     )
     handle = RunHandle(run_id, cfg.kill_grace)

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pykka
 
@@ -71,15 +71,27 @@ from stepvisor.core.messages import (
 )
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import RunStatus, StepRecord
+from stepvisor.core.state import RunState, RunStatus, StepRecord
 from stepvisor.errors import ArtifactCodecError, StoreError
 from stepvisor.store.base import RunInfo, RunStore
 from stepvisor.store.memory import MemoryStore
 
-__all__ = ["HEARTBEAT_INTERVAL", "RunPlan", "RunShell"]
+__all__ = ["HEARTBEAT_INTERVAL", "RunObserver", "RunPlan", "RunShell"]
 
 #: How often the Supervisor writes a heartbeat and looks for cancel requests.
 HEARTBEAT_INTERVAL = 0.5
+
+
+class RunObserver(Protocol):
+    """Sees a run's events and records, and gives each attempt a trace carrier.
+
+    The OpenTelemetry tracer (:mod:`stepvisor._otel`) is one; it is called on
+    the Supervisor's thread and must never raise.
+    """
+
+    def event(self, event: Event, state: RunState) -> None: ...
+
+    def carrier(self, step_id: str, attempt: int) -> Mapping[str, str] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +111,8 @@ class RunPlan:
     restored: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     restored_records: Mapping[str, StepRecord] = field(default_factory=dict)
     source: str | None = None
+    #: Traces the run (OpenTelemetry is set up): it needs the events.
+    observer: RunObserver | None = None
 
     def machine_plan(self, *, lend_slots: bool = False) -> Plan:
         """The part of the plan the machine decides from: values only."""
@@ -111,7 +125,7 @@ class RunPlan:
             payloads=self.payloads,
             restored=self.restored,
             restored_records=self.restored_records,
-            emit_events=self.on_event is not None,
+            emit_events=self.on_event is not None or self.observer is not None,
             store_may_refuse=not isinstance(self.store, MemoryStore),
             lend_slots=lend_slots,
         )
@@ -297,11 +311,13 @@ class RunShell:
 
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
-        controls, me = self._controls, self._reply_to
+        controls, me, observer = self._controls, self._reply_to, self.plan.observer
         for order, executor, budget in effect.orders:
             control = AttemptControl()
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order if budget is None else order._replace(deadline=time.monotonic() + budget)
+            if observer is not None:
+                spec = spec._replace(trace=observer.carrier(spec.step_id, spec.attempt))
             controls[spec.step_id] = (spec.attempt, control)
             if executor == "async" and self._loop is not None:
                 # An async attempt needs no Worker: it runs on the loop and says
@@ -401,6 +417,8 @@ class RunShell:
         )
 
     def _emit(self, effect: Emit) -> None:
+        if self.plan.observer is not None:
+            self.plan.observer.event(effect.event, self.machine.state)
         hook = self.plan.on_event
         if hook is None:
             return

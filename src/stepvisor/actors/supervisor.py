@@ -28,7 +28,7 @@ import pykka
 
 from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
-from stepvisor.actors._shell import HEARTBEAT_INTERVAL, RunPlan, RunShell
+from stepvisor.actors._shell import HEARTBEAT_INTERVAL, RunObserver, RunPlan, RunShell
 from stepvisor.core._outcomes import NOT_RETRIED_STOPPING
 from stepvisor.core.messages import AttemptDone
 from stepvisor.core.result import RunResult
@@ -37,6 +37,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "NOT_RETRIED_STOPPING",
     "ForRun",
+    "RunObserver",
     "RunPlan",
     "StartRun",
     "Supervisor",

@@ -72,6 +72,7 @@ from stepvisor.backends._wire import (
     format_remote,
     pack_error,
     safe_str,
+    trace_context,
 )
 from stepvisor.context import StepContext
 
@@ -358,6 +359,14 @@ def _call(fn: Callable[..., Any], ctx: StepContext, *, is_async: bool) -> object
     return result
 
 
+def _call_traced(meta: Attempt, fn: Callable[..., Any], ctx: StepContext) -> object:
+    """Call the step; a traced attempt with its span's context attached (imported only then)."""
+    if meta.trace is None:
+        return _call(fn, ctx, is_async=meta.is_async)
+    with trace_context(meta.trace):
+        return _call(fn, ctx, is_async=meta.is_async)
+
+
 def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any, Any]:
     meta: Attempt = pickle.loads(parts[0])  # noqa: S301 - from our parent over a private pipe
     if meta.path is not None:
@@ -410,7 +419,7 @@ def _run_attempt(parts: list[bytes]) -> list[bytes]:
         deadline=meta.deadline,
     )
     try:
-        outputs = check_outputs(meta.step_id, _call(fn, ctx, is_async=meta.is_async))
+        outputs = check_outputs(meta.step_id, _call_traced(meta, fn, ctx))
     except BaseException as exc:
         packed = pack_error(exc, where=f"worker process {os.getpid()}")
         return _reply(Raised(packed, _finish_attempt()))

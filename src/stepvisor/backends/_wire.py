@@ -25,7 +25,7 @@ import contextlib
 import os
 import pickle
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, NamedTuple
 
 from stepvisor.errors import RemoteStepError
@@ -46,6 +46,7 @@ __all__ = [
     "format_remote",
     "pack_error",
     "rebuild_error",
+    "trace_context",
 ]
 
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
@@ -71,6 +72,8 @@ class Attempt(NamedTuple):
     path: list[str] | None = None
     #: How many shared-memory descriptors were sent ahead of this message (process only).
     fds: int = 0
+    #: The attempt span's W3C trace context, when the run is traced (see ``trace_context``).
+    trace: Mapping[str, str] | None = None
 
 
 class RayCall(NamedTuple):
@@ -188,6 +191,27 @@ def check_outputs(step_id: str, value: object) -> dict[str, Any] | None:
                 "non-empty strings: return a dict such as {'rows': rows}"
             )
     return dict(value)
+
+
+@contextlib.contextmanager
+def trace_context(carrier: Mapping[str, str]) -> Iterator[None]:
+    """Make the trace context in ``carrier`` current while the step runs.
+
+    Spans the step creates then nest under its attempt's span.  OpenTelemetry
+    is imported here, on first use, and only for a traced attempt: a process
+    child must boot light, and one where it is not installed runs the step
+    untraced.
+    """
+    try:
+        from opentelemetry import context, propagate  # noqa: PLC0415 - see above
+    except ImportError:
+        yield
+        return
+    token = context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 def dump(value: object, buffers: list[pickle.PickleBuffer] | None = None) -> bytes:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from stepvisor.backends._wire import check_outputs
+from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import (
     Ahead,
     AttemptResult,
@@ -97,7 +97,11 @@ class LoopThread:
         """The attempt as a task on this loop, and how it ended, as a value."""
         ctx = make_context(spec, control)
         loop = self.loop
-        task = loop.create_task(_caught(spec.fn(ctx)))
+        if spec.trace is None:
+            task = loop.create_task(_caught(spec.fn(ctx)))
+        else:  # the task copies the context current here: the attempt's span
+            with trace_context(spec.trace):
+                task = loop.create_task(_caught(spec.fn(ctx)))
 
         def cancel_task() -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing to cancel

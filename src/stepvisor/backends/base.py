@@ -82,6 +82,9 @@ class AttemptSpec(NamedTuple):
     #: Pre-pickled ``fn`` (process and Ray backends), made once per step.
     fn_payload: bytes | None = None
     resources: Mapping[str, float] | None = None
+    #: The W3C trace context of the attempt's span (``traceparent``, ...), when the
+    #: run is traced: the backend attaches it around the step call.
+    trace: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stepvisor.backends._wire import check_outputs
+from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, format_error
 from stepvisor.context import AttemptControl, StepContext
 from stepvisor.errors import StepCancelledError, StepTimeoutError
@@ -32,7 +32,18 @@ def make_context(spec: AttemptSpec, control: AttemptControl | None) -> StepConte
 
 
 def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResult:
-    """Run a plain (non-async) step function here, on this thread."""
+    """Run a plain (non-async) step function here, on this thread.
+
+    A traced attempt runs with its span's context attached, so that spans the
+    step creates nest under it.
+    """
+    if spec.trace is None:
+        return _call_step(spec, control)
+    with trace_context(spec.trace):
+        return _call_step(spec, control)
+
+
+def _call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResult:
     ctx = make_context(spec, control)
     try:
         outputs = check_outputs(spec.step_id, spec.fn(ctx))

@@ -260,6 +260,7 @@ class ProcessSlot:
             spec.is_async,
             path,
             fds=len(args.fds),
+            trace=spec.trace,
         )
         message = encode_message([pickle.dumps(meta, protocol=PROTOCOL), fn_payload, args.blob])
         if path is not None:

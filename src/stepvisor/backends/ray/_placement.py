@@ -135,6 +135,7 @@ class Placement:
             spec.max_attempts,
             wall_deadline,
             spec.is_async,
+            trace=spec.trace,
         )
         inline: dict[str, Any] = {}
         picks: list[tuple[str, int, str | None]] = []

@@ -70,6 +70,7 @@ def attempt_task(call: RayCall, *sources: Any) -> Reply:
         inputs=inputs,
         params=call.params,
         deadline=deadline,
+        trace=meta.trace,
     )
     result = call_step(spec, None)
     if result.kind == "ok":
