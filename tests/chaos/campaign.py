@@ -160,6 +160,8 @@ class CampaignSummary:
             self.scenarios["driver"] += 1
         if s.cancel_at is not None:
             self.scenarios["cancel"] += 1
+        if s.store_fault != "none":
+            self.scenarios["store_fault"] += 1
         self.violations.extend(report.violations)
         self.abandoned += report.abandoned
         self.slowest = max(self.slowest, (report.seconds, report.seed))
