@@ -169,11 +169,12 @@ def wal_frames(db: Path) -> int:
 
 
 class StoreCheck:
-    """What :func:`check_store` found: step statuses per run, and what is wrong."""
+    """What :func:`check_store` found: step statuses and attempt counts per run, what is wrong."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
         self.steps: dict[str, dict[str, str]] = {}
+        self.attempts: dict[str, dict[str, int]] = {}
 
     def succeeded(self, run_id: str) -> set[str]:
         return {sid for sid, status in self.steps.get(run_id, {}).items() if status == "succeeded"}
@@ -198,6 +199,11 @@ def check_store(db: Path) -> StoreCheck:
             table[step_id] = status
             if status == "succeeded" and not has_outputs:
                 out.problems.append(f"step {step_id!r} of {run_id!r} succeeded without outputs")
+        counted = conn.execute(
+            "SELECT run_id, step_id, COUNT(*) FROM attempts GROUP BY run_id, step_id"
+        ).fetchall()
+        for run_id, step_id, count in counted:
+            out.attempts.setdefault(run_id, {})[step_id] = count
     finally:
         conn.close()
     return out

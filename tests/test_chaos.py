@@ -8,6 +8,7 @@ full one (1,000 workflows).  Set ``STEPVISOR_CHAOS_SEED`` to explore other seeds
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -23,7 +24,8 @@ import pytest
 import stepvisor as sv
 from stepvisor._runtime import fingerprint
 from stepvisor.core.state import AttemptRecord, StepRecord
-from tests import chaos
+from stepvisor.errors import ArtifactCodecError, StoreFaultError
+from tests import chaos, store_faults
 from tests.chaos import (
     FAULTS,
     FOREVER,
@@ -48,7 +50,10 @@ from tests.chaos import (
     run_bound,
     run_one,
     run_seeds,
+    store_runs,
 )
+from tests.chaos import campaign as campaign_module
+from tests.chaos import scenario as scenario_module
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -154,8 +159,43 @@ def test_generated_workflows_are_valid_dags_with_faults_where_they_can_happen(
         assert run_bound(sc) < 20 + 25 * 3 * 8
     assert set(faults) == set(FAULTS)
     assert set(executors) == {"thread", "async", "process"}
-    assert set(drivers) == {"none", "resume-here", "resume-program", "kill-twice"}
+    assert set(drivers) == {
+        "none",
+        "resume-here",
+        "resume-program",
+        "kill-twice",
+        "race",
+        "resume-now",
+    }
     assert cancels > 20
+
+
+def test_store_faults_and_ownership_runs_are_planned_from_the_seed(tmp_path: Path) -> None:
+    kinds: Counter[str] = Counter()
+    for seed in run_seeds(13, 1500):
+        sc = generate(seed)
+        assert sc == generate(seed)  # the same seed, the same fault plan
+        kinds[sc.store_fault] += 1
+        if sc.store_fault != "none" or sc.driver in chaos.OWNER_DRIVERS:
+            assert sc.store == "sqlite"
+            assert sc.cancel_at is None
+        if sc.store_fault in chaos.STORE_FAULTS_IN_RUN:
+            assert sc.driver == "none"
+            eligible = [p for p in sc.steps if scenario_module.fault_eligible(p)]
+            assert 1 <= sc.fault_at <= len(eligible)
+            params = [s.params["fault_at"] for s in build_workflow(sc, tmp_path).steps]
+            assert sorted(set(params) - {0}) == [sc.fault_at]
+        else:
+            assert sc.fault_at == 0
+        if sc.store_fault in chaos.STORE_FAULTS_AFTER_KILL or sc.driver in chaos.OWNER_DRIVERS:
+            assert sc.driver in chaos.OWNER_DRIVERS
+            assert sc.kill_after >= 1  # killed once the run is stored
+        if sc.store_fault == "lock_held":
+            assert sc.busy_timeout < 1.0
+        reference = build_workflow(sc, None, reference=True)
+        assert all(s.params["fault_at"] == 0 for s in reference.steps)
+    assert set(kinds) == {"none", *chaos.STORE_FAULTS}
+    assert 0.05 < 1 - kinds["none"] / 1500 < 0.12
 
 
 def test_the_fault_free_twin_has_the_same_graph_and_no_fault(tmp_path: Path) -> None:
@@ -428,6 +468,17 @@ def test_a_bounded_campaign_finds_no_violation(chdir_tmp: Path) -> None:
     assert summary.scenarios["cancel"] >= 3, text
     assert summary.statuses["succeeded"] >= 10, text
     assert summary.checks["artifacts"] == summary.statuses["succeeded"], text
+    # Store faults and ownership runs, at a low rate (the first 60 runs of the default
+    # seed plan 5 store faults, a race and an immediate resume).
+    struck = [k for k in summary.faults if k.startswith("store_fault:")]
+    planned = summary.scenarios["store_fault"]
+    assert planned >= 3, text
+    # Every planned store fault is accounted for: struck, missed, nothing to tear, or not run.
+    assert sum(summary.faults[k] for k in struck) + sum(summary.not_run.values()) == planned, text
+    assert summary.faults["driver:race"] >= 1, text
+    assert summary.faults["driver:resume-now"] >= 1, text
+    assert summary.checks["one-owner"] >= 3, text
+    assert summary.checks["race"] >= 1, text
 
 
 def _scenario_and_plan(
@@ -495,3 +546,216 @@ def test_oracle_accepts_fewer_attempts_only_when_the_last_was_abandoned() -> Non
     for note, expected_violations in (("abandoned", 0), (None, 1)):
         oracle = _oracle_on_one_timeout(scenario, plan, note)
         assert len(oracle) == expected_violations, oracle
+
+
+# -- store faults and ownership: the checks catch what they are for -----------------------------
+
+
+def _found(steps: dict[str, tuple[str, int]], *problems: str) -> store_faults.StoreCheck:
+    """A ``check_store`` verdict for run ``r``: step -> (status, attempts)."""
+    found = store_faults.StoreCheck()
+    found.problems.extend(problems)
+    found.steps["r"] = {sid: status for sid, (status, _) in steps.items()}
+    found.attempts["r"] = {sid: n for sid, (_, n) in steps.items() if n}
+    return found
+
+
+def test_fault_error_check_wants_the_fault_and_the_path_named(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    right = StoreFaultError(
+        f"cannot save a step in the run store {db}: (disk full)", path=str(db), fault="disk full"
+    )
+    checker = Checker(seed=1)
+    chaos.check_fault_error(checker, "disk_full", right, db)
+    assert checker.violations == []
+    for wrong in (
+        StoreFaultError(f"... {db} ... (locked)", path=str(db), fault="locked"),  # another fault
+        StoreFaultError("no path in the message (disk full)", path=str(db), fault="disk full"),
+        RuntimeError("stepvisor's supervisor failed"),  # not the store's error
+        None,
+    ):
+        bad = Checker(seed=1)
+        chaos.check_fault_error(bad, "disk_full", wrong, db)
+        assert invariants(bad) == Counter({"store-fault": 1}), wrong
+
+
+def test_a_run_not_stopped_by_the_store_may_end_with_a_step_s_own_store_error() -> None:
+    """Seed 368070511691 (first campaign with store faults): a step returned a value the
+    json codec refuses, so the run ended with an ArtifactCodecError, a StoreError that is
+    the step's doing; only a StoreFaultError says the store stopped the run."""
+    checker = Checker(seed=1)
+    codec = ArtifactCodecError("cannot store artifact 'v_c18' of step 'c18' with the json codec")
+    oracle.check_no_fault_error(checker, "disk_full", codec)
+    oracle.check_no_fault_error(checker, "lock_brief", None)
+    assert checker.violations == []
+    oracle.check_no_fault_error(
+        checker, "lock_brief", StoreFaultError("x", path="p", fault="locked")
+    )
+    assert invariants(checker) == Counter({"store-fault": 1})
+
+
+def test_committed_check_catches_a_lost_or_changed_transition() -> None:
+    before = _found({"a": ("succeeded", 1), "b": ("failed", 2), "c": ("running", 1)})
+    kept = _found({"a": ("succeeded", 1), "b": ("failed", 2), "c": ("succeeded", 2)})
+    checker = Checker(seed=1)
+    chaos.check_committed_kept(checker, before, kept, "r", what="the fault")
+    assert checker.violations == []
+    lost = _found({"a": ("running", 1), "b": ("failed", 1), "c": ("pending", 0)})
+    bad = Checker(seed=1)
+    chaos.check_committed_kept(bad, before, lost, "r", what="the fault")
+    details = [v.detail for v in bad.violations]
+    assert len(details) == 3, details
+    assert "step a was stored succeeded with 1 attempts before the fault" in details[0]
+
+
+def test_store_whole_check_wants_one_row_per_step_or_none() -> None:
+    checker = Checker(seed=1)
+    oracle.check_store_whole(checker, _found({"a": ("ok", 0)}), "r", ["a"], what="x")
+    oracle.check_store_whole(checker, store_faults.StoreCheck(), "r", ["a"], what="x")
+    assert checker.violations == []
+    oracle.check_store_whole(checker, _found({"a": ("ok", 0)}), "r", ["a", "b"], what="x")
+    oracle.check_store_whole(checker, _found({"a": ("ok", 0)}, "integrity"), "r", ["a"], what="x")
+    assert invariants(checker) == Counter({"store-fault": 2})
+
+
+def test_torn_store_check_refuses_a_success_the_wal_never_held() -> None:
+    before = _found({"a": ("succeeded", 1), "b": ("running", 1)})
+    checker = Checker(seed=1)
+    chaos.check_torn_store(
+        checker, before, _found({"a": ("running", 1), "b": ("running", 1)}), "r", ["a", "b"]
+    )
+    assert checker.violations == []  # losing the last transactions is what a torn WAL does
+    chaos.check_torn_store(
+        checker, before, _found({"a": ("succeeded", 1), "b": ("succeeded", 1)}), "r", ["a", "b"]
+    )
+    assert [v.detail for v in checker.violations] == [
+        "after the WAL was torn, steps ['b'] read succeeded; they had not"
+    ]
+
+
+def test_race_check_catches_a_step_run_by_the_loser_or_twice() -> None:
+    effects = {
+        "a": [Effect("start", "p0", 1, 9), Effect("start", "p1", 1, 10)],
+        "b": [Effect("start", "p1", 1, 10), Effect("start", "p2", 1, 11)],
+    }
+    checker = Checker(seed=1)
+    chaos.check_race_effects(checker, effects, winner="p1", loser="p2")
+    assert [v.detail for v in checker.violations] == [
+        "step b began attempts [1] in the losing resume",
+        "step b: attempts [1, 1] began across the racing resumes",
+    ]
+    clean = Checker(seed=1)
+    chaos.check_race_effects(clean, {"a": effects["a"]}, winner="p1", loser="p2")
+    assert clean.violations == []
+
+
+class _FakeRacer:
+    """What ``store_runs._race`` talks to: lines said, words heard."""
+
+    def __init__(self, phase: str, lines: list[str], pid: int) -> None:
+        self.phase = phase
+        self._lines = iter(lines)
+        self.heard: list[str] = []
+        self.proc = type("P", (), {"pid": pid})()
+
+    def line(self, deadline: float) -> str | None:
+        return next(self._lines, None)
+
+    def say(self, word: str) -> None:
+        self.heard.append(word)
+
+
+def test_race_check_refuses_two_owners_and_lets_both_go_at_once(tmp_path: Path) -> None:
+    checker = Checker(seed=1)
+    ctx = type("Ctx", (), {"checker": checker})()
+    both = [_FakeRacer(p, ["ready", "claimed"], 100 + i) for i, p in enumerate(("p1", "p2"))]
+    assert store_runs._race(ctx, both) is None  # type: ignore[arg-type]
+    assert [v.detail for v in checker.violations] == [
+        "of two racing resumes, exactly one must own the run; "
+        "they said {'p1': 'claimed', 'p2': 'claimed'}"
+    ]
+    assert [r.heard for r in both] == [["go", "settle"], ["go", "settle"]]
+    late = [_FakeRacer("p1", ["ready"], 1), _FakeRacer("p2", [], 2)]
+    checker.violations.clear()
+    assert store_runs._race(ctx, late) is None  # type: ignore[arg-type]
+    assert [r.heard for r in late] == [[], []]  # nobody goes before both are ready
+    assert "the racers did not get ready" in checker.violations[0].detail
+
+
+# -- store faults and ownership: real runs --------------------------------------------------------
+
+
+def _kind_seed(kind: str) -> int:
+    """A small, quick scenario of this store fault or ownership kind, sure to strike."""
+    return _kind_seeds()[kind]
+
+
+@functools.cache
+def _kind_seeds() -> dict[str, int]:
+    wanted = {*chaos.STORE_FAULTS, *chaos.OWNER_DRIVERS}
+    found: dict[str, int] = {}
+    for seed in run_seeds(31, 30000):
+        sc = generate(seed)
+        kind = sc.store_fault if sc.store_fault != "none" else sc.driver
+        if kind not in wanted or kind in found:
+            continue
+        quick = all(p.executor != "process" for p in sc.steps) and all(
+            p.fault not in ("timeout", "ignore_cancel") for p in sc.steps
+        )
+        if kind in chaos.STORE_FAULTS_IN_RUN:
+            quick = quick and sc.fault_at == 1 and all(p.fault == "ok" for p in sc.steps)
+            quick = quick and len(sc.steps) <= 12
+        else:
+            # Killed as its first attempt begins, with the rest of the run still to go.
+            rest = sum(p.duration for p in sc.steps) / min(sc.max_parallel, 2)
+            quick = quick and sc.kill_after == 1 and sc.kill_delay < 0.01 and rest > 0.03
+        if quick:
+            found[kind] = seed
+            if set(found) == wanted:
+                return found
+    raise AssertionError(f"no quick seed of kinds {sorted(wanted - set(found))}")
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("kind", [*chaos.STORE_FAULTS, *chaos.OWNER_DRIVERS])
+def test_each_store_fault_and_ownership_run_strikes_and_passes_its_checks(
+    kind: str, tmp_path: Path, chdir_tmp: Path
+) -> None:
+    if kind in chaos.STORE_FAULTS_MOUNTED and chaos.mount_problem() is not None:
+        pytest.skip(f"{kind} needs a tmpfs: {chaos.mount_problem()}")
+    seed = _kind_seed(kind)
+    report = run_one(seed, tmp_path)
+    assert report.violations == [], "\n".join(map(str, report.violations))
+    struck = {
+        k: v for k, v in report.faults.items() if k.startswith(("store_fault:", "lock_brief:"))
+    }
+    if kind in chaos.STORE_FAULTS:
+        assert report.faults[f"store_fault:{kind}"] == 1, struck
+        # A brief lock is waited out: the run is checked as any other, plus "no fault error".
+        assert report.checks["store-fault"] >= (1 if kind == "lock_brief" else 3), report.checks
+    if kind == "lock_brief":
+        assert report.faults["lock_brief:waited"] + report.faults["lock_brief:timed"] == 1
+    if kind in ("race", "resume-now", *chaos.STORE_FAULTS_AFTER_KILL):
+        assert report.faults["driver_sigkill"] == 1
+        assert report.checks["one-owner"] >= 2
+    if kind == "race":
+        assert report.checks["race"] >= len(report.scenario.steps)
+        assert report.checks["one-owner"] >= 3
+    assert report.status in ("succeeded", "failed")
+    assert list(tmp_path.iterdir()) == []  # the run's directory (and any mount) is gone
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("kind", sorted(chaos.STORE_FAULTS_MOUNTED))
+def test_a_fault_that_needs_a_mount_is_reported_not_run_never_dropped(
+    kind: str, tmp_path: Path, chdir_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(campaign_module, "mount_problem", lambda: "cannot mount (test)")
+    seed = _kind_seed(kind)
+    report = run_one(seed, tmp_path)
+    assert report.violations == [], "\n".join(map(str, report.violations))
+    assert report.not_run == {kind: "not run: cannot mount (test)"}
+    assert not any(k.startswith("store_fault:") for k in report.faults)
+    summary = chaos.CampaignSummary(seed=0)
+    summary.add(report)
+    assert f"store faults not run: {kind} 1 (not run: cannot mount (test))" in summary.render()

@@ -11,17 +11,24 @@ replayed alone::
 How one run goes::
 
     run seed ─▶ generate(): Scenario (a DAG of 3-25 steps; thread, async and      pure
-                process steps; a fault per step, maybe; settings; a cancel
-                or a driver kill, maybe)
+                process steps; a fault per step, maybe; settings; a cancel,
+                a driver kill, a store fault or an ownership race, maybe)
              ─▶ build_workflow(): sv.Workflow of chaos_step / chaos_step_async      pure
              ─▶ execute, in one of two ways, while a monitor loop on this thread
                 SIGKILLs process steps that asked for it (pid files) and
                 cancels the run on time:
                   in-process  memory or SQLite store
                   driver      a program running the workflow on SQLite is
-                              SIGKILLed mid-run, then the run is resumed here,
+                              SIGKILLed mid-run, then the run is resumed here
+                              (at once, or with a clock that makes it stale),
                               in another program, or in another program that is
                               killed too before a last resume here
+                  race        as driver, then two programs resume the run at
+                              the same moment (a barrier over their pipes)
+                  store fault a store fault strikes the run here as an attempt
+                              begins (full disk, lock, file deleted/replaced),
+                              or after a driver kill (read-only, torn WAL);
+                              fixed, then resumed here at once
              ─▶ observe: the RunResult (or the stored run), the side-effect files,
                 live processes and threads, the SQLite file
              ─▶ check: each invariant counted; a failure is a Violation naming
@@ -31,7 +38,9 @@ The campaign is test tooling, not part of the library: it lives with the tests,
 run from the repository root (``make chaos`` does).  Its modules, in the order a
 run uses them: ``scenario`` (generate, build_workflow), ``steps`` (the step
 functions), ``runner`` (execute and observe), ``observe`` (what a run left),
-``oracle`` (the checks), ``campaign`` (many runs, the command line).
+``oracle`` (the checks), ``store_runs`` (store faults and racing resumes),
+``programs`` (the driver and racer programs), ``campaign`` (one run, many runs,
+the command line).
 
 The step functions are module-level functions of ``tests.chaos.steps``, so process
 steps and resumed runs in other programs import them; each step learns what to do
@@ -58,7 +67,21 @@ What is checked (``INVARIANTS``):
   ``PRAGMA integrity_check`` and opens as a store;
 * ``processes`` / ``threads``: nothing of the run is left running (abandoned
   daemon threads excepted, and counted);
-* ``bound``: the run ended within a bound derived from its timeouts.
+* ``bound``: the run ended within a bound derived from its timeouts;
+* ``store-fault``: a store fault stops the run with a ``StoreFaultError``
+  naming the file and the fault (a brief lock is waited out), the store then
+  passes ``tests.store_faults.check_store`` (integrity, one status row per
+  step) and keeps every transition committed before the fault (a torn WAL:
+  loses only whole transactions at its end); a read-only store refuses the
+  resume and changes not a byte;
+* ``one-owner``: a run whose owner was SIGKILLed reads ``interrupted`` at once,
+  and a resume with a huge ``stale_after`` gets through; of two racing
+  resumes exactly one owns the run, and the other's ``RunOwnedError`` and the
+  store both name it;
+* ``race``: across two racing resumes no step runs twice (the loser runs none).
+
+Not covered yet (the features are not built): no shared-memory segment left
+behind after child and parent kills; an engine stays usable after any fault.
 """
 
 from __future__ import annotations
@@ -66,7 +89,9 @@ from __future__ import annotations
 from tests.chaos.campaign import (
     CampaignSummary,
     main,
+    mount_problem,
     run_campaign,
+    run_one,
     run_seeds,
 )
 from tests.chaos.observe import (
@@ -80,23 +105,29 @@ from tests.chaos.oracle import (
     Checker,
     Violation,
     check_artifacts,
+    check_committed_kept,
     check_effects,
+    check_fault_error,
     check_no_rerun,
     check_outcome,
     check_processes_gone,
+    check_race_effects,
     check_sqlite_file,
     check_store_agrees,
     check_threads,
+    check_torn_store,
     expected_outcome,
 )
-from tests.chaos.runner import (
-    RunReport,
-    run_one,
-)
+from tests.chaos.runner import RunReport
 from tests.chaos.scenario import (
     FAULTS,
     FAULTS_PROCESS,
     FOREVER,
+    OWNER_DRIVERS,
+    STORE_FAULTS,
+    STORE_FAULTS_AFTER_KILL,
+    STORE_FAULTS_IN_RUN,
+    STORE_FAULTS_MOUNTED,
     Scenario,
     StepPlan,
     build_workflow,
@@ -115,6 +146,11 @@ __all__ = [
     "FOREVER",
     "INVARIANTS",
     "MARK_VAR",
+    "OWNER_DRIVERS",
+    "STORE_FAULTS",
+    "STORE_FAULTS_AFTER_KILL",
+    "STORE_FAULTS_IN_RUN",
+    "STORE_FAULTS_MOUNTED",
     "CampaignSummary",
     "Checker",
     "Effect",
@@ -127,17 +163,22 @@ __all__ = [
     "chaos_step",
     "chaos_step_async",
     "check_artifacts",
+    "check_committed_kept",
     "check_effects",
+    "check_fault_error",
     "check_no_rerun",
     "check_outcome",
     "check_processes_gone",
+    "check_race_effects",
     "check_sqlite_file",
     "check_store_agrees",
     "check_threads",
+    "check_torn_store",
     "expected_outcome",
     "generate",
     "main",
     "marked_processes",
+    "mount_problem",
     "read_effects",
     "run_bound",
     "run_campaign",

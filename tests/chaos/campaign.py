@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
 import random
 import secrets
 import shutil
@@ -13,12 +16,115 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tests.chaos.oracle import Violation
-from tests.chaos.runner import RunReport, drive, run_one
-from tests.chaos.scenario import FAULTS
+from tests import store_faults
+from tests.chaos.observe import Outcome
+from tests.chaos.oracle import Checker, Violation, check_artifacts
+from tests.chaos.programs import drive
+from tests.chaos.runner import (
+    RunContext,
+    RunReport,
+    count_faults,
+    db_path,
+    reference_artifacts,
+    run_in_process,
+    run_with_driver,
+)
+from tests.chaos.scenario import (
+    FAULTS,
+    STORE_FAULTS_AFTER_KILL,
+    STORE_FAULTS_IN_RUN,
+    STORE_FAULTS_MOUNTED,
+    build_workflow,
+    generate,
+)
+from tests.chaos.steps import MARK_VAR
+from tests.chaos.store_runs import run_after_kill_fault, run_race, run_with_store_fault
+
+#: The size of the tmpfs a full-disk or read-only run keeps its store on.
+DISK_KIB = 4096
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+@functools.cache
+def mount_problem() -> str | None:
+    """Why this program cannot mount a tmpfs (for the full-disk and read-only faults), or None."""
+    probe = Path(tempfile.mkdtemp(prefix="stepvisor-chaos-mount-"))
+    try:
+        return store_faults.mounting_works(probe)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _execute(ctx: RunContext) -> Outcome | None:
+    s = ctx.scenario
+    if s.store_fault in STORE_FAULTS_IN_RUN:
+        return run_with_store_fault(ctx)
+    if s.store_fault in STORE_FAULTS_AFTER_KILL:
+        return run_after_kill_fault(ctx)
+    if s.driver == "race":
+        return run_race(ctx)
+    if s.driver != "none":
+        return run_with_driver(ctx)
+    return run_in_process(ctx)
+
+
+def run_one(seed: int, workdir: Path, *, token: str | None = None) -> RunReport:
+    """Generate, execute and check the run of ``seed`` in a fresh directory under ``workdir``.
+
+    A fault that needs a tmpfs where none can be mounted is not injected: the
+    report says so (``not_run``), and the run goes without it.
+    """
+    generated = generate(seed)
+    scenario = generated
+    report = RunReport(seed, generated)
+    if generated.store_fault in STORE_FAULTS_MOUNTED and mount_problem() is not None:
+        report.not_run[generated.store_fault] = f"not run: {mount_problem()}"
+        scenario = replace(generated, store_fault="none", fault_at=0)
+    checker = Checker(seed)
+    run_dir = workdir / f"run-{seed}"
+    (run_dir / "effects").mkdir(parents=True)
+    (run_dir / "pids").mkdir()
+    wf = build_workflow(scenario, run_dir)
+    ctx = RunContext(
+        scenario,
+        run_dir,
+        token or secrets.token_hex(4),
+        checker,
+        report,
+        wf,
+        wf.graph.order,
+        db_path(run_dir, generated),
+    )
+    count_faults(scenario, report.faults)
+    started = time.monotonic()
+    previous_mark = os.environ.get(MARK_VAR)
+    try:
+        with contextlib.ExitStack() as mounted:
+            if scenario.store_fault in STORE_FAULTS_MOUNTED:
+                mounted.enter_context(store_faults.small_disk(ctx.db.parent, size_kib=DISK_KIB))
+            outcome = _execute(ctx)
+        if outcome is not None:
+            report.status = outcome.status
+            if outcome.status == "succeeded":
+                check_artifacts(checker, outcome, reference_artifacts(scenario))
+    finally:
+        if previous_mark is None:
+            os.environ.pop(MARK_VAR, None)
+        else:
+            os.environ[MARK_VAR] = previous_mark
+        report.seconds = time.monotonic() - started
+        report.checks = checker.counts
+        report.violations = checker.violations
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return report
+
+
+# -- a campaign ----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -35,9 +141,15 @@ class CampaignSummary:
     violations: list[Violation] = field(default_factory=list)
     abandoned: int = 0
     slowest: tuple[float, int] = (0.0, 0)
+    #: Fault kind -> how many runs did not get it, and why.
+    not_run: Counter[str] = field(default_factory=Counter)
+    not_run_why: dict[str, str] = field(default_factory=dict)
 
     def add(self, report: RunReport) -> None:
         self.runs += 1
+        for kind, why in report.not_run.items():
+            self.not_run[kind] += 1
+            self.not_run_why[kind] = why
         self.faults.update(report.faults)
         self.checks.update(report.checks)
         self.statuses[report.status] += 1
@@ -48,6 +160,8 @@ class CampaignSummary:
             self.scenarios["driver"] += 1
         if s.cancel_at is not None:
             self.scenarios["cancel"] += 1
+        if s.store_fault != "none":
+            self.scenarios["store_fault"] += 1
         self.violations.extend(report.violations)
         self.abandoned += report.abandoned
         self.slowest = max(self.slowest, (report.seconds, report.seed))
@@ -59,6 +173,20 @@ class CampaignSummary:
             k: v for k, v in self.faults.items() if ":" in k and not k.startswith("executor:")
         }
         run_faults |= {k: v for k, v in self.faults.items() if k.startswith("driver_")}
+        store = {
+            k.split(":", 1)[1]: v for k, v in self.faults.items() if k.startswith("store_fault:")
+        }
+        for k in store:
+            run_faults.pop(f"store_fault:{k}", None)
+        injected = {k: v for k, v in store.items() if ":" not in k}
+        lock_brief = {k: v for k, v in run_faults.items() if k.startswith("lock_brief:")}
+        for k in lock_brief:
+            run_faults.pop(k)
+        owners = {k: v for k, v in run_faults.items() if k in ("driver:race", "driver:resume-now")}
+        not_run = [
+            f"{kind} {self.not_run[kind]} ({self.not_run_why[kind]})"
+            for kind in sorted(self.not_run)
+        ]
         lines = [
             f"stepvisor chaos: {self.runs} runs in {self.seconds:.1f} s "
             f"(campaign seed {self.seed}), {len(self.violations)} violations",
@@ -67,6 +195,11 @@ class CampaignSummary:
             f"  run statuses: {_pairs(self.statuses)}",
             f"  step faults injected: {sum(step_faults.values())} ({_pairs(step_faults)})",
             f"  run faults injected: {_pairs(run_faults)}",
+            f"  store faults injected: {sum(injected.values())} ({_pairs(injected)}); "
+            f"other outcomes: {_pairs({k: v for k, v in store.items() if ':' in k})}; "
+            f"brief locks released: {_pairs(lock_brief)}",
+            f"  store faults not run: {'; '.join(not_run) or 'none'}",
+            f"  ownership runs: {_pairs(owners)} (each after a SIGKILL of the owner)",
             f"  invariant checks: {sum(self.checks.values())} ({_pairs(self.checks)})",
             f"  abandoned daemon threads (excepted from the thread check): {self.abandoned}",
             f"  slowest run: {self.slowest[0]:.2f} s (seed {self.slowest[1]})",
@@ -146,6 +279,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--drive", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--drive-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--drive-resume", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--drive-race", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -156,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.drive is not None:
         if args.drive_dir is None:
             parser.error("--drive needs --drive-dir")
-        return drive(args.drive, args.drive_dir, resume=args.drive_resume)
+        return drive(args.drive, args.drive_dir, resume=args.drive_resume, race=args.drive_race)
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
     if args.budget_seconds is not None and not args.budget_seconds > 0:

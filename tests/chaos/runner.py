@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,13 +25,13 @@ from typing import Any, Final
 
 import stepvisor as sv
 from stepvisor.core.model import Workflow
-from stepvisor.errors import RunNotFoundError, StoreError
+from stepvisor.core.state import RunStatus
+from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.sqlite import SQLiteStore
 from tests.chaos.observe import Outcome, abandoned_threads, carries_mark, read_effects, start_counts
 from tests.chaos.oracle import (
     Checker,
     Violation,
-    check_artifacts,
     check_effects,
     check_no_rerun,
     check_outcome,
@@ -42,7 +40,14 @@ from tests.chaos.oracle import (
     check_store_agrees,
     check_threads,
 )
-from tests.chaos.scenario import Scenario, build_workflow, generate, overrides, run_bound
+from tests.chaos.scenario import (
+    NEVER_STALE,
+    STORE_FAULTS_MOUNTED,
+    Scenario,
+    build_workflow,
+    overrides,
+    run_bound,
+)
 from tests.chaos.steps import MARK_VAR
 
 #: How often the monitor loop looks at pid files, the clock and the driver.
@@ -68,6 +73,8 @@ class RunReport:
     abandoned: int = 0
     status: str = "?"
     seconds: float = 0.0
+    #: Fault kind -> why it was not injected in this run (e.g. no tmpfs can be mounted).
+    not_run: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
         s = self.scenario
@@ -127,7 +134,7 @@ class _StoreCanceller:
 
 
 @dataclass(slots=True)
-class _Context:
+class RunContext:
     """What the execution functions share for one run."""
 
     scenario: Scenario
@@ -137,20 +144,27 @@ class _Context:
     report: RunReport
     wf: Any
     order: tuple[str, ...]
+    db: Path
 
     def mark(self, phase: str) -> str:
         return f"{self.token}.{self.scenario.seed}.{phase}"
 
-    @property
-    def db(self) -> Path:
-        return self.run_dir / "runs.db"
+
+def db_path(run_dir: Path, scenario: Scenario) -> Path:
+    """Where a run's SQLite store lives: on the run's small tmpfs when its fault needs one.
+
+    A function of the *generated* scenario, so the programs a run starts find it too.
+    """
+    if scenario.store_fault in STORE_FAULTS_MOUNTED:
+        return run_dir / "disk" / "runs.db"
+    return run_dir / "runs.db"
 
 
-def _set_mark(mark: str) -> None:
+def set_mark(mark: str) -> None:
     os.environ[MARK_VAR] = mark
 
 
-def _reference_artifacts(scenario: Scenario) -> dict[str, Any]:
+def reference_artifacts(scenario: Scenario) -> dict[str, Any]:
     result = sv.run(
         build_workflow(scenario, None, reference=True),
         **{**overrides(scenario), "on_failure": "fail_fast"},
@@ -160,15 +174,19 @@ def _reference_artifacts(scenario: Scenario) -> dict[str, Any]:
     return dict(result.artifacts)
 
 
-def _watch(
-    ctx: _Context,
+def watch(
+    ctx: RunContext,
     done: Callable[[], bool],
     *,
     bound: float,
     cancel: Callable[[], bool] | None = None,
     cancel_at: float | None = None,
+    hook: Callable[[], None] | None = None,
 ) -> tuple[bool, bool]:
-    """Poll until ``done()`` or ``bound`` seconds; returns (finished, cancel issued)."""
+    """Poll until ``done()`` or ``bound`` seconds; returns (finished, cancel issued).
+
+    ``hook`` is called at every poll too (the store-fault injector).
+    """
     monitor = _Monitor(ctx.run_dir, ctx.mark(""), ctx.report.faults)
     start = time.monotonic()
     issued = False
@@ -177,18 +195,20 @@ def _watch(
         if elapsed > bound:
             return False, issued
         monitor.kill_requested()
+        if hook is not None:
+            hook()
         if cancel is not None and cancel_at is not None and not issued and elapsed >= cancel_at:
             issued = cancel()
         time.sleep(_POLL)
     return True, issued
 
 
-def _run_in_process(ctx: _Context) -> Outcome | None:
+def run_in_process(ctx: RunContext) -> Outcome | None:
     """Run the scenario here on a memory or SQLite store, cancelling it if planned."""
     scenario = ctx.scenario
     store: Any = sv.MemoryStore() if scenario.store == "memory" else str(ctx.db)
     threads_before = set(threading.enumerate())
-    _set_mark(ctx.mark("p0"))
+    set_mark(ctx.mark("p0"))
     handle = sv.start(ctx.wf, store=store, run_id=scenario.run_id, **overrides(scenario))
     cancel: Callable[[], bool] | None = None
     if scenario.cancel_at is not None:
@@ -203,8 +223,8 @@ def _run_in_process(ctx: _Context) -> Outcome | None:
 
             ctx.report.faults["cancel:handle"] += 1
     bound = run_bound(scenario)
-    _, issued = _watch(ctx, handle.done, bound=bound, cancel=cancel, cancel_at=scenario.cancel_at)
-    result = _wait(ctx, handle, bound)
+    _, issued = watch(ctx, handle.done, bound=bound, cancel=cancel, cancel_at=scenario.cancel_at)
+    result = wait_result(ctx, handle, bound)
     if result is None:
         return None
     outcome = Outcome.from_result(result)
@@ -213,14 +233,14 @@ def _run_in_process(ctx: _Context) -> Outcome | None:
     if isinstance(store, sv.MemoryStore):
         check_store_agrees(ctx.checker, store.load(scenario.run_id), outcome, ctx.order)
     else:
-        _check_stored_run(ctx, outcome)
+        check_stored_run(ctx, outcome)
     check_processes_gone(ctx.checker, ctx.mark("p0"), what="the run")
     excepted = check_threads(ctx.checker, threads_before, abandoned_threads(outcome))
     ctx.report.abandoned += len(excepted)
     return outcome
 
 
-def _wait(ctx: _Context, handle: Any, bound: float) -> Any:
+def wait_result(ctx: RunContext, handle: Any, bound: float) -> Any:
     """``handle.wait`` within what is left of the bound; a TimeoutError is a violation."""
     try:
         return handle.wait(timeout=max(1.0, bound * 0.1))
@@ -234,7 +254,7 @@ def _wait(ctx: _Context, handle: Any, bound: float) -> Any:
     return None
 
 
-def _check_stored_run(ctx: _Context, outcome: Outcome) -> None:
+def check_stored_run(ctx: RunContext, outcome: Outcome) -> None:
     check_sqlite_file(ctx.checker, ctx.db)
     with SQLiteStore(ctx.db, create=False) as store:
         check_store_agrees(ctx.checker, store.load(ctx.scenario.run_id), outcome, ctx.order)
@@ -243,7 +263,7 @@ def _check_stored_run(ctx: _Context, outcome: Outcome) -> None:
 # -- the driver scenario: SIGKILL the program running the workflow, then resume ----------------
 
 
-class _Ahead:
+class Ahead:
     """A wall clock a minute ahead, so a killed run's last heartbeat reads as stale."""
 
     def wall(self) -> float:
@@ -259,7 +279,14 @@ class _Ahead:
         raise NotImplementedError("only the store reads this clock")
 
 
-def _spawn_driver(ctx: _Context, phase: str, *, resume: bool) -> subprocess.Popen[bytes]:
+def spawn_driver(
+    ctx: RunContext, phase: str, *, resume: bool, race: bool = False
+) -> subprocess.Popen[bytes]:
+    """A driver program for ``phase``: runs the workflow, resumes it, or races to resume it.
+
+    A racer talks to this program over its stdin and stdout (see
+    :mod:`tests.chaos.programs`); the others write to a log file.
+    """
     env = dict(os.environ)
     env[MARK_VAR] = ctx.mark(phase)
     # The driver must import this stepvisor and this tests.chaos, whatever its directory.
@@ -276,14 +303,19 @@ def _spawn_driver(ctx: _Context, phase: str, *, resume: bool) -> subprocess.Pope
     ]
     if resume:
         argv.append("--drive-resume")
+    if race:
+        argv.append("--drive-race")
     log = open(ctx.run_dir / f"driver-{phase}.log", "wb")  # noqa: SIM115 - closed below
     try:
+        if race:
+            pipe = subprocess.PIPE
+            return subprocess.Popen(argv, env=env, stdin=pipe, stdout=pipe, stderr=log)
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     finally:
         log.close()
 
 
-def _driver_log(ctx: _Context, phase: str) -> str:
+def driver_log(ctx: RunContext, phase: str) -> str:
     try:
         text = (ctx.run_dir / f"driver-{phase}.log").read_text(errors="replace")
     except OSError:
@@ -291,10 +323,17 @@ def _driver_log(ctx: _Context, phase: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else ""
 
 
-def _kill_driver_midway(ctx: _Context, phase: str, *, resume: bool, kill_after: int) -> None:
-    """Start a driver program, SIGKILL it once ``kill_after`` attempts began, check the wreck."""
+def kill_driver_midway(
+    ctx: RunContext, phase: str, *, resume: bool, kill_after: int, inspect: bool = True
+) -> None:
+    """Start a driver program, SIGKILL it once ``kill_after`` attempts began, check the wreck.
+
+    ``inspect=False`` leaves the store unopened (the caller checks it later):
+    the last connection to close folds the WAL into the file, and a torn-WAL
+    run must tear the WAL the killed program left.
+    """
     scenario = ctx.scenario
-    proc = _spawn_driver(ctx, phase, resume=resume)
+    proc = spawn_driver(ctx, phase, resume=resume)
     bound = run_bound(scenario) + 10.0
     effects_dir = ctx.run_dir / "effects"
 
@@ -304,7 +343,7 @@ def _kill_driver_midway(ctx: _Context, phase: str, *, resume: bool, kill_after: 
         begun = sum(p.read_bytes().count(b"start") for p in effects_dir.glob("*.log"))
         return begun >= kill_after
 
-    finished, _ = _watch(ctx, progressed, bound=bound)
+    finished, _ = watch(ctx, progressed, bound=bound)
     if not finished:
         ctx.checker.fail("bound", f"driver {phase} made no progress in {bound:g} s")
     time.sleep(scenario.kill_delay)
@@ -318,17 +357,35 @@ def _kill_driver_midway(ctx: _Context, phase: str, *, resume: bool, kill_after: 
         return
     if proc.returncode not in (0, -signal.SIGKILL):
         ctx.checker.fail(
-            "store", f"driver {phase} exited {proc.returncode}: {_driver_log(ctx, phase)}"
+            "store", f"driver {phase} exited {proc.returncode}: {driver_log(ctx, phase)}"
         )
     check_processes_gone(ctx.checker, ctx.mark(phase), what=f"the killed driver {phase}")
-    check_sqlite_file(ctx.checker, ctx.db)
+    if inspect:
+        check_sqlite_file(ctx.checker, ctx.db)
+        check_dead_owner_seen(ctx)
 
 
-def _stored_successes(ctx: _Context) -> set[str]:
+def check_dead_owner_seen(ctx: RunContext) -> None:
+    """A run whose owner was killed reads ``interrupted`` at once, however fresh its heartbeat."""
+    if not ctx.db.exists():
+        return
+    with SQLiteStore(ctx.db, create=False, stale_after=NEVER_STALE) as store:
+        try:
+            info = store.load(ctx.scenario.run_id).info
+        except RunNotFoundError:
+            return
+    ctx.checker.check(
+        "one-owner",
+        info.status is not RunStatus.RUNNING,
+        lambda: f"the run's owner was killed, but the store still reads it running ({info.owner})",
+    )
+
+
+def stored_successes(ctx: RunContext) -> set[str]:
     """Steps the store holds as succeeded now (none when the run was never begun)."""
     if not ctx.db.exists():
         return set()
-    with SQLiteStore(ctx.db, create=False, clock=_Ahead()) as store:
+    with SQLiteStore(ctx.db, create=False, clock=Ahead()) as store:
         try:
             stored = store.load(ctx.scenario.run_id)
         except RunNotFoundError:
@@ -336,29 +393,50 @@ def _stored_successes(ctx: _Context) -> set[str]:
     return {sid for sid, rec in stored.steps.items() if str(rec.status) == "succeeded"}
 
 
-def _resume_here(ctx: _Context, phase: str) -> Outcome | None:
+def resume_here(ctx: RunContext, phase: str, *, immediate: bool = False) -> Outcome | None:
+    """Resume the run in this program; ``immediate``: with the real clock and a huge
+    ``stale_after``, so only the detection of a dead owner can let the resume through."""
     scenario = ctx.scenario
     threads_before = set(threading.enumerate())
-    _set_mark(ctx.mark(phase))
-    store = SQLiteStore(ctx.db, clock=_Ahead())
+    set_mark(ctx.mark(phase))
+    if immediate:
+        store = SQLiteStore(ctx.db, stale_after=NEVER_STALE)
+    else:
+        store = SQLiteStore(ctx.db, clock=Ahead())
     try:
-        handle = _resume_or_start(store, ctx.wf, scenario, ctx.report.faults)
+        try:
+            handle = resume_or_start(store, ctx.wf, scenario, ctx.report.faults)
+        except RunOwnedError as exc:
+            ctx.checker.fail("one-owner", f"the resume was refused: {exc}")
+            return None
+        if immediate:
+            check_owner_is_me(ctx, store)
         bound = run_bound(scenario)
-        _watch(ctx, handle.done, bound=bound)
-        result = _wait(ctx, handle, bound)
+        watch(ctx, handle.done, bound=bound)
+        result = wait_result(ctx, handle, bound)
     finally:
         store.close()
     if result is None:
         return None
     outcome = Outcome.from_result(result)
-    _check_stored_run(ctx, outcome)
+    check_stored_run(ctx, outcome)
     check_processes_gone(ctx.checker, ctx.mark(phase), what="the resumed run")
     excepted = check_threads(ctx.checker, threads_before, abandoned_threads(outcome))
     ctx.report.abandoned += len(excepted)
     return outcome
 
 
-def _resume_or_start(
+def check_owner_is_me(ctx: RunContext, store: SQLiteStore) -> None:
+    """Once a resume is under way, the store names this program as the run's one owner."""
+    owner = store.load(ctx.scenario.run_id).info.owner
+    ctx.checker.check(
+        "one-owner",
+        owner is not None and owner.pid == os.getpid(),
+        lambda: f"this program resumed the run, but the store names {owner} as its owner",
+    )
+
+
+def resume_or_start(
     store: SQLiteStore, wf: Workflow, scenario: Scenario, faults: Counter[str]
 ) -> sv.RunHandle:
     """Resume the run, or start it afresh if the kill came before it was stored."""
@@ -372,17 +450,17 @@ def _resume_or_start(
     return sv.resume_start(run_id, wf, store=store, **settings)
 
 
-def _resume_in_program(ctx: _Context, phase: str) -> Outcome | None:
-    proc = _spawn_driver(ctx, phase, resume=True)
+def resume_in_program(ctx: RunContext, phase: str) -> Outcome | None:
+    proc = spawn_driver(ctx, phase, resume=True)
     bound = run_bound(ctx.scenario) + 10.0
-    finished, _ = _watch(ctx, lambda: proc.poll() is not None, bound=bound)
+    finished, _ = watch(ctx, lambda: proc.poll() is not None, bound=bound)
     if not finished:
         ctx.checker.fail("bound", f"the resuming program did not end within {bound:g} s")
         proc.kill()
     proc.wait()
     if proc.returncode != 0:
         ctx.checker.fail(
-            "store", f"the resuming program exited {proc.returncode}: {_driver_log(ctx, phase)}"
+            "store", f"the resuming program exited {proc.returncode}: {driver_log(ctx, phase)}"
         )
         return None
     check_sqlite_file(ctx.checker, ctx.db)
@@ -392,17 +470,17 @@ def _resume_in_program(ctx: _Context, phase: str) -> Outcome | None:
     return Outcome.from_stored(stored, ctx.order)
 
 
-def _run_with_driver(ctx: _Context) -> Outcome | None:
+def run_with_driver(ctx: RunContext) -> Outcome | None:
     """Kill a driver program mid-run (maybe twice), then resume; check nothing ran again."""
     scenario = ctx.scenario
     ctx.report.faults[f"driver:{scenario.driver}"] += 1
-    _kill_driver_midway(ctx, "p0", resume=False, kill_after=scenario.kill_after)
+    kill_driver_midway(ctx, "p0", resume=False, kill_after=scenario.kill_after)
     phase = "p1"
     if scenario.driver == "kill-twice":
-        done_before = _stored_successes(ctx)
+        done_before = stored_successes(ctx)
         counts_before = start_counts(read_effects(ctx.run_dir))
         again = random.Random(scenario.seed + 1).randint(0, len(scenario.steps))
-        _kill_driver_midway(ctx, "p1", resume=True, kill_after=sum(counts_before.values()) + again)
+        kill_driver_midway(ctx, "p1", resume=True, kill_after=sum(counts_before.values()) + again)
         check_no_rerun(
             ctx.checker,
             succeeded_before=done_before,
@@ -411,14 +489,26 @@ def _run_with_driver(ctx: _Context) -> Outcome | None:
             what="the second kill",
         )
         phase = "p2"
-    done_before = _stored_successes(ctx)
+    done_before = stored_successes(ctx)
     counts_before = start_counts(read_effects(ctx.run_dir))
     if scenario.driver == "resume-program":
-        outcome = _resume_in_program(ctx, phase)
+        outcome = resume_in_program(ctx, phase)
     else:
-        outcome = _resume_here(ctx, phase)
+        outcome = resume_here(ctx, phase, immediate=scenario.driver == "resume-now")
+    return check_resumed(ctx, outcome, phase, done_before, counts_before)
+
+
+def check_resumed(
+    ctx: RunContext,
+    outcome: Outcome | None,
+    phase: str,
+    done_before: set[str],
+    counts_before: dict[str, int],
+) -> Outcome | None:
+    """The checks of a resumed run: nothing stored succeeded ran again, and the oracle."""
     if outcome is None:
         return None
+    scenario = ctx.scenario
     check_no_rerun(
         ctx.checker,
         succeeded_before=done_before,
@@ -431,57 +521,7 @@ def _run_with_driver(ctx: _Context) -> Outcome | None:
     return outcome
 
 
-def drive(seed: int, run_dir: Path, *, resume: bool) -> int:
-    """The driver program: run (or resume) the scenario of ``seed`` on ``run_dir/runs.db``."""
-    scenario = generate(seed)
-    wf = build_workflow(scenario, run_dir)
-    db = run_dir / "runs.db"
-    if not resume:
-        sv.run(wf, store=str(db), run_id=scenario.run_id, **overrides(scenario))
-        return 0
-    with SQLiteStore(db, clock=_Ahead()) as store:
-        _resume_or_start(store, wf, scenario, Counter()).wait()
-    return 0
-
-
-# -- one run, a campaign ------------------------------------------------------------------------
-
-
-def _count_faults(scenario: Scenario, faults: Counter[str]) -> None:
+def count_faults(scenario: Scenario, faults: Counter[str]) -> None:
     for plan in scenario.steps:
         faults[plan.fault] += 1
         faults[f"executor:{plan.executor}"] += 1
-
-
-def run_one(seed: int, workdir: Path, *, token: str | None = None) -> RunReport:
-    """Generate, execute and check the run of ``seed`` in a fresh directory under ``workdir``."""
-    scenario = generate(seed)
-    report = RunReport(seed, scenario)
-    checker = Checker(seed)
-    run_dir = workdir / f"run-{seed}"
-    (run_dir / "effects").mkdir(parents=True)
-    (run_dir / "pids").mkdir()
-    wf = build_workflow(scenario, run_dir)
-    ctx = _Context(
-        scenario, run_dir, token or secrets.token_hex(4), checker, report, wf, wf.graph.order
-    )
-    _count_faults(scenario, report.faults)
-    started = time.monotonic()
-    previous_mark = os.environ.get(MARK_VAR)
-    try:
-        execute = _run_in_process if scenario.driver == "none" else _run_with_driver
-        outcome = execute(ctx)
-        if outcome is not None:
-            report.status = outcome.status
-            if outcome.status == "succeeded":
-                check_artifacts(checker, outcome, _reference_artifacts(scenario))
-    finally:
-        if previous_mark is None:
-            os.environ.pop(MARK_VAR, None)
-        else:
-            os.environ[MARK_VAR] = previous_mark
-        report.seconds = time.monotonic() - started
-        report.checks = checker.counts
-        report.violations = checker.violations
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return report

@@ -38,6 +38,22 @@ HANG_SECONDS: Final = 60.0
 #: Extra time the engine gives non-thread backends past kill_grace (supervisor).
 _BACKEND_MARGIN: Final = 2.0
 
+#: Store faults (tests/store_faults.py), injected into the run's SQLite store.  The
+#: first five strike inside a running program, as an attempt begins; the last two
+#: strike a run whose program was SIGKILLed, before it is resumed.
+STORE_FAULTS_IN_RUN: Final = ("disk_full", "lock_brief", "lock_held", "deleted", "replaced")
+STORE_FAULTS_AFTER_KILL: Final = ("read_only", "torn_wal")
+STORE_FAULTS: Final = (*STORE_FAULTS_IN_RUN, *STORE_FAULTS_AFTER_KILL)
+#: Store faults that need a small tmpfs (root, and ``mount``).
+STORE_FAULTS_MOUNTED: Final = frozenset({"disk_full", "read_only"})
+#: Run kinds about ownership: two programs resume at once; a resume right after a kill.
+OWNER_DRIVERS: Final = ("race", "resume-now")
+#: How often a run gets a store fault, a racing resume, an immediate resume.
+STORE_FAULT_RATE: Final = 0.08
+OWNER_RATE: Final = 0.05
+#: The ``stale_after`` of resumes that must get through by dead-owner detection alone.
+NEVER_STALE: Final = 3600.0
+
 
 # -- the plan of a run (pure) --------------------------------------------------------------
 
@@ -72,9 +88,13 @@ class Scenario:
     store: str  # memory | sqlite
     cancel_at: float | None  # seconds after start, or no cancel
     cancel_via: str  # handle | store
-    driver: str  # none | resume-here | resume-program | kill-twice
+    driver: str  # none | resume-here | resume-program | kill-twice | race | resume-now
     kill_after: int  # attempts begun before the driver is killed
     kill_delay: float
+    store_fault: str = "none"  # none, or one of STORE_FAULTS
+    fault_at: int = 0  # an in-run store fault strikes as the fault_at-th eligible attempt begins
+    busy_timeout: float = 5.0  # the store's, in a run with a store fault
+    tear_keep: float = 0.5  # torn_wal: the fraction of the WAL's frames left whole
 
     @property
     def run_id(self) -> str:
@@ -88,19 +108,50 @@ class Scenario:
 
 
 def generate(seed: int) -> Scenario:
-    """The scenario of the run with this seed (the same seed, the same scenario)."""
+    """The scenario of the run with this seed (the same seed, the same scenario).
+
+    Store faults and ownership runs are drawn from a stream of their own, so a
+    seed that gets neither gives the scenario it gave before they existed.
+    """
     rng = random.Random(seed)
+    special = random.Random(f"stepvisor-chaos-store-{seed}")
+    store_fault, owner_driver = "none", "none"
+    draw = special.random()
+    if draw < STORE_FAULT_RATE:
+        store_fault = special.choice(STORE_FAULTS)
+    elif draw < STORE_FAULT_RATE + OWNER_RATE:
+        owner_driver = special.choice(OWNER_DRIVERS)
     driver = "none"
     if rng.random() < 0.08:
         driver = rng.choices(["resume-here", "resume-program", "kill-twice"], [4, 3, 2])[0]
-    store = "sqlite" if driver != "none" or rng.random() < 0.5 else "memory"
+    if owner_driver != "none":
+        driver = owner_driver
+    elif store_fault in STORE_FAULTS_AFTER_KILL:
+        driver = "resume-now"  # killed, the fault, then resumed here at once
+    elif store_fault != "none":
+        driver = "none"
+    special_kind = store_fault if store_fault != "none" else owner_driver
+    stored = driver != "none" or store_fault != "none"
+    store = "sqlite" if stored or rng.random() < 0.5 else "memory"
     cancel_at: float | None = None
     cancel_via = "handle"
-    if driver == "none" and rng.random() < 0.15:
+    if driver == "none" and store_fault == "none" and rng.random() < 0.15:
         cancel_at = round(rng.uniform(0.0, 0.3), 3)
         cancel_via = "store" if store == "sqlite" and rng.random() < 0.5 else "handle"
     kill_grace = rng.choice([0.1, 0.2, 0.5])
     steps = _generate_steps(rng, store=store, kill_grace=kill_grace)
+    fault_at = 0
+    if store_fault in STORE_FAULTS_IN_RUN:
+        eligible = sum(map(fault_eligible, steps))
+        if eligible == 0:
+            store_fault = "none"  # no attempt could carry it: a plain SQLite run
+        else:
+            fault_at = special.randint(1, eligible)
+    # An ownership or store-fault run is killed once its run is stored (an attempt began);
+    # a torn WAL needs a kill before the run ends (an ended run folds its WAL into the file).
+    kill_after = rng.randint(0 if special_kind == "none" else 1, len(steps))
+    if store_fault == "torn_wal":
+        kill_after = 1 + kill_after % max(1, len(steps) // 3)
     return Scenario(
         seed=seed,
         steps=steps,
@@ -113,8 +164,23 @@ def generate(seed: int) -> Scenario:
         cancel_at=cancel_at,
         cancel_via=cancel_via,
         driver=driver,
-        kill_after=rng.randint(0, len(steps)),
+        kill_after=kill_after,
         kill_delay=round(rng.uniform(0.0, 0.05), 3),
+        store_fault=store_fault,
+        fault_at=fault_at,
+        busy_timeout=special.choice([0.1, 0.2, 0.3]) if store_fault == "lock_held" else 5.0,
+        tear_keep=round(special.uniform(0.05, 0.95), 3),
+    )
+
+
+def fault_eligible(plan: StepPlan) -> bool:
+    """Whether an attempt of this step may carry an in-run store fault.
+
+    The attempt waits while the campaign injects the fault; a step that hangs
+    or has a short timeout would be stopped meanwhile, which is not the point.
+    """
+    return plan.fault in ("ok", "raise", "retryable", "fatal", "unstorable") and (
+        plan.timeout is None or plan.timeout >= 20.0
     )
 
 
@@ -216,7 +282,9 @@ def run_bound(scenario: Scenario) -> float:
 # -- building the workflow ------------------------------------------------------------------
 
 
-def _params(plan: StepPlan, *, run_dir: Path | None, kill_grace: float) -> dict[str, Any]:
+def _params(
+    plan: StepPlan, *, run_dir: Path | None, kill_grace: float, fault_at: int
+) -> dict[str, Any]:
     hang = HANG_SECONDS
     if plan.fault == "ignore_cancel":
         assert plan.timeout is not None
@@ -229,6 +297,7 @@ def _params(plan: StepPlan, *, run_dir: Path | None, kill_grace: float) -> dict[
         "style": plan.style,
         "duration": plan.duration,
         "hang": hang,
+        "fault_at": fault_at if run_dir is not None and fault_eligible(plan) else 0,
     }
 
 
@@ -275,7 +344,10 @@ def build_workflow(
                 timeout=plan.timeout,
                 retry=_policy(plan),
                 params=_params(
-                    plan, run_dir=None if reference else run_dir, kill_grace=scenario.kill_grace
+                    plan,
+                    run_dir=None if reference else run_dir,
+                    kill_grace=scenario.kill_grace,
+                    fault_at=scenario.fault_at,
                 ),
             )
         )

@@ -51,6 +51,50 @@ def _note(ctx: StepContext, event: str) -> None:
         os.close(fd)
 
 
+#: Files of the store-fault handshake, in the run directory (see :func:`_store_fault_due`).
+FAULT_REQUEST: Final = "store-fault.request"
+FAULT_ACK: Final = "store-fault.ack"
+#: How long an attempt waits for the campaign to inject its store fault.
+_ACK_WAIT: Final = 60.0
+
+
+def _store_fault_due(ctx: StepContext) -> None:
+    """If this attempt is the one a store fault strikes at, have the campaign inject it now.
+
+    Every eligible attempt of the first program (phase ``p0``) takes a numbered
+    ticket (``O_EXCL``: one attempt per number, across threads and processes);
+    the one drawing ``fault_at`` asks the campaign for the fault and waits until
+    it is in place, so the fault strikes before this attempt's outcome is stored.
+    """
+    at = int(ctx.params.get("fault_at", 0))
+    directory = ctx.params["dir"]
+    if not at or not directory or _phase() != "p0":
+        return
+    tickets = os.path.join(directory, "tickets")
+    if os.path.exists(os.path.join(tickets, str(at))):
+        return  # drawn already
+    number = 1
+    while number <= at:
+        try:
+            os.close(os.open(os.path.join(tickets, str(number)), os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            number += 1
+            continue
+        break
+    if number != at:
+        return
+    tmp = os.path.join(directory, f".{FAULT_REQUEST}.tmp")
+    with open(tmp, "w", encoding="ascii") as fh:
+        fh.write(f"{ctx.step_id} {ctx.attempt} {os.getpid()}\n")
+    os.replace(tmp, os.path.join(directory, FAULT_REQUEST))
+    ack = os.path.join(directory, FAULT_ACK)
+    deadline = time.monotonic() + _ACK_WAIT
+    while not os.path.exists(ack):  # the campaign's monitor polls every few ms
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"chaos: the store fault asked for by {ctx.step_id} never came")
+        time.sleep(0.002)
+
+
 def _artifacts(step_id: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """Deterministic outputs: a digest of the step id and its inputs.
 
@@ -127,6 +171,7 @@ def _fail_the_attempt(ctx: StepContext, *, in_process: bool) -> None:
 def chaos_step(ctx: StepContext) -> dict[str, Any] | None:
     """The step every thread and process step of a campaign runs; ``ctx.params`` steers it."""
     _note(ctx, "start")
+    _store_fault_due(ctx)
     in_process = ctx.params["executor"] == "process"
     if _misbehaving(ctx):
         _fail_the_attempt(ctx, in_process=in_process)
@@ -153,6 +198,7 @@ def chaos_step(ctx: StepContext) -> dict[str, Any] | None:
 async def chaos_step_async(ctx: StepContext) -> dict[str, Any] | None:
     """The async twin of :func:`chaos_step` (timeouts are cancelled tasks)."""
     _note(ctx, "start")
+    _store_fault_due(ctx)
     if _misbehaving(ctx):
         if ctx.params["fault"] == "timeout":
             await asyncio.sleep(float(ctx.params["hang"]))
