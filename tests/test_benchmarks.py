@@ -26,6 +26,7 @@ from benchmarks.scenario_scale import _rss_figure, chains_and_fans
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_SCENARIOS = {
     "overhead",
+    "async",
     "executor",
     "cpu",
     "makespan",
