@@ -145,6 +145,7 @@ def test_wait_first_completed(ex: sv.Executor, tmp_path: Path) -> None:
 
 def test_wait_first_exception(ex: sv.Executor, tmp_path: Path) -> None:
     quick = ex.submit(calls.mul, 2, 21)
+    assert quick.result(timeout=30) == 42  # done before the exception, whatever the order
     failing = ex.submit(calls.fail, "bad")
     slow = ex.submit(calls.block, str(tmp_path), "slow")
     done, not_done = futures.wait([quick, failing, slow], return_when=futures.FIRST_EXCEPTION)
