@@ -64,13 +64,15 @@ class Graph:
         compared once, in one sort, which gives the tie order of both the
         canonical order and the scheduler.
         """
-        index = _unique_index(steps)
-        waits_for = _edges(steps, index)
+        # One int object per number, shared by every table below (an int
+        # above 256 is an object of its own: 28 bytes, per table, per step).
+        ranks = list(range(len(steps)))
         ids = [step.id for step in steps]
-        by_id = sorted(range(len(steps)), key=ids.__getitem__)
+        index = _unique_index(steps, ids, ranks)
+        waits_for = _edges(steps, index)
+        by_id = sorted(ranks, key=ids.__getitem__)
         step_at_rank = _canonical_order(waits_for, by_id, ids)
         n = len(step_at_rank)
-        ranks = list(range(n))
         rank_at = [0] * n  # position -> rank
         for r, i in enumerate(step_at_rank):
             rank_at[i] = ranks[r]
@@ -145,9 +147,9 @@ def _reachable(links: Sequence[Sequence[int]], r: int) -> set[int]:
     return seen
 
 
-def _unique_index(steps: Sequence[Step]) -> dict[str, int]:
+def _unique_index(steps: Sequence[Step], ids: list[str], ints: list[int]) -> dict[str, int]:
     """Step id -> position; two steps with one id are refused."""
-    index = {step.id: i for i, step in enumerate(steps)}
+    index = dict(zip(ids, ints, strict=True))
     if len(index) == len(steps):
         return index
     index.clear()

@@ -73,14 +73,16 @@ def check_positive_seconds(value: object, *, what: str) -> float:
 
 
 def _names(value: Iterable[str] | str, *, step_id: str, what: str) -> tuple[str, ...]:
-    if not value and isinstance(value, tuple | list):
-        return ()  # the common case, and a million steps are built one by one
-    names = name_list(value)
+    # A list or tuple is the common case, and a million steps are built one by
+    # one: it skips the ABC checks of name_list (isinstance of Iterable).
+    names = tuple(value) if type(value) is list or type(value) is tuple else name_list(value)
     if names is None:
         raise InvalidSettingError(
             f"step {step_id!r}: {what} must be a list of names, got {value!r}; "
             f'write e.g. {what}=["extract"]'
         )
+    if not names:
+        return ()
     for name in names:
         if not isinstance(name, str) or not name:
             raise InvalidSettingError(
@@ -224,6 +226,8 @@ class Step:
         set_ = object.__setattr__
         for name in ("metadata", "params"):
             value = getattr(self, name)
+            if value is _NO_DATA:
+                continue
             if not isinstance(value, Mapping):
                 raise InvalidSettingError(
                     f"step {self.id!r}: {name} must be a mapping, got {type(value).__name__}"
@@ -233,7 +237,7 @@ class Step:
             elif not isinstance(value, PMap):
                 set_(self, name, pmap(value))
         cost = self.metadata.get("cost", 1.0) if self.metadata else 1.0
-        if not is_number(cost) or not cost >= 0:
+        if self.metadata and (not is_number(cost) or not cost >= 0):
             raise InvalidSettingError(
                 f"step {self.id!r}: metadata['cost'] must be a number of seconds >= 0, got {cost!r}"
             )
