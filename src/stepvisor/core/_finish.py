@@ -36,8 +36,10 @@ def finish_effects(
     settings: Mapping[str, object],
 ) -> tuple[RunState, list[Effect]]:
     """The run's final state and the effects that record and report it."""
-    order = state.order
-    failed_step = next((sid for sid in order if state.record(sid).status in _FAILED), None)
+    # One pass over the records in canonical order, not a lookup by id per
+    # step: at a million steps each lookup is a cache miss.
+    steps = {record.step_id: record for record in state.all_records()}
+    failed_step = next((sid for sid, r in steps.items() if r.status in _FAILED), None)
     if stop is RunStatus.CANCELLED:
         status = RunStatus.CANCELLED
     elif failed_step is not None or deadline_passed:
@@ -61,7 +63,7 @@ def finish_effects(
         run_id=state.run_id,
         workflow_id=state.workflow_id,
         status=status,
-        steps={sid: state.record(sid) for sid in order},
+        steps=steps,
         artifacts=state.artifacts,
         seed=seed,
         commits=tuple(state.commits),
@@ -72,7 +74,7 @@ def finish_effects(
         errors={
             sid: errs[-1]
             for sid, errs in errors.items()
-            if state.record(sid).status is not StepStatus.SUCCEEDED
+            if steps[sid].status is not StepStatus.SUCCEEDED
         },
         settings=settings,
         discarded_outcomes=discarded,
@@ -96,7 +98,7 @@ def supervisor_failed_result(
         run_id=state.run_id,
         workflow_id=state.workflow_id,
         status=RunStatus.FAILED,
-        steps={sid: state.record(sid) for sid in state.order},
+        steps=state.steps,
         artifacts=state.artifacts,
         seed=seed,
         commits=tuple(state.commits),

@@ -410,7 +410,7 @@ class RunMachine(Settling):
         note = f"cancelled: {self.stop_note}" if self.stopping else "cancelled: never became ready"
         leftovers = [
             record.with_status(StepStatus.CANCELLED, note)
-            for record in map(self.state.record, self.graph.order)
+            for record in self.state.all_records()
             if not record.terminal
         ]
         if leftovers:
