@@ -247,6 +247,10 @@ class RunState(NamedTuple):
     def set_step(self, record: StepRecord) -> RunState:
         return self._evolve(records=_table_set(self.records, self.rank[record.step_id], record))
 
+    def set_step_at(self, rank: int, record: StepRecord) -> RunState:
+        """:meth:`set_step` for a caller that knows the step's rank (no lookup by id)."""
+        return self._evolve(records=_table_set(self.records, rank, record))
+
     def set_steps(self, records: list[StepRecord]) -> RunState:
         blocks = [list(block) for block in self.records]
         evolvers: dict[tuple[int, int], Any] = {}
@@ -303,6 +307,15 @@ class RunState(NamedTuple):
     def record(self, step_id: str) -> StepRecord:
         """The record of one step."""
         record: StepRecord = _table_get(self.records, self.rank[step_id])
+        return record
+
+    def record_at(self, rank: int) -> StepRecord:
+        """The record of the step of canonical rank ``rank``.
+
+        The machine knows the rank of every step it handles: at a million
+        steps a lookup by id is a cache miss in a dict of a million entries.
+        """
+        record: StepRecord = _table_get(self.records, rank)
         return record
 
     def output(self, step_id: str) -> PMap[str, Any]:
