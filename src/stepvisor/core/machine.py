@@ -238,7 +238,7 @@ class RunMachine(Settling):
                 restored.append(self.graph.rank[sid])
         for r in sorted(restored):
             self._inputs.publish(r, self.state.output(self.graph.order[r]))
-        records = tuple(self.state.record(sid) for sid in self.graph.order)
+        records = tuple(self.state.all_records())  # in canonical order, without a lookup each
         fx.append(BeginRun(self._wall, records, bool(restored)))
         self._events.started(
             fx,
