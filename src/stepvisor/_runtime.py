@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from os import PathLike
 from typing import Any, Final
 
@@ -36,7 +36,7 @@ from stepvisor.backends.base import Backend
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.events import Event
-from stepvisor.core.model import Workflow
+from stepvisor.core.model import Step, Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.engine import Engine
@@ -157,8 +157,8 @@ def fingerprint(wf: Workflow) -> str:
     """
     h = hashlib.sha256()
     h.update(wf.id.encode())
-    for sid in wf.graph.order:
-        step = wf.step(sid)
+    for step in _in_canonical_order(wf):
+        sid = step.id
         fn = step.fn
         name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(type(fn)))}"
         parts = [
@@ -174,6 +174,12 @@ def fingerprint(wf: Workflow) -> str:
         h.update("\x1f".join(parts).encode())
         h.update(b"\x1e")
     return h.hexdigest()[:16]
+
+
+def _in_canonical_order(wf: Workflow) -> Iterator[Step]:
+    """The steps by canonical rank, without an id lookup each."""
+    steps = wf.steps
+    return (steps[i] for i in wf.graph.step_at_rank)
 
 
 #: The store name that means "in memory", as it does for SQLite itself.
@@ -193,8 +199,7 @@ def _open_store(store: StoreArg, codec: str) -> tuple[RunStore, bool]:
 
 def _executors(wf: Workflow, cfg: Resolved) -> tuple[str, ...]:
     out: list[str] = []
-    for sid in wf.graph.order:
-        step = wf.step(sid)
+    for step in _in_canonical_order(wf):
         if step.executor is not None:
             out.append(step.executor)
         elif step.is_async and cfg.executor == "thread":
@@ -216,11 +221,13 @@ def _check_pools(wf: Workflow, cfg: Resolved) -> None:
 def _payloads(wf: Workflow, executors: tuple[str, ...]) -> dict[str, bytes]:
     """Pickle process/Ray step functions once, before anything runs."""
     payloads: dict[str, bytes] = {}
-    for sid, executor in zip(wf.graph.order, executors, strict=True):
-        if executor in ("process", "ray"):
-            from stepvisor.backends.process import prepare_payload  # noqa: PLC0415
+    if "process" not in executors and "ray" not in executors:
+        return payloads
+    from stepvisor.backends.process import prepare_payload  # noqa: PLC0415
 
-            payloads[sid] = prepare_payload(sid, wf.step(sid).fn)
+    for step, executor in zip(_in_canonical_order(wf), executors, strict=True):
+        if executor in ("process", "ray"):
+            payloads[step.id] = prepare_payload(step.id, step.fn)
     return payloads
 
 

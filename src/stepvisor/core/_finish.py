@@ -14,7 +14,7 @@ from stepvisor.core._outcomes import type_name
 from stepvisor.core.effects import Effect, Emit, Finish, FinishRun
 from stepvisor.core.events import RunFinished
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import RunState, RunStatus, StepStatus
+from stepvisor.core.state import RunState, RunStatus, StepRecord, StepStatus
 from stepvisor.errors import StepTimeoutError
 
 __all__ = ["finish_effects", "supervisor_failed_result"]
@@ -37,8 +37,10 @@ def finish_effects(
     settings: Mapping[str, object],
 ) -> tuple[RunState, list[Effect]]:
     """The run's final state and the effects that record and report it."""
-    order = state.order
-    failed_step = next((sid for sid in order if state.record(sid).status in _FAILED), None)
+    # One pass over the records in canonical order, not a lookup by id per
+    # step: at a million steps each lookup is a cache miss.
+    steps = {record.step_id: record for record in state.all_records()}
+    failed_step = next((sid for sid, r in steps.items() if r.status in _FAILED), None)
     if stop is RunStatus.CANCELLED:
         status = RunStatus.CANCELLED
     elif failed_step is not None or deadline_passed:
@@ -59,12 +61,12 @@ def finish_effects(
         error_text = stop_note or "cancelled"
     state = state.finish(status, error_text)
     result = dataclasses.replace(
-        _result(state, status, error, seed=seed, started=started, ended=ended),
+        _result(state, status, error, steps, seed=seed, started=started, ended=ended),
         failed_step=failed_step,
         errors={
             sid: errs[-1]
             for sid, errs in errors.items()
-            if state.record(sid).status is not StepStatus.SUCCEEDED
+            if steps[sid].status is not StepStatus.SUCCEEDED
         },
         settings=settings,
         discarded_outcomes=discarded,
@@ -84,13 +86,16 @@ def supervisor_failed_result(
     state: RunState, error: BaseException, *, seed: int, started: float, ended: float
 ) -> RunResult:
     """A failed result for a run whose shell broke (a stepvisor bug), from what is known."""
-    return _result(state, RunStatus.FAILED, error, seed=seed, started=started, ended=ended)
+    return _result(
+        state, RunStatus.FAILED, error, state.steps, seed=seed, started=started, ended=ended
+    )
 
 
 def _result(
     state: RunState,
     status: RunStatus,
     error: BaseException | None,
+    steps: Mapping[str, StepRecord],
     *,
     seed: int,
     started: float,
@@ -100,7 +105,7 @@ def _result(
         run_id=state.run_id,
         workflow_id=state.workflow_id,
         status=status,
-        steps={sid: state.record(sid) for sid in state.order},
+        steps=steps,
         artifacts=state.artifacts,
         seed=seed,
         commits=tuple(state.commits),

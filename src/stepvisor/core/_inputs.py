@@ -73,7 +73,14 @@ class Inputs:
         return merged
 
     def publish(self, r: int, outputs: Mapping[str, Any]) -> None:
-        """``r`` succeeded with ``outputs``: its dependants will see them."""
+        """``r`` succeeded with ``outputs``: its dependants will see them.
+
+        A step nobody depends on keeps no view: nothing would ever read or
+        drop it, and in a wide run those views were most of what stayed alive.
+        """
+        if not self._users_left[r]:
+            self._inputs.pop(r, None)
+            return
         base = self.of(r) if self._graph.deps[r] else _EMPTY
         if outputs:
             ev = base.evolver()

@@ -183,7 +183,7 @@ class Settling:
     def _on_ok(
         self, sid: str, inf: Inflight, outputs: Mapping[str, Any], base: dict[str, Any]
     ) -> None:
-        record = self.state.record(sid)
+        record = self.state.record_at(inf.rank)
         attempt = oc.closed(record.attempts[-1], outcome="succeeded", **base)
         record = record.with_last_attempt(attempt, StepStatus.SUCCEEDED)
         if outputs and self._store_may_refuse:
@@ -206,7 +206,9 @@ class Settling:
             self._fail(inf, msg.error, None, StepStatus.FAILED, "failed", base=base)
 
     def _succeeded(self, r: int, record: StepRecord, outputs: Mapping[str, Any]) -> None:
-        self.state = self.state.set_step(record).set_outputs(record.step_id, outputs)
+        self.state = self.state.set_step_at(r, record)
+        if outputs:  # a step succeeds once: there is nothing to clear
+            self.state = self.state.set_outputs(record.step_id, outputs)
         self._inputs.publish(r, outputs)
         self.sched.succeeded(r)
         self._events.finished(self._fx, record, self._wall)

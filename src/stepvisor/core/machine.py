@@ -249,7 +249,7 @@ class RunMachine(Settling):
                 restored.append(self.graph.rank[sid])
         for r in sorted(restored):
             self._inputs.publish(r, self.state.output(self.graph.order[r]))
-        records = tuple(self.state.record(sid) for sid in self.graph.order)
+        records = tuple(self.state.all_records())  # in canonical order, without a lookup each
         fx.append(BeginRun(self._wall, records, bool(restored)))
         self._events.started(
             fx,
@@ -445,7 +445,7 @@ class RunMachine(Settling):
         note = f"cancelled: {self.stop_note}" if self.stopping else "cancelled: never became ready"
         leftovers = [
             record.with_status(StepStatus.CANCELLED, note)
-            for record in map(self.state.record, self.graph.order)
+            for record in self.state.all_records()
             if not record.terminal
         ]
         if leftovers:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any, Final, Literal, cast
 
-from pyrsistent import pmap
-from pyrsistent.typing import PMap
+from pyrsistent import PMap, pmap
 
 from stepvisor._validate import duplicates, is_int, is_number, name_list, seconds
 from stepvisor.core.graph import Graph
@@ -49,6 +49,9 @@ ON_FAILURE: Final = ("fail_fast", "continue")
 #: mapping of artifacts (or ``None``); it may be ``async def``.
 StepFn = Callable[..., Any]
 
+#: The metadata and params of every step that has none (one shared empty map).
+_NO_DATA: Final[PMap[str, Any]] = pmap()
+
 
 def check_max_parallel(value: object, *, what: str = "max_parallel") -> int:
     """Return ``value`` if it is an int >= 1, else raise a clear error."""
@@ -70,18 +73,22 @@ def check_positive_seconds(value: object, *, what: str) -> float:
 
 
 def _names(value: Iterable[str] | str, *, step_id: str, what: str) -> tuple[str, ...]:
-    names = name_list(value)
+    # A list or tuple is the common case, and a million steps are built one by
+    # one: it skips the ABC checks of name_list (isinstance of Iterable).
+    names = tuple(value) if type(value) is list or type(value) is tuple else name_list(value)
     if names is None:
         raise InvalidSettingError(
             f"step {step_id!r}: {what} must be a list of names, got {value!r}; "
             f'write e.g. {what}=["extract"]'
         )
+    if not names:
+        return ()
     for name in names:
         if not isinstance(name, str) or not name:
             raise InvalidSettingError(
                 f"step {step_id!r}: {what} must be non-empty strings, got {name!r}"
             )
-    dup = duplicates(cast("tuple[str, ...]", names))
+    dup = duplicates(cast("tuple[str, ...]", names)) if len(set(names)) < len(names) else None
     if dup:
         raise InvalidSettingError(
             f"step {step_id!r}: {what} lists {', '.join(map(repr, dup))} more than once; "
@@ -92,6 +99,8 @@ def _names(value: Iterable[str] | str, *, step_id: str, what: str) -> tuple[str,
 
 def _is_coroutine_fn(fn: object) -> bool:
     """``async def`` functions, and objects whose ``__call__`` is one."""
+    if type(fn) is FunctionType:  # a function's own __call__ is never a coroutine function
+        return inspect.iscoroutinefunction(fn)
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
     )
@@ -150,8 +159,8 @@ class Step:
         set_(self, "retry", retry)
         set_(self, "executor", executor)
         set_(self, "pool", pool)
-        set_(self, "metadata", pmap() if metadata is None else metadata)
-        set_(self, "params", pmap() if params is None else params)
+        set_(self, "metadata", _NO_DATA if metadata is None else metadata)
+        set_(self, "params", _NO_DATA if params is None else params)
         set_(self, "resources", resources)
         set_(self, "is_async", False)
         self.__post_init__()
@@ -208,17 +217,27 @@ class Step:
             )
 
     def _check_data(self) -> None:
-        """Metadata (with its ``cost`` hint), params and Ray resources, made immutable."""
+        """Metadata (with its ``cost`` hint), params and Ray resources, made immutable.
+
+        Empty mappings are all one shared empty map, and a persistent map is
+        kept as it is: a big workflow is mostly steps with neither, and two
+        fresh maps per step were a fifth of its memory.
+        """
         set_ = object.__setattr__
         for name in ("metadata", "params"):
             value = getattr(self, name)
+            if value is _NO_DATA:
+                continue
             if not isinstance(value, Mapping):
                 raise InvalidSettingError(
                     f"step {self.id!r}: {name} must be a mapping, got {type(value).__name__}"
                 )
-            set_(self, name, pmap(value))
-        cost = self.metadata.get("cost", 1.0)
-        if not is_number(cost) or not cost >= 0:
+            if not value:
+                set_(self, name, _NO_DATA)
+            elif not isinstance(value, PMap):
+                set_(self, name, pmap(value))
+        cost = self.metadata.get("cost", 1.0) if self.metadata else 1.0
+        if self.metadata and (not is_number(cost) or not cost >= 0):
             raise InvalidSettingError(
                 f"step {self.id!r}: metadata['cost'] must be a number of seconds >= 0, got {cost!r}"
             )
@@ -239,7 +258,7 @@ class Step:
     @property
     def cost(self) -> float:
         """The estimated duration used for critical-path priority (default 1)."""
-        return float(self.metadata.get("cost", 1.0))
+        return float(self.metadata.get("cost", 1.0)) if self.metadata else 1.0
 
 
 #: Setting names that :class:`Settings` holds, in the order ``stepvisor config`` shows.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator, Mapping
+from itertools import islice
 from typing import Any, Final, NamedTuple
 
 from pyrsistent import pmap, pvector
@@ -37,34 +38,55 @@ __all__ = [
 
 _EMPTY_MAP: PMap[str, Any] = pmap()
 
-#: Per-step values are kept in chunks of 2**_CHUNK_BITS entries (see ``Chunks``).
-_CHUNK_BITS: Final = 9
-_CHUNK: Final = 1 << _CHUNK_BITS
-_CHUNK_MASK: Final = _CHUNK - 1
+#: Per-step values are kept in leaves of 2**_LEAF_BITS entries, and the leaves
+#: in blocks of 2**_BLOCK_BITS leaves (see ``Table``).
+_LEAF_BITS: Final = 9
+_LEAF: Final = 1 << _LEAF_BITS
+_LEAF_MASK: Final = _LEAF - 1
+_BLOCK_BITS: Final = 6
+_BLOCK: Final = 1 << _BLOCK_BITS
+_BLOCK_MASK: Final = _BLOCK - 1
+_BLOCK_SHIFT: Final = _LEAF_BITS + _BLOCK_BITS
 
-#: One value per step, by canonical rank: a tuple of pyrsistent vectors of
-#: ``_CHUNK`` entries each, rather than one vector for the whole run.
+#: One value per step, by canonical rank, as ``table[block][leaf][entry]``: a
+#: tuple of blocks, each a tuple of up to ``_BLOCK`` pyrsistent vectors of
+#: ``_LEAF`` entries, rather than one vector (or one tuple of leaves) for the
+#: whole run.
 #:
-#: Every transition builds a new vector, and a new object is young: the
-#: cyclic GC's frequent young-generation passes traverse it, and a pyrsistent
-#: vector's traversal visits every element.  With one vector per run that is
-#: O(steps) work per pass, so a run's cost grew with the square of its size
-#: (100,000 no-op steps: 148 us/step against 118 with the GC off).  A chunk
-#: keeps each young object at most ``_CHUNK`` + steps/``_CHUNK`` references.
-Chunks = tuple[PVector[Any], ...]
+#: Every transition builds a new path to the value it sets, and new objects
+#: are young: the cyclic GC's frequent young-generation passes traverse them,
+#: visiting every reference they hold (a pyrsistent vector's traversal visits
+#: every element).  One vector per run made that O(steps) work per pass, and a
+#: run's cost grew with the square of its size; one tuple of leaves still held
+#: steps/512 references, copied at every transition and traversed at every
+#: pass (at 1,000,000 steps, ~2,000 of each, and scattered over a gigabyte, so
+#: each a cache miss).  With blocks, a transition copies and the GC visits at
+#: most ``_LEAF`` + ``_BLOCK`` + steps/``2**_BLOCK_SHIFT`` references: the
+#: last term stays below ``_LEAF`` up to 16 million steps.
+Table = tuple[tuple[PVector[Any], ...], ...]
 
 
-def _chunks_of(values: list[Any]) -> Chunks:
-    return tuple(pvector(values[i : i + _CHUNK]) for i in range(0, len(values), _CHUNK))
+def _table_of(values: list[Any]) -> Table:
+    leaves = [pvector(values[i : i + _LEAF]) for i in range(0, len(values), _LEAF)]
+    return tuple(tuple(leaves[i : i + _BLOCK]) for i in range(0, len(leaves), _BLOCK))
 
 
-def _chunk_set(chunks: Chunks, index: int, value: Any) -> Chunks:
-    c = index >> _CHUNK_BITS
-    return (*chunks[:c], chunks[c].set(index & _CHUNK_MASK, value), *chunks[c + 1 :])
+def _table_set(table: Table, index: int, value: Any) -> Table:
+    b = index >> _BLOCK_SHIFT
+    block = table[b]
+    k = (index >> _LEAF_BITS) & _BLOCK_MASK
+    block = (*block[:k], block[k].set(index & _LEAF_MASK, value), *block[k + 1 :])
+    return (*table[:b], block, *table[b + 1 :])
 
 
-def _chunk_get(chunks: Chunks, index: int) -> Any:
-    return chunks[index >> _CHUNK_BITS][index & _CHUNK_MASK]
+def _table_get(table: Table, index: int) -> Any:
+    return table[index >> _BLOCK_SHIFT][(index >> _LEAF_BITS) & _BLOCK_MASK][index & _LEAF_MASK]
+
+
+def _table_values(table: Table) -> Iterator[Any]:
+    for block in table:
+        for leaf in block:
+            yield from leaf
 
 
 class StepStatus(enum.StrEnum):
@@ -170,18 +192,19 @@ class RunState(NamedTuple):
     """The whole state of one run, as an immutable value.
 
     Step records and outputs are kept in pyrsistent vectors indexed by
-    canonical rank (``rank`` maps an id to it), chunked (``Chunks``): a vector
-    update is a C call, several times cheaper than a persistent map's, and this
-    is the Supervisor's hot path.  The commit sequence is not stored: it is
-    always the first ``committed`` ids of the canonical order.
+    canonical rank (``rank`` maps an id to it), in blocks of leaves
+    (``Table``): a vector update is a C call, several times cheaper than a
+    persistent map's, and this is the Supervisor's hot path.  The commit
+    sequence is not stored: it is always the first ``committed`` ids of the
+    canonical order.
     """
 
     run_id: str
     workflow_id: str
     order: tuple[str, ...]
     rank: Mapping[str, int]
-    records: Chunks  # StepRecord by rank
-    outputs: Chunks  # PMap of a succeeded step's artifacts by rank, else None
+    records: Table  # StepRecord by rank
+    outputs: Table  # PMap of a succeeded step's non-empty artifacts by rank, else None
     status: RunStatus = RunStatus.RUNNING
     committed: int = 0
     error: str | None = None
@@ -195,8 +218,8 @@ class RunState(NamedTuple):
             workflow_id=workflow_id,
             order=order,
             rank=rank,
-            records=_chunks_of([StepRecord(sid) for sid in order]),
-            outputs=_chunks_of([None] * len(order)),
+            records=_table_of([StepRecord(sid) for sid in order]),
+            outputs=_table_of([None] * len(order)),
         )
 
     # -- transitions (pure) ------------------------------------------------------
@@ -204,8 +227,8 @@ class RunState(NamedTuple):
     def _evolve(
         self,
         *,
-        records: Chunks | None = None,
-        outputs: Chunks | None = None,
+        records: Table | None = None,
+        outputs: Table | None = None,
         committed: int | None = None,
     ) -> RunState:
         # A positional constructor rather than _replace(): it runs several times per step.
@@ -222,23 +245,38 @@ class RunState(NamedTuple):
         )
 
     def set_step(self, record: StepRecord) -> RunState:
-        return self._evolve(records=_chunk_set(self.records, self.rank[record.step_id], record))
+        return self._evolve(records=_table_set(self.records, self.rank[record.step_id], record))
+
+    def set_step_at(self, rank: int, record: StepRecord) -> RunState:
+        """:meth:`set_step` for a caller that knows the step's rank (no lookup by id)."""
+        return self._evolve(records=_table_set(self.records, rank, record))
 
     def set_steps(self, records: list[StepRecord]) -> RunState:
-        chunks = list(self.records)
-        evolvers: dict[int, Any] = {}
+        blocks = [list(block) for block in self.records]
+        evolvers: dict[tuple[int, int], Any] = {}
         for record in records:
             index = self.rank[record.step_id]
-            c = index >> _CHUNK_BITS
-            if c not in evolvers:
-                evolvers[c] = chunks[c].evolver()
-            evolvers[c][index & _CHUNK_MASK] = record
-        for c, ev in evolvers.items():
-            chunks[c] = ev.persistent()
-        return self._evolve(records=tuple(chunks))
+            at = (index >> _BLOCK_SHIFT, (index >> _LEAF_BITS) & _BLOCK_MASK)
+            if at not in evolvers:
+                evolvers[at] = blocks[at[0]][at[1]].evolver()
+            evolvers[at][index & _LEAF_MASK] = record
+        for (b, k), ev in evolvers.items():
+            blocks[b][k] = ev.persistent()
+        return self._evolve(records=tuple(map(tuple, blocks)))
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
-        return self._evolve(outputs=_chunk_set(self.outputs, self.rank[step_id], pmap(outputs)))
+        """Record what ``step_id`` created.
+
+        No outputs are kept as ``None``, like a step that has not succeeded:
+        most steps of a big run create nothing, and an empty map per step is
+        memory (and a transition) for nothing.
+        """
+        index = self.rank[step_id]
+        if not outputs:
+            if _table_get(self.outputs, index) is None:
+                return self
+            return self._evolve(outputs=_table_set(self.outputs, index, None))
+        return self._evolve(outputs=_table_set(self.outputs, index, pmap(outputs)))
 
     def commit_ready(self) -> tuple[RunState, list[str]]:
         """Fold every terminal step at the head of the canonical order.
@@ -252,7 +290,7 @@ class RunState(NamedTuple):
         records = self.records
         done: list[str] = []
         while i < n:
-            record = _chunk_get(records, i)
+            record = _table_get(records, i)
             if record.status not in TERMINAL:
                 break
             done.append(record.step_id)
@@ -268,18 +306,27 @@ class RunState(NamedTuple):
 
     def record(self, step_id: str) -> StepRecord:
         """The record of one step."""
-        record: StepRecord = _chunk_get(self.records, self.rank[step_id])
+        record: StepRecord = _table_get(self.records, self.rank[step_id])
+        return record
+
+    def record_at(self, rank: int) -> StepRecord:
+        """The record of the step of canonical rank ``rank``.
+
+        The machine knows the rank of every step it handles: at a million
+        steps a lookup by id is a cache miss in a dict of a million entries.
+        """
+        record: StepRecord = _table_get(self.records, rank)
         return record
 
     def output(self, step_id: str) -> PMap[str, Any]:
         """The artifacts one step created (empty unless it succeeded)."""
-        produced: PMap[str, Any] | None = _chunk_get(self.outputs, self.rank[step_id])
+        produced: PMap[str, Any] | None = _table_get(self.outputs, self.rank[step_id])
         return produced or _EMPTY_MAP
 
     @property
     def steps(self) -> dict[str, StepRecord]:
         """Step id -> record, in canonical order (a fresh dict)."""
-        return {record.step_id: record for record in self._all_records()}
+        return {record.step_id: record for record in self.all_records()}
 
     @property
     def artifacts(self) -> PMap[str, Any]:
@@ -291,9 +338,9 @@ class RunState(NamedTuple):
         many artifacts grew quadratically.
         """
         merged: dict[str, Any] = {}
-        for i in range(self.committed):
-            produced = _chunk_get(self.outputs, i)
-            if produced and _chunk_get(self.records, i).status is StepStatus.SUCCEEDED:
+        pairs = zip(_table_values(self.outputs), _table_values(self.records), strict=True)
+        for produced, record in islice(pairs, self.committed):
+            if produced and record.status is StepStatus.SUCCEEDED:
                 merged.update(produced)
         return pmap(merged)
 
@@ -303,12 +350,12 @@ class RunState(NamedTuple):
         return self.order[: self.committed]
 
     def count_status(self, status: StepStatus) -> int:
-        return sum(1 for r in self._all_records() if r.status is status)
+        return sum(1 for r in self.all_records() if r.status is status)
 
     @property
     def all_terminal(self) -> bool:
-        return all(r.terminal for r in self._all_records())
+        return all(r.terminal for r in self.all_records())
 
-    def _all_records(self) -> Iterator[StepRecord]:
-        for chunk in self.records:
-            yield from chunk
+    def all_records(self) -> Iterator[StepRecord]:
+        """Every step's record, in canonical order."""
+        return _table_values(self.records)

@@ -10,7 +10,10 @@ drives it from its one thread, and tests drive it directly, without threads.
 * Among ready steps that fit, the one with the longest chain of work still
   depending on it (critical path, by ``metadata["cost"]``) goes first; ties go
   to the smaller step id.  Each pool keeps its own heap so a full pool never
-  blocks steps of other pools.
+  blocks steps of other pools.  The heaps hold each step's place in that
+  preference order (``Graph.urgency_of``), computed once per workflow: an
+  integer compares faster than a (priority, id) tuple, and a heap of a
+  million ready steps holds no tuple for the GC to traverse.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class Scheduler:
         self._pool_of = [p or _NO_POOL for p in pool_of]
         self._limits = dict(pool_limits)
         self._waiting = [len(ds) for ds in graph.deps]
-        self._heaps: dict[str, list[tuple[float, str, int]]] = {}
+        self._urgency = graph.urgency
+        self._urgency_of = graph.urgency_of
+        self._heaps: dict[str, list[int]] = {}
         self._running_in: dict[str, int] = {}
         self.running = 0
         self.ready_count = 0
@@ -61,10 +66,10 @@ class Scheduler:
     def push(self, r: int) -> None:
         """Queue rank ``r`` as ready (also used when a retry becomes due)."""
         pool = self._pool_of[r]
-        heapq.heappush(
-            self._heaps.setdefault(pool, []),
-            (-self.graph.priority[r], self.graph.order[r], r),
-        )
+        heap = self._heaps.get(pool)
+        if heap is None:
+            heap = self._heaps[pool] = []
+        heapq.heappush(heap, self._urgency_of[r])
         self.ready_count += 1
 
     def succeeded(self, r: int) -> list[int]:
@@ -93,7 +98,7 @@ class Scheduler:
         bound = self.max_parallel if limit is None else limit
         if self.running >= bound or not self.ready_count:
             return None
-        best: tuple[float, str, int] | None = None
+        best: int | None = None
         best_pool = _NO_POOL
         for pool, heap in self._heaps.items():
             if heap and (best is None or heap[0] < best) and self._fits(pool):
@@ -105,7 +110,7 @@ class Scheduler:
         self.ready_count -= 1
         self.running += 1
         self._running_in[best_pool] = self._running_in.get(best_pool, 0) + 1
-        return best[2]
+        return self._urgency[best]
 
     def release(self, r: int) -> None:
         """``r`` stopped running (finished, waiting to retry, or abandoned)."""
@@ -115,7 +120,7 @@ class Scheduler:
 
     def drain_ready(self) -> list[int]:
         """Remove and return every queued step (the run is stopping)."""
-        out = [r for heap in self._heaps.values() for _, _, r in heap]
+        out = [self._urgency[u] for heap in self._heaps.values() for u in heap]
         self._heaps.clear()
         self.ready_count = 0
         return sorted(out)
