@@ -1,34 +1,34 @@
 """Running a workflow: ``run``, ``start``, ``run_async`` and ``resume``.
 
 This module prepares a run (resolve settings, check what can be checked
-before anything starts, open the store), starts the Supervisor, and gives the
-caller a :class:`RunHandle`.  It also owns the run's threads: ``wait()`` joins
-every thread the run started (Supervisor, Workers, the async loop) so that,
-once a run has returned, nothing of it is left running, apart from a thread
-that was abandoned because its step ignored cancellation (recorded as such).
+before anything starts (:mod:`stepvisor._prepare`), open and claim the store),
+starts it on an engine, and gives the caller a
+:class:`~stepvisor._handle.RunHandle`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
 import secrets
-import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from os import PathLike
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import pykka
-
+from stepvisor._handle import RunHandle
 from stepvisor._log import log
-from stepvisor.actors._shell import RunObserver
-from stepvisor.actors.messages import CancelRun
-from stepvisor.actors.supervisor import ForRun, RunPlan, StartRun
+from stepvisor._prepare import (
+    MEMORY,
+    StoreArg,
+    _check_pools,
+    _executors,
+    _open_store,
+    _payloads,
+    _run_tracer,
+    fingerprint,
+)
+from stepvisor.actors.supervisor import RunPlan, StartRun
 from stepvisor.actors.worker import (
     check_backends,
 )
@@ -36,7 +36,7 @@ from stepvisor.backends.base import Backend
 from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.events import Event
-from stepvisor.core.model import Step, Workflow
+from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.engine import Engine
@@ -47,188 +47,11 @@ from stepvisor.errors import (
     StoreError,
 )
 from stepvisor.store.base import ClaimingStore, RunStore
-from stepvisor.store.memory import MemoryStore
 
 __all__ = ["RunHandle", "fingerprint", "resume", "run", "run_async", "start"]
 
 
 _DEFAULT_CLOCK = RealClock()
-
-StoreArg = RunStore | str | PathLike[str] | None
-
-
-class RunHandle:
-    """A run in progress: wait for it, cancel it, or ask whether it is done."""
-
-    def __init__(self, run_id: str, grace: float) -> None:
-        self.run_id = run_id
-        self._grace = grace
-        self._done = threading.Event()
-        self._result: RunResult | None = None
-        self._callbacks: list[Callable[[RunResult], None]] = []
-        self._lock = threading.Lock()
-        self._supervisor: pykka.ActorRef[Any] | None = None
-        self._cleanup: list[Callable[[], None]] = []
-        #: Whether finalizing only joins the Supervisor (the run is on a shared engine).
-        self._quick_finalize = False
-        self._joined = False
-
-    # -- called by the runtime ---------------------------------------------------
-
-    def _complete(self, result: RunResult) -> None:
-        with self._lock:
-            self._result = result
-            callbacks = list(self._callbacks)
-        self._done.set()
-        for cb in callbacks:
-            try:
-                cb(result)
-            except Exception:
-                log.exception("a run completion callback failed")
-
-    def _add_done_callback(self, cb: Callable[[RunResult], None]) -> None:
-        with self._lock:
-            if self._result is None:
-                self._callbacks.append(cb)
-                return
-            result = self._result
-        cb(result)
-
-    # -- public ------------------------------------------------------------------
-
-    def cancel(self) -> None:
-        """Stop the run: nothing new starts, every attempt in flight is stopped."""
-        ref = self._supervisor
-        if ref is not None and not self._done.is_set():
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.tell(ForRun(self.run_id, CancelRun("cancel() was called")))
-
-    def done(self) -> bool:
-        """Whether the run has finished."""
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> RunResult:
-        """Block until the run ends and return its result.
-
-        Raises ``TimeoutError`` if it has not ended within ``timeout`` seconds
-        (the run goes on).  Once it returns, the run's threads are gone.
-        """
-        if not self._wait_interruptibly(timeout):
-            raise TimeoutError(f"run {self.run_id} has not finished after {timeout} s")
-        self._finalize()
-        assert self._result is not None
-        return self._result
-
-    def _wait_interruptibly(self, timeout: float | None) -> bool:
-        # Wait in short slices so Ctrl-C reaches the main thread promptly.
-        end = None if timeout is None else time.monotonic() + timeout
-        while not self._done.is_set():
-            slice_ = 0.25 if end is None else min(0.25, end - time.monotonic())
-            if slice_ <= 0:
-                return False
-            self._done.wait(slice_)
-        return True
-
-    def _finalize(self) -> None:
-        with self._lock:
-            if self._joined:
-                return
-            self._joined = True
-        # Close what outlives the run: a private engine (its Supervisor, Workers
-        # and their process children, the loop, Ray; closing joins them), the store.
-        for fn in self._cleanup:
-            try:
-                fn()
-            except Exception:
-                log.exception("cleanup after run %s failed", self.run_id)
-
-    @property
-    def result(self) -> RunResult | None:
-        """The result, once done; ``None`` before."""
-        return self._result
-
-
-def fingerprint(wf: Workflow) -> str:
-    """A digest of what makes a workflow's steps what they are.
-
-    It covers the graph, each step's function (by qualified name), executor,
-    pool and parameters, but not timeouts or retry policies, which a resumed
-    run may change freely.
-    """
-    h = hashlib.sha256()
-    h.update(wf.id.encode())
-    for step in _in_canonical_order(wf):
-        sid = step.id
-        fn = step.fn
-        name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(type(fn)))}"
-        parts = [
-            sid,
-            ",".join(step.needs),
-            ",".join(step.requires),
-            ",".join(step.creates),
-            name,
-            str(step.executor),
-            str(step.pool),
-            repr(sorted(step.params.items())) if step.params else "",
-        ]
-        h.update("\x1f".join(parts).encode())
-        h.update(b"\x1e")
-    return h.hexdigest()[:16]
-
-
-def _in_canonical_order(wf: Workflow) -> Iterator[Step]:
-    """The steps by canonical rank, without an id lookup each."""
-    steps = wf.steps
-    return (steps[i] for i in wf.graph.step_at_rank)
-
-
-#: The store name that means "in memory", as it does for SQLite itself.
-MEMORY: Final = ":memory:"
-
-
-def _open_store(store: StoreArg, codec: str) -> tuple[RunStore, bool]:
-    """The store to run with, and whether this run opened it (so closes it)."""
-    if store is None or (isinstance(store, str) and store == MEMORY):
-        return MemoryStore(), True
-    if isinstance(store, str | PathLike):
-        from stepvisor.store.sqlite import SQLiteStore  # noqa: PLC0415
-
-        return SQLiteStore(store, codec=codec), True
-    return store, False
-
-
-def _executors(wf: Workflow, cfg: Resolved) -> tuple[str, ...]:
-    out: list[str] = []
-    for step in _in_canonical_order(wf):
-        if step.executor is not None:
-            out.append(step.executor)
-        elif step.is_async and cfg.executor == "thread":
-            out.append("async")
-        else:
-            out.append(cfg.executor)
-    return tuple(out)
-
-
-def _check_pools(wf: Workflow, cfg: Resolved) -> None:
-    for step in wf.steps:
-        if step.pool is not None and step.pool not in cfg.pools:
-            raise InvalidSettingError(
-                f"step {step.id!r} uses pool {step.pool!r}, but no pool of that name is "
-                f"configured; add it, e.g. Settings(pools={{{step.pool!r}: 2}})"
-            )
-
-
-def _payloads(wf: Workflow, executors: tuple[str, ...]) -> dict[str, bytes]:
-    """Pickle process/Ray step functions once, before anything runs."""
-    payloads: dict[str, bytes] = {}
-    if "process" not in executors and "ray" not in executors:
-        return payloads
-    from stepvisor.backends.process import prepare_payload  # noqa: PLC0415
-
-    for step, executor in zip(_in_canonical_order(wf), executors, strict=True):
-        if executor in ("process", "ray"):
-            payloads[step.id] = prepare_payload(step.id, step.fn)
-    return payloads
 
 
 def start(
@@ -331,21 +154,6 @@ def _check_run_id_is_new(store: RunStore, run_id: str) -> None:
         f"run id {run_id!r} is already used by a run in this store; choose another "
         f"run_id, or continue that run with resume({run_id!r}, ...)"
     )
-
-
-def _run_tracer(wf: Workflow, run_id: str, executors: tuple[str, ...]) -> RunObserver | None:
-    """OpenTelemetry spans for this run, if a tracer provider is set (:mod:`stepvisor._otel`).
-
-    A provider can only have been set by code that imported ``opentelemetry.trace``,
-    or through ``OTEL_PYTHON_TRACER_PROVIDER``: otherwise nothing is imported.
-    """
-    if "opentelemetry.trace" not in sys.modules and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ:
-        return None
-    try:
-        from stepvisor._otel import run_tracer  # noqa: PLC0415 - the optional extra
-    except ImportError:
-        return None
-    return run_tracer(run_id, wf.id, dict(zip(wf.graph.order, executors, strict=True)))
 
 
 def _launch(
