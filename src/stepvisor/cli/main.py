@@ -206,8 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         stored = store.load(args.run_id)
         source = stored.info.source
         if source is None:
@@ -243,13 +242,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         headline = _headline(wf, args.db, kept=len(kept))
         result, interrupted = follow(handle, inbox=inbox, progress=progress, headline=headline)
         return _finish(result, interrupted=interrupted, store=store, report=args.report)
-    finally:
-        store.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         if args.run_id is not None:
             print(one_run(store, args.run_id))
             return EXIT_OK
@@ -276,13 +272,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if len(shown) < len(runs):
             print(f"({len(runs) - len(shown)} older runs not shown; use --all)")
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         info = store.load(args.run_id).info
         if info.status is not RunStatus.RUNNING:
             print(f"run {args.run_id} is not running ({info.status.value}); nothing to cancel")
@@ -299,16 +292,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             time.sleep(TICK)
         print(f"run {args.run_id} is {store.load(args.run_id).info.status.value}")
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         path = write_html(store.load(args.run_id), args.html)
-    finally:
-        store.close()
     print(f"report: {path}")
     return EXIT_OK
 

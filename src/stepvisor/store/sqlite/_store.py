@@ -390,22 +390,21 @@ class SQLiteStore(Closing):
     # -- RunStore: reads -------------------------------------------------------------------
 
     def cancel_requested(self, run_id: str) -> bool:
-        with self._lock:
-            conn = self._connection()
-            try:
-                row = conn.execute(CANCEL_REQUESTED, (run_id,)).fetchone()
-            except sqlite3.Error as exc:
-                raise self._error("read the cancel flag from", exc, run_id=run_id) from exc
+        row = self._read_row("read the cancel flag from", CANCEL_REQUESTED, run_id)
         return bool(row is not None and row[0])
 
     def exists(self, run_id: str) -> bool:
+        return self._read_row("look up", RUN_EXISTS, run_id) is not None
+
+    def _read_row(self, what: str, sql: str, run_id: str) -> Row | None:
+        """One row about one run, or ``None``: a single statement, no transaction."""
         with self._lock:
             conn = self._connection()
             try:
-                row = conn.execute(RUN_EXISTS, (run_id,)).fetchone()
+                row: Row | None = conn.execute(sql, (run_id,)).fetchone()
             except sqlite3.Error as exc:
-                raise self._error("look up", exc, run_id=run_id) from exc
-        return row is not None
+                raise self._error(what, exc, run_id=run_id) from exc
+        return row
 
     def load(self, run_id: str) -> StoredRun:
         # One read transaction: a snapshot, never half of a concurrent write.
