@@ -54,6 +54,7 @@ from tests.chaos import (
 )
 from tests.chaos import campaign as campaign_module
 from tests.chaos import scenario as scenario_module
+from tests.conftest import wait_for
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -366,7 +367,9 @@ def test_process_check_finds_a_marked_process_and_kills_it() -> None:
     assert sleep is not None
     proc = subprocess.Popen([sleep, "30"], env={**os.environ, MARK_VAR: mark})
     try:
-        assert proc.pid in marked_processes(mark)
+        # Popen can return before the child has exec'd: until then /proc shows the
+        # parent's environment, without the mark.
+        wait_for(lambda: proc.pid in marked_processes(mark), timeout=10, what="the marked child")
         assert proc.pid not in marked_processes(mark + "x")
         checker = Checker(seed=7)
         check_processes_gone(checker, mark, what="the test", grace=0.05)

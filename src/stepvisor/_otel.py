@@ -225,11 +225,7 @@ class RunTracer:
         if record.note:
             span.set_attribute("stepvisor.note", record.note)
         if event.status == "cancelled":
-            span.add_event(
-                "stepvisor.cancelled",
-                {"stepvisor.note": record.note or ""},
-                timestamp=to_ns(event.time),
-            )
+            _mark_cancelled(span, record.note, event.time)
         if event.status in _FAILED_STEPS:
             span.set_attribute("error.type", event.error_type or event.status)
             span.set_status(StatusCode.ERROR, f"{event.error_type}: {event.error_message}")
@@ -250,11 +246,7 @@ class RunTracer:
             return
         run.set_attribute("stepvisor.outcome", event.status)
         if event.status == "cancelled":
-            run.add_event(
-                "stepvisor.cancelled",
-                {"stepvisor.note": event.error or ""},
-                timestamp=to_ns(event.time),
-            )
+            _mark_cancelled(run, event.error, event.time)
         elif event.status == "failed":
             run.set_status(StatusCode.ERROR, event.error or "the run failed")
         run.end(end_time=to_ns(event.time))
@@ -295,6 +287,11 @@ class RunTracer:
             )
             span.set_status(StatusCode.ERROR, f"{error_type}: {rec.error_message or ''}")
         span.end(end_time=end)
+
+
+def _mark_cancelled(span: Span, note: str | None, when: float) -> None:
+    """The moment a step or run was cancelled, with why, as an event on its span."""
+    span.add_event("stepvisor.cancelled", {"stepvisor.note": note or ""}, timestamp=to_ns(when))
 
 
 def _move_start(span: Span, start: int) -> None:

@@ -35,35 +35,25 @@ import contextlib
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Final, NamedTuple, cast
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, cast
 
 import pykka
 
-from stepvisor._invoke import ARGS, CURRENT, KWARGS, RESULT, AsyncInvoke, Invoke
+from stepvisor._calls import UNSET, Calls, Link, Options, Settled, checked, name_of, replaced
+from stepvisor._invoke import ARGS, CURRENT, KWARGS, AsyncInvoke, Invoke
 from stepvisor._validate import is_int
 from stepvisor.actors._hub import CallHub, CancelAll, CancelCall, HubCall, SubmitCall
 from stepvisor.clock import RealClock
-from stepvisor.config import Resolved, resolve
+from stepvisor.config import resolve
 from stepvisor.context import StepContext
 from stepvisor.core.machine import Plan, RunMachine
-from stepvisor.core.model import (
-    EXECUTORS,
-    Step,
-    Workflow,
-    _is_coroutine_fn,
-    check_max_parallel,
-    check_positive_seconds,
-)
-from stepvisor.core.result import RunResult
-from stepvisor.core.state import RunStatus
+from stepvisor.core.model import _is_coroutine_fn, check_max_parallel
 from stepvisor.engine import Engine
 from stepvisor.errors import (
     ExecutorShutdownError,
     InvalidMaxParallelError,
     InvalidSettingError,
-    StepCancelledError,
     StepFunctionError,
     StepNotSerializableError,
 )
@@ -71,138 +61,8 @@ from stepvisor.policies.retry import RetryPolicy
 
 __all__ = ["CallOptions", "Executor"]
 
-#: "Not given here": keep the value the options came with.
-_UNSET: Final[Any] = object()
 #: At most this many functions' pickles and plans are kept (a map uses one).
 _CACHE_SIZE: Final = 256
-_NO_RETRY: Final = RetryPolicy(max_attempts=1)
-
-
-@dataclass(frozen=True, slots=True)
-class _Settled(Resolved):
-    """Settings resolved once for every call of an Executor, their JSON form made once.
-
-    The run machine asks for ``settings.jsonable()`` twice per run (for the
-    start event and the result); for a one-step run that was a tenth of its
-    cost, and an Executor's settings never change.
-    """
-
-    json: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, cfg: Resolved) -> _Settled:
-        values = {f.name: getattr(cfg, f.name) for f in fields(Resolved)}
-        return cls(**values, json=cfg.jsonable())
-
-    def jsonable(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.json)  # shared: read-only by convention
-
-
-class _Options(NamedTuple):
-    timeout: float | None
-    retry: RetryPolicy
-    executor: str
-
-
-def _checked(timeout: Any, retry: Any, executor: Any) -> _Options:
-    if timeout is not None:
-        timeout = check_positive_seconds(timeout, what="timeout")
-    if retry is None:
-        retry = _NO_RETRY
-    elif not isinstance(retry, RetryPolicy):
-        raise InvalidSettingError(
-            f"retry must be a stepvisor.RetryPolicy, got {type(retry).__name__}; "
-            "write e.g. retry=sv.RetryPolicy(max_attempts=3)"
-        )
-    if executor not in EXECUTORS:
-        raise InvalidSettingError(
-            f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}"
-        )
-    return _Options(timeout, retry, executor)
-
-
-def _name_of(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    return name if isinstance(name, str) and name.strip() else type(fn).__name__
-
-
-class _Link:
-    """Ties one call's Future to the hub: begin, end, cancel while queued."""
-
-    __slots__ = ("begun", "executor", "future", "invoke", "params")
-
-    def __init__(
-        self,
-        executor: Executor,
-        future: concurrent.futures.Future[Any],
-        invoke: Invoke,
-        params: dict[str, Any],
-    ) -> None:
-        self.executor = executor
-        self.future = future
-        self.invoke = invoke
-        self.params = params
-        self.begun = False
-
-    def begin(self) -> bool:
-        self.begun = True
-        return self.future.set_running_or_notify_cancel()
-
-    def queued_cancel(self) -> None:
-        self.future.cancel()
-
-    def end(self, result: RunResult) -> None:
-        future = self.future
-        try:
-            if future.cancelled():
-                if not self.begun:  # tell wait() and as_completed() it is done
-                    future.set_running_or_notify_cancel()
-            elif result.status is RunStatus.SUCCEEDED:
-                future.set_result(result.artifacts.get(RESULT))
-            else:
-                error = result.error or next(iter(result.errors.values()), None)
-                if error is None:
-                    error = StepCancelledError(f"the call ended {result.status.value}")
-                future.set_exception(error)
-        except concurrent.futures.InvalidStateError:  # pragma: no cover - settled twice: a bug
-            pass
-        finally:
-            # What the Workers and the hub may still hold of the call must not
-            # keep its function or arguments alive (CPython's executors neither).
-            self.invoke.forget()
-            self.params.clear()
-            self.executor._call_ended()
-
-
-def _nothing() -> None:
-    """The stand-in function of a shared plan."""
-
-
-async def _nothing_async() -> None:
-    """The stand-in function of a shared plan of ``async def`` calls."""
-
-
-class _Calls:
-    """What calls of one function with one set of options share: plan and pickle."""
-
-    __slots__ = ("executors", "workflow")
-
-    def __init__(self, fn: Invoke, opts: _Options) -> None:
-        is_async = isinstance(fn, AsyncInvoke)
-        executor = opts.executor
-        if is_async and executor == "thread":
-            executor = "async"
-        # The plan's function stands in for every call's own (the hub puts that
-        # in each attempt's spec), so the plan keeps no call's function alive.
-        step = Step(
-            _name_of(fn.fn),
-            AsyncInvoke(_nothing_async) if is_async else Invoke(_nothing),
-            timeout=opts.timeout,
-            retry=opts.retry,
-            executor=cast("Any", executor),
-        )
-        self.workflow = Workflow("executor", [step])
-        self.executors = (executor,)
 
 
 class Executor(concurrent.futures.Executor):
@@ -239,8 +99,8 @@ class Executor(concurrent.futures.Executor):
                     "give max_workers= or engine=, not both: the calls share the engine's "
                     "bound (sv.Engine(max_parallel=...))"
                 )
-        self._defaults = _checked(timeout, retry, executor)
-        self._cfg = _Settled.of(
+        self._defaults = checked(timeout, retry, executor)
+        self._cfg = Settled.of(
             resolve(
                 None,
                 {"max_parallel": max_workers, "kill_grace": kill_grace, "ray_address": ray_address},
@@ -259,7 +119,7 @@ class Executor(concurrent.futures.Executor):
         self._shutdown = False
         self._closed = threading.Event()
         self._connected: set[str] = set()
-        self._plans: dict[tuple[Any, ...], _Calls] = {}
+        self._plans: dict[tuple[Any, ...], Calls] = {}
         # Weak: an executor must not keep a call's function alive after the call.
         self._payloads: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
         self._threads: list[threading.Thread] = []
@@ -313,19 +173,19 @@ class Executor(concurrent.futures.Executor):
     def options(
         self,
         *,
-        timeout: float | None = _UNSET,
-        retry: RetryPolicy | None = _UNSET,
-        executor: str = _UNSET,
+        timeout: float | None = UNSET,
+        retry: RetryPolicy | None = UNSET,
+        executor: str = UNSET,
     ) -> CallOptions:
         """A view of this executor whose calls use these options (the rest as they are).
 
         ``ex.options(timeout=5).submit(fn, x)``: the options never mix with
         ``fn``'s own keyword arguments.  ``timeout=None`` means no timeout.
         """
-        return CallOptions(self, _replaced(self._defaults, timeout, retry, executor))
+        return CallOptions(self, replaced(self._defaults, timeout, retry, executor))
 
     def _submit(
-        self, opts: _Options, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, opts: Options, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> concurrent.futures.Future[Any]:
         if not callable(fn):
             raise StepFunctionError(
@@ -366,7 +226,7 @@ class Executor(concurrent.futures.Executor):
             )
         )
         params = {ARGS: args, KWARGS: kwargs}
-        link = _Link(self, future, invoke, params)
+        link = Link(future, invoke, params, ended=self._call_ended)
         call = HubCall(
             key,
             machine,
@@ -389,20 +249,20 @@ class Executor(concurrent.futures.Executor):
         hub.tell(SubmitCall(call))
         return future
 
-    def _calls_for(self, invoke: Invoke, opts: _Options) -> _Calls:
-        key = (_name_of(invoke.fn), type(invoke), opts)
+    def _calls_for(self, invoke: Invoke, opts: Options) -> Calls:
+        key = (name_of(invoke.fn), type(invoke), opts)
         try:
             calls = self._plans.get(key)
         except TypeError:  # an option that cannot be hashed: no sharing
-            return _Calls(invoke, opts)
+            return Calls(invoke, opts)
         if calls is None:
-            calls = _Calls(invoke, opts)
+            calls = Calls(invoke, opts)
             if len(self._plans) >= _CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = calls
         return calls
 
-    def _payload(self, calls: _Calls, invoke: Invoke) -> bytes:
+    def _payload(self, calls: Calls, invoke: Invoke) -> bytes:
         from stepvisor.backends.process import prepare_payload  # noqa: PLC0415 - process only
 
         fn = invoke.fn
@@ -467,20 +327,12 @@ class Executor(concurrent.futures.Executor):
             self._closed.set()
 
 
-def _replaced(opts: _Options, timeout: Any, retry: Any, executor: Any) -> _Options:
-    return _checked(
-        opts.timeout if timeout is _UNSET else timeout,
-        opts.retry if retry is _UNSET else retry,
-        opts.executor if executor is _UNSET else executor,
-    )
-
-
 class CallOptions:
     """Calls with options: ``ex.options(timeout=5).submit(fn, x)``; see :meth:`Executor.options`."""
 
     __slots__ = ("_executor", "_opts")
 
-    def __init__(self, executor: Executor, opts: _Options) -> None:
+    def __init__(self, executor: Executor, opts: Options) -> None:
         self._executor = executor
         self._opts = opts
 
@@ -509,11 +361,11 @@ class CallOptions:
 
     def options(self, **changes: Any) -> CallOptions:
         """These options, some changed (the keywords of :meth:`Executor.options`)."""
-        unknown = set(changes) - set(_Options._fields)
+        unknown = set(changes) - set(Options._fields)
         if unknown:
             raise TypeError(
                 f"options() got unexpected keyword(s) {', '.join(sorted(unknown))}; "
-                f"it takes {', '.join(_Options._fields)}"
+                f"it takes {', '.join(Options._fields)}"
             )
-        merged = {name: changes.get(name, _UNSET) for name in _Options._fields}
-        return CallOptions(self._executor, _replaced(self._opts, **merged))
+        merged = {name: changes.get(name, UNSET) for name in Options._fields}
+        return CallOptions(self._executor, replaced(self._opts, **merged))

@@ -18,37 +18,48 @@ Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed,
 130 the run was cancelled (Ctrl-C, SIGTERM or ``stepvisor cancel``).
 
 While a run goes, the main thread waits on the run in ``TICK`` slices and
-redraws the progress display between them; the Supervisor only appends events
-to a queue (see :mod:`stepvisor.cli._progress`).
+redraws the progress display between them (:mod:`stepvisor.cli._follow`); the
+Supervisor only appends events to a queue (see :mod:`stepvisor.cli._progress`).
+What the commands print is in :mod:`stepvisor.cli._output`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import io
 import json
 import os
-import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
-from stepvisor._runtime import RunHandle, resume_start, start
-from stepvisor.cli._progress import TICK, Inbox, Progress, end_lines, make_display, one_line
+from stepvisor._runtime import resume_start, start
+from stepvisor.cli._follow import SigtermError, follow
+from stepvisor.cli._output import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    counts,
+    duration,
+    one_run,
+    run_duration,
+    say,
+    table,
+    when,
+)
+from stepvisor.cli._progress import TICK, Inbox, Progress, one_line
 from stepvisor.cli._report import write_html
 from stepvisor.config import _parse_text, resolve
 from stepvisor.core.model import SETTING_NAMES, Settings, Workflow
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import RunStatus, StepRecord, StepStatus
+from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.errors import InvalidSettingError, StepvisorError, StoreError, ValidationError
 from stepvisor.policies.retry import RetryPolicy
-from stepvisor.store.base import RunInfo, RunStore
+from stepvisor.store.base import RunStore
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore
 from stepvisor.workflow_file import load_workflow
@@ -64,22 +75,11 @@ __all__ = [
 ]
 
 DEFAULT_DB: Final = os.path.join(".stepvisor", "runs.db")
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_CANCELLED: Final = 130
-
 _EXIT_BY_STATUS: Final[Mapping[RunStatus, int]] = {
     RunStatus.SUCCEEDED: EXIT_OK,
     RunStatus.FAILED: EXIT_FAILED,
     RunStatus.CANCELLED: EXIT_CANCELLED,
 }
-#: Seconds to wait for a cancelled run to stop before giving up on it.
-_CANCEL_WAIT: Final = 60.0
-
-
-class _SigtermError(Exception):
-    """SIGTERM, turned into the same path as Ctrl-C (cancel, then exit 130)."""
 
 
 # -- settings from flags -------------------------------------------------------------
@@ -151,90 +151,6 @@ def _existing_store(db: str) -> SQLiteStore:
 # -- following a run ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _sigterm_cancels() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while a run goes (``docker stop``, ``kill``)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise _SigtermError
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _wait(handle: RunHandle, refresh: Callable[[], None]) -> RunResult:
-    while True:
-        try:
-            return handle.wait(timeout=TICK)
-        except TimeoutError:
-            refresh()
-
-
-def _follow(
-    handle: RunHandle, *, inbox: Inbox, progress: Progress, headline: str
-) -> tuple[RunResult, bool]:
-    """Show the run until it ends; Ctrl-C or SIGTERM cancels it.  -> (result, interrupted)."""
-    display = make_display(sys.stdout, progress)
-    began = time.monotonic()
-
-    def refresh() -> None:
-        display.refresh(inbox.drain())
-
-    interrupted = False
-    try:
-        display.begin(run_id=handle.run_id, headline=headline)
-        with _sigterm_cancels():
-            try:
-                result = _wait(handle, refresh)
-            except (KeyboardInterrupt, _SigtermError):
-                interrupted = True
-                display.note("cancelling; press Ctrl-C again to quit at once")
-                handle.cancel()
-                result = _wait_after_cancel(handle, refresh)
-        refresh()
-        progress.settle(result)
-    except BaseException:
-        display.abort()
-        raise
-    finally:
-        if not handle.done():  # an error of ours: never leave the run going
-            handle.cancel()
-            with contextlib.suppress(TimeoutError):
-                handle.wait(timeout=_CANCEL_WAIT)
-    hints = []
-    if result.status is not RunStatus.SUCCEEDED:
-        hints.append(f"  resume with: stepvisor resume {result.run_id}")
-    display.end(end_lines(result, progress, elapsed=time.monotonic() - began, hints=hints))
-    return result, interrupted
-
-
-def _wait_after_cancel(handle: RunHandle, refresh: Callable[[], None]) -> RunResult:
-    try:
-        deadline = time.monotonic() + _CANCEL_WAIT
-        while True:
-            try:
-                return handle.wait(timeout=TICK)
-            except TimeoutError:
-                refresh()
-                if time.monotonic() > deadline:
-                    raise
-    except (KeyboardInterrupt, _SigtermError, TimeoutError):
-        # Asked twice (or the run will not stop): leave now.  The store keeps the
-        # run; its heartbeat stops, so it reads "interrupted" and can be resumed.
-        sys.stdout.write("\x1b[?25h\n" if sys.stdout.isatty() else "\n")
-        _say(f"stopped without waiting; resume with: stepvisor resume {handle.run_id}")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_CANCELLED)
-
-
 def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
     text = f"workflow {wf.id!r}, {len(wf.steps)} steps, store {db}"
     return text + (f" (resumed; {kept} succeeded steps kept)" if kept else "")
@@ -245,7 +161,7 @@ def _finish(result: RunResult, *, interrupted: bool, store: RunStore, report: st
         try:
             path = write_html(store.load(result.run_id), report)
         except OSError as exc:  # the run's own outcome still decides the exit code
-            _say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
+            say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
         else:
             print(f"report: {path}")
     if interrupted:
@@ -280,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValidationError as exc:
             raise _start_error(exc, args.file) from exc
         progress = Progress(wf.step_ids)
-        result, interrupted = _follow(
+        result, interrupted = follow(
             handle, inbox=inbox, progress=progress, headline=_headline(wf, args.db)
         )
         return _finish(result, interrupted=interrupted, store=store, report=args.report)
@@ -290,8 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         stored = store.load(args.run_id)
         source = stored.info.source
         if source is None:
@@ -325,56 +240,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise _start_error(exc, source) from exc
         progress = Progress(wf.step_ids, kept=kept)
         headline = _headline(wf, args.db, kept=len(kept))
-        result, interrupted = _follow(handle, inbox=inbox, progress=progress, headline=headline)
+        result, interrupted = follow(handle, inbox=inbox, progress=progress, headline=headline)
         return _finish(result, interrupted=interrupted, store=store, report=args.report)
-    finally:
-        store.close()
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [header, *rows]
-    out = []
-    for line in lines:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(line)]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
-
-
-def _when(value: float | None) -> str:
-    return "-" if value is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-
-
-def _duration(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 60:
-        return f"{value:.2f} s"
-    minutes, seconds = divmod(round(value), 60)
-    return f"{minutes} min {seconds:02d} s"
-
-
-def _run_duration(info: RunInfo) -> float:
-    if info.ended is not None:
-        end = info.ended
-    elif info.status is RunStatus.RUNNING:
-        end = time.time()
-    else:  # interrupted: its program died after its last heartbeat
-        end = info.heartbeat or info.started
-    return max(0.0, end - info.started)
-
-
-def _counts(steps: Mapping[str, StepRecord]) -> str:
-    tally = Counter(r.status.value for r in steps.values())
-    order = [s.value for s in StepStatus]
-    return ", ".join(f"{tally[s]} {s}" for s in order if tally[s])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         if args.run_id is not None:
-            print(_one_run(store, args.run_id))
+            print(one_run(store, args.run_id))
             return EXIT_OK
         runs = store.list_runs()
         if not runs:
@@ -386,61 +259,23 @@ def cmd_status(args: argparse.Namespace) -> int:
                 info.run_id,
                 info.workflow_id,
                 info.status.value,
-                _when(info.started),
-                _duration(_run_duration(info)),
-                _counts(store.load(info.run_id).steps),
+                when(info.started),
+                duration(run_duration(info)),
+                counts(store.load(info.run_id).steps),
             ]
             for info in shown
         ]
-        print(_table(["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "STEPS"], rows))
+        print(table(["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "STEPS"], rows))
         for info in shown:
             if info.status is RunStatus.RUNNING and info.owner is not None:
                 print(f"run {info.run_id} is run by {info.owner.describe()}")
         if len(shown) < len(runs):
             print(f"({len(runs) - len(shown)} older runs not shown; use --all)")
         return EXIT_OK
-    finally:
-        store.close()
-
-
-def _one_run(store: SQLiteStore, run_id: str) -> str:
-    stored = store.load(run_id)
-    info = stored.info
-    head = [
-        f"run       {info.run_id}",
-        f"workflow  {info.workflow_id}" + (f" ({info.source})" if info.source else ""),
-        f"status    {info.status.value}",
-        f"started   {_when(info.started)}",
-        f"duration  {_duration(_run_duration(info))}",
-        f"seed      {info.seed}",
-        f"steps     {_counts(stored.steps)}",
-    ]
-    if info.status is RunStatus.RUNNING and info.owner is not None:
-        head.append(f"owner     {info.owner.describe()}")
-    if info.error:
-        head.append(f"error     {one_line(info.error, limit=300)}")
-    rows = []
-    for record in stored.steps.values():
-        last = record.last_attempt
-        took = sum(a.duration or 0.0 for a in record.attempts) if record.attempts else None
-        error = f"{last.error_type}: {last.error_message}" if last and last.error_type else ""
-        rows.append(
-            [
-                record.step_id,
-                record.status.value + (" (kept)" if record.restored else ""),
-                str(record.attempt_count),
-                _duration(took),
-                (last.worker or "-") if last else "-",
-                one_line(error, limit=80),
-            ]
-        )
-    table = _table(["STEP", "STATUS", "ATTEMPTS", "TIME", "WORKER", "ERROR"], rows)
-    return "\n".join(head) + "\n\n" + table
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         info = store.load(args.run_id).info
         if info.status is not RunStatus.RUNNING:
             print(f"run {args.run_id} is not running ({info.status.value}); nothing to cancel")
@@ -452,21 +287,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.wait
         while store.load(args.run_id).info.status is RunStatus.RUNNING:
             if time.monotonic() > deadline:
-                _say(f"run {args.run_id} is still running after {args.wait:g} s")
+                say(f"run {args.run_id} is still running after {args.wait:g} s")
                 return EXIT_FAILED
             time.sleep(TICK)
         print(f"run {args.run_id} is {store.load(args.run_id).info.status.value}")
         return EXIT_OK
-    finally:
-        store.close()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    store = _existing_store(args.db)
-    try:
+    with _existing_store(args.db) as store:
         path = write_html(store.load(args.run_id), args.html)
-    finally:
-        store.close()
     print(f"report: {path}")
     return EXIT_OK
 
@@ -481,7 +311,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         [name, names.get(source, source), json.dumps(values[name])]
         for name, _, source in resolved.describe()
     ]
-    print(_table(["SETTING", "FROM", "VALUE"], rows))
+    print(table(["SETTING", "FROM", "VALUE"], rows))
     return EXIT_OK
 
 
@@ -568,10 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say(message: str) -> None:
-    print(f"stepvisor: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     for stream in (sys.stdout, sys.stderr):
@@ -587,10 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except StepvisorError as exc:
-        _say(f"error: {one_line(str(exc), limit=2000)}")
+        say(f"error: {one_line(str(exc), limit=2000)}")
         return EXIT_USAGE
     except OSError as exc:
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         return EXIT_USAGE
-    except (KeyboardInterrupt, _SigtermError):
+    except (KeyboardInterrupt, SigtermError):
         return EXIT_CANCELLED

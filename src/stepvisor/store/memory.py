@@ -10,13 +10,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.base import RunInfo, StoredRun
 
 __all__ = ["MemoryStore"]
+
+#: What a "no such run" message adds where a user may be looking for a run.
+_LIST_RUNS_HINT: Final = "; list runs with `stepvisor status`"
 
 
 class MemoryStore:
@@ -44,10 +47,8 @@ class MemoryStore:
                     f"run id {run_id!r} is already used by a run in this store; choose another "
                     f"run_id, or continue that run with resume({run_id!r}, ...)"
                 )
-            if not new and run_id not in self._runs:
-                raise RunNotFoundError(
-                    f"no run with id {run_id!r} in this store; list runs with `stepvisor status`"
-                )
+            if not new:
+                self._known(run_id, hint=_LIST_RUNS_HINT)
             self._claimed.add(run_id)
 
     def release_run(self, run_id: str) -> None:
@@ -96,20 +97,21 @@ class MemoryStore:
 
     def request_cancel(self, run_id: str) -> None:
         with self._lock:
-            if run_id not in self._runs:
-                raise RunNotFoundError(f"no run with id {run_id!r} in this store")
+            self._known(run_id)
             self._cancel.add(run_id)
 
     def exists(self, run_id: str) -> bool:
         with self._lock:
             return run_id in self._runs
 
+    def _known(self, run_id: str, *, hint: str = "") -> None:
+        """Raise ``RunNotFoundError`` unless ``run_id`` is stored; the caller holds the lock."""
+        if run_id not in self._runs:
+            raise RunNotFoundError(f"no run with id {run_id!r} in this store{hint}")
+
     def load(self, run_id: str) -> StoredRun:
         with self._lock:
-            if run_id not in self._runs:
-                raise RunNotFoundError(
-                    f"no run with id {run_id!r} in this store; list runs with `stepvisor status`"
-                )
+            self._known(run_id, hint=_LIST_RUNS_HINT)
             return StoredRun(
                 info=self._runs[run_id],
                 steps=dict(self._steps[run_id]),

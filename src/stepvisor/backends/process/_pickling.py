@@ -140,7 +140,13 @@ def _parts(value: object, path: str) -> Iterator[tuple[str, object]]:
     elif isinstance(value, set | frozenset):
         for item in value:
             yield f"an element of {path}", item
-    elif isinstance(value, types.FunctionType):
+    else:
+        yield from _object_parts(value, path)
+
+
+def _object_parts(value: object, path: str) -> Iterator[tuple[str, object]]:
+    """The parts of a value that is not a container: a callable's, or its attributes."""
+    if isinstance(value, types.FunctionType):
         yield from _function_parts(value, path)
     elif isinstance(value, functools.partial):
         yield f"{_wrap(path)}.func", value.func

@@ -330,20 +330,8 @@ class ProcessSlot:
         if early is not None and child.claim_reply():
             return early
         while True:
-            dead = False
-            for fd, _events in child.poller.poll(_poll_ms(child, spec, control)):
-                if fd == child.res_r:
-                    reading = child.read_some()
-                    if not reading:
-                        child.poller.unregister(child.res_r)
-                elif fd == child.cmd_w:
-                    pending = child.send_some(pending)
-                    if not pending:
-                        child.poller.unregister(child.cmd_w)
-                elif fd == child.wake_r:
-                    child.drain_wake()
-                else:
-                    dead = True
+            ready = child.poller.poll(_poll_ms(child, spec, control))
+            pending, reading, dead = _serve(child, ready, pending, reading=reading)
             reply = child.take_reply()
             if reply is None and (dead or (child.pidfd is None and child.has_exited())):
                 reply = child.drain()
@@ -430,7 +418,32 @@ class ProcessSlot:
             self._retire(child, respawn=respawn)
 
 
-# -- the loop's timing ---------------------------------------------------------------------
+# -- the loop's events and timing ----------------------------------------------------------
+
+
+def _serve(
+    child: Child, ready: list[tuple[int, int]], pending: memoryview, *, reading: bool
+) -> tuple[memoryview, bool, bool]:
+    """Serve one poll's ready descriptors: read replies, send the rest, drain a wake-up.
+
+    Returns what is still to send, whether the reply pipe is still open, and
+    whether the child is dead (its pidfd became readable).
+    """
+    dead = False
+    for fd, _events in ready:
+        if fd == child.res_r:
+            reading = child.read_some()
+            if not reading:
+                child.poller.unregister(child.res_r)
+        elif fd == child.cmd_w:
+            pending = child.send_some(pending)
+            if not pending:
+                child.poller.unregister(child.cmd_w)
+        elif fd == child.wake_r:
+            child.drain_wake()
+        else:
+            dead = True
+    return pending, reading, dead
 
 
 def _key(spec: AttemptSpec) -> tuple[str, str, int]:

@@ -90,15 +90,7 @@ class Child:
         os.set_blocking(self.cmd_w, False)
         os.set_blocking(self.res_r, False)
         self.shm.setblocking(False)
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        self.pidfd = self._open_pidfd(self.pid)
-        self.poller = select.poll()
-        for fd in (self.res_r, self.wake_r):
-            self.poller.register(fd, select.POLLIN)
-        if self.pidfd is not None:
-            self.poller.register(self.pidfd, select.POLLIN)
+        self._open_poller()
         self.lock = threading.Lock()
         self.buf = bytearray()
         self.ready = False
@@ -110,6 +102,22 @@ class Child:
         self.dying = False
         self.reaped = False
         self.returncode: int | None = None
+
+    def _open_poller(self) -> None:
+        """What an attempt's loop waits on: replies, a wake-up from a canceller, the exit.
+
+        The wake-up pipe lets a canceller on another thread cut a poll short;
+        the pidfd, where the kernel has one, makes the child's exit an event too.
+        """
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.pidfd = self._open_pidfd(self.pid)
+        self.poller = select.poll()
+        for fd in (self.res_r, self.wake_r):
+            self.poller.register(fd, select.POLLIN)
+        if self.pidfd is not None:
+            self.poller.register(self.pidfd, select.POLLIN)
 
     @staticmethod
     def _open_pidfd(pid: int) -> int | None:

@@ -288,23 +288,9 @@ class RayBackend:
         confirm_by: float | None = None
         first = True
         while True:
-            now = time.monotonic()
-            if self._closed and not control.is_cancelled:
-                control.cancel("cancel")
-            if control.is_cancelled:
-                if confirm_by is None:
-                    confirm_by = now + spec.kill_grace + _CONFIRM_MARGIN_S
-                if now >= confirm_by:
-                    return _Ended(confirmed=False)
-                wait = confirm_by - now
-            elif spec.deadline is not None:
-                if now >= spec.deadline + _SAFETY_MARGIN_S:
-                    control.cancel("timeout")  # runs our canceller, like the engine would
-                    continue
-                wait = spec.deadline + _SAFETY_MARGIN_S - now
-            else:
-                wait = _WAIT_SLICE_S
-            wait = min(wait, _WAIT_SLICE_S)
+            wait, confirm_by = self._next_slice(spec, control, confirm_by)
+            if wait is None:
+                return _Ended(confirmed=False)
             try:
                 if first:
                     first = False
@@ -316,6 +302,31 @@ class RayBackend:
                 continue
             except Exception as exc:
                 return _Ended(raised=exc)
+
+    def _next_slice(
+        self, spec: AttemptSpec, control: AttemptControl, confirm_by: float | None
+    ) -> tuple[float | None, float | None]:
+        """How long the next slice of ``_wait`` may wait, and when a cancel must be confirmed.
+
+        A wait of ``None``: the cancel was not confirmed in time, stop waiting.  A
+        closed backend cancels the attempt; a deadline passed (plus the safety
+        margin) cancels it as a timeout, and the cancel's clock starts then.
+        """
+        while True:
+            now = time.monotonic()
+            if self._closed and not control.is_cancelled:
+                control.cancel("cancel")
+            if control.is_cancelled:
+                if confirm_by is None:
+                    confirm_by = now + spec.kill_grace + _CONFIRM_MARGIN_S
+                if now >= confirm_by:
+                    return None, confirm_by
+                return min(confirm_by - now, _WAIT_SLICE_S), confirm_by
+            if spec.deadline is None:
+                return _WAIT_SLICE_S, confirm_by
+            if now < spec.deadline + _SAFETY_MARGIN_S:
+                return min(spec.deadline + _SAFETY_MARGIN_S - now, _WAIT_SLICE_S), confirm_by
+            control.cancel("timeout")  # runs our canceller, like the engine would
 
     # -- inputs --
 

@@ -10,6 +10,7 @@ The package's private modules::
     _files     creating a store whole, checking a file is one, connecting, naming faults
     _opening   opening an existing store: marker, version, codec; migrating
     _owner     who owns a run: lock files, process identity, is the owner alive?
+    _records   a run's rows read back as records (a dead run reads interrupted)
     _store     SQLiteStore: the RunStore port over one file
 
 How a store is opened: see :mod:`stepvisor.store.sqlite._files`.  Who may run a

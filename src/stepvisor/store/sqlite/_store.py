@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -14,7 +13,7 @@ from typing import Any, Final
 
 from stepvisor._closing import Closing
 from stepvisor.clock import Clock
-from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
+from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import (
     ArtifactCodecError,
     RunNotFoundError,
@@ -37,6 +36,7 @@ from stepvisor.store.sqlite._files import (
     save_copy,
 )
 from stepvisor.store.sqlite._opening import open_error, open_existing
+from stepvisor.store.sqlite._records import run_info, run_row, step_records
 from stepvisor.store.sqlite._schema import (
     CANCEL_REQUESTED,
     DELETE_ARTIFACTS,
@@ -57,7 +57,6 @@ from stepvisor.store.sqlite._schema import (
     UPSERT_STEP,
     WRITE_OWNER,
     Row,
-    attempt_from_row,
     attempt_rows,
     decode_artifact,
     encode_outputs,
@@ -333,27 +332,13 @@ class SQLiteStore(Closing):
             owner: RunOwner | None = self._claim(info.run_id, "any")  # used directly, unclaimed
         else:
             owner = claim[0] if claim is not None else None
-        owner_row = _owner.owner_row(owner) if owner is not None else (None,) * 6
-        run_row = (
-            info.run_id,
-            info.workflow_id,
-            info.fingerprint,
-            settings,
-            info.seed,
-            str(info.status),
-            info.started,
-            info.ended,
-            info.heartbeat,
-            info.error,
-            info.source,
-            *owner_row,
-        )
+        run = run_row(info, settings, owner)
         step_rows = [step_row(info.run_id, r, has_outputs=False) for r in steps]
         attempts: list[Row] = []
         for record in steps:
             attempt_rows(info.run_id, record, attempts)
         with self._transaction("begin a run in", info.run_id, write=True) as conn:
-            conn.execute(UPSERT_RUN, run_row)
+            conn.execute(UPSERT_RUN, run)
             write_steps(conn, step_rows, attempts)
 
     def save_step(
@@ -405,22 +390,21 @@ class SQLiteStore(Closing):
     # -- RunStore: reads -------------------------------------------------------------------
 
     def cancel_requested(self, run_id: str) -> bool:
-        with self._lock:
-            conn = self._connection()
-            try:
-                row = conn.execute(CANCEL_REQUESTED, (run_id,)).fetchone()
-            except sqlite3.Error as exc:
-                raise self._error("read the cancel flag from", exc, run_id=run_id) from exc
+        row = self._read_row("read the cancel flag from", CANCEL_REQUESTED, run_id)
         return bool(row is not None and row[0])
 
     def exists(self, run_id: str) -> bool:
+        return self._read_row("look up", RUN_EXISTS, run_id) is not None
+
+    def _read_row(self, what: str, sql: str, run_id: str) -> Row | None:
+        """One row about one run, or ``None``: a single statement, no transaction."""
         with self._lock:
             conn = self._connection()
             try:
-                row = conn.execute(RUN_EXISTS, (run_id,)).fetchone()
+                row: Row | None = conn.execute(sql, (run_id,)).fetchone()
             except sqlite3.Error as exc:
-                raise self._error("look up", exc, run_id=run_id) from exc
-        return row is not None
+                raise self._error(what, exc, run_id=run_id) from exc
+        return row
 
     def load(self, run_id: str) -> StoredRun:
         # One read transaction: a snapshot, never half of a concurrent write.
@@ -432,25 +416,12 @@ class SQLiteStore(Closing):
             attempt_rows_ = conn.execute(SELECT_ATTEMPTS, (run_id,)).fetchall()
             artifact_rows = conn.execute(SELECT_ARTIFACTS, (run_id,)).fetchall()
         # Decoding happens outside the lock: unpickling runs arbitrary code.
-        attempts: dict[str, list[AttemptRecord]] = {}
-        for row in attempt_rows_:
-            attempts.setdefault(row[0], []).append(attempt_from_row(row))
-        steps: dict[str, StepRecord] = {}
-        outputs: dict[str, dict[str, Any]] = {}
-        for step_id, status, note, restored, has_outputs in step_rows:
-            steps[step_id] = StepRecord(
-                step_id=step_id,
-                status=StepStatus(status),
-                attempts=tuple(attempts.get(step_id, ())),
-                note=note,
-                restored=bool(restored),
-            )
-            if has_outputs:
-                outputs[step_id] = {}
-        for row in artifact_rows:
-            outputs.setdefault(row[0], {})[row[1]] = decode_artifact(
-                self._codec, self.path, run_id, row
-            )
+        steps, outputs = step_records(
+            step_rows,
+            attempt_rows_,
+            artifact_rows,
+            decode=lambda row: decode_artifact(self._codec, self.path, run_id, row),
+        )
         return StoredRun(info=self._run_info(run_row, self._wall()), steps=steps, outputs=outputs)
 
     def list_runs(self) -> list[RunInfo]:
@@ -460,30 +431,7 @@ class SQLiteStore(Closing):
         return [self._run_info(row, now) for row in rows]
 
     def _run_info(self, row: Row, now: float) -> RunInfo:
-        run_id, workflow_id, fingerprint, settings, seed, status, started, *rest = row
-        ended, heartbeat, error, source = rest[:4]
-        owner = _owner.owner_of(rest[4:])
-        run_status = RunStatus(status)
-        if run_status is RunStatus.RUNNING:
-            last_sign_of_life = heartbeat if heartbeat is not None else started
-            if now - last_sign_of_life > self._stale_after:
-                run_status = RunStatus.INTERRUPTED  # its program stopped beating: it died
-            elif owner is not None and _owner.liveness(owner) == "dead":
-                run_status = RunStatus.INTERRUPTED  # its owner on this machine is gone
-        return RunInfo(
-            run_id=run_id,
-            workflow_id=workflow_id,
-            fingerprint=fingerprint,
-            settings=json.loads(settings),
-            seed=seed,
-            status=run_status,
-            started=started,
-            ended=ended,
-            heartbeat=heartbeat,
-            error=error,
-            source=source,
-            owner=owner,
-        )
+        return run_info(row, now=now, stale_after=self._stale_after)
 
     # -- lifetime ------------------------------------------------------------------------------
 
