@@ -114,7 +114,9 @@ class RunPlan:
     #: Traces the run (OpenTelemetry is set up): it needs the events.
     observer: RunObserver | None = None
 
-    def machine_plan(self, *, lend_slots: bool = False) -> Plan:
+    def machine_plan(
+        self, *, lend_slots: bool = False, unqueued: frozenset[str] = frozenset()
+    ) -> Plan:
         """The part of the plan the machine decides from: values only."""
         return Plan(
             workflow=self.workflow,
@@ -128,6 +130,7 @@ class RunPlan:
             emit_events=self.on_event is not None or self.observer is not None,
             store_may_refuse=not isinstance(self.store, MemoryStore),
             lend_slots=lend_slots,
+            unqueued=unqueued,
         )
 
 
@@ -152,23 +155,26 @@ class RunShell:
         self.plan = plan
         self.clock = plan.clock
         self.store = plan.store
-        self.machine = RunMachine(plan.machine_plan(lend_slots=lend_slots))
         self._complete = complete
         self._pool = pool
         self._tell = tell
         self._reply_to = reply_to
         #: The lease (of the engine's bound, with a Worker once one is needed) of each slot.
         self._leases: dict[str, Lease] = {}
-        #: The engine's event loop, if this run has async steps and it can take
-        #: attempts without a thread waiting (``submit``).
-        self._loop: Any = None
-        if "async" in plan.executors:
-            make = pool.services.shared.get("async")
+        #: The shared backends of this run's executors that take an attempt without a
+        #: thread waiting for it (``submit(spec, control, done)``): the engine's event
+        #: loop for async steps, or a backend the caller gave that can.
+        self._submitters: dict[str, Any] = {}
+        for executor in set(plan.executors):
+            make = pool.services.shared.get(executor)
             backend = make() if make is not None else None
             if callable(getattr(backend, "submit", None)):
-                self._loop = backend
+                self._submitters[executor] = backend
         self._warm = tuple(ex for ex in ("process",) if ex in plan.executors)
-        self._needs_workers = any(ex != "async" for ex in plan.executors)
+        self._needs_workers = any(ex not in self._submitters for ex in plan.executors)
+        self.machine = RunMachine(
+            plan.machine_plan(lend_slots=lend_slots, unqueued=frozenset(self._submitters))
+        )
         self._controls: dict[str, tuple[int, AttemptControl]] = {}
         self._timers: dict[TimerKey, TimerHandle] = {}
         self._heartbeat: TimerHandle | None = None
@@ -319,10 +325,11 @@ class RunShell:
             if observer is not None:
                 spec = spec._replace(trace=observer.carrier(spec.step_id, spec.attempt))
             controls[spec.step_id] = (spec.attempt, control)
-            if executor == "async" and self._loop is not None:
-                # An async attempt needs no Worker: it runs on the loop and says
-                # when it ends (the machine never batches async attempts).
-                self._submit(effect.slot, spec, control, self._loop)
+            submitter = self._submitters.get(executor)
+            if submitter is not None:
+                # No Worker: the backend runs the attempt (an async one on the loop)
+                # and says when it ends (the machine queues none behind it).
+                self._submit(effect.slot, spec, control, submitter)
                 continue
             messages.append(RunAttempt(spec, control, executor, effect.slot, me))
         if messages:

@@ -25,7 +25,7 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 import stepvisor as sv
-from stepvisor.compat._loop import OnCallerLoop
+from stepvisor.compat._loop import CallerLoopBackend, OnCallerLoop
 from stepvisor.compat._ready import find_ready_steps, names
 from stepvisor.compat._records import (
     StateLike,
@@ -140,7 +140,11 @@ class ParallelStepExecutor:
         being garbage-collected, or the interpreter exiting) closes it.
         """
         if self._engine is None or self._engine.closed:
-            self._engine = sv.Engine(max_parallel=self.max_parallel)
+            # Its thread steps are execute_fn's tasks on the caller's loop, started
+            # and reported by the engine's Supervisor: no Worker thread in between.
+            self._engine = sv.Engine(
+                max_parallel=self.max_parallel, backends={"thread": CallerLoopBackend()}
+            )
             self._closer = weakref.finalize(self, self._engine.close)
             _OPEN.add(self)
         return self._engine

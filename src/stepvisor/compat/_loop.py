@@ -14,10 +14,14 @@ import asyncio
 import contextvars
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import stepvisor as sv
+from stepvisor.backends._wire import check_outputs
+from stepvisor.backends.base import AttemptResult, AttemptSpec, format_error, stop_error
+from stepvisor.backends.thread import call_step
 from stepvisor.compat._tracker import Slot
+from stepvisor.context import AttemptControl
 
 #: How often a Worker thread waiting for ``execute_fn`` checks that the caller's
 #: loop is still open (cancellation itself arrives through ``ctx.on_cancel``).
@@ -27,8 +31,14 @@ _POLL_SECONDS: Final = 0.02
 class _LoopCall:
     """One call of ``execute_fn`` as a task on another thread's event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        on_end: Callable[[_LoopCall], None] | None = None,
+    ) -> None:
         self._loop = loop
+        self._on_end = on_end
         self.done = threading.Event()
         self._task: asyncio.Task[Any] | None = None
         self._value: Any = None
@@ -48,7 +58,8 @@ class _LoopCall:
         try:
             self._loop.call_soon_threadsafe(self._cancel)
         except RuntimeError:  # the loop is closed: the task cannot run any more
-            self.done.set()
+            if not self.done.is_set():
+                self._end()
 
     def wait_ended(self) -> None:
         """Wait for the task to end, or for its loop to close under it."""
@@ -71,9 +82,14 @@ class _LoopCall:
             self._task = self._loop.create_task(coro, context=own)
         except BaseException as exc:
             self._error = exc
-            self.done.set()
+            self._end()
             return
         self._task.add_done_callback(self._finished)
+
+    def _end(self) -> None:
+        self.done.set()
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -84,7 +100,7 @@ class _LoopCall:
             self._error = task.exception()
             if self._error is None:
                 self._value = task.result()
-        self.done.set()
+        self._end()
 
     def _cancel(self) -> None:
         if self._task is not None:
@@ -128,6 +144,44 @@ class OnCallerLoop:
         self._loop = loop
         self._context = context
 
+    def submit(
+        self, spec: AttemptSpec, control: AttemptControl, done: Callable[[AttemptResult], None]
+    ) -> None:
+        """Start ``execute_fn(step)`` as a task on the caller's loop; ``done(result)`` at its end.
+
+        Called on the engine's Supervisor thread; ``done`` is called on the
+        caller's loop once the task has really ended (a cancel or deadline
+        cancels it first), exactly once.
+        """
+        step, loop, slot = self._slot.step, self._loop, self._slot
+
+        def finished(call: _LoopCall) -> None:
+            if control.is_cancelled and call._error is not None:
+                error = stop_error(spec, control.reason, "execute_fn's task was cancelled")
+                error.__cause__ = call._error
+                done(AttemptResult(kind="cancelled", error=error))
+                return
+            if call._error is not None:
+                exc = call._error
+                done(AttemptResult(kind="error", error=exc, traceback=format_error(exc)))
+                return
+            try:
+                outputs = check_outputs(spec.step_id, call._value)
+            except TypeError as exc:
+                done(AttemptResult(kind="error", error=exc, traceback=format_error(exc)))
+                return
+            if outputs is not None:
+                slot.artifacts = dict(outputs)
+            done(AttemptResult(kind="ok", outputs=outputs))
+
+        call = _LoopCall(loop, on_end=finished)
+        try:
+            call.start(lambda: self._execute_fn(step), self._context)
+        except RuntimeError as exc:  # the caller's loop is closed
+            done(AttemptResult(kind="error", error=exc, traceback=format_error(exc)))
+            return
+        control.on_cancel(call.cancel)
+
     def __call__(self, ctx: sv.StepContext) -> Any:
         step = self._slot.step
         call = _LoopCall(self._loop)
@@ -142,3 +196,33 @@ class OnCallerLoop:
         if isinstance(value, Mapping):
             self._slot.artifacts = dict(value)
         return value
+
+
+class CallerLoopBackend:
+    """The facade's thread backend: it starts ``execute_fn``'s task on the caller's loop.
+
+    A :class:`~stepvisor.backends.base.Backend` that also takes an attempt
+    without a thread waiting for it (``submit``): the engine's Supervisor
+    schedules the task straight onto the caller's loop and is told when it
+    ends, so a call of ``execute_parallel`` costs no Worker thread hand-offs.
+    ``run`` (one blocking attempt) remains for callers that have a thread.
+    """
+
+    sends_ahead: ClassVar[bool] = False
+
+    def run(
+        self, spec: AttemptSpec, control: AttemptControl, ahead: object = None
+    ) -> AttemptResult:
+        return call_step(spec, control)
+
+    def submit(
+        self, spec: AttemptSpec, control: AttemptControl, done: Callable[[AttemptResult], None]
+    ) -> None:
+        fn = spec.fn
+        if not isinstance(fn, OnCallerLoop):  # not a facade step: run it here
+            done(call_step(spec, control))
+            return
+        fn.submit(spec, control, done)
+
+    def close(self) -> None:
+        """Nothing to release: the caller owns its loop."""

@@ -119,6 +119,9 @@ class Plan:
     store_may_refuse: bool = True
     #: Give free slots back while nothing is ready (the run shares an engine).
     lend_slots: bool = False
+    #: Executors whose backend starts every attempt it is given at once (it takes
+    #: them without a thread): their attempts are never queued behind another.
+    unqueued: frozenset[str] = frozenset()
 
 
 class RunMachine(Settling):
@@ -149,6 +152,7 @@ class RunMachine(Settling):
             cfg.deadline is None
             and cfg.step_timeout is None
             and all(ex in ("thread", "process") for ex in plan.executors)
+            and not plan.unqueued.intersection(plan.executors)
             and all(step.timeout is None for step in self.wf.steps)
         )
         self._avg_duration = 0.0
