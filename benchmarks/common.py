@@ -19,10 +19,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from benchmarks.harness import Row, replace_row
 from benchmarks.steps import spin_until, write_pid
 from tests.procfs import pid_gone
+
+if TYPE_CHECKING:
+    from stepvisor import RunResult
 
 __all__ = [
     "Measured",
@@ -36,6 +40,7 @@ __all__ = [
     "scratch_dir",
     "spin_until",
     "summary",
+    "timed_run",
     "wait_until",
     "write_pid",
 ]
@@ -133,6 +138,16 @@ def best_of(repeat: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
     """
     times = [fn() for _ in range(max(1, repeat))]
     return min(times), times
+
+
+def timed_run(run: Callable[[], RunResult]) -> tuple[float, RunResult]:
+    """Seconds ``run()`` took, and its result; a run that did not succeed fails the figure."""
+    started = time.perf_counter()
+    result = run()
+    elapsed = time.perf_counter() - started
+    if not result.ok:
+        raise RuntimeError(f"the stepvisor run ended {result.status.value}: {result.error}")
+    return elapsed, result
 
 
 def summary(values: Sequence[float]) -> tuple[float, float]:

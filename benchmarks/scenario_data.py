@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import stepvisor as sv
-from benchmarks.common import Measured, best_of, probe
+from benchmarks.common import Measured, best_of, probe, timed_run
 from benchmarks.harness import Row, Target
 from benchmarks.steps import make_array, make_array_step, total, total_step
 
@@ -63,11 +63,7 @@ def _stepvisor(megabytes: float, executor: Any, repeat: int) -> Measured:
     with sv.Engine(max_parallel=PARALLEL) as engine:
 
         def once() -> float:
-            started = time.perf_counter()
-            result = engine.run(wf)
-            elapsed = time.perf_counter() - started
-            if not result.ok:
-                raise RuntimeError(f"the stepvisor run ended {result.status.value}: {result.error}")
+            elapsed, result = timed_run(lambda: engine.run(wf))
             _check([v for k, v in result.artifacts.items() if k.startswith("total_")], megabytes)
             return elapsed
 

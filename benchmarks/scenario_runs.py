@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
 
 import stepvisor as sv
-from benchmarks.common import Measured, probe
+from benchmarks.common import Measured, probe, timed_run
 from benchmarks.harness import Row, Target
 from benchmarks.steps import noop
 
@@ -51,12 +51,7 @@ def _stepvisor(runs: int) -> Measured:
     with sv.Engine(max_parallel=PARALLEL) as engine:
 
         def once() -> float:
-            started = time.perf_counter()
-            result = engine.run(wf)
-            elapsed = time.perf_counter() - started
-            if not result.ok:
-                raise RuntimeError(f"the stepvisor run ended {result.status.value}: {result.error}")
-            return elapsed
+            return timed_run(lambda: engine.run(wf))[0]
 
         return _median(runs, once)
 
