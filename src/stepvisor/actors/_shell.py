@@ -67,7 +67,6 @@ from stepvisor.core.messages import (
     Message,
     OutputsSaved,
     SlotReady,
-    Start,
 )
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
@@ -204,9 +203,6 @@ class RunShell:
     def completed(self) -> bool:
         """The result was handed to the caller: the host may forget this run."""
         return self._completed
-
-    def start(self) -> None:
-        self.feed(Start())
 
     def receive(self, message: object) -> None:
         """One message for this run: a Worker's outcome, a timer, a cancel, a Worker granted."""

@@ -30,7 +30,7 @@ from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors._shell import HEARTBEAT_INTERVAL, RunObserver, RunPlan, RunShell
 from stepvisor.core._outcomes import NOT_RETRIED_STOPPING
-from stepvisor.core.messages import AttemptDone
+from stepvisor.core.messages import AttemptDone, Start
 from stepvisor.core.result import RunResult
 
 __all__ = [
@@ -121,7 +121,7 @@ class Supervisor(pykka.ThreadingActor):
             lend_slots=message.lend_slots,
         )
         self._runs[run_id] = shell
-        self._guarded(run_id, shell, shell.start)
+        self._deliver(run_id, shell, Start())
 
     def _route(self, run_id: str, message: object) -> None:
         shell = self._runs.get(run_id)
@@ -129,11 +129,12 @@ class Supervisor(pykka.ThreadingActor):
             if type(message) is not AttemptDone:
                 log.debug("dropped %r for run %s, which has ended", message, run_id)
             return
-        self._guarded(run_id, shell, lambda: shell.receive(message))
+        self._deliver(run_id, shell, message)
 
-    def _guarded(self, run_id: str, shell: RunShell, act: Callable[[], None]) -> None:
+    def _deliver(self, run_id: str, shell: RunShell, message: object) -> None:
+        """Hand ``message`` to ``shell``; a shell that raises ends its own run only."""
         try:
-            act()
+            shell.receive(message)
         except Exception as exc:
             shell.fail(exc)
         if shell.completed:
