@@ -30,14 +30,17 @@ from stepvisor.core.effects import (
     StopAttempt,
 )
 from stepvisor.core.events import StepCommitted
-from stepvisor.core.machine import PREFETCH_BATCH
+from stepvisor.core.machine import PREFETCH_BATCH, RunMachine
 from stepvisor.core.messages import (
     AttemptDone,
+    AttemptsDone,
     CancelRun,
     DeadlineReached,
     GraceExpired,
     Message,
     RetryDue,
+    SlotReady,
+    Start,
 )
 from stepvisor.core.state import StepStatus
 from tests.machine_sim import WALL0, Sim, first, make_plan, noop
@@ -417,3 +420,64 @@ def test_a_run_that_does_not_lend_keeps_its_slots() -> None:
     sim.start()
     sim.run_to_end(first)
     assert not any(isinstance(e, ReleaseSlot) for e in sim.effects)
+
+
+def _drive_in_rounds(*, batched: bool, fatal: str | None) -> Any:
+    """Run a fan of 12 steps, ending every attempt in flight at once each round.
+
+    The outcomes of a round are fed one by one, or in one ``AttemptsDone``
+    (as a Worker reports a prefetched batch), in the same order.
+    """
+    wf = wf_of({f"s{i:02d}": [] for i in range(12)})
+    machine = RunMachine(make_plan(wf, max_parallel=3, on_failure="fail_fast"))
+    pending = list(machine.handle(Start(), now=0.0, wall=WALL0))
+    finished: Any = None
+    inflight: list[tuple[str, Any]] = []
+    now = 0.0
+    while finished is None:
+        while pending:
+            effect = pending.pop(0)
+            if isinstance(effect, AddSlot):
+                pending += machine.handle(SlotReady(effect.slot), now=now, wall=WALL0 + now)
+            elif isinstance(effect, Dispatch):
+                inflight += [(effect.slot, order.spec) for order in effect.orders]
+            elif isinstance(effect, Finish):
+                finished = effect.result
+        if finished is not None:
+            break
+        assert inflight, "the run stalled"
+        now += 1.0
+        outcomes = []
+        for slot, spec in inflight:
+            result = (
+                AttemptResult(kind="error", error=sv.FatalError("no"))
+                if spec.step_id == fatal
+                else AttemptResult(kind="ok", outputs={spec.step_id: spec.attempt})
+            )
+            outcomes.append(
+                AttemptDone(spec.step_id, spec.attempt, slot, result, WALL0, WALL0 + now, 0.001)
+            )
+        inflight = []
+        if batched:
+            pending += machine.handle(AttemptsDone(tuple(outcomes)), now=now, wall=WALL0 + now)
+        else:
+            for done in outcomes:
+                pending += machine.handle(done, now=now, wall=WALL0 + now)
+    return finished
+
+
+@pytest.mark.parametrize("fatal", [None, "s04"])
+def test_outcomes_reported_together_settle_as_if_they_came_one_by_one(fatal: str | None) -> None:
+    one_by_one = _drive_in_rounds(batched=False, fatal=fatal)
+    together = _drive_in_rounds(batched=True, fatal=fatal)
+    assert together.status is one_by_one.status
+    assert together.commits == one_by_one.commits
+    assert dict(together.artifacts) == dict(one_by_one.artifacts)
+    statuses = {sid: (r.status, r.attempt_count) for sid, r in together.steps.items()}
+    assert statuses == {sid: (r.status, r.attempt_count) for sid, r in one_by_one.steps.items()}
+    if fatal is None:
+        assert together.status is sv.RunStatus.SUCCEEDED
+        assert len(together.artifacts) == 12
+    else:
+        assert together.steps[fatal].status is StepStatus.FAILED
+        assert together.status is sv.RunStatus.FAILED

@@ -63,6 +63,7 @@ from stepvisor.core.events import Event
 from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.messages import (
     AttemptDone,
+    AttemptsDone,
     CancelRun,
     Message,
     OutputsSaved,
@@ -208,10 +209,10 @@ class RunShell:
         """One message for this run: a Worker's outcome, a timer, a cancel, a Worker granted."""
         kind = type(message)
         if kind is AttemptDone:
-            done: Any = message
-            entry = self._controls.get(done.step_id)
-            if entry is not None and entry[0] == done.attempt:
-                del self._controls[done.step_id]
+            self._forget_control(message)  # type: ignore[arg-type]
+        elif kind is AttemptsDone:
+            for done in message.outcomes:  # type: ignore[attr-defined]
+                self._forget_control(done)
         elif kind is Heartbeat:
             self._on_heartbeat()
             return
@@ -224,6 +225,11 @@ class RunShell:
                 self._run_pending()
             return
         self.feed(message)  # type: ignore[arg-type]
+
+    def _forget_control(self, done: AttemptDone) -> None:
+        entry = self._controls.get(done.step_id)
+        if entry is not None and entry[0] == done.attempt:
+            del self._controls[done.step_id]
 
     def fail(self, exc: BaseException | None) -> None:
         """Carrying out an effect raised (a store that broke, or a bug): end the run.
@@ -314,10 +320,13 @@ class RunShell:
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
         controls, me, observer = self._controls, self._reply_to, self.plan.observer
-        for order, executor, budget in effect.orders:
+        for order in effect.orders:
+            executor, budget = order.executor, order.budget
             control = AttemptControl()
             # The step reads the real monotonic clock (ctx.remaining()).
-            spec = order if budget is None else order._replace(deadline=time.monotonic() + budget)
+            spec = order.spec
+            if budget is not None:
+                spec = spec._replace(deadline=time.monotonic() + budget)
             if observer is not None:
                 spec = spec._replace(trace=observer.carrier(spec.step_id, spec.attempt))
             controls[spec.step_id] = (spec.attempt, control)
@@ -327,7 +336,7 @@ class RunShell:
                 # and says when it ends (the machine queues none behind it).
                 self._submit(effect.slot, spec, control, submitter)
                 continue
-            messages.append(RunAttempt(spec, control, executor, effect.slot, me))
+            messages.append(RunAttempt(spec, control, executor, effect.slot, me, order.may_hold))
         if messages:
             ref = self._pool.attach(self._leases[effect.slot])
             ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))

@@ -56,6 +56,9 @@ class RunAttempt(NamedTuple):
     executor: str
     slot: str
     reply_to: pykka.ActorRef[Any]
+    #: A success may be held briefly and reported with the next outcomes of its
+    #: batch (``AttemptOrder.may_hold``); anything else is reported at once.
+    may_hold: bool = False
 
 
 class SlotGranted(NamedTuple):

@@ -4,7 +4,7 @@
 
     StartRun(plan, complete) ──▶ a RunShell for the run; it feeds the machine Start
     ForRun(run_id, message)  ──▶ that run's shell   (timers, cancels, granted Workers)
-    AttemptDone              ──▶ the shell of AttemptDone.run_id   (from a Worker)
+    AttemptDone(s)           ──▶ the shell of its run_id            (from a Worker)
 
 A run is a :class:`~stepvisor.actors._shell.RunShell` (its machine, leased
 Workers, timers, store and hook) living on this actor's thread.  Hosting many
@@ -30,7 +30,7 @@ from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors._shell import HEARTBEAT_INTERVAL, RunObserver, RunPlan, RunShell
 from stepvisor.core._outcomes import NOT_RETRIED_STOPPING
-from stepvisor.core.messages import AttemptDone, Start
+from stepvisor.core.messages import AttemptDone, AttemptsDone, Start
 from stepvisor.core.result import RunResult
 
 __all__ = [
@@ -92,7 +92,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> None:
         kind = type(message)
-        if kind is AttemptDone:
+        if kind is AttemptDone or kind is AttemptsDone:
             self._route(message.run_id, message)
         elif kind is ForRun:
             self._route(message.run_id, message.message)
@@ -126,7 +126,7 @@ class Supervisor(pykka.ThreadingActor):
     def _route(self, run_id: str, message: object) -> None:
         shell = self._runs.get(run_id)
         if shell is None:
-            if type(message) is not AttemptDone:
+            if type(message) not in (AttemptDone, AttemptsDone):
                 log.debug("dropped %r for run %s, which has ended", message, run_id)
             return
         self._deliver(run_id, shell, message)

@@ -25,12 +25,17 @@ from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch, Warm
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
 from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
+from stepvisor.core.messages import AttemptsDone
 from stepvisor.errors import InvalidSettingError
 
 __all__ = ["RunBackends", "Worker", "WorkerServices", "check_backends", "worker_thread_name"]
 
 #: The executor names a step may give (``Step.executor``), each with a backend.
 EXECUTORS: Final = frozenset({"thread", "async", "process", "ray"})
+
+#: The longest a Worker holds the outcome of an attempt of a prefetched batch
+#: before it reports it (with the others held): see ``Worker._batch``.
+REPORT_WITHIN: Final = 0.001
 
 
 def worker_thread_name(worker_id: str) -> str:
@@ -226,9 +231,7 @@ class Worker(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, RunBatch):
-            attempts = message.attempts
-            for i, attempt in enumerate(attempts):
-                self._attempt(attempt, attempts[i + 1] if i + 1 < len(attempts) else None)
+            self._batch(message.attempts)
         elif isinstance(message, RunAttempt):
             self._attempt(message)
         elif isinstance(message, Warm):
@@ -258,7 +261,48 @@ class Worker(pykka.ThreadingActor):
         self._backends[executor] = backend
         return backend
 
-    def _attempt(self, message: RunAttempt, following: RunAttempt | None = None) -> None:
+    def _batch(self, attempts: tuple[RunAttempt, ...]) -> None:
+        """Run a prefetched batch in order; report successes nothing waits for together.
+
+        The Supervisor hands a batch only to a slot whose attempts are tiny, and
+        a message per outcome would cost it more than the attempts do.  So the
+        success of a step with no dependants (``may_hold``) is held, and sent
+        with the next outcomes, until the batch ends or ``REPORT_WITHIN`` has
+        passed since the first one held.  Anything else (a failure, which may
+        stop the run, or a success others wait for) is reported at once, with
+        whatever was held.  A held outcome delays no other step; at worst its
+        record says ``running`` while the next attempt of the batch runs.
+        """
+        held: list[AttemptDone] = []
+        first_held = 0.0
+        last = len(attempts) - 1
+        for i, attempt in enumerate(attempts):
+            done = self._run(attempt, attempts[i + 1] if i < last else None)
+            if not held:
+                first_held = time.monotonic()
+            held.append(done)
+            if (
+                i == last
+                or not attempt.may_hold
+                or done.result.kind != "ok"
+                or time.monotonic() - first_held >= REPORT_WITHIN
+            ):
+                self._report(attempt.reply_to, held)
+                held = []
+
+    def _attempt(self, message: RunAttempt) -> None:
+        self._report(message.reply_to, [self._run(message)])
+
+    def _report(self, reply_to: pykka.ActorRef[Any], outcomes: list[AttemptDone]) -> None:
+        message: AttemptDone | AttemptsDone = (
+            outcomes[0] if len(outcomes) == 1 else AttemptsDone(tuple(outcomes), outcomes[0].run_id)
+        )
+        try:
+            reply_to.tell(message)
+        except pykka.ActorDeadError:
+            log.debug("supervisor gone; dropped the outcomes of %d attempts", len(outcomes))
+
+    def _run(self, message: RunAttempt, following: RunAttempt | None = None) -> AttemptDone:
         spec = message.spec
         started_wall = time.time()
         started = time.monotonic()
@@ -269,17 +313,13 @@ class Worker(pykka.ThreadingActor):
         offered = self._offered is message
         self._offered = following if ahead is not None else None
         result = run_guarded(backend, spec, message.control, ahead, offered=offered)
-        done = AttemptDone(
-            step_id=spec.step_id,
-            attempt=spec.attempt,
-            worker=message.slot,
-            result=result,
-            started_wall=started_wall,
-            ended_wall=time.time(),
-            duration=time.monotonic() - started,
-            run_id=spec.run_id,
+        return AttemptDone(
+            spec.step_id,
+            spec.attempt,
+            message.slot,
+            result,
+            started_wall,
+            time.time(),
+            time.monotonic() - started,
+            spec.run_id,
         )
-        try:
-            message.reply_to.tell(done)
-        except pykka.ActorDeadError:
-            log.debug("supervisor gone; dropped the outcome of %s", spec.step_id)

@@ -60,10 +60,12 @@ class Inputs:
 
     def of(self, r: int) -> Visible:
         """The merged view ``r`` sees (computed once, kept until ``r`` ends)."""
+        deps = self._graph.deps[r]
+        if not deps:  # a root sees nothing: no view to compute, keep or drop
+            return _EMPTY
         cached = self._inputs.get(r)
         if cached is not None:
             return cached
-        deps = self._graph.deps[r]
         merged = _merge([self._visible[d] for d in deps])
         self._inputs[r] = merged
         for d in deps:

@@ -29,7 +29,7 @@ from stepvisor.core.effects import (
     SetTimer,
 )
 from stepvisor.core.messages import AttemptDone, GraceExpired, OutputsSaved, RetryDue
-from stepvisor.core.state import RunState, RunStatus, StepRecord, StepStatus
+from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus
 from stepvisor.errors import StepTimeoutError, WorkerCrashedError
 from stepvisor.policies.retry import FailureKind, RetryPolicy
 
@@ -133,16 +133,17 @@ class Settling:
             return
         self._close(msg.step_id, inf)
         result = msg.result
-        base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
         reason = inf.reason
+        if reason is None and result.kind == "ok":
+            self._on_ok(msg.step_id, inf, result.outputs or {}, msg)
+            return
+        base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
         if reason is None and result.kind == "cancelled":
             # The backend stopped it on its own: its safety net at the deadline
             # (a StepTimeoutError), or a cancel it saw before the machine asked.
             reason = "timeout" if isinstance(result.error, StepTimeoutError) else "cancel"
         if reason is not None:
             self._stopped(inf, reason, result, base)
-        elif result.kind == "ok":
-            self._on_ok(msg.step_id, inf, result.outputs or {}, base)
         elif result.kind == "crash":
             error = result.error or WorkerCrashedError(
                 f"the worker running step {msg.step_id!r} died",
@@ -180,13 +181,16 @@ class Settling:
         extra = oc.DISCARDED_AFTER_STOP if discarded else None
         self._fail(inf, error, kind, status, outcome, base=base, extra_note=extra)
 
-    def _on_ok(
-        self, sid: str, inf: Inflight, outputs: Mapping[str, Any], base: dict[str, Any]
-    ) -> None:
+    def _on_ok(self, sid: str, inf: Inflight, outputs: Mapping[str, Any], msg: AttemptDone) -> None:
         record = self.state.record_at(inf.rank)
-        attempt = oc.closed(record.attempts[-1], outcome="succeeded", **base)
+        last = record.attempts[-1]
+        attempt = AttemptRecord(
+            last.number, msg.started_wall, msg.ended_wall, msg.duration, "succeeded",
+            None, None, None, None, last.worker, last.note,
+        )  # fmt: skip
         record = record.with_last_attempt(attempt, StepStatus.SUCCEEDED)
         if outputs and self._store_may_refuse:
+            base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
             inf.saving = (record, outputs, base)
             self._saving[sid] = inf
             self._fx.append(SaveOutputs(record, outputs, inf.attempt))
@@ -206,13 +210,13 @@ class Settling:
             self._fail(inf, msg.error, None, StepStatus.FAILED, "failed", base=base)
 
     def _succeeded(self, r: int, record: StepRecord, outputs: Mapping[str, Any]) -> None:
-        self.state = self.state.set_step_at(r, record)
-        if outputs:  # a step succeeds once: there is nothing to clear
-            self.state = self.state.set_outputs(record.step_id, outputs)
+        # A step succeeds once: there are no earlier outputs to clear.
+        self.state, done = self.state.succeed_at(r, record, outputs)
         self._inputs.publish(r, outputs)
         self.sched.succeeded(r)
-        self._events.finished(self._fx, record, self._wall)
-        self._commit()
+        if self._events.on:
+            self._events.finished(self._fx, record, self._wall)
+            self._events.committed(self._fx, self.state, done)
 
     def _fail(
         self,

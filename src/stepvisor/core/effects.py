@@ -57,6 +57,10 @@ class AttemptOrder(NamedTuple):
     spec: AttemptSpec
     executor: str
     budget: float | None
+    #: Nothing waits for this attempt's success (the step has no dependants): a
+    #: Worker running it in a batch may hold its outcome briefly to report it
+    #: with the next ones (``stepvisor.actors.worker.REPORT_WITHIN``).
+    may_hold: bool = False
 
 
 class AddSlot(NamedTuple):

@@ -72,6 +72,7 @@ from stepvisor.core.effects import (
 )
 from stepvisor.core.messages import (
     AttemptDone,
+    AttemptsDone,
     CancelRun,
     DeadlineReached,
     GraceExpired,
@@ -140,6 +141,7 @@ class RunMachine(Settling):
             pool_limits=cfg.pools,
         )
         self._store_may_refuse = plan.store_may_refuse
+        self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
         self._saving: dict[str, Inflight] = {}
         self._slots = Slots()
@@ -171,6 +173,7 @@ class RunMachine(Settling):
         self._fx: list[Effect] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
             AttemptDone: self._on_done,
+            AttemptsDone: self._on_batch,
             OutputsSaved: self._on_saved,
             DeadlineReached: self._on_deadline,
             GraceExpired: self._on_grace,
@@ -189,8 +192,12 @@ class RunMachine(Settling):
         self._wall = wall
         fx = self._fx = []
         if self.finished:
-            if type(message) is AttemptDone and self._slots.returned(message.worker):
-                fx.append(RetireSlot(message.worker))
+            kind = type(message)
+            if kind is AttemptDone:
+                self._retire_late(message)  # type: ignore[arg-type]
+            elif kind is AttemptsDone:
+                for done in message.outcomes:  # type: ignore[union-attr]
+                    self._retire_late(done)
             return fx
         handler = self._handlers.get(type(message))
         if handler is None:
@@ -200,6 +207,15 @@ class RunMachine(Settling):
         self._fill()
         self._maybe_finish()
         return fx
+
+    def _retire_late(self, done: AttemptDone) -> None:
+        """An outcome after the run finished: retire its slot if it was the last one out."""
+        if self._slots.returned(done.worker):
+            self._fx.append(RetireSlot(done.worker))
+
+    def _on_batch(self, batch: AttemptsDone) -> None:
+        for done in batch.outcomes:
+            self._on_done(done)
 
     def failed_result(self, error: BaseException, *, wall: float) -> RunResult:
         """The result to give the caller if the shell itself broke (a stepvisor bug)."""
@@ -330,59 +346,63 @@ class RunMachine(Settling):
         self._slots.ready(msg.slot)
 
     def _dispatch(self, r: int, slot: str) -> AttemptOrder:
-        """Record the start of ``r``'s next attempt on ``slot``; return its order."""
-        step = self._step(r)
+        """Record the start of ``r``'s next attempt on ``slot``; return its order.
+
+        This runs once per attempt on the shell's one thread, so it is written
+        for speed: positional constructors, lookups by rank rather than by id,
+        and no work for features the run does not use (events, deadlines).
+        """
+        step = self.wf.steps[self.graph.step_at_rank[r]]
         sid = step.id
-        record = self.state.record(sid)
-        attempt = record.attempt_count + 1
+        cfg = self.cfg
+        record = self.state.record_at(r)
+        attempt = len(record.attempts) + 1
         now = self._now
-        timeout = step.timeout if step.timeout is not None else self.cfg.step_timeout
-        deadline = now + timeout if timeout is not None else None
+        timeout = step.timeout if step.timeout is not None else cfg.step_timeout
+        deadline = None if timeout is None else now + timeout
         on_run_deadline = False
-        if self._run_deadline is not None and (deadline is None or self._run_deadline < deadline):
-            deadline = self._run_deadline
+        run_deadline = self._run_deadline
+        if run_deadline is not None and (deadline is None or run_deadline < deadline):
+            deadline = run_deadline
             on_run_deadline = True
         inputs = self._inputs.of(r)
         self._slots.load[slot] += 1
         spec = AttemptSpec(
-            run_id=self.plan.run_id,
-            step_id=sid,
-            attempt=attempt,
-            max_attempts=self._policy(step).max_attempts,
-            fn=step.fn,
-            is_async=step.is_async,
-            inputs=MappingProxyType({name: value for name, (_, value) in inputs.items()})
+            self.plan.run_id,
+            sid,
+            attempt,
+            (step.retry or cfg.retry).max_attempts,
+            step.fn,
+            step.is_async,
+            MappingProxyType({name: value for name, (_, value) in inputs.items()})
             if inputs
             else _NO_INPUTS,
-            params=step.params,
-            deadline=None,
-            kill_grace=self.cfg.kill_grace,
-            fn_payload=self.plan.payloads.get(sid),
-            resources=step.resources,
+            step.params,
+            None,
+            cfg.kill_grace,
+            self._payloads.get(sid) if self._payloads else None,
+            step.resources,
         )
         executor = self.plan.executors[r]
         inf = Inflight(
-            rank=r,
-            attempt=attempt,
-            slot=slot,
-            executor=executor,
-            limit=(self.cfg.deadline if on_run_deadline else timeout),
-            limit_is_run_deadline=on_run_deadline,
-            deadline_at=deadline,
-        )
+            r, attempt, slot, executor, cfg.deadline if on_run_deadline else timeout,
+            on_run_deadline, deadline,
+        )  # fmt: skip
         self._inflight[sid] = inf
         record = record.with_attempt_started(
-            AttemptRecord(number=attempt, started=self._wall, worker=slot)
+            AttemptRecord(attempt, self._wall, None, None, None, None, None, None, None, slot)
         )
-        self.state = self.state.set_step(record)
-        self._fx.append(SaveStep(record))
-        self._events.dispatched(self._fx, sid, attempt, slot, self._wall)
-        budget = None
-        if deadline is not None:
-            budget = deadline - now
-            key = ("deadline", sid, attempt)
-            inf.timers.append(key)
-            self._fx.append(SetTimer(key, budget, DeadlineReached(sid, attempt), now + budget))
+        self.state = self.state.set_step_at(r, record)
+        fx = self._fx
+        fx.append(SaveStep(record))
+        if self._events.on:
+            self._events.dispatched(fx, sid, attempt, slot, self._wall)
+        if deadline is None:
+            return AttemptOrder(spec, executor, None, not self.graph.dependents[r])
+        budget = deadline - now
+        key = ("deadline", sid, attempt)
+        inf.timers.append(key)
+        fx.append(SetTimer(key, budget, DeadlineReached(sid, attempt), now + budget))
         return AttemptOrder(spec, executor, budget)
 
     # -- deadlines, retries, cancel -------------------------------------------------

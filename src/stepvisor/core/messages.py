@@ -20,6 +20,7 @@ from stepvisor.errors import ArtifactCodecError
 
 __all__ = [
     "AttemptDone",
+    "AttemptsDone",
     "CancelRun",
     "DeadlineReached",
     "GraceExpired",
@@ -47,6 +48,21 @@ class AttemptDone(NamedTuple):
     ended_wall: float
     duration: float
     #: The run the attempt belongs to: one engine's Workers serve many runs.
+    run_id: str = ""
+
+
+class AttemptsDone(NamedTuple):
+    """Worker -> Supervisor: the outcomes of several attempts of one run, in the order run.
+
+    A Worker given a batch of tiny attempts (prefetch) reports them together
+    rather than one message each: a message costs the Supervisor more than
+    settling a no-op attempt.  It holds an outcome at most ``REPORT_WITHIN``
+    seconds (see :mod:`stepvisor.actors.worker`), so a dependant waits at most
+    that much longer.  The machine settles each in turn, exactly as if they
+    had come one by one; only the dispatch that follows is decided once.
+    """
+
+    outcomes: tuple[AttemptDone, ...]
     run_id: str = ""
 
 
@@ -104,6 +120,7 @@ class CancelRun(NamedTuple):
 Message = (
     Start
     | AttemptDone
+    | AttemptsDone
     | OutputsSaved
     | SlotReady
     | DeadlineReached

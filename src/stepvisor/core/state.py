@@ -278,6 +278,39 @@ class RunState(NamedTuple):
             return self._evolve(outputs=_table_set(self.outputs, index, None))
         return self._evolve(outputs=_table_set(self.outputs, index, pmap(outputs)))
 
+    def succeed_at(
+        self, rank: int, record: StepRecord, outputs: Mapping[str, Any]
+    ) -> tuple[RunState, list[str]]:
+        """Record a success at ``rank`` (with its outputs) and commit what it frees.
+
+        :meth:`set_step_at`, :meth:`set_outputs` and :meth:`commit_ready` in
+        one transition: this is once per succeeded step on the hot path.
+        """
+        records = _table_set(self.records, rank, record)
+        outputs_table = self.outputs
+        if outputs:
+            outputs_table = _table_set(outputs_table, rank, pmap(outputs))
+        i = self.committed
+        n = len(self.order)
+        done: list[str] = []
+        while i < n:
+            head = _table_get(records, i)
+            if head.status not in TERMINAL:
+                break
+            done.append(head.step_id)
+            i += 1
+        return RunState(
+            self.run_id,
+            self.workflow_id,
+            self.order,
+            self.rank,
+            records,
+            outputs_table,
+            self.status,
+            i,
+            self.error,
+        ), done
+
     def commit_ready(self) -> tuple[RunState, list[str]]:
         """Fold every terminal step at the head of the canonical order.
 

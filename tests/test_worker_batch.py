@@ -1,0 +1,109 @@
+"""How a Worker reports the outcomes of a prefetched batch.
+
+A batch's successes that nothing waits for are reported together (one
+``AttemptsDone``); a failure, or a success other steps wait for, is reported
+at once with whatever was held.  These drive one Worker actor directly and
+record what it sends, in order; nothing here depends on timing except the
+``REPORT_WITHIN`` case, which sets the threshold to zero.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from stepvisor.actors import worker as worker_module
+from stepvisor.actors.messages import RunAttempt, RunBatch
+from stepvisor.actors.worker import Worker, WorkerServices
+from stepvisor.backends.base import AttemptSpec
+from stepvisor.backends.thread import ThreadBackend
+from stepvisor.context import AttemptControl, StepContext
+from stepvisor.core.messages import AttemptDone, AttemptsDone
+
+
+class Inbox:
+    """A stand-in for the Supervisor: records every message, wakes a waiter per message."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self._cond = threading.Condition()
+
+    def tell(self, message: Any) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def outcomes(self, count: int) -> list[Any]:
+        """Block until ``count`` outcomes arrived in all; the messages so far."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: _count(self.messages) >= count, timeout=10)
+            return list(self.messages)
+
+
+def _count(messages: list[Any]) -> int:
+    return sum(len(m.outcomes) if isinstance(m, AttemptsDone) else 1 for m in messages)
+
+
+def ok(ctx: StepContext) -> None:
+    """A no-op step."""
+
+
+def boom(ctx: StepContext) -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.fixture
+def worker() -> Iterator[Any]:
+    backend = ThreadBackend()
+    services = WorkerServices(shared={"thread": lambda: backend}, register_thread=lambda t: None)
+    ref = Worker.start("wb1", services)
+    yield ref
+    ref.stop()
+
+
+def _attempt(sid: str, fn: Any, inbox: Inbox, *, may_hold: bool = True) -> RunAttempt:
+    spec = AttemptSpec("run-1", sid, 1, 1, fn, False, MappingProxyType({}), {}, None)
+    return RunAttempt(spec, AttemptControl(), "thread", "w1", inbox, may_hold)  # type: ignore[arg-type]
+
+
+def _shape(messages: list[Any]) -> list[list[str]]:
+    return [
+        [d.step_id for d in m.outcomes] if isinstance(m, AttemptsDone) else [m.step_id]
+        for m in messages
+    ]
+
+
+def test_successes_nothing_waits_for_are_reported_together(worker: Any) -> None:
+    inbox = Inbox()
+    worker.tell(RunBatch(tuple(_attempt(f"s{i}", ok, inbox) for i in range(4))))
+    messages = inbox.outcomes(4)
+    assert _shape(messages) == [["s0", "s1", "s2", "s3"]]
+    batch = messages[0]
+    assert batch.run_id == "run-1"
+    assert all(d.result.kind == "ok" and d.worker == "w1" for d in batch.outcomes)
+
+
+def test_a_failure_or_a_success_others_wait_for_is_reported_at_once(worker: Any) -> None:
+    inbox = Inbox()
+    attempts = (
+        _attempt("a", ok, inbox),
+        _attempt("b", ok, inbox, may_hold=False),  # a step with dependants
+        _attempt("c", ok, inbox),
+        _attempt("d", boom, inbox),  # a failure may stop the run: never held
+        _attempt("e", ok, inbox),
+    )
+    worker.tell(RunBatch(attempts))
+    messages = inbox.outcomes(5)
+    assert _shape(messages) == [["a", "b"], ["c", "d"], ["e"]]
+    assert type(messages[-1]) is AttemptDone
+
+
+def test_nothing_is_held_past_report_within(worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "REPORT_WITHIN", 0.0)
+    inbox = Inbox()
+    worker.tell(RunBatch(tuple(_attempt(f"s{i}", ok, inbox) for i in range(3))))
+    assert _shape(inbox.outcomes(3)) == [["s0"], ["s1"], ["s2"]]
