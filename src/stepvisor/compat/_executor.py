@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import secrets
+import itertools
+import random
 import time
 import uuid
 import weakref
@@ -132,6 +133,10 @@ class ParallelStepExecutor:
         self.tz = tz
         self._engine: sv.Engine | None = None
         self._settings: Resolved | None = None
+        self._ids = uuid.uuid4().hex[:8]
+        #: The calls going now (each on its caller's loop), so close() can cancel them.
+        self._live: set[LoopRun] = set()
+        self._calls = itertools.count(1)
         self._closer: weakref.finalize[..., Any] | None = None
 
     @property
@@ -153,7 +158,13 @@ class ParallelStepExecutor:
         return self._engine
 
     def close(self) -> None:
-        """Close the engine behind this executor (a later call makes a new one)."""
+        """Close the engine behind this executor (a later call makes a new one).
+
+        Calls still going are cancelled first (without waiting: they stop on
+        their own loops); they return with every record ``cancelled``.
+        """
+        for run in list(self._live):
+            run.cancel()
         if self._closer is not None:
             self._closer()
         _OPEN.discard(self)
@@ -200,6 +211,7 @@ class ParallelStepExecutor:
             state.step_executions.append(slots[sid].record)
         tracker = Tracker(slots, tz=self.tz)
         run = LoopRun(self._plan(workflow, tracker, loop), pool=self.engine.pool, loop=loop)
+        self._live.add(run)
         run.start()
         try:
             result = await _until_done(run)
@@ -209,6 +221,8 @@ class ParallelStepExecutor:
         except BaseException as exc:
             tracker.end_all(why=f"the run stopped on {type(exc).__name__}: {exc}")
             raise
+        finally:
+            self._live.discard(run)
         tracker.settle(result)
         return [self._result(slots[sid], result) for sid in sorted(slots)]
 
@@ -227,13 +241,15 @@ class ParallelStepExecutor:
             self._settings = resolve(
                 None, {"max_parallel": self.max_parallel, "on_failure": "continue"}
             )
-        run_id = uuid.uuid4().hex[:12]
+        # A run id per call, unique in the process (logs, traces), without a uuid
+        # each; the seed only spreads retry jitter, so it need not be a secret.
+        run_id = f"{self._ids}-{next(self._calls)}"
         executors = ("thread",) * len(workflow.steps)
         return RunPlan(
             workflow=workflow,
             settings=self._settings,
             run_id=run_id,
-            seed=secrets.randbits(32),
+            seed=random.getrandbits(32),
             clock=LoopClock(loop),
             store=MemoryStore(),
             fingerprint=fingerprint(workflow),
