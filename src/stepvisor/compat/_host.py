@@ -51,19 +51,16 @@ class LoopClock:
 
     __slots__ = ("_loop",)
 
+    #: The system's clocks, as ``RealClock`` reads them.
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        return time.time()
-
     def sleep(self, seconds: float) -> None:
-        """Block the calling thread (never the loop: nothing on it sleeps)."""
-        if seconds > 0:
-            time.sleep(seconds)
+        """Block the calling thread; nothing of a run on the loop sleeps (it sets timers)."""
+        time.sleep(max(0.0, seconds))
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         return self._loop.call_later(max(0.0, delay), callback)
