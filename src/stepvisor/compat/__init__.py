@@ -11,9 +11,10 @@ every record in a terminal status all come from the engine.
 
 ``execute_fn`` runs on the *caller's* event loop, not on stepvisor's loop
 thread, so it may use what belongs to that loop and sees the caller's
-context variables, as it did under the asyncio executor.  Each running step
-holds one Worker thread that waits for its task; the caller's loop stays
-free throughout.
+context variables, as it did under the asyncio executor.  The call's run
+itself is hosted on that loop too (:mod:`stepvisor.compat._host`): no thread
+waits for a step and a call makes no thread hand-off; the loop stays free
+throughout, since the run only ever handles a message at a time.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """The facade's executor: one ``execute_parallel`` call is one stepvisor run.
 
-How a call flows::
+How a call flows, all of it on the caller's loop (no thread hand-off)::
 
-    execute_parallel(steps, execute_fn, state=...)       on the caller's loop
+    execute_parallel(steps, execute_fn, state=...)
       ├─ a record per step, "pending", appended to state.step_executions
       ├─ sv.Workflow: one thread Step per step; fn = OnCallerLoop
-      ├─ await sv.run_async(wf, on_event=Tracker, on_failure="continue")
-      │     Worker thread: OnCallerLoop ──call_soon_threadsafe──> execute_fn(step)
-      │       as a task on the caller's loop; on a deadline or a cancel it
-      │       cancels that task and waits for it to end
-      │     Supervisor thread: Tracker moves each record to running/completed/...
+      ├─ LoopRun (_host.py): the run's shell, its messages loop callbacks,
+      │     its slots leased from the executor's warm engine
+      │     Dispatch: CallerLoopBackend.submit ──> execute_fn(step) as a task;
+      │       on a deadline or a cancel the shell cancels that task, and the
+      │       attempt ends when the task has really ended
+      │     Emit: Tracker moves each record to running/completed/...
       └─ StepExecutionResult per step, sorted by id (errors from RunResult.errors)
 """
 
@@ -18,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
+import random
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import datetime, tzinfo
 from typing import Any
 
 import stepvisor as sv
+from stepvisor._prepare import _run_tracer, fingerprint
+from stepvisor.actors._shell import RunPlan
+from stepvisor.compat._host import LoopClock, LoopRun
 from stepvisor.compat._loop import CallerLoopBackend, OnCallerLoop
 from stepvisor.compat._ready import find_ready_steps, names
 from stepvisor.compat._records import (
@@ -37,8 +44,10 @@ from stepvisor.compat._records import (
 )
 from stepvisor.compat._retry import RetryConfig
 from stepvisor.compat._tracker import CANCELLED, Slot, Tracker
+from stepvisor.config import Resolved, resolve
 from stepvisor.core.model import check_max_parallel, check_positive_seconds
 from stepvisor.errors import InvalidRetryPolicyError, StepCancelledError
+from stepvisor.store.memory import MemoryStore
 
 ExecuteFn = Callable[[StepT], Awaitable[Mapping[str, Any] | None]]
 
@@ -46,27 +55,21 @@ ExecuteFn = Callable[[StepT], Awaitable[Mapping[str, Any] | None]]
 # -- the executor ----------------------------------------------------------------------
 
 
-async def _run_once_cancelled(workflow: sv.Workflow, **kwargs: Any) -> sv.RunResult:
-    """``sv.run_async``, handed at most one cancellation however many arrive.
+async def _until_done(run: LoopRun) -> sv.RunResult:
+    """The run's result; cancelled, the run is stopped first, then one ``CancelledError``.
 
-    Cancelled, ``sv.run_async`` cancels the run and waits for it to stop; a
-    second cancel cuts that wait short and it then joins the run's Worker
-    threads synchronously, on this loop.  Our Workers are waiting for this
-    loop to cancel ``execute_fn``'s tasks, so the loop would freeze until the
-    join gives up (about 11 s).  Here further cancels are absorbed while the
-    run stops (bounded by its kill grace) and one ``CancelledError`` is
-    raised at the end.
+    The run lives on this loop, so stopping it (its tasks cancelled and
+    ended, every record terminal) takes a few loop turns; cancels that
+    arrive meanwhile are absorbed, not allowed to leave steps running behind
+    the caller's back.
     """
-    run = asyncio.ensure_future(sv.run_async(workflow, **kwargs))
     try:
-        return await asyncio.shield(run)
+        return await asyncio.shield(run.done)
     except asyncio.CancelledError:
         run.cancel()
-        while not run.done():
+        while not run.done.done():
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([run])
-        if not run.cancelled():
-            run.exception()  # retrieved: it is superseded by the cancellation
+                await asyncio.wait([run.done])
         raise
 
 
@@ -129,6 +132,11 @@ class ParallelStepExecutor:
         self.record_type = record_type
         self.tz = tz
         self._engine: sv.Engine | None = None
+        self._settings: Resolved | None = None
+        self._ids = uuid.uuid4().hex[:8]
+        #: The calls going now (each on its caller's loop), so close() can cancel them.
+        self._live: set[LoopRun] = set()
+        self._calls = itertools.count(1)
         self._closer: weakref.finalize[..., Any] | None = None
 
     @property
@@ -150,7 +158,13 @@ class ParallelStepExecutor:
         return self._engine
 
     def close(self) -> None:
-        """Close the engine behind this executor (a later call makes a new one)."""
+        """Close the engine behind this executor (a later call makes a new one).
+
+        Calls still going are cancelled first (without waiting: they stop on
+        their own loops); they return with every record ``cancelled``.
+        """
+        for run in list(self._live):
+            run.cancel()
         if self._closer is not None:
             self._closer()
         _OPEN.discard(self)
@@ -196,24 +210,53 @@ class ParallelStepExecutor:
         for sid in sorted(slots):
             state.step_executions.append(slots[sid].record)
         tracker = Tracker(slots, tz=self.tz)
+        run = LoopRun(self._plan(workflow, tracker, loop), pool=self.engine.pool, loop=loop)
+        self._live.add(run)
+        run.start()
         try:
-            result = await _run_once_cancelled(
-                workflow,
-                on_event=tracker,
-                max_parallel=self.max_parallel,
-                on_failure="continue",
-                engine=self.engine,
-            )
+            result = await _until_done(run)
         except asyncio.CancelledError:
             tracker.end_all(why=CANCELLED)  # normally done already, by the run's own events
             raise
         except BaseException as exc:
             tracker.end_all(why=f"the run stopped on {type(exc).__name__}: {exc}")
             raise
+        finally:
+            self._live.discard(run)
         tracker.settle(result)
         return [self._result(slots[sid], result) for sid in sorted(slots)]
 
-    # -- building the workflow ------------------------------------------------------------
+    # -- building the run -----------------------------------------------------------------
+
+    def _plan(
+        self, workflow: sv.Workflow, tracker: Tracker, loop: asyncio.AbstractEventLoop
+    ) -> RunPlan:
+        """What ``sv.run_async`` would prepare for this call, without a store to open.
+
+        The settings are resolved once per executor (they read the environment
+        and look for a project file, which cost more than a whole call): every
+        call has the same two overrides and a workflow without settings.
+        """
+        if self._settings is None:
+            self._settings = resolve(
+                None, {"max_parallel": self.max_parallel, "on_failure": "continue"}
+            )
+        # A run id per call, unique in the process (logs, traces), without a uuid
+        # each; the seed only spreads retry jitter, so it need not be a secret.
+        run_id = f"{self._ids}-{next(self._calls)}"
+        executors = ("thread",) * len(workflow.steps)
+        return RunPlan(
+            workflow=workflow,
+            settings=self._settings,
+            run_id=run_id,
+            seed=random.getrandbits(32),
+            clock=LoopClock(loop),
+            store=MemoryStore(),
+            fingerprint=fingerprint(workflow),
+            executors=executors,
+            on_event=tracker,
+            observer=_run_tracer(workflow, run_id, executors),
+        )
 
     def _slot(self, step: StepLike, timeout_seconds: float | None, queued: datetime) -> Slot:
         metadata = getattr(step, "metadata", None) or {}

@@ -29,22 +29,29 @@ _POLL_SECONDS: Final = 0.02
 
 
 class _LoopCall:
-    """One call of ``execute_fn`` as a task on another thread's event loop."""
+    """One call of ``execute_fn`` as a task on an event loop; ``on_end(call)`` once it ended.
+
+    Started and cancelled from the loop's own thread (the run hosted there)
+    it acts at once; from another thread (a Worker waiting for it) it goes
+    through ``call_soon_threadsafe``.
+    """
+
+    __slots__ = ("_ended", "_error", "_loop", "_on_end", "_task", "_value")
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        on_end: Callable[[_LoopCall], None] | None = None,
+        self, loop: asyncio.AbstractEventLoop, *, on_end: Callable[[_LoopCall], None]
     ) -> None:
         self._loop = loop
         self._on_end = on_end
-        self.done = threading.Event()
         self._task: asyncio.Task[Any] | None = None
         self._value: Any = None
         self._error: BaseException | None = None
+        self._ended = False
 
     def start(self, make: Callable[[], object], context: contextvars.Context) -> None:
+        if asyncio._get_running_loop() is self._loop:
+            self._start(make, context)
+            return
         try:
             self._loop.call_soon_threadsafe(self._start, make, context)
         except RuntimeError as exc:
@@ -55,17 +62,13 @@ class _LoopCall:
 
     def cancel(self) -> None:
         """Cancel the task (it runs its cleanup on the caller's loop)."""
+        if asyncio._get_running_loop() is self._loop:
+            self._cancel()
+            return
         try:
             self._loop.call_soon_threadsafe(self._cancel)
         except RuntimeError:  # the loop is closed: the task cannot run any more
-            if not self.done.is_set():
-                self._end()
-
-    def wait_ended(self) -> None:
-        """Wait for the task to end, or for its loop to close under it."""
-        while not self.done.wait(_POLL_SECONDS):
-            if self._loop.is_closed():
-                return
+            self._end()
 
     def outcome(self) -> Any:
         """The task's value, or raise its exception."""
@@ -86,11 +89,6 @@ class _LoopCall:
             return
         self._task.add_done_callback(self._finished)
 
-    def _end(self) -> None:
-        self.done.set()
-        if self._on_end is not None:
-            self._on_end(self)
-
     def _finished(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
             self._error = asyncio.CancelledError(
@@ -102,9 +100,33 @@ class _LoopCall:
                 self._value = task.result()
         self._end()
 
+    def _end(self) -> None:
+        if not self._ended:  # once: a cancel on a closed loop may follow the real end
+            self._ended = True
+            self._on_end(self)
+
     def _cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+class _Waited:
+    """What a Worker thread waits on for a :class:`_LoopCall` to end."""
+
+    __slots__ = ("done", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.done = threading.Event()
+
+    def ended(self, _call: _LoopCall) -> None:
+        self.done.set()
+
+    def wait(self) -> None:
+        """Wait for the task to end, or for its loop to close under it."""
+        while not self.done.wait(_POLL_SECONDS):
+            if self.loop.is_closed():
+                return
 
 
 def _as_coroutine(value: object) -> Coroutine[Any, Any, Any]:
@@ -184,12 +206,13 @@ class OnCallerLoop:
 
     def __call__(self, ctx: sv.StepContext) -> Any:
         step = self._slot.step
-        call = _LoopCall(self._loop)
+        waited = _Waited(self._loop)
+        call = _LoopCall(self._loop, on_end=waited.ended)
         call.start(lambda: self._execute_fn(step), self._context)
         # A deadline or cancel cancels the task on the caller's loop at once; the
         # step then waits until the task has really ended, so a retry never overlaps it.
         ctx.on_cancel(call.cancel)
-        call.wait_ended()
+        waited.wait()
         if ctx.cancelled and call._error is not None:
             ctx.raise_if_cancelled()  # the task was stopped: say why, not CancelledError
         value = call.outcome()

@@ -10,6 +10,7 @@ with a wrong value is still refused, with the field and the fix named.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -143,20 +144,29 @@ class RetryConfig:
         return min(delay, self.max_backoff_seconds)
 
     def to_policy(self) -> sv.RetryPolicy:
-        """The same retries as a stepvisor ``RetryPolicy``."""
-        retryable = self.retryable_errors or (Exception,)
-        timeouts = _matches(StepTimeoutError, retryable) and not _matches(
-            StepTimeoutError, self.non_retryable_errors
-        )
-        return sv.RetryPolicy(
-            max_attempts=self.max_attempts,
-            backoff=sv.Backoff.exponential(
-                initial=self.initial_backoff_seconds,
-                multiplier=self.backoff_multiplier,
-                cap=self.max_backoff_seconds,
-                jitter="full",
-            ),
-            retry_on=retryable,
-            give_up_on=self.non_retryable_errors,
-            retry_timeouts=timeouts,
-        )
+        """The same retries as a stepvisor ``RetryPolicy`` (one per distinct config, kept)."""
+        return _policy(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(config: RetryConfig) -> sv.RetryPolicy:
+    """Why kept: every step of every call converts its config, mostly the executor's default.
+
+    Both are immutable values, so equal configs share one policy.
+    """
+    retryable = config.retryable_errors or (Exception,)
+    timeouts = _matches(StepTimeoutError, retryable) and not _matches(
+        StepTimeoutError, config.non_retryable_errors
+    )
+    return sv.RetryPolicy(
+        max_attempts=config.max_attempts,
+        backoff=sv.Backoff.exponential(
+            initial=config.initial_backoff_seconds,
+            multiplier=config.backoff_multiplier,
+            cap=config.max_backoff_seconds,
+            jitter="full",
+        ),
+        retry_on=retryable,
+        give_up_on=config.non_retryable_errors,
+        retry_timeouts=timeouts,
+    )
