@@ -67,7 +67,7 @@ def worker() -> Iterator[Any]:
 
 def _attempt(sid: str, fn: Any, inbox: Inbox, *, may_hold: bool = True) -> RunAttempt:
     spec = AttemptSpec("run-1", sid, 1, 1, fn, False, MappingProxyType({}), {}, None)
-    return RunAttempt(spec, AttemptControl(), "thread", "w1", inbox, may_hold)  # type: ignore[arg-type]
+    return RunAttempt(spec, AttemptControl(), "thread", "w1", inbox, may_hold)
 
 
 def _shape(messages: list[Any]) -> list[list[str]]:

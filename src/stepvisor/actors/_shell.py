@@ -35,7 +35,14 @@ import pykka
 
 from stepvisor._log import log
 from stepvisor.actors._pool import Lease, WorkerPool
-from stepvisor.actors.messages import Heartbeat, RunAttempt, RunBatch, SlotGranted, Warm
+from stepvisor.actors.messages import (
+    Heartbeat,
+    ReplyTo,
+    RunAttempt,
+    RunBatch,
+    SlotGranted,
+    Warm,
+)
 from stepvisor.backends.base import AttemptResult, AttemptSpec, backend_bug, not_started
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
@@ -76,7 +83,7 @@ from stepvisor.errors import ArtifactCodecError, StoreError
 from stepvisor.store.base import RunInfo, RunStore
 from stepvisor.store.memory import MemoryStore
 
-__all__ = ["HEARTBEAT_INTERVAL", "RunObserver", "RunPlan", "RunShell"]
+__all__ = ["HEARTBEAT_INTERVAL", "ReplyTo", "RunObserver", "RunPlan", "RunShell"]
 
 #: How often the Supervisor writes a heartbeat and looks for cancel requests.
 HEARTBEAT_INTERVAL = 0.5
@@ -149,7 +156,7 @@ class RunShell:
         complete: Callable[[RunResult], None],
         pool: WorkerPool,
         tell: Callable[[object], bool],
-        reply_to: pykka.ActorRef[Any],
+        reply_to: ReplyTo,
         lend_slots: bool = False,
     ) -> None:
         self.plan = plan

@@ -12,9 +12,7 @@ machine is told is defined with it, in :mod:`stepvisor.core.messages`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import pykka
+from typing import Any, NamedTuple, Protocol
 
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.context import AttemptControl
@@ -34,6 +32,7 @@ __all__ = [
     "DeadlineReached",
     "GraceExpired",
     "Heartbeat",
+    "ReplyTo",
     "RetryDue",
     "RunAttempt",
     "RunBatch",
@@ -42,6 +41,16 @@ __all__ = [
     "Start",
     "Warm",
 ]
+
+
+class ReplyTo(Protocol):
+    """Where a run's attempt outcomes are sent: the Supervisor actor, or a loop host.
+
+    ``tell`` may raise ``pykka.ActorDeadError`` once the receiver is gone; what
+    it returns is ignored.
+    """
+
+    def tell(self, message: Any) -> object: ...
 
 
 class RunAttempt(NamedTuple):
@@ -55,7 +64,7 @@ class RunAttempt(NamedTuple):
     control: AttemptControl
     executor: str
     slot: str
-    reply_to: pykka.ActorRef[Any]
+    reply_to: ReplyTo
     #: A success may be held briefly and reported with the next outcomes of its
     #: batch (``AttemptOrder.may_hold``); anything else is reported at once.
     may_hold: bool = False

@@ -29,6 +29,7 @@ import pykka
 from stepvisor._log import log
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors._shell import HEARTBEAT_INTERVAL, RunObserver, RunPlan, RunShell
+from stepvisor.actors.messages import SlotGranted
 from stepvisor.core._outcomes import NOT_RETRIED_STOPPING
 from stepvisor.core.messages import AttemptDone, AttemptsDone, Start
 from stepvisor.core.result import RunResult
@@ -126,7 +127,11 @@ class Supervisor(pykka.ThreadingActor):
     def _route(self, run_id: str, message: object) -> None:
         shell = self._runs.get(run_id)
         if shell is None:
-            if type(message) not in (AttemptDone, AttemptsDone):
+            if type(message) is SlotGranted:
+                # The pool granted a lease to a run that ended meanwhile: the
+                # engine's bound would shrink by one if it were dropped.
+                self._pool.give_back(message.lease)
+            elif type(message) not in (AttemptDone, AttemptsDone):
                 log.debug("dropped %r for run %s, which has ended", message, run_id)
             return
         self._deliver(run_id, shell, message)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Final
 import pykka
 
 from stepvisor._log import log
-from stepvisor.actors.messages import AttemptDone, RunAttempt, RunBatch, Warm
+from stepvisor.actors.messages import AttemptDone, ReplyTo, RunAttempt, RunBatch, Warm
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
 from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
@@ -293,7 +293,7 @@ class Worker(pykka.ThreadingActor):
     def _attempt(self, message: RunAttempt) -> None:
         self._report(message.reply_to, [self._run(message)])
 
-    def _report(self, reply_to: pykka.ActorRef[Any], outcomes: list[AttemptDone]) -> None:
+    def _report(self, reply_to: ReplyTo, outcomes: list[AttemptDone]) -> None:
         message: AttemptDone | AttemptsDone = (
             outcomes[0] if len(outcomes) == 1 else AttemptsDone(tuple(outcomes), outcomes[0].run_id)
         )

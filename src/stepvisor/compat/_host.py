@@ -28,7 +28,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors._shell import RunPlan, RunShell
@@ -86,8 +86,7 @@ class LoopRun:
             complete=self._complete,
             pool=pool,
             tell=self.tell,
-            # The shell only calls reply_to.tell(AttemptDone): this object does that.
-            reply_to=cast(Any, self),
+            reply_to=self,
             lend_slots=True,
         )
 
@@ -100,7 +99,7 @@ class LoopRun:
         if not self.done.done():
             self.tell(_CANCEL)
 
-    def tell(self, message: object) -> bool:
+    def tell(self, message: Any) -> bool:
         """Post ``message`` to this run; ``False`` once the loop is closed.
 
         Always a callback of its own, even on the loop's thread: the shell
