@@ -597,3 +597,20 @@ def test_from_mapping_errors_start_with_where_then_the_key(
 def test_from_mapping_rejects_something_that_is_not_a_mapping() -> None:
     with pytest.raises(InvalidRetryPolicyError, match=r"^etl\.yaml: step 'load': retry must be a"):
         RetryPolicy.from_mapping([("max_attempts", 3)], where=WHERE)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("step_id", ["load", 'say "hi"', "naïve/étape", "tab\there", ""])
+def test_jitter_draws_from_the_key_earlier_versions_used(step_id: str) -> None:
+    # A run resumed by a newer stepvisor with the same seed waits the same delays:
+    # the source is seeded from sha256(json.dumps(["stepvisor.retry", seed, id, n])).
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import random  # noqa: PLC0415
+
+    policy = RetryPolicy(backoff=Backoff.exponential(initial=1, multiplier=2, cap=60))
+    for attempt in (1, 2, 5):
+        key = json.dumps(["stepvisor.retry", 42, step_id, attempt]).encode()
+        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+        peak = min(60.0, 1.0 * 2 ** (attempt - 1))
+        expected = rng.uniform(0.0, peak)
+        assert policy.delays(attempt, seed=42, step_id=step_id)[-1] == pytest.approx(expected)

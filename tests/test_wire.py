@@ -175,3 +175,25 @@ def test_check_outputs_accepts_a_mapping_or_none_and_copies_it() -> None:
     checked = check_outputs("s", given)
     assert checked == given
     assert checked is not given
+
+
+def test_a_traceback_keeps_frames_causes_and_notes_but_no_caret_lines() -> None:
+    from stepvisor.backends.base import format_error  # noqa: PLC0415
+
+    def inner() -> None:
+        raise ValueError("inner")
+
+    try:
+        try:
+            inner()
+        except ValueError as exc:
+            raise KeyError("outer") from exc
+    except KeyError as exc:
+        exc.add_note("a note")
+        text = format_error(exc)
+    assert 'raise ValueError("inner")' in text  # the source line, as the standard text has it
+    assert "in inner" in text
+    assert "ValueError: inner" in text
+    assert "The above exception was the direct cause" in text
+    assert text.rstrip().endswith("a note")
+    assert "^" not in text

@@ -56,7 +56,7 @@ class _Timer:
         self,
         when: float,
         callback: Callable[[], None],
-        on_cancel: Callable[[], None] | None = None,
+        on_cancel: Callable[[_Timer], None] | None = None,
     ) -> None:
         self.when = when
         self.callback = callback
@@ -67,7 +67,7 @@ class _Timer:
         if not self.cancelled:
             self.cancelled = True
             if self.on_cancel is not None:
-                self.on_cancel()
+                self.on_cancel(self)
 
 
 class _TimerQueue:
@@ -79,6 +79,10 @@ class _TimerQueue:
 
     def push(self, timer: _Timer) -> None:
         heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+
+    def is_head(self, timer: _Timer) -> bool:
+        """``timer`` is the one due first (cancelled ones not yet dropped count)."""
+        return bool(self._heap) and self._heap[0][2] is timer
 
     def next_due(self) -> float | None:
         while self._heap and self._heap[0][2].cancelled:
@@ -118,20 +122,26 @@ class RealClock:
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         timer = _Timer(time.monotonic() + max(0.0, delay), callback, self._wake)
         with self._cond:
+            head = self._queue.next_due()
             self._queue.push(timer)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="stepvisor-clock", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif head is None or timer.when < head:
+                # Wake the thread only if it sleeps for a later timer: a burst
+                # of retries or deadlines would otherwise wake it once per timer.
+                self._cond.notify()
         return timer
 
-    def _wake(self) -> None:
+    def _wake(self, timer: _Timer) -> None:
         # A cancelled timer may have been the one the thread sleeps for: let it
-        # look again, so it can end as soon as nothing is left to watch.
+        # look again, so it can end as soon as nothing is left to watch.  Any
+        # other cancelled timer is dropped when the thread reaches it.
         with self._cond:
-            self._cond.notify()
+            if self._queue.is_head(timer):
+                self._cond.notify()
 
     def _loop(self) -> None:
         while True:

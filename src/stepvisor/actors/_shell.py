@@ -18,8 +18,9 @@ controls, the timers, the store and the hook.  Two things come back from
 carrying out an effect and are fed to the machine as messages: a store that
 refuses a step's outputs (``OutputsSaved``) and a Worker for a slot
 (``SlotReady``); and the heartbeat finds a cancel requested through the store.
-Effects are carried out strictly in order; those of a message fed back go
-after the rest.
+Effects are carried out strictly in order.  Those of ``OutputsSaved`` go after
+the rest; those of ``SlotReady`` (the slot's first dispatch) go first, so that a
+run asking for many slots starts work on each as it comes up.
 """
 
 from __future__ import annotations
@@ -309,8 +310,15 @@ class RunShell:
             worker = self._pool.attach(lease)
             if self._warm:
                 worker.tell(Warm(self._warm))
-        self._pending.extend(
-            self.machine.handle(SlotReady(slot), now=self.clock.monotonic(), wall=self.clock.wall())
+        # What the slot can start now goes first, before the rest of the effects
+        # already queued (more AddSlots, at a run's start): the first attempts
+        # start as their Workers come up, not after every slot has been set up.
+        self._pending.extendleft(
+            reversed(
+                self.machine.handle(
+                    SlotReady(slot), now=self.clock.monotonic(), wall=self.clock.wall()
+                )
+            )
         )
 
     def _release_slot(self, effect: ReleaseSlot) -> None:

@@ -6,17 +6,20 @@ Supervisor asks it one question, :meth:`RetryPolicy.decide`, and gets back a
 Deciding is pure (no clock, no global random state, no sleeping) so the whole
 policy is tested as arithmetic; the Supervisor owns the loop and the waiting.
 
-The strategies are tenacity's own, driven with a real
-``tenacity.RetryCallState`` built for the one attempt being judged::
+Deciding runs on the Supervisor's thread once per failed attempt, and a
+storm of failures must not stall it, so the verdict is plain checks; the
+waits are tenacity's own strategies, driven with a ``tenacity.RetryCallState``
+built for the one attempt being judged::
 
     failure (error, kind, attempt)
-      ├─ classify   TIMEOUT / CRASH: retry_always or retry_never, from the flags
+      ├─ classify   TIMEOUT / CRASH: from the flags retry_timeouts / retry_crashes
       │             ERROR: the first matching rule wins, in this order
       │               FatalError ▸ give_up_on ▸ RetryableError ▸ retry_on ▸ retry_if
-      │             (the same verdict as retry_all(retry_if_not_exception_type(
-      │             give_up_on), retry_any(retry_on, retry_if)), kept as a list so
-      │             the reason can name the rule that fired)
-      ├─ stop       tenacity.stop_after_attempt(max_attempts)
+      │             (the verdict tenacity's retry_all(retry_if_not_exception_type(
+      │             give_up_on), retry_any(retry_if_exception_type(retry_on),
+      │             retry_if_exception(retry_if))) gives, written as isinstance
+      │             checks so the reason can name the rule that fired)
+      ├─ stop       after max_attempts attempts (tenacity's stop_after_attempt)
       └─ wait       RetryableError.after if the step gave one, else the backoff:
                     wait_exponential / wait_fixed / wait_none, with jitter drawn
                     from a Random seeded by (run seed, step id, attempt)
@@ -86,18 +89,14 @@ def _check_decide_args(*, kind: object, attempt: object, seed: object) -> None:
         raise InvalidSettingError(f"seed must be an integer (the run's seed), got {seed!r}")
 
 
-def _call_state(*, attempt: int, error: BaseException | None) -> tenacity.RetryCallState:
-    """A tenacity call state for one finished attempt, to drive its strategies."""
+def _call_state(*, attempt: int) -> tenacity.RetryCallState:
+    """A tenacity call state for one finished attempt, to drive its wait strategies."""
     # No tenacity Retrying loop exists (the Supervisor owns the loop), so there is
-    # no retry object; the strategies used here read only attempt_number and outcome.
+    # no retry object; the waits used here read only attempt_number.
     state = tenacity.RetryCallState(
         retry_object=cast("tenacity.BaseRetrying", None), fn=None, args=(), kwargs={}
     )
     state.attempt_number = attempt
-    if error is not None:
-        outcome = tenacity.Future(attempt)
-        outcome.set_exception(error)
-        state.outcome = outcome
     return state
 
 
@@ -107,7 +106,9 @@ def _jitter_rng(*, seed: int, step_id: str, attempt: int) -> random.Random:
     ``hash()`` of a string changes per process (PYTHONHASHSEED), so the key is
     hashed with SHA-256; two steps, or two attempts, draw different numbers.
     """
-    key = json.dumps(["stepvisor.retry", seed, step_id, attempt]).encode()
+    # The text json.dumps(["stepvisor.retry", seed, step_id, attempt]) gives (the
+    # key of every earlier version, so delays stay as they were), built directly.
+    key = f'["stepvisor.retry", {int(seed)}, {json.dumps(step_id)}, {int(attempt)}]'.encode()
     return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
 
@@ -118,31 +119,6 @@ class RetryDecision:
     retry: bool
     delay: float
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Rule:
-    """One classification rule for ERROR failures: a tenacity strategy and its verdict."""
-
-    matches: tenacity.retry_base
-    retry: bool
-    reason: str  # formatted with {name} (the error's class) and {match} (the listed class)
-    classes: tuple[type[BaseException], ...] = ()
-
-
-class _GuardedPredicate:
-    """``retry_if`` made safe: an exception it raises means "not retryable", recorded."""
-
-    def __init__(self, predicate: Callable[[BaseException], bool]) -> None:
-        self._predicate = predicate
-        self.failure: Exception | None = None
-
-    def __call__(self, error: BaseException) -> bool:
-        try:
-            return bool(self._predicate(error))
-        except Exception as exc:
-            self.failure = exc
-            return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, init=False)
@@ -215,11 +191,10 @@ class RetryPolicy:
         and ``attempt``, so a run with the same seed waits the same delays.
         """
         _check_decide_args(kind=kind, attempt=attempt, seed=seed)
-        state = _call_state(attempt=attempt, error=error)
-        wanted, why = self._classify(state, error=error, kind=kind)
+        wanted, why = self._classify(error=error, kind=kind)
         if not wanted:
             return RetryDecision(False, 0.0, why)
-        if tenacity.stop_after_attempt(self.max_attempts)(state):
+        if attempt >= self.max_attempts:
             return RetryDecision(
                 False, 0.0, f"{why}, but no attempts left ({attempt} of {self.max_attempts})"
             )
@@ -227,7 +202,7 @@ class RetryPolicy:
         if after is not None:
             delay, how = float(after), ", the delay it asked for"
         else:
-            delay, how = self._backoff_delay(state, seed=seed, step_id=step_id), ""
+            delay, how = self._backoff_delay(attempt, seed=seed, step_id=step_id), ""
         return RetryDecision(
             True,
             delay,
@@ -238,69 +213,45 @@ class RetryPolicy:
         """The backoff delays after attempts 1..n, ignoring ``max_attempts``."""
         if not is_int(n) or n < 0:
             raise InvalidSettingError(f"n must be an integer >= 0, got {n!r}")
-        return [
-            self._backoff_delay(_call_state(attempt=k, error=None), seed=seed, step_id=step_id)
-            for k in range(1, n + 1)
-        ]
+        return [self._backoff_delay(k, seed=seed, step_id=step_id) for k in range(1, n + 1)]
 
-    def _backoff_delay(self, state: tenacity.RetryCallState, *, seed: int, step_id: str) -> float:
-        rng = _jitter_rng(seed=seed, step_id=step_id, attempt=state.attempt_number)
-        return float(self.backoff._wait(rng=rng)(state))
+    def _backoff_delay(self, attempt: int, *, seed: int, step_id: str) -> float:
+        rng = _jitter_rng(seed=seed, step_id=step_id, attempt=attempt)
+        return float(self.backoff._wait(rng=rng)(_call_state(attempt=attempt)))
 
-    def _classify(
-        self, state: tenacity.RetryCallState, *, error: BaseException, kind: FailureKind
-    ) -> tuple[bool, str]:
+    def _classify(self, *, error: BaseException, kind: FailureKind) -> tuple[bool, str]:
         if kind is FailureKind.TIMEOUT:
-            return self._by_flag(
-                state, on=self.retry_timeouts, what="the attempt timed out", flag="retry_timeouts"
-            )
+            return _by_flag(self.retry_timeouts, "the attempt timed out", "retry_timeouts")
         if kind is FailureKind.CRASH:
-            return self._by_flag(
-                state,
-                on=self.retry_crashes,
-                what="the worker running the attempt crashed",
-                flag="retry_crashes",
+            return _by_flag(
+                self.retry_crashes, "the worker running the attempt crashed", "retry_crashes"
             )
-        return self._classify_error(state, error=error)
+        return self._classify_error(error)
 
-    @staticmethod
-    def _by_flag(
-        state: tenacity.RetryCallState, *, on: bool, what: str, flag: str
-    ) -> tuple[bool, str]:
-        strategy = tenacity.retry_always if on else tenacity.retry_never
-        return strategy(state), f"{what} and {flag} is {'on' if on else 'off'}"
-
-    def _error_rules(self, guard: Callable[[BaseException], bool]) -> tuple[_Rule, ...]:
-        """The ERROR rules in precedence order; the first that matches decides."""
-        is_a = tenacity.retry_if_exception_type
-        return (
-            _Rule(is_a(FatalError), False, "{name}: the step asked never to be retried"),
-            _Rule(
-                is_a(self.give_up_on), False, "{name} matches give_up_on ({match})", self.give_up_on
-            ),
-            _Rule(is_a(RetryableError), True, "{name}: the step asked for a retry"),
-            _Rule(is_a(self.retry_on), True, "{name} matches retry_on ({match})", self.retry_on),
-            _Rule(tenacity.retry_if_exception(guard), True, "retry_if returned true for {name}"),
-        )
-
-    def _classify_error(
-        self, state: tenacity.RetryCallState, *, error: BaseException
-    ) -> tuple[bool, str]:
+    def _classify_error(self, error: BaseException) -> tuple[bool, str]:
         name = type(error).__name__
-        guard = _GuardedPredicate(self.retry_if or _never)
-        for rule in self._error_rules(guard):
-            if rule.matches(state):
-                match = next((c.__name__ for c in rule.classes if isinstance(error, c)), "")
-                return rule.retry, rule.reason.format(name=name, match=match)
-        if guard.failure is not None:
-            failure = guard.failure
+        if isinstance(error, FatalError):
+            return False, f"{name}: the step asked never to be retried"
+        match = _first_match(error, self.give_up_on)
+        if match is not None:
+            return False, f"{name} matches give_up_on ({match})"
+        if isinstance(error, RetryableError):
+            return True, f"{name}: the step asked for a retry"
+        match = _first_match(error, self.retry_on)
+        if match is not None:
+            return True, f"{name} matches retry_on ({match})"
+        listed = ", ".join(c.__name__ for c in self.retry_on) or "nothing"
+        if self.retry_if is None:
+            return False, f"{name} does not match retry_on ({listed})"
+        try:
+            wanted = bool(self.retry_if(error))
+        except Exception as failure:  # a broken predicate means "not retryable", said so
             return False, (
                 f"retry_if raised {type(failure).__name__}: {failure} when asked about {name}, "
                 "so it is not retried; make retry_if return True or False"
             )
-        listed = ", ".join(c.__name__ for c in self.retry_on) or "nothing"
-        if self.retry_if is None:
-            return False, f"{name} does not match retry_on ({listed})"
+        if wanted:
+            return True, f"retry_if returned true for {name}"
         return False, f"{name} matches neither retry_on ({listed}) nor retry_if"
 
     # -- configuration files --------------------------------------------------------
@@ -347,5 +298,13 @@ class RetryPolicy:
         return data
 
 
-def _never(error: BaseException) -> bool:
-    return False
+def _by_flag(on: bool, what: str, flag: str) -> tuple[bool, str]:
+    return on, f"{what} and {flag} is {'on' if on else 'off'}"
+
+
+def _first_match(error: BaseException, classes: tuple[type[BaseException], ...]) -> str | None:
+    """The name of the first of ``classes`` that ``error`` is an instance of."""
+    for cls in classes:
+        if isinstance(error, cls):
+            return cls.__name__
+    return None
