@@ -268,9 +268,16 @@ class Settling:
         self.state = self.state.set_step(record)
         self._fx.append(SaveStep(record))
         self._retries.waiting[sid] = inf.attempt
+        # The backoff counts from when the attempt ended (the Worker's clock), not
+        # from when this message was handled: in a storm of failures the shell takes
+        # them in one by one, and must not add its queueing to every step's wait.
+        waited = min(delay, max(0.0, self._wall - base["ended"]))
         self._fx.append(
             SetTimer(
-                ("retry", sid, inf.attempt), delay, RetryDue(sid, inf.attempt), self._now + delay
+                ("retry", sid, inf.attempt),
+                delay - waited,
+                RetryDue(sid, inf.attempt),
+                self._now + delay - waited,
             )
         )
         self._events.retrying(
