@@ -481,3 +481,30 @@ def test_outcomes_reported_together_settle_as_if_they_came_one_by_one(fatal: str
     else:
         assert together.steps[fatal].status is StepStatus.FAILED
         assert together.status is sv.RunStatus.FAILED
+
+
+@pytest.mark.parametrize(
+    ("ended_before", "expected"),
+    [(0.0, 0.5), (0.2, 0.3), (2.0, 0.0), (-1.0, 0.5)],  # -1: a Worker clock ahead of ours
+)
+def test_a_backoff_counts_from_when_the_attempt_ended(ended_before: float, expected: float) -> None:
+    wf = wf_of({"a": []}, retry=RETRY2)
+    machine = RunMachine(make_plan(wf))
+    now, wall = 10.0, WALL0 + 10.0
+    pending = list(machine.handle(Start(), now=now, wall=wall))
+    dispatch = None
+    while pending:
+        effect = pending.pop(0)
+        if isinstance(effect, AddSlot):
+            pending += machine.handle(SlotReady(effect.slot), now=now, wall=wall)
+        elif isinstance(effect, Dispatch):
+            dispatch = effect
+    assert dispatch is not None
+    error = AttemptResult(kind="error", error=RuntimeError("down"))
+    done = AttemptDone("a", 1, dispatch.slot, error, wall - 1.0, wall - ended_before, 0.5)
+    effects = machine.handle(done, now=now, wall=wall)
+    (timer,) = [e for e in effects if isinstance(e, SetTimer) and e.key[0] == "retry"]
+    assert timer.delay == pytest.approx(expected)
+    assert timer.due == pytest.approx(now + expected)
+    record = machine.state.record("a")
+    assert record.attempts[0].delay_after == pytest.approx(0.5)  # the backoff chosen, as recorded
