@@ -25,16 +25,14 @@ run asking for many slots starts work on each as it comes up.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import pykka
-
 from stepvisor._log import log
+from stepvisor.actors._outbox import Outbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import (
     Heartbeat,
@@ -205,6 +203,8 @@ class RunShell:
             Finish: self._finish,
         }
         self._pending: deque[Effect] = deque()
+        #: Sends submitted attempts' outcomes, those that end together as one message.
+        self._outbox = Outbox(reply_to)
 
     # -- what the host calls ---------------------------------------------------------
 
@@ -357,23 +357,23 @@ class RunShell:
             ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
 
     def _submit(self, slot: str, spec: AttemptSpec, control: AttemptControl, loop: Any) -> None:
-        reply_to = self._reply_to
         started_wall, started = time.time(), time.monotonic()
+        post = self._outbox.post
 
         def done(result: AttemptResult) -> None:
             ended = time.monotonic()
-            outcome = AttemptDone(
-                spec.step_id,
-                spec.attempt,
-                slot,
-                result,
-                started_wall,
-                time.time(),
-                ended - started,
-                spec.run_id,
+            post(
+                AttemptDone(
+                    spec.step_id,
+                    spec.attempt,
+                    slot,
+                    result,
+                    started_wall,
+                    time.time(),
+                    ended - started,
+                    spec.run_id,
+                )
             )
-            with contextlib.suppress(pykka.ActorDeadError):
-                reply_to.tell(outcome)
 
         stopped = not_started(spec, control)
         if stopped is not None:

@@ -21,11 +21,11 @@ from typing import Any, ClassVar, Final
 import pykka
 
 from stepvisor._log import log
+from stepvisor.actors._outbox import send_outcomes
 from stepvisor.actors.messages import AttemptDone, ReplyTo, RunAttempt, RunBatch, Warm
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
 from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
-from stepvisor.core.messages import AttemptsDone
 from stepvisor.errors import InvalidSettingError
 
 __all__ = ["RunBackends", "Worker", "WorkerServices", "check_backends", "worker_thread_name"]
@@ -294,12 +294,7 @@ class Worker(pykka.ThreadingActor):
         self._report(message.reply_to, [self._run(message)])
 
     def _report(self, reply_to: ReplyTo, outcomes: list[AttemptDone]) -> None:
-        message: AttemptDone | AttemptsDone = (
-            outcomes[0] if len(outcomes) == 1 else AttemptsDone(tuple(outcomes), outcomes[0].run_id)
-        )
-        try:
-            reply_to.tell(message)
-        except pykka.ActorDeadError:
+        if not send_outcomes(reply_to, outcomes):
             log.debug("supervisor gone; dropped the outcomes of %d attempts", len(outcomes))
 
     def _run(self, message: RunAttempt, following: RunAttempt | None = None) -> AttemptDone:

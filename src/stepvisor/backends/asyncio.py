@@ -45,6 +45,10 @@ class LoopThread:
     def __init__(self, *, on_thread: Callable[[threading.Thread], None] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        #: Attempts submitted and not yet started on the loop (see :meth:`submit`).
+        self._incoming: list[tuple[AttemptSpec, AttemptControl, Callable[[AttemptResult], None]]]
+        self._incoming = []
+        self._incoming_lock = threading.Lock()
         self.thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
         if on_thread is not None:
             on_thread(self.thread)
@@ -81,10 +85,33 @@ class LoopThread:
 
         This is how a run's shell runs async steps: no thread waits for them,
         so the attempts in flight are bounded by the run's slots, not by
-        threads.  ``done`` is called on the loop's thread, exactly once.
-        Raises ``RuntimeError`` if the loop is closed.
+        threads.  ``done`` is called on the loop's thread (or, if the loop is
+        closed, on the caller's), exactly once.
+
+        A burst of submissions wakes the loop once: the first one queues a
+        drain, the rest join it (a wake-up is a write to the loop's self-pipe).
         """
-        self.loop.call_soon_threadsafe(self._start, spec, control, done)
+        if self.loop.is_closed():
+            done(backend_bug(spec, RuntimeError("the engine's event loop is closed")))
+            return
+        with self._incoming_lock:
+            first = not self._incoming
+            self._incoming.append((spec, control, done))
+        if not first:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError as exc:  # the loop is closed: what waits here ends now
+            with self._incoming_lock:
+                waiting, self._incoming = self._incoming, []
+            for spec_, _control, done_ in waiting:
+                done_(backend_bug(spec_, exc))
+
+    def _drain(self) -> None:
+        with self._incoming_lock:
+            waiting, self._incoming = self._incoming, []
+        for spec, control, done in waiting:
+            self._start(spec, control, done)
 
     def _start(
         self, spec: AttemptSpec, control: AttemptControl, done: Callable[[AttemptResult], None]
