@@ -44,7 +44,8 @@ def test_outcomes_posted_in_one_loop_iteration_go_as_one_message() -> None:
     assert isinstance(first, AttemptsDone)
     assert [d.step_id for d in first.outcomes] == ["a", "b", "c"]
     assert first.run_id == "run-1"
-    assert type(second) is AttemptDone and second.step_id == "d"
+    assert type(second) is AttemptDone
+    assert second.step_id == "d"
 
 
 def test_an_outcome_posted_without_a_running_loop_goes_at_once() -> None:
