@@ -219,12 +219,13 @@ def _thread_rows(n: int, repeat: int, tmp: Path) -> list[Row]:
     rows = _stepvisor_rows(
         metric=THREAD_METRIC, n=n, executor="thread", parallel=8, repeat=repeat, tmp=tmp
     )
-    ahead = Target(on="ratio", op="<=", limit=0.1, text="stepvisor >= 10x ahead")
+    # The targets of issue 15: within 2.5x of the standard library's pool, ahead of
+    # Dask's threaded scheduler, and (a scheduler of local tasks) 10x ahead of Ray's.
     rows += _baseline(
         "ThreadPoolExecutor(8)",
         THREAD_METRIC,
         lambda: [_per_step(repeat, n, lambda: _time_thread_pool(n))],
-        target=Target(on="ratio", op="<=", limit=4.0, text="within 4x"),
+        target=Target(on="ratio", op="<=", limit=2.5, text="within 2.5x"),
     )
     rows += _baseline(
         "asyncio Semaphore(8)+gather+wait_for(to_thread)",
@@ -235,14 +236,14 @@ def _thread_rows(n: int, repeat: int, tmp: Path) -> list[Row]:
         "Dask threaded get (8 workers)",
         THREAD_METRIC,
         lambda: [_per_step(repeat, n, _time_dask_threads(n))],
-        target=ahead,
+        target=Target(on="ratio", op="<", limit=1.0, text="stepvisor ahead"),
         requires=("dask",),
     )
     rows += _baseline(
         "Ray tasks (local)",
         THREAD_METRIC,
         lambda: _measure_ray(n, repeat, tmp),
-        target=ahead,
+        target=Target(on="ratio", op="<=", limit=0.1, text="stepvisor >= 10x ahead"),
         note="tasks run in Ray's worker processes; ray.init and warm-up not timed",
         requires=("ray",),
     )
