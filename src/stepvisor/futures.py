@@ -32,22 +32,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, cast
 
-import pykka
-
 from stepvisor._calls import UNSET, Calls, Link, Options, Settled, checked, name_of, replaced
 from stepvisor._invoke import ARGS, CURRENT, KWARGS, AsyncInvoke, Invoke
 from stepvisor._validate import is_int
-from stepvisor.actors._hub import CallHub, CancelAll, CancelCall, HubCall, SubmitCall
+from stepvisor.actors._hub import CallHub, CancelAll, CancelCall, HubCall
 from stepvisor.clock import RealClock
 from stepvisor.config import resolve
 from stepvisor.context import StepContext
-from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.model import _is_coroutine_fn, check_max_parallel
 from stepvisor.engine import Engine
 from stepvisor.errors import (
@@ -122,16 +120,13 @@ class Executor(concurrent.futures.Executor):
         self._plans: dict[tuple[Any, ...], Calls] = {}
         # Weak: an executor must not keep a call's function alive after the call.
         self._payloads: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
-        self._threads: list[threading.Thread] = []
         try:
             self._connect(self._defaults.executor)
-            self._hub = CallHub.start(
-                pool=self._engine.pool, clock=RealClock(), on_thread=self._threads.append
-            )
         except BaseException:
             if self._owns_engine:
                 self._engine.close()
             raise
+        self._hub = CallHub(pool=self._engine.pool, clock=RealClock())
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else f"{self._outstanding} calls"
@@ -214,39 +209,27 @@ class Executor(concurrent.futures.Executor):
             key = str(self._seq)
         if executor not in self._connected:
             self._connect(executor)
-        machine = RunMachine(
-            Plan(
-                workflow=calls.workflow,
-                settings=self._cfg,
-                run_id=key,
-                seed=(self._seed + self._seq) & 0xFFFFFFFF,
-                executors=calls.executors,
-                store_may_refuse=False,
-                lend_slots=True,
-            )
-        )
         params = {ARGS: args, KWARGS: kwargs}
-        link = Link(future, invoke, params, ended=self._call_ended)
         call = HubCall(
             key,
-            machine,
+            first=calls.first,
+            make_machine=functools.partial(
+                calls.machine, key, (self._seed + self._seq) & 0xFFFFFFFF
+            ),
             executor=executor,
             fn=invoke,
             fn_payload=payload,
             params=params,
-            begin=link.begin,
-            end=link.end,
-            queued_cancel=link.queued_cancel,
+            link=Link(future, invoke, params, ended=self._call_ended),
         )
         hub = self._hub
 
         def cancelled(f: concurrent.futures.Future[Any]) -> None:
             if f.cancelled():
-                with contextlib.suppress(pykka.ActorDeadError):
-                    hub.tell(CancelCall(key, "its future was cancelled"))
+                hub.tell(CancelCall(key, "its future was cancelled"))
 
         future.add_done_callback(cancelled)
-        hub.tell(SubmitCall(call))
+        hub.submit(call)
         return future
 
     def _calls_for(self, invoke: Invoke, opts: Options) -> Calls:
@@ -254,9 +237,9 @@ class Executor(concurrent.futures.Executor):
         try:
             calls = self._plans.get(key)
         except TypeError:  # an option that cannot be hashed: no sharing
-            return Calls(invoke, opts)
+            return Calls(invoke, opts, self._cfg)
         if calls is None:
-            calls = Calls(invoke, opts)
+            calls = Calls(invoke, opts, self._cfg)
             if len(self._plans) >= _CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = calls
@@ -296,8 +279,7 @@ class Executor(concurrent.futures.Executor):
             first = not self._shutdown
             self._shutdown = True
         if cancel_futures:
-            with contextlib.suppress(pykka.ActorDeadError):
-                self._hub.tell(CancelAll("the executor was shut down with cancel_futures=True"))
+            self._hub.tell(CancelAll("the executor was shut down with cancel_futures=True"))
         if first:
             if wait:
                 self._close()
@@ -317,12 +299,9 @@ class Executor(concurrent.futures.Executor):
             with self._idle:
                 while self._outstanding:
                     self._idle.wait()
-            with contextlib.suppress(pykka.ActorDeadError):
-                self._hub.stop(block=True)
+            self._hub.close()
             if self._owns_engine:
                 self._engine.close()
-            for thread in self._threads:
-                thread.join()
         finally:
             self._closed.set()
 
