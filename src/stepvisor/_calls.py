@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._invoke import RESULT, AsyncInvoke, Invoke
-from stepvisor.actors._hub import first_attempt
+from stepvisor.actors._first import first_attempt
 from stepvisor.config import Resolved
 from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.model import EXECUTORS, Step, Workflow, check_positive_seconds
@@ -123,15 +123,13 @@ class Link:
     def _settle(self, value: Any, error: BaseException | None) -> None:
         future = self.future
         try:
-            if future.cancelled():
-                if not self.begun:  # tell wait() and as_completed() it is done
-                    future.set_running_or_notify_cancel()
-            elif error is None:
+            if error is None:
                 future.set_result(value)
             else:
                 future.set_exception(error)
-        except concurrent.futures.InvalidStateError:  # pragma: no cover - settled twice: a bug
-            pass
+        except concurrent.futures.InvalidStateError:  # cancelled (or settled twice: a bug)
+            if future.cancelled() and not self.begun:  # tell wait() and as_completed()
+                future.set_running_or_notify_cancel()
         finally:
             # What the Workers and the hub may still hold of the call must not
             # keep its function or arguments alive (CPython's executors neither).

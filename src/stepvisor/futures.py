@@ -189,7 +189,7 @@ class Executor(concurrent.futures.Executor):
             )
         invoke = AsyncInvoke(fn) if _is_coroutine_fn(fn) else Invoke(fn)
         calls = self._calls_for(invoke, opts)
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future = CallFuture()
         payload: bytes | None = None
         executor = calls.executors[0]
         if executor in ("process", "ray"):
@@ -222,14 +222,8 @@ class Executor(concurrent.futures.Executor):
             params=params,
             link=Link(future, invoke, params, ended=self._call_ended),
         )
-        hub = self._hub
-
-        def cancelled(f: concurrent.futures.Future[Any]) -> None:
-            if f.cancelled():
-                hub.tell(CancelCall(key, "its future was cancelled"))
-
-        future.add_done_callback(cancelled)
-        hub.submit(call)
+        future.sv_tell, future.sv_key = self._hub.tell, key
+        self._hub.submit(call)
         return future
 
     def _calls_for(self, invoke: Invoke, opts: Options) -> Calls:
@@ -304,6 +298,25 @@ class Executor(concurrent.futures.Executor):
                 self._engine.close()
         finally:
             self._closed.set()
+
+
+class CallFuture(concurrent.futures.Future[Any]):
+    """A standard Future whose ``cancel()`` also stops its call.
+
+    Cancelling a call must reach the hub (a queued call is dropped, a running
+    one stopped); a done-callback would do, but it would run, and take the
+    future's lock, for every call that is not cancelled too.
+    """
+
+    sv_tell: Callable[[Any], None] | None = None
+    sv_key = ""
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self.sv_tell is not None:
+            self.sv_tell(CancelCall(self.sv_key, "its future was cancelled"))
+        return True
 
 
 class CallOptions:

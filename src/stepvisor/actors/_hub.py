@@ -14,29 +14,25 @@ Worker's for an outcome, the clock's for a timer), one thread at a time::
     Executor ── CancelCall("17") / CancelAll ────▶ CancelRun to the machine(s)
     effect Finish(result) ───────────────────────▶ call.link.end(result): the future settles
 
-**One decision maker at a time.**  ``tell`` appends to a mailbox under a lock;
-the thread that finds no one draining it becomes the drainer and handles
-messages until the mailbox is empty (a message that arrives meanwhile, even
-from an effect of its own such as a lease passed on, waits its turn).  So
-messages are handled in the order they arrive and a message's effects are
-carried out in order before the next, as on an actor's thread; the lock is
-held only to take a message, never while deciding or carrying out, and
-futures are settled (their done-callbacks run) only after the drainer has
-given up its role.  Nothing here blocks: a Worker is *told* its attempt.
+**One decision maker at a time.**  Messages go through a
+:class:`~stepvisor.actors._mailbox.Mailbox`: the thread that finds it idle
+handles them until it is empty, so messages are handled in the order they
+arrive and a message's effects are carried out in order before the next, as
+on an actor's thread.  No lock is held while deciding or carrying out;
+futures settle (their done-callbacks run) only after the drain.  Nothing here
+blocks: a Worker is *told* its attempt, and replies to the mailbox.
 
-**The first attempt without the machine.**  What a one-step machine does
-until its first attempt returns never depends on the call: ask for one slot,
-dispatch attempt 1 on it, set its deadline timer.  That is learnt once per
-plan from the machine itself (:func:`first_attempt`), and a call carries it
-out directly, recording the messages the machine would have had.  If the
-attempt returns ``ok`` before anything else happened, the call succeeded
-(what the machine would decide: a lone step's outputs with no stop asked,
-and no store to refuse them).  Anything else (an error, a crash, its
-deadline, a cancel, a future cancelled before it ran) makes the call's
-machine at that moment, replays the recorded messages into it (their effects
-were carried out already, so they are only matched up: the slot, the
-deadline timer), and hands it the message: every decision that can differ
-between calls is still the machine's.
+**The first attempt without the machine.**  Up to a call's first attempt its
+machine does the same for every call of a plan (:mod:`stepvisor.actors._first`),
+so a call carries that out directly and notes when.  If the attempt returns
+``ok`` before anything else happened, the call succeeded: what the machine
+decides for a lone step's outputs with no stop asked and no store to refuse
+them.  Anything else (an error, a crash, its deadline, a cancel, a future
+cancelled before it ran) makes the call's machine then, replays ``Start`` and
+``SlotReady`` into it at the times they happened (their effects were carried
+out already, so they are only matched up: the slot, the deadline timer), and
+hands it the message: every decision that can differ between calls is still
+the machine's.
 
 What differs from a Supervisor: there is no store (an Executor's calls are not
 durable: ``BeginRun``, ``Save*`` and ``FinishRun`` are skipped), no event hook,
@@ -49,13 +45,14 @@ name, so Worker outcomes find their call.
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple, Protocol, cast
 
 from stepvisor._log import log
+from stepvisor.actors._first import CARRIED_OUT, FirstAttempt
+from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import RunAttempt, SlotGranted
 from stepvisor.backends.base import AttemptSpec
@@ -64,7 +61,6 @@ from stepvisor.context import AttemptControl
 from stepvisor.core.effects import (
     AbandonSlot,
     AddSlot,
-    AttemptOrder,
     CancelTimer,
     Dispatch,
     Effect,
@@ -80,7 +76,7 @@ from stepvisor.core.machine import RunMachine
 from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSaved, SlotReady, Start
 from stepvisor.core.result import RunResult
 
-__all__ = ["CallHub", "CallLink", "CancelAll", "CancelCall", "FirstAttempt", "HubCall"]
+__all__ = ["CallHub", "CallLink", "CancelAll", "CancelCall", "HubCall"]
 
 #: The key of a first attempt's deadline timer until its call has a machine.
 _FIRST_DEADLINE: Final[TimerKey] = ("first attempt", "deadline")
@@ -102,43 +98,6 @@ class CallLink(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
-class FirstAttempt(NamedTuple):
-    """What a plan's machine does from ``Start`` to its first attempt: the same for every call."""
-
-    slot: str
-    order: AttemptOrder
-    #: The message of the attempt's deadline timer (``None``: no deadline).
-    timer: Message | None
-
-
-def first_attempt(machine: RunMachine) -> FirstAttempt | None:
-    """Ask a fresh machine what it does up to its first attempt; ``None`` if not the usual.
-
-    The usual is: ``Start`` asks for one slot, and that slot's ``SlotReady``
-    dispatches one attempt on it, with at most its deadline timer set.  A plan
-    that does anything else there (a run deadline, say) runs every call on
-    its machine from the start.
-    """
-    carried = CallHub.CARRIED_OUT
-    started = [e for e in machine.handle(Start(), now=0.0, wall=0.0) if type(e) in carried]
-    if len(started) != 1 or type(started[0]) is not AddSlot:
-        return None
-    slot = started[0].slot
-    ready = [e for e in machine.handle(SlotReady(slot), now=0.0, wall=0.0) if type(e) in carried]
-    if not ready or type(ready[0]) is not Dispatch:
-        return None
-    dispatch, timers = ready[0], ready[1:]
-    if dispatch.slot != slot or len(dispatch.orders) != 1:
-        return None
-    order = dispatch.orders[0]
-    if len(timers) > 1 or (timers and type(timers[0]) is not SetTimer):
-        return None
-    timer = cast("SetTimer", timers[0]).message if timers else None
-    if (timer is None) != (order.budget is None):
-        return None
-    return FirstAttempt(slot, order, timer)
-
-
 class HubCall:
     """One call in the hub: what it runs, its machine once it needs one, and its link."""
 
@@ -150,14 +109,15 @@ class HubCall:
         "fn",
         "fn_payload",
         "go",
-        "history",
         "key",
         "link",
         "machine",
         "make_machine",
         "params",
+        "ready_at",
         "refused",
         "slots",
+        "started_at",
         "timers",
         "workers",
     )
@@ -178,8 +138,10 @@ class HubCall:
         self.first = first
         self.make_machine = make_machine
         self.machine: RunMachine | None = None
-        #: The messages the machine would have had so far (while it is not made).
-        self.history: list[tuple[Message, float, float]] = []
+        #: When (monotonic, wall) the call had ``Start`` and its slot ``SlotReady``,
+        #: while it has no machine: replayed into the machine when it is made.
+        self.started_at: tuple[float, float] | None = None
+        self.ready_at: tuple[float, float] | None = None
         self.executor = executor
         self.fn = fn
         self.fn_payload = fn_payload
@@ -193,10 +155,6 @@ class HubCall:
         self.slots: list[str] = []
         self.timers: dict[TimerKey, TimerHandle] = {}
         self.workers: dict[str, Lease] = {}  # the lease of each slot
-
-
-class _Submit(NamedTuple):
-    call: HubCall
 
 
 class CancelCall(NamedTuple):
@@ -226,31 +184,15 @@ class _Close(NamedTuple):
 class CallHub:
     """Carries out the effects of the run machines of many calls, one message at a time."""
 
-    #: The effects the hub carries out (the rest are store writes and events: none here).
-    CARRIED_OUT: Final = frozenset(
-        {
-            Dispatch,
-            SetTimer,
-            CancelTimer,
-            StopAttempt,
-            AddSlot,
-            ReleaseSlot,
-            AbandonSlot,
-            RetireSlot,
-            SaveOutputs,
-            Finish,
-        }
-    )
-
     def __init__(self, *, pool: WorkerPool, clock: Clock) -> None:
         self._pool = pool
         self._clock = clock
-        self._lock = threading.Lock()
-        self._mail: deque[Any] = deque()
-        self._draining = False
         self._closed = False
-        #: What to do once the drainer gives up its role: settle futures.
-        self._ends: list[Callable[[], None]] = []
+        self._mailbox = mailbox = Mailbox(self._handle)
+        #: Deliver a message (any thread); the Workers reply to the mailbox too.
+        self.tell = mailbox.tell
+        #: Run once the current drain is over (settling futures).
+        self._after = mailbox.after
         self._calls: dict[str, HubCall] = {}
         #: Wire slot name -> (call, the machine's name for that slot).
         self._slots: dict[str, tuple[HubCall, str]] = {}
@@ -271,7 +213,7 @@ class CallHub:
             AttemptDone: self._on_done,
             Timed: self._on_timed,
             SlotGranted: self._on_granted,
-            _Submit: self._on_submit,
+            HubCall: self._on_submit,
             CancelCall: self._on_cancel,
             CancelAll: self._on_cancel_all,
             _Close: self._on_close,
@@ -281,38 +223,11 @@ class CallHub:
 
     def submit(self, call: HubCall) -> None:
         """Start ``call`` (on this thread, unless another is handling messages)."""
-        self.tell(_Submit(call))
+        self.tell(call)
 
     def close(self) -> None:
         """Take no more leases: what is granted from now on goes back to the pool."""
         self.tell(_Close())
-
-    def tell(self, message: Any) -> None:
-        """Deliver ``message`` from any thread; never raises (a Worker calls it)."""
-        with self._lock:
-            if self._draining:
-                self._mail.append(message)
-                return
-            self._draining = True
-        ends: list[Callable[[], None]] = []
-        try:
-            while True:
-                self._handle(message)
-                with self._lock:
-                    if not self._mail:
-                        self._draining = False
-                        ends, self._ends = self._ends, []
-                        break
-                    message = self._mail.popleft()
-        except BaseException:  # pragma: no cover - KeyboardInterrupt: leave the role
-            with self._lock:
-                self._draining = False
-            raise
-        for end in ends:
-            try:
-                end()
-            except Exception:  # pragma: no cover - Link.end catches what it can
-                log.exception("settling an executor call's future failed")
 
     def _handle(self, message: Any) -> None:
         handler = self._receive.get(type(message))
@@ -340,7 +255,7 @@ class CallHub:
                 except Exception:  # pragma: no cover - as broken as it gets
                     log.exception("could not close an executor call after a hub failure")
                     call.done = True
-                self._ends.append(functools.partial(call.link.fail, error))
+                self._after(functools.partial(call.link.fail, error))
 
     # -- messages --------------------------------------------------------------------
 
@@ -356,7 +271,7 @@ class CallHub:
             # machine would decide (see the module docstring).
             self._close_call(call)
             outputs = message.result.outputs or {}
-            self._ends.append(lambda: call.link.end_ok(outputs))
+            self._after(lambda: call.link.end_ok(outputs))
             return
         self._feed(call, message._replace(worker=slot))
 
@@ -374,16 +289,15 @@ class CallHub:
         self._bind(call, slot, message.lease)
         self._run_pending()
 
-    def _on_submit(self, message: _Submit) -> None:
-        call = message.call
+    def _on_submit(self, call: HubCall) -> None:
         self._calls[call.key] = call
         first = call.first
         if first is None:
             self._feed(call, Start())
             return
         clock = self._clock
-        call.history.append((Start(), clock.monotonic(), clock.wall()))
-        self._add_slot(call, AddSlot(first.slot))
+        call.started_at = (clock.monotonic(), clock.wall())
+        self._add_slot(call, first.add_slot)
 
     def _on_cancel(self, message: CancelCall) -> None:
         call = self._calls.get(message.key)
@@ -408,10 +322,13 @@ class CallHub:
         if machine is not None:
             return machine
         machine = call.machine = call.make_machine()
-        history, call.history = call.history, []
-        for message, now, wall in history:
-            for effect in machine.handle(message, now=now, wall=wall):
-                self._match(call, effect)
+        first = call.first
+        if first is not None:
+            replay = ((Start(), call.started_at), (SlotReady(first.add_slot.slot), call.ready_at))
+            for message, at in replay:
+                if at is not None:
+                    for effect in machine.handle(message, now=at[0], wall=at[1]):
+                        self._match(call, effect)
         return machine
 
     def _match(self, call: HubCall, effect: Effect) -> None:
@@ -423,9 +340,9 @@ class CallHub:
                 call.timers[cast("SetTimer", effect).key] = timer
         elif kind is AddSlot or kind is Dispatch:
             first = cast("FirstAttempt", call.first)
-            if cast("AddSlot | Dispatch", effect).slot != first.slot:
+            if cast("AddSlot | Dispatch", effect).slot != first.add_slot.slot:
                 raise RuntimeError(f"a call's machine replayed {effect!r}, not {first!r}")
-        elif kind in self.CARRIED_OUT:
+        elif kind in CARRIED_OUT:
             raise RuntimeError(f"a call's machine replayed an effect it did not have: {effect!r}")
 
     def _feed(self, call: HubCall, message: Message) -> None:
@@ -498,7 +415,7 @@ class CallHub:
         """Send attempt 1 as the machine would have (see :func:`first_attempt`)."""
         clock = self._clock
         now = clock.monotonic()
-        call.history.append((SlotReady(slot), now, clock.wall()))
+        call.ready_at = (now, clock.wall())
         order = first.order
         self._send(call, slot, order.spec, order.executor, order.budget)
         if first.timer is not None and order.budget is not None:
@@ -563,7 +480,7 @@ class CallHub:
     def _finish(self, call: HubCall, effect: Finish) -> None:
         self._close_call(call)
         result = effect.result
-        self._ends.append(lambda: call.link.end(result))
+        self._after(lambda: call.link.end(result))
 
     def _close_call(self, call: HubCall) -> None:
         """Stop the call's timers and give its Workers back (abandoned ones excepted)."""
