@@ -71,16 +71,17 @@ def first_attempt(machine: RunMachine) -> FirstAttempt | None:
         return None
     add_slot = started[0]
     ready = machine.handle(SlotReady(add_slot.slot), now=0.0, wall=0.0)
-    ready = [e for e in ready if type(e) in CARRIED_OUT]
-    if not ready or type(ready[0]) is not Dispatch:
+    dispatches = [e for e in ready if type(e) is Dispatch]
+    timers = [e for e in ready if type(e) is SetTimer]
+    if len(dispatches) != 1 or len(timers) > 1:
         return None
-    dispatch, timers = ready[0], ready[1:]
+    if sum(type(e) in CARRIED_OUT for e in ready) != len(dispatches) + len(timers):
+        return None
+    dispatch = dispatches[0]
     if dispatch.slot != add_slot.slot or len(dispatch.orders) != 1:
         return None
     order = dispatch.orders[0]
-    if len(timers) > 1 or (timers and type(timers[0]) is not SetTimer):
-        return None
-    timer = timers[0].message if timers and type(timers[0]) is SetTimer else None
+    timer = timers[0].message if timers else None
     if (timer is None) != (order.budget is None):
         return None
     return FirstAttempt(add_slot, order, timer)

@@ -417,9 +417,9 @@ class CallHub:
         now = clock.monotonic()
         call.ready_at = (now, clock.wall())
         order = first.order
-        self._send(call, slot, order.spec, order.executor, order.budget)
         if first.timer is not None and order.budget is not None:
             self._start_timer(call, _FIRST_DEADLINE, now + order.budget, first.timer)
+        self._send(call, slot, order.spec, order.executor, order.budget)
 
     def _dispatch(self, call: HubCall, effect: Dispatch) -> None:
         for order in effect.orders:
