@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._calls import UNSET, Calls, Link, Options, Settled, checked, name_of, replaced
 from stepvisor._invoke import ARGS, CURRENT, KWARGS, AsyncInvoke, Invoke
@@ -61,6 +60,16 @@ __all__ = ["CallOptions", "Executor"]
 
 #: At most this many functions' pickles and plans are kept (a map uses one).
 _CACHE_SIZE: Final = 256
+
+
+class _Last(NamedTuple):
+    """What the last call's function and options came to (weak: the function may go)."""
+
+    fn: weakref.ReferenceType[Any]
+    opts: Options
+    invoke_type: type[Invoke]
+    calls: Calls
+    payload: bytes | None
 
 
 class Executor(concurrent.futures.Executor):
@@ -120,13 +129,14 @@ class Executor(concurrent.futures.Executor):
         self._plans: dict[tuple[Any, ...], Calls] = {}
         # Weak: an executor must not keep a call's function alive after the call.
         self._payloads: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+        self._last: _Last | None = None
         try:
             self._connect(self._defaults.executor)
         except BaseException:
             if self._owns_engine:
                 self._engine.close()
             raise
-        self._hub = CallHub(pool=self._engine.pool, clock=RealClock())
+        self._hub = CallHub(pool=self._engine.pool, clock=RealClock(), exclusive=self._owns_engine)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else f"{self._outstanding} calls"
@@ -187,17 +197,25 @@ class Executor(concurrent.futures.Executor):
                 f"submit() needs a callable, got {fn!r} ({type(fn).__name__}); pass the "
                 "function and its arguments apart: submit(fn, x), not submit(fn(x))"
             )
-        invoke = AsyncInvoke(fn) if _is_coroutine_fn(fn) else Invoke(fn)
-        calls = self._calls_for(invoke, opts)
         future = CallFuture()
-        payload: bytes | None = None
+        last = self._last
+        if last is not None and last.opts is opts and last.fn() is fn:
+            # The same function as the last call (a loop of submits, a map).
+            invoke = last.invoke_type(fn)
+            calls, payload = last.calls, last.payload
+        else:
+            invoke = AsyncInvoke(fn) if _is_coroutine_fn(fn) else Invoke(fn)
+            calls = self._calls_for(invoke, opts)
+            payload = None
+            if calls.executors[0] in ("process", "ray"):
+                try:
+                    payload = self._payload(calls, invoke)
+                except StepNotSerializableError as exc:  # as ProcessPoolExecutor: in the future
+                    future.set_exception(exc)
+                    return future
+            with contextlib.suppress(TypeError):  # a callable that takes no weak reference
+                self._last = _Last(weakref.ref(fn), opts, type(invoke), calls, payload)
         executor = calls.executors[0]
-        if executor in ("process", "ray"):
-            try:
-                payload = self._payload(calls, invoke)
-            except StepNotSerializableError as exc:  # as ProcessPoolExecutor: in the future
-                future.set_exception(exc)
-                return future
         with self._lock:
             if self._shutdown:
                 raise ExecutorShutdownError(
@@ -212,10 +230,8 @@ class Executor(concurrent.futures.Executor):
         params = {ARGS: args, KWARGS: kwargs}
         call = HubCall(
             key,
-            first=calls.first,
-            make_machine=functools.partial(
-                calls.machine, key, (self._seed + self._seq) & 0xFFFFFFFF
-            ),
+            plan=calls,
+            seed=(self._seed + self._seq) & 0xFFFFFFFF,
             executor=executor,
             fn=invoke,
             fn_payload=payload,
@@ -283,7 +299,7 @@ class Executor(concurrent.futures.Executor):
             self._closed.wait()
 
     def _call_ended(self) -> None:
-        with self._idle:
+        with self._lock:  # the lock of self._idle
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._idle.notify_all()

@@ -98,6 +98,14 @@ class CallLink(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
+class CallPlan(Protocol):
+    """What calls with the same function and options share (``stepvisor._calls.Calls``)."""
+
+    @property
+    def first(self) -> FirstAttempt | None: ...
+    def machine(self, run_id: str, seed: int) -> RunMachine: ...
+
+
 class HubCall:
     """One call in the hub: what it runs, its machine once it needs one, and its link."""
 
@@ -112,10 +120,11 @@ class HubCall:
         "key",
         "link",
         "machine",
-        "make_machine",
         "params",
+        "plan",
         "ready_at",
         "refused",
+        "seed",
         "slots",
         "started_at",
         "timers",
@@ -126,8 +135,8 @@ class HubCall:
         self,
         key: str,
         *,
-        first: FirstAttempt | None,
-        make_machine: Callable[[], RunMachine],
+        plan: CallPlan,
+        seed: int,
         executor: str,
         fn: Callable[..., Any],
         fn_payload: bytes | None,
@@ -135,8 +144,9 @@ class HubCall:
         link: CallLink,
     ) -> None:
         self.key = key
-        self.first = first
-        self.make_machine = make_machine
+        self.plan = plan
+        self.first = plan.first
+        self.seed = seed
         self.machine: RunMachine | None = None
         #: When (monotonic, wall) the call had ``Start`` and its slot ``SlotReady``,
         #: while it has no machine: replayed into the machine when it is made.
@@ -184,10 +194,15 @@ class _Close(NamedTuple):
 class CallHub:
     """Carries out the effects of the run machines of many calls, one message at a time."""
 
-    def __init__(self, *, pool: WorkerPool, clock: Clock) -> None:
+    def __init__(self, *, pool: WorkerPool, clock: Clock, exclusive: bool = False) -> None:
         self._pool = pool
         self._clock = clock
         self._closed = False
+        #: The pool serves this hub alone (the executor's own engine): a lease a
+        #: call is done with is kept for the next call rather than given back,
+        #: with its Worker, while no one can be waiting for one.
+        self._exclusive = exclusive
+        self._spare: list[Lease] = []
         self._mailbox = mailbox = Mailbox(self._handle)
         #: Deliver a message (any thread); the Workers reply to the mailbox too.
         self.tell = mailbox.tell
@@ -283,7 +298,7 @@ class CallHub:
     def _on_granted(self, message: SlotGranted) -> None:
         entry = self._slots.get(message.slot)
         if self._closed or entry is None or entry[0].done:
-            self._pool.give_back(message.lease)
+            self._give_back(message.lease)
             return
         call, slot = entry
         self._bind(call, slot, message.lease)
@@ -313,6 +328,9 @@ class CallHub:
 
     def _on_close(self, _: _Close) -> None:
         self._closed = True
+        spare, self._spare = self._spare, []
+        for lease in spare:
+            self._pool.give_back(lease)
 
     # -- feeding the machines ----------------------------------------------------------
 
@@ -321,7 +339,7 @@ class CallHub:
         machine = call.machine
         if machine is not None:
             return machine
-        machine = call.machine = call.make_machine()
+        machine = call.machine = call.plan.machine(call.key, call.seed)
         first = call.first
         if first is not None:
             replay = ((Start(), call.started_at), (SlotReady(first.add_slot.slot), call.ready_at))
@@ -375,7 +393,7 @@ class CallHub:
         def deliver(lease: Lease) -> None:
             tell(SlotGranted(wire, lease))
 
-        lease = self._pool.lease(call, deliver)
+        lease = self._spare.pop() if self._spare else self._pool.lease(call, deliver)
         if lease is not None:
             self._bind(call, effect.slot, lease)
 
@@ -391,7 +409,16 @@ class CallHub:
 
     def _release_slot(self, call: HubCall, effect: ReleaseSlot) -> None:
         self._slots.pop(f"{call.key}/{effect.slot}", None)
-        self._pool.give_back(call.workers.pop(effect.slot))
+        self._give_back(call.workers.pop(effect.slot))
+
+    def _give_back(self, lease: Lease) -> None:
+        pool = self._pool
+        # Nobody waits for a lease while some are not taken (the pool queues a
+        # request only when all are), so keeping this one takes it from no one.
+        if self._exclusive and not self._closed and pool.taken < pool.capacity:
+            self._spare.append(lease)
+        else:
+            pool.give_back(lease)
 
     def _abandon_slot(self, call: HubCall, effect: AbandonSlot) -> None:
         self._pool.abandon(call.workers[effect.slot])
@@ -497,6 +524,6 @@ class CallHub:
             self._slots.pop(f"{call.key}/{slot}", None)
             lease = call.workers.pop(slot, None)
             if lease is not None:
-                self._pool.give_back(lease)
+                self._give_back(lease)
         if not call.workers:
             self._calls.pop(call.key, None)
