@@ -121,6 +121,10 @@ class Link:
         self._settle(None, error)
 
     def _settle(self, value: Any, error: BaseException | None) -> None:
+        # What the Workers and the hub may still hold of the call must not
+        # keep its function or arguments alive (CPython's executors neither).
+        self.invoke.forget()
+        self.params.clear()
         future = self.future
         try:
             if error is None:
@@ -131,11 +135,7 @@ class Link:
             if future.cancelled() and not self.begun:  # tell wait() and as_completed()
                 future.set_running_or_notify_cancel()
         finally:
-            # What the Workers and the hub may still hold of the call must not
-            # keep its function or arguments alive (CPython's executors neither).
-            self.invoke.forget()
-            self.params.clear()
-            self.ended()
+            self.ended()  # after the future settled: shutdown(wait=True) waits for this
 
 
 def _nothing() -> None:

@@ -301,7 +301,8 @@ class Executor(concurrent.futures.Executor):
     def _call_ended(self) -> None:
         with self._lock:  # the lock of self._idle
             self._outstanding -= 1
-            if self._outstanding == 0:
+            # Only _close waits on it, once _shutdown is set (under this lock).
+            if self._outstanding == 0 and self._shutdown:
                 self._idle.notify_all()
 
     def _close(self) -> None:

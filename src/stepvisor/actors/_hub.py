@@ -283,8 +283,16 @@ class CallHub:
         call.controls.pop(message.attempt, None)
         if call.machine is None and message.result.kind == "ok" and not call.done:
             # The first attempt succeeded and nothing else happened: what its
-            # machine would decide (see the module docstring).
-            self._close_call(call)
+            # machine would decide (see the module docstring).  Its one slot
+            # and timer go as _close_call would let them.
+            call.done = True
+            if call.timers:
+                for timer in call.timers.values():
+                    timer.cancel()
+                call.timers.clear()
+            del self._slots[message.worker]
+            self._give_back(call.workers.pop(slot))
+            del self._calls[call.key]
             outputs = message.result.outputs or {}
             self._after(lambda: call.link.end_ok(outputs))
             return
@@ -388,12 +396,15 @@ class CallHub:
         wire = f"{call.key}/{effect.slot}"
         self._slots[wire] = (call, effect.slot)
         call.slots.append(effect.slot)
+        if self._spare:
+            self._bind(call, effect.slot, self._spare.pop())
+            return
         tell = self.tell
 
         def deliver(lease: Lease) -> None:
             tell(SlotGranted(wire, lease))
 
-        lease = self._spare.pop() if self._spare else self._pool.lease(call, deliver)
+        lease = self._pool.lease(call, deliver)
         if lease is not None:
             self._bind(call, effect.slot, lease)
 
