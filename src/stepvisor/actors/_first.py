@@ -18,19 +18,8 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from stepvisor.core.effects import (
-    AbandonSlot,
-    AddSlot,
-    AttemptOrder,
-    CancelTimer,
-    Dispatch,
-    Finish,
-    ReleaseSlot,
-    RetireSlot,
-    SaveOutputs,
-    SetTimer,
-    StopAttempt,
-)
+from stepvisor.core import effects as fx
+from stepvisor.core.effects import AddSlot, AttemptOrder, Dispatch, SetTimer
 from stepvisor.core.machine import RunMachine
 from stepvisor.core.messages import Message, SlotReady, Start
 
@@ -39,18 +28,8 @@ __all__ = ["CARRIED_OUT", "FirstAttempt", "first_attempt"]
 #: The effects the call hub carries out; the rest are store writes and events,
 #: which an Executor's calls do not have.
 CARRIED_OUT: Final = frozenset(
-    {
-        AbandonSlot,
-        AddSlot,
-        CancelTimer,
-        Dispatch,
-        Finish,
-        ReleaseSlot,
-        RetireSlot,
-        SaveOutputs,
-        SetTimer,
-        StopAttempt,
-    }
+    {fx.AbandonSlot, fx.AddSlot, fx.CancelTimer, fx.Dispatch, fx.Finish, fx.ReleaseSlot}
+    | {fx.RetireSlot, fx.SaveOutputs, fx.SetTimer, fx.StopAttempt}
 )
 
 
