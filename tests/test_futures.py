@@ -398,6 +398,20 @@ def test_a_call_is_settled_on_the_thread_of_the_worker_that_ran_it() -> None:
         assert not [t for t in threading.enumerate() if "hub" in t.name]
 
 
+def test_a_done_callback_may_submit_another_call() -> None:
+    # The callback runs on the Worker that ran the call, once the hub is free
+    # again: its submit goes to that same Worker, which runs it after.
+    release = threading.Event()
+    chained: list[futures.Future[int]] = []
+    with sv.Executor(max_workers=1) as executor:
+        gate = executor.submit(release.wait, 30)
+        gate.add_done_callback(lambda _: chained.append(executor.submit(calls.mul, 2, 21)))
+        release.set()
+        assert gate.result(timeout=30) is True
+        wait_for(lambda: len(chained) == 1, what="the callback's submit")
+        assert chained[0].result(timeout=30) == 42
+
+
 def test_many_submitters_at_once_each_get_their_own_results(kind: str) -> None:
     threads, per_thread = 6, (150 if kind == "thread" else 40)
     barrier = threading.Barrier(threads)
