@@ -23,7 +23,7 @@ import pytest
 import stepvisor as sv
 from stepvisor._calls import Calls, Settled, checked
 from stepvisor._invoke import RESULT, Invoke
-from stepvisor.actors._first import CARRIED_OUT
+from stepvisor.actors._call import CARRIED_OUT
 from stepvisor.actors._hub import CallHub
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.backends.base import AttemptResult

@@ -23,7 +23,7 @@ futures settle (their done-callbacks run) only after the drain.  Nothing here
 blocks: a Worker is *told* its attempt, and replies to the mailbox.
 
 **The first attempt without the machine.**  Up to a call's first attempt its
-machine does the same for every call of a plan (:mod:`stepvisor.actors._first`),
+machine does the same for every call of a plan (:mod:`stepvisor.actors._call`),
 so a call carries that out directly and notes when.  If the attempt returns
 ``ok`` before anything else happened, the call succeeded: what the machine
 decides for a lone step's outputs with no stop asked and no store to refuse
@@ -47,16 +47,16 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any, Final, NamedTuple, Protocol, cast
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._log import log
-from stepvisor.actors._first import CARRIED_OUT, FirstAttempt
+from stepvisor.actors._call import CARRIED_OUT, FirstAttempt, HubCall
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import RunAttempt, SlotGranted
 from stepvisor.backends.base import AttemptSpec
-from stepvisor.clock import Clock, TimerHandle
+from stepvisor.clock import Clock
 from stepvisor.context import AttemptControl
 from stepvisor.core.effects import (
     AbandonSlot,
@@ -74,97 +74,11 @@ from stepvisor.core.effects import (
 )
 from stepvisor.core.machine import RunMachine
 from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSaved, SlotReady, Start
-from stepvisor.core.result import RunResult
 
-__all__ = ["CallHub", "CallLink", "CancelAll", "CancelCall", "HubCall"]
+__all__ = ["CallHub", "CancelAll", "CancelCall"]
 
 #: The key of a first attempt's deadline timer until its call has a machine.
 _FIRST_DEADLINE: Final[TimerKey] = ("first attempt", "deadline")
-
-
-class CallLink(Protocol):
-    """How the hub reaches a call's caller (``stepvisor._calls.Link``).
-
-    ``begin()`` is asked once, just before the call's first attempt is sent: it
-    returns False if the call must not run (its future was cancelled while it
-    waited).  Exactly one of ``end``, ``end_ok`` and ``fail`` is called, once,
-    with no lock held.  ``queued_cancel()`` cancels a call that has not begun.
-    """
-
-    def begin(self) -> bool: ...
-    def queued_cancel(self) -> None: ...
-    def end(self, result: RunResult) -> None: ...
-    def end_ok(self, outputs: Mapping[str, Any]) -> None: ...
-    def fail(self, error: BaseException) -> None: ...
-
-
-class CallPlan(Protocol):
-    """What calls with the same function and options share (``stepvisor._calls.Calls``)."""
-
-    @property
-    def first(self) -> FirstAttempt | None: ...
-    def machine(self, run_id: str, seed: int) -> RunMachine: ...
-
-
-class HubCall:
-    """One call in the hub: what it runs, its machine once it needs one, and its link."""
-
-    __slots__ = (
-        "controls",
-        "done",
-        "executor",
-        "first",
-        "fn",
-        "fn_payload",
-        "go",
-        "key",
-        "link",
-        "machine",
-        "params",
-        "plan",
-        "ready_at",
-        "refused",
-        "seed",
-        "slots",
-        "started_at",
-        "timers",
-        "workers",
-    )
-
-    def __init__(
-        self,
-        key: str,
-        *,
-        plan: CallPlan,
-        seed: int,
-        executor: str,
-        fn: Callable[..., Any],
-        fn_payload: bytes | None,
-        params: Mapping[str, Any],
-        link: CallLink,
-    ) -> None:
-        self.key = key
-        self.plan = plan
-        self.first = plan.first
-        self.seed = seed
-        self.machine: RunMachine | None = None
-        #: When (monotonic, wall) the call had ``Start`` and its slot ``SlotReady``,
-        #: while it has no machine: replayed into the machine when it is made.
-        self.started_at: tuple[float, float] | None = None
-        self.ready_at: tuple[float, float] | None = None
-        self.executor = executor
-        self.fn = fn
-        self.fn_payload = fn_payload
-        self.params = params
-        self.link = link
-        self.go: bool | None = None  # what link.begin() said, once asked
-        self.refused = False
-        self.done = False
-        self.controls: dict[int, AttemptControl] = {}
-        #: The machine's slot names, in the order it asked for them.
-        self.slots: list[str] = []
-        self.timers: dict[TimerKey, TimerHandle] = {}
-        self.workers: dict[str, Lease] = {}  # the lease of each slot
 
 
 class CancelCall(NamedTuple):
@@ -463,7 +377,7 @@ class CallHub:
         for order in effect.orders:
             self._send(call, effect.slot, order.spec, order.executor, order.budget)
 
-    def _send(
+    def _send(  # one RunAttempt, never a batch: its outcome comes back as one AttemptDone
         self, call: HubCall, slot: str, spec: AttemptSpec, executor: str, budget: float | None
     ) -> None:
         control = AttemptControl()
@@ -483,8 +397,8 @@ class CallHub:
         )
         call.controls[spec.attempt] = control
         worker = self._pool.attach(call.workers[slot])
-        # The Worker replies to .tell: this hub (not an actor) takes it on its thread.
-        worker.tell(RunAttempt(spec, control, executor, f"{call.key}/{slot}", cast("Any", self)))
+        # The Worker replies to the mailbox: the outcome is handled on its thread.
+        worker.tell(RunAttempt(spec, control, executor, f"{call.key}/{slot}", self._mailbox))
 
     def _stop_attempt(self, call: HubCall, effect: StopAttempt) -> None:
         control = call.controls.get(effect.attempt)
