@@ -150,7 +150,7 @@ class Calls:
     """What calls of one function with one set of options share: the plan, its first attempt.
 
     ``first`` is what the plan's machine does up to a call's first attempt,
-    learnt once from a machine here (see :mod:`stepvisor.actors._hub`).
+    learnt once from a machine here (see :mod:`stepvisor.actors._call`).
     """
 
     __slots__ = ("executors", "first", "settings", "workflow")

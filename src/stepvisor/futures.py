@@ -14,18 +14,21 @@ what is running::
 How a call runs::
 
     submit(fn, *args) ── a one-step plan (cached per function and options)
-                      ── RunMachine(plan): the run machine decides everything
-                      ── SubmitCall ──▶ CallHub (one actor for every call, actors/_hub.py)
-                                          ├── leases a Worker of the engine's pool
-                                          ├── Worker runs Invoke(fn)(ctx) on its backend
-                                          └── Finish(result) ──▶ the Future settles
+                      ── HubCall ──▶ CallHub (actors/_hub.py), on the caller's thread:
+                                      ├── a lease of the engine's pool, its Worker
+                                      └── attempt 1 ──▶ the Worker runs Invoke(fn)(ctx)
+    Worker thread: AttemptDone ──▶ CallHub: ok ──▶ the Future settles
+                                   anything else ──▶ the call's RunMachine decides
 
 Each call is a one-step run of the machine, so a deadline, retry, cancel and
 crash mean exactly what they mean for a step.  What makes it cheap: settings
 are resolved once per Executor, the one-step workflow is built once per
 function and options (a call's arguments travel in its spec, not its plan),
-a process call's function is pickled once, and every call's machine lives on
-one hub actor instead of a Supervisor thread and a store per call.
+a process call's function is pickled once, the hub has no thread (a message
+is handled by the thread that brings it: two thread hand-offs per call, as in
+``ThreadPoolExecutor``), and a call's machine is made only if its first
+attempt does not simply succeed (what the machine does until then is the
+same for every call: see :mod:`stepvisor.actors._call`).
 """
 
 from __future__ import annotations
@@ -225,14 +228,15 @@ class Executor(concurrent.futures.Executor):
                 )
             self._seq += 1
             self._outstanding += 1
-            key = str(self._seq)
+            seq = self._seq
+        key = str(seq)
         if executor not in self._connected:
             self._connect(executor)
         params = {ARGS: args, KWARGS: kwargs}
         call = HubCall(
             key,
             plan=calls,
-            seed=(self._seed + self._seq) & 0xFFFFFFFF,
+            seed=(self._seed + seq) & 0xFFFFFFFF,
             executor=executor,
             fn=invoke,
             fn_payload=payload,
