@@ -11,14 +11,26 @@ test sleeps hoping something happened.
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import stepvisor as sv
+from stepvisor._calls import Calls, Settled, checked
+from stepvisor._invoke import RESULT, Invoke
+from stepvisor.actors._call import CARRIED_OUT
+from stepvisor.actors._hub import CallHub
+from stepvisor.actors._mailbox import Mailbox
+from stepvisor.backends.base import AttemptResult
+from stepvisor.config import resolve
+from stepvisor.core.effects import Dispatch, Finish, SetTimer
+from stepvisor.core.messages import AttemptDone, SlotReady, Start
+from stepvisor.core.state import RunStatus
 from tests import futures_calls as calls
 from tests.conftest import wait_for
 from tests.procfs import pid_gone
@@ -366,3 +378,207 @@ def test_an_unpicklable_process_call_fails_in_its_future() -> None:
 def test_context_outside_a_call_is_a_lookup_error() -> None:
     with pytest.raises(LookupError, match="only available inside a call"):
         sv.Executor.context()
+
+
+# -- the hub: no thread of its own, the first attempt without a machine ----------------------
+
+
+def test_a_call_is_settled_on_the_thread_of_the_worker_that_ran_it() -> None:
+    # The hub has no thread: the Worker that ran the call handles its outcome
+    # and settles the future, as ThreadPoolExecutor's worker does.
+    release = threading.Event()
+    seen: list[str] = []
+    with sv.Executor(max_workers=1) as executor:
+        fut = executor.submit(release.wait, 30)
+        fut.add_done_callback(lambda _: seen.append(threading.current_thread().name))
+        release.set()
+        assert fut.result(timeout=30) is True
+        wait_for(lambda: len(seen) == 1, what="the callback")
+        assert seen[0].startswith("stepvisor-worker-")
+        assert not [t for t in threading.enumerate() if "hub" in t.name]
+
+
+def test_a_done_callback_may_submit_another_call() -> None:
+    # The callback runs on the Worker that ran the call, once the hub is free
+    # again: its submit goes to that same Worker, which runs it after.
+    release = threading.Event()
+    chained: list[futures.Future[int]] = []
+    with sv.Executor(max_workers=1) as executor:
+        gate = executor.submit(release.wait, 30)
+        gate.add_done_callback(lambda _: chained.append(executor.submit(calls.mul, 2, 21)))
+        release.set()
+        assert gate.result(timeout=30) is True
+        wait_for(lambda: len(chained) == 1, what="the callback's submit")
+        assert chained[0].result(timeout=30) == 42
+
+
+def test_many_submitters_at_once_each_get_their_own_results(kind: str) -> None:
+    threads, per_thread = 6, (150 if kind == "thread" else 40)
+    barrier = threading.Barrier(threads)
+    got: dict[int, list[int]] = {}
+
+    def submitter(executor: sv.Executor, n: int) -> None:
+        barrier.wait(timeout=30)
+        fs = [executor.submit(calls.mul, n * 1000 + i, 2) for i in range(per_thread)]
+        got[n] = [f.result(timeout=60) for f in fs]
+
+    # Two workers for six submitters: most calls wait for a lease, which the
+    # Worker that ends a call passes on while it handles that call's outcome.
+    with sv.Executor(max_workers=2, executor=kind) as executor:
+        pool = [threading.Thread(target=submitter, args=(executor, n)) for n in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(timeout=120)
+    assert got == {n: [(n * 1000 + i) * 2 for i in range(per_thread)] for n in range(threads)}
+
+
+def test_a_first_attempt_carried_out_without_the_machine_is_what_the_machine_does() -> None:
+    retry = sv.RetryPolicy(max_attempts=3)
+    cfg = Settled.of(resolve(None, {"max_parallel": 2}))
+    for opts in (checked(None, None, "thread"), checked(2.5, retry, "process")):
+        plan = Calls(Invoke(calls.mul), opts, cfg)
+        first = plan.first
+        assert first is not None
+        machine = plan.machine("7", 1)
+        assert machine.handle(Start(), now=5.0, wall=9.0)[-1] == first.add_slot
+        ready = machine.handle(SlotReady(first.add_slot.slot), now=5.0, wall=9.0)
+        dispatch = next(e for e in ready if isinstance(e, Dispatch))
+        (order,) = dispatch.orders
+        assert order.budget == first.order.budget == opts.timeout
+        assert order.spec._replace(run_id="plan") == first.order.spec
+        timers = [e.message for e in ready if isinstance(e, SetTimer)]
+        assert timers == ([] if first.timer is None else [first.timer])
+        # An ok outcome with nothing else asked: the machine's result is the
+        # call's value, as the hub settles it without the machine.
+        ok = AttemptResult(kind="ok", outputs={RESULT: 42})
+        done = AttemptDone(order.spec.step_id, 1, dispatch.slot, ok, 9.0, 9.1, 0.1, "7")
+        finish = machine.handle(done, now=5.1, wall=9.1)[-1]
+        assert isinstance(finish, Finish)
+        assert finish.result.status is RunStatus.SUCCEEDED
+        assert dict(finish.result.artifacts) == {RESULT: 42}
+
+
+def test_a_plan_whose_machine_does_more_first_runs_every_call_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STEPVISOR_DEADLINE", "60")  # a run deadline: a timer at Start
+    with sv.Executor(max_workers=1) as executor:
+        assert executor.submit(calls.mul, 3, 4).result(timeout=30) == 12
+        assert executor.submit(calls.fail, "no").exception(timeout=30) is not None
+        assert [plan.first for plan in executor._plans.values()] == [None, None]
+
+
+def test_a_retried_call_with_a_timeout_gets_its_machine_midway(tmp_path: Path, kind: str) -> None:
+    # Attempt 1 ran without the machine (with its deadline timer); its failure
+    # makes the machine, which must take over that timer and retry.
+    retry = sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.none())
+    with sv.Executor(1, executor=kind, timeout=30, retry=retry) as executor:
+        assert executor.submit(calls.flaky, str(tmp_path), 1).result(timeout=30) == 2
+        assert executor.submit(calls.mul, 6, 7).result(timeout=30) == 42
+
+
+def test_a_bug_in_the_hub_fails_the_calls_it_holds_and_the_executor_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = CallHub._first
+    broken = [True]
+
+    def first(hub: CallHub, *args: Any) -> None:
+        if broken.pop() if broken else False:
+            raise KeyError("made up")
+        real(hub, *args)
+
+    monkeypatch.setattr(CallHub, "_first", first)
+    with sv.Executor(max_workers=1) as executor:
+        fut = executor.submit(calls.mul, 1, 1)
+        with pytest.raises(RuntimeError, match="executor hub failed") as caught:
+            fut.result(timeout=30)
+        assert isinstance(caught.value.__cause__, KeyError)
+        assert executor.submit(calls.mul, 2, 3).result(timeout=30) == 6
+    assert "executor hub failed" in caplog.text
+
+
+def test_the_hub_carries_out_every_effect_it_says_it_does() -> None:
+    with sv.Executor(max_workers=1) as executor:
+        assert set(executor._hub._carry_out) == CARRIED_OUT
+
+
+# -- the mailbox: one message at a time, on the thread that delivers ----------------------
+
+
+def test_a_mailbox_handles_one_message_at_a_time_in_the_order_each_sender_sent() -> None:
+    inside = []
+    seen: list[tuple[int, int]] = []
+
+    def handle(message: tuple[int, int]) -> None:
+        inside.append(1)
+        assert len(inside) == 1, "two threads handled messages at once"
+        seen.append(message)
+        inside.pop()
+
+    box = Mailbox(handle)
+    senders, each = 6, 500
+    barrier = threading.Barrier(senders)
+
+    def send(n: int) -> None:
+        barrier.wait(timeout=30)
+        for i in range(each):
+            box.tell((n, i))
+
+    pool = [threading.Thread(target=send, args=(n,)) for n in range(senders)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=30)
+    assert len(seen) == senders * each
+    for n in range(senders):
+        assert [i for m, i in seen if m == n] == list(range(each))
+
+
+def test_a_message_told_while_handling_waits_its_turn_on_the_same_thread() -> None:
+    order: list[str] = []
+    threads: set[str] = set()
+
+    def handle(message: str) -> None:
+        threads.add(threading.current_thread().name)
+        order.append(f"{message} begins")
+        if message == "a":
+            box.tell("b")  # from within: queued, not handled inside "a"
+            box.after(lambda: order.append("after a's drain"))
+        order.append(f"{message} ends")
+
+    box = Mailbox(handle)
+    box.tell("a")
+    assert order == ["a begins", "a ends", "b begins", "b ends", "after a's drain"]
+    assert threads == {threading.current_thread().name}
+
+
+def test_actions_after_a_drain_run_with_the_mailbox_free() -> None:
+    order: list[str] = []
+
+    def handle(message: str) -> None:
+        order.append(message)
+        if message == "first":
+            box.after(lambda: box.tell("told by an after-action"))
+
+    box = Mailbox(handle)
+    box.tell("first")
+    assert order == ["first", "told by an after-action"]
+
+
+def test_a_mailbox_handler_that_raises_is_logged_and_the_next_message_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+
+    def handle(message: str) -> None:
+        if message == "bad":
+            box.tell("next")
+            raise ValueError("made up")
+        seen.append(message)
+
+    box = Mailbox(handle)
+    box.tell("bad")
+    assert seen == ["next"]
+    assert "mailbox handler failed" in caplog.text

@@ -1,8 +1,9 @@
 """What one call of a :class:`stepvisor.Executor` is made of, apart from the executor.
 
 Its options (checked once, replaced field by field), the plan that calls of one
-function with one set of options share, the settings resolved once per
-executor, and the link that settles the call's Future from the run's result.
+function with one set of options share (with what its machine does up to a
+call's first attempt), the settings resolved once per executor, and the link
+that settles the call's Future from the run's result.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._invoke import RESULT, AsyncInvoke, Invoke
+from stepvisor.actors._call import first_attempt
 from stepvisor.config import Resolved
+from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.model import EXECUTORS, Step, Workflow, check_positive_seconds
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus
@@ -74,7 +77,7 @@ def name_of(fn: Callable[..., Any]) -> str:
 
 
 class Link:
-    """Ties one call's Future to the hub: begin, end, cancel while queued."""
+    """Ties one call's Future to the hub: begin, the end (three ways), cancel while queued."""
 
     __slots__ = ("begun", "ended", "future", "invoke", "params")
 
@@ -100,26 +103,39 @@ class Link:
         self.future.cancel()
 
     def end(self, result: RunResult) -> None:
+        """The call's machine finished its run with ``result``."""
+        if result.status is RunStatus.SUCCEEDED:
+            self._settle(result.artifacts.get(RESULT), None)
+        else:
+            error = result.error or next(iter(result.errors.values()), None)
+            if error is None:
+                error = StepCancelledError(f"the call ended {result.status.value}")
+            self._settle(None, error)
+
+    def end_ok(self, outputs: Mapping[str, Any]) -> None:
+        """The call's first attempt succeeded with ``outputs`` (as its run would have)."""
+        self._settle(outputs.get(RESULT), None)
+
+    def fail(self, error: BaseException) -> None:
+        """The call could not be run to its end (a stepvisor bug): ``error`` says so."""
+        self._settle(None, error)
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        # What the Workers and the hub may still hold of the call must not
+        # keep its function or arguments alive (CPython's executors neither).
+        self.invoke.forget()
+        self.params.clear()
         future = self.future
         try:
-            if future.cancelled():
-                if not self.begun:  # tell wait() and as_completed() it is done
-                    future.set_running_or_notify_cancel()
-            elif result.status is RunStatus.SUCCEEDED:
-                future.set_result(result.artifacts.get(RESULT))
+            if error is None:
+                future.set_result(value)
             else:
-                error = result.error or next(iter(result.errors.values()), None)
-                if error is None:
-                    error = StepCancelledError(f"the call ended {result.status.value}")
                 future.set_exception(error)
-        except concurrent.futures.InvalidStateError:  # pragma: no cover - settled twice: a bug
-            pass
+        except concurrent.futures.InvalidStateError:  # cancelled (or settled twice: a bug)
+            if future.cancelled() and not self.begun:  # tell wait() and as_completed()
+                future.set_running_or_notify_cancel()
         finally:
-            # What the Workers and the hub may still hold of the call must not
-            # keep its function or arguments alive (CPython's executors neither).
-            self.invoke.forget()
-            self.params.clear()
-            self.ended()
+            self.ended()  # after the future settled: shutdown(wait=True) waits for this
 
 
 def _nothing() -> None:
@@ -131,11 +147,15 @@ async def _nothing_async() -> None:
 
 
 class Calls:
-    """What calls of one function with one set of options share: plan and pickle."""
+    """What calls of one function with one set of options share: the plan, its first attempt.
 
-    __slots__ = ("executors", "workflow")
+    ``first`` is what the plan's machine does up to a call's first attempt,
+    learnt once from a machine here (see :mod:`stepvisor.actors._call`).
+    """
 
-    def __init__(self, fn: Invoke, opts: Options) -> None:
+    __slots__ = ("executors", "first", "settings", "workflow")
+
+    def __init__(self, fn: Invoke, opts: Options, settings: Resolved) -> None:
         is_async = isinstance(fn, AsyncInvoke)
         executor = opts.executor
         if is_async and executor == "thread":
@@ -151,6 +171,22 @@ class Calls:
         )
         self.workflow = Workflow("executor", [step])
         self.executors = (executor,)
+        self.settings = settings
+        self.first = first_attempt(self.machine("plan", 0))
+
+    def machine(self, run_id: str, seed: int) -> RunMachine:
+        """A fresh machine for one call of this plan."""
+        return RunMachine(
+            Plan(
+                workflow=self.workflow,
+                settings=self.settings,
+                run_id=run_id,
+                seed=seed,
+                executors=self.executors,
+                store_may_refuse=False,
+                lend_slots=True,
+            )
+        )
 
 
 def replaced(opts: Options, timeout: Any, retry: Any, executor: Any) -> Options:

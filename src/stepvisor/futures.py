@@ -14,18 +14,21 @@ what is running::
 How a call runs::
 
     submit(fn, *args) ── a one-step plan (cached per function and options)
-                      ── RunMachine(plan): the run machine decides everything
-                      ── SubmitCall ──▶ CallHub (one actor for every call, actors/_hub.py)
-                                          ├── leases a Worker of the engine's pool
-                                          ├── Worker runs Invoke(fn)(ctx) on its backend
-                                          └── Finish(result) ──▶ the Future settles
+                      ── HubCall ──▶ CallHub (actors/_hub.py), on the caller's thread:
+                                      ├── a lease of the engine's pool, its Worker
+                                      └── attempt 1 ──▶ the Worker runs Invoke(fn)(ctx)
+    Worker thread: AttemptDone ──▶ CallHub: ok ──▶ the Future settles
+                                   anything else ──▶ the call's RunMachine decides
 
 Each call is a one-step run of the machine, so a deadline, retry, cancel and
 crash mean exactly what they mean for a step.  What makes it cheap: settings
 are resolved once per Executor, the one-step workflow is built once per
 function and options (a call's arguments travel in its spec, not its plan),
-a process call's function is pickled once, and every call's machine lives on
-one hub actor instead of a Supervisor thread and a store per call.
+a process call's function is pickled once, the hub has no thread (a message
+is handled by the thread that brings it: two thread hand-offs per call, as in
+``ThreadPoolExecutor``), and a call's machine is made only if its first
+attempt does not simply succeed (what the machine does until then is the
+same for every call: see :mod:`stepvisor.actors._call`).
 """
 
 from __future__ import annotations
@@ -36,18 +39,16 @@ import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, cast
-
-import pykka
+from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._calls import UNSET, Calls, Link, Options, Settled, checked, name_of, replaced
 from stepvisor._invoke import ARGS, CURRENT, KWARGS, AsyncInvoke, Invoke
 from stepvisor._validate import is_int
-from stepvisor.actors._hub import CallHub, CancelAll, CancelCall, HubCall, SubmitCall
+from stepvisor.actors._call import HubCall
+from stepvisor.actors._hub import CallHub, CancelAll, CancelCall
 from stepvisor.clock import RealClock
 from stepvisor.config import resolve
 from stepvisor.context import StepContext
-from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.model import _is_coroutine_fn, check_max_parallel
 from stepvisor.engine import Engine
 from stepvisor.errors import (
@@ -63,6 +64,16 @@ __all__ = ["CallOptions", "Executor"]
 
 #: At most this many functions' pickles and plans are kept (a map uses one).
 _CACHE_SIZE: Final = 256
+
+
+class _Last(NamedTuple):
+    """What the last call's function and options came to (weak: the function may go)."""
+
+    fn: weakref.ReferenceType[Any]
+    opts: Options
+    invoke_type: type[Invoke]
+    calls: Calls
+    payload: bytes | None
 
 
 class Executor(concurrent.futures.Executor):
@@ -122,16 +133,14 @@ class Executor(concurrent.futures.Executor):
         self._plans: dict[tuple[Any, ...], Calls] = {}
         # Weak: an executor must not keep a call's function alive after the call.
         self._payloads: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
-        self._threads: list[threading.Thread] = []
+        self._last: _Last | None = None
         try:
             self._connect(self._defaults.executor)
-            self._hub = CallHub.start(
-                pool=self._engine.pool, clock=RealClock(), on_thread=self._threads.append
-            )
         except BaseException:
             if self._owns_engine:
                 self._engine.close()
             raise
+        self._hub = CallHub(pool=self._engine.pool, clock=RealClock(), exclusive=self._owns_engine)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else f"{self._outstanding} calls"
@@ -192,17 +201,25 @@ class Executor(concurrent.futures.Executor):
                 f"submit() needs a callable, got {fn!r} ({type(fn).__name__}); pass the "
                 "function and its arguments apart: submit(fn, x), not submit(fn(x))"
             )
-        invoke = AsyncInvoke(fn) if _is_coroutine_fn(fn) else Invoke(fn)
-        calls = self._calls_for(invoke, opts)
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        payload: bytes | None = None
+        future = CallFuture()
+        last = self._last
+        if last is not None and last.opts is opts and last.fn() is fn:
+            # The same function as the last call (a loop of submits, a map).
+            invoke = last.invoke_type(fn)
+            calls, payload = last.calls, last.payload
+        else:
+            invoke = AsyncInvoke(fn) if _is_coroutine_fn(fn) else Invoke(fn)
+            calls = self._calls_for(invoke, opts)
+            payload = None
+            if calls.executors[0] in ("process", "ray"):
+                try:
+                    payload = self._payload(calls, invoke)
+                except StepNotSerializableError as exc:  # as ProcessPoolExecutor: in the future
+                    future.set_exception(exc)
+                    return future
+            with contextlib.suppress(TypeError):  # a callable that takes no weak reference
+                self._last = _Last(weakref.ref(fn), opts, type(invoke), calls, payload)
         executor = calls.executors[0]
-        if executor in ("process", "ray"):
-            try:
-                payload = self._payload(calls, invoke)
-            except StepNotSerializableError as exc:  # as ProcessPoolExecutor: in the future
-                future.set_exception(exc)
-                return future
         with self._lock:
             if self._shutdown:
                 raise ExecutorShutdownError(
@@ -211,42 +228,23 @@ class Executor(concurrent.futures.Executor):
                 )
             self._seq += 1
             self._outstanding += 1
-            key = str(self._seq)
+            seq = self._seq
+        key = str(seq)
         if executor not in self._connected:
             self._connect(executor)
-        machine = RunMachine(
-            Plan(
-                workflow=calls.workflow,
-                settings=self._cfg,
-                run_id=key,
-                seed=(self._seed + self._seq) & 0xFFFFFFFF,
-                executors=calls.executors,
-                store_may_refuse=False,
-                lend_slots=True,
-            )
-        )
         params = {ARGS: args, KWARGS: kwargs}
-        link = Link(future, invoke, params, ended=self._call_ended)
         call = HubCall(
             key,
-            machine,
+            plan=calls,
+            seed=(self._seed + seq) & 0xFFFFFFFF,
             executor=executor,
             fn=invoke,
             fn_payload=payload,
             params=params,
-            begin=link.begin,
-            end=link.end,
-            queued_cancel=link.queued_cancel,
+            link=Link(future, invoke, params, ended=self._call_ended),
         )
-        hub = self._hub
-
-        def cancelled(f: concurrent.futures.Future[Any]) -> None:
-            if f.cancelled():
-                with contextlib.suppress(pykka.ActorDeadError):
-                    hub.tell(CancelCall(key, "its future was cancelled"))
-
-        future.add_done_callback(cancelled)
-        hub.tell(SubmitCall(call))
+        future.sv_tell, future.sv_key = self._hub.tell, key
+        self._hub.submit(call)
         return future
 
     def _calls_for(self, invoke: Invoke, opts: Options) -> Calls:
@@ -254,9 +252,9 @@ class Executor(concurrent.futures.Executor):
         try:
             calls = self._plans.get(key)
         except TypeError:  # an option that cannot be hashed: no sharing
-            return Calls(invoke, opts)
+            return Calls(invoke, opts, self._cfg)
         if calls is None:
-            calls = Calls(invoke, opts)
+            calls = Calls(invoke, opts, self._cfg)
             if len(self._plans) >= _CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = calls
@@ -296,8 +294,7 @@ class Executor(concurrent.futures.Executor):
             first = not self._shutdown
             self._shutdown = True
         if cancel_futures:
-            with contextlib.suppress(pykka.ActorDeadError):
-                self._hub.tell(CancelAll("the executor was shut down with cancel_futures=True"))
+            self._hub.tell(CancelAll("the executor was shut down with cancel_futures=True"))
         if first:
             if wait:
                 self._close()
@@ -307,9 +304,10 @@ class Executor(concurrent.futures.Executor):
             self._closed.wait()
 
     def _call_ended(self) -> None:
-        with self._idle:
+        with self._lock:  # the lock of self._idle
             self._outstanding -= 1
-            if self._outstanding == 0:
+            # Only _close waits on it, once _shutdown is set (under this lock).
+            if self._outstanding == 0 and self._shutdown:
                 self._idle.notify_all()
 
     def _close(self) -> None:
@@ -317,14 +315,30 @@ class Executor(concurrent.futures.Executor):
             with self._idle:
                 while self._outstanding:
                     self._idle.wait()
-            with contextlib.suppress(pykka.ActorDeadError):
-                self._hub.stop(block=True)
+            self._hub.close()
             if self._owns_engine:
                 self._engine.close()
-            for thread in self._threads:
-                thread.join()
         finally:
             self._closed.set()
+
+
+class CallFuture(concurrent.futures.Future[Any]):
+    """A standard Future whose ``cancel()`` also stops its call.
+
+    Cancelling a call must reach the hub (a queued call is dropped, a running
+    one stopped); a done-callback would do, but it would run, and take the
+    future's lock, for every call that is not cancelled too.
+    """
+
+    sv_tell: Callable[[Any], None] | None = None
+    sv_key = ""
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self.sv_tell is not None:
+            self.sv_tell(CancelCall(self.sv_key, "its future was cancelled"))
+        return True
 
 
 class CallOptions:

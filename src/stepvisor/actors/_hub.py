@@ -1,43 +1,62 @@
-"""The call hub: one actor thread hosts the run machine of every call of an Executor.
+"""The call hub: the one decision maker for every call of an Executor, without a thread.
 
 ``sv.Executor`` runs each call as a one-step run, so a call's deadline, retries,
 cancel and crash handling are the run machine's own decisions
-(:mod:`stepvisor.core.machine`), not a second copy of them.  A run's usual
-shell, the :class:`~stepvisor.actors.supervisor.Supervisor`, is one actor (one
-thread) per run plus a store; per call that would cost more than the call.
-So one long-lived hub carries out the effects of many machines, routing what
-comes back by call::
+(:mod:`stepvisor.core.machine`), not a second copy of them.  The hub carries
+out the effects of those machines.  It is not an actor: a message is handled
+on the thread that delivers it (the caller's for a submit or a cancel, the
+Worker's for an outcome, the clock's for a timer), one thread at a time::
 
-    Executor.submit ── SubmitCall(call) ─────▶ hub: call.machine.handle(Start)
-    pool ── SlotGranted("17/w1", lease) ─────▶ SlotReady("w1") to call 17
-    Worker ── AttemptDone(worker="17/w1") ───▶ call 17's machine, as worker "w1"
-    clock ── Timed("17", DeadlineReached) ───▶ call 17's machine
-    Executor ── CancelCall("17") / CancelAll ▶ CancelRun to the machine(s)
-    effect Finish(result) ───────────────────▶ call.end(result): the future settles
+    Executor.submit ── submit(call) ────────────▶ hub.tell: call.machine.handle(Start)
+    pool ── SlotGranted("17/w1", lease) ─────────▶ SlotReady("w1") to call 17
+    Worker ── AttemptDone(worker="17/w1") ───────▶ call 17's machine, as worker "w1"
+    clock ── Timed("17", DeadlineReached) ───────▶ call 17's machine
+    Executor ── CancelCall("17") / CancelAll ────▶ CancelRun to the machine(s)
+    effect Finish(result) ───────────────────────▶ call.link.end(result): the future settles
+
+**One decision maker at a time.**  Messages go through a
+:class:`~stepvisor.actors._mailbox.Mailbox`: the thread that finds it idle
+handles them until it is empty, so messages are handled in the order they
+arrive and a message's effects are carried out in order before the next, as
+on an actor's thread.  No lock is held while deciding or carrying out;
+futures settle (their done-callbacks run) only after the drain.  Nothing here
+blocks: a Worker is *told* its attempt, and replies to the mailbox.
+
+**The first attempt without the machine.**  Up to a call's first attempt its
+machine does the same for every call of a plan (:mod:`stepvisor.actors._call`),
+so a call carries that out directly and notes when.  If the attempt returns
+``ok`` before anything else happened, the call succeeded: what the machine
+decides for a lone step's outputs with no stop asked and no store to refuse
+them.  Anything else (an error, a crash, its deadline, a cancel, a future
+cancelled before it ran) makes the call's machine then, replays ``Start`` and
+``SlotReady`` into it at the times they happened (their effects were carried
+out already, so they are only matched up: the slot, the deadline timer), and
+hands it the message: every decision that can differ between calls is still
+the machine's.
 
 What differs from a Supervisor: there is no store (an Executor's calls are not
 durable: ``BeginRun``, ``Save*`` and ``FinishRun`` are skipped), no event hook,
 no heartbeat; and the attempt's function and arguments are the call's, put into
-the spec the machine built (the machine's plan is shared by every call with
-the same options, so it is built once).  A slot's name on the wire is the
-call's key and the machine's slot name, so Worker outcomes find their machine.
+the spec the machine built (the plan is shared by every call with the same
+options).  A slot's name on the wire is the call's key and the machine's slot
+name, so Worker outcomes find their call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import functools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
-
-import pykka
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._log import log
+from stepvisor.actors._call import CARRIED_OUT, FirstAttempt, HubCall
+from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
-from stepvisor.actors.messages import RunAttempt, SlotGranted, Warm
-from stepvisor.clock import Clock, TimerHandle
+from stepvisor.actors.messages import RunAttempt, SlotGranted
+from stepvisor.backends.base import AttemptSpec
+from stepvisor.clock import Clock
 from stepvisor.context import AttemptControl
 from stepvisor.core.effects import (
     AbandonSlot,
@@ -55,78 +74,11 @@ from stepvisor.core.effects import (
 )
 from stepvisor.core.machine import RunMachine
 from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSaved, SlotReady, Start
-from stepvisor.core.result import RunResult
 
-__all__ = ["CallHub", "CancelAll", "CancelCall", "HubCall", "SubmitCall"]
+__all__ = ["CallHub", "CancelAll", "CancelCall"]
 
-#: The hub's thread name (the engine's Workers are ``stepvisor-worker-*``).
-HUB_THREAD_NAME = "stepvisor-hub"
-
-
-class HubCall:
-    """One call in the hub: its machine, what it runs, and how its caller learns the end.
-
-    ``begin()`` is asked once, just before the call's first attempt is sent: it
-    returns False if the call must not run (its future was cancelled while it
-    waited), and the attempt is then stopped before it starts.  ``end(result)``
-    is called once, on the hub's thread, when the machine finishes the run.
-    ``queued_cancel()`` cancels the call if it has not begun (``shutdown(
-    cancel_futures=True)``).
-    """
-
-    __slots__ = (
-        "begin",
-        "begun",
-        "controls",
-        "done",
-        "end",
-        "executor",
-        "fn",
-        "fn_payload",
-        "key",
-        "machine",
-        "params",
-        "queued_cancel",
-        "slots",
-        "timers",
-        "workers",
-    )
-
-    def __init__(
-        self,
-        key: str,
-        machine: RunMachine,
-        *,
-        executor: str,
-        fn: Callable[..., Any],
-        fn_payload: bytes | None,
-        params: Mapping[str, Any],
-        begin: Callable[[], bool],
-        end: Callable[[RunResult], None],
-        queued_cancel: Callable[[], None],
-    ) -> None:
-        self.key = key
-        self.machine = machine
-        self.executor = executor
-        self.fn = fn
-        self.fn_payload = fn_payload
-        self.params = params
-        self.begin = begin
-        self.end = end
-        self.queued_cancel = queued_cancel
-        self.begun = False
-        self.done = False
-        self.controls: dict[int, AttemptControl] = {}
-        #: The machine's slot names, in the order it asked for them.
-        self.slots: list[str] = []
-        self.timers: dict[TimerKey, TimerHandle] = {}
-        self.workers: dict[str, Lease] = {}  # the lease of each slot
-
-
-class SubmitCall(NamedTuple):
-    """Executor -> hub: start this call."""
-
-    call: HubCall
+#: The key of a first attempt's deadline timer until its call has a machine.
+_FIRST_DEADLINE: Final[TimerKey] = ("first attempt", "deadline")
 
 
 class CancelCall(NamedTuple):
@@ -149,22 +101,27 @@ class Timed(NamedTuple):
     message: Message
 
 
-class CallHub(pykka.ThreadingActor):
-    """Carries out the effects of the run machines of many calls, on one thread."""
+class _Close(NamedTuple):
+    pass
 
-    use_daemon_thread = True
 
-    def __init__(
-        self,
-        *,
-        pool: WorkerPool,
-        clock: Clock,
-        on_thread: Callable[[threading.Thread], None],
-    ) -> None:
-        super().__init__()
+class CallHub:
+    """Carries out the effects of the run machines of many calls, one message at a time."""
+
+    def __init__(self, *, pool: WorkerPool, clock: Clock, exclusive: bool = False) -> None:
         self._pool = pool
         self._clock = clock
-        self._on_thread = on_thread
+        self._closed = False
+        #: The pool serves this hub alone (the executor's own engine): a lease a
+        #: call is done with is kept for the next call rather than given back,
+        #: with its Worker, while no one can be waiting for one.
+        self._exclusive = exclusive
+        self._spare: list[Lease] = []
+        self._mailbox = mailbox = Mailbox(self._handle)
+        #: Deliver a message (any thread); the Workers reply to the mailbox too.
+        self.tell = mailbox.tell
+        #: Run once the current drain is over (settling futures).
+        self._after = mailbox.after
         self._calls: dict[str, HubCall] = {}
         #: Wire slot name -> (call, the machine's name for that slot).
         self._slots: dict[str, tuple[HubCall, str]] = {}
@@ -185,35 +142,51 @@ class CallHub(pykka.ThreadingActor):
             AttemptDone: self._on_done,
             Timed: self._on_timed,
             SlotGranted: self._on_granted,
-            SubmitCall: self._on_submit,
+            HubCall: self._on_submit,
             CancelCall: self._on_cancel,
             CancelAll: self._on_cancel_all,
+            _Close: self._on_close,
         }
 
-    # -- actor hooks -------------------------------------------------------------
+    # -- delivering messages ---------------------------------------------------------
 
-    def on_start(self) -> None:
-        thread = threading.current_thread()
-        thread.name = HUB_THREAD_NAME
-        self._on_thread(thread)
+    def submit(self, call: HubCall) -> None:
+        """Start ``call`` (on this thread, unless another is handling messages)."""
+        self.tell(call)
 
-    def on_failure(self, *_: object) -> None:
+    def close(self) -> None:
+        """Take no more leases: what is granted from now on goes back to the pool."""
+        self.tell(_Close())
+
+    def _handle(self, message: Any) -> None:
+        handler = self._receive.get(type(message))
+        if handler is None:
+            log.warning("the executor hub ignored an unexpected message %r", message)
+            return
+        try:
+            handler(message)
+        except Exception as exc:
+            self._pending.clear()
+            self._broken(exc)
+
+    def _broken(self, exc: Exception) -> None:
         # A bug in the hub: every call still gets an end, with the error, and
         # nothing keeps running for a caller that will never hear of it.
+        log.error("stepvisor's executor hub failed", exc_info=exc)
         error = RuntimeError("stepvisor's executor hub failed (a bug: please report it)")
+        error.__cause__ = exc
         for call in list(self._calls.values()):
             for control in call.controls.values():
                 control.cancel("cancel")
             if not call.done:
-                self._close_call(call)
-                call.end(call.machine.failed_result(error, wall=self._clock.wall()))
+                try:
+                    self._close_call(call)
+                except Exception:  # pragma: no cover - as broken as it gets
+                    log.exception("could not close an executor call after a hub failure")
+                    call.done = True
+                self._after(functools.partial(call.link.fail, error))
 
-    def on_receive(self, message: Any) -> None:
-        handler = self._receive.get(type(message))
-        if handler is None:
-            log.warning("the executor hub ignored an unexpected message %r", message)
-        else:
-            handler(message)
+    # -- messages --------------------------------------------------------------------
 
     def _on_done(self, message: AttemptDone) -> None:
         entry = self._slots.get(message.worker)
@@ -222,6 +195,21 @@ class CallHub(pykka.ThreadingActor):
             return
         call, slot = entry
         call.controls.pop(message.attempt, None)
+        if call.machine is None and message.result.kind == "ok" and not call.done:
+            # The first attempt succeeded and nothing else happened: what its
+            # machine would decide (see the module docstring).  Its one slot
+            # and timer go as _close_call would let them.
+            call.done = True
+            if call.timers:
+                for timer in call.timers.values():
+                    timer.cancel()
+                call.timers.clear()
+            del self._slots[message.worker]
+            self._give_back(call.workers.pop(slot))
+            del self._calls[call.key]
+            outputs = message.result.outputs or {}
+            self._after(lambda: call.link.end_ok(outputs))
+            return
         self._feed(call, message._replace(worker=slot))
 
     def _on_timed(self, message: Timed) -> None:
@@ -231,17 +219,22 @@ class CallHub(pykka.ThreadingActor):
 
     def _on_granted(self, message: SlotGranted) -> None:
         entry = self._slots.get(message.slot)
-        if entry is None or entry[0].done:
-            self._pool.give_back(message.lease)
+        if self._closed or entry is None or entry[0].done:
+            self._give_back(message.lease)
             return
         call, slot = entry
         self._bind(call, slot, message.lease)
         self._run_pending()
 
-    def _on_submit(self, message: SubmitCall) -> None:
-        call = message.call
+    def _on_submit(self, call: HubCall) -> None:
         self._calls[call.key] = call
-        self._feed(call, Start())
+        first = call.first
+        if first is None:
+            self._feed(call, Start())
+            return
+        clock = self._clock
+        call.started_at = (clock.monotonic(), clock.wall())
+        self._add_slot(call, first.add_slot)
 
     def _on_cancel(self, message: CancelCall) -> None:
         call = self._calls.get(message.key)
@@ -251,16 +244,49 @@ class CallHub(pykka.ThreadingActor):
     def _on_cancel_all(self, message: CancelAll) -> None:
         for call in list(self._calls.values()):
             if not call.done:
-                if not call.begun:
-                    call.queued_cancel()
+                if call.go is None:
+                    call.link.queued_cancel()
                 self._feed(call, CancelRun(message.reason))
+
+    def _on_close(self, _: _Close) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, []
+        for lease in spare:
+            self._pool.give_back(lease)
 
     # -- feeding the machines ----------------------------------------------------------
 
+    def _machine(self, call: HubCall) -> RunMachine:
+        """The call's machine; made now, if need be, from what its first attempt did."""
+        machine = call.machine
+        if machine is not None:
+            return machine
+        machine = call.machine = call.plan.machine(call.key, call.seed)
+        first = call.first
+        if first is not None:
+            replay = ((Start(), call.started_at), (SlotReady(first.add_slot.slot), call.ready_at))
+            for message, at in replay:
+                if at is not None:
+                    for effect in machine.handle(message, now=at[0], wall=at[1]):
+                        self._match(call, effect)
+        return machine
+
+    def _match(self, call: HubCall, effect: Effect) -> None:
+        """An effect of a replayed message: it was carried out already, as the first attempt."""
+        kind = type(effect)
+        if kind is SetTimer:
+            timer = call.timers.pop(_FIRST_DEADLINE, None)
+            if timer is not None:
+                call.timers[cast("SetTimer", effect).key] = timer
+        elif kind is AddSlot or kind is Dispatch:
+            first = cast("FirstAttempt", call.first)
+            if cast("AddSlot | Dispatch", effect).slot != first.add_slot.slot:
+                raise RuntimeError(f"a call's machine replayed {effect!r}, not {first!r}")
+        elif kind in CARRIED_OUT:
+            raise RuntimeError(f"a call's machine replayed an effect it did not have: {effect!r}")
+
     def _feed(self, call: HubCall, message: Message) -> None:
-        clock = self._clock
-        effects = call.machine.handle(message, now=clock.monotonic(), wall=clock.wall())
-        self._pending.extend((call, effect) for effect in effects)
+        self._then(call, message)
         self._run_pending()
 
     def _run_pending(self) -> None:
@@ -273,8 +299,9 @@ class CallHub(pykka.ThreadingActor):
 
     def _then(self, call: HubCall, message: Message) -> None:
         """Feed ``message`` after the effects already decided (which came first)."""
+        machine = self._machine(call)
         clock = self._clock
-        effects = call.machine.handle(message, now=clock.monotonic(), wall=clock.wall())
+        effects = machine.handle(message, now=clock.monotonic(), wall=clock.wall())
         self._pending.extend((call, effect) for effect in effects)
 
     # -- slots -----------------------------------------------------------------------
@@ -283,29 +310,40 @@ class CallHub(pykka.ThreadingActor):
         wire = f"{call.key}/{effect.slot}"
         self._slots[wire] = (call, effect.slot)
         call.slots.append(effect.slot)
-        tell = self.actor_ref.tell
-        pool = self._pool
+        if self._spare:
+            self._bind(call, effect.slot, self._spare.pop())
+            return
+        tell = self.tell
 
         def deliver(lease: Lease) -> None:
-            try:
-                tell(SlotGranted(wire, lease))
-            except pykka.ActorDeadError:  # the executor closed meanwhile
-                pool.give_back(lease)
+            tell(SlotGranted(wire, lease))
 
-        lease = pool.lease(call, deliver)
+        lease = self._pool.lease(call, deliver)
         if lease is not None:
             self._bind(call, effect.slot, lease)
 
     def _bind(self, call: HubCall, slot: str, lease: Lease) -> None:
         call.workers[slot] = lease
-        worker = self._pool.attach(lease)  # a call always needs its Worker: attach now
-        if call.executor == "process":
-            worker.tell(Warm(("process",)))
-        self._then(call, SlotReady(slot))
+        self._pool.attach(lease)  # a call always needs its Worker: attach now
+        if call.machine is not None:
+            self._then(call, SlotReady(slot))
+        elif self._may_run(call):
+            self._first(call, slot, cast("FirstAttempt", call.first))
+        else:  # cancelled while it waited: the machine stops it before it starts
+            self._feed(call, SlotReady(slot))
 
     def _release_slot(self, call: HubCall, effect: ReleaseSlot) -> None:
         self._slots.pop(f"{call.key}/{effect.slot}", None)
-        self._pool.give_back(call.workers.pop(effect.slot))
+        self._give_back(call.workers.pop(effect.slot))
+
+    def _give_back(self, lease: Lease) -> None:
+        pool = self._pool
+        # Nobody waits for a lease while some are not taken (the pool queues a
+        # request only when all are), so keeping this one takes it from no one.
+        if self._exclusive and not self._closed and pool.taken < pool.capacity:
+            self._spare.append(lease)
+        else:
+            pool.give_back(lease)
 
     def _abandon_slot(self, call: HubCall, effect: AbandonSlot) -> None:
         self._pool.abandon(call.workers[effect.slot])
@@ -320,28 +358,47 @@ class CallHub(pykka.ThreadingActor):
 
     # -- attempts and timers --------------------------------------------------------------
 
+    def _may_run(self, call: HubCall) -> bool:
+        if call.go is None:
+            call.go = call.link.begin()
+        return call.go
+
+    def _first(self, call: HubCall, slot: str, first: FirstAttempt) -> None:
+        """Send attempt 1 as the machine would have (see :func:`first_attempt`)."""
+        clock = self._clock
+        now = clock.monotonic()
+        call.ready_at = (now, clock.wall())
+        order = first.order
+        if first.timer is not None and order.budget is not None:
+            self._start_timer(call, _FIRST_DEADLINE, now + order.budget, first.timer)
+        self._send(call, slot, order.spec, order.executor, order.budget)
+
     def _dispatch(self, call: HubCall, effect: Dispatch) -> None:
-        ref = self._pool.attach(call.workers[effect.slot])
-        wire = f"{call.key}/{effect.slot}"
-        me = self.actor_ref
         for order in effect.orders:
-            control = AttemptControl()
-            if not call.begun:
-                call.begun = True
-                if not call.begin():
-                    # Cancelled while it waited for a Worker: the guard stops it
-                    # before it starts, and the machine hears why.
-                    control.cancel("cancel")
-                    self._then(call, CancelRun("its future was cancelled"))
-            budget = order.budget
-            spec = order.spec._replace(
-                fn=call.fn,
-                fn_payload=call.fn_payload,
-                params=call.params,
-                deadline=None if budget is None else time.monotonic() + budget,
-            )
-            call.controls[spec.attempt] = control
-            ref.tell(RunAttempt(spec, control, order.executor, wire, me))
+            self._send(call, effect.slot, order.spec, order.executor, order.budget)
+
+    def _send(  # one RunAttempt, never a batch: its outcome comes back as one AttemptDone
+        self, call: HubCall, slot: str, spec: AttemptSpec, executor: str, budget: float | None
+    ) -> None:
+        control = AttemptControl()
+        if not self._may_run(call):
+            # Cancelled while it waited for a Worker: the guard stops it before
+            # it starts, and the machine hears why.
+            control.cancel("cancel")
+            if not call.refused:
+                call.refused = True
+                self._then(call, CancelRun("its future was cancelled"))
+        spec = spec._replace(
+            run_id=call.key,
+            fn=call.fn,
+            fn_payload=call.fn_payload,
+            params=call.params,
+            deadline=None if budget is None else time.monotonic() + budget,
+        )
+        call.controls[spec.attempt] = control
+        worker = self._pool.attach(call.workers[slot])
+        # The Worker replies to the mailbox: the outcome is handled on its thread.
+        worker.tell(RunAttempt(spec, control, executor, f"{call.key}/{slot}", self._mailbox))
 
     def _stop_attempt(self, call: HubCall, effect: StopAttempt) -> None:
         control = call.controls.get(effect.attempt)
@@ -349,14 +406,16 @@ class CallHub(pykka.ThreadingActor):
             control.cancel(effect.reason)
 
     def _set_timer(self, call: HubCall, effect: SetTimer) -> None:
-        ref, message = self.actor_ref, Timed(call.key, effect.message)
+        self._start_timer(call, effect.key, effect.due, effect.message)
+
+    def _start_timer(self, call: HubCall, key: TimerKey, due: float, message: Message) -> None:
+        tell, timed = self.tell, Timed(call.key, message)
 
         def fire() -> None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.tell(message)
+            tell(timed)
 
-        delay = max(0.0, effect.due - self._clock.monotonic())
-        call.timers[effect.key] = self._clock.call_later(delay, fire)
+        delay = max(0.0, due - self._clock.monotonic())
+        call.timers[key] = self._clock.call_later(delay, fire)
 
     def _cancel_timer(self, call: HubCall, effect: CancelTimer) -> None:
         timer = call.timers.pop(effect.key, None)
@@ -372,7 +431,8 @@ class CallHub(pykka.ThreadingActor):
 
     def _finish(self, call: HubCall, effect: Finish) -> None:
         self._close_call(call)
-        call.end(effect.result)
+        result = effect.result
+        self._after(lambda: call.link.end(result))
 
     def _close_call(self, call: HubCall) -> None:
         """Stop the call's timers and give its Workers back (abandoned ones excepted)."""
@@ -382,13 +442,13 @@ class CallHub(pykka.ThreadingActor):
         call.timers.clear()
         if len(call.workers) < len(call.slots):  # a lease may still be waiting
             self._pool.cancel_waiting(call)
-        abandoned = call.machine.abandoned_slots
+        abandoned = call.machine.abandoned_slots if call.machine is not None else ()
         for slot in call.slots:
             if slot in abandoned:
                 continue  # its attempt may still return: its outcome must find the call
             self._slots.pop(f"{call.key}/{slot}", None)
-            ref = call.workers.pop(slot, None)
-            if ref is not None:
-                self._pool.give_back(ref)
+            lease = call.workers.pop(slot, None)
+            if lease is not None:
+                self._give_back(lease)
         if not call.workers:
             self._calls.pop(call.key, None)
