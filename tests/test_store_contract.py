@@ -14,8 +14,8 @@ import pytest
 
 from stepvisor.clock import FakeClock
 from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
-from stepvisor.errors import RunNotFoundError
-from stepvisor.store.base import RunInfo, RunStore
+from stepvisor.errors import ArtifactCodecError, RunNotFoundError
+from stepvisor.store.base import RunInfo, RunStore, save_step_batch
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore
 
@@ -153,6 +153,63 @@ def test_saving_new_outputs_replaces_every_earlier_one(store: RunStore) -> None:
     store.save_step("run-1", succeeded("a"), {"x": 1, "y": 2})
     store.save_step("run-1", succeeded("a"), {"y": 3})
     assert store.load("run-1").outputs == {"a": {"y": 3}}
+
+
+def test_a_step_batch_reads_back_as_the_same_saves_one_by_one(tmp_path: Path) -> None:
+    def items() -> list[tuple[StepRecord, dict[str, object] | None]]:
+        return [
+            (running("a"), None),
+            (succeeded("b"), {}),
+            (succeeded("c"), {"rows": [1, 2], "ä": None}),
+            (StepRecord("d", StepStatus.FAILED, (full_attempt(1),)), None),
+        ]
+
+    loaded = []
+    stores: list[tuple[bool, RunStore]] = [
+        (True, MemoryStore()),
+        (False, MemoryStore()),
+        (True, SQLiteStore(tmp_path / "a.db", clock=FakeClock(wall_start=T0))),
+        (False, SQLiteStore(tmp_path / "b.db", clock=FakeClock(wall_start=T0))),
+    ]
+    for batched, made in stores:
+        made.begin_run(run_info(), [StepRecord(sid) for sid in "abcd"])
+        if batched:
+            save_step_batch(made, "run-1", items())
+        else:
+            for record, outputs in items():
+                made.save_step("run-1", record, outputs)
+        run = made.load("run-1")
+        loaded.append((run.steps, run.outputs))
+        made.close()
+    assert loaded[0] == loaded[1] == loaded[2] == loaded[3]
+    steps, stored_outputs = loaded[0]
+    assert steps["d"].status is StepStatus.FAILED
+    assert stored_outputs == {"b": {}, "c": {"rows": [1, 2], "ä": None}}
+
+
+def test_a_step_batch_with_a_value_the_codec_refuses_writes_nothing(tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "runs.db", clock=FakeClock(wall_start=T0)) as store:
+        store.begin_run(run_info(), [StepRecord("a"), StepRecord("b")])
+        with pytest.raises(ArtifactCodecError):
+            store.save_step_batch(
+                "run-1", [(succeeded("a"), {"x": 1}), (succeeded("b"), {"y": object()})]
+            )
+        run = store.load("run-1")
+        assert run.steps == {"a": StepRecord("a"), "b": StepRecord("b")}
+        assert run.outputs == {}
+
+
+def test_a_store_without_step_batches_gets_one_save_per_item() -> None:
+    class OneByOne:
+        def __init__(self) -> None:
+            self.saved: list[tuple[str, object]] = []
+
+        def save_step(self, run_id: str, record: StepRecord, outputs: object = None) -> None:
+            self.saved.append((record.step_id, outputs))
+
+    store = OneByOne()
+    save_step_batch(store, "run-1", [(running("a"), None), (succeeded("b"), {})])  # type: ignore[arg-type]
+    assert store.saved == [("a", None), ("b", {})]
 
 
 def test_save_steps_writes_every_record(store: RunStore) -> None:

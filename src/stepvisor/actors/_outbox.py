@@ -1,4 +1,6 @@
-"""Sending attempt outcomes to a run's shell, several in one message where they end together.
+"""Attempts a run submits to a backend with no thread, and their outcomes coming back.
+
+Outcomes go to the run's shell, several in one message where they end together.
 
 A message costs the Supervisor more than settling a tiny attempt, so outcomes
 that are ready at the same moment travel together as one ``AttemptsDone``:
@@ -15,10 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from typing import Any
 
 import pykka
 
 from stepvisor.actors.messages import ReplyTo
+from stepvisor.backends.base import AttemptResult, AttemptSpec, backend_bug, not_started
+from stepvisor.context import AttemptControl
 from stepvisor.core.messages import AttemptDone, AttemptsDone
 
 __all__ = ["Outbox", "send_outcomes"]
@@ -52,6 +58,39 @@ class Outbox:
         self._reply_to = reply_to
         self._pending: list[AttemptDone] = []
         self._lock = threading.Lock()
+
+    def submit(self, backend: Any, slot: str, spec: AttemptSpec, control: AttemptControl) -> None:
+        """Hand an attempt to a backend that ``submit``s (no thread waits for it).
+
+        Its outcome comes back through :meth:`post`, timed as a Worker would
+        time it; one that may not start, or a backend that is gone, still ends.
+        """
+        started_wall, started = time.time(), time.monotonic()
+        post = self.post
+
+        def done(result: AttemptResult) -> None:
+            ended = time.monotonic()
+            post(
+                AttemptDone(
+                    spec.step_id,
+                    spec.attempt,
+                    slot,
+                    result,
+                    started_wall,
+                    time.time(),
+                    ended - started,
+                    spec.run_id,
+                )
+            )
+
+        stopped = not_started(spec, control)
+        if stopped is not None:
+            done(stopped)
+            return
+        try:
+            backend.submit(spec, control, done)
+        except Exception as exc:  # the loop is gone (a bug): the attempt still ends
+            done(backend_bug(spec, exc))
 
     def post(self, outcome: AttemptDone) -> None:
         with self._lock:

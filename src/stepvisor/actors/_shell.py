@@ -42,7 +42,6 @@ from stepvisor.actors.messages import (
     SlotGranted,
     Warm,
 )
-from stepvisor.backends.base import AttemptResult, AttemptSpec, backend_bug, not_started
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
 from stepvisor.context import AttemptControl
@@ -79,7 +78,7 @@ from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunState, RunStatus, StepRecord
 from stepvisor.errors import ArtifactCodecError, StoreError
-from stepvisor.store.base import RunInfo, RunStore
+from stepvisor.store.base import RunInfo, RunStore, save_step_batch
 from stepvisor.store.memory import MemoryStore
 
 __all__ = ["HEARTBEAT_INTERVAL", "ReplyTo", "RunObserver", "RunPlan", "RunShell"]
@@ -277,7 +276,20 @@ class RunShell:
         pending, carry_out = self._pending, self._carry_out
         while pending:
             effect = pending.popleft()
-            carry_out[type(effect)](effect)
+            if isinstance(effect, SaveStep) and pending and type(pending[0]) is SaveStep:
+                self._save_adjacent(effect)
+            else:
+                carry_out[type(effect)](effect)
+
+    def _save_adjacent(self, first: SaveStep) -> None:
+        """Step transitions back to back (a batch dispatched, or its outcomes): one
+        store transaction for all of them, still carried out before what follows."""
+        batch = [(first.record, first.outputs)]
+        pending = self._pending
+        while pending and isinstance(pending[0], SaveStep):
+            following = pending.popleft()
+            batch.append((following.record, following.outputs))  # type: ignore[union-attr]
+        save_step_batch(self.store, self.plan.run_id, batch)
 
     # -- effects -------------------------------------------------------------------
 
@@ -349,40 +361,12 @@ class RunShell:
             if submitter is not None:
                 # No Worker: the backend runs the attempt (an async one on the loop)
                 # and says when it ends (the machine queues none behind it).
-                self._submit(effect.slot, spec, control, submitter)
+                self._outbox.submit(submitter, effect.slot, spec, control)
                 continue
             messages.append(RunAttempt(spec, control, executor, effect.slot, me, order.may_hold))
         if messages:
             ref = self._pool.attach(self._leases[effect.slot])
             ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
-
-    def _submit(self, slot: str, spec: AttemptSpec, control: AttemptControl, loop: Any) -> None:
-        started_wall, started = time.time(), time.monotonic()
-        post = self._outbox.post
-
-        def done(result: AttemptResult) -> None:
-            ended = time.monotonic()
-            post(
-                AttemptDone(
-                    spec.step_id,
-                    spec.attempt,
-                    slot,
-                    result,
-                    started_wall,
-                    time.time(),
-                    ended - started,
-                    spec.run_id,
-                )
-            )
-
-        stopped = not_started(spec, control)
-        if stopped is not None:
-            done(stopped)
-            return
-        try:
-            loop.submit(spec, control, done)
-        except Exception as exc:  # the loop is gone (a bug): the attempt still ends
-            done(backend_bug(spec, exc))
 
     def _stop_attempt(self, effect: StopAttempt) -> None:
         entry = self._controls.get(effect.step_id)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from stepvisor.core.state import RunStatus, StepRecord
 
-__all__ = ["ClaimingStore", "RunInfo", "RunOwner", "RunStore", "StoredRun"]
+__all__ = ["ClaimingStore", "RunInfo", "RunOwner", "RunStore", "StoredRun", "save_step_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,35 +92,27 @@ class RunStore(Protocol):
         self, run_id: str, status: RunStatus, *, ended: float, error: str | None = None
     ) -> None:
         """Record the run's final status."""
-        ...
 
     def heartbeat(self, run_id: str, now: float) -> None:
         """Say the program running ``run_id`` is alive."""
-        ...
 
     def cancel_requested(self, run_id: str) -> bool:
         """Whether someone asked (e.g. ``stepvisor cancel``) for the run to stop."""
-        ...
 
     def request_cancel(self, run_id: str) -> None:
         """Ask the program running ``run_id`` to cancel it."""
-        ...
 
     def exists(self, run_id: str) -> bool:
         """Whether the store holds a run with this id (reads none of its data)."""
-        ...
 
     def load(self, run_id: str) -> StoredRun:
         """Everything about one run; ``RunNotFoundError`` if there is none."""
-        ...
 
     def list_runs(self) -> list[RunInfo]:
         """Every run, newest first."""
-        ...
 
     def close(self) -> None:
         """Release what the store holds open."""
-        ...
 
 
 @runtime_checkable
@@ -140,3 +132,19 @@ class ClaimingStore(Protocol):
     def release_run(self, run_id: str) -> None:
         """Give up ``run_id`` if this store owns it (idempotent)."""
         ...
+
+
+def save_step_batch(
+    store: RunStore, run_id: str, items: Sequence[tuple[StepRecord, Mapping[str, Any] | None]]
+) -> None:
+    """Write several ``save_step`` transitions, in one transaction where the store can.
+
+    The stores of this package have a ``save_step_batch`` method; a store of
+    the caller's own that lacks it gets one ``save_step`` per item, in order.
+    """
+    batch = getattr(store, "save_step_batch", None)
+    if batch is not None:
+        batch(run_id, items)
+        return
+    for record, outputs in items:
+        store.save_step(run_id, record, outputs)

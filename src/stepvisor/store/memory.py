@@ -72,6 +72,17 @@ class MemoryStore:
             if outputs is not None:
                 self._outputs[run_id][record.step_id] = dict(outputs)
 
+    def save_step_batch(
+        self, run_id: str, items: Sequence[tuple[StepRecord, Mapping[str, Any] | None]]
+    ) -> None:
+        """Several :meth:`save_step` at once (see ``SQLiteStore.save_step_batch``)."""
+        with self._lock:
+            table = self._steps[run_id]
+            for record, outputs in items:
+                table[record.step_id] = record
+                if outputs is not None:
+                    self._outputs[run_id][record.step_id] = dict(outputs)
+
     def save_steps(self, run_id: str, records: Sequence[StepRecord]) -> None:
         with self._lock:
             table = self._steps[run_id]
