@@ -29,6 +29,7 @@ __all__ = [
     "RetryDue",
     "RunDeadline",
     "SlotReady",
+    "SlotsReady",
     "Start",
 ]
 
@@ -85,6 +86,12 @@ class SlotReady(NamedTuple):
     slot: str
 
 
+class SlotsReady(NamedTuple):
+    """Several slots are there at once (a run whose attempts all submit, at its start)."""
+
+    slots: tuple[str, ...]
+
+
 class DeadlineReached(NamedTuple):
     """An attempt's deadline (its own timeout, or the run's deadline) is due."""
 
@@ -123,6 +130,7 @@ Message = (
     | AttemptsDone
     | OutputsSaved
     | SlotReady
+    | SlotsReady
     | DeadlineReached
     | GraceExpired
     | RetryDue
