@@ -25,16 +25,9 @@ import stepvisor as sv
 from stepvisor.compat import ParallelStepExecutor, StepExecution, StepExecutionResult
 from stepvisor.compat._loop import OnCallerLoop
 from stepvisor.compat._tracker import Slot
+from tests.test_compat import Spec
 
 BOUND = 10.0  # seconds: every wait here fails after this, never hangs
-
-
-@dataclass
-class Spec:
-    id: str
-    requires: list[str] = field(default_factory=list)
-    creates: list[str] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -89,6 +89,19 @@ def _table_values(table: Table) -> Iterator[Any]:
             yield from leaf
 
 
+def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]]:
+    """How far from ``start`` the records are terminal, and the ids of those steps."""
+    i = start
+    done: list[str] = []
+    while i < n:
+        record = _table_get(records, i)
+        if record.status not in TERMINAL:
+            break
+        done.append(record.step_id)
+        i += 1
+    return i, done
+
+
 class StepStatus(enum.StrEnum):
     """Where a step is.  It ends in exactly one terminal status."""
 
@@ -290,15 +303,7 @@ class RunState(NamedTuple):
         outputs_table = self.outputs
         if outputs:
             outputs_table = _table_set(outputs_table, rank, pmap(outputs))
-        i = self.committed
-        n = len(self.order)
-        done: list[str] = []
-        while i < n:
-            head = _table_get(records, i)
-            if head.status not in TERMINAL:
-                break
-            done.append(head.step_id)
-            i += 1
+        i, done = _terminal_prefix(records, self.committed, len(self.order))
         return RunState(
             self.run_id,
             self.workflow_id,
@@ -318,16 +323,7 @@ class RunState(NamedTuple):
         moves the committed prefix forward; :attr:`artifacts` merges that
         prefix's outputs when asked.
         """
-        i = self.committed
-        n = len(self.order)
-        records = self.records
-        done: list[str] = []
-        while i < n:
-            record = _table_get(records, i)
-            if record.status not in TERMINAL:
-                break
-            done.append(record.step_id)
-            i += 1
+        i, done = _terminal_prefix(self.records, self.committed, len(self.order))
         if not done:
             return self, done
         return self._evolve(committed=i), done
