@@ -42,11 +42,15 @@ __all__ = ["Lease", "WorkerPool"]
 class Lease:
     """One unit of the engine's bound, with the Worker attached to it, if any."""
 
-    __slots__ = ("worker", "worker_id")
+    __slots__ = ("holds_values", "worker", "worker_id")
 
     def __init__(self) -> None:
         self.worker: pykka.ActorRef[Any] | None = None
         self.worker_id: str | None = None
+        #: The Worker's last message may hold a run's values (an attempt's inputs):
+        #: it is sent a no-op when the lease is given back, so they can go.  The
+        #: holder clears it when it knows better (a run's shell, per dispatch).
+        self.holds_values = True
 
 
 Deliver = Callable[[Lease], None]
@@ -109,9 +113,11 @@ class WorkerPool:
         idle = None
         with self._lock:
             if lease.worker is not None and lease.worker_id is not None:
-                idle = lease.worker
+                if lease.holds_values:
+                    idle = lease.worker
                 self._idle.append((lease.worker_id, lease.worker))
                 lease.worker = lease.worker_id = None
+                lease.holds_values = True
             waiter = self._waiting.popleft() if self._waiting else None
             if waiter is None:
                 self._taken -= 1

@@ -384,7 +384,11 @@ class RunShell:
                 continue
             messages.append(RunAttempt(spec, control, executor, effect.slot, me, order.may_hold))
         if messages:
-            ref = self._pool.attach(self._leases[effect.slot])
+            lease = self._leases[effect.slot]
+            # The Worker keeps its last message until its next: only one with values
+            # needs the pool's no-op when the lease is given back.
+            lease.holds_values = any(m.spec.inputs or m.spec.params for m in messages)
+            ref = self._pool.attach(lease)
             ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
 
     def _stop_attempt(self, effect: StopAttempt) -> None:

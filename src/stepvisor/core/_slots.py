@@ -61,7 +61,10 @@ class Slots:
 
     def release(self, slot: str) -> None:
         """Give a free slot back."""
-        self.free.remove(slot)
+        if self.free[-1] == slot:  # the machine lends the last free one: no O(n) search
+            self.free.pop()
+        else:
+            self.free.remove(slot)
         self._active.discard(slot)
         del self.load[slot]
 
