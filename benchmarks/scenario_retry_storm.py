@@ -24,11 +24,14 @@ by as much: without the warm-up the unjittered retries inherit that stagger,
 and the peaks compare thread start-up rather than backoff.
 
 Read the peaks with care on a small machine: 1,000 slots are 1,000 Worker
-threads, and on 2 cores the one Supervisor thread falls behind them: if the
-1,000 failures that arrive together take it longer to take in than a call
-lasts (50 ms), it alone spreads the unjittered retries, and the peaks show
-where the Supervisor caught up as much as where the backoff put the retries.
-The lateness rows show how far behind it was.
+threads, and on 2 cores the one Supervisor thread falls behind them.  A
+backoff counts from the failed attempt's end, so an unjittered retry (0.2 s)
+starts on time even when the Supervisor took 0.1 s to get to its failure;
+but a jittered delay shorter than that lag is already past when the failure
+is taken in, so those retries start late, together, and raise the jittered
+peak.  The 1,000 failures that end together take the Supervisor about 0.1 s
+(some 40 µs of its own work each, the rest waiting for the GIL among 1,000
+threads); the lateness rows show it.
 
 ``max_parallel`` equals the number of callers, as when every client of a
 service retries on its own: a smaller bound keeps the service at that many
