@@ -56,7 +56,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from stepvisor.backends import _shm
 from stepvisor.backends._wire import (
@@ -76,13 +76,22 @@ from stepvisor.backends._wire import (
 )
 from stepvisor.context import StepContext
 
-__all__ = ["EXIT_PROTOCOL_ERROR", "decode_message", "encode_message", "main"]
+__all__ = [
+    "EXIT_PROTOCOL_ERROR",
+    "RETURNED_NOTHING",
+    "decode_message",
+    "dump_attempt",
+    "encode_message",
+    "load_attempt",
+    "main",
+]
 
 _COUNT = struct.Struct("<I")
 _LENGTH_SIZE = 8
 #: A message with more parts than this is a protocol error, not a real message.
 _MAX_PARTS = 1 << 20
 _PR_SET_CHILD_SUBREAPER = 36
+#: A pipe holds 64 KiB, so a larger read returns no more (and costs an ``mmap``).
 _READ_CHUNK = 1 << 16
 #: The exit code of a worker that lost its pipes to the parent (or got a corrupt message).
 EXIT_PROTOCOL_ERROR = 70
@@ -97,6 +106,26 @@ def encode_message(parts: Sequence[bytes]) -> bytes:
     """One message: the part count, the part lengths, then the parts."""
     header = struct.pack(f"<I{len(parts)}Q", len(parts), *(len(p) for p in parts))
     return b"".join((header, *parts))
+
+
+def dump_attempt(meta: Attempt) -> bytes:
+    """Part 0 of an attempt message: its fields as a plain tuple.
+
+    A ``NamedTuple`` pickles by class reference, which costs a lookup and a
+    Python-level ``__new__`` at each end; a tuple of its fields costs a quarter
+    of that, and this is paid on every attempt.
+    """
+    return pickle.dumps(tuple(meta), protocol=PROTOCOL)
+
+
+def load_attempt(part: bytes) -> Attempt:
+    """The :class:`Attempt` that :func:`dump_attempt` wrote."""
+    return Attempt._make(pickle.loads(part))  # noqa: S301 - from our parent over a private pipe
+
+
+#: Part 0 of the reply of most steps (returned ``None``, left nothing running): made
+#: once, and told apart by the parent with a comparison instead of an unpickling.
+RETURNED_NOTHING: Final = pickle.dumps(Returned(), protocol=PROTOCOL)
 
 
 def decode_message(buf: bytearray) -> tuple[list[bytes], int] | None:
@@ -137,22 +166,10 @@ class _Reader:
                 parts, end = found
                 del self._buf[:end]
                 return parts
-            chunk = os.read(self._fd, max(_READ_CHUNK, self._missing()))
+            chunk = os.read(self._fd, _READ_CHUNK)
             if not chunk:
                 raise EOFError("the parent closed the command pipe")
             self._buf += chunk
-
-    def _missing(self) -> int:
-        """How many more bytes the message in the buffer needs, when known (else 0)."""
-        buf = self._buf
-        if len(buf) < _COUNT.size:
-            return 0
-        count: int = _COUNT.unpack_from(buf, 0)[0]
-        head = _COUNT.size + _LENGTH_SIZE * count
-        if count > _MAX_PARTS or len(buf) < head:
-            return 0
-        lengths: tuple[int, ...] = struct.unpack_from(f"<{count}Q", buf, _COUNT.size)
-        return head + sum(lengths) - len(buf)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -322,7 +339,7 @@ def _ok_reply(
 ) -> list[bytes]:
     """The reply for a step that returned; raises ``_UnsendableError`` naming a bad artifact."""
     if outputs is None:
-        return _reply(Returned(leftovers=leftovers))
+        return [RETURNED_NOTHING] if not leftovers else _reply(Returned(leftovers=leftovers))
     pickles: list[tuple[bytes, list[memoryview]]] = []
     for name, value in outputs.items():
         try:
@@ -368,7 +385,7 @@ def _call_traced(meta: Attempt, fn: Callable[..., Any], ctx: StepContext) -> obj
 
 
 def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any, Any]:
-    meta: Attempt = pickle.loads(parts[0])  # noqa: S301 - from our parent over a private pipe
+    meta = load_attempt(parts[0])
     if meta.path is not None:
         sys.path[:] = meta.path
     try:

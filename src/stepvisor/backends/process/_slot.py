@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import pickle
 import select
 import sys
 import threading
@@ -39,8 +38,8 @@ import weakref
 from typing import ClassVar, Final, NamedTuple
 
 from stepvisor._log import log as _root_log
-from stepvisor.backends._child import encode_message
-from stepvisor.backends._wire import PROTOCOL, Attempt
+from stepvisor.backends._child import dump_attempt, encode_message
+from stepvisor.backends._wire import Attempt
 from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, not_started
 from stepvisor.backends.process._pickling import Args, payload_and_args
 from stepvisor.backends.process._results import (
@@ -262,7 +261,7 @@ class ProcessSlot:
             fds=len(args.fds),
             trace=spec.trace,
         )
-        message = encode_message([pickle.dumps(meta, protocol=PROTOCOL), fn_payload, args.blob])
+        message = encode_message([dump_attempt(meta), fn_payload, args.blob])
         if path is not None:
             child.sent_path = path
         return message
@@ -305,7 +304,8 @@ class ProcessSlot:
     ) -> Received | None:
         """Send the attempt (if not sent yet) and maybe the next one behind it, then
         wait for its reply (``None``: the child died first)."""
-        pending = child.send_some(memoryview(message))
+        # Nothing to write when it went ahead: not even an empty write (a syscall).
+        pending = child.send_some(memoryview(message)) if message else memoryview(message)
         if pending:
             child.poller.register(child.cmd_w, select.POLLOUT)
         else:
@@ -452,6 +452,8 @@ def _key(spec: AttemptSpec) -> tuple[str, str, int]:
 
 def _poll_ms(child: Child, spec: AttemptSpec, control: AttemptControl) -> int | None:
     """How long the next poll may block: until the deadline, the end of grace, or forever."""
+    if spec.deadline is None and child.pidfd is not None and not control.is_cancelled:
+        return None  # the common case, without the lock: only a reply or an event ends it
     now = time.monotonic()
     waits: list[float] = []
     with child.lock:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final
 
 import stepvisor
-from stepvisor.backends._child import decode_message
+from stepvisor.backends._child import RETURNED_NOTHING, decode_message
 from stepvisor.backends._shm import Fds, recv_fds, send_fds
 from stepvisor.backends._wire import Ready, Reply, Returned
 
@@ -42,8 +42,14 @@ _BOOTSTRAP: Final = (
     "import sys; sys.path.insert(0, sys.argv[5]); "
     "from stepvisor.backends._child import main; main(sys.argv[1:5])"
 )
-_READ_CHUNK: Final = 1 << 20
+#: What one read asks for: a pipe holds 64 KiB, so more is never returned, and a
+#: larger request costs an ``mmap`` and ``munmap`` of the buffer on every read
+#: (about 8 µs for 1 MiB, against 0.5 µs for this), paid once per attempt.
+_READ_CHUNK: Final = 1 << 16
 
+#: ``waitid`` flags that ask whether a child has exited without reaping it (or waiting).
+_PEEK_EXIT: Final = os.WEXITED | os.WNOHANG | os.WNOWAIT
+_NOTHING: Final = Returned()
 #: A reply from the child: its message, all its parts (values follow part 0), and the
 #: shared-memory descriptors sent with it.
 Received = tuple[Reply, list[bytes], Fds | None]
@@ -173,10 +179,10 @@ class Child:
 
     def has_exited(self) -> bool:
         """Whether the child has died (without reaping it)."""
+        # One syscall, asked once per attempt: cheaper than a select on the pidfd.
         if self.pidfd is not None:
-            return bool(select.select([self.pidfd], [], [], 0)[0])
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        return os.waitid(os.P_PID, self.pid, flags) is not None
+            return os.waitid(os.P_PIDFD, self.pidfd, _PEEK_EXIT) is not None
+        return os.waitid(os.P_PID, self.pid, _PEEK_EXIT) is not None
 
     def reap(self) -> int:
         """Kill what is left of the group, reap the child, close our fds; the exit status."""
@@ -234,6 +240,8 @@ class Child:
                 return None
             parts, end = found
             del self.buf[:end]
+            if parts[0] == RETURNED_NOTHING:
+                return _NOTHING, parts, None
             message = pickle.loads(parts[0])  # noqa: S301 - from our own child
             if isinstance(message, Ready):
                 self.ready = True
