@@ -344,6 +344,11 @@ class ProcessSlot:
 
     def _reply_result(self, spec: AttemptSpec, child: Child, reply: Received) -> AttemptResult:
         result = reply_result(spec, *reply)
+        sent = self._ahead
+        if sent is not None and sent.child is child:
+            # The next attempt is in its pipe, and waiting for it watches the pidfd:
+            # a death now is seen there, as that attempt's crash (as it would be here).
+            return result
         if child.has_exited():  # it replied, then died: keep the reply, replace the child
             log.warning("worker process %s died right after replying; replacing it", child.pid)
             self._retire(child, respawn=True)
