@@ -117,6 +117,21 @@ def _make_steps() -> SimpleNamespace:
             fh.write(f"{ctx.step_id}\n")
         return {"step_id": ctx.step_id, "pid": os.getpid()}
 
+    def echo_text(ctx: Any) -> dict[str, Any]:
+        return {"text": ctx.inputs["text"] + "!"}
+
+    def die_once_next_starts(ctx: Any) -> dict[str, int]:
+        """Return, and SIGKILL this process (from a thread) once the next step published."""
+
+        def kill_when_published() -> None:
+            path = os.path.join(ctx.params["dir"], "pid")
+            while not os.path.exists(path):
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill_when_published, daemon=True).start()
+        return {"pid": os.getpid()}
+
     def segfault(ctx: Any) -> None:
         ctypes.string_at(0)
 
@@ -256,6 +271,13 @@ def test_large_inputs_and_outputs_cross_the_pipes(slot: ProcessSlot) -> None:
     result = slot.run(_spec(STEPS.echo_blob, inputs={"blob": blob}), AttemptControl())
     assert result.kind == "ok", result
     assert result.outputs == {"blob": blob, "size": len(blob)}
+
+
+def test_large_values_without_buffers_cross_the_pipes_in_many_reads(slot: ProcessSlot) -> None:
+    text = "x" * (3 * 1024 * 1024)  # a str pickles in band: through the pipe, 64 KiB a read
+    result = slot.run(_spec(STEPS.echo_text, inputs={"text": text}), AttemptControl())
+    assert result.kind == "ok", result
+    assert result.outputs == {"text": text + "!"}
 
 
 def test_late_cancel_of_a_finished_attempt_leaves_the_child_alone(slot: ProcessSlot) -> None:
@@ -723,6 +745,27 @@ def test_a_crash_after_the_reply_is_the_crash_of_the_attempt_sent_ahead(
     third = warm.run(_queued(STEPS.mark, "next", pub), AttemptControl())
     assert third.kind == "ok", third
     assert _ran(pub) == ["before", "next"]
+
+
+def test_a_death_right_after_a_reply_is_the_crash_of_the_attempt_sent_ahead(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    # The reply is kept; the death is seen while waiting for the next attempt, which the
+    # child had started: that attempt crashed, and a fresh child runs the one after.
+    before = _queued(STEPS.die_once_next_starts, "before", pub)
+    queued = _queued(STEPS.busy, "queued", pub)
+    result = warm.run(before, AttemptControl(), ahead=(queued, AttemptControl()))
+    assert result.kind == "ok", result
+    assert result.outputs is not None
+    crashed = _InThread(lambda: warm.run(queued, AttemptControl())).result()
+    assert isinstance(crashed, AttemptResult)
+    assert crashed.kind == "crash", crashed
+    assert "SIGKILL" in str(crashed.error)
+    _assert_reaped(result.outputs["pid"])
+    after = warm.run(_queued(STEPS.mark, "after", pub), AttemptControl())
+    assert after.kind == "ok", after
+    assert after.outputs is not None
+    assert after.outputs["pid"] not in (result.outputs["pid"], None)
 
 
 def test_running_another_attempt_than_the_one_sent_ahead_replaces_the_child(

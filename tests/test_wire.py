@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from stepvisor.backends._child import RETURNED_NOTHING, dump_attempt, load_attempt
 from stepvisor.backends._wire import (
     Attempt,
     PackedError,
@@ -197,3 +198,16 @@ def test_a_traceback_keeps_frames_causes_and_notes_but_no_caret_lines() -> None:
     assert "The above exception was the direct cause" in text
     assert text.rstrip().endswith("a note")
     assert "^" not in text
+
+
+def test_an_attempt_travels_to_the_child_as_a_plain_tuple_and_comes_back_whole() -> None:
+    meta = Attempt("run", "s", 2, 3, 12.5, True, ["/a", "/b"], fds=2, trace={"traceparent": "t"})
+    part = dump_attempt(meta)
+    assert type(pickle.loads(part)) is tuple  # no class to look up at either end
+    again = load_attempt(part)
+    assert again == meta
+    assert type(again) is Attempt
+
+
+def test_the_reply_made_once_for_a_step_that_returned_nothing_is_such_a_reply() -> None:
+    assert pickle.loads(RETURNED_NOTHING) == Returned()
