@@ -810,3 +810,97 @@ def test_an_attempt_with_a_deadline_is_never_sent_ahead(
     assert _ran(pub) == ["first"]  # its deadline starts when it is sent, so it was not
     assert warm.run(timed, AttemptControl()).kind == "ok"
     assert _ran(pub) == ["first", "timed"]
+
+
+# -- several attempts sent ahead --------------------------------------------------------------
+
+
+def _chain(
+    specs: list[AttemptSpec], i: int, controls: list[AttemptControl] | None = None
+) -> list[tuple[AttemptSpec, AttemptControl]]:
+    """What a Worker running ``specs`` as one batch offers after ``specs[i]``: the rest."""
+    controls = controls or [AttemptControl() for _ in specs]
+    return list(zip(specs[i + 1 :], controls[i + 1 :], strict=True))
+
+
+def test_several_attempts_sent_ahead_run_in_order_and_are_not_sent_twice(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    specs = [_queued(STEPS.mark, f"s{i}", pub) for i in range(5)]
+    first = warm.run(specs[0], AttemptControl(), ahead=_chain(specs, 0))
+    assert first.kind == "ok", first
+    # The next two ran without another call: their messages (about 1.4 KB each, the
+    # function goes by value) went into the child's pipe in one PIPE_BUF write.
+    wait_for(lambda: len(_ran(pub)) >= 3, what="the attempts sent ahead")
+    assert _ran(pub) == ["s0", "s1", "s2"]
+    for i, spec in enumerate(specs[1:], start=1):
+        result = warm.run(spec, AttemptControl(), ahead=_chain(specs, i))
+        assert result.kind == "ok", result
+        assert result.outputs == {"step_id": spec.step_id, "pid": first.outputs["pid"]}  # type: ignore[index]
+    assert _ran(pub) == [s.step_id for s in specs]
+
+
+def test_a_long_batch_sent_ahead_keeps_replies_matched(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    specs = [_queued(STEPS.mark, f"s{i:02d}", pub) for i in range(40)]
+    for i, spec in enumerate(specs):
+        result = warm.run(spec, AttemptControl(), ahead=_chain(specs, i)[:8])
+        assert result.kind == "ok", result
+        assert result.outputs is not None
+        assert result.outputs["step_id"] == spec.step_id
+    assert _ran(pub) == [s.step_id for s in specs]
+
+
+def test_a_crash_with_several_sent_ahead_crashes_the_next_and_runs_the_rest_once(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    # "crash" replied to nothing: the child died in it.  The attempts behind it never
+    # started, so they are sent again, in order, to a fresh child, and run once each.
+    specs = [
+        _queued(STEPS.mark, "before", pub),
+        _queued(STEPS.exit_3, "crash", pub),
+        _queued(STEPS.mark, "after1", pub),
+        _queued(STEPS.mark, "after2", pub),
+    ]
+    kinds = [
+        warm.run(spec, AttemptControl(), ahead=_chain(specs, i)).kind
+        for i, spec in enumerate(specs)
+    ]
+    assert kinds == ["ok", "crash", "ok", "ok"]
+    assert _ran(pub) == ["before", "after1", "after2"]
+
+
+def test_a_cancelled_attempt_deep_in_the_pipe_is_stopped_and_the_rest_still_run(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    specs = [
+        _queued(STEPS.mark, "first", pub),
+        _queued(STEPS.mark, "second", pub),
+        _queued(STEPS.busy, "spin", pub),
+        _queued(STEPS.mark, "last", pub),
+    ]
+    controls = [AttemptControl() for _ in specs]
+    assert warm.run(specs[0], controls[0], ahead=_chain(specs, 0, controls)).kind == "ok"
+    spinning = _read_pid_file(Path(pub["dir"]) / "pid")[0]  # it started by itself
+    controls[2].cancel("cancel")
+    results = [warm.run(specs[i], controls[i], ahead=_chain(specs, i, controls)) for i in (1, 2, 3)]
+    assert [r.kind for r in results] == ["ok", "cancelled", "ok"]
+    _assert_reaped(spinning)
+    assert pid_gone(spinning)
+    assert _ran(pub) == ["first", "second", "last"]
+
+
+def test_a_batch_stops_being_sent_ahead_at_an_attempt_with_a_deadline(
+    warm: ProcessSlot, pub: dict[str, Any]
+) -> None:
+    specs = [
+        _queued(STEPS.mark, "first", pub),
+        _spec(STEPS.mark, step_id="timed", params=pub),  # has a deadline
+        _queued(STEPS.mark, "behind", pub),
+    ]
+    assert warm.run(specs[0], AttemptControl(), ahead=_chain(specs, 0)).kind == "ok"
+    assert _ran(pub) == ["first"]  # nothing after "timed" overtakes it
+    for i in (1, 2):
+        assert warm.run(specs[i], AttemptControl(), ahead=_chain(specs, i)).kind == "ok"
+    assert _ran(pub) == ["first", "timed", "behind"]

@@ -358,10 +358,10 @@ def test_attempts_sent_ahead_survive_crashes_and_failures_around_them(
     sent_ahead = [0]
     original = process_module.ProcessSlot._send_ahead
 
-    def counting(self: Any, child: Any, ahead: Any) -> None:
-        before = self._ahead
-        original(self, child, ahead)
-        sent_ahead[0] += self._ahead is not None and self._ahead is not before
+    def counting(self: Any, child: Any, following: Any) -> None:
+        before = len(self._ahead) if self._ahead and self._ahead[0].child is child else 0
+        original(self, child, following)
+        sent_ahead[0] += max(0, len(self._ahead) - before)  # records it added
 
     monkeypatch.setattr(process_module.ProcessSlot, "_send_ahead", counting)
 

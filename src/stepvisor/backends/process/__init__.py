@@ -9,6 +9,7 @@ pebble splits its pool::
 
     _slot.py      ProcessSlot: the attempts (deadline, cancel, send-ahead, replacement)
     _worker.py    Child: the process (spawn, signal its group, reap) and its pipes
+    _wait.py      one attempt's wait: serve a poll, how long to block, the deadline
     _results.py   how an attempt ended, as an AttemptResult
     _pickling.py  the function and inputs, pickled; what cannot be, named
     ../_child.py  the program the child runs (kept outside, so it boots light)

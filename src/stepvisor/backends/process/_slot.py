@@ -27,15 +27,15 @@ replaces the child after a timeout, cancel or crash::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
-import math
 import select
 import sys
 import threading
-import time
 import weakref
-from typing import ClassVar, Final, NamedTuple
+from collections.abc import Sequence
+from typing import ClassVar, Final, NamedTuple, cast
 
 from stepvisor._log import log as _root_log
 from stepvisor.backends._child import dump_attempt, encode_message
@@ -50,6 +50,7 @@ from stepvisor.backends.process._results import (
     spawn_failed,
     stopped_result,
 )
+from stepvisor.backends.process._wait import enforce_deadline, poll_ms, serve
 from stepvisor.backends.process._worker import Child, Received
 from stepvisor.context import AttemptControl
 from stepvisor.errors import StepNotSerializableError, StepvisorError
@@ -58,8 +59,6 @@ __all__ = ["ProcessSlot", "open_slot"]
 
 log = _root_log.getChild("backends.process")
 
-#: How often a child's death is checked for when pidfds are not available.
-_FALLBACK_POLL_S: Final = 0.02
 #: The largest attempt message sent ahead to a busy child (see ``ProcessSlot.run``):
 #: a pipe write of at most ``PIPE_BUF`` bytes is whole or nothing, never partial.
 _AHEAD_MAX: Final = select.PIPE_BUF
@@ -110,7 +109,9 @@ class ProcessSlot:
         self._state = _SlotState()
         self._run_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, self._state.shutdown)
-        self._ahead: _Ahead | None = None
+        #: The attempts written into the current child's pipe behind the running one,
+        #: in the order the child takes them.
+        self._ahead: collections.deque[_Ahead] = collections.deque()
 
     def __repr__(self) -> str:
         return f"ProcessSlot(name={self._name!r}, pid={self.pid})"
@@ -152,21 +153,26 @@ class ProcessSlot:
             self._finalizer()
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self,
+        spec: AttemptSpec,
+        control: AttemptControl,
+        ahead: Ahead | Sequence[Ahead] | None = None,
     ) -> AttemptResult:
         """Run one attempt in the child; block until it ends; return how it ended.
 
-        ``ahead`` is the attempt the caller will run next, if it knows: when
-        both are small and have no deadline, its message goes into the child's
-        pipe with this one's, so the child starts it the moment it replies
-        instead of waiting a round trip (two thread wakes, each a cross-CPU
-        interrupt on a VM).  The next call must then be for that attempt; a
-        call for any other attempt first replaces the child, so a reply is
-        never taken for the wrong attempt.
+        ``ahead`` is the attempt the caller will run next, or the attempts, in
+        order, if it knows: while they are small and have no deadline, their
+        messages go into the child's pipe behind this one's (one write for all
+        that fit in ``PIPE_BUF``), so the child starts each the moment it
+        replies to the one before instead of waiting a round trip (two thread
+        wakes, each a cross-CPU interrupt on a VM).  The next calls must then
+        be for those attempts, in that order; a call for any other attempt
+        first replaces the child, so a reply is never taken for the wrong
+        attempt.  An attempt offered again in a later ``ahead`` is not sent twice.
         """
         with self._run_lock:
             try:
-                return self._run(spec, control, ahead)
+                return self._run(spec, control, _following(ahead))
             except BaseException as exc:
                 # A bug here, or an interrupt: the child may hold anything now.
                 self._retire_current(respawn=isinstance(exc, Exception))
@@ -178,7 +184,7 @@ class ProcessSlot:
         self,
         spec: AttemptSpec,
         control: AttemptControl,
-        ahead: Ahead | None = None,
+        following: Sequence[Ahead] = (),
     ) -> AttemptResult:
         if self._state.closed:
             return closed_result(spec, self._name, pid=None)
@@ -186,7 +192,7 @@ class ProcessSlot:
         if sent is not None:
             if sent.child is self._state.child:
                 # Already in the child's pipe: only wait for its reply.
-                return self._attempt_on(sent.child, spec, control, b"", ahead)
+                return self._attempt_on(sent.child, spec, control, b"", following)
             if sent.replied:
                 # The child took this attempt from its pipe, or was about to, and
                 # died: that is this attempt's crash, not something to run again.
@@ -211,7 +217,7 @@ class ProcessSlot:
         if args.fds:  # ahead of the message: the child takes them when it reads it
             child.send_fds(args.fds)
         args.close()
-        return self._attempt_on(child, spec, control, message, ahead)
+        return self._attempt_on(child, spec, control, message, following)
 
     def _attempt_on(
         self,
@@ -219,7 +225,7 @@ class ProcessSlot:
         spec: AttemptSpec,
         control: AttemptControl,
         message: bytes,
-        ahead: Ahead | None,
+        following: Sequence[Ahead],
     ) -> AttemptResult:
         """Make ``child`` this attempt's (its cancel stops it), send ``message``
         (``b""`` if it was sent ahead) and wait for the outcome."""
@@ -229,18 +235,19 @@ class ProcessSlot:
         # Called at once if already cancelled: an attempt sent ahead may be
         # running in the child by now, and this stops it.
         control.on_cancel(functools.partial(child.terminate, token))
-        reply = self._exchange(child, spec, control, message, ahead)
+        reply = self._exchange(child, spec, control, message, following)
         if reply is not None:
             return self._reply_result(spec, child, reply)
         return self._end_of_child(spec, control, child)
 
     def _take_ahead(self, spec: AttemptSpec) -> _Ahead | None:
         """The record of ``spec`` sent ahead, if it was; replace a child holding another."""
-        sent, self._ahead = self._ahead, None
-        if sent is None:
+        if not self._ahead:
             return None
+        sent = self._ahead.popleft()
         if sent.key == _key(spec):
             return sent
+        self._ahead.clear()  # all behind it went to the same child
         if sent.child is self._state.child:
             # Its pipe holds (or it runs) an attempt nobody will wait for: a fresh
             # child is the only way to keep replies matched to attempts.
@@ -266,23 +273,39 @@ class ProcessSlot:
             child.sent_path = path
         return message
 
-    def _send_ahead(self, child: Child, ahead: Ahead | None) -> None:
-        """Write the next attempt into the pipe behind the current one, if it may go.
+    def _send_ahead(self, child: Child, following: Sequence[Ahead]) -> None:
+        """Write the next attempts into the pipe behind the current one, those that may go.
 
-        Only an attempt without a deadline (its time must start when it does),
-        not cancelled, to a child that has booted, and small enough for one
-        whole-or-nothing write; ``_ahead`` records it.
+        In order, and up to the first that may not: only attempts without a
+        deadline (its time must start when it does), not cancelled, to a child
+        that has booted, together small enough for one whole-or-nothing write;
+        ``_ahead`` records them.  Those already in the pipe are skipped.
         """
-        message = self._ahead_message(child, ahead)
-        if message and child.send_whole(message):
-            assert ahead is not None
-            self._ahead = _Ahead(_key(ahead[0]), child, replied=False)
+        # Records of an earlier child are stale here: this attempt is going to ``child``,
+        # so those behind it never started there, and go again in order.
+        if self._ahead and self._ahead[0].child is not child:  # all are for one child
+            self._ahead.clear()
+        if not following or not child.ready:
+            return
+        queued = len(self._ahead)
+        if [sent.key for sent in self._ahead] != [_key(s) for s, _ in following[:queued]]:
+            return  # not what the caller runs next: its next call replaces the child
+        keys: list[tuple[str, str, int]] = []
+        messages: list[bytes] = []
+        size = 0
+        for spec, control in following[queued:]:
+            key = _key(spec)
+            message = self._ahead_message(child, spec, control)
+            size += len(message)
+            if not message or size > _AHEAD_MAX:
+                break
+            keys.append(key)
+            messages.append(message)
+        if messages and child.send_whole(b"".join(messages)):
+            self._ahead.extend(_Ahead(key, child, replied=False) for key in keys)
 
-    def _ahead_message(self, child: Child, ahead: Ahead | None) -> bytes:
-        if ahead is None:
-            return b""
-        spec, control = ahead
-        if spec.deadline is not None or control.is_cancelled or not child.ready:
+    def _ahead_message(self, child: Child, spec: AttemptSpec, control: AttemptControl) -> bytes:
+        if spec.deadline is not None or control.is_cancelled:
             return b""
         try:
             fn_payload, args = payload_and_args(spec)
@@ -291,8 +314,7 @@ class ProcessSlot:
         if args.fds:  # descriptors go just before their message, which must not wait
             args.close()
             return b""
-        message = self._message(child, spec, fn_payload, args)
-        return message if len(message) <= _AHEAD_MAX else b""
+        return self._message(child, spec, fn_payload, args)
 
     def _exchange(
         self,
@@ -300,7 +322,7 @@ class ProcessSlot:
         spec: AttemptSpec,
         control: AttemptControl,
         message: bytes,
-        ahead: Ahead | None = None,
+        following: Sequence[Ahead] = (),
     ) -> Received | None:
         """Send the attempt (if not sent yet) and maybe the next one behind it, then
         wait for its reply (``None``: the child died first)."""
@@ -309,16 +331,15 @@ class ProcessSlot:
         if pending:
             child.poller.register(child.cmd_w, select.POLLOUT)
         else:
-            self._send_ahead(child, ahead)  # never interleaved with a part-sent message
+            self._send_ahead(child, following)  # never interleaved with a part-sent message
         try:
             reply = self._await_reply(child, spec, control, pending)
         finally:
             if pending:  # registered above; the poller outlives this attempt
                 with contextlib.suppress(KeyError):
                     child.poller.unregister(child.cmd_w)
-        sent = self._ahead
-        if sent is not None and sent.child is child and reply is not None:
-            self._ahead = sent._replace(replied=True)
+        if reply is not None and self._ahead and self._ahead[0].child is child:
+            self._ahead[0] = self._ahead[0]._replace(replied=True)
         return reply
 
     def _await_reply(
@@ -330,8 +351,8 @@ class ProcessSlot:
         if early is not None and child.claim_reply():
             return early
         while True:
-            ready = child.poller.poll(_poll_ms(child, spec, control))
-            pending, reading, dead = _serve(child, ready, pending, reading=reading)
+            ready = child.poller.poll(poll_ms(child, spec, control))
+            pending, reading, dead = serve(child, ready, pending, reading=reading)
             reply = child.take_reply()
             if reply is None and (dead or (child.pidfd is None and child.has_exited())):
                 reply = child.drain()
@@ -340,12 +361,11 @@ class ProcessSlot:
                 return reply
             if dead or (not reading and child.pidfd is None and child.has_exited()):
                 return None
-            _enforce_deadline(child, spec, control)
+            enforce_deadline(child, spec, control)
 
     def _reply_result(self, spec: AttemptSpec, child: Child, reply: Received) -> AttemptResult:
         result = reply_result(spec, *reply)
-        sent = self._ahead
-        if sent is not None and sent.child is child:
+        if self._ahead and self._ahead[0].child is child:
             # The next attempt is in its pipe, and waiting for it watches the pidfd:
             # a death now is seen there, as that attempt's crash (as it would be here).
             return result
@@ -423,69 +443,20 @@ class ProcessSlot:
             self._retire(child, respawn=respawn)
 
 
-# -- the loop's events and timing ----------------------------------------------------------
+# -- helpers ----------------------------------------------------------------------------------
 
 
-def _serve(
-    child: Child, ready: list[tuple[int, int]], pending: memoryview, *, reading: bool
-) -> tuple[memoryview, bool, bool]:
-    """Serve one poll's ready descriptors: read replies, send the rest, drain a wake-up.
-
-    Returns what is still to send, whether the reply pipe is still open, and
-    whether the child is dead (its pidfd became readable).
-    """
-    dead = False
-    for fd, _events in ready:
-        if fd == child.res_r:
-            reading = child.read_some()
-            if not reading:
-                child.poller.unregister(child.res_r)
-        elif fd == child.cmd_w:
-            pending = child.send_some(pending)
-            if not pending:
-                child.poller.unregister(child.cmd_w)
-        elif fd == child.wake_r:
-            child.drain_wake()
-        else:
-            dead = True
-    return pending, reading, dead
+def _following(ahead: Ahead | Sequence[Ahead] | None) -> Sequence[Ahead]:
+    """``run``'s ``ahead`` as a sequence: one attempt (the protocol's form), or several."""
+    if not ahead:
+        return ()
+    if isinstance(ahead[0], AttemptSpec):
+        return (cast("Ahead", ahead),)
+    return cast("Sequence[Ahead]", ahead)
 
 
 def _key(spec: AttemptSpec) -> tuple[str, str, int]:
     return (spec.run_id, spec.step_id, spec.attempt)
-
-
-def _poll_ms(child: Child, spec: AttemptSpec, control: AttemptControl) -> int | None:
-    """How long the next poll may block: until the deadline, the end of grace, or forever."""
-    if spec.deadline is None and child.pidfd is not None and not control.is_cancelled:
-        return None  # the common case, without the lock: only a reply or an event ends it
-    now = time.monotonic()
-    waits: list[float] = []
-    with child.lock:
-        term_at, killed = child.term_at, child.killed_after_grace
-    if not control.is_cancelled:
-        if spec.deadline is not None:
-            waits.append(spec.deadline - now)
-    elif term_at is None:
-        waits.append(0.0)  # cancelled, but our canceller has not run yet: look again soon
-    elif not killed:
-        waits.append(term_at + spec.kill_grace - now)
-    if child.pidfd is None:
-        waits.append(_FALLBACK_POLL_S)
-    if not waits:
-        return None
-    return max(0, math.ceil(min(waits) * 1000))
-
-
-def _enforce_deadline(child: Child, spec: AttemptSpec, control: AttemptControl) -> None:
-    if not control.is_cancelled:
-        if spec.deadline is not None and time.monotonic() >= spec.deadline:
-            control.cancel("timeout")  # runs our canceller (SIGTERM) like the engine would
-        return
-    # Normally a no-op: our canceller ran inside control.cancel.  It is repeated here in
-    # case another canceller registered before ours raised and ours was never called.
-    child.terminate(child.token)
-    child.escalate(grace=spec.kill_grace)
 
 
 def open_slot(name: str) -> ProcessSlot:
