@@ -904,3 +904,24 @@ def test_a_batch_stops_being_sent_ahead_at_an_attempt_with_a_deadline(
     for i in (1, 2):
         assert warm.run(specs[i], AttemptControl(), ahead=_chain(specs, i)).kind == "ok"
     assert _ran(pub) == ["first", "timed", "behind"]
+
+
+def test_a_sys_path_change_reaches_the_child_when_its_message_could_not_go_ahead(
+    warm: ProcessSlot, pub: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first message built after sys.path changed carries the new path.  Here that is
+    # one too large to go ahead: it is not sent then, so the path must still go with it.
+    first, second = _queued(STEPS.mark, "first", pub), _queued(STEPS.mark, "second", pub)
+    assert warm.run(first, AttemptControl(), ahead=(second, AttemptControl())).kind == "ok"
+    module = "stepvisor_test_latepath"
+    folder = tmp_path / "late"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text("def step(ctx):\n    return {'ok': True}\n")
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    late = _queued(__import__(module).step, "late", {"pad": "x" * 8192})  # > PIPE_BUF
+    assert warm.run(second, AttemptControl(), ahead=[(late, AttemptControl())]).kind == "ok"
+    result = warm.run(late, AttemptControl())
+    monkeypatch.delitem(sys.modules, module)
+    assert result.kind == "ok", result
+    assert result.outputs == {"ok": True}

@@ -293,6 +293,7 @@ class ProcessSlot:
         keys: list[tuple[str, str, int]] = []
         messages: list[bytes] = []
         size = 0
+        path_before = child.sent_path  # a message carrying sys.path may not go after all
         for spec, control in following[queued:]:
             key = _key(spec)
             message = self._ahead_message(child, spec, control)
@@ -303,6 +304,8 @@ class ProcessSlot:
             messages.append(message)
         if messages and child.send_whole(b"".join(messages)):
             self._ahead.extend(_Ahead(key, child, replied=False) for key in keys)
+        elif child.sent_path is not path_before:
+            child.sent_path = path_before
 
     def _ahead_message(self, child: Child, spec: AttemptSpec, control: AttemptControl) -> bytes:
         if spec.deadline is not None or control.is_cancelled:
