@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, ClassVar, Final
 
-from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, stop_error
+from stepvisor.backends.base import AttemptResult, AttemptSpec, Following, stop_error
 from stepvisor.clock import FakeClock
 from stepvisor.context import AttemptControl
 from stepvisor.errors import WorkerCrashedError
@@ -92,7 +92,7 @@ class FakeBackend:
         self._event(self._released, step_id).set()
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Following | None = None
     ) -> AttemptResult:
         del ahead
         with self._lock:

@@ -13,9 +13,10 @@ closed when it stops).  Whatever the step does, the Worker reports an
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 import pykka
@@ -23,7 +24,7 @@ import pykka
 from stepvisor._log import log
 from stepvisor.actors._outbox import send_outcomes
 from stepvisor.actors.messages import AttemptDone, ReplyTo, RunAttempt, RunBatch, Warm
-from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, Backend, run_guarded
+from stepvisor.backends.base import AttemptResult, AttemptSpec, Backend, Following, run_guarded
 from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
 from stepvisor.errors import InvalidSettingError
@@ -181,7 +182,7 @@ class _Unavailable:
         self._error = error
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Following | None = None
     ) -> AttemptResult:
         raise self._error
 
@@ -207,8 +208,8 @@ class Worker(pykka.ThreadingActor):
         self.services = services
         self._backends: dict[str, Backend] = {}
         self._owned: list[Backend] = []
-        #: The attempt last passed to a backend as ``ahead``: it may have started it.
-        self._offered: RunAttempt | None = None
+        #: The attempts last passed to a backend as ``ahead``: it may have started them.
+        self._offered: tuple[RunAttempt, ...] = ()
 
     def on_start(self) -> None:
         thread = threading.current_thread()
@@ -277,7 +278,7 @@ class Worker(pykka.ThreadingActor):
         first_held = 0.0
         last = len(attempts) - 1
         for i, attempt in enumerate(attempts):
-            done = self._run(attempt, attempts[i + 1] if i < last else None)
+            done = self._run(attempt, attempts[i + 1 :])
             if not held:
                 first_held = time.monotonic()
             held.append(done)
@@ -297,17 +298,20 @@ class Worker(pykka.ThreadingActor):
         if not send_outcomes(reply_to, outcomes):
             log.debug("supervisor gone; dropped the outcomes of %d attempts", len(outcomes))
 
-    def _run(self, message: RunAttempt, following: RunAttempt | None = None) -> AttemptDone:
+    def _run(self, message: RunAttempt, following: Sequence[RunAttempt] = ()) -> AttemptDone:
         spec = message.spec
         started_wall = time.time()
         started = time.monotonic()
         backend = self._backend(message.executor)
-        ahead: Ahead | None = None
-        if following is not None and backend.sends_ahead and following.executor == message.executor:
-            ahead = (following.spec, following.control)
-        offered = self._offered is message
-        self._offered = following if ahead is not None else None
-        result = run_guarded(backend, spec, message.control, ahead, offered=offered)
+        offered = any(attempt is message for attempt in self._offered)
+        self._offered = ()
+        if backend.sends_ahead:
+            # The rest of the batch on this backend, in order: it may send them all.
+            self._offered = tuple(
+                itertools.takewhile(lambda a: a.executor == message.executor, following)
+            )
+        ahead = tuple((attempt.spec, attempt.control) for attempt in self._offered)
+        result = run_guarded(backend, spec, message.control, ahead or None, offered=offered)
         return AttemptDone(
             spec.step_id,
             spec.attempt,

@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 
 from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import (
-    Ahead,
     AttemptResult,
     AttemptSpec,
+    Following,
     backend_bug,
     format_error,
     stop_error,
@@ -70,7 +70,7 @@ class LoopThread:
             self.loop.close()
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Following | None = None
     ) -> AttemptResult:
         """Run one async attempt; blocks the calling thread until it ends."""
         del ahead

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NamedTuple, Protocol
 
@@ -45,6 +45,7 @@ __all__ = [
     "AttemptResult",
     "AttemptSpec",
     "Backend",
+    "Following",
     "ResultKind",
     "backend_bug",
     "caused",
@@ -99,8 +100,10 @@ class AttemptResult:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-#: The attempt a Worker will run next on the same backend, if it knows it.
+#: An attempt a Worker will run next on the same backend.
 Ahead = tuple[AttemptSpec, "AttemptControl"]
+#: What ``run`` is told of the attempts after this one: the next, or the next few in order.
+Following = Ahead | Sequence[Ahead]
 
 
 class Backend(Protocol):
@@ -120,7 +123,7 @@ class Backend(Protocol):
     sends_ahead: ClassVar[bool]
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Following | None = None
     ) -> AttemptResult:
         """Run one attempt; block until it ends."""
         ...
@@ -266,7 +269,7 @@ def run_guarded(
     backend: Backend,
     spec: AttemptSpec,
     control: AttemptControl,
-    ahead: Ahead | None = None,
+    ahead: Following | None = None,
     *,
     offered: bool = False,
 ) -> AttemptResult:

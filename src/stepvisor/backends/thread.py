@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from stepvisor.backends._wire import check_outputs, trace_context
-from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, format_error
+from stepvisor.backends.base import AttemptResult, AttemptSpec, Following, format_error
 from stepvisor.context import AttemptControl, StepContext
 from stepvisor.errors import StepCancelledError, StepTimeoutError
 
@@ -72,7 +72,7 @@ class ThreadBackend:
     sends_ahead: ClassVar[bool] = False
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Following | None = None
     ) -> AttemptResult:
         del ahead
         return call_step(spec, control)

@@ -38,9 +38,9 @@ from typing import Any, ClassVar, Final
 from stepvisor._log import log as _root_log
 from stepvisor.backends._wire import Reply, Returned
 from stepvisor.backends.base import (
-    Ahead,
     AttemptResult,
     AttemptSpec,
+    Following,
     caused,
     format_error,
     not_started,
@@ -163,7 +163,7 @@ class RayBackend:
         Session.release(self._ray)
 
     def run(
-        self, spec: AttemptSpec, control: AttemptControl, ahead: Ahead | None = None
+        self, spec: AttemptSpec, control: AttemptControl, ahead: Following | None = None
     ) -> AttemptResult:
         """Run one attempt as a Ray task; block until it ends; return how it ended."""
         del ahead
