@@ -105,9 +105,14 @@ def _payloads(wf: Workflow, executors: tuple[str, ...]) -> dict[str, bytes]:
         return payloads
     from stepvisor.backends.process import prepare_payload  # noqa: PLC0415
 
+    # Many steps share a function: pickle each once (the workflow keeps it alive meanwhile).
+    made: dict[int, bytes] = {}
     for step, executor in zip(_in_canonical_order(wf), executors, strict=True):
         if executor in ("process", "ray"):
-            payloads[step.id] = prepare_payload(step.id, step.fn)
+            payload = made.get(id(step.fn))
+            if payload is None:
+                payload = made[id(step.fn)] = prepare_payload(step.id, step.fn)
+            payloads[step.id] = payload
     return payloads
 
 
