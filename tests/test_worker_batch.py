@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -107,3 +107,42 @@ def test_nothing_is_held_past_report_within(worker: Any, monkeypatch: pytest.Mon
     inbox = Inbox()
     worker.tell(RunBatch(tuple(_attempt(f"s{i}", ok, inbox) for i in range(3))))
     assert _shape(inbox.outcomes(3)) == [["s0"], ["s1"], ["s2"]]
+
+
+class AheadRecorder:
+    """A backend that sends ahead: records what each ``run`` was offered, runs nothing."""
+
+    sends_ahead: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def run(self, spec: AttemptSpec, control: AttemptControl, ahead: Any = None) -> Any:
+        from stepvisor.backends.base import AttemptResult  # noqa: PLC0415
+
+        self.calls.append((spec.step_id, [s.step_id for s, _ in ahead or ()]))
+        return AttemptResult(kind="ok")
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_a_backend_that_sends_ahead_is_offered_the_rest_of_the_batch_on_it() -> None:
+    backend = AheadRecorder()
+    services = WorkerServices(
+        shared={"thread": ThreadBackend, "process": lambda: backend},
+        register_thread=lambda t: None,
+    )
+    ref = Worker.start("wb2", services)
+    try:
+        inbox = Inbox()
+        batch = [_attempt(sid, ok, inbox) for sid in ("a", "b", "c", "d")]
+        batch = [a._replace(executor="process") for a in batch[:3]] + batch[3:]
+        batch[2].control.cancel("cancel")  # offered ahead: the backend may have started it
+        ref.tell(RunBatch(tuple(batch)))
+        inbox.outcomes(4)
+    finally:
+        ref.stop()
+    # In order, up to the first attempt on another backend ("d" runs on threads); "c",
+    # cancelled but offered, still goes to the backend, which alone can stop it.
+    assert backend.calls == [("a", ["b", "c"]), ("b", ["c"]), ("c", [])]
