@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PY) -m compileall -q src
 	touch $(STAMP)
 
 demo: venv
@@ -59,7 +60,10 @@ client-test: venv
 			$(PY) -m pytest tests/client; \
 	fi
 
+# Bytecode compiled first: with PYTHONDONTWRITEBYTECODE set (as on these machines) every
+# process child would otherwise compile stepvisor's modules again as it boots.
 bench: venv
+	$(PY) -m compileall -q src
 	$(PY) -m benchmarks
 
 bench-quick: venv
