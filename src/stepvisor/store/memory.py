@@ -10,11 +10,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, Final
 
 from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.base import RunInfo, StoredRun
+
+#: What a step that created nothing stored: one shared read-only mapping rather
+#: than an empty dict per step (a million-step run made a million of them).
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
 
 __all__ = ["MemoryStore"]
 
@@ -70,7 +75,7 @@ class MemoryStore:
         with self._lock:
             self._steps[run_id][record.step_id] = record
             if outputs is not None:
-                self._outputs[run_id][record.step_id] = dict(outputs)
+                self._outputs[run_id][record.step_id] = _kept(outputs)
 
     def save_step_batch(
         self, run_id: str, items: Sequence[tuple[StepRecord, Mapping[str, Any] | None]]
@@ -81,7 +86,7 @@ class MemoryStore:
             for record, outputs in items:
                 table[record.step_id] = record
                 if outputs is not None:
-                    self._outputs[run_id][record.step_id] = dict(outputs)
+                    self._outputs[run_id][record.step_id] = _kept(outputs)
 
     def save_steps(self, run_id: str, records: Sequence[StepRecord]) -> None:
         with self._lock:
@@ -135,3 +140,8 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _kept(outputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A copy of a step's outputs to keep (the caller's dict may change later)."""
+    return dict(outputs) if outputs else _NOTHING
