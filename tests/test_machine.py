@@ -40,7 +40,6 @@ from stepvisor.core.messages import (
     Message,
     RetryDue,
     SlotReady,
-    SlotsReady,
     Start,
 )
 from stepvisor.core.state import StepStatus
@@ -509,26 +508,3 @@ def test_a_backoff_counts_from_when_the_attempt_ended(ended_before: float, expec
     assert timer.due == pytest.approx(now + expected)
     record = machine.state.record("a")
     assert record.attempts[0].delay_after == pytest.approx(0.5)  # the backoff chosen, as recorded
-
-
-def test_slots_ready_together_dispatch_what_they_would_one_by_one() -> None:
-    def dispatched(together: bool) -> list[tuple[str, list[str]]]:
-        wf = wf_of({f"s{i}": [] for i in range(5)})
-        machine = RunMachine(make_plan(wf, max_parallel=3))
-        start = machine.handle(Start(), now=0.0, wall=WALL0)
-        slots = [e.slot for e in start if isinstance(e, AddSlot)]
-        assert len(slots) == 3
-        if together:
-            effects = machine.handle(SlotsReady(tuple(slots)), now=0.0, wall=WALL0)
-        else:
-            effects = [
-                e for slot in slots for e in machine.handle(SlotReady(slot), now=0.0, wall=WALL0)
-            ]
-        return sorted(
-            (e.slot, [o.spec.step_id for o in e.orders]) for e in effects if isinstance(e, Dispatch)
-        )
-
-    for together in (True, False):
-        orders = dispatched(together)
-        assert sorted(slot for slot, _ in orders) == ["w1", "w2", "w3"]  # one each
-        assert sorted(sid for _, sids in orders for sid in sids) == ["s0", "s1", "s2"]

@@ -73,7 +73,6 @@ from stepvisor.core.messages import (
     Message,
     OutputsSaved,
     SlotReady,
-    SlotsReady,
 )
 from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
@@ -303,34 +302,15 @@ class RunShell:
         return later
 
     def _add_slot(self, effect: AddSlot) -> None:
-        if self._needs_workers:
-            self._lease(effect.slot, bind=True)
-            return
-        # No Worker to wait for (every attempt is submitted): lease the slots
-        # asked for together and tell the machine once, which dispatches once.
-        slots, pending = [effect.slot], self._pending
-        while pending and isinstance(pending[0], AddSlot):
-            slots.append(pending.popleft().slot)  # type: ignore[union-attr]
-        ready = [slot for slot in slots if self._lease(slot, bind=False)]
-        if ready:
-            self._slots_ready(ready)
-
-    def _lease(self, slot: str, *, bind: bool) -> bool:
-        """Lease a slot of the engine's bound for ``slot``, or queue for one; True if leased."""
-        tell = self._tell
+        slot, tell = effect.slot, self._tell
 
         def deliver(lease: Lease) -> None:
             if not tell(SlotGranted(slot, lease)):  # the engine is gone
                 self._pool.give_back(lease)
 
         lease = self._pool.lease(self, deliver)
-        if lease is None:
-            return False
-        if bind:
+        if lease is not None:
             self._bind(slot, lease)
-        else:
-            self._leases[slot] = lease
-        return True
 
     def _bind(self, slot: str, lease: Lease) -> None:
         """``lease`` serves ``slot``: tell the machine, which may dispatch at once."""
@@ -342,15 +322,16 @@ class RunShell:
             worker = self._pool.attach(lease)
             if self._warm:
                 worker.tell(Warm(self._warm))
-        self._slots_ready([slot])
-
-    def _slots_ready(self, slots: list[str]) -> None:
-        # What the slots can start now goes first, before the rest of the effects
+        # What the slot can start now goes first, before the rest of the effects
         # already queued (more AddSlots, at a run's start): the first attempts
         # start as their Workers come up, not after every slot has been set up.
-        message = SlotReady(slots[0]) if len(slots) == 1 else SlotsReady(tuple(slots))
-        now, wall = self.clock.monotonic(), self.clock.wall()
-        self._pending.extendleft(reversed(self.machine.handle(message, now=now, wall=wall)))
+        self._pending.extendleft(
+            reversed(
+                self.machine.handle(
+                    SlotReady(slot), now=self.clock.monotonic(), wall=self.clock.wall()
+                )
+            )
+        )
 
     def _release_slot(self, effect: ReleaseSlot) -> None:
         self._pool.give_back(self._leases.pop(effect.slot))

@@ -81,7 +81,6 @@ from stepvisor.core.messages import (
     RetryDue,
     RunDeadline,
     SlotReady,
-    SlotsReady,
     Start,
 )
 from stepvisor.core.model import Step, Workflow
@@ -182,7 +181,6 @@ class RunMachine(Settling):
             RunDeadline: self._on_run_deadline,
             CancelRun: self._on_cancel,
             SlotReady: self._on_slot_ready,
-            SlotsReady: self._on_slots_ready,
             Start: self._on_start,
         }
 
@@ -346,10 +344,6 @@ class RunMachine(Settling):
 
     def _on_slot_ready(self, msg: SlotReady) -> None:
         self._slots.ready(msg.slot)
-
-    def _on_slots_ready(self, msg: SlotsReady) -> None:
-        for slot in msg.slots:
-            self._slots.ready(slot)
 
     def _dispatch(self, r: int, slot: str) -> AttemptOrder:
         """Record the start of ``r``'s next attempt on ``slot``; return its order.

@@ -29,7 +29,6 @@ __all__ = [
     "RetryDue",
     "RunDeadline",
     "SlotReady",
-    "SlotsReady",
     "Start",
 ]
 
@@ -86,12 +85,6 @@ class SlotReady(NamedTuple):
     slot: str
 
 
-class SlotsReady(NamedTuple):
-    """Several slots are there at once (a run whose attempts all submit, at its start)."""
-
-    slots: tuple[str, ...]
-
-
 class DeadlineReached(NamedTuple):
     """An attempt's deadline (its own timeout, or the run's deadline) is due."""
 
@@ -130,7 +123,6 @@ Message = (
     | AttemptsDone
     | OutputsSaved
     | SlotReady
-    | SlotsReady
     | DeadlineReached
     | GraceExpired
     | RetryDue
