@@ -268,8 +268,9 @@ class Worker(pykka.ThreadingActor):
         The Supervisor hands a batch only to a slot whose attempts are tiny, and
         a message per outcome would cost it more than the attempts do.  So the
         success of a step with no dependants (``may_hold``) is held, and sent
-        with the next outcomes, until the batch ends or ``REPORT_WITHIN`` has
-        passed since the first one held.  Anything else (a failure, which may
+        with the next outcomes, until the batch ends or an attempt ends
+        ``REPORT_WITHIN`` or more after the first one held (a long attempt in
+        the batch holds them until it ends).  Anything else (a failure, which may
         stop the run, or a success others wait for) is reported at once, with
         whatever was held.  A held outcome delays no other step; at worst its
         record says ``running`` while the next attempt of the batch runs.

@@ -56,10 +56,11 @@ class AttemptsDone(NamedTuple):
 
     A Worker given a batch of tiny attempts (prefetch) reports them together
     rather than one message each: a message costs the Supervisor more than
-    settling a no-op attempt.  It holds an outcome at most ``REPORT_WITHIN``
-    seconds (see :mod:`stepvisor.actors.worker`), so a dependant waits at most
-    that much longer.  The machine settles each in turn, exactly as if they
-    had come one by one; only the dispatch that follows is decided once.
+    settling a no-op attempt.  It holds only successes of steps nothing depends
+    on, and only until about ``REPORT_WITHIN`` has passed (see
+    :mod:`stepvisor.actors.worker`), so no other step waits for them.  The
+    machine settles each in turn, exactly as if they had come one by one; only
+    the dispatch that follows is decided once.
     """
 
     outcomes: tuple[AttemptDone, ...]
