@@ -187,6 +187,14 @@ def test_a_step_batch_reads_back_as_the_same_saves_one_by_one(tmp_path: Path) ->
     assert stored_outputs == {"b": {}, "c": {"rows": [1, 2], "ä": None}}
 
 
+def test_a_step_twice_in_one_batch_keeps_its_last_transition(store: RunStore) -> None:
+    # An abandoned attempt's record is written, then its note: back to back, one batch.
+    store.begin_run(run_info(), [StepRecord("a")])
+    last = StepRecord("a", StepStatus.FAILED, (full_attempt(1), full_attempt(2)))
+    save_step_batch(store, "run-1", [(running("a"), None), (last, None)])
+    assert store.load("run-1").steps == {"a": last}
+
+
 def test_a_step_batch_with_a_value_the_codec_refuses_writes_nothing(tmp_path: Path) -> None:
     with SQLiteStore(tmp_path / "runs.db", clock=FakeClock(wall_start=T0)) as store:
         store.begin_run(run_info(), [StepRecord("a"), StepRecord("b")])

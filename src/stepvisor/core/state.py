@@ -304,17 +304,7 @@ class RunState(NamedTuple):
         if outputs:
             outputs_table = _table_set(outputs_table, rank, pmap(outputs))
         i, done = _terminal_prefix(records, self.committed, len(self.order))
-        return RunState(
-            self.run_id,
-            self.workflow_id,
-            self.order,
-            self.rank,
-            records,
-            outputs_table,
-            self.status,
-            i,
-            self.error,
-        ), done
+        return self._evolve(records=records, outputs=outputs_table, committed=i), done
 
     def commit_ready(self) -> tuple[RunState, list[str]]:
         """Fold every terminal step at the head of the canonical order.

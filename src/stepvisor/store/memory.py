@@ -72,10 +72,7 @@ class MemoryStore:
     def save_step(
         self, run_id: str, record: StepRecord, outputs: Mapping[str, Any] | None = None
     ) -> None:
-        with self._lock:
-            self._steps[run_id][record.step_id] = record
-            if outputs is not None:
-                self._outputs[run_id][record.step_id] = _kept(outputs)
+        self.save_step_batch(run_id, ((record, outputs),))
 
     def save_step_batch(
         self, run_id: str, items: Sequence[tuple[StepRecord, Mapping[str, Any] | None]]
