@@ -91,21 +91,23 @@ class LoopThread:
         A burst of submissions wakes the loop once: the first one queues a
         drain, the rest join it (a wake-up is a write to the loop's self-pipe).
         """
-        if self.loop.is_closed():
-            done(backend_bug(spec, RuntimeError("the engine's event loop is closed")))
-            return
         with self._incoming_lock:
             first = not self._incoming
             self._incoming.append((spec, control, done))
-        if not first:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError as exc:  # the loop is closed: what waits here ends now
-            with self._incoming_lock:
-                waiting, self._incoming = self._incoming, []
-            for spec_, _control, done_ in waiting:
-                done_(backend_bug(spec_, exc))
+        if self.loop.is_closed():
+            self._end_waiting(RuntimeError("the engine's event loop is closed"))
+        elif first:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError as exc:  # it closed meanwhile
+                self._end_waiting(exc)
+
+    def _end_waiting(self, exc: BaseException) -> None:
+        """The loop is closed: every attempt still waiting to start ends now, as a bug."""
+        with self._incoming_lock:
+            waiting, self._incoming = self._incoming, []
+        for spec, _control, done in waiting:
+            done(backend_bug(spec, exc))
 
     def _drain(self) -> None:
         with self._incoming_lock:
@@ -144,6 +146,8 @@ class LoopThread:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5.0)
+        if not self.thread.is_alive():  # submitted, but the loop stopped before it started
+            self._end_waiting(RuntimeError("the engine's event loop closed before it started"))
 
 
 class _Running:
