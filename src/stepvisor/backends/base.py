@@ -23,11 +23,11 @@ which when it hands them to the Workers
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NamedTuple, Protocol
 
+from stepvisor.backends._traceback import format_error
 from stepvisor.backends._wire import Raised, Unsendable, rebuild_error
 from stepvisor.errors import (
     StepCancelledError,
@@ -152,30 +152,6 @@ def stop_error(spec: AttemptSpec, reason: str | None, how: str) -> StepError:
         step_id=spec.step_id,
         attempt=spec.attempt,
     )
-
-
-def format_error(exc: BaseException) -> str:
-    """The traceback text of ``exc``, as a result's ``traceback`` holds it.
-
-    It is the standard text without the caret lines (``^^^^``) Python 3.11+
-    adds under a line: working them out parses every source line again, and
-    that was half the cost of a failed attempt on the Worker's thread (about
-    20 of 40 µs for three frames), paid by every failure in a retry storm.
-    File, line, function, source, chained causes and notes are all kept.
-    """
-    report = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
-    seen: set[int] = set()
-    todo = [report]
-    while todo:
-        part = todo.pop()
-        if id(part) in seen:
-            continue
-        seen.add(id(part))
-        for frame in part.stack:
-            frame.colno = None  # no column: no carets
-        todo += [link for link in (part.__cause__, part.__context__) if link is not None]
-        todo += getattr(part, "exceptions", None) or []
-    return "".join(report.format())
 
 
 def remote_failure(
