@@ -43,6 +43,7 @@ from stepvisor.core.messages import (
     Start,
 )
 from stepvisor.core.state import StepStatus
+from stepvisor.policies.retry import FailureKind
 from tests.machine_sim import WALL0, Sim, first, make_plan, noop
 
 RETRY2 = sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.fixed(0.5, jitter="none"))
@@ -508,3 +509,41 @@ def test_a_backoff_counts_from_when_the_attempt_ended(ended_before: float, expec
     assert timer.due == pytest.approx(now + expected)
     record = machine.state.record("a")
     assert record.attempts[0].delay_after == pytest.approx(0.5)  # the backoff chosen, as recorded
+
+
+def test_a_jittered_backoff_already_past_when_taken_in_is_spread_over_what_remains() -> None:
+    # A failure the shell takes in 0.15 s after it ended, with full jitter over
+    # [0, 0.2]: the delay recorded is one the policy gives for that lateness
+    # (in [0.15, 0.2]), and the timer waits only what is left of it.
+    policy = sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.exponential(initial=0.2, cap=0.2))
+    late = 0.15
+    for sid in ("a", "b", "c", "d", "e", "f"):
+        wf = wf_of({sid: []}, retry=policy)
+        machine = RunMachine(make_plan(wf))
+        now, wall = 10.0, WALL0 + 10.0
+        pending = list(machine.handle(Start(), now=now, wall=wall))
+        dispatch = None
+        while pending:
+            effect = pending.pop(0)
+            if isinstance(effect, AddSlot):
+                pending += machine.handle(SlotReady(effect.slot), now=now, wall=wall)
+            elif isinstance(effect, Dispatch):
+                dispatch = effect
+        assert dispatch is not None
+        error = AttemptResult(kind="error", error=ConnectionError("down"))
+        done = AttemptDone(sid, 1, dispatch.slot, error, wall - 1.0, wall - late, 0.5)
+        effects = machine.handle(done, now=now, wall=wall)
+        (timer,) = [e for e in effects if isinstance(e, SetTimer) and e.key[0] == "retry"]
+        chosen = machine.state.record(sid).attempts[0].delay_after
+        assert chosen is not None
+        expected = policy.decide(
+            error=ConnectionError("down"),
+            kind=FailureKind.ERROR,
+            attempt=1,
+            seed=make_plan(wf).seed,
+            step_id=sid,
+            late=late,
+        ).delay
+        assert chosen == pytest.approx(expected, abs=1e-6)
+        assert late <= chosen <= 0.2
+        assert timer.delay == pytest.approx(chosen - late, abs=1e-6)  # wall-clock floats

@@ -614,3 +614,76 @@ def test_jitter_draws_from_the_key_earlier_versions_used(step_id: str) -> None:
         peak = min(60.0, 1.0 * 2 ** (attempt - 1))
         expected = rng.uniform(0.0, peak)
         assert policy.delays(attempt, seed=42, step_id=step_id)[-1] == pytest.approx(expected)
+
+
+# -- a failure decided on late -----------------------------------------------------
+
+
+def _late(policy: RetryPolicy, step_id: str, late: float, attempt: int = 1) -> float:
+    return policy.decide(
+        error=ConnectionError("down"),
+        kind=FailureKind.ERROR,
+        attempt=attempt,
+        seed=7,
+        step_id=step_id,
+        late=late,
+    ).delay
+
+
+JITTERED = RetryPolicy(max_attempts=3, backoff=Backoff.exponential(initial=0.2, cap=1.0))
+
+
+def test_a_failure_decided_on_at_once_keeps_its_drawn_delay() -> None:
+    for i in range(50):
+        drawn = JITTERED.delays(1, seed=7, step_id=f"s{i}")[0]
+        assert _late(JITTERED, f"s{i}", 0.0) == drawn
+
+
+def test_a_jittered_delay_already_past_is_spread_over_what_remains_of_its_window() -> None:
+    late = 0.15
+    delays = [_late(JITTERED, f"s{i}", late) for i in range(2000)]
+    drawn = [JITTERED.delays(1, seed=7, step_id=f"s{i}")[0] for i in range(2000)]
+    assert all(late <= d <= 0.2 for d in delays)
+    # A draw that was not yet past is kept as it was ...
+    assert all(d == x for d, x in zip(delays, drawn, strict=True) if x >= late)
+    # ... and the others land evenly over [late, 0.2], not all at ``late``.
+    moved = [d for d, x in zip(delays, drawn, strict=True) if x < late]
+    assert len(moved) > 1000
+    assert sum(moved) / len(moved) == pytest.approx((late + 0.2) / 2, abs=0.005)
+    first_tenth = sum(1 for d in moved if d < late + 0.005)  # uniform: about a tenth
+    assert first_tenth < len(moved) * 0.15
+
+
+def test_a_late_delay_is_still_a_function_of_the_seed_step_and_lateness() -> None:
+    assert _late(JITTERED, "s1", 0.1) == _late(JITTERED, "s1", 0.1)
+    assert _late(JITTERED, "s1", 0.1) != _late(JITTERED, "s2", 0.1)
+
+
+def test_a_window_already_over_gives_its_longest_delay() -> None:
+    assert _late(JITTERED, "s1", 5.0) == pytest.approx(0.2)
+    assert _late(JITTERED, "s1", 5.0, attempt=2) == pytest.approx(0.4)
+
+
+def test_equal_jitter_spreads_only_above_its_floor() -> None:
+    policy = RetryPolicy(
+        max_attempts=2, backoff=Backoff.exponential(initial=1.0, cap=1.0, jitter="equal")
+    )
+    delays = [_late(policy, f"s{i}", 0.8) for i in range(500)]
+    assert all(0.8 <= d <= 1.0 for d in delays)
+    early = [_late(policy, f"s{i}", 0.3) for i in range(500)]  # below the floor: as drawn
+    assert early == [policy.delays(1, seed=7, step_id=f"s{i}")[0] for i in range(500)]
+
+
+def test_no_jitter_or_a_delay_the_step_asked_for_is_never_moved() -> None:
+    fixed = RetryPolicy(max_attempts=2, backoff=no_jitter(initial=0.5, cap=0.5))
+    assert _late(fixed, "s1", 0.3) == pytest.approx(0.5)
+    assert _late(fixed, "s1", 2.0) == pytest.approx(0.5)
+    asked = JITTERED.decide(
+        error=RetryableError("busy", after=0.05),
+        kind=FailureKind.ERROR,
+        attempt=1,
+        seed=7,
+        step_id="s1",
+        late=0.1,
+    )
+    assert asked.delay == pytest.approx(0.05)

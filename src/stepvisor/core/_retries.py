@@ -39,8 +39,13 @@ class Retries:
         error: BaseException,
         kind: FailureKind,
         attempt: int,
+        *,
+        late: float = 0.0,
     ) -> tuple[float | None, str]:
-        """``(delay, reason)`` to retry after, or ``(None, reason)`` not to retry."""
+        """``(delay, reason)`` to retry after, or ``(None, reason)`` not to retry.
+
+        ``late``: seconds since the attempt ended (see :meth:`RetryPolicy.decide`).
+        """
         cfg = self._cfg
         if kind is FailureKind.CRASH:
             crashes = self._crashes[sid] = self._crashes.get(sid, 0) + 1
@@ -53,7 +58,7 @@ class Retries:
                 add_note(error, note)
                 return None, note
         decision = policy.decide(
-            error=error, kind=kind, attempt=attempt, seed=self._seed, step_id=sid
+            error=error, kind=kind, attempt=attempt, seed=self._seed, step_id=sid, late=late
         )
         if not decision.retry:
             return None, decision.reason

@@ -240,8 +240,15 @@ class Settling:
         self._errors.setdefault(sid, []).append(error)
         delay: float | None = None
         reason = ""
+        # How long ago the attempt ended (the Worker's clock): the backoff counts
+        # from then, not from when this message is handled.  In a storm of
+        # failures the shell takes them in one by one, and must not add its
+        # queueing to every step's wait.
+        late = max(0.0, self._wall - base["ended"])
         if kind is not None and not self.stopping:
-            delay, reason = self._retries.delay(sid, self._policy(step), error, kind, inf.attempt)
+            delay, reason = self._retries.delay(
+                sid, self._policy(step), error, kind, inf.attempt, late=late
+            )
         elif kind is not None:
             # The step keeps the status its attempt earned, but the record says
             # why a failure its policy might have retried was not: the run is
@@ -268,10 +275,7 @@ class Settling:
         self.state = self.state.set_step(record)
         self._fx.append(SaveStep(record))
         self._retries.waiting[sid] = inf.attempt
-        # The backoff counts from when the attempt ended (the Worker's clock), not
-        # from when this message was handled: in a storm of failures the shell takes
-        # them in one by one, and must not add its queueing to every step's wait.
-        waited = min(delay, max(0.0, self._wall - base["ended"]))
+        waited = min(delay, late)
         self._fx.append(
             SetTimer(
                 ("retry", sid, inf.attempt),

@@ -184,11 +184,18 @@ class RetryPolicy:
         attempt: int,
         seed: int,
         step_id: str,
+        late: float = 0.0,
     ) -> RetryDecision:
         """Decide whether attempt number ``attempt`` (1-based), which failed, is retried.
 
         The delay's jitter is drawn from a source seeded by ``seed``, ``step_id``
         and ``attempt``, so a run with the same seed waits the same delays.
+
+        ``late`` is how long after the attempt ended the failure is decided on
+        (the delay counts from the attempt's end).  A jittered delay that is
+        already past by then is spread over what remains of its window
+        (:meth:`Backoff.respread`), so failures taken in late, together, are
+        not all retried at once; ``late`` = 0 leaves every delay as drawn.
         """
         _check_decide_args(kind=kind, attempt=attempt, seed=seed)
         wanted, why = self._classify(error=error, kind=kind)
@@ -203,6 +210,8 @@ class RetryPolicy:
             delay, how = float(after), ", the delay it asked for"
         else:
             delay, how = self._backoff_delay(attempt, seed=seed, step_id=step_id), ""
+            if delay < late:
+                delay = self.backoff.respread(delay, late, _call_state(attempt=attempt))
         return RetryDecision(
             True,
             delay,
@@ -216,8 +225,13 @@ class RetryPolicy:
         return [self._backoff_delay(k, seed=seed, step_id=step_id) for k in range(1, n + 1)]
 
     def _backoff_delay(self, attempt: int, *, seed: int, step_id: str) -> float:
+        backoff = self.backoff
+        state = _call_state(attempt=attempt)
+        if backoff.jitter == "none":
+            # No draw, so no seeded source (its seeding is most of a decision's cost).
+            return float(backoff._peak()(state))
         rng = _jitter_rng(seed=seed, step_id=step_id, attempt=attempt)
-        return float(self.backoff._wait(rng=rng)(_call_state(attempt=attempt)))
+        return float(backoff._wait(rng=rng)(state))
 
     def _classify(self, *, error: BaseException, kind: FailureKind) -> tuple[bool, str]:
         if kind is FailureKind.TIMEOUT:
