@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from stepvisor.actors.messages import SlotGranted
-from stepvisor.actors.supervisor import Supervisor
+from stepvisor.actors.supervisor import _DUE, Supervisor
 from stepvisor.backends.base import AttemptResult
-from stepvisor.core.messages import AttemptDone
+from stepvisor.core.messages import AttemptDone, RetryDue
 
 
 class RecordingPool:
@@ -36,3 +36,36 @@ def test_a_late_outcome_for_a_run_that_ended_is_dropped_quietly() -> None:
     late = AttemptDone("a", 1, "w1", AttemptResult(kind="ok"), 0.0, 0.0, 0.0, "ended-run")
     supervisor._route("ended-run", late)
     assert pool.given_back == []
+
+
+class RecordingShell:
+    """Stands in for a run's shell: records what the Supervisor hands it, in order."""
+
+    completed = False
+
+    def __init__(self) -> None:
+        self.received: list[object] = []
+
+    def receive(self, message: object) -> None:
+        self.received.append(message)
+
+
+def test_a_due_retry_goes_ahead_of_the_messages_already_queued() -> None:
+    # In a storm the inbox holds hundreds of failures; a retry's timer queued
+    # behind them would start the retry as late as the queue is long.
+    supervisor = Supervisor(pool=RecordingPool(), register_thread=lambda thread: None)  # type: ignore[arg-type]
+    shell = RecordingShell()
+    supervisor._runs["r"] = shell  # type: ignore[assignment]
+    queued = AttemptDone("b", 1, "w2", AttemptResult(kind="ok"), 0.0, 0.0, 0.0, "r")
+    supervisor.tell_due("r", RetryDue("a", 1))  # from the clock, after ``queued`` came in
+    supervisor.on_receive(queued)
+    assert shell.received == [RetryDue("a", 1), queued]
+    supervisor.on_receive(_DUE)  # the wake-up that follows finds the lane empty
+    assert shell.received == [RetryDue("a", 1), queued]
+
+
+def test_a_due_retry_for_a_run_that_ended_is_dropped() -> None:
+    supervisor = Supervisor(pool=RecordingPool(), register_thread=lambda thread: None)  # type: ignore[arg-type]
+    supervisor.tell_due("ended-run", RetryDue("a", 1))
+    supervisor.on_receive(_DUE)
+    assert not supervisor._due

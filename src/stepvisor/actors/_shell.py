@@ -72,6 +72,7 @@ from stepvisor.core.messages import (
     CancelRun,
     Message,
     OutputsSaved,
+    RetryDue,
     SlotReady,
 )
 from stepvisor.core.model import Workflow
@@ -156,6 +157,7 @@ class RunShell:
         tell: Callable[[object], bool],
         reply_to: ReplyTo,
         lend_slots: bool = False,
+        tell_due: Callable[[object], bool] | None = None,
     ) -> None:
         self.plan = plan
         self.clock = plan.clock
@@ -163,6 +165,9 @@ class RunShell:
         self._complete = complete
         self._pool = pool
         self._tell = tell
+        #: How a retry's timer tells this run it is due: the host may let it go
+        #: ahead of the messages already queued (see Supervisor.tell_due).
+        self._tell_due = tell if tell_due is None else tell_due
         self._reply_to = reply_to
         #: The lease (of the engine's bound, with a Worker once one is needed) of each slot.
         self._leases: dict[str, Lease] = {}
@@ -294,7 +299,7 @@ class RunShell:
     # -- effects -------------------------------------------------------------------
 
     def _tell_self(self, message: object) -> Callable[[], None]:
-        tell = self._tell
+        tell = self._tell_due if type(message) is RetryDue else self._tell
 
         def later() -> None:
             tell(message)

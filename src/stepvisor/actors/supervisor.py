@@ -5,6 +5,7 @@
     StartRun(plan, complete) ──▶ a RunShell for the run; it feeds the machine Start
     ForRun(run_id, message)  ──▶ that run's shell   (timers, cancels, granted Workers)
     AttemptDone(s)           ──▶ the shell of its run_id            (from a Worker)
+    a retry come due         ──▶ its shell, ahead of what is queued (from the clock)
 
 A run is a :class:`~stepvisor.actors._shell.RunShell` (its machine, leased
 Workers, timers, store and hook) living on this actor's thread.  Hosting many
@@ -12,6 +13,15 @@ runs on one thread, rather than an actor per run, makes a run cost no thread
 start: a warm engine runs a small workflow in well under a millisecond of
 overhead.  Everything a run does happens on this thread, in the order its
 messages arrive, so one run's state never needs a lock.
+
+Retries that come due go ahead of the queue.  In a storm (a thousand steps
+failing together) the inbox fills with failures the Supervisor takes in one
+by one; a retry's timer queued behind them would start its retry as late as
+that queue is long, and every retry due meanwhile would start together when
+the queue drains, the bunching jitter exists to prevent.  So the clock puts a
+due retry on a separate lane (``_due``) that is looked at before each message.
+Letting it overtake is safe: a retry's timer races every Worker's message
+anyway, so the machine already takes them in either order.
 
 A run whose shell raises (its store broke, or a bug) is ended alone: its shell
 stops what it has in flight and still hands the caller a result; the other
@@ -21,8 +31,9 @@ runs go on.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import pykka
 
@@ -60,6 +71,13 @@ class ForRun(NamedTuple):
     message: object
 
 
+class _Due(NamedTuple):
+    """Wakes the Supervisor for what is on its lane of due retries (it carries nothing)."""
+
+
+_DUE: Final = _Due()
+
+
 class Supervisor(pykka.ThreadingActor):
     """Hosts every run's shell on an engine and routes each message to its run."""
 
@@ -72,6 +90,8 @@ class Supervisor(pykka.ThreadingActor):
         self._pool = pool
         self._register_thread = register_thread
         self._runs: dict[str, RunShell] = {}
+        #: (run id, RetryDue) the clock put here, taken before the next message.
+        self._due: deque[tuple[str, object]] = deque()
 
     def on_start(self) -> None:
         thread = threading.current_thread()
@@ -92,7 +112,12 @@ class Supervisor(pykka.ThreadingActor):
             shell.fail(RuntimeError("the engine was closed while the run was still going"))
 
     def on_receive(self, message: Any) -> None:
+        due = self._due
+        while due:
+            self._route(*due.popleft())
         kind = type(message)
+        if kind is _Due:
+            return
         if kind is AttemptDone or kind is AttemptsDone:
             self._route(message.run_id, message)
         elif kind is ForRun:
@@ -113,6 +138,9 @@ class Supervisor(pykka.ThreadingActor):
                 return False
             return True
 
+        def tell_due(inner: object) -> bool:
+            return self.tell_due(run_id, inner)
+
         shell = RunShell(
             message.plan,
             complete=message.complete,
@@ -120,9 +148,23 @@ class Supervisor(pykka.ThreadingActor):
             tell=tell,
             reply_to=ref,
             lend_slots=message.lend_slots,
+            tell_due=tell_due,
         )
         self._runs[run_id] = shell
         self._deliver(run_id, shell, Start())
+
+    def tell_due(self, run_id: str, message: object) -> bool:
+        """Put a due retry on the lane, then wake this actor (from the clock's thread).
+
+        Whichever message the Supervisor takes next, it takes the lane first; the
+        wake-up itself carries nothing.  False if the actor is gone.
+        """
+        self._due.append((run_id, message))
+        try:
+            self.actor_ref.tell(_DUE)
+        except pykka.ActorDeadError:
+            return False
+        return True
 
     def _route(self, run_id: str, message: object) -> None:
         shell = self._runs.get(run_id)
