@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
 
 from stepvisor._log import log
 from stepvisor.backends.base import AttemptResult
@@ -29,7 +30,14 @@ from stepvisor.core.effects import (
     SetTimer,
 )
 from stepvisor.core.messages import AttemptDone, GraceExpired, OutputsSaved, RetryDue
-from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus
+from stepvisor.core.state import (
+    AttemptRecord,
+    RunState,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    new,
+)
 from stepvisor.errors import StepTimeoutError, WorkerCrashedError
 from stepvisor.policies.retry import FailureKind, RetryPolicy
 
@@ -49,6 +57,10 @@ __all__ = ["BACKEND_GRACE_MARGIN", "Inflight", "Settling"]
 #: machine abandons their slot: their own kill path should win the race.
 BACKEND_GRACE_MARGIN = 2.0
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
+
+
+#: What a success that created nothing publishes (one shared empty view, not a dict each).
+_NO_OUTPUTS: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 @dataclass(slots=True)
@@ -135,7 +147,7 @@ class Settling:
         result = msg.result
         reason = inf.reason
         if reason is None and result.kind == "ok":
-            self._on_ok(msg.step_id, inf, result.outputs or {}, msg)
+            self._on_ok(msg.step_id, inf, result.outputs or _NO_OUTPUTS, msg)
             return
         base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
         if reason is None and result.kind == "cancelled":
@@ -184,10 +196,10 @@ class Settling:
     def _on_ok(self, sid: str, inf: Inflight, outputs: Mapping[str, Any], msg: AttemptDone) -> None:
         record = self.state.record_at(inf.rank)
         last = record.attempts[-1]
-        attempt = AttemptRecord(
+        attempt = new(AttemptRecord, (
             last.number, msg.started_wall, msg.ended_wall, msg.duration, "succeeded",
             None, None, None, None, last.worker, last.note,
-        )  # fmt: skip
+        ))  # fmt: skip
         record = record.with_last_attempt(attempt, StepStatus.SUCCEEDED)
         if outputs and self._store_may_refuse:
             base = {"started": msg.started_wall, "ended": msg.ended_wall, "duration": msg.duration}
@@ -195,7 +207,7 @@ class Settling:
             self._saving[sid] = inf
             self._fx.append(SaveOutputs(record, outputs, inf.attempt))
             return
-        self._fx.append(SaveStep(record, outputs))
+        self._fx.append(new(SaveStep, (record, outputs)))
         self._succeeded(inf.rank, record, outputs)
 
     def _on_saved(self, msg: OutputsSaved) -> None:

@@ -85,7 +85,14 @@ from stepvisor.core.messages import (
 )
 from stepvisor.core.model import Step, Workflow
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus
+from stepvisor.core.state import (
+    AttemptRecord,
+    RunState,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    new,
+)
 from stepvisor.policies.concurrency import Scheduler
 from stepvisor.policies.retry import RetryPolicy
 
@@ -367,21 +374,25 @@ class RunMachine(Settling):
             on_run_deadline = True
         inputs = self._inputs.of(r)
         self._slots.load[slot] += 1
-        spec = AttemptSpec(
-            self.plan.run_id,
-            sid,
-            attempt,
-            (step.retry or cfg.retry).max_attempts,
-            step.fn,
-            step.is_async,
-            MappingProxyType({name: value for name, (_, value) in inputs.items()})
-            if inputs
-            else _NO_INPUTS,
-            step.params,
-            None,
-            cfg.kill_grace,
-            self._payloads.get(sid) if self._payloads else None,
-            step.resources,
+        spec = new(
+            AttemptSpec,
+            (
+                self.plan.run_id,
+                sid,
+                attempt,
+                (step.retry or cfg.retry).max_attempts,
+                step.fn,
+                step.is_async,
+                MappingProxyType({name: value for name, (_, value) in inputs.items()})
+                if inputs
+                else _NO_INPUTS,
+                step.params,
+                None,
+                cfg.kill_grace,
+                self._payloads.get(sid) if self._payloads else None,
+                step.resources,
+                None,
+            ),
         )
         executor = self.plan.executors[r]
         inf = Inflight(
@@ -390,15 +401,18 @@ class RunMachine(Settling):
         )  # fmt: skip
         self._inflight[sid] = inf
         record = record.with_attempt_started(
-            AttemptRecord(attempt, self._wall, None, None, None, None, None, None, None, slot)
+            new(
+                AttemptRecord,
+                (attempt, self._wall, None, None, None, None, None, None, None, slot, None),
+            )
         )
         self.state = self.state.set_step_at(r, record)
         fx = self._fx
-        fx.append(SaveStep(record))
+        fx.append(new(SaveStep, (record, None)))
         if self._events.on:
             self._events.dispatched(fx, sid, attempt, slot, self._wall)
         if deadline is None:
-            return AttemptOrder(spec, executor, None, not self.graph.dependents[r])
+            return new(AttemptOrder, (spec, executor, None, not self.graph.dependents[r]))
         budget = deadline - now
         key = ("deadline", sid, attempt)
         inf.timers.append(key)
