@@ -20,8 +20,8 @@ from stepvisor.core.model import Step, Workflow
 from stepvisor.errors import (
     InvalidSettingError,
 )
+from stepvisor.store._unkept import Unkept
 from stepvisor.store.base import RunStore
-from stepvisor.store.memory import MemoryStore
 
 __all__ = ["MEMORY", "StoreArg", "fingerprint"]
 
@@ -69,7 +69,8 @@ MEMORY: Final = ":memory:"
 def _open_store(store: StoreArg, codec: str) -> tuple[RunStore, bool]:
     """The store to run with, and whether this run opened it (so closes it)."""
     if store is None or (isinstance(store, str) and store == MEMORY):
-        return MemoryStore(), True
+        # Only this run could read a fresh store: it keeps nothing (store/_unkept.py).
+        return Unkept(), True
     if isinstance(store, str | PathLike):
         from stepvisor.store.sqlite import SQLiteStore  # noqa: PLC0415
 

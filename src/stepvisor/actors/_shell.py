@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from stepvisor._log import log
 from stepvisor.actors._outbox import Outbox
@@ -79,8 +79,11 @@ from stepvisor.core.model import Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunState, RunStatus, StepRecord
 from stepvisor.errors import ArtifactCodecError, StoreError
+from stepvisor.store._unkept import Unkept
 from stepvisor.store.base import RunInfo, RunStore, save_step_batch
 from stepvisor.store.memory import MemoryStore
+
+_new: Final = tuple.__new__
 
 __all__ = ["HEARTBEAT_INTERVAL", "ReplyTo", "RunObserver", "RunPlan", "RunShell"]
 
@@ -134,7 +137,7 @@ class RunPlan:
             restored=self.restored,
             restored_records=self.restored_records,
             emit_events=self.on_event is not None or self.observer is not None,
-            store_may_refuse=not isinstance(self.store, MemoryStore),
+            store_may_refuse=not isinstance(self.store, MemoryStore | Unkept),
             lend_slots=lend_slots,
             unqueued=unqueued,
         )
@@ -207,6 +210,8 @@ class RunShell:
             Finish: self._finish,
         }
         self._pending: deque[Effect] = deque()
+        #: Step transitions go to the store (not to one that keeps nothing).
+        self._keeps = not isinstance(self.store, Unkept)
         #: Sends submitted attempts' outcomes, those that end together as one message.
         self._outbox = Outbox(reply_to)
 
@@ -278,13 +283,16 @@ class RunShell:
         self._run_pending()
 
     def _run_pending(self) -> None:
-        pending, carry_out = self._pending, self._carry_out
+        pending, carry_out, keeps = self._pending, self._carry_out, self._keeps
         while pending:
             effect = pending.popleft()
-            if isinstance(effect, SaveStep) and pending and type(pending[0]) is SaveStep:
-                self._save_adjacent(effect)
-            else:
-                carry_out[type(effect)](effect)
+            if type(effect) is SaveStep:
+                if not keeps:
+                    continue  # a run given no store: its state is its only copy
+                if pending and type(pending[0]) is SaveStep:
+                    self._save_adjacent(effect)
+                    continue
+            carry_out[type(effect)](effect)
 
     def _save_adjacent(self, first: SaveStep) -> None:
         """Step transitions back to back (a batch dispatched, or its outcomes): one
@@ -352,6 +360,7 @@ class RunShell:
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
         controls, me, observer = self._controls, self._reply_to, self.plan.observer
+        holds_values = False
         for order in effect.orders:
             executor, budget = order.executor, order.budget
             control = AttemptControl()
@@ -368,12 +377,16 @@ class RunShell:
                 # and says when it ends (the machine queues none behind it).
                 self._outbox.submit(submitter, effect.slot, spec, control)
                 continue
-            messages.append(RunAttempt(spec, control, executor, effect.slot, me, order.may_hold))
+            holds_values = holds_values or bool(spec.inputs or spec.params)
+            # tuple.__new__ rather than the NamedTuple's own (half the cost): one per attempt.
+            messages.append(
+                _new(RunAttempt, (spec, control, executor, effect.slot, me, order.may_hold))
+            )
         if messages:
             lease = self._leases[effect.slot]
             # The Worker keeps its last message until its next: only one with values
             # needs the pool's no-op when the lease is given back.
-            lease.holds_values = any(m.spec.inputs or m.spec.params for m in messages)
+            lease.holds_values = holds_values
             ref = self._pool.attach(lease)
             ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
 

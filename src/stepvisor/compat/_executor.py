@@ -47,7 +47,7 @@ from stepvisor.compat._tracker import CANCELLED, Slot, Tracker
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.model import check_max_parallel, check_positive_seconds
 from stepvisor.errors import InvalidRetryPolicyError, StepCancelledError
-from stepvisor.store.memory import MemoryStore
+from stepvisor.store._unkept import Unkept
 
 ExecuteFn = Callable[[StepT], Awaitable[Mapping[str, Any] | None]]
 
@@ -251,7 +251,7 @@ class ParallelStepExecutor:
             run_id=run_id,
             seed=random.getrandbits(32),
             clock=LoopClock(loop),
-            store=MemoryStore(),
+            store=Unkept(),
             fingerprint=fingerprint(workflow),
             executors=executors,
             on_event=tracker,
