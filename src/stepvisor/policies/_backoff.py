@@ -7,7 +7,7 @@ policy seeds per (run seed, step id, attempt), never from the global ``random``.
 
 from __future__ import annotations
 
-import random
+import _random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -40,14 +40,17 @@ class _SeededUniformWait(wait_base):
     tenacity's inputs can round differently from halving its output.
     """
 
-    def __init__(self, peak: wait_base, *, rng: random.Random, low: float) -> None:
+    def __init__(self, peak: wait_base, *, rng: _random.Random, low: float) -> None:
         self._peak = peak
         self._rng = rng
         self._low = low
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         peak = self._peak(retry_state)
-        return self._rng.uniform(self._low * peak, peak)
+        low = self._low * peak
+        # random.Random.uniform(low, peak), written out: the source is the bare C
+        # generator (seeding a random.Random goes through Python code first).
+        return low + (peak - low) * self._rng.random()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,7 +150,7 @@ class Backoff:
             return delay
         return late + (delay - low) / (late - low) * (high - late)
 
-    def _wait(self, *, rng: random.Random) -> wait_base:
+    def _wait(self, *, rng: _random.Random) -> wait_base:
         """The full wait strategy, jitter included, drawing from ``rng``."""
         if self.jitter == "none":
             return self._peak()

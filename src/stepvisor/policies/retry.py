@@ -41,12 +41,12 @@ The one strategy written by hand rather than taken from tenacity is
 
 from __future__ import annotations
 
+import _random
 import enum
 import hashlib
-import json
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_text
 from typing import Any, cast
 
 import tenacity
@@ -100,7 +100,7 @@ def _call_state(*, attempt: int) -> tenacity.RetryCallState:
     return state
 
 
-def _jitter_rng(*, seed: int, step_id: str, attempt: int) -> random.Random:
+def _jitter_rng(*, seed: int, step_id: str, attempt: int) -> _random.Random:
     """The random source of one delay, the same in every process and Python run.
 
     ``hash()`` of a string changes per process (PYTHONHASHSEED), so the key is
@@ -108,8 +108,10 @@ def _jitter_rng(*, seed: int, step_id: str, attempt: int) -> random.Random:
     """
     # The text json.dumps(["stepvisor.retry", seed, step_id, attempt]) gives (the
     # key of every earlier version, so delays stay as they were), built directly.
-    key = f'["stepvisor.retry", {int(seed)}, {json.dumps(step_id)}, {int(attempt)}]'.encode()
-    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+    key = f'["stepvisor.retry", {int(seed)}, {_json_text(step_id)}, {int(attempt)}]'.encode()
+    # The C generator seeded with the int directly: the same Mersenne Twister state
+    # random.Random(n) gets (its seed() checks types in Python first, then does this).
+    return _random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
 
 @dataclass(frozen=True, slots=True)
