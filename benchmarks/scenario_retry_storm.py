@@ -24,14 +24,18 @@ by as much: without the warm-up the unjittered retries inherit that stagger,
 and the peaks compare thread start-up rather than backoff.
 
 Read the peaks with care on a small machine: 1,000 slots are 1,000 Worker
-threads, and on 2 cores the one Supervisor thread falls behind them.  A
-backoff counts from the failed attempt's end, so an unjittered retry (0.2 s)
-starts on time even when the Supervisor took 0.1 s to get to its failure;
-but a jittered delay shorter than that lag is already past when the failure
-is taken in, so those retries start late, together, and raise the jittered
-peak.  The 1,000 failures that end together take the Supervisor about 0.1 s
-(some 40 µs of its own work each, the rest waiting for the GIL among 1,000
-threads); the lateness rows show it.
+threads, and on 2 cores the one Supervisor thread shares the GIL with them.
+A backoff counts from the failed attempt's end, so an unjittered retry
+(0.2 s) starts on time even when the Supervisor took a while to get to its
+failure.  A jittered delay already past when its failure is taken in is
+spread over what remains of its window (``Backoff.respread``), and a retry
+come due goes ahead of the failures still queued (the Supervisor's lane of
+due retries), so neither the intake nor the queue bunches the jittered
+retries.  What still bunches them is the GIL: while the first failures are
+taken in (a Worker waking from its call, formatting its traceback and
+reporting; the Supervisor deciding), a thread whose retry is due waits its
+turn for the GIL, and those waiting start together.  The lateness rows show
+it.
 
 ``max_parallel`` equals the number of callers, as when every client of a
 service retries on its own: a smaller bound keeps the service at that many
