@@ -362,8 +362,7 @@ class RunMachine(Settling):
         step = self.wf.steps[self.graph.step_at_rank[r]]
         sid = step.id
         cfg = self.cfg
-        record = self.state.record_at(r)
-        attempt = len(record.attempts) + 1
+        attempt = len(self.state.record_at(r).attempts) + 1
         now = self._now
         timeout = step.timeout if step.timeout is not None else cfg.step_timeout
         deadline = None if timeout is None else now + timeout
@@ -372,7 +371,7 @@ class RunMachine(Settling):
         if run_deadline is not None and (deadline is None or run_deadline < deadline):
             deadline = run_deadline
             on_run_deadline = True
-        inputs = self._inputs.of(r)
+        inputs = self._inputs.of(r) if self.graph.deps[r] else None  # a root sees nothing
         self._slots.load[slot] += 1
         spec = new(
             AttemptSpec,
@@ -400,13 +399,13 @@ class RunMachine(Settling):
             on_run_deadline, deadline,
         )  # fmt: skip
         self._inflight[sid] = inf
-        record = record.with_attempt_started(
+        self.state, record = self.state.start_attempt_at(
+            r,
             new(
                 AttemptRecord,
                 (attempt, self._wall, None, None, None, None, None, None, None, slot, None),
-            )
+            ),
         )
-        self.state = self.state.set_step_at(r, record)
         fx = self._fx
         fx.append(new(SaveStep, (record, None)))
         if self._events.on:

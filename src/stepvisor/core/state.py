@@ -270,6 +270,19 @@ class RunState(NamedTuple):
     def set_step(self, record: StepRecord) -> RunState:
         return self._evolve(records=_table_set(self.records, self.rank[record.step_id], record))
 
+    def start_attempt_at(self, rank: int, attempt: AttemptRecord) -> tuple[RunState, StepRecord]:
+        """The step at ``rank`` starts ``attempt``: the new state and the step's record.
+
+        :meth:`record_at`, :meth:`StepRecord.with_attempt_started` and
+        :meth:`set_step_at` in one call: this is once per attempt on the hot path.
+        """
+        old = _table_get(self.records, rank)
+        record = new(
+            StepRecord,
+            (old.step_id, StepStatus.RUNNING, (*old.attempts, attempt), old.note, old.restored),
+        )
+        return self._evolve(records=_table_set(self.records, rank, record)), record
+
     def set_step_at(self, rank: int, record: StepRecord) -> RunState:
         """:meth:`set_step` for a caller that knows the step's rank (no lookup by id)."""
         return self._evolve(records=_table_set(self.records, rank, record))

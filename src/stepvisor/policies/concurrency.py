@@ -98,6 +98,14 @@ class Scheduler:
         bound = self.max_parallel if limit is None else limit
         if self.running >= bound or not self.ready_count:
             return None
+        if not self._limits:
+            # No pool limits: whatever pools the steps name, nothing but urgency
+            # decides, so the smallest head of all heaps (usually the only one).
+            heaps = [heap for heap in self._heaps.values() if heap]
+            best_heap = heaps[0] if len(heaps) == 1 else min(heaps, key=_head)
+            self.ready_count -= 1
+            self.running += 1
+            return self._urgency[heapq.heappop(best_heap)]
         best: int | None = None
         best_pool = _NO_POOL
         for pool, heap in self._heaps.items():
@@ -115,8 +123,8 @@ class Scheduler:
     def release(self, r: int) -> None:
         """``r`` stopped running (finished, waiting to retry, or abandoned)."""
         self.running -= 1
-        pool = self._pool_of[r]
-        self._running_in[pool] -= 1
+        if self._limits:  # only limits need the count per pool
+            self._running_in[self._pool_of[r]] -= 1
 
     def drain_ready(self) -> list[int]:
         """Remove and return every queued step (the run is stopping)."""
@@ -124,3 +132,7 @@ class Scheduler:
         self._heaps.clear()
         self.ready_count = 0
         return sorted(out)
+
+
+def _head(heap: list[int]) -> int:
+    return heap[0]
