@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import linecache
 import re
+import sys
 import traceback
 from collections.abc import Callable
 
@@ -136,3 +137,11 @@ def test_source_lines_come_from_memory_without_a_stat_per_file(
     text = format_error(exc)
     assert checked == []
     assert text == _standard_without_carets(exc)
+
+
+def test_a_traceback_limit_set_for_the_process_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    exc = _caught(_recursion)
+    monkeypatch.setattr(sys, "tracebacklimit", 2, raising=False)
+    text = format_error(exc)
+    assert text == _standard_without_carets(exc)
+    assert text.count("  File ") == 2

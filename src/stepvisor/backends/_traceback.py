@@ -26,6 +26,7 @@ whole chain first, so there is nothing to save by building part of it here.
 from __future__ import annotations
 
 import linecache
+import sys
 import traceback
 from types import TracebackType
 from typing import Final
@@ -40,8 +41,8 @@ def format_error(exc: BaseException) -> str:
     chained = exc.__cause__ is not None or (
         exc.__context__ is not None and not exc.__suppress_context__
     )
-    if chained or isinstance(exc, BaseExceptionGroup):
-        return _standard(exc)
+    if chained or isinstance(exc, BaseExceptionGroup) or hasattr(sys, "tracebacklimit"):
+        return _standard(exc)  # (a tracebacklimit the standard module honours)
     # Not chained, so the standard exception-only text builds no other stack.
     only = "".join(traceback.format_exception_only(type(exc), exc))
     if exc.__traceback__ is None:
