@@ -38,6 +38,7 @@ from typing import Any, Final, NamedTuple
 import pykka
 
 from stepvisor._log import log
+from stepvisor.actors._inbox import simple_inbox
 from stepvisor.actors._pool import WorkerPool
 from stepvisor.actors._shell import HEARTBEAT_INTERVAL, RunObserver, RunPlan, RunShell
 from stepvisor.actors.messages import SlotGranted
@@ -80,6 +81,8 @@ _DUE: Final = _Due()
 
 class Supervisor(pykka.ThreadingActor):
     """Hosts every run's shell on an engine and routes each message to its run."""
+
+    _create_actor_inbox = staticmethod(simple_inbox)
 
     use_daemon_thread = True
 

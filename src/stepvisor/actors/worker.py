@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Final
 import pykka
 
 from stepvisor._log import log
+from stepvisor.actors._inbox import simple_inbox
 from stepvisor.actors._outbox import send_outcomes
 from stepvisor.actors.messages import AttemptDone, ReplyTo, RunAttempt, RunBatch, Warm
 from stepvisor.backends.base import AttemptResult, AttemptSpec, Backend, Following, run_guarded
@@ -200,6 +201,8 @@ class Worker(pykka.ThreadingActor):
     (``RunAttempt.slot``, ``RunAttempt.reply_to``), so the Worker holds nothing
     of a run between attempts.
     """
+
+    _create_actor_inbox = staticmethod(simple_inbox)
 
     # An abandoned Worker (its step ignored cancellation) must not block exit.
     use_daemon_thread = True
