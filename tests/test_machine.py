@@ -484,13 +484,13 @@ def test_outcomes_reported_together_settle_as_if_they_came_one_by_one(fatal: str
         assert together.status is sv.RunStatus.FAILED
 
 
-@pytest.mark.parametrize(
-    ("ended_before", "expected"),
-    [(0.0, 0.5), (0.2, 0.3), (2.0, 0.0), (-1.0, 0.5)],  # -1: a Worker clock ahead of ours
-)
-def test_a_backoff_counts_from_when_the_attempt_ended(ended_before: float, expected: float) -> None:
-    wf = wf_of({"a": []}, retry=RETRY2)
-    machine = RunMachine(make_plan(wf))
+def _fail_one_step_late(
+    sid: str, retry: sv.RetryPolicy, error: BaseException, *, late: float
+) -> tuple[RunMachine, SetTimer, float]:
+    """Run the one-step workflow ``sid`` to its first dispatch at ``now`` = 10 and fail that
+    attempt as if it ended ``late`` seconds before the machine takes the failure in; the
+    machine, the retry's timer, and ``now``."""
+    machine = RunMachine(make_plan(wf_of({sid: []}, retry=retry)))
     now, wall = 10.0, WALL0 + 10.0
     pending = list(machine.handle(Start(), now=now, wall=wall))
     dispatch = None
@@ -501,10 +501,19 @@ def test_a_backoff_counts_from_when_the_attempt_ended(ended_before: float, expec
         elif isinstance(effect, Dispatch):
             dispatch = effect
     assert dispatch is not None
-    error = AttemptResult(kind="error", error=RuntimeError("down"))
-    done = AttemptDone("a", 1, dispatch.slot, error, wall - 1.0, wall - ended_before, 0.5)
+    failed = AttemptResult(kind="error", error=error)
+    done = AttemptDone(sid, 1, dispatch.slot, failed, wall - 1.0, wall - late, 0.5)
     effects = machine.handle(done, now=now, wall=wall)
     (timer,) = [e for e in effects if isinstance(e, SetTimer) and e.key[0] == "retry"]
+    return machine, timer, now
+
+
+@pytest.mark.parametrize(
+    ("ended_before", "expected"),
+    [(0.0, 0.5), (0.2, 0.3), (2.0, 0.0), (-1.0, 0.5)],  # -1: a Worker clock ahead of ours
+)
+def test_a_backoff_counts_from_when_the_attempt_ended(ended_before: float, expected: float) -> None:
+    machine, timer, now = _fail_one_step_late("a", RETRY2, RuntimeError("down"), late=ended_before)
     assert timer.delay == pytest.approx(expected)
     assert timer.due == pytest.approx(now + expected)
     record = machine.state.record("a")
@@ -518,29 +527,14 @@ def test_a_jittered_backoff_already_past_when_taken_in_is_spread_over_what_remai
     policy = sv.RetryPolicy(max_attempts=2, backoff=sv.Backoff.exponential(initial=0.2, cap=0.2))
     late = 0.15
     for sid in ("a", "b", "c", "d", "e", "f"):
-        wf = wf_of({sid: []}, retry=policy)
-        machine = RunMachine(make_plan(wf))
-        now, wall = 10.0, WALL0 + 10.0
-        pending = list(machine.handle(Start(), now=now, wall=wall))
-        dispatch = None
-        while pending:
-            effect = pending.pop(0)
-            if isinstance(effect, AddSlot):
-                pending += machine.handle(SlotReady(effect.slot), now=now, wall=wall)
-            elif isinstance(effect, Dispatch):
-                dispatch = effect
-        assert dispatch is not None
-        error = AttemptResult(kind="error", error=ConnectionError("down"))
-        done = AttemptDone(sid, 1, dispatch.slot, error, wall - 1.0, wall - late, 0.5)
-        effects = machine.handle(done, now=now, wall=wall)
-        (timer,) = [e for e in effects if isinstance(e, SetTimer) and e.key[0] == "retry"]
+        machine, timer, _ = _fail_one_step_late(sid, policy, ConnectionError("down"), late=late)
         chosen = machine.state.record(sid).attempts[0].delay_after
         assert chosen is not None
         expected = policy.decide(
             error=ConnectionError("down"),
             kind=FailureKind.ERROR,
             attempt=1,
-            seed=make_plan(wf).seed,
+            seed=machine.plan.seed,
             step_id=sid,
             late=late,
         ).delay
