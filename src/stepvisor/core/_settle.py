@@ -30,14 +30,7 @@ from stepvisor.core.effects import (
     SetTimer,
 )
 from stepvisor.core.messages import AttemptDone, GraceExpired, OutputsSaved, RetryDue
-from stepvisor.core.state import (
-    AttemptRecord,
-    RunState,
-    RunStatus,
-    StepRecord,
-    StepStatus,
-    new,
-)
+from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus, new
 from stepvisor.errors import StepTimeoutError, WorkerCrashedError
 from stepvisor.policies.retry import FailureKind, RetryPolicy
 

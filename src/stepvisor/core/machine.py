@@ -85,14 +85,7 @@ from stepvisor.core.messages import (
 )
 from stepvisor.core.model import Step, Workflow
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import (
-    AttemptRecord,
-    RunState,
-    RunStatus,
-    StepRecord,
-    StepStatus,
-    new,
-)
+from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus, new
 from stepvisor.policies.concurrency import Scheduler
 from stepvisor.policies.retry import RetryPolicy
 
