@@ -25,17 +25,18 @@ and the peaks compare thread start-up rather than backoff.
 
 Read the peaks with care on a small machine: 1,000 slots are 1,000 Worker
 threads, and on 2 cores the one Supervisor thread shares the GIL with them.
-A backoff counts from the failed attempt's end, so an unjittered retry
-(0.2 s) starts on time even when the Supervisor took a while to get to its
-failure.  A jittered delay already past when its failure is taken in is
-spread over what remains of its window (``Backoff.respread``), and a retry
-come due goes ahead of the failures still queued (the Supervisor's lane of
-due retries), so neither the intake nor the queue bunches the jittered
-retries.  What still bunches them is the GIL: while the first failures are
-taken in (a Worker waking from its call, formatting its traceback and
-reporting; the Supervisor deciding), a thread whose retry is due waits its
-turn for the GIL, and those waiting start together.  The lateness rows show
-it.
+An unjittered backoff counts from the failed attempt's end, so its retry
+(0.2 s) starts on time even when the Supervisor took a while to get to the
+failure; a jittered one is waited from when the failure is taken in, so the
+draws stay spread however late that was; and a retry come due goes ahead of
+the failures still queued (the Supervisor's lane of due retries), so neither
+the intake nor the queue bunches the jittered retries.  What keeps the
+unjittered peak low is the GIL: the 1,000 first calls end within 50 ms of
+each other, but their Workers take some 200 ms to get the GIL back, record
+the failure and report it (the Supervisor deciding in between), so the
+unjittered retries, each due 0.2 s after its own failure, are spread over
+those 200 ms as well.  tenacity's threads do almost nothing between their
+call and their sleep.
 
 ``max_parallel`` equals the number of callers, as when every client of a
 service retries on its own: a smaller bound keeps the service at that many

@@ -127,29 +127,6 @@ class Backoff:
             return tenacity.wait_fixed(self.initial)
         return tenacity.wait_none()
 
-    def respread(self, delay: float, late: float, state: tenacity.RetryCallState) -> float:
-        """A drawn ``delay`` already past ``late`` seconds after the failure, drawn again.
-
-        Full jitter spreads a burst of retries evenly over ``[0, d]``; a
-        Supervisor that takes a burst of failures in one by one learns of some
-        only after their delay is past, and starting all of those at once would
-        bring back the herd jitter is there to prevent.  So a delay below
-        ``late`` is mapped, in proportion, onto what remains of its window,
-        ``[late, d]``: the draw was uniform below ``late``, so the new delay is
-        uniform over the rest of the window, and it stays a function of the
-        seeded draw (and of ``late``).  A window already over gives ``d``;
-        without jitter there is nothing to spread.
-        """
-        if self.jitter == "none":
-            return delay
-        high = float(self._peak()(state))
-        low = _JITTER_LOW[self.jitter] * high
-        if late >= high:
-            return high
-        if delay < low or late <= low:
-            return delay
-        return late + (delay - low) / (late - low) * (high - late)
-
     def _wait(self, *, rng: _random.Random) -> wait_base:
         """The full wait strategy, jitter included, drawing from ``rng``."""
         if self.jitter == "none":

@@ -47,7 +47,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_text
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import tenacity
 
@@ -87,6 +87,10 @@ def _check_decide_args(*, kind: object, attempt: object, seed: object) -> None:
         )
     if not is_int(seed):
         raise InvalidSettingError(f"seed must be an integer (the run's seed), got {seed!r}")
+
+
+#: A lag between an attempt's end and its failure's decision that the reason mentions.
+_LAG_WORTH_SAYING: Final = 0.01
 
 
 def _call_state(*, attempt: int) -> tenacity.RetryCallState:
@@ -193,11 +197,15 @@ class RetryPolicy:
         The delay's jitter is drawn from a source seeded by ``seed``, ``step_id``
         and ``attempt``, so a run with the same seed waits the same delays.
 
-        ``late`` is how long after the attempt ended the failure is decided on
-        (the delay counts from the attempt's end).  A jittered delay that is
-        already past by then is spread over what remains of its window
-        (:meth:`Backoff.respread`), so failures taken in late, together, are
-        not all retried at once; ``late`` = 0 leaves every delay as drawn.
+        ``late`` is how long after the attempt ended the failure is decided on;
+        the delay returned counts from the attempt's end.  A jittered delay is
+        drawn for the wait from the decision on (``late`` plus the draw), as a
+        client sleeping its own jitter waits from when it saw its failure:
+        retries drawn together stay spread however late a busy Supervisor took
+        their failures in (counted from the end, the draws shorter than that lag
+        would all be past, and start at once).  A delay without jitter, or one
+        the step asked for, counts from the end alone, so that the lag does not
+        make it later.  ``late`` = 0 leaves every delay as drawn.
         """
         _check_decide_args(kind=kind, attempt=attempt, seed=seed)
         wanted, why = self._classify(error=error, kind=kind)
@@ -212,8 +220,16 @@ class RetryPolicy:
             delay, how = float(after), ", the delay it asked for"
         else:
             delay, how = self._backoff_delay(attempt, seed=seed, step_id=step_id), ""
-            if delay < late:
-                delay = self.backoff.respread(delay, late, _call_state(attempt=attempt))
+            if self.backoff.jitter != "none" and late > 0.0:
+                wait, delay = delay, late + delay
+                if late >= _LAG_WORTH_SAYING:
+                    how = f" from now, {late:.2f} s after the attempt ended"
+                return RetryDecision(
+                    True,
+                    delay,
+                    f"{why}; retrying in {wait:.2f} s{how} "
+                    f"(attempt {attempt + 1} of {self.max_attempts})",
+                )
         return RetryDecision(
             True,
             delay,
