@@ -56,6 +56,16 @@ class Lease:
 Deliver = Callable[[Lease], None]
 
 
+class _Waiter:
+    """A request for a lease, queued; ``deliver`` is ``None`` once its owner withdrew it."""
+
+    __slots__ = ("deliver", "owner")
+
+    def __init__(self, owner: object, deliver: Deliver) -> None:
+        self.owner = owner
+        self.deliver: Deliver | None = deliver
+
+
 class WorkerPool:
     """Leases capacity and attaches Worker actors to leases; thread-safe."""
 
@@ -66,7 +76,11 @@ class WorkerPool:
         self._taken = 0
         self._idle: list[tuple[str, pykka.ActorRef[Any]]] = []
         self._seq = 0
-        self._waiting: deque[tuple[object, Deliver]] = deque()
+        #: Requests in arrival order (first come, first served), withdrawn ones included
+        #: until they reach the front; and each owner's live ones, so that withdrawing
+        #: them (every run does as it ends) does not search the whole queue.
+        self._waiting: deque[_Waiter] = deque()
+        self._waiting_of: dict[int, deque[_Waiter]] = {}
         self._workers: dict[str, pykka.ActorRef[Any]] = {}
         self._abandoned: set[str] = set()
         self._closed = False
@@ -87,7 +101,9 @@ class WorkerPool:
             if self._closed:
                 raise RuntimeError("this engine is closed")
             if self._taken >= self.capacity:
-                self._waiting.append((owner, deliver))
+                waiter = _Waiter(owner, deliver)
+                self._waiting.append(waiter)
+                self._waiting_of.setdefault(id(owner), deque()).append(waiter)
                 return None
             self._taken += 1
         return Lease()
@@ -118,8 +134,8 @@ class WorkerPool:
                 self._idle.append((lease.worker_id, lease.worker))
                 lease.worker = lease.worker_id = None
                 lease.holds_values = True
-            waiter = self._waiting.popleft() if self._waiting else None
-            if waiter is None:
+            deliver = self._next_waiter()
+            if deliver is None:
                 self._taken -= 1
         if idle is not None:
             # An idle actor's loop keeps its last message (the attempt, its inputs)
@@ -127,19 +143,19 @@ class WorkerPool:
             # memory they map, go when the run does.
             with contextlib.suppress(pykka.ActorDeadError):
                 idle.tell(Warm(()))
-        if waiter is not None:
-            waiter[1](lease)  # the capacity unit passes on as it is: still taken
+        if deliver is not None:
+            deliver(lease)  # the capacity unit passes on as it is: still taken
 
     def abandon(self, lease: Lease) -> None:
         """Stop counting ``lease`` (its attempt ignored a stop): its capacity is free again."""
         with self._lock:
             if lease.worker_id is not None:
                 self._abandoned.add(lease.worker_id)
-            waiter = self._waiting.popleft() if self._waiting else None
-            if waiter is None:
+            deliver = self._next_waiter()
+            if deliver is None:
                 self._taken -= 1
-        if waiter is not None:
-            waiter[1](Lease())
+        if deliver is not None:
+            deliver(Lease())
 
     def retire(self, lease: Lease) -> None:
         """An abandoned lease's attempt returned: stop its Worker."""
@@ -153,9 +169,31 @@ class WorkerPool:
             ref.stop(block=False)
 
     def cancel_waiting(self, owner: object) -> None:
-        """``owner`` no longer wants the leases it is waiting for."""
+        """``owner`` no longer wants the leases it is waiting for.
+
+        Its requests are marked withdrawn, found through the owner's index, and
+        dropped when they reach the front of the queue: a rebuild of the queue
+        per owner made ``Executor.shutdown(cancel_futures=True)`` with many
+        queued calls, or many runs ending on a busy engine, quadratic.
+        """
         with self._lock:
-            self._waiting = deque(w for w in self._waiting if w[0] is not owner)
+            for waiter in self._waiting_of.pop(id(owner), ()):
+                waiter.deliver = None
+
+    def _next_waiter(self) -> Deliver | None:
+        """The oldest live request, taken off the queue (the lock is held)."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            deliver = waiter.deliver
+            if deliver is None:
+                continue  # withdrawn
+            key = id(waiter.owner)
+            mine = self._waiting_of[key]
+            mine.popleft()  # the owner's oldest: requests leave in the order they came
+            if not mine:
+                del self._waiting_of[key]
+            return deliver
+        return None
 
     @property
     def abandoned_threads(self) -> set[str]:
@@ -171,6 +209,7 @@ class WorkerPool:
             abandoned = set(self._abandoned)
             self._idle.clear()
             self._waiting.clear()
+            self._waiting_of.clear()
         for worker_id, ref in workers.items():
             with contextlib.suppress(pykka.ActorDeadError):
                 if worker_id in abandoned:
