@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pytest
+
+from stepvisor.actors import supervisor as supervisor_module
 from stepvisor.actors.messages import SlotGranted
 from stepvisor.actors.supervisor import _DUE, Supervisor
 from stepvisor.backends.base import AttemptResult
@@ -69,3 +73,31 @@ def test_a_due_retry_for_a_run_that_ended_is_dropped() -> None:
     supervisor.tell_due("ended-run", RetryDue("a", 1))
     supervisor.on_receive(_DUE)
     assert not supervisor._due
+
+
+def test_with_a_backlog_the_supervisor_lets_the_waiting_threads_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Holding the GIL through a backlog starves the Workers whose steps just ended.
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    supervisor = Supervisor(pool=RecordingPool(), register_thread=lambda thread: None)  # type: ignore[arg-type]
+    supervisor.on_receive(_DUE)
+    assert slept == []  # nothing waiting: no yield
+    for _ in range(supervisor_module.BACKLOG + 1):
+        supervisor.actor_ref.tell(_DUE)  # queued: the actor is not started
+    supervisor.on_receive(_DUE)
+    assert slept == [0]
+
+
+def test_retries_come_due_together_send_one_wake_up() -> None:
+    supervisor = Supervisor(pool=RecordingPool(), register_thread=lambda thread: None)  # type: ignore[arg-type]
+    shell = RecordingShell()
+    supervisor._runs["r"] = shell  # type: ignore[assignment]
+    for attempt in (1, 2, 3):
+        supervisor.tell_due("r", RetryDue(f"s{attempt}", 1))
+    assert supervisor._inbox.qsize() == 1
+    supervisor.on_receive(_DUE)
+    assert shell.received == [RetryDue("s1", 1), RetryDue("s2", 1), RetryDue("s3", 1)]
+    supervisor.tell_due("r", RetryDue("s4", 1))  # the lane was taken: a new wake-up
+    assert supervisor._inbox.qsize() == 2
