@@ -85,7 +85,7 @@ from stepvisor.core.messages import (
 )
 from stepvisor.core.model import Step, Workflow
 from stepvisor.core.result import RunResult
-from stepvisor.core.state import AttemptRecord, RunState, RunStatus, StepRecord, StepStatus, new
+from stepvisor.core.state import RunState, RunStatus, StepRecord, StepStatus, new
 from stepvisor.policies.concurrency import Scheduler
 from stepvisor.policies.retry import RetryPolicy
 
@@ -355,7 +355,8 @@ class RunMachine(Settling):
         step = self.wf.steps[self.graph.step_at_rank[r]]
         sid = step.id
         cfg = self.cfg
-        attempt = len(self.state.record_at(r).attempts) + 1
+        self.state, record = self.state.start_attempt_at(r, self._wall, slot)
+        attempt = len(record.attempts)
         now = self._now
         timeout = step.timeout if step.timeout is not None else cfg.step_timeout
         deadline = None if timeout is None else now + timeout
@@ -392,13 +393,6 @@ class RunMachine(Settling):
             on_run_deadline, deadline,
         )  # fmt: skip
         self._inflight[sid] = inf
-        self.state, record = self.state.start_attempt_at(
-            r,
-            new(
-                AttemptRecord,
-                (attempt, self._wall, None, None, None, None, None, None, None, slot, None),
-            ),
-        )
         fx = self._fx
         fx.append(new(SaveStep, (record, None)))
         if self._events.on:

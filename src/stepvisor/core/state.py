@@ -270,17 +270,20 @@ class RunState(NamedTuple):
     def set_step(self, record: StepRecord) -> RunState:
         return self._evolve(records=_table_set(self.records, self.rank[record.step_id], record))
 
-    def start_attempt_at(self, rank: int, attempt: AttemptRecord) -> tuple[RunState, StepRecord]:
-        """The step at ``rank`` starts ``attempt``: the new state and the step's record.
+    def start_attempt_at(self, rank: int, wall: float, slot: str) -> tuple[RunState, StepRecord]:
+        """The step at ``rank`` starts its next attempt on ``slot`` at ``wall``.
 
-        :meth:`record_at`, :meth:`StepRecord.with_attempt_started` and
-        :meth:`set_step_at` in one call: this is once per attempt on the hot path.
+        Returns the new state and the step's record (its last attempt is the new
+        one).  :meth:`record_at`, :meth:`StepRecord.with_attempt_started` and
+        :meth:`set_step_at` in one call, reading the record once: this is once
+        per attempt on the hot path.
         """
-        old = _table_get(self.records, rank)
-        record = new(
-            StepRecord,
-            (old.step_id, StepStatus.RUNNING, (*old.attempts, attempt), old.note, old.restored),
+        old: StepRecord = _table_get(self.records, rank)
+        attempt = new(
+            AttemptRecord,
+            (len(old.attempts) + 1, wall, None, None, None, None, None, None, None, slot, None),
         )
+        record = old.with_attempt_started(attempt)
         return self._evolve(records=_table_set(self.records, rank, record)), record
 
     def set_step_at(self, rank: int, record: StepRecord) -> RunState:
