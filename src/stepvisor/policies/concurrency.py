@@ -98,18 +98,12 @@ class Scheduler:
         bound = self.max_parallel if limit is None else limit
         if self.running >= bound or not self.ready_count:
             return None
-        if not self._limits:
-            # No pool limits: whatever pools the steps name, nothing but urgency
-            # decides, so the smallest head of all heaps (usually the only one).
-            heaps = [heap for heap in self._heaps.values() if heap]
-            best_heap = heaps[0] if len(heaps) == 1 else min(heaps, key=_head)
-            self.ready_count -= 1
-            self.running += 1
-            return self._urgency[heapq.heappop(best_heap)]
+        limits = self._limits
         best: int | None = None
         best_pool = _NO_POOL
         for pool, heap in self._heaps.items():
-            if heap and (best is None or heap[0] < best) and self._fits(pool):
+            # Without pool limits every pool fits: only urgency decides.
+            if heap and (best is None or heap[0] < best) and (not limits or self._fits(pool)):
                 best = heap[0]
                 best_pool = pool
         if best is None:
@@ -117,7 +111,8 @@ class Scheduler:
         heapq.heappop(self._heaps[best_pool])
         self.ready_count -= 1
         self.running += 1
-        self._running_in[best_pool] = self._running_in.get(best_pool, 0) + 1
+        if limits:  # only limits need the count per pool
+            self._running_in[best_pool] = self._running_in.get(best_pool, 0) + 1
         return self._urgency[best]
 
     def release(self, r: int) -> None:
@@ -132,7 +127,3 @@ class Scheduler:
         self._heaps.clear()
         self.ready_count = 0
         return sorted(out)
-
-
-def _head(heap: list[int]) -> int:
-    return heap[0]
