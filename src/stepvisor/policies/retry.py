@@ -220,20 +220,15 @@ class RetryPolicy:
             delay, how = float(after), ", the delay it asked for"
         else:
             delay, how = self._backoff_delay(attempt, seed=seed, step_id=step_id), ""
-            if self.backoff.jitter != "none" and late > 0.0:
-                wait, delay = delay, late + delay
-                if late >= _LAG_WORTH_SAYING:
-                    how = f" from now, {late:.2f} s after the attempt ended"
-                return RetryDecision(
-                    True,
-                    delay,
-                    f"{why}; retrying in {wait:.2f} s{how} "
-                    f"(attempt {attempt + 1} of {self.max_attempts})",
-                )
+        wait = delay  # the delay the reason names (a jittered one is waited from now)
+        if after is None and self.backoff.jitter != "none" and late > 0.0:
+            delay = late + wait
+            if late >= _LAG_WORTH_SAYING:
+                how = f" from now, {late:.2f} s after the attempt ended"
         return RetryDecision(
             True,
             delay,
-            f"{why}; retrying in {delay:.2f} s{how} (attempt {attempt + 1} of {self.max_attempts})",
+            f"{why}; retrying in {wait:.2f} s{how} (attempt {attempt + 1} of {self.max_attempts})",
         )
 
     def delays(self, n: int, *, seed: int = 0, step_id: str = "step") -> list[float]:
