@@ -47,7 +47,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
 
@@ -118,7 +117,7 @@ class Supervisor(pykka.ThreadingActor):
         self._register_thread = register_thread
         self._runs: dict[str, RunShell] = {}
         #: (run id, RetryDue) the clock put here, taken before the next message.
-        self._due: deque[tuple[str, object]] = deque()
+        self._due: list[tuple[str, object]] = []
         #: A wake-up is on its way for what is on the lane: a burst of retries come
         #: due together (a storm without jitter) sends one, not one each.
         self._due_woken = False
@@ -149,8 +148,7 @@ class Supervisor(pykka.ThreadingActor):
             time.sleep(0)  # a backlog: let the waiting threads run (see the docstring)
         if self._due:  # an unlocked look: an item put after it has a wake-up coming
             with self._due_lock:
-                due = list(self._due)
-                self._due.clear()
+                due, self._due = self._due, []
                 self._due_woken = False
             for run_id, retry in due:
                 self._route(run_id, retry)
