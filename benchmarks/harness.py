@@ -21,18 +21,12 @@ optionally, ``ORDER`` (int, where it sorts in the table; default 100).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime as dt
 import importlib
-import importlib.metadata
 import json
 import math
 import operator
-import os
 import pkgutil
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -42,6 +36,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Literal
 
+from benchmarks.environment import environment, loadavg
+
 __all__ = [
     "REFERENCE",
     "Result",
@@ -49,10 +45,13 @@ __all__ = [
     "Scenario",
     "Target",
     "discover",
+    "failed_row",
     "main",
     "render_table",
     "resolve",
+    "run_in_process",
     "run_scenarios",
+    "scenario_from",
 ]
 
 #: The system every other row of the same scenario and metric is compared to.
@@ -157,7 +156,8 @@ class Scenario:
 # -- discovery -------------------------------------------------------------------------
 
 
-def _scenario_from(module: ModuleType) -> Scenario:
+def scenario_from(module: ModuleType) -> Scenario:
+    """The scenario ``module`` defines; ``TypeError`` naming the contract if it does not."""
     name = getattr(module, "NAME", None)
     title = getattr(module, "TITLE", None)
     run = getattr(module, "run", None)
@@ -183,7 +183,7 @@ def discover(package: str = "benchmarks") -> list[Scenario]:
             continue
         qualified = f"{package}.{info.name}"
         try:
-            found.append(_scenario_from(importlib.import_module(qualified)))
+            found.append(scenario_from(importlib.import_module(qualified)))
         except Exception as exc:
             found.append(_broken_scenario(info.name.removeprefix("scenario_"), qualified, exc))
     return sorted(found, key=lambda s: (s.order, s.name))
@@ -225,7 +225,8 @@ def resolve(rows: Sequence[Row]) -> list[Result]:
 # -- running ---------------------------------------------------------------------------
 
 
-def _failed_row(scenario: Scenario, exc: BaseException) -> Row:
+def failed_row(scenario: Scenario, exc: BaseException) -> Row:
+    """The one row a scenario that raised ``exc`` shows, naming the error and where."""
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
     return Row(
@@ -239,11 +240,12 @@ def _failed_row(scenario: Scenario, exc: BaseException) -> Row:
     )
 
 
-def _loadavg() -> list[float]:
+def run_in_process(scenario: Scenario, *, quick: bool) -> list[Row]:
+    """``scenario.run`` in this interpreter; one failed row if it raises."""
     try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+        return list(scenario.run(quick=quick))
+    except Exception as exc:
+        return [failed_row(scenario, exc)]
 
 
 def run_scenarios(
@@ -251,19 +253,21 @@ def run_scenarios(
     *,
     quick: bool,
     progress: Callable[[str], None] | None = None,
+    runner: Callable[..., list[Row]] = run_in_process,
 ) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Run each scenario; return all rows and, per scenario, its time and load."""
+    """Run each scenario with ``runner``; return all rows and, per scenario, its time and load.
+
+    ``runner(scenario, quick=...)`` is :func:`run_in_process` unless told
+    otherwise; ``python -m benchmarks`` gives :func:`benchmarks.isolate.run_isolated`.
+    """
     rows: list[Row] = []
     info: list[dict[str, Any]] = []
     for scenario in scenarios:
         if progress:
             progress(f"running {scenario.name}: {scenario.title} ...")
-        load_before = _loadavg()
+        load_before = loadavg()
         started = time.perf_counter()
-        try:
-            produced = list(scenario.run(quick=quick))
-        except Exception as exc:
-            produced = [_failed_row(scenario, exc)]
+        produced = runner(scenario, quick=quick)
         seconds = time.perf_counter() - started
         rows.extend(produced)
         info.append(
@@ -272,7 +276,7 @@ def run_scenarios(
                 "title": scenario.title,
                 "seconds": round(seconds, 3),
                 "loadavg_before": load_before,
-                "loadavg_after": _loadavg(),
+                "loadavg_after": loadavg(),
             }
         )
         if progress:
@@ -345,60 +349,6 @@ def render_table(results: Sequence[Result], titles: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _memory_total_mb() -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return None
-
-
-def environment() -> dict[str, Any]:
-    """Versions of what was measured and a description of the machine it ran on."""
-    import stepvisor  # noqa: PLC0415 - imported late so discovery errors show first
-
-    return {
-        "versions": {
-            "stepvisor": stepvisor.__version__,
-            "python": platform.python_version(),
-            "dask": _version("dask"),
-            "ray": _version("ray"),
-        },
-        "machine": {
-            "cores": os.cpu_count(),
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "platform": platform.platform(),
-            "processor": platform.machine(),
-            "memory_mb": _memory_total_mb(),
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        },
-        "commit": _git_commit(),
-    }
-
-
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -430,6 +380,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"where to write the JSON figures (default: {DEFAULT_OUT})",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the scenarios in this interpreter instead of a fresh child each (for profiling)",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser
 
@@ -459,13 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    load_start = _loadavg()
+    load_start = loadavg()
     started = time.perf_counter()
-    rows, info = run_scenarios(chosen, quick=args.quick, progress=progress)
+    runner = run_in_process
+    if not args.in_process:
+        from benchmarks.isolate import run_isolated  # noqa: PLC0415 - it imports this module
+
+        runner = run_isolated
+    rows, info = run_scenarios(chosen, quick=args.quick, progress=progress, runner=runner)
     results = resolve(rows)
     env = environment()
     env["machine"]["loadavg_start"] = load_start
-    env["machine"]["loadavg_end"] = _loadavg()
+    env["machine"]["loadavg_end"] = loadavg()
     titles = {s.name: s.title for s in chosen}
     table = render_table(results, titles)
     payload = {

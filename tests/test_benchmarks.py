@@ -9,7 +9,9 @@ scenarios happen in a subprocess, so their pools and threads end with it.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import stepvisor as sv
-from benchmarks import common, harness
+from benchmarks import common, harness, isolate
 from benchmarks.common import Measured
 from benchmarks.harness import Row, Scenario, Target
 from benchmarks.scenario_makespan import Task, lower_bound, random_dag
@@ -127,6 +129,42 @@ def test_scenario_that_raises_becomes_one_failed_row_and_the_rest_still_run() ->
     assert [(r.scenario, r.status) for r in rows] == [("bad", "failed"), ("s", "ok")]
     assert "RuntimeError: boom" in rows[0].note
     assert [i["name"] for i in info] == ["bad", "good"]
+
+
+def test_a_row_comes_back_from_its_json_equal_with_or_without_its_target() -> None:
+    plain = _row("pool", 2.5, note="n", status="failed")
+    aimed = _row("stepvisor", None, target=Target(on="ratio", op=">=", limit=1.5, text="1.5x"))
+    for row in (plain, aimed):
+        assert isolate.row_from_json(json.loads(json.dumps(isolate.row_to_json(row)))) == row
+
+
+def _probe() -> Scenario:
+    return harness.scenario_from(importlib.import_module("tests.bench_probe"))
+
+
+@pytest.mark.realtime
+def test_an_isolated_scenario_runs_in_a_child_process_and_its_rows_come_back() -> None:
+    rows = isolate.run_isolated(_probe(), quick=True, timeout=60)
+    assert [(r.scenario, r.metric, r.note, r.status) for r in rows] == [
+        ("probe", "pid", "quick", "ok")
+    ]
+    assert rows[0].value is not None
+    assert rows[0].value != os.getpid()
+    assert rows[0].target == Target(on="value", op=">", limit=0.0, text="a process id")
+
+
+@pytest.mark.realtime
+def test_an_isolated_scenario_that_raises_or_dies_becomes_one_failed_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STEPVISOR_BENCH_PROBE", "raise")
+    raised = isolate.run_isolated(_probe(), quick=False, timeout=60)
+    assert [(r.scenario, r.status) for r in raised] == [("probe", "failed")]
+    assert "LookupError: the probe was told to raise" in raised[0].note
+    monkeypatch.setenv("STEPVISOR_BENCH_PROBE", "exit")
+    died = isolate.run_isolated(_probe(), quick=False, timeout=60)
+    assert [(r.scenario, r.status) for r in died] == [("probe", "failed")]
+    assert "exited with status 3" in died[0].note
 
 
 def test_table_has_a_line_per_row_with_status_ratio_and_verdict() -> None:
