@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gc
+import pickle
 import random
+from typing import Any
 
-from stepvisor.core.state import RunState, StepRecord, StepStatus
+import pytest
 
-CHUNK = 512  # stepvisor.core.state._LEAF: tests below cross several leaf boundaries
-BLOCK = 64  # stepvisor.core.state._BLOCK: leaves per block
+from stepvisor.core.state import AttemptRecord, RunState, StepRecord, StepStatus
+
+CHUNK = 512  # stepvisor.core._table.LEAF: tests below cross several leaf boundaries
+BLOCK = 64  # stepvisor.core._table.BLOCK: leaves per block
 
 
 def _initial(n: int) -> RunState:
@@ -116,3 +120,82 @@ def test_empty_outputs_keep_no_map_and_read_back_empty() -> None:
     made = after.set_outputs("s000001", {"x": 1})
     assert dict(made.output("s000001")) == {"x": 1}
     assert dict(made.set_outputs("s000001", {}).output("s000001")) == {}
+
+
+def _finished(sid: str, attempts: int = 1, **last: Any) -> StepRecord:
+    tries = tuple(
+        AttemptRecord(
+            i + 1, 100.0 + i, 100.5 + i, 0.5, "failed", "OSError", "down", "tb", 0.25, "t-1", None
+        )
+        for i in range(attempts - 1)
+    )
+    final = AttemptRecord(attempts, 200.0, 200.25, 0.25, "succeeded", worker="t-2")
+    return StepRecord(sid, StepStatus.SUCCEEDED, (*tries, final._replace(**last)), "n", False)
+
+
+def test_every_shape_of_record_reads_back_equal_from_every_way_of_setting_it() -> None:
+    state = _initial(6)
+    records = [
+        _finished("s000000"),
+        _finished("s000001", attempts=3),
+        _finished("s000002", error_traceback="tb", note="late", delay_after=None),
+        StepRecord("s000003", StepStatus.SKIPPED, (), "skipped: upstream", False),
+        StepRecord("s000004", StepStatus.RUNNING, (AttemptRecord(1, 5.0),)),
+        _finished("s000005")._replace(restored=True),
+    ]
+    one_by_one = state
+    for record in records:
+        one_by_one = one_by_one.set_step(record)
+    by_rank, _ = state.succeed_at(0, records[0], {})
+    together = state.set_steps(records)
+    for after in (one_by_one, together):
+        assert [after.record(r.step_id) for r in records] == records
+        assert [after.record_at(i) for i in range(6)] == records
+        assert list(after.all_records()) == records
+        assert after.steps == {r.step_id: r for r in records}
+        assert after.unfinished() == [records[4]]
+        assert after.first_with((StepStatus.SKIPPED, StepStatus.RUNNING)) == "s000003"
+    assert by_rank.record_at(0) == records[0]
+    assert type(one_by_one.record_at(0)) is StepRecord
+    assert type(one_by_one.record_at(0).attempts[0]) is AttemptRecord
+
+
+def test_a_finished_record_with_one_attempt_is_kept_as_one_object_for_the_gc() -> None:
+    # A StepRecord, its attempts tuple and its AttemptRecord are three objects
+    # the cyclic GC tracks; a big run's heap is mostly these, and every full GC
+    # pass visits all of them.  The state keeps a finished one as one.
+    n = 2_000
+    state = _initial(n)
+    gc.collect()
+    before = len(gc.get_objects())
+    records = [_finished(sid) for sid in state.order]
+    kept = state.set_steps(records)
+    del records
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert grown < 1.2 * n, grown  # kept as StepRecords, 3 * n
+    assert kept.record("s000007") == _finished("s000007")
+
+
+def test_the_steps_view_is_a_read_only_mapping_in_canonical_order() -> None:
+    state = _initial(CHUNK + 2).set_steps([_finished("s000001"), _finished(f"s{CHUNK:06d}")])
+    view = state.steps_view()
+    plain = state.steps
+    assert view == plain
+    assert list(view) == list(state.order) == list(view.keys())
+    assert list(view.items()) == list(plain.items())
+    assert list(view.values()) == list(plain.values())
+    assert len(view) == CHUNK + 2
+    assert "s000001" in view
+    assert "nope" not in view
+    assert view.get("nope") is None
+    assert view["s000001"] == _finished("s000001")
+    with pytest.raises(KeyError):
+        view["nope"]
+    assert repr(view) == repr(plain)
+    copied = pickle.loads(pickle.dumps(view))
+    assert type(copied) is dict
+    assert copied == plain
+    later = state.set_step(StepRecord("s000000", StepStatus.SKIPPED))
+    assert view["s000000"].status is StepStatus.PENDING  # a view of the state it came from
+    assert later.steps_view()["s000000"].status is StepStatus.SKIPPED

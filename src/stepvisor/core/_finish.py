@@ -37,10 +37,9 @@ def finish_effects(
     settings: Mapping[str, object],
 ) -> tuple[RunState, list[Effect]]:
     """The run's final state and the effects that record and report it."""
-    # One pass over the records in canonical order, not a lookup by id per
-    # step: at a million steps each lookup is a cache miss.
-    steps = {record.step_id: record for record in state.all_records()}
-    failed_step = next((sid for sid, r in steps.items() if r.status in _FAILED), None)
+    # A view, not a dict of every record: see StepsView.
+    steps = state.steps_view()
+    failed_step = state.first_with(_FAILED)
     if stop is RunStatus.CANCELLED:
         status = RunStatus.CANCELLED
     elif failed_step is not None or deadline_passed:

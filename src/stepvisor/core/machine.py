@@ -468,9 +468,7 @@ class RunMachine(Settling):
         self.finished = True
         note = f"cancelled: {self.stop_note}" if self.stopping else "cancelled: never became ready"
         leftovers = [
-            record.with_status(StepStatus.CANCELLED, note)
-            for record in self.state.all_records()
-            if not record.terminal
+            record.with_status(StepStatus.CANCELLED, note) for record in self.state.unfinished()
         ]
         if leftovers:
             self.state = self.state.set_steps(leftovers)

@@ -19,12 +19,21 @@ Two views live side by side:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from itertools import islice
 from typing import Any, Final, NamedTuple
 
-from pyrsistent import pmap, pvector
-from pyrsistent.typing import PMap, PVector
+from pyrsistent import pmap
+from pyrsistent.typing import PMap
+
+from stepvisor.core._table import (
+    Table,
+    table_get,
+    table_of,
+    table_set,
+    table_set_many,
+    table_values,
+)
 
 __all__ = [
     "TERMINAL",
@@ -33,6 +42,7 @@ __all__ = [
     "RunStatus",
     "StepRecord",
     "StepStatus",
+    "StepsView",
 ]
 
 
@@ -43,66 +53,16 @@ _EMPTY_MAP: PMap[str, Any] = pmap()
 #: once or twice per step on the Supervisor's hot path (every field given, in order).
 new: Final = tuple.__new__
 
-#: Per-step values are kept in leaves of 2**_LEAF_BITS entries, and the leaves
-#: in blocks of 2**_BLOCK_BITS leaves (see ``Table``).
-_LEAF_BITS: Final = 9
-_LEAF: Final = 1 << _LEAF_BITS
-_LEAF_MASK: Final = _LEAF - 1
-_BLOCK_BITS: Final = 6
-_BLOCK: Final = 1 << _BLOCK_BITS
-_BLOCK_MASK: Final = _BLOCK - 1
-_BLOCK_SHIFT: Final = _LEAF_BITS + _BLOCK_BITS
-
-#: One value per step, by canonical rank, as ``table[block][leaf][entry]``: a
-#: tuple of blocks, each a tuple of up to ``_BLOCK`` pyrsistent vectors of
-#: ``_LEAF`` entries, rather than one vector (or one tuple of leaves) for the
-#: whole run.
-#:
-#: Every transition builds a new path to the value it sets, and new objects
-#: are young: the cyclic GC's frequent young-generation passes traverse them,
-#: visiting every reference they hold (a pyrsistent vector's traversal visits
-#: every element).  One vector per run made that O(steps) work per pass, and a
-#: run's cost grew with the square of its size; one tuple of leaves still held
-#: steps/512 references, copied at every transition and traversed at every
-#: pass (at 1,000,000 steps, ~2,000 of each, and scattered over a gigabyte, so
-#: each a cache miss).  With blocks, a transition copies and the GC visits at
-#: most ``_LEAF`` + ``_BLOCK`` + steps/``2**_BLOCK_SHIFT`` references: the
-#: last term stays below ``_LEAF`` up to 16 million steps.
-Table = tuple[tuple[PVector[Any], ...], ...]
-
-
-def _table_of(values: list[Any]) -> Table:
-    leaves = [pvector(values[i : i + _LEAF]) for i in range(0, len(values), _LEAF)]
-    return tuple(tuple(leaves[i : i + _BLOCK]) for i in range(0, len(leaves), _BLOCK))
-
-
-def _table_set(table: Table, index: int, value: Any) -> Table:
-    b = index >> _BLOCK_SHIFT
-    block = table[b]
-    k = (index >> _LEAF_BITS) & _BLOCK_MASK
-    block = (*block[:k], block[k].set(index & _LEAF_MASK, value), *block[k + 1 :])
-    return (*table[:b], block, *table[b + 1 :])
-
-
-def _table_get(table: Table, index: int) -> Any:
-    return table[index >> _BLOCK_SHIFT][(index >> _LEAF_BITS) & _BLOCK_MASK][index & _LEAF_MASK]
-
-
-def _table_values(table: Table) -> Iterator[Any]:
-    for block in table:
-        for leaf in block:
-            yield from leaf
-
 
 def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]]:
     """How far from ``start`` the records are terminal, and the ids of those steps."""
     i = start
     done: list[str] = []
     while i < n:
-        record = _table_get(records, i)
-        if record.status not in TERMINAL:
+        record = table_get(records, i)  # kept or not, [0] is the id and [1] the status
+        if record[1] not in TERMINAL:
             break
-        done.append(record.step_id)
+        done.append(record[0])
         i += 1
     return i, done
 
@@ -208,6 +168,40 @@ class StepRecord(NamedTuple):
         return StepRecord(self.step_id, status, self.attempts, note, self.restored)
 
 
+class _Settled(tuple[Any, ...]):
+    """A finished step's record with its one attempt, as the run state keeps it.
+
+    ``(step_id, status, note, restored, *attempt)``: one object where a
+    :class:`StepRecord` is three (the record, its attempts tuple, the attempt).
+    Finished records are what a big run's heap is made of, and every full pass
+    of the cyclic GC visits every object of it: at a million steps these
+    passes were a fifth of the run and grew faster than it.  A tuple subclass
+    on purpose: the GC keeps tracking it (an exact tuple of plain values it
+    would untrack, and a heap of untracked objects makes the GC's trigger
+    count full passes against a smaller total, so it runs them more often).
+    It never leaves this module: reads rebuild the record (:func:`_unkept`).
+    """
+
+    __slots__ = ()
+
+
+def _kept(record: StepRecord) -> Any:
+    """``record`` as the table keeps it: :class:`_Settled` when that is possible."""
+    attempts = record[2]
+    if record[1] in TERMINAL and len(attempts) == 1:
+        return new(_Settled, (record[0], record[1], record[3], record[4], *attempts[0]))
+    return record
+
+
+def _unkept(value: Any) -> StepRecord:
+    """The :class:`StepRecord` the table keeps as ``value``."""
+    if type(value) is not _Settled:
+        record: StepRecord = value
+        return record
+    attempt = new(AttemptRecord, value[4:])
+    return new(StepRecord, (value[0], value[1], (attempt,), value[2], value[3]))
+
+
 class RunState(NamedTuple):
     """The whole state of one run, as an immutable value.
 
@@ -238,8 +232,8 @@ class RunState(NamedTuple):
             workflow_id=workflow_id,
             order=order,
             rank=rank,
-            records=_table_of([StepRecord(sid) for sid in order]),
-            outputs=_table_of([None] * len(order)),
+            records=table_of([StepRecord(sid) for sid in order]),
+            outputs=table_of([None] * len(order)),
         )
 
     # -- transitions (pure) ------------------------------------------------------
@@ -268,7 +262,8 @@ class RunState(NamedTuple):
         )
 
     def set_step(self, record: StepRecord) -> RunState:
-        return self._evolve(records=_table_set(self.records, self.rank[record.step_id], record))
+        index = self.rank[record.step_id]
+        return self._evolve(records=table_set(self.records, index, _kept(record)))
 
     def start_attempt_at(self, rank: int, wall: float, slot: str) -> tuple[RunState, StepRecord]:
         """The step at ``rank`` starts its next attempt on ``slot`` at ``wall``.
@@ -278,30 +273,22 @@ class RunState(NamedTuple):
         :meth:`set_step_at` in one call, reading the record once: this is once
         per attempt on the hot path.
         """
-        old: StepRecord = _table_get(self.records, rank)
+        old = _unkept(table_get(self.records, rank))
         attempt = new(
             AttemptRecord,
             (len(old.attempts) + 1, wall, None, None, None, None, None, None, None, slot, None),
         )
         record = old.with_attempt_started(attempt)
-        return self._evolve(records=_table_set(self.records, rank, record)), record
+        return self._evolve(records=table_set(self.records, rank, record)), record
 
     def set_step_at(self, rank: int, record: StepRecord) -> RunState:
         """:meth:`set_step` for a caller that knows the step's rank (no lookup by id)."""
-        return self._evolve(records=_table_set(self.records, rank, record))
+        return self._evolve(records=table_set(self.records, rank, _kept(record)))
 
     def set_steps(self, records: list[StepRecord]) -> RunState:
-        blocks = [list(block) for block in self.records]
-        evolvers: dict[tuple[int, int], Any] = {}
-        for record in records:
-            index = self.rank[record.step_id]
-            at = (index >> _BLOCK_SHIFT, (index >> _LEAF_BITS) & _BLOCK_MASK)
-            if at not in evolvers:
-                evolvers[at] = blocks[at[0]][at[1]].evolver()
-            evolvers[at][index & _LEAF_MASK] = record
-        for (b, k), ev in evolvers.items():
-            blocks[b][k] = ev.persistent()
-        return self._evolve(records=tuple(map(tuple, blocks)))
+        rank = self.rank
+        changes = [(rank[record.step_id], _kept(record)) for record in records]
+        return self._evolve(records=table_set_many(self.records, changes))
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
         """Record what ``step_id`` created.
@@ -312,10 +299,10 @@ class RunState(NamedTuple):
         """
         index = self.rank[step_id]
         if not outputs:
-            if _table_get(self.outputs, index) is None:
+            if table_get(self.outputs, index) is None:
                 return self
-            return self._evolve(outputs=_table_set(self.outputs, index, None))
-        return self._evolve(outputs=_table_set(self.outputs, index, pmap(outputs)))
+            return self._evolve(outputs=table_set(self.outputs, index, None))
+        return self._evolve(outputs=table_set(self.outputs, index, pmap(outputs)))
 
     def succeed_at(
         self, rank: int, record: StepRecord, outputs: Mapping[str, Any]
@@ -325,10 +312,10 @@ class RunState(NamedTuple):
         :meth:`set_step_at`, :meth:`set_outputs` and :meth:`commit_ready` in
         one transition: this is once per succeeded step on the hot path.
         """
-        records = _table_set(self.records, rank, record)
+        records = table_set(self.records, rank, _kept(record))
         outputs_table = self.outputs
         if outputs:
-            outputs_table = _table_set(outputs_table, rank, pmap(outputs))
+            outputs_table = table_set(outputs_table, rank, pmap(outputs))
         i, done = _terminal_prefix(records, self.committed, len(self.order))
         return self._evolve(records=records, outputs=outputs_table, committed=i), done
 
@@ -351,8 +338,7 @@ class RunState(NamedTuple):
 
     def record(self, step_id: str) -> StepRecord:
         """The record of one step."""
-        record: StepRecord = _table_get(self.records, self.rank[step_id])
-        return record
+        return _unkept(table_get(self.records, self.rank[step_id]))
 
     def record_at(self, rank: int) -> StepRecord:
         """The record of the step of canonical rank ``rank``.
@@ -360,12 +346,11 @@ class RunState(NamedTuple):
         The machine knows the rank of every step it handles: at a million
         steps a lookup by id is a cache miss in a dict of a million entries.
         """
-        record: StepRecord = _table_get(self.records, rank)
-        return record
+        return _unkept(table_get(self.records, rank))
 
     def output(self, step_id: str) -> PMap[str, Any]:
         """The artifacts one step created (empty unless it succeeded)."""
-        produced: PMap[str, Any] | None = _table_get(self.outputs, self.rank[step_id])
+        produced: PMap[str, Any] | None = table_get(self.outputs, self.rank[step_id])
         return produced or _EMPTY_MAP
 
     @property
@@ -383,9 +368,9 @@ class RunState(NamedTuple):
         many artifacts grew quadratically.
         """
         merged: dict[str, Any] = {}
-        pairs = zip(_table_values(self.outputs), _table_values(self.records), strict=True)
+        pairs = zip(table_values(self.outputs), table_values(self.records), strict=True)
         for produced, record in islice(pairs, self.committed):
-            if produced and record.status is StepStatus.SUCCEEDED:
+            if produced and record[1] is StepStatus.SUCCEEDED:  # kept or not
                 merged.update(produced)
         return pmap(merged)
 
@@ -395,12 +380,86 @@ class RunState(NamedTuple):
         return self.order[: self.committed]
 
     def count_status(self, status: StepStatus) -> int:
-        return sum(1 for r in self.all_records() if r.status is status)
+        return sum(1 for kept in table_values(self.records) if kept[1] is status)
 
     @property
     def all_terminal(self) -> bool:
-        return all(r.terminal for r in self.all_records())
+        return all(kept[1] in TERMINAL for kept in table_values(self.records))  # kept or not
 
     def all_records(self) -> Iterator[StepRecord]:
         """Every step's record, in canonical order."""
-        return _table_values(self.records)
+        return map(_unkept, table_values(self.records))
+
+    def unfinished(self) -> list[StepRecord]:
+        """The records of the steps not in a terminal status, in canonical order.
+
+        Read without rebuilding the finished ones: at the end of a run that is
+        nearly all of them.
+        """
+        return [_unkept(kept) for kept in table_values(self.records) if kept[1] not in TERMINAL]
+
+    def first_with(self, statuses: frozenset[StepStatus] | tuple[StepStatus, ...]) -> str | None:
+        """The id of the first step, in canonical order, whose status is one of ``statuses``."""
+        return next((kept[0] for kept in table_values(self.records) if kept[1] in statuses), None)
+
+    def steps_view(self) -> StepsView:
+        """Step id -> record, in canonical order, read from this state when asked."""
+        return StepsView(self)
+
+
+class _ItemsView(ItemsView[str, StepRecord]):
+    _mapping: StepsView
+
+    def __iter__(self) -> Iterator[tuple[str, StepRecord]]:
+        view = self._mapping
+        return zip(view.order, map(_unkept, table_values(view.table)), strict=True)
+
+
+class _ValuesView(ValuesView[StepRecord]):
+    _mapping: StepsView
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        return map(_unkept, table_values(self._mapping.table))
+
+
+class StepsView(Mapping[str, StepRecord]):
+    """A run state's records as a read-only mapping of step id to record.
+
+    A run's result hands back every step's record, and building a dict of
+    them at the end of a big run made as many objects as the run kept (three
+    per step, see :class:`_Settled`) in one burst, and the cyclic GC's full
+    passes over a heap growing that fast were most of the run's last seconds.
+    The view builds a record when it is read.  It is immutable like the state
+    it reads; a pickled view comes back as a plain ``dict``.
+    """
+
+    __slots__ = ("order", "rank", "table")
+
+    def __init__(self, state: RunState) -> None:
+        self.order = state.order
+        self.rank = state.rank
+        self.table = state.records
+
+    def __getitem__(self, step_id: str) -> StepRecord:
+        return _unkept(table_get(self.table, self.rank[step_id]))
+
+    def __contains__(self, step_id: object) -> bool:
+        return step_id in self.rank
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def items(self) -> ItemsView[str, StepRecord]:
+        return _ItemsView(self)
+
+    def values(self) -> ValuesView[StepRecord]:
+        return _ValuesView(self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+    def __reduce__(self) -> tuple[type[dict[str, StepRecord]], tuple[dict[str, StepRecord]]]:
+        return dict, (dict(self.items()),)
