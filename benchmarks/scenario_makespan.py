@@ -11,7 +11,8 @@ chain of work behind it first) and without (every step costs 1, so the
 priority is the longest chain counted in steps).  The baselines are the wave
 executor that asyncio code usually grows into (start everything ready, wait
 for the whole batch, repeat; ``to_thread`` under a ``Semaphore(8)``) and
-Dask's threaded scheduler with 8 workers.
+Dask's threaded scheduler with 8 workers.  Each system runs a small DAG
+untimed first (``WARM_UP``), so that no figure includes a first run's imports.
 """
 
 from __future__ import annotations
@@ -193,7 +194,18 @@ def _dask(tasks: Sequence[Task]) -> float:
 # -- the scenario -------------------------------------------------------------------------------
 
 
-def _ratios(dags: Sequence[list[Task]], runner: Callable[[list[Task]], float]) -> list[Measured]:
+#: Run untimed by every system before its timed runs: each scenario has a fresh
+#: interpreter, and the first run of each system in it pays for its imports
+#: and its first threads (stepvisor's first ``sv.run`` ~55 ms, most of it
+#: importing the actors and asyncio), which is not scheduling.
+WARM_UP = 20
+
+
+def _ratios(
+    dags: Sequence[list[Task]], runner: Callable[[list[Task]], float], *, warm: bool = True
+) -> list[Measured]:
+    if warm:
+        runner(random_dag(WARM_UP, seed=0))
     ratios = [runner(tasks) / lower_bound(tasks, parallel=PARALLEL)[0] for tasks in dags]
     note = f"mean of {len(ratios)} DAGs, worst {max(ratios):.3f}" if len(ratios) > 1 else ""
     return [Measured(statistics.fmean(ratios), note)]
@@ -202,7 +214,8 @@ def _ratios(dags: Sequence[list[Task]], runner: Callable[[list[Task]], float]) -
 def _hinted(dags: Sequence[list[Task]]) -> list[Measured]:
     """stepvisor with cost hints, with the two floors that explain its figure in the note."""
     as_run: list[float] = []
-    [measured] = _ratios(dags, lambda t: _stepvisor(t, hints=True, as_run=as_run))
+    _stepvisor(random_dag(WARM_UP, seed=0), hints=True)
+    [measured] = _ratios(dags, lambda t: _stepvisor(t, hints=True, as_run=as_run), warm=False)
     ideal = statistics.fmean(
         list_schedule(d, parallel=PARALLEL) / lower_bound(d, parallel=PARALLEL)[0] for d in dags
     )
