@@ -91,6 +91,8 @@ def test_graph_facts_match_their_definitions(seed: int, n: int) -> None:
         assert list(ds) == sorted(ds)
         assert all(r in graph.dependents[d] for d in ds)
     assert sum(map(len, graph.deps)) == sum(map(len, graph.dependents))
+    for d, users in enumerate(graph.dependents):
+        assert list(users) == [r for r, ds in enumerate(graph.deps) if d in ds]  # sorted
     # The scheduler's preference: highest priority first, ties to the smaller id.
     preferred = sorted(range(n), key=lambda r: (-graph.priority[r], graph.order[r]))
     assert list(graph.urgency) == preferred
