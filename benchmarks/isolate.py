@@ -61,6 +61,10 @@ def run_isolated(scenario: Scenario, *, quick: bool, timeout: float = CHILD_TIME
     The child's output goes to this process's stderr (where progress goes), so
     the table on stdout stays the table.
     """
+    try:
+        progress: int | None = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr without a file: inherit ours
+        progress = None
     with tempfile.TemporaryDirectory(prefix="stepvisor-bench-") as tmp:
         out = Path(tmp) / "rows.json"
         args = [sys.executable, "-m", "benchmarks.isolate", scenario.module, str(out)]
@@ -68,7 +72,7 @@ def run_isolated(scenario: Scenario, *, quick: bool, timeout: float = CHILD_TIME
             done = subprocess.run(
                 [*args, *(["--quick"] if quick else [])],
                 cwd=_ROOT,
-                stdout=sys.stderr,
+                stdout=progress,
                 timeout=timeout,
                 check=False,
             )

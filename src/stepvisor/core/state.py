@@ -173,13 +173,15 @@ class _Settled(tuple[Any, ...]):
 
     ``(step_id, status, note, restored, *attempt)``: one object where a
     :class:`StepRecord` is three (the record, its attempts tuple, the attempt).
-    Finished records are what a big run's heap is made of, and every full pass
-    of the cyclic GC visits every object of it: at a million steps these
-    passes were a fifth of the run and grew faster than it.  A tuple subclass
-    on purpose: the GC keeps tracking it (an exact tuple of plain values it
-    would untrack, and a heap of untracked objects makes the GC's trigger
-    count full passes against a smaller total, so it runs them more often).
-    It never leaves this module: reads rebuild the record (:func:`_unkept`).
+    Finished records are what a big run's heap is made of, and the cyclic GC
+    counts the objects it tracks: a young pass runs when the allocated ones
+    outnumber the freed ones by 700, and a full pass over the whole heap each
+    time the old generation grows by a quarter.  A finished record that
+    replaces its pending one one for one adds nothing, so a run of a million
+    steps that made eight full passes (a fifth of its time, and growing faster
+    than it: each visits every object) now makes none while its steps run.
+    A subclass so that a read tells it from a :class:`StepRecord` by its type;
+    it never leaves this module: reads rebuild the record (:func:`_unkept`).
     """
 
     __slots__ = ()
@@ -412,14 +414,14 @@ class _ItemsView(ItemsView[str, StepRecord]):
 
     def __iter__(self) -> Iterator[tuple[str, StepRecord]]:
         view = self._mapping
-        return zip(view.order, map(_unkept, table_values(view.table)), strict=True)
+        return zip(view._order, map(_unkept, table_values(view._table)), strict=True)
 
 
 class _ValuesView(ValuesView[StepRecord]):
     _mapping: StepsView
 
     def __iter__(self) -> Iterator[StepRecord]:
-        return map(_unkept, table_values(self._mapping.table))
+        return map(_unkept, table_values(self._mapping._table))
 
 
 class StepsView(Mapping[str, StepRecord]):
@@ -433,24 +435,24 @@ class StepsView(Mapping[str, StepRecord]):
     it reads; a pickled view comes back as a plain ``dict``.
     """
 
-    __slots__ = ("order", "rank", "table")
+    __slots__ = ("_order", "_rank", "_table")
 
     def __init__(self, state: RunState) -> None:
-        self.order = state.order
-        self.rank = state.rank
-        self.table = state.records
+        self._order = state.order
+        self._rank = state.rank
+        self._table = state.records
 
     def __getitem__(self, step_id: str) -> StepRecord:
-        return _unkept(table_get(self.table, self.rank[step_id]))
+        return _unkept(table_get(self._table, self._rank[step_id]))
 
     def __contains__(self, step_id: object) -> bool:
-        return step_id in self.rank
+        return step_id in self._rank
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.order)
+        return iter(self._order)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self._order)
 
     def items(self) -> ItemsView[str, StepRecord]:
         return _ItemsView(self)
