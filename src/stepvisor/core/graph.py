@@ -113,7 +113,8 @@ def _reverse(links: Sequence[Sequence[int]], ints: list[int]) -> tuple[list[int]
     Compressed rows (two flat lists) rather than a list per index: at a
     million steps, a million lists alive at once were promoted to the GC's
     oldest generation, and each 25 % of growth there is a full pass over
-    every object of the workflow (16 of them while building a million steps).
+    every object of the workflow (making and building a million steps took
+    16 full passes with two such lists, 11 without; the build 3.9 -> 2.6 s).
     ``flat`` holds the objects of ``ints``, so no int is made twice.
     """
     counts = [0] * (len(links) + 1)
