@@ -89,7 +89,7 @@ class ForRun(NamedTuple):
 
 #: While more messages than this wait in the inbox, the Supervisor yields the GIL
 #: after each one.  Workers running batches of tiny chained steps report each one
-#: (8 Workers, batches of 8: 64 messages); yielding to Workers that would only make
+#: (8 Workers, batches of up to 16: 128 messages); yielding to Workers that would only make
 #: more of them halved the throughput of such runs at a threshold of 32, and costs
 #: nothing measurable at 256 up to 64 slots (3 % at 256 slots).
 BACKLOG: Final = 256

@@ -95,7 +95,10 @@ __all__ = ["BACKEND_GRACE_MARGIN", "Plan", "RunMachine"]
 #: attempts take less than this on average: see ``_fill``.
 PREFETCH_BELOW = 0.002
 #: The most attempts handed to one slot in one Dispatch while prefetching.
-PREFETCH_BATCH = 8
+#: Fewer batches mean fewer messages and Worker wake-ups per step: 10,000
+#: no-op thread steps, 8 slots, cost 19.6-20.1 us each at 8, 16.4-17.4 at 16,
+#: and 18.4 at 32, where the attempts in flight set the cyclic GC off.
+PREFETCH_BATCH = 16
 
 _NO_INPUTS: Mapping[str, Any] = MappingProxyType({})
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
