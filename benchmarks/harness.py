@@ -44,6 +44,7 @@ __all__ = [
     "Row",
     "Scenario",
     "Target",
+    "broken_scenario",
     "discover",
     "failed_row",
     "main",
@@ -185,11 +186,16 @@ def discover(package: str = "benchmarks") -> list[Scenario]:
         try:
             found.append(scenario_from(importlib.import_module(qualified)))
         except Exception as exc:
-            found.append(_broken_scenario(info.name.removeprefix("scenario_"), qualified, exc))
+            found.append(broken_scenario(info.name.removeprefix("scenario_"), qualified, exc))
     return sorted(found, key=lambda s: (s.order, s.name))
 
 
-def _broken_scenario(name: str, module: str, exc: Exception) -> Scenario:
+def broken_scenario(name: str, module: str, exc: Exception) -> Scenario:
+    """A scenario in place of ``module``, which failed to import: its run says why.
+
+    So that a broken module shows in the table as one failed row rather than vanishing.
+    """
+
     def run(*, quick: bool) -> list[Row]:
         del quick
         raise RuntimeError(f"could not load {module}: {type(exc).__name__}: {exc}") from exc

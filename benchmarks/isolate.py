@@ -29,7 +29,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.harness import Row, Scenario, Target, failed_row, scenario_from
+from benchmarks.harness import (
+    Row,
+    Scenario,
+    Target,
+    broken_scenario,
+    failed_row,
+    run_in_process,
+    scenario_from,
+)
 
 __all__ = ["CHILD_TIMEOUT", "row_from_json", "row_to_json", "run_isolated"]
 
@@ -88,17 +96,11 @@ def run_isolated(scenario: Scenario, *, quick: bool, timeout: float = CHILD_TIME
 def child_main(argv: Sequence[str]) -> int:
     """``MODULE OUT [--quick]``: import the scenario module, run it, write its rows."""
     module, out, *rest = argv
-    quick = "--quick" in rest
     try:
         scenario = scenario_from(importlib.import_module(module))
     except Exception as exc:
-        name = module.rpartition(".")[2].removeprefix("scenario_")
-        rows = [failed_row(Scenario(name, module, 1000, lambda **_: [], module), exc)]
-    else:
-        try:
-            rows = list(scenario.run(quick=quick))
-        except Exception as exc:
-            rows = [failed_row(scenario, exc)]
+        scenario = broken_scenario(module.rpartition(".")[2].removeprefix("scenario_"), module, exc)
+    rows = run_in_process(scenario, quick="--quick" in rest)
     Path(out).write_text(json.dumps([row_to_json(r) for r in rows]))
     return 0
 

@@ -154,7 +154,7 @@ def test_an_isolated_scenario_runs_in_a_child_process_and_its_rows_come_back() -
 
 
 @pytest.mark.realtime
-def test_an_isolated_scenario_that_raises_or_dies_becomes_one_failed_row(
+def test_an_isolated_scenario_that_raises_dies_or_cannot_load_becomes_one_failed_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("STEPVISOR_BENCH_PROBE", "raise")
@@ -165,6 +165,11 @@ def test_an_isolated_scenario_that_raises_or_dies_becomes_one_failed_row(
     died = isolate.run_isolated(_probe(), quick=False, timeout=60)
     assert [(r.scenario, r.status) for r in died] == [("probe", "failed")]
     assert "exited with status 3" in died[0].note
+    missing = Scenario("gone", "Gone", 1, lambda **_: [], "tests.no_such_scenario_module")
+    unloadable = isolate.run_isolated(missing, quick=True, timeout=60)
+    # Named after its module, as discover names a module it cannot import.
+    assert [(r.scenario, r.status) for r in unloadable] == [("no_such_scenario_module", "failed")]
+    assert "could not load tests.no_such_scenario_module: ModuleNotFoundError" in unloadable[0].note
 
 
 def test_table_has_a_line_per_row_with_status_ratio_and_verdict() -> None:
