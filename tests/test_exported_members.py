@@ -26,7 +26,7 @@ PUBLIC_API = {
     # errors
     "StepvisorError", "ValidationError", "InvalidStepIdError", "StepFunctionError",
     "DuplicateStepError", "UnknownDependencyError", "MissingArtifactError", "CycleError",
-    "InvalidMaxParallelError", "InvalidTimeoutError", "InvalidSettingError",
+    "InvalidMaxParallelError", "InvalidTimeoutError", "InvalidSettingError", "MapOverError",
     "InvalidRetryPolicyError", "WorkflowFileError", "StepError", "StepTimeoutError",
     "StepCancelledError", "WorkerCrashedError", "StepNotSerializableError", "RemoteStepError",
     "RetryBudgetExhaustedError", "RetryableError", "FatalError", "StoreError", "NotAStoreError",

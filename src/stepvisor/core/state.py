@@ -1,4 +1,4 @@
-"""Run state as immutable values, and the pure reducer that evolves it.
+"""Run state as an immutable value, and the pure reducer that evolves it.
 
 ``RunState`` is a pyrsistent structure: every transition returns a new state
 and leaves the old one intact, so the Supervisor can hand snapshots to the
@@ -18,10 +18,9 @@ Two views live side by side:
 
 from __future__ import annotations
 
-import enum
-from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import Iterator, Mapping
 from itertools import islice
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
@@ -34,24 +33,39 @@ from stepvisor.core._table import (
     table_set_many,
     table_values,
 )
+from stepvisor.core.records import (
+    TERMINAL,
+    AttemptRecord,
+    MapVec,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    _kept,
+    _unkept,
+    instance_id,
+    new,
+)
 
+if TYPE_CHECKING:
+    from stepvisor.core._views import StepsView
+
+# The record types live in records.py; they are re-exported here, where users
+# (and ``stepvisor``'s lazy exports) have always found them.
 __all__ = [
     "TERMINAL",
     "AttemptRecord",
+    "MapVec",
     "RunState",
     "RunStatus",
     "StepRecord",
     "StepStatus",
-    "StepsView",
+    "instance_id",
+    "new",
 ]
 
 
 _EMPTY_MAP: PMap[str, Any] = pmap()
-
-#: ``new(Record, values)`` is what a NamedTuple's generated ``__new__`` does
-#: without its argument handling, at half the cost: for the few records built
-#: once or twice per step on the Supervisor's hot path (every field given, in order).
-new: Final = tuple.__new__
+_NO_MAPS: PMap[int, MapVec] = pmap()
 
 
 def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]]:
@@ -65,143 +79,6 @@ def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]
         done.append(record[0])
         i += 1
     return i, done
-
-
-class StepStatus(enum.StrEnum):
-    """Where a step is.  It ends in exactly one terminal status."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    WAITING_RETRY = "waiting_retry"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
-
-
-TERMINAL: Final = frozenset(
-    {
-        StepStatus.SUCCEEDED,
-        StepStatus.FAILED,
-        StepStatus.TIMED_OUT,
-        StepStatus.CANCELLED,
-        StepStatus.SKIPPED,
-    }
-)
-
-
-class RunStatus(enum.StrEnum):
-    """Where a run is.  ``interrupted`` is only ever read from a store."""
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"
-
-
-class AttemptRecord(NamedTuple):
-    """One attempt of one step: when, how it ended, and what came next.
-
-    (Records and the run state are NamedTuples rather than frozen dataclasses:
-    equally immutable, and four times cheaper to build, which matters on the
-    Supervisor's hot path where several are built per step.)
-
-    ``outcome`` is ``None`` while the attempt runs, then one of
-    ``succeeded``, ``failed``, ``timed_out``, ``cancelled``, ``crashed``.
-    ``delay_after`` is the backoff chosen before the next attempt, if any.
-    Times are wall-clock seconds (for people); ``duration`` is measured on the
-    monotonic clock.
-    """
-
-    number: int
-    started: float
-    ended: float | None = None
-    duration: float | None = None
-    outcome: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    error_traceback: str | None = None
-    delay_after: float | None = None
-    worker: str | None = None
-    note: str | None = None
-
-
-class StepRecord(NamedTuple):
-    """A step's status and every attempt it made."""
-
-    step_id: str
-    status: StepStatus = StepStatus.PENDING
-    attempts: tuple[AttemptRecord, ...] = ()
-    note: str | None = None
-    #: True when the record was restored from a store on resume (not re-run).
-    restored: bool = False
-
-    @property
-    def attempt_count(self) -> int:
-        return len(self.attempts)
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
-
-    @property
-    def last_attempt(self) -> AttemptRecord | None:
-        return self.attempts[-1] if self.attempts else None
-
-    # Built with new() rather than _replace(): these run once per step each on the
-    # Supervisor's hot path.
-    def with_attempt_started(self, attempt: AttemptRecord) -> StepRecord:
-        return new(
-            StepRecord,
-            (self.step_id, StepStatus.RUNNING, (*self.attempts, attempt), self.note, self.restored),
-        )
-
-    def with_last_attempt(self, attempt: AttemptRecord, status: StepStatus) -> StepRecord:
-        return new(
-            StepRecord,
-            (self.step_id, status, (*self.attempts[:-1], attempt), self.note, self.restored),
-        )
-
-    def with_status(self, status: StepStatus, note: str | None) -> StepRecord:
-        return StepRecord(self.step_id, status, self.attempts, note, self.restored)
-
-
-class _Settled(tuple[Any, ...]):
-    """A finished step's record with its one attempt, as the run state keeps it.
-
-    ``(step_id, status, note, restored, *attempt)``: one object where a
-    :class:`StepRecord` is three (the record, its attempts tuple, the attempt).
-    Finished records are what a big run's heap is made of, and the cyclic GC
-    counts the objects it tracks: a young pass runs when the allocated ones
-    outnumber the freed ones by 700, and a full pass over the whole heap each
-    time the old generation grows by a quarter.  A finished record that
-    replaces its pending one one for one adds nothing, so a run of a million
-    steps that made eight full passes (a fifth of its time, and growing faster
-    than it: each visits every object) now makes none while its steps run.
-    A subclass so that a read tells it from a :class:`StepRecord` by its type;
-    it never leaves this module: reads rebuild the record (:func:`_unkept`).
-    """
-
-    __slots__ = ()
-
-
-def _kept(record: StepRecord) -> Any:
-    """``record`` as the table keeps it: :class:`_Settled` when that is possible."""
-    attempts = record[2]
-    if record[1] in TERMINAL and len(attempts) == 1:
-        return new(_Settled, (record[0], record[1], record[3], record[4], *attempts[0]))
-    return record
-
-
-def _unkept(value: Any) -> StepRecord:
-    """The :class:`StepRecord` the table keeps as ``value``."""
-    if type(value) is not _Settled:
-        record: StepRecord = value
-        return record
-    attempt = new(AttemptRecord, value[4:])
-    return new(StepRecord, (value[0], value[1], (attempt,), value[2], value[3]))
 
 
 class RunState(NamedTuple):
@@ -224,6 +101,8 @@ class RunState(NamedTuple):
     status: RunStatus = RunStatus.RUNNING
     committed: int = 0
     error: str | None = None
+    #: The instances of each mapped step, by its rank, once its list is known.
+    maps: PMap[int, MapVec] = _NO_MAPS
 
     @classmethod
     def initial(
@@ -260,6 +139,7 @@ class RunState(NamedTuple):
                 self.status,
                 self.committed if committed is None else committed,
                 self.error,
+                self.maps,
             ),
         )
 
@@ -291,6 +171,42 @@ class RunState(NamedTuple):
         rank = self.rank
         changes = [(rank[record.step_id], _kept(record)) for record in records]
         return self._evolve(records=table_set_many(self.records, changes))
+
+    # -- instances of mapped steps ---------------------------------------------------
+
+    def with_map(self, rank: int, vec: MapVec) -> RunState:
+        """The state with the instances of the mapped step at ``rank`` set to ``vec``."""
+        return self._replace(maps=self.maps.set(rank, vec))
+
+    def instance_record(self, rank: int, index: int) -> StepRecord:
+        return self.maps[rank].record(index)
+
+    def set_instance(self, rank: int, index: int, record: StepRecord) -> RunState:
+        vec = self.maps[rank]
+        return self._replace(maps=self.maps.set(rank, vec.with_record(index, record)))
+
+    def start_instance_at(
+        self, rank: int, index: int, wall: float, slot: str
+    ) -> tuple[RunState, StepRecord]:
+        """:meth:`start_attempt_at` for instance ``index`` of the mapped step at ``rank``."""
+        old = self.maps[rank].record(index)
+        attempt = new(
+            AttemptRecord,
+            (len(old.attempts) + 1, wall, None, None, None, None, None, None, None, slot, None),
+        )
+        record = old.with_attempt_started(attempt)
+        return self.set_instance(rank, index, record), record
+
+    def succeed_instance(
+        self, rank: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
+    ) -> RunState:
+        """Record instance ``index``'s success and what it created."""
+        vec = self.maps[rank]
+        vec = vec._replace(
+            records=table_set(vec.records, index, _kept(record)),
+            outputs=table_set(vec.outputs, index, pmap(outputs)) if outputs else vec.outputs,
+        )
+        return self._replace(maps=self.maps.set(rank, vec))
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
         """Record what ``step_id`` created.
@@ -378,8 +294,20 @@ class RunState(NamedTuple):
 
     @property
     def commits(self) -> tuple[str, ...]:
-        """The steps folded so far, in the order they were folded."""
-        return self.order[: self.committed]
+        """The steps folded so far, in the order they were folded.
+
+        A mapped step is folded once all its instances ended: its instances'
+        ids come first, in index order, then its own.
+        """
+        if not self.maps:
+            return self.order[: self.committed]
+        out: list[str] = []
+        for r, sid in enumerate(self.order[: self.committed]):
+            vec = self.maps.get(r)
+            if vec is not None:
+                out.extend(instance_id(sid, i) for i in range(vec.size))
+            out.append(sid)
+        return tuple(out)
 
     def count_status(self, status: StepStatus) -> int:
         return sum(1 for kept in table_values(self.records) if kept[1] is status)
@@ -389,8 +317,18 @@ class RunState(NamedTuple):
         return all(kept[1] in TERMINAL for kept in table_values(self.records))  # kept or not
 
     def all_records(self) -> Iterator[StepRecord]:
-        """Every step's record, in canonical order."""
-        return map(_unkept, table_values(self.records))
+        """Every step's record, in canonical order (a mapped step's, then its instances')."""
+        if not self.maps:
+            return map(_unkept, table_values(self.records))
+        return self._with_instances()
+
+    def _with_instances(self) -> Iterator[StepRecord]:
+        maps = self.maps
+        for r, kept in enumerate(table_values(self.records)):
+            yield _unkept(kept)
+            vec = maps.get(r)
+            if vec is not None:
+                yield from vec.records_in_order()
 
     def unfinished(self) -> list[StepRecord]:
         """The records of the steps not in a terminal status, in canonical order.
@@ -400,68 +338,32 @@ class RunState(NamedTuple):
         """
         return [_unkept(kept) for kept in table_values(self.records) if kept[1] not in TERMINAL]
 
+    def unfinished_instances(self) -> list[tuple[int, int, StepRecord]]:
+        """(rank, index, record) of every instance not in a terminal status."""
+        out: list[tuple[int, int, StepRecord]] = []
+        for r, vec in sorted(self.maps.items()):
+            for i, kept in enumerate(table_values(vec.records)):
+                if kept is None or kept[1] not in TERMINAL:
+                    out.append((r, i, vec.record(i)))
+        return out
+
     def first_with(self, statuses: frozenset[StepStatus] | tuple[StepStatus, ...]) -> str | None:
-        """The id of the first step, in canonical order, whose status is one of ``statuses``."""
-        return next((kept[0] for kept in table_values(self.records) if kept[1] in statuses), None)
+        """The id of the first step, in canonical order, whose status is one of ``statuses``.
+
+        For a mapped step, that is its first instance with such a status, if any.
+        """
+        for r, kept in enumerate(table_values(self.records)):
+            if kept[1] in statuses:
+                vec = self.maps.get(r) if self.maps else None
+                if vec is not None:
+                    for inst in table_values(vec.records):
+                        if inst is not None and inst[1] in statuses:
+                            return str(inst[0])
+                return str(kept[0])
+        return None
 
     def steps_view(self) -> StepsView:
         """Step id -> record, in canonical order, read from this state when asked."""
+        from stepvisor.core._views import StepsView  # noqa: PLC0415 - it imports this module
+
         return StepsView(self)
-
-
-class _ItemsView(ItemsView[str, StepRecord]):
-    _mapping: StepsView
-
-    def __iter__(self) -> Iterator[tuple[str, StepRecord]]:
-        view = self._mapping
-        return zip(view._order, map(_unkept, table_values(view._table)), strict=True)
-
-
-class _ValuesView(ValuesView[StepRecord]):
-    _mapping: StepsView
-
-    def __iter__(self) -> Iterator[StepRecord]:
-        return map(_unkept, table_values(self._mapping._table))
-
-
-class StepsView(Mapping[str, StepRecord]):
-    """A run state's records as a read-only mapping of step id to record.
-
-    A run's result hands back every step's record, and building a dict of
-    them at the end of a big run made as many objects as the run kept (three
-    per step, see :class:`_Settled`) in one burst, and the cyclic GC's full
-    passes over a heap growing that fast were most of the run's last seconds.
-    The view builds a record when it is read.  It is immutable like the state
-    it reads; a pickled view comes back as a plain ``dict``.
-    """
-
-    __slots__ = ("_order", "_rank", "_table")
-
-    def __init__(self, state: RunState) -> None:
-        self._order = state.order
-        self._rank = state.rank
-        self._table = state.records
-
-    def __getitem__(self, step_id: str) -> StepRecord:
-        return _unkept(table_get(self._table, self._rank[step_id]))
-
-    def __contains__(self, step_id: object) -> bool:
-        return step_id in self._rank
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def items(self) -> ItemsView[str, StepRecord]:
-        return _ItemsView(self)
-
-    def values(self) -> ValuesView[StepRecord]:
-        return _ValuesView(self)
-
-    def __repr__(self) -> str:
-        return repr(dict(self.items()))
-
-    def __reduce__(self) -> tuple[type[dict[str, StepRecord]], tuple[dict[str, StepRecord]]]:
-        return dict, (dict(self.items()),)

@@ -1,0 +1,220 @@
+"""The records a run state is made of: statuses, attempts, steps, and a map's instances.
+
+These are the values a run's state holds per step (and per instance of a
+mapped step), kept apart from :mod:`stepvisor.core.state`, which holds them
+together and evolves them.  ``stepvisor.core.state`` re-exports the public ones.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from typing import Any, Final, NamedTuple
+
+from pyrsistent import pmap
+from pyrsistent.typing import PMap
+
+from stepvisor.core._table import Table, table_get, table_of, table_set, table_values
+
+__all__ = [
+    "TERMINAL",
+    "AttemptRecord",
+    "MapVec",
+    "RunStatus",
+    "StepRecord",
+    "StepStatus",
+    "instance_id",
+    "new",
+    "new_map",
+]
+
+_EMPTY_MAP: PMap[str, Any] = pmap()
+
+#: ``new(Record, values)`` is what a NamedTuple's generated ``__new__`` does
+#: without its argument handling, at half the cost: for the few records built
+#: once or twice per step on the Supervisor's hot path (every field given, in order).
+new: Final = tuple.__new__
+
+
+class StepStatus(enum.StrEnum):
+    """Where a step is.  It ends in exactly one terminal status."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING_RETRY = "waiting_retry"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+TERMINAL: Final = frozenset(
+    {
+        StepStatus.SUCCEEDED,
+        StepStatus.FAILED,
+        StepStatus.TIMED_OUT,
+        StepStatus.CANCELLED,
+        StepStatus.SKIPPED,
+    }
+)
+
+
+class RunStatus(enum.StrEnum):
+    """Where a run is.  ``interrupted`` is only ever read from a store."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class AttemptRecord(NamedTuple):
+    """One attempt of one step: when, how it ended, and what came next.
+
+    (Records and the run state are NamedTuples rather than frozen dataclasses:
+    equally immutable, and four times cheaper to build, which matters on the
+    Supervisor's hot path where several are built per step.)
+
+    ``outcome`` is ``None`` while the attempt runs, then one of
+    ``succeeded``, ``failed``, ``timed_out``, ``cancelled``, ``crashed``.
+    ``delay_after`` is the backoff chosen before the next attempt, if any.
+    Times are wall-clock seconds (for people); ``duration`` is measured on the
+    monotonic clock.
+    """
+
+    number: int
+    started: float
+    ended: float | None = None
+    duration: float | None = None
+    outcome: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    error_traceback: str | None = None
+    delay_after: float | None = None
+    worker: str | None = None
+    note: str | None = None
+
+
+class StepRecord(NamedTuple):
+    """A step's status and every attempt it made."""
+
+    step_id: str
+    status: StepStatus = StepStatus.PENDING
+    attempts: tuple[AttemptRecord, ...] = ()
+    note: str | None = None
+    #: True when the record was restored from a store on resume (not re-run).
+    restored: bool = False
+
+    @property
+    def attempt_count(self) -> int:
+        return len(self.attempts)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def last_attempt(self) -> AttemptRecord | None:
+        return self.attempts[-1] if self.attempts else None
+
+    # Built with new() rather than _replace(): these run once per step each on the
+    # Supervisor's hot path.
+    def with_attempt_started(self, attempt: AttemptRecord) -> StepRecord:
+        return new(
+            StepRecord,
+            (self.step_id, StepStatus.RUNNING, (*self.attempts, attempt), self.note, self.restored),
+        )
+
+    def with_last_attempt(self, attempt: AttemptRecord, status: StepStatus) -> StepRecord:
+        return new(
+            StepRecord,
+            (self.step_id, status, (*self.attempts[:-1], attempt), self.note, self.restored),
+        )
+
+    def with_status(self, status: StepStatus, note: str | None) -> StepRecord:
+        return StepRecord(self.step_id, status, self.attempts, note, self.restored)
+
+
+class _Settled(tuple[Any, ...]):
+    """A finished step's record with its one attempt, as the run state keeps it.
+
+    ``(step_id, status, note, restored, *attempt)``: one object where a
+    :class:`StepRecord` is three (the record, its attempts tuple, the attempt).
+    Finished records are what a big run's heap is made of, and the cyclic GC
+    counts the objects it tracks: a young pass runs when the allocated ones
+    outnumber the freed ones by 700, and a full pass over the whole heap each
+    time the old generation grows by a quarter.  A finished record that
+    replaces its pending one one for one adds nothing, so a run of a million
+    steps that made eight full passes (a fifth of its time, and growing faster
+    than it: each visits every object) now makes none while its steps run.
+    A subclass so that a read tells it from a :class:`StepRecord` by its type;
+    it never leaves this module: reads rebuild the record (:func:`_unkept`).
+    """
+
+    __slots__ = ()
+
+
+def _kept(record: StepRecord) -> Any:
+    """``record`` as the table keeps it: :class:`_Settled` when that is possible."""
+    attempts = record[2]
+    if record[1] in TERMINAL and len(attempts) == 1:
+        return new(_Settled, (record[0], record[1], record[3], record[4], *attempts[0]))
+    return record
+
+
+def _unkept(value: Any) -> StepRecord:
+    """The :class:`StepRecord` the table keeps as ``value``."""
+    if type(value) is not _Settled:
+        record: StepRecord = value
+        return record
+    attempt = new(AttemptRecord, value[4:])
+    return new(StepRecord, (value[0], value[1], (attempt,), value[2], value[3]))
+
+
+def instance_id(step_id: str, index: int) -> str:
+    """The id of instance ``index`` of the mapped step ``step_id``: ``"score[7]"``."""
+    return f"{step_id}[{index}]"
+
+
+class MapVec(NamedTuple):
+    """The instances of one mapped step: a record and outputs per index.
+
+    A mapped step stays one node of the graph; its instances are entries of
+    these two tables, not steps.  An instance not yet dispatched is ``None`` in
+    ``records`` (a pending record is made when read), so a map of a million
+    items costs a million pointers until its instances run.
+    """
+
+    step_id: str
+    records: Table
+    outputs: Table  # PMap of an instance's non-empty outputs, else None
+    size: int
+
+    def record(self, index: int) -> StepRecord:
+        kept = table_get(self.records, index)
+        if kept is None:
+            return StepRecord(instance_id(self.step_id, index))
+        return _unkept(kept)
+
+    def kept(self, index: int) -> Any:
+        """The value the table keeps for ``index``: ``None`` while it was never dispatched."""
+        return table_get(self.records, index)
+
+    def records_in_order(self) -> Iterator[StepRecord]:
+        sid = self.step_id
+        for i, kept in enumerate(table_values(self.records)):
+            yield StepRecord(instance_id(sid, i)) if kept is None else _unkept(kept)
+
+    def output(self, index: int) -> PMap[str, Any]:
+        produced: PMap[str, Any] | None = table_get(self.outputs, index)
+        return produced or _EMPTY_MAP
+
+    def with_record(self, index: int, record: StepRecord) -> MapVec:
+        return self._replace(records=table_set(self.records, index, _kept(record)))
+
+
+def new_map(step_id: str, size: int) -> MapVec:
+    """The instances of a map of ``size`` items, all pending."""
+    return MapVec(step_id, table_of([None] * size), table_of([None] * size), size)
