@@ -41,6 +41,7 @@ from stepvisor.core.records import (
     StepStatus,
     instance_id,
     new_map,
+    parse_instance_id,
 )
 from stepvisor.errors import MapOverError
 
@@ -152,8 +153,9 @@ class Mapped:
         rank = self.graph.rank.get(uid)
         if rank is not None:
             return rank, -1
-        head, _, tail = uid[:-1].rpartition("[")
-        return self.graph.rank[head], int(tail)
+        parsed = parse_instance_id(uid)
+        assert parsed is not None, uid
+        return self.graph.rank[parsed[0]], parsed[1]
 
     def _record_of(self, r: int, index: int) -> StepRecord:
         if index < 0:

@@ -5,20 +5,10 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 
 from stepvisor.core._table import table_get
-from stepvisor.core.records import MapVec, StepRecord, _unkept, instance_id
+from stepvisor.core.records import MapVec, StepRecord, _unkept, instance_id, parse_instance_id
 from stepvisor.core.state import RunState
 
-__all__ = ["StepsView", "parse_instance_id"]
-
-
-def parse_instance_id(sid: str) -> tuple[str, int] | None:
-    """``("score", 7)`` for ``"score[7]"``; ``None`` for an id of no instance's shape."""
-    if not sid.endswith("]"):
-        return None
-    head, sep, tail = sid[:-1].rpartition("[")
-    if not sep or not tail.isdigit() or (len(tail) > 1 and tail[0] == "0"):
-        return None
-    return head, int(tail)
+__all__ = ["StepsView"]
 
 
 class _ItemsView(ItemsView[str, StepRecord]):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
+from stepvisor.core.records import parse_instance_id
 from stepvisor.errors import (
     CycleError,
     DuplicateStepError,
@@ -285,10 +286,9 @@ def _check_instance_ids(steps: Sequence[Step], links: Mapping[int, object]) -> N
     mapped_ids = {steps[i].id for i in links}
     for step in steps:
         sid = step.id
-        if not sid.endswith("]"):
-            continue
-        head, sep, tail = sid[:-1].rpartition("[")
-        if sep and head in mapped_ids and tail.isdigit():
+        parsed = parse_instance_id(sid)
+        if parsed is not None and parsed[0] in mapped_ids:
+            head = parsed[0]
             raise DuplicateStepError(
                 f"the step id {sid!r} is the id of an instance of the mapped step {head!r}; "
                 f"rename the step (instance ids are {head!r} followed by [index])"

@@ -26,6 +26,7 @@ __all__ = [
     "instance_id",
     "new",
     "new_map",
+    "parse_instance_id",
 ]
 
 _EMPTY_MAP: PMap[str, Any] = pmap()
@@ -176,6 +177,16 @@ def _unkept(value: Any) -> StepRecord:
 def instance_id(step_id: str, index: int) -> str:
     """The id of instance ``index`` of the mapped step ``step_id``: ``"score[7]"``."""
     return f"{step_id}[{index}]"
+
+
+def parse_instance_id(sid: str) -> tuple[str, int] | None:
+    """``("score", 7)`` for ``"score[7]"``; ``None`` for an id of no instance's shape."""
+    if not sid.endswith("]"):
+        return None
+    head, sep, tail = sid[:-1].rpartition("[")
+    if not sep or not tail.isdigit() or (len(tail) > 1 and tail[0] == "0"):
+        return None
+    return head, int(tail)
 
 
 class MapVec(NamedTuple):
