@@ -226,11 +226,11 @@ def _edges(
         for name in names:
             makers = creators.get(name)
             if not makers:
-                what = "maps over" if name == over else "requires"
+                what, fix = ("maps over", "map over") if name == over else ("requires", "")
                 raise MissingArtifactError(
-                    f"step {step.id!r} {what} the artifact {name!r}, but no step "
-                    f"creates it; add it to some step's creates, or fix {step.id!r}'s "
-                    + ("map_over" if name == over else "requires")
+                    f"step {step.id!r} {what} the artifact {name!r}, but no step creates "
+                    "it; add it to some step's creates, or "
+                    + (f"{fix} an artifact a step creates" if fix else "remove it from requires")
                 )
             waits.update(maker for maker in makers if maker != i)
         edges.append(tuple(waits))
