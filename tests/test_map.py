@@ -10,7 +10,6 @@ the result (its steps view, commits, fingerprint).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,8 +201,8 @@ class _Counter:
 
 
 @pytest.fixture
-def counter() -> Iterator[_Counter]:
-    yield _Counter()
+def counter() -> _Counter:
+    return _Counter()
 
 
 def _resumable(counter: _Counter) -> sv.Workflow:
