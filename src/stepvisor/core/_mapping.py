@@ -243,6 +243,9 @@ class Mapped:
     def _queue_instances(self, r: int, run: MapRun, source: int | None) -> None:
         vec = self.state.maps[r]
         push = self.sched.push
+        if source is None and run.left == run.size:  # nothing restored: all of them
+            self.sched.push_all(r, run.size)
+            return
         if source is None:
             for i in range(run.size):
                 if vec.kept(i) is None:

@@ -8,7 +8,7 @@ together and evolves them.  ``stepvisor.core.state`` re-exports the public ones.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, NamedTuple
 
 from pyrsistent import pmap
@@ -19,6 +19,8 @@ from stepvisor.core._table import Table, table_get, table_of, table_set, table_v
 __all__ = [
     "TERMINAL",
     "AttemptRecord",
+    "NO_MAPS",
+    "MapTable",
     "MapVec",
     "RunStatus",
     "StepRecord",
@@ -222,8 +224,73 @@ class MapVec(NamedTuple):
         produced: PMap[str, Any] | None = table_get(self.outputs, index)
         return produced or _EMPTY_MAP
 
+    # Built with new() rather than _replace(): twice per instance on the hot path.
     def with_record(self, index: int, record: StepRecord) -> MapVec:
-        return self._replace(records=table_set(self.records, index, _kept(record)))
+        records = table_set(self.records, index, _kept(record))
+        return new(MapVec, (self.step_id, records, self.outputs, self.size))
+
+    def with_success(self, index: int, record: StepRecord, outputs: Mapping[str, Any]) -> MapVec:
+        records = table_set(self.records, index, _kept(record))
+        produced = table_set(self.outputs, index, pmap(outputs)) if outputs else self.outputs
+        return new(MapVec, (self.step_id, records, produced, self.size))
+
+
+class MapTable(Mapping[int, MapVec]):
+    """The instances of a run's mapped steps, by rank: a small immutable mapping.
+
+    Two tuples rather than a persistent map: a run has a few mapped steps, and
+    every transition of an instance replaces its step's vector, so this is
+    on the hot path of a map, where ``PMap.set`` (Python code, an evolver per
+    call) cost more than the rest of the transition.
+    """
+
+    __slots__ = ("_ranks", "_vecs")
+
+    def __init__(self, ranks: tuple[int, ...] = (), vecs: tuple[MapVec, ...] = ()) -> None:
+        self._ranks = ranks  # sorted
+        self._vecs = vecs
+
+    def __getitem__(self, rank: int) -> MapVec:
+        try:
+            return self._vecs[self._ranks.index(rank)]
+        except ValueError:
+            raise KeyError(rank) from None
+
+    def get(self, rank: int, default: Any = None) -> Any:
+        ranks = self._ranks
+        return self._vecs[ranks.index(rank)] if rank in ranks else default
+
+    def __contains__(self, rank: object) -> bool:
+        return rank in self._ranks
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ranks)
+
+    def __len__(self) -> int:
+        return len(self._ranks)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MapTable):
+            return self._ranks == other._ranks and self._vecs == other._vecs
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash((self._ranks, self._vecs))
+
+    def __repr__(self) -> str:
+        return f"MapTable({dict(zip(self._ranks, self._vecs, strict=True))!r})"
+
+    def set(self, rank: int, vec: MapVec) -> MapTable:
+        """This table with ``vec`` as the instances of the step at ``rank``."""
+        ranks, vecs = self._ranks, self._vecs
+        if rank in ranks:
+            k = ranks.index(rank)
+            return MapTable(ranks, (*vecs[:k], vec, *vecs[k + 1 :]))
+        k = sum(1 for r in ranks if r < rank)
+        return MapTable((*ranks[:k], rank, *ranks[k:]), (*vecs[:k], vec, *vecs[k:]))
+
+
+NO_MAPS: Final = MapTable()
 
 
 def new_map(step_id: str, size: int) -> MapVec:

@@ -34,8 +34,10 @@ from stepvisor.core._table import (
     table_values,
 )
 from stepvisor.core.records import (
+    NO_MAPS,
     TERMINAL,
     AttemptRecord,
+    MapTable,
     MapVec,
     RunStatus,
     StepRecord,
@@ -65,7 +67,6 @@ __all__ = [
 
 
 _EMPTY_MAP: PMap[str, Any] = pmap()
-_NO_MAPS: PMap[int, MapVec] = pmap()
 
 
 def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]]:
@@ -102,7 +103,7 @@ class RunState(NamedTuple):
     committed: int = 0
     error: str | None = None
     #: The instances of each mapped step, by its rank, once its list is known.
-    maps: PMap[int, MapVec] = _NO_MAPS
+    maps: MapTable = NO_MAPS
 
     @classmethod
     def initial(
@@ -125,6 +126,7 @@ class RunState(NamedTuple):
         records: Table | None = None,
         outputs: Table | None = None,
         committed: int | None = None,
+        maps: MapTable | None = None,
     ) -> RunState:
         # Built with new() rather than _replace(): it runs twice per step.
         return new(
@@ -139,7 +141,7 @@ class RunState(NamedTuple):
                 self.status,
                 self.committed if committed is None else committed,
                 self.error,
-                self.maps,
+                self.maps if maps is None else maps,
             ),
         )
 
@@ -176,14 +178,14 @@ class RunState(NamedTuple):
 
     def with_map(self, rank: int, vec: MapVec) -> RunState:
         """The state with the instances of the mapped step at ``rank`` set to ``vec``."""
-        return self._replace(maps=self.maps.set(rank, vec))
+        return self._evolve(maps=self.maps.set(rank, vec))
 
     def instance_record(self, rank: int, index: int) -> StepRecord:
         return self.maps[rank].record(index)
 
     def set_instance(self, rank: int, index: int, record: StepRecord) -> RunState:
         vec = self.maps[rank]
-        return self._replace(maps=self.maps.set(rank, vec.with_record(index, record)))
+        return self._evolve(maps=self.maps.set(rank, vec.with_record(index, record)))
 
     def start_instance_at(
         self, rank: int, index: int, wall: float, slot: str
@@ -201,12 +203,8 @@ class RunState(NamedTuple):
         self, rank: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
     ) -> RunState:
         """Record instance ``index``'s success and what it created."""
-        vec = self.maps[rank]
-        vec = vec._replace(
-            records=table_set(vec.records, index, _kept(record)),
-            outputs=table_set(vec.outputs, index, pmap(outputs)) if outputs else vec.outputs,
-        )
-        return self._replace(maps=self.maps.set(rank, vec))
+        vec = self.maps[rank].with_success(index, record, outputs)
+        return self._evolve(maps=self.maps.set(rank, vec))
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
         """Record what ``step_id`` created.

@@ -100,6 +100,21 @@ class Scheduler:
         heapq.heappush(heap, (self._urgency_of[r] << self._shift) | index)
         self.ready_count += 1
 
+    def push_all(self, r: int, count: int) -> None:
+        """Queue instances ``0 .. count - 1`` of the mapped step ``r`` at once.
+
+        One ``heapify`` instead of a push each: a map's expansion may queue a
+        million instances.
+        """
+        pool = self._pool_of[r]
+        heap = self._heaps.get(pool)
+        if heap is None:
+            heap = self._heaps[pool] = []
+        base = self._urgency_of[r] << self._shift
+        heap.extend(range(base, base + count))
+        heapq.heapify(heap)
+        self.ready_count += count
+
     def succeeded(self, r: int) -> list[int]:
         """Record that ``r`` succeeded; queue and return the steps it made ready.
 
