@@ -17,9 +17,9 @@ from pyrsistent.typing import PMap
 from stepvisor.core._table import Table, table_get, table_of, table_set, table_values
 
 __all__ = [
+    "NO_MAPS",
     "TERMINAL",
     "AttemptRecord",
-    "NO_MAPS",
     "MapTable",
     "MapVec",
     "RunStatus",
