@@ -46,6 +46,7 @@ from stepvisor.core.records import (
     _unkept,
     instance_id,
     new,
+    parse_instance_id,
 )
 
 if TYPE_CHECKING:
@@ -253,8 +254,16 @@ class RunState(NamedTuple):
     # -- queries -------------------------------------------------------------------
 
     def record(self, step_id: str) -> StepRecord:
-        """The record of one step."""
-        return _unkept(table_get(self.records, self.rank[step_id]))
+        """The record of one step, or of one instance of a mapped step (``"score[7]"``)."""
+        rank = self.rank.get(step_id)
+        if rank is not None:
+            return _unkept(table_get(self.records, rank))
+        parsed = parse_instance_id(step_id) if self.maps else None
+        node = None if parsed is None else self.rank.get(parsed[0])
+        vec: MapVec | None = None if node is None else self.maps.get(node)
+        if vec is None or parsed is None or parsed[1] >= vec.size:
+            raise KeyError(step_id)
+        return vec.record(parsed[1])
 
     def record_at(self, rank: int) -> StepRecord:
         """The record of the step of canonical rank ``rank``.
