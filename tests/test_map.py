@@ -331,3 +331,24 @@ def test_the_runs_bound_and_pools_hold_across_instances() -> None:
     assert sim.result is not None
     assert sim.result.status is sv.RunStatus.SUCCEEDED
     assert max(running_a) == 2
+
+
+def test_critical_path_priority_counts_a_fixed_maps_instances_as_its_work() -> None:
+    """One slot: a map of 4 items of cost 1 (work 4) goes before a step of cost 2."""
+    from stepvisor.core.effects import Dispatch  # noqa: PLC0415
+    from tests.machine_sim import Sim, make_plan  # noqa: PLC0415
+
+    wf = sv.Workflow(
+        "w",
+        [
+            sv.Step("p", noop, metadata={"cost": 2}),
+            sv.Step("m", noop, map_over=[0, 1, 2, 3]),
+            sv.Step("q", noop, map_over=[0]),  # work 1: after both
+        ],
+        settings=sv.Settings(max_parallel=1),
+    )
+    sim = Sim(make_plan(wf))
+    sim.start()
+    sim.run_to_end(lambda options: options[0])
+    order = [o.spec.step_id for e in sim.effects if isinstance(e, Dispatch) for o in e.orders]
+    assert order == ["m[0]", "m[1]", "m[2]", "m[3]", "p", "q[0]"]

@@ -88,7 +88,7 @@ class Graph:
         start, flat = _reverse(deps, ranks)  # filled in increasing r: sorted already
         dependents = tuple([tuple(flat[start[r] : start[r + 1]]) for r in ranks])
         del start, flat
-        priority = _priority(dependents, [steps[i].cost for i in step_at_rank])
+        priority = _priority(dependents, [_work(steps[i]) for i in step_at_rank])
         # Highest priority first, ties to the smaller id: a stable sort of the
         # ranks in id order by priority alone.
         urgency = sorted([rank_at[i] for i in by_id], key=priority.__getitem__, reverse=True)
@@ -147,6 +147,19 @@ def _ranks_of(positions: Sequence[int], rank_at: list[int]) -> tuple[int, ...]:
     if len(positions) == 1:
         return (rank_at[positions[0]],)
     return tuple(sorted([rank_at[i] for i in positions]))
+
+
+def _work(step: Step) -> float:
+    """A step's cost for critical-path priority: a mapped step's counts its instances.
+
+    A map over fixed items is ``cost`` per item; a map over an artifact has
+    an unknown length when the graph is built, so its ``cost`` is taken as
+    the whole map's (say so with ``metadata={"cost": ...}``).
+    """
+    over = step.map_over
+    if over is None or type(over) is str:
+        return step.cost
+    return step.cost * len(over)
 
 
 def _priority(dependents: Sequence[Sequence[int]], costs: list[float]) -> tuple[float, ...]:
