@@ -352,3 +352,27 @@ def test_critical_path_priority_counts_a_fixed_maps_instances_as_its_work() -> N
     sim.run_to_end(lambda options: options[0])
     order = [o.spec.step_id for e in sim.effects if isinstance(e, Dispatch) for o in e.orders]
     assert order == ["m[0]", "m[1]", "m[2]", "m[3]", "p", "q[0]"]
+
+
+def test_a_step_below_two_failures_names_the_first_in_canonical_order_and_finishes_once() -> None:
+    """Whichever parent fails first in time, the skipped step's note is the same."""
+    from stepvisor.core.effects import Emit  # noqa: PLC0415
+    from tests.machine_sim import Sim, make_plan  # noqa: PLC0415
+
+    wf = sv.Workflow(
+        "w",
+        [sv.Step("a", noop), sv.Step("b", noop), sv.Step("c", noop, needs=["a", "b"])],
+        settings=sv.Settings(on_failure="continue"),
+    )
+    for last in (0, -1):  # a fails first, then b fails first
+        sim = Sim(make_plan(wf), {("a", 1): "fatal", ("b", 1): "fatal"})
+        sim.start()
+        sim.run_to_end(lambda options, last=last: options[last])
+        assert sim.result is not None
+        assert sim.result.steps["c"].note == "skipped: it depends on 'a', which failed"
+        finished = [
+            e.event.step_id
+            for e in sim.effects
+            if isinstance(e, Emit) and isinstance(e.event, sv.StepFinished)
+        ]
+        assert finished.count("c") == 1

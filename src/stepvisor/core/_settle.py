@@ -93,6 +93,8 @@ class Settling:
     _retries: Retries
     _events: Emitter
     _errors: dict[str, list[BaseException]]
+    #: A skipped step's rank -> the rank of the failed step its note names.
+    _skip_cause: dict[int, int]
     _store_may_refuse: bool
     _done_count: int
     _avg_duration: float
@@ -349,23 +351,32 @@ class Settling:
         self._commit()
 
     def _skip_dependents(self, r: int, sid: str, status: StepStatus) -> None:
+        """Skip what depends on ``r``, which failed; each names its first failed ancestor.
+
+        A step below two failures names the one first in canonical order, whichever
+        failed first in time: its record must not depend on completion order.
+        """
         records: list[StepRecord] = []
+        renamed: list[StepRecord] = []  # skipped already, for a failure later in order
+        note = f"skipped: it depends on {sid!r}, which {status.value}"
+        causes = self._skip_cause
         for d in sorted(self.graph.descendants(r)):
             dep_id = self.graph.order[d]
             current = self.state.record_at(d)
+            if current.status is StepStatus.SKIPPED and causes.get(d, r) > r:
+                renamed.append(current.with_status(StepStatus.SKIPPED, note))
+                causes[d] = r
+                continue
             if current.terminal or dep_id in self._inflight or dep_id in self._saving:
                 continue
             if d in self.state.maps:  # an expanded map runs its instances to their end
                 continue
-            records.append(
-                current.with_status(
-                    StepStatus.SKIPPED, f"skipped: it depends on {sid!r}, which {status.value}"
-                )
-            )
-        if records:
-            self.state = self.state.set_steps(records)
-            self._fx.append(SaveSteps(tuple(records)))
-            for rec in records:
+            records.append(current.with_status(StepStatus.SKIPPED, note))
+            causes[d] = r
+        if records or renamed:
+            self.state = self.state.set_steps(records + renamed)
+            self._fx.append(SaveSteps(tuple(records + renamed)))
+            for rec in records:  # a renamed one finished already
                 self._events.finished(self._fx, rec, self._wall)
 
     def _commit(self) -> None:

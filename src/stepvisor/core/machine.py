@@ -148,6 +148,7 @@ class RunMachine(Mapped, Settling):
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
         self._map_runs: dict[int, MapRun] = {}
+        self._skip_cause: dict[int, int] = {}
         self._saving: dict[str, Inflight] = {}
         self._slots = Slots()
         self._inputs = Inputs(graph)
