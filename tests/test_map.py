@@ -376,3 +376,55 @@ def test_a_step_below_two_failures_names_the_first_in_canonical_order_and_finish
             if isinstance(e, Emit) and isinstance(e.event, sv.StepFinished)
         ]
         assert finished.count("c") == 1
+
+
+class _BrokenSequence:
+    """Sized and indexable, but reading an item raises."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> int:
+        raise RuntimeError("this sequence cannot be read")
+
+
+@pytest.mark.parametrize("kind", ["0-d array", "broken sequence"])
+def test_a_sequence_that_cannot_be_read_fails_the_mapped_step_at_expansion(kind: str) -> None:
+    np = pytest.importorskip("numpy", reason="a 0-d array needs numpy")
+    value = np.array(5) if kind == "0-d array" else _BrokenSequence()
+
+    def split(ctx: sv.StepContext) -> dict[str, Any]:
+        return {"chunks": value}
+
+    wf = sv.Workflow(
+        "w",
+        [
+            sv.Step("split", split, creates=["chunks"]),
+            sv.Step("work", item_twice, map_over="chunks", creates=["out"]),
+        ],
+    )
+    result = sv.run(wf)
+    assert result.status is sv.RunStatus.FAILED
+    assert result.failed_step == "work"
+    assert isinstance(result.error, sv.MapOverError)
+
+
+def test_a_numpy_array_is_mapped_row_by_row() -> None:
+    np = pytest.importorskip("numpy", reason="needs numpy")
+
+    def split(ctx: sv.StepContext) -> dict[str, Any]:
+        return {"rows": np.arange(6).reshape(3, 2)}
+
+    def total(ctx: sv.StepContext) -> dict[str, Any]:
+        return {"sum": int(ctx.item.sum())}
+
+    wf = sv.Workflow(
+        "w",
+        [
+            sv.Step("split", split, creates=["rows"]),
+            sv.Step("work", total, map_over="rows", creates=["sum"]),
+        ],
+    )
+    result = sv.run(wf)
+    assert result.ok, result.error
+    assert result.artifacts["sum"] == [1, 5, 9]

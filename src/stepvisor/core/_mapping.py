@@ -79,6 +79,28 @@ def is_sequence(value: object) -> bool:
     return hasattr(kind, "__len__") and hasattr(kind, "__getitem__")
 
 
+def _indexable(value: object) -> Sequence[Any] | None:
+    """``value`` as the machine reads a map's items, or ``None`` if it cannot be one.
+
+    Lists, tuples, ranges and arrays (anything with a ``dtype``) are kept as they
+    are; another sequence is copied into a list once, here, so that a user's
+    ``__len__`` or ``__getitem__`` that raises fails the mapped step now, not
+    the run's machinery at a dispatch.
+    """
+    if not is_sequence(value):
+        return None
+    if isinstance(value, list | tuple | range):
+        return value
+    try:
+        if hasattr(value, "dtype"):
+            len(value)  # type: ignore[arg-type]  # a 0-d array has no length
+            return value  # type: ignore[return-value]
+        copied: list[Any] = list(value)  # type: ignore[call-overload]
+    except Exception:
+        return None
+    return copied
+
+
 def summary_status(statuses: Sequence[StepStatus]) -> StepStatus:
     """A mapped step's status from its instances': ``succeeded`` only if all did.
 
@@ -182,21 +204,17 @@ class Mapped:
     def _expand(self, r: int) -> None:
         step = self._step(r)
         link = self.graph.maps[r]
-        items: Sequence[Any] | None
+        items: Sequence[Any] | None = None
         if link.source is not None:
-            items, inputs = None, self._inputs.partial(r, link.source)
+            inputs = self._inputs.partial(r, link.source)
             size = self._map_runs[link.source].size
         else:
             inputs = self._inputs.of(r)
-            if link.artifact is None:
-                items = step.map_over  # a tuple: checked when the step was made
-            else:
-                entry = inputs.get(link.artifact)
-                items = None if entry is None else entry[1]
-            if not is_sequence(items):
-                self._bad_list(r, step, link.artifact or "", items)
+            value = step.map_over if link.artifact is None else _value_of(inputs, link.artifact)
+            items = _indexable(value)
+            if items is None:
+                self._bad_list(r, step, link.artifact or "", value)
                 return
-            assert items is not None
             size = len(items)
         run = MapRun(size, size, items, _plain(inputs))
         self._map_runs[r] = run
@@ -367,6 +385,11 @@ class Mapped:
                 vec = _with_output(vec, i, restored[uid])
         self.state = self.state.with_map(r, vec)
         self._map_runs[r] = MapRun(size, 0, None)
+
+
+def _value_of(view: Visible, name: str) -> object:
+    entry = view.get(name)
+    return None if entry is None else entry[1]
 
 
 def _plain(view: Visible) -> dict[str, Any]:
