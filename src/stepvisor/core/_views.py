@@ -30,7 +30,7 @@ class StepsView(Mapping[str, StepRecord]):
 
     A run's result hands back every step's record, and building a dict of
     them at the end of a big run made as many objects as the run kept (three
-    per step, see :class:`~stepvisor.core.records._Settled`) in one burst, and
+    per step, see ``stepvisor.core.records._kept``) in one burst, and
     the cyclic GC's full passes over a heap growing that fast were most of the
     run's last seconds.  The view builds a record when it is read.  It holds
     a mapped step's instances too (``"score[7]"``), right after their step.

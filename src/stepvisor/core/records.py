@@ -140,40 +140,37 @@ class StepRecord(NamedTuple):
         return StepRecord(self.step_id, status, self.attempts, note, self.restored)
 
 
-class _Settled(tuple[Any, ...]):
-    """A finished step's record with its one attempt, as the run state keeps it.
-
-    ``(step_id, status, note, restored, *attempt)``: one object where a
-    :class:`StepRecord` is three (the record, its attempts tuple, the attempt).
-    Finished records are what a big run's heap is made of, and the cyclic GC
-    counts the objects it tracks: a young pass runs when the allocated ones
-    outnumber the freed ones by 700, and a full pass over the whole heap each
-    time the old generation grows by a quarter.  A finished record that
-    replaces its pending one one for one adds nothing, so a run of a million
-    steps that made eight full passes (a fifth of its time, and growing faster
-    than it: each visits every object) now makes none while its steps run.
-    A subclass so that a read tells it from a :class:`StepRecord` by its type;
-    it never leaves this module: reads rebuild the record (:func:`_unkept`).
-    """
-
-    __slots__ = ()
+#: A finished step's record with its one attempt, as the run state keeps it:
+#: ``(step_id, status, note, restored, *attempt)``, a plain tuple whose status
+#: is the status's text.  One object where a :class:`StepRecord` is three (the
+#: record, its attempts tuple, the attempt), and one the cyclic GC lets go of:
+#: a tuple of exact type holding only strings, numbers and ``None`` is
+#: untracked at the first collection it meets, so it never reaches the old
+#: generation.  Finished records are what a big run's heap is made of, and the
+#: GC runs a full pass over the whole heap each time the old generation grows
+#: by a quarter: a run of a million steps made eight (a fifth of its time),
+#: and a map, whose instances' pending records are empty slots, made them
+#: again as its finished instances piled up.  A plain tuple (a ``StepRecord``
+#: is a subclass) is how a read tells it from a record; it never leaves this
+#: module: reads rebuild the record (:func:`_unkept`).
+_STATUS: Final = {status.value: status for status in StepStatus}
 
 
 def _kept(record: StepRecord) -> Any:
-    """``record`` as the table keeps it: :class:`_Settled` when that is possible."""
+    """``record`` as the table keeps it: a settled plain tuple when that is possible."""
     attempts = record[2]
     if record[1] in TERMINAL and len(attempts) == 1:
-        return new(_Settled, (record[0], record[1], record[3], record[4], *attempts[0]))
+        return (record[0], record[1].value, record[3], record[4], *attempts[0])
     return record
 
 
 def _unkept(value: Any) -> StepRecord:
     """The :class:`StepRecord` the table keeps as ``value``."""
-    if type(value) is not _Settled:
+    if type(value) is not tuple:
         record: StepRecord = value
         return record
     attempt = new(AttemptRecord, value[4:])
-    return new(StepRecord, (value[0], value[1], (attempt,), value[2], value[3]))
+    return new(StepRecord, (value[0], _STATUS[value[1]], (attempt,), value[2], value[3]))
 
 
 def instance_id(step_id: str, index: int) -> str:

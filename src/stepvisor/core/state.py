@@ -295,7 +295,7 @@ class RunState(NamedTuple):
         merged: dict[str, Any] = {}
         pairs = zip(table_values(self.outputs), table_values(self.records), strict=True)
         for produced, record in islice(pairs, self.committed):
-            if produced and record[1] is StepStatus.SUCCEEDED:  # kept or not
+            if produced and record[1] == StepStatus.SUCCEEDED:  # kept (text) or not (enum)
                 merged.update(produced)
         return pmap(merged)
 
@@ -317,7 +317,7 @@ class RunState(NamedTuple):
         return tuple(out)
 
     def count_status(self, status: StepStatus) -> int:
-        return sum(1 for kept in table_values(self.records) if kept[1] is status)
+        return sum(1 for kept in table_values(self.records) if kept[1] == status)
 
     @property
     def all_terminal(self) -> bool:
