@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import stepvisor as sv
-from stepvisor.cli._report import _INSTANCE_ROWS, render_html
+from stepvisor.cli._report import _BARS, _INSTANCE_ROWS, render_html
 from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo, StoredRun
 
@@ -97,3 +97,41 @@ def test_a_large_map_lists_every_instance_that_did_not_succeed_then_the_first_on
     assert "200 more instances that succeeded are not listed" in block
     assert "50 instances never started (pending)." in block
     assert '<summary class="err">1197/1250 succeeded, 3 failed</summary>' in block
+
+
+def test_a_timeline_of_more_attempts_than_it_draws_keeps_steps_and_failures() -> None:
+    size = 6000
+    failed = {10, 4321}
+    steps = {
+        "first": StepRecord(
+            "first",
+            StepStatus.SUCCEEDED,
+            (AttemptRecord(1, 99.0, 100.0, 1.0, "succeeded", worker="w2"),),
+        ),
+        "m": StepRecord("m", StepStatus.FAILED, note=f"mapped over {size} items"),
+    }
+    for i in range(size):
+        record = _record(i, StepStatus.FAILED if i in failed else StepStatus.SUCCEEDED)
+        steps[record.step_id] = record
+    info = RunInfo("r1", "wf", "fp", {}, 1, RunStatus.FAILED, started=99.0, ended=7000.0)
+    page = render_html(StoredRun(info, steps))
+    bars = re.findall(
+        r'<g class="bar" data-step="(\w+)" data-outcome="(\w+)"(?: data-instance="m\[(\d+)\]")?',
+        page,
+    )
+    every = -(-(size - len(failed)) // (_BARS - 1 - len(failed)))  # ceil: room left after them
+    assert every == 2
+    sampled = [i for i in range(size) if i not in failed][::every]
+    assert sorted((step, outcome, int(i or -1)) for step, outcome, i in bars) == sorted(
+        [("first", "succeeded", -1)]
+        + [("m", "failed", i) for i in failed]
+        + [("m", "succeeded", i) for i in sampled]
+    )
+    assert len(bars) <= _BARS
+    assert (
+        f"{len(bars)} of {size + 1} attempts drawn: every step's and every one that did not "
+        f"succeed; of the instances' attempts that succeeded, every {every}nd in start order."
+    ) in page
+    # The legend counts every attempt, drawn or not.
+    assert "failed (2)</span>" in page
+    assert f"succeeded ({size - 1})</span>" in page

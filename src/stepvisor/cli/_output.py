@@ -159,7 +159,10 @@ def one_run(store: RunStore, run_id: str) -> str:
         head.append(f"error     {one_line(info.error, limit=300)}")
     rows = [_mapped_row(g) if g.mapped else _row(g.record) for g in groups]
     text = "\n".join(head) + "\n\n" + table(["STEP", *_COLUMNS], rows)
-    mapped = next((g.record.step_id for g in groups if g.mapped), None)
+    mapped = next(
+        (g.record.step_id for g in groups if g.mapped and any(map(_error, g.instances))),
+        next((g.record.step_id for g in groups if g.mapped), None),
+    )
     if mapped is not None:
         text += f"\n\na mapped step's instances: stepvisor status {run_id} {mapped}"
     return text

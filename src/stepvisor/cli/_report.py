@@ -74,6 +74,8 @@ _CHAR: Final = 6.6  # average width of a 11px sans-serif character
 _ORDER: Final = tuple(s.value for s in StepStatus)
 #: Instance rows listed under one mapped step (``stepvisor status RUN STEP`` lists all).
 _INSTANCE_ROWS: Final = 1000
+#: Attempts the timeline draws at most (see ``_drawn``).
+_BARS: Final = 5000
 
 
 def _e(value: object) -> str:
@@ -192,10 +194,43 @@ def _timeline(attempts: Sequence[_Attempt]) -> str:
             f'<rect class="lane" x="{_GUTTER}" y="{y}" width="{inner}" height="{_ROW}"/>'
             f'<text class="worker" x="{_GUTTER - 8}" y="{y + _ROW / 2 + 4}">{_e(worker)}</text>'
         )
-    for a in sorted(attempts, key=lambda a: (a.start, a.step_id)):
+    drawn, note = _drawn(attempts)
+    for a in drawn:
         parts.append(_bar(a, x, _AXIS + row[a.record.worker or "-"] * _ROW))
     parts.append("</svg>")
-    return "".join(parts)
+    return "".join(parts) + note
+
+
+def _drawn(attempts: Sequence[_Attempt]) -> tuple[list[_Attempt], str]:
+    """The bars to draw, in start order, and a note saying what was left out.
+
+    Up to ``_BARS`` every attempt is drawn.  Past that (a big map: a hundred
+    thousand bars would make a page of tens of megabytes, drawn a fraction of
+    a pixel wide), every plain step's attempt and every attempt that did not
+    succeed are drawn, and of the instances' attempts that succeeded an even
+    sample, every k-th in start order, fills what is left.
+    """
+    ordered = sorted(attempts, key=lambda a: (a.start, a.step_id))
+    if len(ordered) <= _BARS:
+        return ordered, ""
+    common = [a for a in ordered if a.group is not None and a.outcome == "succeeded"]
+    room = max(0, _BARS - (len(ordered) - len(common)))
+    every = max(1, math.ceil(len(common) / room)) if room else 0
+    sampled = set(map(id, common[::every])) if every else set()
+    drawn = [a for a in ordered if a.group is None or a.outcome != "succeeded" or id(a) in sampled]
+    note = (
+        f'<p class="muted">{len(drawn)} of {len(ordered)} attempts drawn: every step\'s and every '
+        "one that did not succeed; of the instances' attempts that succeeded, "
+        + (f"every {every}{_ordinal(every)} in start order." if every else "none.")
+        + "</p>"
+    )
+    return drawn, note
+
+
+def _ordinal(n: int) -> str:
+    if 10 <= n % 100 <= 20:
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 def _bar(a: _Attempt, x: Callable[[float], float], lane_y: float) -> str:
