@@ -53,6 +53,10 @@ def score(ctx):
     return {"scores": ctx.item * 2}
 
 
+def not_a_list(ctx):
+    return {"chunks": {"a": 1}}
+
+
 def held(ctx):
     # Item 0 ends at once; the others wait for the test to create the file "open".
     deadline = time.monotonic() + 20
@@ -98,6 +102,14 @@ steps:
   - {id: score, run: "mapsteps:held", map_over: chunks}
 """
 
+NOT_A_LIST_FILE = """
+id: notalist
+steps:
+  - {id: split, run: "mapsteps:not_a_list", creates: [chunks]}
+  - {id: score, run: "mapsteps:score", map_over: chunks}
+  - {id: empty, run: "mapsteps:double", map_over: []}
+"""
+
 STAMP = r"\[ *\d+\.\d\ds\] "
 
 
@@ -107,6 +119,7 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "map.yaml").write_text(textwrap.dedent(MAP_FILE))
     (tmp_path / "many.yaml").write_text(textwrap.dedent(MANY_FILE))
     (tmp_path / "held.yaml").write_text(textwrap.dedent(HELD_FILE))
+    (tmp_path / "notalist.yaml").write_text(textwrap.dedent(NOT_A_LIST_FILE))
     return tmp_path
 
 
@@ -215,6 +228,27 @@ def test_on_a_terminal_a_running_map_is_one_redrawn_line_with_its_counts(project
     assert "score[" not in screen  # no line for an instance that succeeded
     summary = r"succeeded in [\d.]+ s: 2 steps: 2 succeeded; 6 instances: 6 succeeded"
     assert re.search(summary, screen)
+
+
+@pytest.mark.realtime
+def test_a_map_whose_list_is_no_list_fails_as_one_step_that_ran_no_instance(
+    project: Path,
+) -> None:
+    proc = stepvisor(project, "run", "notalist.yaml")
+    assert proc.returncode == 1, proc.stderr
+    run_id = started_id(proc.stdout)
+    assert re.search(STAMP + r"failed     score: no instances\n", proc.stdout)
+    assert re.search(STAMP + r"succeeded  empty: 0/0 succeeded, [\d.]+ s\n", proc.stdout)
+    assert ": 3 steps: 2 succeeded, 1 failed; 0 instances\n" in proc.stdout
+    table = stepvisor(project, "status", run_id).stdout.split("\n\n")[1]
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert re.match(
+        r"score +failed +0 +- +- +step 'score' maps over the artifact 'chunks'", rows["score"]
+    )
+    assert re.match(r"empty +0/0 succeeded +0 ", rows["empty"])
+    one = stepvisor(project, "status", run_id, "score").stdout
+    assert "note      step 'score' maps over the artifact 'chunks', but its value is a dict" in one
+    assert one.endswith("\n\nno attempts\n")
 
 
 # -- stepvisor status ------------------------------------------------------------------------

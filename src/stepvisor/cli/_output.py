@@ -209,9 +209,7 @@ def one_step(store: RunStore, run_id: str, step_id: str) -> str:
 
 def _attempts(record: StepRecord) -> str:
     if not record.attempts:
-        return "no attempts" + (
-            f": {one_line(_error(record), limit=300)}" if _error(record) else ""
-        )
+        return "no attempts"  # why (skipped, cancelled, a list that was none) is its note
     rows = [
         [
             str(a.number),
