@@ -44,7 +44,6 @@ from stepvisor.core.events import (
     StepFinished,
     StepRetrying,
 )
-from stepvisor.core.records import parse_instance_id
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 
@@ -146,19 +145,29 @@ class Progress:
         self.running: dict[str, Running] = {}
         #: Duration of each plain step's last attempt, once it finished (wall seconds).
         self.last_duration: dict[str, float] = {}
+        #: The last event's id and what ``instance_of`` said of it (a display asks again).
+        self._last: tuple[str, tuple[str, MapProgress] | None] = ("", None)
 
     def instance_line(self, event: StepRetrying | StepFinished, *, run_id: str) -> str | None:
         """What an instance's failure or retry prints instead of its own line; see ``quiet``."""
-        found = self.instance_of(event.step_id)
+        sid, found = self._last
+        if sid is not event.step_id:
+            found = self.instance_of(event.step_id)
         return None if found is None else found[1].quiet(found[0], event, run_id=run_id)
 
     def instance_of(self, step_id: str) -> tuple[str, MapProgress] | None:
-        """``(step, its map)`` if ``step_id`` is an instance of a mapped step, else ``None``."""
+        """``(step, its map)`` if ``step_id`` is an instance of a mapped step, else ``None``.
+
+        Any id that is not a step's and reads ``step[...]`` for a mapped step is
+        an instance: only the run machine makes such ids (a step may not be
+        named like an instance of a mapped step).  Checked without parsing the
+        index, since this runs twice per instance on the main thread.
+        """
         if not self.maps or step_id in self.status:
             return None
-        parsed = parse_instance_id(step_id)
-        found = None if parsed is None else self.maps.get(parsed[0])
-        return None if found is None or parsed is None else (parsed[0], found)
+        cut = step_id.rfind("[")
+        found = self.maps.get(step_id[:cut]) if cut > 0 else None
+        return None if found is None else (step_id[:cut], found)
 
     def apply(self, event: Event) -> float | None:
         """Fold ``event`` in; -> how long the attempt or map it ended ran, if it ended one."""
@@ -172,6 +181,7 @@ class Progress:
         if not isinstance(event, StepDispatched | StepRetrying | StepFinished):
             return None
         found = self.instance_of(event.step_id)
+        self._last = (event.step_id, found)
         if found is not None:
             return found[1].apply(event)
         sid = event.step_id
