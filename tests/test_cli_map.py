@@ -466,7 +466,7 @@ def test_live_display_draws_one_line_per_running_map(monkeypatch: pytest.MonkeyP
     assert block[0].endswith("1/2 steps done")
     assert block[1].endswith("1 succeeded  1 running")
     assert block[2] == "  score  #######---  6/10 succeeded, 1 failed, 3 running"
-    assert block[3] == "  running: -"
+    assert block[3] == "  running: score (3 instances)"
     screen = out.getvalue()
     assert "failed score[0]: 2 attempts, 0.05 s (ValueError: item 0)" in screen
     assert "score[1]" not in screen  # an instance that succeeded gets no line

@@ -440,6 +440,11 @@ class LiveDisplay:
                 f"{sid} ({max(0.0, time.time() - r.since):.1f}s"
                 + (f", attempt {r.attempt})" if r.attempt > 1 else ")")
                 for sid, r in sorted(progress.running.items(), key=lambda kv: kv[1].since)
+            ]
+            + [
+                f"{sid} ({len(m.running)} instances)"
+                for sid, m in progress.maps.items()
+                if m.running
             ],
             width - len("  running: "),
         )
