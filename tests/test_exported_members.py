@@ -19,6 +19,7 @@ PUBLIC_API = {
     # state and events
     "RunStatus", "StepStatus", "StepRecord", "AttemptRecord", "Event", "RunStarted",
     "StepDispatched", "StepRetrying", "StepFinished", "StepCommitted", "RunFinished",
+    "StepExpanded",
     # time
     "Clock", "RealClock", "FakeClock",
     # stores

@@ -41,6 +41,7 @@ from stepvisor.core.events import (
     RunStarted,
     StepCommitted,
     StepDispatched,
+    StepExpanded,
     StepFinished,
     StepRetrying,
 )
@@ -130,6 +131,7 @@ class RunTracer:
             StepRetrying: self._retrying,
             StepFinished: self._step_finished,
             StepCommitted: _ignore,
+            StepExpanded: _ignore,  # its instances' own events make their spans
             RunFinished: self._run_finished,
         }
 

@@ -223,6 +223,7 @@ class Mapped:
         self.state = self.state.set_step_at(r, node)
         self._fx.append(SaveStep(node))
         self._restore_instances(r, run)
+        self._events.expanded(self._fx, step.id, size, size - run.left, self._wall)
         self._queue_instances(r, run, link.source)
         self.sched.expanded(r)
         if run.left == 0:
