@@ -18,6 +18,7 @@ import pytest
 import stepvisor as sv
 from stepvisor._prepare import fingerprint
 from stepvisor.core.records import instance_id, parse_instance_id
+from stepvisor.store.sqlite import SQLiteStore
 
 BOUND = 10.0
 
@@ -260,6 +261,10 @@ def test_a_cancelled_map_resumes_without_running_the_splitter_or_a_succeeded_ins
         assert counter.runs[sid] == runs_before[sid], f"{sid} ran again on resume"
         assert resumed.steps[sid].restored
     assert counter.runs["score[2]"] == runs_before["score[2]"] + 1
+    with SQLiteStore(store) as stored:
+        kept = stored.load(first.run_id).steps
+    for sid in done_before:
+        assert kept[sid].restored, f"the store does not say {sid} was kept"
 
     fresh = _Counter()
     fresh.block = False

@@ -249,6 +249,7 @@ class Mapped:
         records = self.plan.restored_records
         sid = self.graph.order[r]
         vec = self.state.maps[r]
+        kept: list[StepRecord] = []
         for i in range(run.size):
             uid = instance_id(sid, i)
             if uid in restored and uid in records:
@@ -256,8 +257,11 @@ class Mapped:
                 vec = vec.with_record(i, record)
                 if restored[uid]:
                     vec = _with_output(vec, i, restored[uid])
+                kept.append(record)
                 run.left -= 1
         self.state = self.state.with_map(r, vec)
+        if kept:  # the store says so too, as it does of the steps a resume keeps
+            self._fx.append(SaveSteps(tuple(kept)))
 
     def _queue_instances(self, r: int, run: MapRun, source: int | None) -> None:
         vec = self.state.maps[r]
@@ -379,12 +383,16 @@ class Mapped:
         while instance_id(sid, size) in records:
             size += 1
         vec = new_map(sid, size)
+        kept = []
         for i in range(size):
             uid = instance_id(sid, i)
-            vec = vec.with_record(i, records[uid]._replace(restored=True))
+            kept.append(records[uid]._replace(restored=True))
+            vec = vec.with_record(i, kept[-1])
             if restored.get(uid):
                 vec = _with_output(vec, i, restored[uid])
         self.state = self.state.with_map(r, vec)
+        if kept:
+            self._fx.append(SaveSteps(tuple(kept)))
         self._map_runs[r] = MapRun(size, 0, None)
 
 
