@@ -133,13 +133,16 @@ class StepContext:
         #: ``None`` for a step that is not mapped.
         self.item: Any = None
         self.index: int | None = None
+        self.inputs: Mapping[str, Any]
         if _ITEM_KEY in inputs:  # an instance: its item travelled with its inputs
-            inputs = dict(inputs)
-            self.item = inputs.pop(_ITEM_KEY)
-            self.index = inputs.pop(_INDEX_KEY)
-        self.inputs: Mapping[str, Any] = (
-            inputs if isinstance(inputs, MappingProxyType) else MappingProxyType(dict(inputs))
-        )
+            own = dict(inputs)
+            self.item = own.pop(_ITEM_KEY)
+            self.index = own.pop(_INDEX_KEY)
+            self.inputs = MappingProxyType(own)
+        elif isinstance(inputs, MappingProxyType):
+            self.inputs = inputs
+        else:
+            self.inputs = MappingProxyType(dict(inputs))
         #: The step's parameters (``with:`` in a workflow file); immutable already.
         self.params: Mapping[str, Any] = params
         #: ``time.monotonic()`` value at which this attempt is stopped, or ``None``.

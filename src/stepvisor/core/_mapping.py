@@ -4,7 +4,8 @@ A mapped step is one node of the static graph.  When its dependencies are met
 the machine *expands* it: it learns its list (fixed in the workflow, an
 artifact's value, or, for a chained map, the length of the map it is chained
 to) and keeps a vector of instances in the run state
-(:class:`~stepvisor.core.records.MapVec`).  Instances are dispatched, retried,
+(:class:`~stepvisor.core.records.MapVec`: entries of the state's own tables,
+past the steps').  Instances are dispatched, retried,
 stopped and stored like steps, under ids ``"score[7]"``; nothing is added to
 the graph.  When every instance has ended, the step itself ends with a summary
 status, and, when all succeeded, with its artifacts: one list per name, in
@@ -27,20 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-from pyrsistent import pmap
-
-from stepvisor.core._table import table_set
 from stepvisor.core.effects import SaveStep, SaveSteps
 from stepvisor.core.records import (
     TERMINAL,
-    MapVec,
     StepRecord,
     StepStatus,
     instance_id,
-    new_map,
     parse_instance_id,
 )
 from stepvisor.errors import MapOverError
@@ -218,7 +213,7 @@ class Mapped:
             size = len(items)
         run = MapRun(size, size, items, _plain(inputs))
         self._map_runs[r] = run
-        self.state = self.state.with_map(r, new_map(step.id, size))
+        self.state = self.state.expand(r, step.id, size)
         node = self.state.record_at(r).with_status(StepStatus.RUNNING, _counts_note(size, ()))
         self.state = self.state.set_step_at(r, node)
         self._fx.append(SaveStep(node))
@@ -248,59 +243,54 @@ class Mapped:
             return
         records = self.plan.restored_records
         sid = self.graph.order[r]
-        vec = self.state.maps[r]
         kept: list[StepRecord] = []
         for i in range(run.size):
             uid = instance_id(sid, i)
             if uid in restored and uid in records:
                 record = records[uid]._replace(status=StepStatus.SUCCEEDED, restored=True)
-                vec = vec.with_record(i, record)
-                if restored[uid]:
-                    vec = _with_output(vec, i, restored[uid])
+                self.state = self.state.succeed_instance(r, i, record, restored[uid])
                 kept.append(record)
                 run.left -= 1
-        self.state = self.state.with_map(r, vec)
         if kept:  # the store says so too, as it does of the steps a resume keeps
             self._fx.append(SaveSteps(tuple(kept)))
 
     def _queue_instances(self, r: int, run: MapRun, source: int | None) -> None:
-        vec = self.state.maps[r]
-        push = self.sched.push
+        state = self.state
         if source is None and run.left == run.size:  # nothing restored: all of them
             self.sched.push_all(r, run.size)
             return
-        if source is None:
-            for i in range(run.size):
-                if vec.kept(i) is None:
-                    push(r, i)
-            return
-        source_vec = self.state.maps[source]
         for i in range(run.size):
-            if vec.kept(i) is not None:
+            if state.instance_kept(r, i) is not None:
+                continue  # restored
+            if source is None:
+                self.sched.push(r, i)
                 continue
-            status = source_vec.record(i).status
+            status = state.instance_record(source, i).status
             if status is StepStatus.SUCCEEDED:
-                push(r, i)
+                self.sched.push(r, i)
             elif status in TERMINAL:
                 self._skip_instance(r, i, source, status)
 
     # -- instances ending ------------------------------------------------------------
 
     def _instance_inputs(self, r: int, index: int) -> Mapping[str, Any]:
-        """What instance ``index`` is sent: the step's inputs, its item and its index."""
-        inputs = {**self._map_runs[r].inputs}
-        inputs[ITEM_KEY] = self._instance_item(r, index)
-        inputs[INDEX_KEY] = index
-        return MappingProxyType(inputs)
+        """What instance ``index`` is sent: the step's inputs, its item and its index.
 
-    def _instance_item(self, r: int, index: int) -> Any:
+        A plain dict, not a read-only view: ``StepContext`` copies it anyway, to
+        take the item and the index out, and hands the step a view of its copy.
+        """
         run = self._map_runs[r]
-        if run.items is not None:
-            return run.items[index]
+        item = run.items[index] if run.items is not None else self._chained_item(r, index)
+        if not run.inputs:
+            return {ITEM_KEY: item, INDEX_KEY: index}
+        return {**run.inputs, ITEM_KEY: item, INDEX_KEY: index}
+
+    def _chained_item(self, r: int, index: int) -> Any:
+        """Item ``index`` of a chained map: that instance's output of the map before it."""
         link = self.graph.maps[r]
         assert link.source is not None
         assert link.artifact is not None
-        return self.state.maps[link.source].output(index).get(link.artifact)
+        return self.state.instance_output(link.source, index).get(link.artifact)
 
     def _instance_succeeded(
         self, r: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
@@ -341,12 +331,11 @@ class Mapped:
 
     def _complete(self, r: int) -> None:
         """Every instance of ``r`` ended: the mapped step ends with their summary."""
-        vec = self.state.maps[r]
-        statuses = [record.status for record in vec.records_in_order()]
+        statuses = [record.status for record in self.state.instance_records(r)]
         status = summary_status(statuses)
-        node = self.state.record_at(r).with_status(status, _counts_note(vec.size, statuses))
+        node = self.state.record_at(r).with_status(status, _counts_note(len(statuses), statuses))
         if status is StepStatus.SUCCEEDED:
-            outputs = _collect(vec, self._step(r).creates)
+            outputs = _collect(self.state.instance_outputs(r), self._step(r).creates)
             self._fx.append(SaveStep(node, outputs))
             self._succeeded(r, node, outputs)
             return
@@ -366,10 +355,9 @@ class Mapped:
                 self._events.finished(self._fx, record, self._wall)
         for r in sorted(self._map_runs):
             if not self.state.record_at(r).terminal:
-                vec = self.state.maps[r]
-                statuses = [record.status for record in vec.records_in_order()]
+                statuses = [record.status for record in self.state.instance_records(r)]
                 node = self.state.record_at(r).with_status(
-                    summary_status(statuses), _counts_note(vec.size, statuses)
+                    summary_status(statuses), _counts_note(len(statuses), statuses)
                 )
                 self.state = self.state.set_step_at(r, node)
                 self._fx.append(SaveStep(node))
@@ -382,15 +370,12 @@ class Mapped:
         size = 0
         while instance_id(sid, size) in records:
             size += 1
-        vec = new_map(sid, size)
+        self.state = self.state.expand(r, sid, size)
         kept = []
         for i in range(size):
             uid = instance_id(sid, i)
             kept.append(records[uid]._replace(restored=True))
-            vec = vec.with_record(i, kept[-1])
-            if restored.get(uid):
-                vec = _with_output(vec, i, restored[uid])
-        self.state = self.state.with_map(r, vec)
+            self.state = self.state.succeed_instance(r, i, kept[-1], restored.get(uid, {}))
         if kept:
             self._fx.append(SaveSteps(tuple(kept)))
         self._map_runs[r] = MapRun(size, 0, None)
@@ -405,11 +390,6 @@ def _plain(view: Visible) -> dict[str, Any]:
     return {name: value for name, (_, value) in view.items()}
 
 
-def _with_output(vec: MapVec, index: int, outputs: Mapping[str, Any]) -> MapVec:
-    return vec._replace(outputs=table_set(vec.outputs, index, pmap(outputs)))
-
-
-def _collect(vec: MapVec, names: Sequence[str]) -> dict[str, list[Any]]:
+def _collect(outputs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, list[Any]]:
     """Each artifact the mapped step creates: its instances' values, in index order."""
-    outputs = [vec.output(i) for i in range(vec.size)]
     return {name: [produced.get(name) for produced in outputs] for name in names}

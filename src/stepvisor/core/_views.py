@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 
 from stepvisor.core._table import table_get
-from stepvisor.core.records import MapVec, StepRecord, _unkept, instance_id, parse_instance_id
+from stepvisor.core.records import StepRecord, _unkept, instance_id, parse_instance_id
 from stepvisor.core.state import RunState
 
 __all__ = ["StepsView"]
@@ -48,12 +48,13 @@ class StepsView(Mapping[str, StepRecord]):
         rank = state.rank.get(step_id)
         if rank is not None:
             return _unkept(table_get(state.records, rank))
-        vec = self._instance_vec(step_id)
-        if vec is None:
+        found = self._instance(step_id)
+        if found is None:
             raise KeyError(step_id)
-        return vec[0].record(vec[1])
+        return state.instance_record(*found)
 
-    def _instance_vec(self, step_id: object) -> tuple[MapVec, int] | None:
+    def _instance(self, step_id: object) -> tuple[int, int] | None:
+        """(rank, index) of an instance id of this state's expanded maps."""
         if not self._state.maps or not isinstance(step_id, str):
             return None
         parsed = parse_instance_id(step_id)
@@ -61,12 +62,12 @@ class StepsView(Mapping[str, StepRecord]):
             return None
         rank = self._state.rank.get(parsed[0])
         vec = None if rank is None else self._state.maps.get(rank)
-        if vec is None or parsed[1] >= vec.size:
+        if rank is None or vec is None or parsed[1] >= vec.size:
             return None
-        return vec, parsed[1]
+        return rank, parsed[1]
 
     def __contains__(self, step_id: object) -> bool:
-        return step_id in self._state.rank or self._instance_vec(step_id) is not None
+        return step_id in self._state.rank or self._instance(step_id) is not None
 
     def __iter__(self) -> Iterator[str]:
         state = self._state

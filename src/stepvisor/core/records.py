@@ -8,13 +8,7 @@ together and evolves them.  ``stepvisor.core.state`` re-exports the public ones.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
-from typing import Any, Final, NamedTuple
-
-from pyrsistent import pmap
-from pyrsistent.typing import PMap
-
-from stepvisor.core._table import Table, table_get, table_of, table_set, table_values
+from typing import Any, Final, NamedTuple, NoReturn
 
 __all__ = [
     "NO_MAPS",
@@ -27,11 +21,10 @@ __all__ = [
     "StepStatus",
     "instance_id",
     "new",
-    "new_map",
     "parse_instance_id",
+    "pending_instance",
 ]
 
-_EMPTY_MAP: PMap[str, Any] = pmap()
 
 #: ``new(Record, values)`` is what a NamedTuple's generated ``__new__`` does
 #: without its argument handling, at half the cost: for the few records built
@@ -154,13 +147,16 @@ class StepRecord(NamedTuple):
 #: is a subclass) is how a read tells it from a record; it never leaves this
 #: module: reads rebuild the record (:func:`_unkept`).
 _STATUS: Final = {status.value: status for status in StepStatus}
+#: A status's text by status: a dict lookup, where ``.value`` is a descriptor call.
+_TEXT: Final = {status: status.value for status in StepStatus}
+_PENDING: Final = StepStatus.PENDING
 
 
 def _kept(record: StepRecord) -> Any:
     """``record`` as the table keeps it: a settled plain tuple when that is possible."""
     attempts = record[2]
     if record[1] in TERMINAL and len(attempts) == 1:
-        return (record[0], record[1].value, record[3], record[4], *attempts[0])
+        return (record[0], _TEXT[record[1]], record[3], record[4], *attempts[0])
     return record
 
 
@@ -189,107 +185,49 @@ def parse_instance_id(sid: str) -> tuple[str, int] | None:
 
 
 class MapVec(NamedTuple):
-    """The instances of one mapped step: a record and outputs per index.
+    """Where the instances of one mapped step are kept: ``size`` entries from ``base``.
 
-    A mapped step stays one node of the graph; its instances are entries of
-    these two tables, not steps.  An instance not yet dispatched is ``None`` in
-    ``records`` (a pending record is made when read), so a map of a million
+    A mapped step stays one node of the graph; its instances are entries of the
+    run state's own tables of records and outputs, past the steps' (see
+    :class:`~stepvisor.core.state.RunState`), so that an instance's transition
+    writes one entry, as a step's does.  An instance not yet dispatched is
+    ``None`` there (a pending record is made when read), so a map of a million
     items costs a million pointers until its instances run.
     """
 
     step_id: str
-    records: Table
-    outputs: Table  # PMap of an instance's non-empty outputs, else None
+    base: int
     size: int
 
-    def record(self, index: int) -> StepRecord:
-        kept = table_get(self.records, index)
-        if kept is None:
-            return StepRecord(instance_id(self.step_id, index))
-        return _unkept(kept)
 
-    def kept(self, index: int) -> Any:
-        """The value the table keeps for ``index``: ``None`` while it was never dispatched."""
-        return table_get(self.records, index)
-
-    def records_in_order(self) -> Iterator[StepRecord]:
-        sid = self.step_id
-        for i, kept in enumerate(table_values(self.records)):
-            yield StepRecord(instance_id(sid, i)) if kept is None else _unkept(kept)
-
-    def output(self, index: int) -> PMap[str, Any]:
-        produced: PMap[str, Any] | None = table_get(self.outputs, index)
-        return produced or _EMPTY_MAP
-
-    # Built with new() rather than _replace(): twice per instance on the hot path.
-    def with_record(self, index: int, record: StepRecord) -> MapVec:
-        records = table_set(self.records, index, _kept(record))
-        return new(MapVec, (self.step_id, records, self.outputs, self.size))
-
-    def with_success(self, index: int, record: StepRecord, outputs: Mapping[str, Any]) -> MapVec:
-        records = table_set(self.records, index, _kept(record))
-        produced = table_set(self.outputs, index, pmap(outputs)) if outputs else self.outputs
-        return new(MapVec, (self.step_id, records, produced, self.size))
+def pending_instance(step_id: str, index: int) -> StepRecord:
+    """The record of an instance never dispatched (kept as ``None``)."""
+    return new(StepRecord, (instance_id(step_id, index), _PENDING, (), None, False))
 
 
-class MapTable(Mapping[int, MapVec]):
-    """The instances of a run's mapped steps, by rank: a small immutable mapping.
+class MapTable(dict[int, MapVec]):
+    """Where each expanded mapped step keeps its instances, by rank: an immutable mapping.
 
-    Two tuples rather than a persistent map: a run has a few mapped steps, and
-    every transition of an instance replaces its step's vector, so this is
-    on the hot path of a map, where ``PMap.set`` (Python code, an evolver per
-    call) cost more than the rest of the transition.
+    A ``dict`` whose changing methods refuse, rather than a persistent map: a run
+    has a few mapped steps and expands each once, while every transition of an
+    instance looks its step up here, and a ``dict`` lookup is a C call (a
+    ``PMap``'s, or a ``Mapping`` written in Python, cost a tenth of a dispatch).
     """
 
-    __slots__ = ("_ranks", "_vecs")
-
-    def __init__(self, ranks: tuple[int, ...] = (), vecs: tuple[MapVec, ...] = ()) -> None:
-        self._ranks = ranks  # sorted
-        self._vecs = vecs
-
-    def __getitem__(self, rank: int) -> MapVec:
-        try:
-            return self._vecs[self._ranks.index(rank)]
-        except ValueError:
-            raise KeyError(rank) from None
-
-    def get(self, rank: int, default: Any = None) -> Any:
-        ranks = self._ranks
-        return self._vecs[ranks.index(rank)] if rank in ranks else default
-
-    def __contains__(self, rank: object) -> bool:
-        return rank in self._ranks
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._ranks)
-
-    def __len__(self) -> int:
-        return len(self._ranks)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, MapTable):
-            return self._ranks == other._ranks and self._vecs == other._vecs
-        return super().__eq__(other)
-
-    def __hash__(self) -> int:
-        return hash((self._ranks, self._vecs))
-
-    def __repr__(self) -> str:
-        return f"MapTable({dict(zip(self._ranks, self._vecs, strict=True))!r})"
+    __slots__ = ()
 
     def set(self, rank: int, vec: MapVec) -> MapTable:
         """This table with ``vec`` as the instances of the step at ``rank``."""
-        ranks, vecs = self._ranks, self._vecs
-        if rank in ranks:
-            k = ranks.index(rank)
-            return MapTable(ranks, (*vecs[:k], vec, *vecs[k + 1 :]))
-        k = sum(1 for r in ranks if r < rank)
-        return MapTable((*ranks[:k], rank, *ranks[k:]), (*vecs[:k], vec, *vecs[k:]))
+        return MapTable(sorted({**self, rank: vec}.items()))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self.items()))
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("a MapTable is immutable: use .set(rank, vec) for a new one")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
 
 
 NO_MAPS: Final = MapTable()
-
-
-def new_map(step_id: str, size: int) -> MapVec:
-    """The instances of a map of ``size`` items, all pending."""
-    return MapVec(step_id, table_of([None] * size), table_of([None] * size), size)

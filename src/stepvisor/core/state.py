@@ -28,6 +28,8 @@ from pyrsistent.typing import PMap
 from stepvisor.core._table import (
     Table,
     table_get,
+    table_grow,
+    table_len,
     table_of,
     table_set,
     table_set_many,
@@ -47,6 +49,7 @@ from stepvisor.core.records import (
     instance_id,
     new,
     parse_instance_id,
+    pending_instance,
 )
 
 if TYPE_CHECKING:
@@ -177,35 +180,74 @@ class RunState(NamedTuple):
 
     # -- instances of mapped steps ---------------------------------------------------
 
-    def with_map(self, rank: int, vec: MapVec) -> RunState:
-        """The state with the instances of the mapped step at ``rank`` set to ``vec``."""
-        return self._evolve(maps=self.maps.set(rank, vec))
+    def expand(self, rank: int, step_id: str, size: int) -> RunState:
+        """The mapped step at ``rank`` has ``size`` instances: room for them, all pending.
+
+        They are kept past everything the tables hold (the steps, and the
+        instances of the maps expanded before), so an instance's transition is
+        one write to one table, as a step's is.
+        """
+        base = table_len(self.records)
+        return self._evolve(
+            records=table_grow(self.records, size),
+            outputs=table_grow(self.outputs, size),
+            maps=self.maps.set(rank, MapVec(step_id, base, size)),
+        )
+
+    def instance_kept(self, rank: int, index: int) -> Any:
+        """What the table keeps for the instance: ``None`` while it was never dispatched."""
+        return table_get(self.records, self.maps[rank].base + index)
 
     def instance_record(self, rank: int, index: int) -> StepRecord:
-        return self.maps[rank].record(index)
+        vec = self.maps[rank]
+        kept = table_get(self.records, vec.base + index)
+        return pending_instance(vec.step_id, index) if kept is None else _unkept(kept)
+
+    def instance_records(self, rank: int) -> Iterator[StepRecord]:
+        """The records of the instances of the mapped step at ``rank``, by index."""
+        vec = self.maps[rank]
+        kept = islice(table_values(self.records), vec.base, vec.base + vec.size)
+        for i, value in enumerate(kept):
+            yield pending_instance(vec.step_id, i) if value is None else _unkept(value)
+
+    def instance_output(self, rank: int, index: int) -> PMap[str, Any]:
+        produced: PMap[str, Any] | None = table_get(self.outputs, self.maps[rank].base + index)
+        return produced or _EMPTY_MAP
+
+    def instance_outputs(self, rank: int) -> list[PMap[str, Any]]:
+        """What each instance of the mapped step at ``rank`` created, by index."""
+        vec = self.maps[rank]
+        kept = islice(table_values(self.outputs), vec.base, vec.base + vec.size)
+        return [produced or _EMPTY_MAP for produced in kept]
 
     def set_instance(self, rank: int, index: int, record: StepRecord) -> RunState:
-        vec = self.maps[rank]
-        return self._evolve(maps=self.maps.set(rank, vec.with_record(index, record)))
+        at = self.maps[rank].base + index
+        return self._evolve(records=table_set(self.records, at, _kept(record)))
 
     def start_instance_at(
         self, rank: int, index: int, wall: float, slot: str
     ) -> tuple[RunState, StepRecord]:
         """:meth:`start_attempt_at` for instance ``index`` of the mapped step at ``rank``."""
-        old = self.maps[rank].record(index)
+        vec = self.maps[rank]
+        at = vec.base + index
+        kept = table_get(self.records, at)
+        old = pending_instance(vec.step_id, index) if kept is None else _unkept(kept)
         attempt = new(
             AttemptRecord,
             (len(old.attempts) + 1, wall, None, None, None, None, None, None, None, slot, None),
         )
         record = old.with_attempt_started(attempt)
-        return self.set_instance(rank, index, record), record
+        return self._evolve(records=table_set(self.records, at, record)), record
 
     def succeed_instance(
         self, rank: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
     ) -> RunState:
         """Record instance ``index``'s success and what it created."""
-        vec = self.maps[rank].with_success(index, record, outputs)
-        return self._evolve(maps=self.maps.set(rank, vec))
+        at = self.maps[rank].base + index
+        records = table_set(self.records, at, _kept(record))
+        if not outputs:
+            return self._evolve(records=records)
+        return self._evolve(records=records, outputs=table_set(self.outputs, at, pmap(outputs)))
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
         """Record what ``step_id`` created.
@@ -261,9 +303,9 @@ class RunState(NamedTuple):
         parsed = parse_instance_id(step_id) if self.maps else None
         node = None if parsed is None else self.rank.get(parsed[0])
         vec: MapVec | None = None if node is None else self.maps.get(node)
-        if vec is None or parsed is None or parsed[1] >= vec.size:
+        if vec is None or node is None or parsed is None or parsed[1] >= vec.size:
             raise KeyError(step_id)
-        return vec.record(parsed[1])
+        return self.instance_record(node, parsed[1])
 
     def record_at(self, rank: int) -> StepRecord:
         """The record of the step of canonical rank ``rank``.
@@ -316,12 +358,16 @@ class RunState(NamedTuple):
             out.append(sid)
         return tuple(out)
 
+    def _steps_kept(self) -> Iterator[Any]:
+        """What the records table keeps for the steps (the instances come after them)."""
+        return islice(table_values(self.records), len(self.order))
+
     def count_status(self, status: StepStatus) -> int:
-        return sum(1 for kept in table_values(self.records) if kept[1] == status)
+        return sum(1 for kept in self._steps_kept() if kept[1] == status)
 
     @property
     def all_terminal(self) -> bool:
-        return all(kept[1] in TERMINAL for kept in table_values(self.records))  # kept or not
+        return all(kept[1] in TERMINAL for kept in self._steps_kept())  # kept or not
 
     def all_records(self) -> Iterator[StepRecord]:
         """Every step's record, in canonical order (a mapped step's, then its instances')."""
@@ -331,11 +377,10 @@ class RunState(NamedTuple):
 
     def _with_instances(self) -> Iterator[StepRecord]:
         maps = self.maps
-        for r, kept in enumerate(table_values(self.records)):
+        for r, kept in enumerate(self._steps_kept()):
             yield _unkept(kept)
-            vec = maps.get(r)
-            if vec is not None:
-                yield from vec.records_in_order()
+            if r in maps:
+                yield from self.instance_records(r)
 
     def unfinished(self) -> list[StepRecord]:
         """The records of the steps not in a terminal status, in canonical order.
@@ -343,15 +388,16 @@ class RunState(NamedTuple):
         Read without rebuilding the finished ones: at the end of a run that is
         nearly all of them.
         """
-        return [_unkept(kept) for kept in table_values(self.records) if kept[1] not in TERMINAL]
+        return [_unkept(kept) for kept in self._steps_kept() if kept[1] not in TERMINAL]
 
     def unfinished_instances(self) -> list[tuple[int, int, StepRecord]]:
         """(rank, index, record) of every instance not in a terminal status."""
         out: list[tuple[int, int, StepRecord]] = []
         for r, vec in sorted(self.maps.items()):
-            for i, kept in enumerate(table_values(vec.records)):
-                if kept is None or kept[1] not in TERMINAL:
-                    out.append((r, i, vec.record(i)))
+            kept = islice(table_values(self.records), vec.base, vec.base + vec.size)
+            for i, value in enumerate(kept):
+                if value is None or value[1] not in TERMINAL:
+                    out.append((r, i, self.instance_record(r, i)))
         return out
 
     def first_with(self, statuses: frozenset[StepStatus] | tuple[StepStatus, ...]) -> str | None:
@@ -359,13 +405,12 @@ class RunState(NamedTuple):
 
         For a mapped step, that is its first instance with such a status, if any.
         """
-        for r, kept in enumerate(table_values(self.records)):
+        for r, kept in enumerate(self._steps_kept()):
             if kept[1] in statuses:
-                vec = self.maps.get(r) if self.maps else None
-                if vec is not None:
-                    for inst in table_values(vec.records):
-                        if inst is not None and inst[1] in statuses:
-                            return str(inst[0])
+                if r in self.maps:
+                    for record in self.instance_records(r):
+                        if record.status in statuses:
+                            return record.step_id
                 return str(kept[0])
         return None
 
