@@ -284,6 +284,10 @@ def test_a_resumed_run_of_a_finished_map_keeps_its_instances_records(
     done = sv.run(wf, store=store)
     assert done.status is sv.RunStatus.SUCCEEDED
     runs = dict(counter.runs)
+    with SQLiteStore(store) as kept:
+        outputs = kept.load(done.run_id).outputs
+    assert not outputs.get("score"), "a mapped step's lists are stored once, by instance"
+    assert outputs["score[1]"] == {"scores": 21}
     again = sv.resume(done.run_id, wf, store=store)
     assert counter.runs == runs
     assert list(again.steps) == list(done.steps)

@@ -336,7 +336,10 @@ class Mapped:
         node = self.state.record_at(r).with_status(status, _counts_note(len(statuses), statuses))
         if status is StepStatus.SUCCEEDED:
             outputs = _collect(self.state.instance_outputs(r), self._step(r).creates)
-            self._fx.append(SaveStep(node, outputs))
+            # Its record alone: the store holds each instance's outputs already, and a
+            # resume makes the lists again from them (see _restore_map), so a map's data
+            # is stored once, not twice.
+            self._fx.append(SaveStep(node))
             self._succeeded(r, node, outputs)
             return
         self._end_step(r, node)
@@ -364,7 +367,11 @@ class Mapped:
                 self._events.finished(self._fx, node, self._wall)
 
     def _restore_map(self, r: int, sid: str) -> None:
-        """A mapped step restored whole on resume: its instances' records come back too."""
+        """A mapped step restored whole on resume: its instances come back, and its lists.
+
+        The store keeps a mapped step's record without outputs: its lists are
+        made again here from its instances' outputs.
+        """
         records = self.plan.restored_records
         restored = self.plan.restored
         size = 0
@@ -379,6 +386,8 @@ class Mapped:
         if kept:
             self._fx.append(SaveSteps(tuple(kept)))
         self._map_runs[r] = MapRun(size, 0, None)
+        collected = _collect(self.state.instance_outputs(r), self._step(r).creates)
+        self.state = self.state.set_outputs(sid, collected)
 
 
 def _value_of(view: Visible, name: str) -> object:
