@@ -11,6 +11,8 @@ test sleeps hoping something happened.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -258,27 +260,103 @@ def test_shutdown_after_a_quick_cancel_does_not_hang(kind: str) -> None:
     executor.shutdown(wait=True)
 
 
-def test_cancel_futures_cancels_the_queued_and_stops_the_running(tmp_path: Path) -> None:
+def test_cancel_futures_cancels_the_queued_and_lets_the_running_finish(
+    tmp_path: Path, kind: str
+) -> None:
+    executor = sv.Executor(1, executor=kind)
+    running = executor.submit(calls.block, str(tmp_path), "running")
+    _started(tmp_path, "running")
+    queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    futures.wait(queued, timeout=30)
+    assert all(f.cancelled() for f in queued)
+    assert not running.done()
+    _go(tmp_path, "running")
+    executor.shutdown(wait=True)
+    assert running.result(timeout=0) == "running"
+
+
+def test_stop_running_stops_the_running_and_leaves_the_queued_to_run(tmp_path: Path) -> None:
     executor = sv.Executor(1, executor="process", kill_grace=0.5)
     running = executor.submit(calls.run_away, str(tmp_path), "running")
     pid = _started(tmp_path, "running")
     queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
-    executor.shutdown(wait=True, cancel_futures=True)
+    executor.shutdown(wait=True, stop_running=True)
+    with pytest.raises(sv.StepCancelledError, match="stop_running"):
+        running.result(timeout=0)
+    assert pid_gone(pid)
+    assert [f.result(timeout=0) for f in queued] == [i * 2 for i in range(10)]
+
+
+def test_stop_running_and_cancel_futures_end_everything(tmp_path: Path) -> None:
+    executor = sv.Executor(1, executor="process", kill_grace=0.5)
+    running = executor.submit(calls.run_away, str(tmp_path), "running")
+    pid = _started(tmp_path, "running")
+    queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
+    executor.shutdown(wait=True, cancel_futures=True, stop_running=True)
     assert all(f.cancelled() for f in queued)
     with pytest.raises(sv.StepCancelledError):
         running.result(timeout=0)
     assert pid_gone(pid)
 
 
-def test_cancel_futures_tells_a_thread_call_through_its_context(tmp_path: Path) -> None:
+def test_stop_running_tells_a_thread_call_through_its_context(tmp_path: Path) -> None:
     executor = sv.Executor(1, executor="thread")
     running = executor.submit(calls.until_stopped, str(tmp_path), "running")
     _started(tmp_path, "running")
     queued = executor.submit(calls.mul, 1, 2)
-    executor.shutdown(wait=True, cancel_futures=True)
+    executor.shutdown(wait=True, cancel_futures=True, stop_running=True)
     assert queued.cancelled()
     with pytest.raises(sv.StepCancelledError):
         running.result(timeout=0)
+
+
+def test_map_checks_chunksize_as_the_standard_library_does(kind: str) -> None:
+    with sv.Executor(1, executor=kind) as executor:
+        if kind == "process":  # ProcessPoolExecutor.map: ValueError, at the call
+            with pytest.raises(ValueError, match="chunksize must be >= 1"):
+                executor.map(abs, [1], chunksize=0)
+            with pytest.raises(ValueError, match="chunksize must be >= 1"):
+                executor.options(timeout=5).map(abs, [1], chunksize=-1)
+        else:  # ThreadPoolExecutor.map ignores it
+            assert list(executor.map(abs, [-1], chunksize=0)) == [1]
+        assert list(executor.map(abs, [-1, -2], chunksize=5)) == [1, 2]
+
+
+_AT_EXIT = """
+import sys, pathlib, stepvisor as sv
+sys.path.insert(0, {root!r})
+from tests import futures_calls as calls
+folder = {folder!r}
+ex = sv.Executor(1, executor={kind!r})
+first = ex.submit(calls.block, folder, "first")
+queued = [ex.submit(calls.mul, i, 2) for i in range(5)]
+queued[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
+def late():
+    try:
+        ex.submit(calls.mul, 1, 1)
+    except RuntimeError as exc:
+        print("late:", type(exc).__name__, exc, flush=True)
+import atexit
+atexit.register(late)
+pathlib.Path(folder, "first.go").write_text("")
+"""
+
+
+def test_calls_submitted_before_exit_finish_and_a_submit_during_exit_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    script = _AT_EXIT.format(root=root, folder=str(tmp_path), kind=kind)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "last 8",
+        "late: RuntimeError cannot schedule new futures after interpreter shutdown",
+    ]
+    assert (tmp_path / "first.started").exists()
 
 
 # -- what stepvisor adds --------------------------------------------------------------------

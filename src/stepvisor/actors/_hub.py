@@ -89,9 +89,15 @@ class CancelCall(NamedTuple):
 
 
 class CancelAll(NamedTuple):
-    """Executor -> hub: cancel every queued call and stop every running one."""
+    """Executor -> hub: cancel the queued calls, stop the running ones, or both.
+
+    One message, so that the slot a stopped call frees cannot start a queued
+    call that is being cancelled (both are handled before the slot's grant).
+    """
 
     reason: str
+    queued: bool = True
+    running: bool = False
 
 
 class Timed(NamedTuple):
@@ -242,10 +248,16 @@ class CallHub:
             self._feed(call, CancelRun(message.reason))
 
     def _on_cancel_all(self, message: CancelAll) -> None:
+        # A call has begun once it was given a Worker (``go`` is set then);
+        # until then it is queued, as in the standard library's pools.
         for call in list(self._calls.values()):
-            if not call.done:
-                if call.go is None:
+            if call.done:
+                continue
+            if call.go is None:
+                if message.queued:
                     call.link.queued_cancel()
+                    self._feed(call, CancelRun(message.reason))
+            elif message.running:
                 self._feed(call, CancelRun(message.reason))
 
     def _on_close(self, _: _Close) -> None:

@@ -257,6 +257,10 @@ class ProcessSlot:
 
     def _message(self, child: Child, spec: AttemptSpec, fn_payload: bytes, args: Args) -> bytes:
         path = None if child.sent_path == sys.path else list(sys.path)
+        authkey = None
+        if path is not None and "multiprocessing.process" in sys.modules:
+            # Without multiprocessing imported here there is no proxy to share.
+            authkey = bytes(sys.modules["multiprocessing.process"].current_process().authkey)
         meta = Attempt(
             spec.run_id,
             spec.step_id,
@@ -267,6 +271,7 @@ class ProcessSlot:
             path,
             fds=len(args.fds),
             trace=spec.trace,
+            authkey=authkey,
         )
         message = encode_message([dump_attempt(meta), fn_payload, args.blob])
         if path is not None:
