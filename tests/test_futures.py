@@ -11,6 +11,7 @@ test sleeps hoping something happened.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import threading
@@ -660,3 +661,16 @@ def test_a_mailbox_handler_that_raises_is_logged_and_the_next_message_handled(
     box.tell("bad")
     assert seen == ["next"]
     assert "mailbox handler failed" in caplog.text
+
+
+def test_max_tasks_per_child_replaces_a_process_child_after_that_many_calls() -> None:
+    with sv.Executor(1, executor="process", max_tasks_per_child=2) as executor:
+        pids = [executor.submit(os.getpid).result(timeout=30) for _ in range(5)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+    assert all(pid_gone(pid) for pid in set(pids))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_max_tasks_per_child_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(sv.InvalidSettingError, match="max_tasks_per_child"):
+        sv.Executor(1, executor="process", max_tasks_per_child=bad)  # type: ignore[arg-type]

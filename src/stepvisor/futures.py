@@ -115,6 +115,18 @@ class _Last(NamedTuple):
     payload: bytes | None
 
 
+def _check_tasks_per_child(value: int | None) -> None:
+    if value is None:
+        return
+    if not is_int(value):
+        raise InvalidSettingError(f"max_tasks_per_child must be an integer, got {value!r}")
+    if value < 1:
+        raise InvalidSettingError(
+            f"max_tasks_per_child must be >= 1, got {value}; give how many calls a "
+            "process child runs before it is replaced, or None: never"
+        )
+
+
 class Executor(concurrent.futures.Executor):
     """A ``concurrent.futures.Executor`` on a warm stepvisor engine; see the module docstring.
 
@@ -124,6 +136,8 @@ class Executor(concurrent.futures.Executor):
     attempt) and ``retry`` (a :class:`~stepvisor.RetryPolicy`; default: no
     retries) are the defaults of every call; :meth:`options` changes them for
     some calls.  ``engine=`` runs the calls on an engine you own and close.
+    ``max_tasks_per_child`` (process calls), as ``ProcessPoolExecutor``'s:
+    a child process runs that many calls, then a fresh one takes its place.
     """
 
     def __init__(
@@ -136,6 +150,7 @@ class Executor(concurrent.futures.Executor):
         kill_grace: float | None = None,
         ray_address: str | None = None,
         engine: Engine | None = None,
+        max_tasks_per_child: int | None = None,
     ) -> None:
         if max_workers is not None:
             if is_int(max_workers) and max_workers <= 0:
@@ -149,6 +164,7 @@ class Executor(concurrent.futures.Executor):
                     "give max_workers= or engine=, not both: the calls share the engine's "
                     "bound (sv.Engine(max_parallel=...))"
                 )
+        _check_tasks_per_child(max_tasks_per_child)
         self._defaults = checked(timeout, retry, executor)
         self._cfg = Settled.of(
             resolve(
@@ -179,7 +195,12 @@ class Executor(concurrent.futures.Executor):
             if self._owns_engine:
                 self._engine.close()
             raise
-        self._hub = CallHub(pool=self._engine.pool, clock=RealClock(), exclusive=self._owns_engine)
+        self._hub = CallHub(
+            pool=self._engine.pool,
+            clock=RealClock(),
+            exclusive=self._owns_engine,
+            child_calls=max_tasks_per_child,
+        )
         with _exit_lock:
             _live.add(self)  # made once the exit began, it only refuses calls (as the stdlib's)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing.util
 import re
+import sys
 import types
 import unittest
 from typing import Any
@@ -123,7 +124,8 @@ def test_each_excluded_test_reads_a_private_attribute_of_the_pools(name: str) ->
         for cls in vars(module).values()
         if isinstance(cls, type) and name in vars(cls)
     ]
-    assert sources, f"{name} is not in the suite: drop it from EXCLUDED"
+    if not sources:  # EXCLUDED covers the suites of 3.11 and 3.13: some tests are in one
+        pytest.skip(f"{name} is not in Python {sys.version_info[0]}.{sys.version_info[1]}'s suite")
     pattern = "|".join(re.escape(a) for a in adapter.EXCLUDED[name].split("|"))
     for source in sources:
         assert re.search(pattern, source), f"{name} reads none of {adapter.EXCLUDED[name]}"

@@ -114,8 +114,17 @@ class _Close(NamedTuple):
 class CallHub:
     """Carries out the effects of the run machines of many calls, one message at a time."""
 
-    def __init__(self, *, pool: WorkerPool, clock: Clock, exclusive: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        pool: WorkerPool,
+        clock: Clock,
+        exclusive: bool = False,
+        child_calls: int | None = None,
+    ) -> None:
         self._pool = pool
+        #: Every attempt's ``AttemptSpec.child_calls`` (the executor's ``max_tasks_per_child``).
+        self._child_calls = child_calls
         self._clock = clock
         self._closed = False
         #: The pool serves this hub alone (the executor's own engine): a lease a
@@ -406,6 +415,7 @@ class CallHub:
             fn_payload=call.fn_payload,
             params=call.params,
             deadline=None if budget is None else time.monotonic() + budget,
+            child_calls=self._child_calls,
         )
         call.controls[spec.attempt] = control
         worker = self._pool.attach(call.workers[slot])

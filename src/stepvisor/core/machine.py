@@ -388,6 +388,7 @@ class RunMachine(Settling):
                 self._payloads.get(sid) if self._payloads else None,
                 step.resources,
                 None,
+                None,
             ),
         )
         executor = self.plan.executors[r]

@@ -338,7 +338,7 @@ class ProcessSlot:
         pending = child.send_some(memoryview(message)) if message else memoryview(message)
         if pending:
             child.poller.register(child.cmd_w, select.POLLOUT)
-        else:
+        elif spec.child_calls is None:  # a child with a bound takes one attempt at a time
             self._send_ahead(child, following)  # never interleaved with a part-sent message
         try:
             reply = self._await_reply(child, spec, control, pending)
@@ -380,6 +380,10 @@ class ProcessSlot:
         if child.has_exited():  # it replied, then died: keep the reply, replace the child
             log.warning("worker process %s died right after replying; replacing it", child.pid)
             self._retire(child, respawn=True)
+            return result
+        child.calls += 1
+        if spec.child_calls is not None and child.calls >= spec.child_calls:
+            self._retire(child, respawn=True)  # idle now: nothing of an attempt is lost
         return result
 
     def _end_of_child(
