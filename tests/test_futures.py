@@ -29,7 +29,7 @@ from stepvisor._invoke import RESULT, Invoke
 from stepvisor.actors._call import CARRIED_OUT
 from stepvisor.actors._hub import CallHub
 from stepvisor.actors._mailbox import Mailbox
-from stepvisor.backends.base import AttemptResult
+from stepvisor.backends.base import AttemptResult, AttemptSpec
 from stepvisor.config import resolve
 from stepvisor.core.effects import Dispatch, Finish, SetTimer
 from stepvisor.core.messages import AttemptDone, SlotReady, Start
@@ -674,3 +674,36 @@ def test_max_tasks_per_child_replaces_a_process_child_after_that_many_calls() ->
 def test_max_tasks_per_child_must_be_a_positive_integer(bad: object) -> None:
     with pytest.raises(sv.InvalidSettingError, match="max_tasks_per_child"):
         sv.Executor(1, executor="process", max_tasks_per_child=bad)  # type: ignore[arg-type]
+
+
+def test_the_hub_builds_a_calls_spec_in_the_order_of_its_fields() -> None:
+    # actors/_hub.py builds AttemptSpec with tuple.__new__, by position.
+    assert AttemptSpec._fields == (
+        "run_id",
+        "step_id",
+        "attempt",
+        "max_attempts",
+        "fn",
+        "is_async",
+        "inputs",
+        "params",
+        "deadline",
+        "kill_grace",
+        "fn_payload",
+        "resources",
+        "trace",
+        "child_calls",
+    )
+
+
+def test_calls_queued_behind_a_full_executor_start_in_the_order_submitted(tmp_path: Path) -> None:
+    order: list[int] = []
+    with sv.Executor(1) as executor:
+        first = executor.submit(calls.block, str(tmp_path), "first")
+        _started(tmp_path, "first")
+        queued = [executor.submit(order.append, i) for i in range(50)]
+        queued[10].cancel()
+        _go(tmp_path, "first")
+        futures.wait([first, *queued], timeout=30)
+    assert order == [i for i in range(50) if i != 10]
+    assert queued[10].cancelled()

@@ -77,6 +77,7 @@ from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSave
 
 __all__ = ["CallHub", "CancelAll", "CancelCall"]
 
+_new: Final = tuple.__new__
 #: The key of a first attempt's deadline timer until its call has a machine.
 _FIRST_DEADLINE: Final[TimerKey] = ("first attempt", "deadline")
 
@@ -111,6 +112,10 @@ class _Close(NamedTuple):
     pass
 
 
+def _refuse(lease: Lease) -> None:  # pragma: no cover - see _abandon_slot
+    raise RuntimeError("an exclusive pool queued a lease request of its hub")
+
+
 class CallHub:
     """Carries out the effects of the run machines of many calls, one message at a time."""
 
@@ -132,6 +137,10 @@ class CallHub:
         #: with its Worker, while no one can be waiting for one.
         self._exclusive = exclusive
         self._spare: list[Lease] = []
+        #: Exclusive pool only: the slots waiting for a lease, in the order they
+        #: asked, each handed the lease a call gives back, its Worker attached
+        #: (the pool's own queue costs a lock, a message and a Worker swap per call).
+        self._queued: deque[tuple[HubCall, str]] = deque()
         self._mailbox = mailbox = Mailbox(self._handle)
         #: Deliver a message (any thread); the Workers reply to the mailbox too.
         self.tell = mailbox.tell
@@ -220,10 +229,11 @@ class CallHub:
                     timer.cancel()
                 call.timers.clear()
             del self._slots[message.worker]
-            self._give_back(call.workers.pop(slot))
             del self._calls[call.key]
             outputs = message.result.outputs or {}
             self._after(lambda: call.link.end_ok(outputs))
+            self._give_back(call.workers.pop(slot))  # may start the next call queued
+            self._run_pending()
             return
         self._feed(call, message._replace(worker=slot))
 
@@ -334,6 +344,11 @@ class CallHub:
         if self._spare:
             self._bind(call, effect.slot, self._spare.pop())
             return
+        if self._exclusive:
+            pool = self._pool
+            if pool.taken >= pool.capacity:  # only this hub takes leases from it
+                self._queued.append((call, effect.slot))
+                return
         tell = self.tell
 
         def deliver(lease: Lease) -> None:
@@ -359,15 +374,39 @@ class CallHub:
 
     def _give_back(self, lease: Lease) -> None:
         pool = self._pool
-        # Nobody waits for a lease while some are not taken (the pool queues a
-        # request only when all are), so keeping this one takes it from no one.
-        if self._exclusive and not self._closed and pool.taken < pool.capacity:
-            self._spare.append(lease)
-        else:
-            pool.give_back(lease)
+        if self._exclusive and not self._closed:
+            queued = self._next_queued()
+            if queued is not None:  # the next call waiting takes it, Worker and all
+                self._bind(queued[0], queued[1], lease)
+                return
+            # Nobody waits for a lease while some are not taken (the pool queues a
+            # request only when all are), so keeping this one takes it from no one.
+            if pool.taken < pool.capacity:
+                self._spare.append(lease)
+                return
+        pool.give_back(lease)
+
+    def _next_queued(self) -> tuple[HubCall, str] | None:
+        """The oldest slot still waiting for a lease (a call that ended waits no more)."""
+        queued = self._queued
+        while queued:
+            entry = queued.popleft()
+            call, slot = entry
+            if not call.done and slot not in call.workers:
+                return entry
+        return None
 
     def _abandon_slot(self, call: HubCall, effect: AbandonSlot) -> None:
         self._pool.abandon(call.workers[effect.slot])
+        pool = self._pool
+        if self._exclusive and not self._closed and pool.taken < pool.capacity:
+            # Its capacity is free again: the next slot waiting takes a fresh lease
+            # (at once: the pool serves this hub alone, so it has one).
+            queued = self._next_queued()
+            if queued is not None:
+                lease = pool.lease(queued[0], _refuse)
+                if lease is not None:
+                    self._bind(queued[0], queued[1], lease)
 
     def _retire_slot(self, call: HubCall, effect: RetireSlot) -> None:
         self._slots.pop(f"{call.key}/{effect.slot}", None)
@@ -409,18 +448,33 @@ class CallHub:
             if not call.refused:
                 call.refused = True
                 self._then(call, CancelRun("its future was cancelled"))
-        spec = spec._replace(
-            run_id=call.key,
-            fn=call.fn,
-            fn_payload=call.fn_payload,
-            params=call.params,
-            deadline=None if budget is None else time.monotonic() + budget,
-            child_calls=self._child_calls,
+        # The plan's spec with the call's own run id, function and arguments;
+        # tuple.__new__ rather than _replace (a third of the cost): one per call.
+        spec = _new(
+            AttemptSpec,
+            (
+                call.key,
+                spec.step_id,
+                spec.attempt,
+                spec.max_attempts,
+                call.fn,
+                spec.is_async,
+                spec.inputs,
+                call.params,
+                None if budget is None else time.monotonic() + budget,
+                spec.kill_grace,
+                call.fn_payload,
+                spec.resources,
+                spec.trace,
+                self._child_calls,
+            ),
         )
         call.controls[spec.attempt] = control
         worker = self._pool.attach(call.workers[slot])
         # The Worker replies to the mailbox: the outcome is handled on its thread.
-        worker.tell(RunAttempt(spec, control, executor, f"{call.key}/{slot}", self._mailbox))
+        worker.tell(
+            _new(RunAttempt, (spec, control, executor, f"{call.key}/{slot}", self._mailbox, False))
+        )
 
     def _stop_attempt(self, call: HubCall, effect: StopAttempt) -> None:
         control = call.controls.get(effect.attempt)
