@@ -26,7 +26,7 @@ import pytest
 import stepvisor as sv
 from stepvisor._calls import Calls, Settled, checked
 from stepvisor._invoke import RESULT, Invoke
-from stepvisor.actors._call import CARRIED_OUT
+from stepvisor.actors._call import CARRIED_OUT, NO_TIMERS
 from stepvisor.actors._hub import CallHub
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.backends.base import AttemptResult, AttemptSpec
@@ -707,3 +707,12 @@ def test_calls_queued_behind_a_full_executor_start_in_the_order_submitted(tmp_pa
         futures.wait([first, *queued], timeout=30)
     assert order == [i for i in range(50) if i != 10]
     assert queued[10].cancelled()
+
+
+def test_calls_with_timeouts_leave_the_shared_empty_timers_empty(tmp_path: Path) -> None:
+    with sv.Executor(2) as executor:
+        timed = [executor.options(timeout=30).submit(calls.mul, i, 2) for i in range(5)]
+        plain = [executor.submit(calls.mul, i, 3) for i in range(5)]
+        futures.wait([*timed, *plain], timeout=30)
+    assert [f.result() for f in timed] == [i * 2 for i in range(5)]
+    assert NO_TIMERS == {}

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._log import log
-from stepvisor.actors._call import CARRIED_OUT, FirstAttempt, HubCall
+from stepvisor.actors._call import CARRIED_OUT, NO_TIMERS, FirstAttempt, HubCall
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import RunAttempt, SlotGranted
@@ -491,7 +491,10 @@ class CallHub:
             tell(timed)
 
         delay = max(0.0, due - self._clock.monotonic())
-        call.timers[key] = self._clock.call_later(delay, fire)
+        timers = call.timers
+        if timers is NO_TIMERS:
+            timers = call.timers = {}
+        timers[key] = self._clock.call_later(delay, fire)
 
     def _cancel_timer(self, call: HubCall, effect: CancelTimer) -> None:
         timer = call.timers.pop(effect.key, None)
