@@ -716,3 +716,25 @@ def test_calls_with_timeouts_leave_the_shared_empty_timers_empty(tmp_path: Path)
         futures.wait([*timed, *plain], timeout=30)
     assert [f.result() for f in timed] == [i * 2 for i in range(5)]
     assert NO_TIMERS == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_queued_process_calls_go_to_a_worker_a_few_at_a_time_thread_calls_one_by_one(
+    tmp_path: Path, kind: str
+) -> None:
+    with sv.Executor(1, executor=kind) as executor:
+        first = executor.submit(calls.block, str(tmp_path), "a")
+        _started(tmp_path, "a")
+        second = executor.submit(calls.block, str(tmp_path), "b")
+        rest = [executor.submit(calls.mul, i, 2) for i in range(5)]
+        _go(tmp_path, "a")
+        _started(tmp_path, "b")
+        # Process calls: the three behind "b" went with it, to be sent ahead into
+        # the child's pipe (running, as in ProcessPoolExecutor's call queue).
+        with_it = 3 if kind == "process" else 0
+        assert [f.running() for f in rest] == [True] * with_it + [False] * (5 - with_it)
+        assert [f.cancel() for f in rest] == [False] * with_it + [True] * (5 - with_it)
+        _go(tmp_path, "b")
+        assert first.result(timeout=30) == "a"
+        assert second.result(timeout=30) == "b"
+        assert [f.result(timeout=30) for f in rest[:with_it]] == [0, 2, 4][:with_it]

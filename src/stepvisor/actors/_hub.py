@@ -54,7 +54,7 @@ from stepvisor._log import log
 from stepvisor.actors._call import CARRIED_OUT, NO_TIMERS, FirstAttempt, HubCall
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
-from stepvisor.actors.messages import RunAttempt, SlotGranted
+from stepvisor.actors.messages import RunAttempt, RunBatch, SlotGranted
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.clock import Clock
 from stepvisor.context import AttemptControl
@@ -112,6 +112,22 @@ class _Close(NamedTuple):
     pass
 
 
+#: At most this many queued process calls are handed to one Worker at once.
+_TRAIN: Final = 4
+
+
+def _trainable(call: HubCall) -> bool:
+    """A call whose first attempt may wait in a Worker's batch (see ``CallHub._train``)."""
+    first = call.first
+    return (
+        first is not None
+        and call.machine is None
+        and call.go is None
+        and call.executor == "process"
+        and first.order.budget is None
+    )
+
+
 def _refuse(lease: Lease) -> None:  # pragma: no cover - see _abandon_slot
     raise RuntimeError("an exclusive pool queued a lease request of its hub")
 
@@ -141,6 +157,8 @@ class CallHub:
         #: asked, each handed the lease a call gives back, its Worker attached
         #: (the pool's own queue costs a lock, a message and a Worker swap per call).
         self._queued: deque[tuple[HubCall, str]] = deque()
+        #: The leases of trains (see :meth:`_train`): how many of its calls hold each.
+        self._riding: dict[Lease, int] = {}
         self._mailbox = mailbox = Mailbox(self._handle)
         #: Deliver a message (any thread); the Workers reply to the mailbox too.
         self.tell = mailbox.tell
@@ -374,10 +392,17 @@ class CallHub:
 
     def _give_back(self, lease: Lease) -> None:
         pool = self._pool
+        riding = self._riding.get(lease)
+        if riding is not None:  # a train's: it is free once the last of its calls is done
+            if riding > 1:
+                self._riding[lease] = riding - 1
+                return
+            del self._riding[lease]
         if self._exclusive and not self._closed:
             queued = self._next_queued()
             if queued is not None:  # the next call waiting takes it, Worker and all
-                self._bind(queued[0], queued[1], lease)
+                if not self._train(queued[0], queued[1], lease):
+                    self._bind(queued[0], queued[1], lease)
                 return
             # Nobody waits for a lease while some are not taken (the pool queues a
             # request only when all are), so keeping this one takes it from no one.
@@ -433,13 +458,65 @@ class CallHub:
             self._start_timer(call, _FIRST_DEADLINE, now + order.budget, first.timer)
         self._send(call, slot, order.spec, order.executor, order.budget)
 
+    # -- trains: process calls queued, handed to one Worker together ----------------------
+
+    def _train(self, head: HubCall, slot: str, lease: Lease) -> bool:
+        """Start ``head`` and the next calls queued on ``lease`` at once; False if it may not.
+
+        A process Worker sends the attempts of a batch ahead into its child's
+        pipe, so the child starts each the moment it replied to the one before,
+        instead of idling through a round trip to the hub per call.  Only for
+        first attempts of process calls with no timeout (a deadline would start
+        while the call waits behind the others) and not cancelled; their futures
+        say running once handed over, as ``ProcessPoolExecutor``'s do once in
+        its call queue.  The lease is given back when the last of them is done.
+        """
+        if not _trainable(head) or not self._queued or not _trainable(self._queued[0][0]):
+            return False
+        members = [(head, slot)]
+        queued = self._queued
+        while queued and len(members) < _TRAIN:
+            call, member_slot = queued[0]
+            if call.done or member_slot in call.workers:
+                queued.popleft()
+                continue
+            if not _trainable(call):
+                break
+            queued.popleft()
+            members.append((call, member_slot))
+        messages = []
+        for call, member_slot in members:
+            call.workers[member_slot] = lease
+            if not self._may_run(call):  # cancelled while it waited: not in the train
+                del call.workers[member_slot]
+                queued.appendleft((call, member_slot))
+                continue
+            clock = self._clock
+            call.ready_at = (clock.monotonic(), clock.wall())
+            order = cast("FirstAttempt", call.first).order
+            messages.append(self._order(call, member_slot, order.spec, order.executor, None))
+        if not messages:  # every one was cancelled: the lease goes on as usual
+            return False
+        self._riding[lease] = len(messages)
+        worker = self._pool.attach(lease)
+        worker.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
+        return True
+
     def _dispatch(self, call: HubCall, effect: Dispatch) -> None:
         for order in effect.orders:
             self._send(call, effect.slot, order.spec, order.executor, order.budget)
 
-    def _send(  # one RunAttempt, never a batch: its outcome comes back as one AttemptDone
+    def _send(  # one RunAttempt: its outcome comes back as one AttemptDone
         self, call: HubCall, slot: str, spec: AttemptSpec, executor: str, budget: float | None
     ) -> None:
+        worker = self._pool.attach(call.workers[slot])
+        # The Worker replies to the mailbox: the outcome is handled on its thread.
+        worker.tell(self._order(call, slot, spec, executor, budget))
+
+    def _order(
+        self, call: HubCall, slot: str, spec: AttemptSpec, executor: str, budget: float | None
+    ) -> RunAttempt:
+        """The message of one attempt of ``call`` (its control kept, to stop it)."""
         control = AttemptControl()
         if not self._may_run(call):
             # Cancelled while it waited for a Worker: the guard stops it before
@@ -470,11 +547,10 @@ class CallHub:
             ),
         )
         call.controls[spec.attempt] = control
-        worker = self._pool.attach(call.workers[slot])
-        # The Worker replies to the mailbox: the outcome is handled on its thread.
-        worker.tell(
-            _new(RunAttempt, (spec, control, executor, f"{call.key}/{slot}", self._mailbox, False))
+        message: RunAttempt = _new(
+            RunAttempt, (spec, control, executor, f"{call.key}/{slot}", self._mailbox, False)
         )
+        return message
 
     def _stop_attempt(self, call: HubCall, effect: StopAttempt) -> None:
         control = call.controls.get(effect.attempt)
