@@ -38,6 +38,8 @@ __all__ = [
     "NO_TIMERS",
     "CallLink",
     "CallPlan",
+    "CancelAll",
+    "CancelCall",
     "FirstAttempt",
     "HubCall",
     "first_attempt",
@@ -53,6 +55,25 @@ CARRIED_OUT: Final = frozenset(
 
 #: The ``timers`` of every call that has none (never written to).
 NO_TIMERS: Final[dict[TimerKey, TimerHandle]] = {}
+
+
+class CancelCall(NamedTuple):
+    """Executor -> hub: the call's future was cancelled; stop the call."""
+
+    key: str
+    reason: str
+
+
+class CancelAll(NamedTuple):
+    """Executor -> hub: cancel the queued calls, stop the running ones, or both.
+
+    One message, so that the slot a stopped call frees cannot start a queued
+    call that is being cancelled (both are handled before the slot's grant).
+    """
+
+    reason: str
+    queued: bool = True
+    running: bool = False
 
 
 class FirstAttempt(NamedTuple):

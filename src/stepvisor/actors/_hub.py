@@ -34,6 +34,11 @@ out already, so they are only matched up: the slot, the deadline timer), and
 hands it the message: every decision that can differ between calls is still
 the machine's.
 
+**Leases, on the executor's own engine.**  The hub queues the calls waiting for
+a Worker itself, hands each the lease a finishing call gives back, and gives
+a Worker queued process calls a few at a time, to be sent ahead into its
+child's pipe (:mod:`stepvisor.actors._leases`, :meth:`CallHub._train`).
+
 What differs from a Supervisor: there is no store (an Executor's calls are not
 durable: ``BeginRun``, ``Save*`` and ``FinishRun`` are skipped), no event hook,
 no heartbeat; and the attempt's function and arguments are the call's, put into
@@ -51,7 +56,15 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._log import log
-from stepvisor.actors._call import CARRIED_OUT, NO_TIMERS, FirstAttempt, HubCall
+from stepvisor.actors._call import (
+    CARRIED_OUT,
+    NO_TIMERS,
+    CancelAll,
+    CancelCall,
+    FirstAttempt,
+    HubCall,
+)
+from stepvisor.actors._leases import HubLeases
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import RunAttempt, RunBatch, SlotGranted
@@ -82,25 +95,6 @@ _new: Final = tuple.__new__
 _FIRST_DEADLINE: Final[TimerKey] = ("first attempt", "deadline")
 
 
-class CancelCall(NamedTuple):
-    """Executor -> hub: the call's future was cancelled; stop the call."""
-
-    key: str
-    reason: str
-
-
-class CancelAll(NamedTuple):
-    """Executor -> hub: cancel the queued calls, stop the running ones, or both.
-
-    One message, so that the slot a stopped call frees cannot start a queued
-    call that is being cancelled (both are handled before the slot's grant).
-    """
-
-    reason: str
-    queued: bool = True
-    running: bool = False
-
-
 class Timed(NamedTuple):
     """Clock -> hub: a timer one call's machine set has fired."""
 
@@ -110,22 +104,6 @@ class Timed(NamedTuple):
 
 class _Close(NamedTuple):
     pass
-
-
-#: At most this many queued process calls are handed to one Worker at once.
-_TRAIN: Final = 4
-
-
-def _trainable(call: HubCall) -> bool:
-    """A call whose first attempt may wait in a Worker's batch (see ``CallHub._train``)."""
-    first = call.first
-    return (
-        first is not None
-        and call.machine is None
-        and call.go is None
-        and call.executor == "process"
-        and first.order.budget is None
-    )
 
 
 def _refuse(lease: Lease) -> None:  # pragma: no cover - see _abandon_slot
@@ -152,13 +130,9 @@ class CallHub:
         #: call is done with is kept for the next call rather than given back,
         #: with its Worker, while no one can be waiting for one.
         self._exclusive = exclusive
-        self._spare: list[Lease] = []
-        #: Exclusive pool only: the slots waiting for a lease, in the order they
-        #: asked, each handed the lease a call gives back, its Worker attached
-        #: (the pool's own queue costs a lock, a message and a Worker swap per call).
-        self._queued: deque[tuple[HubCall, str]] = deque()
-        #: The leases of trains (see :meth:`_train`): how many of its calls hold each.
-        self._riding: dict[Lease, int] = {}
+        #: Exclusive pool only: spare leases, the slots waiting for one (each
+        #: handed the lease a call gives back, Worker attached) and the trains.
+        self._leases = HubLeases()
         self._mailbox = mailbox = Mailbox(self._handle)
         #: Deliver a message (any thread); the Workers reply to the mailbox too.
         self.tell = mailbox.tell
@@ -299,7 +273,7 @@ class CallHub:
 
     def _on_close(self, _: _Close) -> None:
         self._closed = True
-        spare, self._spare = self._spare, []
+        spare, self._leases.spare = self._leases.spare, []
         for lease in spare:
             self._pool.give_back(lease)
 
@@ -359,13 +333,13 @@ class CallHub:
         wire = f"{call.key}/{effect.slot}"
         self._slots[wire] = (call, effect.slot)
         call.slots.append(effect.slot)
-        if self._spare:
-            self._bind(call, effect.slot, self._spare.pop())
+        if self._leases.spare:
+            self._bind(call, effect.slot, self._leases.spare.pop())
             return
         if self._exclusive:
             pool = self._pool
             if pool.taken >= pool.capacity:  # only this hub takes leases from it
-                self._queued.append((call, effect.slot))
+                self._leases.wait(call, effect.slot)
                 return
         tell = self.tell
 
@@ -392,14 +366,11 @@ class CallHub:
 
     def _give_back(self, lease: Lease) -> None:
         pool = self._pool
-        riding = self._riding.get(lease)
-        if riding is not None:  # a train's: it is free once the last of its calls is done
-            if riding > 1:
-                self._riding[lease] = riding - 1
-                return
-            del self._riding[lease]
+        leases = self._leases
+        if not leases.off(lease):  # a train's, and some of its calls are not done
+            return
         if self._exclusive and not self._closed:
-            queued = self._next_queued()
+            queued = leases.next()
             if queued is not None:  # the next call waiting takes it, Worker and all
                 if not self._train(queued[0], queued[1], lease):
                     self._bind(queued[0], queued[1], lease)
@@ -407,19 +378,9 @@ class CallHub:
             # Nobody waits for a lease while some are not taken (the pool queues a
             # request only when all are), so keeping this one takes it from no one.
             if pool.taken < pool.capacity:
-                self._spare.append(lease)
+                leases.spare.append(lease)
                 return
         pool.give_back(lease)
-
-    def _next_queued(self) -> tuple[HubCall, str] | None:
-        """The oldest slot still waiting for a lease (a call that ended waits no more)."""
-        queued = self._queued
-        while queued:
-            entry = queued.popleft()
-            call, slot = entry
-            if not call.done and slot not in call.workers:
-                return entry
-        return None
 
     def _abandon_slot(self, call: HubCall, effect: AbandonSlot) -> None:
         self._pool.abandon(call.workers[effect.slot])
@@ -427,7 +388,7 @@ class CallHub:
         if self._exclusive and not self._closed and pool.taken < pool.capacity:
             # Its capacity is free again: the next slot waiting takes a fresh lease
             # (at once: the pool serves this hub alone, so it has one).
-            queued = self._next_queued()
+            queued = self._leases.next()
             if queued is not None:
                 lease = pool.lease(queued[0], _refuse)
                 if lease is not None:
@@ -465,39 +426,29 @@ class CallHub:
 
         A process Worker sends the attempts of a batch ahead into its child's
         pipe, so the child starts each the moment it replied to the one before,
-        instead of idling through a round trip to the hub per call.  Only for
-        first attempts of process calls with no timeout (a deadline would start
-        while the call waits behind the others) and not cancelled; their futures
-        say running once handed over, as ``ProcessPoolExecutor``'s do once in
-        its call queue.  The lease is given back when the last of them is done.
+        instead of idling through a round trip to the hub per call.  Only first
+        attempts of process calls with no timeout, not cancelled
+        (:func:`~stepvisor.actors._leases.trainable`); their futures say running
+        once handed over, as ``ProcessPoolExecutor``'s do once in its call
+        queue.  The lease is given back when the last of them is done.
         """
-        if not _trainable(head) or not self._queued or not _trainable(self._queued[0][0]):
+        behind = self._leases.train_behind(head)
+        if not behind:
             return False
-        members = [(head, slot)]
-        queued = self._queued
-        while queued and len(members) < _TRAIN:
-            call, member_slot = queued[0]
-            if call.done or member_slot in call.workers:
-                queued.popleft()
-                continue
-            if not _trainable(call):
-                break
-            queued.popleft()
-            members.append((call, member_slot))
         messages = []
-        for call, member_slot in members:
-            call.workers[member_slot] = lease
+        clock = self._clock
+        for call, member in [(head, slot), *behind]:
+            call.workers[member] = lease
             if not self._may_run(call):  # cancelled while it waited: not in the train
-                del call.workers[member_slot]
-                queued.appendleft((call, member_slot))
+                del call.workers[member]
+                self._leases.put_back(call, member)
                 continue
-            clock = self._clock
             call.ready_at = (clock.monotonic(), clock.wall())
             order = cast("FirstAttempt", call.first).order
-            messages.append(self._order(call, member_slot, order.spec, order.executor, None))
+            messages.append(self._order(call, member, order.spec, order.executor, None))
         if not messages:  # every one was cancelled: the lease goes on as usual
             return False
-        self._riding[lease] = len(messages)
+        self._leases.ride(lease, len(messages))
         worker = self._pool.attach(lease)
         worker.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
         return True
