@@ -182,6 +182,8 @@ class Executor(concurrent.futures.Executor):
         self._idle = threading.Condition(self._lock)
         self._seq = 0
         self._outstanding = 0
+        #: Made once: a bound method per call is one more object for the cyclic GC.
+        self._ended = self._call_ended
         self._shutdown = False
         self._closed = threading.Event()
         self._connected: set[str] = set()
@@ -305,7 +307,7 @@ class Executor(concurrent.futures.Executor):
             fn=invoke,
             fn_payload=payload,
             params=params,
-            link=Link(future, invoke, params, ended=self._call_ended),
+            link=Link(future, invoke, params, ended=self._ended),
         )
         future.sv_tell, future.sv_key = self._hub.tell, key
         self._hub.submit(call)

@@ -331,7 +331,7 @@ class CallHub:
 
     def _add_slot(self, call: HubCall, effect: AddSlot) -> None:
         wire = f"{call.key}/{effect.slot}"
-        self._slots[wire] = (call, effect.slot)
+        entry = self._slots[wire] = (call, effect.slot)
         call.slots.append(effect.slot)
         if self._leases.spare:
             self._bind(call, effect.slot, self._leases.spare.pop())
@@ -339,7 +339,7 @@ class CallHub:
         if self._exclusive:
             pool = self._pool
             if pool.taken >= pool.capacity:  # only this hub takes leases from it
-                self._leases.wait(call, effect.slot)
+                self._leases.wait(entry)
                 return
         tell = self.tell
 

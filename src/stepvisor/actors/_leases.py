@@ -52,9 +52,9 @@ class HubLeases:
         self._queued: deque[tuple[HubCall, str]] = deque()
         self._riding: dict[Lease, int] = {}
 
-    def wait(self, call: HubCall, slot: str) -> None:
-        """``call``'s ``slot`` waits for a lease, behind those before it."""
-        self._queued.append((call, slot))
+    def wait(self, entry: tuple[HubCall, str]) -> None:
+        """A call's slot, ``(call, slot)``, waits for a lease behind those before it."""
+        self._queued.append(entry)
 
     def next(self) -> tuple[HubCall, str] | None:
         """The oldest slot still waiting, taken off the queue (a call that ended waits no more)."""
