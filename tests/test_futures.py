@@ -738,3 +738,34 @@ def test_queued_process_calls_go_to_a_worker_a_few_at_a_time_thread_calls_one_by
         assert first.result(timeout=30) == "a"
         assert second.result(timeout=30) == "b"
         assert [f.result(timeout=30) for f in rest[:with_it]] == [0, 2, 4][:with_it]
+
+
+_DROPPED = """
+import gc, sys
+sys.path.insert(0, {root!r})
+import stepvisor as sv
+from tests import futures_calls as calls
+
+def work():
+    ex = sv.Executor(1, executor={kind!r})
+    for i in range(6):
+        ex.submit(calls.started, {folder!r}, f"call{{i}}")
+
+work()  # the executor is dropped with its calls queued
+gc.collect()
+"""
+
+
+def test_an_executor_dropped_with_calls_queued_still_finishes_them_at_exit(
+    tmp_path: Path, kind: str
+) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    script = _DROPPED.format(root=root, folder=str(tmp_path), kind=kind)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert not done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.started")) == [
+        f"call{i}.started" for i in range(6)
+    ]

@@ -68,9 +68,10 @@ __all__ = ["CallOptions", "Executor"]
 #: At most this many functions' pickles and plans are kept (a map uses one).
 _CACHE_SIZE: Final = 256
 
-#: The executors that may still have calls to finish (weak: one that is
-#: collected has none, as a call holds its executor until it ends).
-_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+#: The executors not closed yet, held until they are (as the standard library's
+#: are, by their threads): one the program dropped with calls queued still
+#: finishes them at exit, and its processes go with it.
+_live: set[Executor] = set()
 _exit_lock = threading.Lock()
 #: Set once the interpreter has begun to exit: no call is taken after that.
 _exiting = False
