@@ -391,6 +391,7 @@ class RunMachine(Mapped, Settling):
                 self._payloads.get(sid) if self._payloads else None,
                 step.resources,
                 None,
+                None,
             ),
         )
         executor = self.plan.executors[r]
