@@ -1,0 +1,99 @@
+"""Loading joblib's installed ``test_parallel`` module with "stepvisor" in its backend lists."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+import types
+from typing import Any
+
+import pytest
+
+#: The parametrize argument names that take a backend.
+BACKEND_ARGS = ("backend", "parent_backend", "child_backend", "outer_backend", "inner_backend")
+MODULE = "joblib.test.test_parallel"
+
+
+def _marks(obj: object) -> list[Any]:
+    marks = getattr(obj, "pytestmark", [])
+    return marks if isinstance(marks, list) else [marks]
+
+
+def _add_stepvisor(mark: Any) -> None:
+    """Append "stepvisor" to a backend parametrization list that names "loky" (in place)."""
+    if mark.name != "parametrize" or len(mark.args) < 2:
+        return
+    names = mark.args[0]
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    values = mark.args[1]
+    if not any(name in BACKEND_ARGS for name in names) or not isinstance(values, list):
+        return
+    if "loky" in values and "stepvisor" not in values:
+        values.append("stepvisor")
+
+
+def load_joblib_tests() -> dict[str, Any]:
+    """The test functions of joblib's installed ``test_parallel``, "stepvisor" in their lists."""
+    try:
+        import joblib  # noqa: F401
+    except ImportError as exc:  # the test extra installs it: its absence is a broken setup
+        raise RuntimeError("joblib is not installed; run make venv (the test extra)") from exc
+    import multiprocessing.resource_tracker
+
+    import stepvisor.joblib
+
+    stepvisor.joblib.register()
+    # joblib's tests start multiprocessing Managers, whose temporary directory
+    # lives until exit: made now, before any test, it is not one test's leftover
+    # (and it goes with the session's temporary directory).
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    config.setdefault("tempdir", tempfile.mkdtemp(prefix="pymp-"))
+    # The same for the resource trackers of multiprocessing and of loky: one
+    # process each for the whole session, started by whichever test first
+    # needs it (several of joblib's tests use loky whatever their parameter).
+    from joblib.externals.loky.backend import resource_tracker as loky_tracker
+
+    multiprocessing.resource_tracker.ensure_running()
+    loky_tracker.ensure_running()
+    if MODULE in sys.modules:
+        module = sys.modules[MODULE]
+    else:
+        try:
+            module = importlib.import_module(MODULE)
+        except ImportError as exc:
+            raise RuntimeError(
+                f"{MODULE} is not installed: this joblib wheel does not ship its tests"
+            ) from exc
+    found: dict[str, Any] = {}
+    for name, obj in vars(module).items():
+        if name.startswith("test_") and isinstance(obj, types.FunctionType):
+            for mark in _marks(obj):
+                _add_stepvisor(mark)
+            found[name] = obj
+    return found
+
+
+def involves(value: object, names: tuple[str, ...]) -> bool:
+    """Whether a backend parameter is of a kind in ``names``: its name, an instance, a subclass.
+
+    (joblib's suite registers ``back_compat_backend``, a loky backend by another name.)
+    """
+    from joblib._parallel_backends import LokyBackend, MultiprocessingBackend
+    from joblib.parallel import BACKENDS
+
+    from stepvisor.joblib import StepvisorBackend
+
+    kinds = {
+        "stepvisor": StepvisorBackend,
+        "loky": LokyBackend,
+        "multiprocessing": MultiprocessingBackend,
+    }
+    wanted = tuple(kinds[name] for name in names)
+    if isinstance(value, str):
+        cls = BACKENDS.get(value)
+        return isinstance(cls, type) and issubclass(cls, wanted)
+    return isinstance(value, wanted)
+
+
+__all__ = ["BACKEND_ARGS", "involves", "load_joblib_tests", "pytest"]
