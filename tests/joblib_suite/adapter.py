@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-import tempfile
 import types
 from typing import Any
 
 import pytest
+
+from tests import joblib_loky
 
 #: The parametrize argument names that take a backend.
 BACKEND_ARGS = ("backend", "parent_backend", "child_backend", "outer_backend", "inner_backend")
@@ -39,23 +40,13 @@ def load_joblib_tests() -> dict[str, Any]:
         import joblib  # noqa: F401
     except ImportError as exc:  # the test extra installs it: its absence is a broken setup
         raise RuntimeError("joblib is not installed; run make venv (the test extra)") from exc
-    import multiprocessing.resource_tracker
 
     import stepvisor.joblib
 
     stepvisor.joblib.register()
-    # joblib's tests start multiprocessing Managers, whose temporary directory
-    # lives until exit: made now, before any test, it is not one test's leftover
-    # (and it goes with the session's temporary directory).
-    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
-    config.setdefault("tempdir", tempfile.mkdtemp(prefix="pymp-"))
-    # The same for the resource trackers of multiprocessing and of loky: one
-    # process each for the whole session, started by whichever test first
-    # needs it (several of joblib's tests use loky whatever their parameter).
-    from joblib.externals.loky.backend import resource_tracker as loky_tracker
-
-    multiprocessing.resource_tracker.ensure_running()
-    loky_tracker.ensure_running()
+    # loky's resource trackers and multiprocessing's temporary directory live for the
+    # session: started before any test, they are not one test's leftovers.
+    joblib_loky.prepare()
     if MODULE in sys.modules:
         module = sys.modules[MODULE]
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import joblib_loky
 from tests.joblib_suite.adapter import BACKEND_ARGS, involves
 
 HERE = Path(__file__).parent
@@ -118,12 +119,9 @@ def close_stepvisor_engines(no_leaks: None) -> Iterator[None]:
     """
     yield
     import stepvisor.joblib
-    from joblib.externals.loky import reusable_executor
 
     stepvisor.joblib.close()
-    loky = getattr(reusable_executor, "_executor", None)  # made only if a test used loky
-    if loky is not None:
-        loky.shutdown(wait=True, kill_workers=True)
+    joblib_loky.stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:
