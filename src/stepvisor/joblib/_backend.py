@@ -265,10 +265,10 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         if executor is not None:
             if not stop:
                 executor.shutdown(wait=True)
-            elif _STOP_BY_NAME:
-                executor.shutdown(wait=False, cancel_futures=True, stop_running=True)  # type: ignore[call-arg, unused-ignore]
+            elif _STOP_BY_NAME:  # (waits for the stopped calls to end, as loky's abort does)
+                executor.shutdown(wait=True, cancel_futures=True, stop_running=True)  # type: ignore[call-arg, unused-ignore]
             else:
-                executor.shutdown(wait=False, cancel_futures=True)
+                executor.shutdown(wait=True, cancel_futures=True)
         if not keep_engine and self._bound is not None:
             bound, self._bound, self._engine = self._bound, None, None
             ENGINES.release(bound)
