@@ -21,6 +21,7 @@ the best of a few runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -107,10 +108,8 @@ def run(*, quick: bool) -> list[Row]:
     cv_metric = f"cross_val_score, random forest, {FOLDS} folds"
     map_metric = f"map of {SLICES} x {megabytes:g} MB slices"
     requires = ("joblib", "sklearn", "numpy")
-    try:
+    with contextlib.suppress(ImportError):  # probe reports the rows as not installed
         stepvisor.joblib.register()
-    except ImportError:
-        pass  # probe reports the rows as not installed
     rows = probe(
         [_template(cv_metric, "stepvisor", "process calls on a warm engine")],
         lambda: [_cross_validation("stepvisor", quick=quick, repeat=repeat)],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from joblib.parallel import get_active_backend
 
 
 def square(x: int) -> int:
@@ -56,8 +57,6 @@ def describe_array(a: Any) -> tuple[float, bool, bool]:
 
 def nested_backend(_: object) -> tuple[str, int | None]:
     """The backend a nested Parallel call gets inside a batch, and its nesting level."""
-    from joblib.parallel import get_active_backend
-
     backend, _n_jobs = get_active_backend()
     return type(backend).__name__, backend.nesting_level
 

@@ -13,11 +13,12 @@ import multiprocessing
 import multiprocessing.resource_tracker
 import tempfile
 
+from joblib.externals.loky import reusable_executor
+from joblib.externals.loky.backend import resource_tracker as loky_tracker
+
 
 def prepare() -> None:
     """Start what lives for the whole session now (idempotent)."""
-    from joblib.externals.loky.backend import resource_tracker as loky_tracker
-
     config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
     config.setdefault("tempdir", tempfile.mkdtemp(prefix="pymp-"))  # goes with the session's
     multiprocessing.resource_tracker.ensure_running()
@@ -26,8 +27,6 @@ def prepare() -> None:
 
 def stop() -> None:
     """Shut loky's reusable executor down, its workers with it, if a test started one."""
-    from joblib.externals.loky import reusable_executor
-
     executor = getattr(reusable_executor, "_executor", None)
     if executor is not None:
         executor.shutdown(wait=True, kill_workers=True)

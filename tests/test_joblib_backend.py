@@ -63,9 +63,7 @@ def test_process_calls_by_default_thread_calls_on_request_or_hint() -> None:
     here = os.getpid()
     with parallel_config(backend="stepvisor", n_jobs=2):
         assert here not in Parallel()(delayed(calls.pid_of)(i) for i in range(4))
-        assert set(Parallel(prefer="threads")(delayed(calls.pid_of)(i) for i in range(4))) == {
-            here
-        }
+        assert set(Parallel(prefer="threads")(delayed(calls.pid_of)(i) for i in range(4))) == {here}
         assert set(Parallel(require="sharedmem")(delayed(calls.pid_of)(i) for i in range(4))) == {
             here
         }
@@ -136,9 +134,11 @@ def test_parallel_timeout_stops_the_batch_that_overran_and_the_engine_goes_on(
 @pytest.mark.realtime
 def test_the_backend_timeout_raises_step_timeout_error(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
-    with parallel_config(backend="stepvisor", n_jobs=2, timeout=1.0):
-        with pytest.raises(sv.StepTimeoutError):
-            Parallel()([delayed(calls.hang_after_writing_pid)(str(pidfile))] * 1)
+    with (
+        parallel_config(backend="stepvisor", n_jobs=2, timeout=1.0),
+        pytest.raises(sv.StepTimeoutError),
+    ):
+        Parallel()([delayed(calls.hang_after_writing_pid)(str(pidfile))] * 1)
     wait_for(lambda: pid_gone(int(pidfile.read_text())), timeout=10, what="the child killed")
 
 
@@ -167,7 +167,8 @@ def test_nested_calls_use_joblib_s_nested_backend_and_native_threads_are_bounded
 def test_stepvisor_nested_inside_a_stepvisor_call_runs_sequentially() -> None:
     def inner(_: object) -> list[int]:
         with pytest.warns(UserWarning, match="cannot be nested"):
-            return Parallel(n_jobs=2, backend="stepvisor")(delayed(abs)(-i) for i in range(3))
+            got: list[int] = Parallel(n_jobs=2, backend="stepvisor")(map(delayed(abs), [0, 1, 2]))
+        return got
 
     with parallel_config(backend="stepvisor", n_jobs=2, executor="thread"):
         assert Parallel()(delayed(inner)(i) for i in range(2)) == [[0, 1, 2]] * 2

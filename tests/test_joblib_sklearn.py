@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 from joblib import parallel_config
-
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -33,7 +32,8 @@ def registered(no_leaks: None) -> Iterator[None]:
 
 
 def _data() -> tuple[Any, Any]:
-    return make_classification(n_samples=200, n_features=10, random_state=0)
+    x, y = make_classification(n_samples=200, n_features=10, random_state=0)
+    return x, y
 
 
 def _on(backend: str, fn: Any) -> Any:

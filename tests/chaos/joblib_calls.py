@@ -25,17 +25,26 @@ suite runs a few seeds (tests/test_chaos_joblib.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
+
+from joblib import Parallel, delayed
+
+import stepvisor as sv
+import stepvisor.joblib
+from stepvisor.joblib._backend import StepvisorBackend
+from tests.procfs import processes_with_env
 
 FAULTS: Final = ("ok", "ok", "ok", "sigkill", "outside_kill")
 #: The environment mark every process of a run inherits (children included).
@@ -59,7 +68,9 @@ def item(value: int, fault: str, pid_dir: str) -> int:
 def plan(seed: int) -> list[list[str]]:
     """The calls of a run (a list of faults, one per item), drawn from its seed."""
     rng = random.Random(seed)
-    return [[rng.choice(FAULTS) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(2, 5))]
+    return [
+        [rng.choice(FAULTS) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(2, 5))
+    ]
 
 
 def _killer(pid_dir: Path, stop: threading.Event) -> None:
@@ -68,22 +79,15 @@ def _killer(pid_dir: Path, stop: threading.Event) -> None:
         for path in pid_dir.glob("*.pid"):
             pid = int(path.read_text())
             path.unlink()
-            try:
+            with contextlib.suppress(ProcessLookupError):  # gone: stopped with its call
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # already gone (stopped with its Parallel call)
-                pass
 
 
 def _one_call(faults: list[str], pid_dir: Path, problems: list[str]) -> None:
-    from joblib import Parallel, delayed
-
-    import stepvisor as sv
-    from stepvisor.joblib._backend import StepvisorBackend
-
     ended: dict[int, int] = {}
     futures: list[Any] = []
 
-    class Counting(StepvisorBackend):  # type: ignore[misc]
+    class Counting(StepvisorBackend):
         """Records each batch's future and how many times its callback ran."""
 
         def submit(self, func: Callable[[], Any], callback: Any = None) -> Any:
@@ -122,8 +126,6 @@ def _one_call(faults: list[str], pid_dir: Path, problems: list[str]) -> None:
 
 def program(seed: int, pid_dir: Path) -> int:
     """One run: its calls, each checked; prints the problems as JSON, exits 0 if none."""
-    import stepvisor.joblib
-
     stepvisor.joblib.register()
     problems: list[str] = []
     stop = threading.Event()
@@ -139,8 +141,6 @@ def program(seed: int, pid_dir: Path) -> int:
 
 
 def marked(mark: str) -> set[int]:
-    from tests.procfs import processes_with_env
-
     return processes_with_env(MARK_VAR, mark)
 
 
@@ -150,7 +150,10 @@ def run_one(seed: int, workdir: Path) -> list[str]:
     pid_dir.mkdir()
     mark = f"{seed}-{os.getpid()}-{time.monotonic_ns()}"
     env = {**os.environ, MARK_VAR: mark}
-    code = f"import sys; from tests.chaos.joblib_calls import program; sys.exit(program({seed}, __import__('pathlib').Path({str(pid_dir)!r})))"
+    code = (
+        "import sys, pathlib; from tests.chaos.joblib_calls import program; "
+        f"sys.exit(program({seed}, pathlib.Path({str(pid_dir)!r})))"
+    )
     try:
         done = subprocess.run(
             [sys.executable, "-c", code],
@@ -176,10 +179,8 @@ def run_one(seed: int, workdir: Path) -> list[str]:
     if left:
         problems.append(f"seed {seed}: processes {sorted(left)} outlived the program")
         for pid in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     return problems
 
 
@@ -188,7 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="the first run's seed")
     args = parser.parse_args(argv)
-    import tempfile
 
     failed = 0
     with tempfile.TemporaryDirectory(prefix="stepvisor-chaos-joblib-") as tmp:

@@ -7,8 +7,11 @@ import sys
 import types
 from typing import Any
 
-import pytest
+from joblib._parallel_backends import LokyBackend, MultiprocessingBackend
+from joblib.parallel import BACKENDS
 
+import stepvisor.joblib
+from stepvisor.joblib import StepvisorBackend
 from tests import joblib_loky
 
 #: The parametrize argument names that take a backend.
@@ -36,13 +39,6 @@ def _add_stepvisor(mark: Any) -> None:
 
 def load_joblib_tests() -> dict[str, Any]:
     """The test functions of joblib's installed ``test_parallel``, "stepvisor" in their lists."""
-    try:
-        import joblib  # noqa: F401
-    except ImportError as exc:  # the test extra installs it: its absence is a broken setup
-        raise RuntimeError("joblib is not installed; run make venv (the test extra)") from exc
-
-    import stepvisor.joblib
-
     stepvisor.joblib.register()
     # loky's resource trackers and multiprocessing's temporary directory live for the
     # session: started before any test, they are not one test's leftovers.
@@ -70,11 +66,6 @@ def involves(value: object, names: tuple[str, ...]) -> bool:
 
     (joblib's suite registers ``back_compat_backend``, a loky backend by another name.)
     """
-    from joblib._parallel_backends import LokyBackend, MultiprocessingBackend
-    from joblib.parallel import BACKENDS
-
-    from stepvisor.joblib import StepvisorBackend
-
     kinds = {
         "stepvisor": StepvisorBackend,
         "loky": LokyBackend,
@@ -87,4 +78,4 @@ def involves(value: object, names: tuple[str, ...]) -> bool:
     return isinstance(value, wanted)
 
 
-__all__ = ["BACKEND_ARGS", "involves", "load_joblib_tests", "pytest"]
+__all__ = ["BACKEND_ARGS", "involves", "load_joblib_tests"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import stepvisor.joblib
 from tests import joblib_loky
 from tests.joblib_suite.adapter import BACKEND_ARGS, involves
 
@@ -118,8 +119,6 @@ def close_stepvisor_engines(no_leaks: None) -> Iterator[None]:
     tests start whatever their parameter (a nested call on the default backend).
     """
     yield
-    import stepvisor.joblib
-
     stepvisor.joblib.close()
     joblib_loky.stop()
 

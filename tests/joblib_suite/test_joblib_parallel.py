@@ -1,4 +1,4 @@
-"""joblib's own backend tests (``joblib/test/test_parallel.py``, from the installed joblib) on "stepvisor".
+"""joblib's own backend tests (``joblib/test/test_parallel.py``, installed) on "stepvisor".
 
 The module is imported from the installed package, never copied.  Before it is
 imported, ``"stepvisor"`` is registered, so every list built from joblib's
@@ -28,6 +28,8 @@ def test_adapter_runs_at_least_90_percent_of_the_loky_cases_on_stepvisor() -> No
     loky, counterparts = conftest.CASES["loky"], conftest.CASES["counterparts"]
     assert len(loky) > 100, "joblib's suite was not collected with its loky cases"
     passing = counterparts - set(conftest.EXCLUDED)
-    assert len(passing) >= 0.9 * len(loky), (len(passing), len(loky), sorted(loky - {
-        n.replace("stepvisor", "loky") for n in counterparts
-    }))
+    assert len(passing) >= 0.9 * len(loky), (
+        len(passing),
+        len(loky),
+        sorted(loky - {n.replace("stepvisor", "loky") for n in counterparts}),
+    )

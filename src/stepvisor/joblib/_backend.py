@@ -90,8 +90,8 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
     ) -> None:
         if unknown:
             raise InvalidSettingError(
-                f"the stepvisor joblib backend got unknown parameter(s) {', '.join(sorted(unknown))}"
-                f"; it takes {_PARAMETERS}, e.g. "
+                "the stepvisor joblib backend got unknown parameter(s) "
+                f"{', '.join(sorted(unknown))}; it takes {_PARAMETERS}, e.g. "
                 'parallel_config(backend="stepvisor", timeout=30)'
             )
         _init(initializer, initargs)  # checked now, made per Parallel call
@@ -103,6 +103,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         self._bound: int | None = None
         self._mode = "process"
         self._parallel_timeout: float | None = None
+        self._own_timeout: float | None = None
         self._max_nbytes: int | None = None
         self._writable = False
         self._threads: int | None = None
@@ -146,7 +147,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
                 )
             return 1
         if n_jobs < 0:
-            return max(cpu_count() + 1 + n_jobs, 1)
+            return max(int(cpu_count()) + 1 + n_jobs, 1)
         return int(n_jobs)
 
     def configure(
@@ -168,17 +169,12 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         given = _options(**{**self._given, **overrides}) if overrides else self._given
         n_jobs = self.effective_n_jobs(n_jobs)
         parallel_timeout = getattr(parallel, "timeout", None)
-        if n_jobs == 1 and parallel_timeout is None and given["timeout"] is None:
-            if given["retry"] is None:
-                raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        policy = (parallel_timeout, given["timeout"], given["retry"])
+        if n_jobs == 1 and policy == (None, None, None):  # no policy to keep: as loky does
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self._close_executor(stop=False)
         self.parallel = parallel
-        executor = given["executor"]
-        if executor is None:
-            threads = prefer == "threads" or require == "sharedmem"
-            executor = "thread" if threads else "process"
-        elif require == "sharedmem":
-            executor = "thread"  # a requirement, not a hint: processes share no memory
+        executor = _executor_kind(given["executor"], prefer, require)
         if init is not None and executor == "thread":
             raise InvalidSettingError(
                 "initializer= runs once in each worker process; with executor='thread' "
@@ -187,26 +183,31 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         self._init = init
         self._mode = executor
         self._parallel_timeout = parallel_timeout
+        self._own_timeout = given["timeout"]
         self._max_nbytes = max_nbytes
         self._writable = mmap_mode in _WRITABLE_MMAP_MODES
         self._threads = self._thread_limit(n_jobs) if executor == "process" else None
-        self._bound = n_jobs
         timeout = _earliest(given["timeout"], parallel_timeout)
-        engine = self._engine = ENGINES.acquire(n_jobs)
+        self._settings = (executor, timeout, given["retry"], given["kill_grace"])
+        self._open(n_jobs)
+        return n_jobs
+
+    def _open(self, n_jobs: int) -> None:
+        """Lease the engine of bound ``n_jobs``; this call's Executor on it."""
+        executor, timeout, retry, kill_grace = self._settings
+        engine = ENGINES.acquire(n_jobs)
         try:
             self._executor = Executor(
                 engine=engine,
                 executor=executor,
                 timeout=timeout,
-                retry=given["retry"],
-                kill_grace=given["kill_grace"],
+                retry=retry,
+                kill_grace=kill_grace,
             )
         except BaseException:
-            self._bound = None
             ENGINES.release(n_jobs)
             raise
-        self._settings = (executor, timeout, given["retry"], given["kill_grace"])
-        return n_jobs
+        self._engine, self._bound = engine, n_jobs
 
     def submit(self, func: Callable[[], Any], callback: Callable[..., Any] | None = None) -> Any:
         """Run one batch; ``callback(future)`` once it has ended."""
@@ -232,7 +233,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
             return out.result()
         except StepTimeoutError as exc:
             limit = self._parallel_timeout
-            own = self._given["timeout"]
+            own = self._own_timeout
             if limit is not None and (own is None or limit <= own):
                 raise multiprocessing.TimeoutError(
                     f"a batch of this Parallel call ran past timeout={limit:g} s and was "
@@ -242,16 +243,10 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         """Stop this call's batches (queued and running); the engine goes on."""
-        self._close_executor(stop=True, keep_engine=ensure_ready)
-        if ensure_ready and self._engine is not None and self._bound is not None:
-            executor, timeout, retry, kill_grace = self._settings
-            self._executor = Executor(
-                engine=self._engine,
-                executor=executor,
-                timeout=timeout,
-                retry=retry,
-                kill_grace=kill_grace,
-            )
+        bound = self._bound
+        self._close_executor(stop=True)
+        if ensure_ready and bound is not None:
+            self._open(bound)  # the same warm engine: given back, leased again
 
     def terminate(self) -> None:
         """The Parallel call is over: its Executor goes, the engine stays warm for the next."""
@@ -260,7 +255,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _close_executor(self, *, stop: bool, keep_engine: bool = False) -> None:
+    def _close_executor(self, *, stop: bool) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
             if not stop:
@@ -269,7 +264,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
                 executor.shutdown(wait=True, cancel_futures=True, stop_running=True)  # type: ignore[call-arg, unused-ignore]
             else:
                 executor.shutdown(wait=True, cancel_futures=True)
-        if not keep_engine and self._bound is not None:
+        if self._bound is not None:
             bound, self._bound, self._engine = self._bound, None, None
             ENGINES.release(bound)
 
@@ -279,7 +274,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
             return int(self.inner_max_num_threads)
         if any(name in os.environ for name in THREAD_VARS):
             return None  # the children inherit the user's own limits
-        return max(cpu_count() // n_jobs, 1)
+        return max(int(cpu_count()) // n_jobs, 1)
 
 
 def _options(
@@ -303,6 +298,15 @@ def _options(
         "retry": retry,
         "kill_grace": kill_grace,
     }
+
+
+def _executor_kind(given: str | None, prefer: str | None, require: str | None) -> str:
+    """Processes unless asked: by the backend's ``executor``, or joblib's hint or requirement."""
+    if require == "sharedmem":
+        return "thread"  # a requirement, not a hint: processes share no memory
+    if given is not None:
+        return given
+    return "thread" if prefer == "threads" else "process"
 
 
 def _init(initializer: Any, initargs: Any) -> Init | None:

@@ -63,8 +63,8 @@ class Engines:
     def _evict(self) -> list[Engine]:
         """Take out the least recently used idle engines beyond the limit (lock held)."""
         idle = [bound for bound in self._engines if bound not in self._leases]
-        evicted = [self._engines.pop(bound) for bound in idle[: max(len(idle) - self._keep_idle, 0)]]
-        return evicted
+        surplus = idle[: max(len(idle) - self._keep_idle, 0)]
+        return [self._engines.pop(bound) for bound in surplus]
 
     def running(self) -> dict[int, int]:
         """Bound -> leases, for every engine kept (for tests and ``repr``)."""
