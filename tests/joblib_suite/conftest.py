@@ -26,6 +26,26 @@ EXCLUDED: dict[str, str] = {
         "asserts np.memmap arguments and then that joblib's temporary folder is removed; "
         "stepvisor makes no folder (its segments are memfds, freed by the kernel)"
     ),
+    "test_nested_parallel_warnings[stepvisor-stepvisor-False]": (
+        "loky nests loky in its workers without a warning; stepvisor runs a stepvisor "
+        "call nested in a stepvisor call sequentially, and says so (a warning), rather "
+        "than start n_jobs workers in each worker"
+    ),
+    "test_nested_parallel_warnings[stepvisor-multiprocessing-True]": (
+        "expects multiprocessing's refusal to nest in a loky worker (a warning); a "
+        "stepvisor worker runs its call on the main thread of a process that is not "
+        "daemonic, where multiprocessing nests without one"
+    ),
+    **{
+        f"test_multiple_generator_call_separated_gc[{first}-{second}-stepvisor-True]": (
+            "expects loky's RuntimeError: a dropped generator shuts loky's shared "
+            "executor down under the next call; each Parallel call has its own "
+            "stepvisor Executor, so the next call succeeds (what the test expects "
+            "of the threading backend)"
+        )
+        for first in ("generator", "generator_unordered")
+        for second in ("generator", "generator_unordered")
+    },
 }
 
 

@@ -127,28 +127,39 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
     # -- what joblib asks --------------------------------------------------------------
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
-        """``n_jobs`` as joblib's process backends read it; 1 inside a stepvisor call.
+        """``n_jobs`` as joblib's process backends read it, and 1 where they refuse to nest.
 
-        A ``Parallel`` call on this backend from inside a batch (or any stepvisor
-        call) would start an engine in a worker: n_jobs more workers on each of
-        n_jobs.  It runs sequentially instead, as joblib's multiprocessing
-        backend does when nested.
+        Inside a stepvisor call (a batch, or any call), in a daemonic process, or
+        below threads (a nested call from a thread other than the main one), a
+        Parallel call on this backend would start n_jobs more workers for each
+        of the outer ones; it runs sequentially instead, with the warning
+        joblib's own backends give.
         """
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
             return 1
-        if CURRENT.get(None) is not None:
+        where = self._nested_where()
+        if where is not None:
             if n_jobs != 1:
                 warnings.warn(
-                    "stepvisor-backed parallel loops cannot be nested inside a stepvisor "
-                    "call, setting n_jobs=1",
+                    f"stepvisor-backed parallel loops cannot be nested {where}, setting n_jobs=1",
                     stacklevel=3,
                 )
             return 1
         if n_jobs < 0:
             return max(int(cpu_count()) + 1 + n_jobs, 1)
         return int(n_jobs)
+
+    def _nested_where(self) -> str | None:
+        """Where this call is nested, if it must not start workers of its own."""
+        if CURRENT.get(None) is not None:
+            return "inside a stepvisor call"
+        if multiprocessing.current_process().daemon:
+            return "in a daemonic process"
+        if not (self.in_main_thread() or self.nesting_level == 0):
+            return "below threads"
+        return None
 
     def configure(
         self,
