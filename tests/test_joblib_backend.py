@@ -22,7 +22,7 @@ from joblib import Parallel, delayed, parallel_config
 
 import stepvisor as sv
 import stepvisor.joblib
-from stepvisor.joblib._engines import ENGINES
+from stepvisor.joblib._engines import ENGINES, Engines
 from tests import joblib_calls as calls
 from tests import joblib_loky
 from tests.conftest import wait_for
@@ -182,6 +182,7 @@ def test_stepvisor_nested_inside_a_stepvisor_call_runs_sequentially() -> None:
         ({"timeout": -1}, sv.InvalidTimeoutError),
         ({"retry": 3}, sv.InvalidSettingError),
         ({"initializer": "not callable"}, sv.InvalidSettingError),
+        ({"kill_grace": 0}, sv.InvalidTimeoutError),
     ],
 )
 def test_bad_backend_parameters_raise_a_clear_typed_error(
@@ -195,3 +196,17 @@ def test_register_without_joblib_names_the_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "joblib", None)
     with pytest.raises(ImportError, match=r"stepvisor\[joblib\]"):
         stepvisor.joblib.register()
+
+
+def test_idle_engines_beyond_the_limit_are_closed_least_recently_used_first() -> None:
+    engines = Engines(keep_idle=1)
+    two = engines.acquire(2)
+    three = engines.acquire(3)
+    engines.release(2)
+    assert not two.closed  # idle, and within the limit
+    engines.release(3)
+    assert two.closed and not three.closed  # the least recently used idle one went
+    assert engines.acquire(3) is three  # warm: the same engine
+    engines.release(3)
+    engines.close_all()
+    assert three.closed

@@ -42,7 +42,7 @@ from joblib._parallel_backends import (
 
 from stepvisor._calls import checked
 from stepvisor._invoke import CURRENT
-from stepvisor.engine import Engine
+from stepvisor.core.model import check_positive_seconds
 from stepvisor.errors import InvalidSettingError, StepTimeoutError
 from stepvisor.futures import Executor
 from stepvisor.joblib._child import THREAD_VARS, Batch, Init, run_batch
@@ -107,7 +107,6 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         self._max_nbytes: int | None = None
         self._writable = False
         self._threads: int | None = None
-        self._engine: Engine | None = None
         self._init: Init | None = None
         self._settings: tuple[str, float | None, RetryPolicy | None, float | None] = (
             "process",
@@ -218,7 +217,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         except BaseException:
             ENGINES.release(n_jobs)
             raise
-        self._engine, self._bound = engine, n_jobs
+        self._bound = n_jobs
 
     def submit(self, func: Callable[[], Any], callback: Callable[..., Any] | None = None) -> Any:
         """Run one batch; ``callback(future)`` once it has ended."""
@@ -276,7 +275,7 @@ class StepvisorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
             else:
                 executor.shutdown(wait=True, cancel_futures=True)
         if self._bound is not None:
-            bound, self._bound, self._engine = self._bound, None, None
+            bound, self._bound = self._bound, None
             ENGINES.release(bound)
 
     def _thread_limit(self, n_jobs: int) -> int | None:
@@ -303,6 +302,8 @@ def _options(
             f"executor must be 'process' or 'thread', got {executor!r}"
         )
     opts = checked(timeout, retry, executor or "process")
+    if kill_grace is not None:
+        kill_grace = check_positive_seconds(kill_grace, what="kill_grace")
     return {
         "executor": executor,
         "timeout": opts.timeout,
