@@ -203,11 +203,10 @@ def test_idle_engines_beyond_the_limit_are_closed_least_recently_used_first() ->
     two = engines.acquire(2)
     three = engines.acquire(3)
     engines.release(2)
-    assert not two.closed  # idle, and within the limit
+    assert [two.closed, three.closed] == [False, False]  # idle, and within the limit
     engines.release(3)
-    assert two.closed  # the least recently used idle one went
-    assert not three.closed
+    assert [two.closed, three.closed] == [True, False]  # the least recently used went
     assert engines.acquire(3) is three  # warm: the same engine
     engines.release(3)
     engines.close_all()
-    assert three.closed
+    assert [two.closed, three.closed] == [True, True]
