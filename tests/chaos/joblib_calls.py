@@ -85,22 +85,26 @@ def _killer(pid_dir: Path, stop: threading.Event) -> None:
 
 def _one_call(faults: list[str], pid_dir: Path, problems: list[str]) -> None:
     ended: dict[int, int] = {}
-    futures: list[Any] = []
+    futures: dict[int, Any] = {}
+    lock = threading.Lock()  # joblib submits from its callback threads too
 
     class Counting(StepvisorBackend):
         """Records each batch's future and how many times its callback ran."""
 
         def submit(self, func: Callable[[], Any], callback: Any = None) -> Any:
-            index = len(futures)
-            ended[index] = 0
+            with lock:
+                index = len(ended)
+                ended[index] = 0
 
             def counted(future: Any) -> None:
-                ended[index] += 1
+                with lock:
+                    ended[index] += 1
                 if callback is not None:
                     callback(future)
 
             future = super().submit(func, counted)
-            futures.append(future)
+            with lock:
+                futures[index] = future
             return future
 
     crash = any(f != "ok" for f in faults)
@@ -117,7 +121,7 @@ def _one_call(faults: list[str], pid_dir: Path, problems: list[str]) -> None:
             problems.append(f"{faults}: returned {got} despite a crash")
         elif got != [i * 10 + 1 for i in range(len(faults))]:
             problems.append(f"{faults}: returned {got}")
-    for index, future in enumerate(futures):
+    for index, future in sorted(futures.items()):
         if not future.done():
             problems.append(f"{faults}: batch {index} not ended after the call")
         if ended[index] > 1:
