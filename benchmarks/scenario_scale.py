@@ -11,6 +11,11 @@ parent, so that a big harness process cannot mask the child's own figure.
 Memory figures cover building the workflow and running it; the wall time
 covers the run (the build time is in the note).
 
+Beside the largest size, the same number of *instances*: a step that creates
+a list of that many items and one no-op step mapped over it (issue 23).  Its
+wall time is held to 0.8x the static steps' of the same size, measured in the
+same run, and its peak RSS per instance (build + run) to 1 KB.
+
 The wall-time ratio between consecutive sizes shows whether the engine stays
 linear: 10 (5 in quick mode) is linear, more means some per-step cost grows
 with the size of the run; the target is issue 15's, 11.  The build-time
@@ -49,6 +54,10 @@ FULL_SIZES = (10_000, 100_000, 1_000_000)
 #: takes minutes), and its peak RSS per step is held to the issue's target.
 HUGE = 1_000_000
 RSS_PER_STEP_TARGET = Target(on="value", op="<=", limit=1.5, text="<= 1.5 KB per step")
+#: A map of as many instances as the largest size: its wall time over the static
+#: steps', and its peak RSS per instance (build + run, in KB).
+MAP_WALL_TARGET = Target(on="value", op="<=", limit=0.8, text="<= 0.8")
+RSS_PER_INSTANCE_TARGET = Target(on="value", op="<=", limit=1.0, text="<= 1 KB per instance")
 #: How long one child run may take before it is considered hung.
 CHILD_TIMEOUT = 900.0
 
@@ -72,6 +81,19 @@ def chains_and_fans(n: int) -> list[sv.Step]:
     return steps
 
 
+def split(ctx: sv.StepContext) -> dict[str, list[int]]:
+    """The list the mapped step runs over: ``params["n"]`` items."""
+    return {"items": list(range(int(ctx.params["n"])))}
+
+
+def mapped(n: int) -> list[sv.Step]:
+    """A step that creates a list of ``n`` items, and a no-op step mapped over it."""
+    return [
+        sv.Step("split", split, params={"n": n}, creates=["items"]),
+        sv.Step("each", sv_noop, map_over="items"),
+    ]
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -87,14 +109,15 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def measure_here(n: int, *, trace: bool) -> dict[str, Any]:
-    """Build and run the DAG of ``n`` steps in this process; its figures."""
+def measure_here(n: int, *, trace: bool, mapped_run: bool = False) -> dict[str, Any]:
+    """Build and run the DAG of ``n`` steps (or a map of ``n`` items) here; its figures."""
     rss_before = _status_mb("VmRSS")
     maxrss_before = _maxrss_mb()
     if trace:
         tracemalloc.start()
     started = time.perf_counter()
-    wf = sv.Workflow("scale", chains_and_fans(n), settings=sv.Settings(max_parallel=8))
+    steps = mapped(n) if mapped_run else chains_and_fans(n)
+    wf = sv.Workflow("scale", steps, settings=sv.Settings(max_parallel=8))
     built = time.perf_counter()
     result = sv.run(wf)
     ended = time.perf_counter()
@@ -116,16 +139,18 @@ def measure_here(n: int, *, trace: bool) -> dict[str, Any]:
 
 
 def child_main(argv: Sequence[str]) -> None:
-    """Entry point of the measuring subprocess: ``N [trace]``; prints JSON."""
+    """Entry point of the measuring subprocess: ``N [trace|map]``; prints JSON."""
     n = int(argv[0])
     trace = len(argv) > 1 and argv[1] == "trace"
-    print(json.dumps(measure_here(n, trace=trace)))
+    mapped_run = len(argv) > 1 and argv[1] == "map"
+    print(json.dumps(measure_here(n, trace=trace, mapped_run=mapped_run)))
 
 
-def _in_subprocess(n: int, *, trace: bool) -> dict[str, Any]:
+def _in_subprocess(n: int, *, trace: bool, mapped_run: bool = False) -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     code = "import sys; from benchmarks.scenario_scale import child_main; child_main(sys.argv[1:])"
-    args = [sys.executable, "-c", code, str(n), *(["trace"] if trace else [])]
+    mode = ["trace"] if trace else ["map"] if mapped_run else []
+    args = [sys.executable, "-c", code, str(n), *mode]
     done = subprocess.run(
         args, cwd=root, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
     )
@@ -202,6 +227,43 @@ def _rss_figure(timed: dict[str, Any], n: int) -> Measured:
     )
 
 
+def _map_rows(n: int, walls: dict[int, float]) -> list[Row]:
+    """A map of ``n`` instances: its wall time, that over the static steps', its memory."""
+
+    def row(metric: str, unit: str, target: Target | None = None) -> Row:
+        return Row(
+            scenario=NAME,
+            system="stepvisor",
+            metric=f"{n:,} instances of one mapped step: {metric}",
+            value=None,
+            unit=unit,
+            target=target,
+        )
+
+    def figures() -> list[Measured]:
+        timed = _in_subprocess(n, trace=False, mapped_run=True)
+        if n not in walls:
+            raise RuntimeError(f"the {n:,} static steps failed, so there is no ratio")
+        rss = _rss_figure(timed, n)
+        return [
+            Measured(timed["run_s"], f"building the workflow: {timed['build_s'] * 1e3:.1f} ms"),
+            Measured(
+                timed["run_s"] / walls[n],
+                f"{timed['run_s']:.2f} s / {walls[n]:.2f} s of the static steps, this run",
+            ),
+            Measured(rss.value * 1024 / n, rss.note),
+        ]
+
+    return probe(
+        [
+            row("wall time", "s"),
+            row(f"wall time / {n:,} static steps'", "", MAP_WALL_TARGET),
+            row("peak RSS per instance", "KB", RSS_PER_INSTANCE_TARGET if n >= HUGE else None),
+        ],
+        figures,
+    )
+
+
 def _ratio_rows(
     sizes: Sequence[int], walls: dict[int, float], builds: dict[int, float], *, quick: bool
 ) -> list[Row]:
@@ -251,4 +313,5 @@ def run(*, quick: bool) -> list[Row]:
     for i, n in enumerate(sizes):
         templates = _size_rows(n, large=i > 0 and n < HUGE, traced=n < HUGE)
         rows += probe(templates, functools.partial(_size_figures, n, walls, builds))
+    rows += _map_rows(sizes[-1], walls)
     return rows + _ratio_rows(sizes, walls, builds, quick=quick)
