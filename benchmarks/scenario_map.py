@@ -210,7 +210,13 @@ def _thread_rows(n: int, repeat: int) -> list[Row]:
         lambda: _per_item(repeat, n, lambda: _time_thread_pool(items)),
     )
     rows += probe(
-        [_row(f'joblib Parallel(n_jobs={THREADS}, prefer="threads")', THREAD_METRIC)],
+        [
+            _row(
+                f'joblib Parallel(n_jobs={THREADS}, prefer="threads")',
+                THREAD_METRIC,
+                note="joblib sends the calls in batches it sizes itself (batch_size='auto')",
+            )
+        ],
         lambda: _per_item(repeat, n, _joblib_timer(items, n_jobs=THREADS, prefer="threads")),
         requires=("joblib",),
     )
@@ -249,7 +255,8 @@ def _process_rows(n: int, repeat: int) -> list[Row]:
             _row(
                 f"joblib Parallel(n_jobs={workers}) (loky)",
                 PROCESS_METRIC,
-                note="loky workers are kept between calls: only the first round starts them",
+                note="calls sent in batches (batch_size='auto'); loky workers are kept "
+                "between calls: only the first round starts them",
             )
         ],
         lambda: _per_item(repeat, n, _joblib_timer(items, n_jobs=workers)),
