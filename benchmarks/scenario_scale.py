@@ -119,8 +119,10 @@ def measure_here(n: int, *, trace: bool, mapped_run: bool = False) -> dict[str, 
     steps = mapped(n) if mapped_run else chains_and_fans(n)
     wf = sv.Workflow("scale", steps, settings=sv.Settings(max_parallel=8))
     built = time.perf_counter()
+    cpu = time.process_time()
     result = sv.run(wf)
     ended = time.perf_counter()
+    cpu = time.process_time() - cpu
     peak = tracemalloc.get_traced_memory()[1] if trace else 0
     if trace:
         tracemalloc.stop()
@@ -130,6 +132,7 @@ def measure_here(n: int, *, trace: bool, mapped_run: bool = False) -> dict[str, 
         "steps": len(wf.steps),
         "build_s": built - started,
         "run_s": ended - built,
+        "run_cpu_s": cpu,
         "tracemalloc_peak_mb": peak / 2**20,
         "rss_before_mb": rss_before,
         "rss_peak_mb": _status_mb("VmHWM"),
@@ -182,9 +185,12 @@ def _size_rows(n: int, *, large: bool, traced: bool) -> list[Row]:
     return rows
 
 
-def _size_figures(n: int, walls: dict[int, float], builds: dict[int, float]) -> list[Measured]:
+def _size_figures(
+    n: int, walls: dict[int, float], builds: dict[int, float], cpus: dict[int, float]
+) -> list[Measured]:
     timed = _in_subprocess(n, trace=False)
     walls[n] = timed["run_s"]
+    cpus[n] = timed["run_cpu_s"]
     builds[n] = timed["build_s"]
     note = f"building the workflow: {timed['build_s']:.2f} s (not timed)"
     if n >= HUGE:
@@ -227,8 +233,14 @@ def _rss_figure(timed: dict[str, Any], n: int) -> Measured:
     )
 
 
-def _map_rows(n: int, walls: dict[int, float]) -> list[Row]:
-    """A map of ``n`` instances: its wall time, that over the static steps', its memory."""
+def _map_rows(n: int, walls: dict[int, float], cpus: dict[int, float]) -> list[Row]:
+    """A map of ``n`` instances: its wall time, that over the static steps', its memory.
+
+    The two runs are a minute apart, so on a shared machine their wall times can
+    meet different loads; the note gives the ratio of their CPU times too, which
+    load moves less (the runs are bound by one thread holding the GIL, so on an
+    idle machine wall time is about CPU time).
+    """
 
     def row(metric: str, unit: str, target: Target | None = None) -> Row:
         return Row(
@@ -249,7 +261,9 @@ def _map_rows(n: int, walls: dict[int, float]) -> list[Row]:
             Measured(timed["run_s"], f"building the workflow: {timed['build_s'] * 1e3:.1f} ms"),
             Measured(
                 timed["run_s"] / walls[n],
-                f"{timed['run_s']:.2f} s / {walls[n]:.2f} s of the static steps, this run",
+                f"{timed['run_s']:.2f} s / {walls[n]:.2f} s of the static steps, this run; "
+                f"CPU time {timed['run_cpu_s']:.1f} s / {cpus[n]:.1f} s = "
+                f"{timed['run_cpu_s'] / cpus[n]:.2f}",
             ),
             Measured(rss.value * 1024 / n, rss.note),
         ]
@@ -309,9 +323,10 @@ def run(*, quick: bool) -> list[Row]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
     walls: dict[int, float] = {}
     builds: dict[int, float] = {}
+    cpus: dict[int, float] = {}
     rows: list[Row] = []
     for i, n in enumerate(sizes):
         templates = _size_rows(n, large=i > 0 and n < HUGE, traced=n < HUGE)
-        rows += probe(templates, functools.partial(_size_figures, n, walls, builds))
-    rows += _map_rows(sizes[-1], walls)
+        rows += probe(templates, functools.partial(_size_figures, n, walls, builds, cpus))
+    rows += _map_rows(sizes[-1], walls, cpus)
     return rows + _ratio_rows(sizes, walls, builds, quick=quick)
