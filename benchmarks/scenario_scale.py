@@ -265,7 +265,7 @@ def _map_rows(n: int, walls: dict[int, float], cpus: dict[int, float]) -> list[R
                 f"CPU time {timed['run_cpu_s']:.1f} s / {cpus[n]:.1f} s = "
                 f"{timed['run_cpu_s'] / cpus[n]:.2f}",
             ),
-            Measured(rss.value * 1024 / n, rss.note),
+            Measured(rss.value * 1024 / n, rss.note.replace(" per step", " per instance")),
         ]
 
     return probe(
