@@ -11,6 +11,11 @@ parent, so that a big harness process cannot mask the child's own figure.
 Memory figures cover building the workflow and running it; the wall time
 covers the run (the build time is in the note).
 
+Beside the largest size, the same number of *instances*: a step that creates
+a list of that many items and one no-op step mapped over it (issue 23).  Its
+wall time is held to 0.8x the static steps' of the same size, measured in the
+same run, and its peak RSS per instance (build + run) to 1 KB.
+
 The wall-time ratio between consecutive sizes shows whether the engine stays
 linear: 10 (5 in quick mode) is linear, more means some per-step cost grows
 with the size of the run; the target is issue 15's, 11.  The build-time
@@ -49,6 +54,10 @@ FULL_SIZES = (10_000, 100_000, 1_000_000)
 #: takes minutes), and its peak RSS per step is held to the issue's target.
 HUGE = 1_000_000
 RSS_PER_STEP_TARGET = Target(on="value", op="<=", limit=1.5, text="<= 1.5 KB per step")
+#: A map of as many instances as the largest size: its wall time over the static
+#: steps', and its peak RSS per instance (build + run, in KB).
+MAP_WALL_TARGET = Target(on="value", op="<=", limit=0.8, text="<= 0.8")
+RSS_PER_INSTANCE_TARGET = Target(on="value", op="<=", limit=1.0, text="<= 1 KB per instance")
 #: How long one child run may take before it is considered hung.
 CHILD_TIMEOUT = 900.0
 
@@ -72,6 +81,19 @@ def chains_and_fans(n: int) -> list[sv.Step]:
     return steps
 
 
+def split(ctx: sv.StepContext) -> dict[str, list[int]]:
+    """The list the mapped step runs over: ``params["n"]`` items."""
+    return {"items": list(range(int(ctx.params["n"])))}
+
+
+def mapped(n: int) -> list[sv.Step]:
+    """A step that creates a list of ``n`` items, and a no-op step mapped over it."""
+    return [
+        sv.Step("split", split, params={"n": n}, creates=["items"]),
+        sv.Step("each", sv_noop, map_over="items"),
+    ]
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -87,17 +109,20 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def measure_here(n: int, *, trace: bool) -> dict[str, Any]:
-    """Build and run the DAG of ``n`` steps in this process; its figures."""
+def measure_here(n: int, *, trace: bool, mapped_run: bool = False) -> dict[str, Any]:
+    """Build and run the DAG of ``n`` steps (or a map of ``n`` items) here; its figures."""
     rss_before = _status_mb("VmRSS")
     maxrss_before = _maxrss_mb()
     if trace:
         tracemalloc.start()
     started = time.perf_counter()
-    wf = sv.Workflow("scale", chains_and_fans(n), settings=sv.Settings(max_parallel=8))
+    steps = mapped(n) if mapped_run else chains_and_fans(n)
+    wf = sv.Workflow("scale", steps, settings=sv.Settings(max_parallel=8))
     built = time.perf_counter()
+    cpu = time.process_time()
     result = sv.run(wf)
     ended = time.perf_counter()
+    cpu = time.process_time() - cpu
     peak = tracemalloc.get_traced_memory()[1] if trace else 0
     if trace:
         tracemalloc.stop()
@@ -107,6 +132,7 @@ def measure_here(n: int, *, trace: bool) -> dict[str, Any]:
         "steps": len(wf.steps),
         "build_s": built - started,
         "run_s": ended - built,
+        "run_cpu_s": cpu,
         "tracemalloc_peak_mb": peak / 2**20,
         "rss_before_mb": rss_before,
         "rss_peak_mb": _status_mb("VmHWM"),
@@ -116,16 +142,18 @@ def measure_here(n: int, *, trace: bool) -> dict[str, Any]:
 
 
 def child_main(argv: Sequence[str]) -> None:
-    """Entry point of the measuring subprocess: ``N [trace]``; prints JSON."""
+    """Entry point of the measuring subprocess: ``N [trace|map]``; prints JSON."""
     n = int(argv[0])
     trace = len(argv) > 1 and argv[1] == "trace"
-    print(json.dumps(measure_here(n, trace=trace)))
+    mapped_run = len(argv) > 1 and argv[1] == "map"
+    print(json.dumps(measure_here(n, trace=trace, mapped_run=mapped_run)))
 
 
-def _in_subprocess(n: int, *, trace: bool) -> dict[str, Any]:
+def _in_subprocess(n: int, *, trace: bool, mapped_run: bool = False) -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     code = "import sys; from benchmarks.scenario_scale import child_main; child_main(sys.argv[1:])"
-    args = [sys.executable, "-c", code, str(n), *(["trace"] if trace else [])]
+    mode = ["trace"] if trace else ["map"] if mapped_run else []
+    args = [sys.executable, "-c", code, str(n), *mode]
     done = subprocess.run(
         args, cwd=root, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
     )
@@ -157,9 +185,12 @@ def _size_rows(n: int, *, large: bool, traced: bool) -> list[Row]:
     return rows
 
 
-def _size_figures(n: int, walls: dict[int, float], builds: dict[int, float]) -> list[Measured]:
+def _size_figures(
+    n: int, walls: dict[int, float], builds: dict[int, float], cpus: dict[int, float]
+) -> list[Measured]:
     timed = _in_subprocess(n, trace=False)
     walls[n] = timed["run_s"]
+    cpus[n] = timed["run_cpu_s"]
     builds[n] = timed["build_s"]
     note = f"building the workflow: {timed['build_s']:.2f} s (not timed)"
     if n >= HUGE:
@@ -199,6 +230,51 @@ def _rss_figure(timed: dict[str, Any], n: int) -> Measured:
         f"{delta * 1024 / n:.1f} KB per step; VmHWM {timed['rss_peak_mb']:.0f} MB - VmRSS "
         f"before {timed['rss_before_mb']:.0f} MB (ru_maxrss delta {maxrss:.0f} MB: it "
         f"starts from the parent's peak, {timed['maxrss_before_mb']:.0f} MB, across exec)",
+    )
+
+
+def _map_rows(n: int, walls: dict[int, float], cpus: dict[int, float]) -> list[Row]:
+    """A map of ``n`` instances: its wall time, that over the static steps', its memory.
+
+    The two runs are a minute apart, so on a shared machine their wall times can
+    meet different loads; the note gives the ratio of their CPU times too, which
+    load moves less (the runs are bound by one thread holding the GIL, so on an
+    idle machine wall time is about CPU time).
+    """
+
+    def row(metric: str, unit: str, target: Target | None = None) -> Row:
+        return Row(
+            scenario=NAME,
+            system="stepvisor",
+            metric=f"{n:,} instances of one mapped step: {metric}",
+            value=None,
+            unit=unit,
+            target=target,
+        )
+
+    def figures() -> list[Measured]:
+        timed = _in_subprocess(n, trace=False, mapped_run=True)
+        if n not in walls:
+            raise RuntimeError(f"the {n:,} static steps failed, so there is no ratio")
+        rss = _rss_figure(timed, n)
+        return [
+            Measured(timed["run_s"], f"building the workflow: {timed['build_s'] * 1e3:.1f} ms"),
+            Measured(
+                timed["run_s"] / walls[n],
+                f"{timed['run_s']:.2f} s / {walls[n]:.2f} s of the static steps, this run; "
+                f"CPU time {timed['run_cpu_s']:.1f} s / {cpus[n]:.1f} s = "
+                f"{timed['run_cpu_s'] / cpus[n]:.2f}",
+            ),
+            Measured(rss.value * 1024 / n, rss.note.replace(" per step", " per instance")),
+        ]
+
+    return probe(
+        [
+            row("wall time", "s"),
+            row(f"wall time / {n:,} static steps'", "", MAP_WALL_TARGET),
+            row("peak RSS per instance", "KB", RSS_PER_INSTANCE_TARGET if n >= HUGE else None),
+        ],
+        figures,
     )
 
 
@@ -247,8 +323,10 @@ def run(*, quick: bool) -> list[Row]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
     walls: dict[int, float] = {}
     builds: dict[int, float] = {}
+    cpus: dict[int, float] = {}
     rows: list[Row] = []
     for i, n in enumerate(sizes):
         templates = _size_rows(n, large=i > 0 and n < HUGE, traced=n < HUGE)
-        rows += probe(templates, functools.partial(_size_figures, n, walls, builds))
+        rows += probe(templates, functools.partial(_size_figures, n, walls, builds, cpus))
+    rows += _map_rows(sizes[-1], walls, cpus)
     return rows + _ratio_rows(sizes, walls, builds, quick=quick)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "busy",
+    "ignore",
     "make_array",
     "make_array_step",
     "noop",
@@ -44,6 +45,11 @@ def nothing() -> None:
 def noop(ctx: StepContext) -> None:
     """A step that does nothing."""
     del ctx
+
+
+def ignore(item: object) -> None:
+    """A plain function of one item that does nothing: the no-op the pools map."""
+    del item
 
 
 def ready(ctx: StepContext) -> None:

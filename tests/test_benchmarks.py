@@ -23,7 +23,9 @@ from benchmarks import common, harness, isolate
 from benchmarks.common import Measured
 from benchmarks.harness import Row, Scenario, Target
 from benchmarks.scenario_makespan import Task, lower_bound, random_dag
-from benchmarks.scenario_scale import _rss_figure, chains_and_fans
+from benchmarks.scenario_map import mapped_workflow
+from benchmarks.scenario_map_chain import chain_tasks, chain_workflow, durations, policy_floor
+from benchmarks.scenario_scale import _rss_figure, chains_and_fans, mapped
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_SCENARIOS = {
@@ -39,6 +41,8 @@ EXPECTED_SCENARIOS = {
     "ray",
     "data",
     "runs",
+    "map",
+    "map_chain",
 }
 
 
@@ -228,6 +232,43 @@ def test_scale_dag_has_exactly_the_requested_number_of_steps() -> None:
     assert len(steps) == 2_000
     wf = sv.Workflow("scale", steps)
     assert sum(1 for s in wf.steps if not s.needs) == 100
+
+
+def test_map_scenarios_build_the_workflows_they_describe() -> None:
+    wf = mapped_workflow([0, 1, 2])
+    assert [(s.id, s.map_over) for s in wf.steps] == [("each", (0, 1, 2))]
+    assert [s.id for s in sv.Workflow("scale", mapped(7)).steps] == ["split", "each"]
+    chained = chain_workflow([0.5, 0.1], barrier=False)
+    walled = chain_workflow([0.5, 0.1], barrier=True)
+    assert chained.steps[1].map_over == "a_out"
+    assert chained.steps[1].requires == ()
+    assert walled.steps[1].map_over == (0.5, 0.1)
+    assert walled.steps[1].requires == ("a_out",)
+
+
+def test_chained_maps_have_one_slow_item_in_twenty_and_the_bound_counts_both_steps() -> None:
+    seconds = durations(40, 0.01)
+    assert [i for i, s in enumerate(seconds) if s > 0.01] == [0, 20]
+    tasks = chain_tasks([2.0, 1.0])
+    assert [(t.id, t.needs) for t in tasks] == [
+        ("a[0]", ()),
+        ("a[1]", ()),
+        ("b[0]", ("a[0]",)),
+        ("b[1]", ("a[1]",)),
+    ]
+    assert lower_bound(tasks, parallel=2) == (4.0, 4.0, 3.0)
+
+
+def test_policy_floor_runs_a_first_by_index_and_waits_for_all_of_a_behind_a_barrier() -> None:
+    # One slot: every a in index order, then every b.
+    assert policy_floor([2.0, 1.0], parallel=1, barrier=False) == 6.0
+    # Two slots: b[1] runs beside a[0]; b[0] follows a[0] (2 + 2 s).
+    assert policy_floor([2.0, 1.0], parallel=2, barrier=False) == 4.0
+    # a goes first: a[2] (3 s) takes a slot before b[0] and b[1] do, then b[2]
+    # follows it (1 + 3 + 3 s); behind a barrier b[0] and b[1] wait for a[2] too,
+    # and b[2] then waits for a slot (4 + 1 + 3 s).
+    assert policy_floor([1.0, 1.0, 3.0], parallel=2, barrier=False) == 7.0
+    assert policy_floor([1.0, 1.0, 3.0], parallel=2, barrier=True) == 8.0
 
 
 # -- real runs, in a subprocess ---------------------------------------------------------------
