@@ -437,3 +437,18 @@ def test_a_numpy_array_is_mapped_row_by_row() -> None:
     result = sv.run(wf)
     assert result.ok, result.error
     assert result.artifacts["sum"] == [1, 5, 9]
+
+
+def test_a_range_or_tuple_is_kept_as_is_and_a_list_is_copied() -> None:
+    items = [1, 2]
+    step = sv.Step("work", noop, map_over=items)
+    items.append(3)  # the step is immutable: what it was made with
+    assert step.map_over == (1, 2)
+    big = range(1_000_000)
+    assert sv.Step("work", noop, map_over=big).map_over is big
+    fixed = tuple(range(5))
+    assert sv.Step("work", noop, map_over=fixed).map_over is fixed
+    result = sv.run(
+        sv.Workflow("w", [sv.Step("w", item_twice, map_over=range(3), creates=["out"])])
+    )
+    assert result.artifacts["out"] == [0, 2, 4]

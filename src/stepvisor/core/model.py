@@ -131,7 +131,7 @@ class Step:
     params: Mapping[str, Any]
     resources: Mapping[str, float] | None
     #: The artifact name or the fixed items the step is mapped over, or ``None``.
-    map_over: str | tuple[Any, ...] | None
+    map_over: str | tuple[Any, ...] | range | None
     #: Whether ``fn`` is ``async def``; computed once, read on every dispatch.
     is_async: bool = field(compare=False, repr=False)
 
@@ -262,7 +262,12 @@ class Step:
         set_(self, "resources", pmap(self.resources))
 
     def _check_map(self) -> None:
-        """``map_over``: an artifact's name, or the items themselves as a list or tuple."""
+        """``map_over``: an artifact's name, or the items themselves: a list, tuple or range.
+
+        A list is copied into a tuple (the step is immutable); a tuple or a range is
+        kept as it is, so a step over a million fixed items costs the same to make
+        as one over ten.
+        """
         over: object = self.map_over  # as given: any type
         if isinstance(over, str):
             if not over:
@@ -276,7 +281,9 @@ class Step:
                     "map over an artifact another step creates (add a step that makes the list)"
                 )
             return
-        if isinstance(over, list | tuple):
+        if isinstance(over, range | tuple):
+            return
+        if isinstance(over, list):
             object.__setattr__(self, "map_over", tuple(over))
             return
         raise InvalidSettingError(
