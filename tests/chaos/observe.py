@@ -25,6 +25,8 @@ class Outcome:
     artifacts: Mapping[str, Any]
     failed_step: str | None = None
     known_failed_step: bool = False
+    #: The ids as the result lists them, in its order (empty when read from a store).
+    ids: tuple[str, ...] = ()
 
     @classmethod
     def from_result(cls, result: Any) -> Outcome:
@@ -34,6 +36,7 @@ class Outcome:
             artifacts=dict(result.artifacts),
             failed_step=result.failed_step,
             known_failed_step=True,
+            ids=tuple(result.steps),
         )
 
     @classmethod

@@ -39,6 +39,7 @@ from typing import Any, Final
 import stepvisor as sv
 from stepvisor.errors import StoreError
 from stepvisor.store.sqlite import SQLiteStore
+from tests.chaos.expect import mapped_ids
 from tests.chaos.observe import Outcome, abandoned_threads, read_effects, start_counts
 from tests.chaos.oracle import (
     check_committed_kept,
@@ -202,7 +203,9 @@ def run_with_store_fault(ctx: RunContext) -> Outcome | None:
         ctx.report.faults[f"store_fault:{kind}" + ("" if injector.injected else ":missed")] += 1
         check_no_fault_error(ctx.checker, kind, result.error)
         check_outcome(ctx.checker, scenario, outcome, cancel_issued=False, order=ctx.order)
-        check_effects(ctx.checker, outcome, read_effects(ctx.run_dir), phase="p0")
+        check_effects(
+            ctx.checker, outcome, read_effects(ctx.run_dir), phase="p0", mapped=mapped_ids(scenario)
+        )
         check_stored_run(ctx, outcome)
         return outcome
     ctx.report.faults[f"store_fault:{kind}"] += 1
