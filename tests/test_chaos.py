@@ -47,6 +47,7 @@ from tests.chaos import (
     generate,
     marked_processes,
     oracle,
+    oracle_store,
     run_bound,
     run_one,
     run_seeds,
@@ -591,10 +592,10 @@ def test_a_run_not_stopped_by_the_store_may_end_with_a_step_s_own_store_error() 
     the step's doing; only a StoreFaultError says the store stopped the run."""
     checker = Checker(seed=1)
     codec = ArtifactCodecError("cannot store artifact 'v_c18' of step 'c18' with the json codec")
-    oracle.check_no_fault_error(checker, "disk_full", codec)
-    oracle.check_no_fault_error(checker, "lock_brief", None)
+    oracle_store.check_no_fault_error(checker, "disk_full", codec)
+    oracle_store.check_no_fault_error(checker, "lock_brief", None)
     assert checker.violations == []
-    oracle.check_no_fault_error(
+    oracle_store.check_no_fault_error(
         checker, "lock_brief", StoreFaultError("x", path="p", fault="locked")
     )
     assert invariants(checker) == Counter({"store-fault": 1})
@@ -616,11 +617,13 @@ def test_committed_check_catches_a_lost_or_changed_transition() -> None:
 
 def test_store_whole_check_wants_one_row_per_step_or_none() -> None:
     checker = Checker(seed=1)
-    oracle.check_store_whole(checker, _found({"a": ("ok", 0)}), "r", ["a"], what="x")
-    oracle.check_store_whole(checker, store_faults.StoreCheck(), "r", ["a"], what="x")
+    oracle_store.check_store_whole(checker, _found({"a": ("ok", 0)}), "r", ["a"], what="x")
+    oracle_store.check_store_whole(checker, store_faults.StoreCheck(), "r", ["a"], what="x")
     assert checker.violations == []
-    oracle.check_store_whole(checker, _found({"a": ("ok", 0)}), "r", ["a", "b"], what="x")
-    oracle.check_store_whole(checker, _found({"a": ("ok", 0)}, "integrity"), "r", ["a"], what="x")
+    oracle_store.check_store_whole(checker, _found({"a": ("ok", 0)}), "r", ["a", "b"], what="x")
+    oracle_store.check_store_whole(
+        checker, _found({"a": ("ok", 0)}, "integrity"), "r", ["a"], what="x"
+    )
     assert invariants(checker) == Counter({"store-fault": 2})
 
 

@@ -43,7 +43,7 @@ run uses them: ``scenario`` (generate, build_workflow), ``steps`` (the step
 functions), ``runner`` (execute and observe), ``observe`` (what a run left),
 ``oracle`` (the checks), ``map_plans``, ``expect`` and ``map_checks`` (mapped
 steps: their plan, what they must end with, their invariants), ``store_runs``
-(store faults and racing resumes),
+and ``oracle_store`` (store faults and racing resumes, and their checks),
 ``programs`` (the driver and racer programs), ``campaign`` (one run, many runs,
 the command line).
 
@@ -124,16 +124,18 @@ from tests.chaos.oracle import (
     Checker,
     Violation,
     check_artifacts,
-    check_committed_kept,
     check_effects,
-    check_fault_error,
     check_no_rerun,
     check_outcome,
     check_processes_gone,
-    check_race_effects,
     check_sqlite_file,
     check_store_agrees,
     check_threads,
+)
+from tests.chaos.oracle_store import (
+    check_committed_kept,
+    check_fault_error,
+    check_race_effects,
     check_torn_store,
 )
 from tests.chaos.runner import RunReport

@@ -2,9 +2,11 @@
 
 Each check is counted by a :class:`Checker`; a failed one becomes a
 :class:`Violation` naming the run seed, so the run can be replayed alone.
-:func:`expected_outcome` is the oracle proper: the status and attempt count a
-step's fault implies; the other checks compare what ran, what was stored and
-what is left running with what the run reported.
+:func:`check_outcome` holds every step and every instance of a mapped step to
+what its fault implies (:mod:`tests.chaos.expect`); the other checks compare
+what ran, what was stored and what is left running with what the run
+reported.  Mapped steps' own invariants are :mod:`tests.chaos.map_checks`'s,
+store faults' and ownership's :mod:`tests.chaos.oracle_store`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Final
 
 from stepvisor.actors.supervisor import NOT_RETRIED_STOPPING
 from stepvisor.core.records import instance_id
-from stepvisor.errors import StoreError, StoreFaultError
+from stepvisor.errors import StoreError
 from stepvisor.store.sqlite import SQLiteStore
 from tests.chaos.expect import (
     dependencies,
@@ -35,7 +37,6 @@ from tests.chaos.expect import (
 from tests.chaos.map_checks import check_maps, expanded, instance_records
 from tests.chaos.observe import Effect, Outcome, cmdlines, marked_processes, merged_outputs
 from tests.chaos.scenario import Scenario, StepPlan, chain_source
-from tests.store_faults import StoreCheck
 
 INVARIANTS: Final = (
     "terminal",
@@ -56,15 +57,6 @@ INVARIANTS: Final = (
     "map-summary",
     "map-list",
 )
-
-#: The ``StoreFaultError.fault`` each store fault must be reported as.
-STORE_FAULT_NAMES: Final[Mapping[str, str]] = {
-    "disk_full": "disk full",
-    "read_only": "read-only",
-    "lock_held": "locked",
-    "deleted": "file deleted",
-    "replaced": "file replaced",
-}
 
 #: How long processes may take to vanish once their run (or program) is gone.
 _PROCESS_GRACE: Final = 5.0
@@ -107,7 +99,8 @@ class Checker:
         self.check(invariant, False, detail)
 
 
-_TERMINAL: Final = frozenset(_STATUS_NAMES)
+#: The statuses a step or an instance may end with.
+TERMINAL: Final = frozenset(_STATUS_NAMES)
 
 
 def check_outcome(
@@ -138,7 +131,7 @@ def check_outcome(
     for sid in own:
         checker.check(
             "terminal",
-            statuses[sid] in _TERMINAL,
+            statuses[sid] in TERMINAL,
             f"step {sid} ended {statuses[sid]!r}, not a terminal status",
         )
     _check_run_status(checker, scenario, outcome, statuses, cancel_issued=cancel_issued)
@@ -649,117 +642,3 @@ def check_threads(
         time.sleep(0.01)
     checker.check("threads", not left, lambda: f"threads {left} outlived the run")
     return [t.name for t in new if t.name in excepted]
-
-
-# -- store faults and ownership ------------------------------------------------------------------
-
-
-def check_fault_error(checker: Checker, kind: str, error: BaseException | None, db: Path) -> None:
-    """The error a store fault ended with is a ``StoreFaultError`` naming the file and the fault."""
-    want = STORE_FAULT_NAMES[kind]
-    ok = (
-        isinstance(error, StoreFaultError)
-        and error.fault == want
-        and error.path == str(db)
-        and str(db) in str(error)
-    )
-    checker.check(
-        "store-fault",
-        ok,
-        lambda: f"{kind}: expected a StoreFaultError ({want!r}) naming {db}, got {error!r}",
-    )
-
-
-def check_no_fault_error(checker: Checker, kind: str, error: BaseException | None) -> None:
-    """A run a store fault did not stop (never struck; a brief lock waited out) has no fault error.
-
-    Other store errors are a step's own doing (an artifact the codec refuses).
-    """
-    checker.check(
-        "store-fault",
-        not isinstance(error, StoreFaultError),
-        lambda: f"{kind}: the run was not to be stopped by the store, but ended with {error!r}",
-    )
-
-
-def check_faulted_run(
-    checker: Checker, kind: str, status: str, error: BaseException | None
-) -> None:
-    """A run a store fault struck ended failed, with the fault's own error."""
-    checker.check(
-        "store-fault",
-        status == "failed",
-        lambda: f"{kind}: the run struck by the fault ended {status}, not failed ({error!r})",
-    )
-
-
-def check_store_whole(
-    checker: Checker, found: StoreCheck, run_id: str, step_ids: Iterable[str], *, what: str
-) -> None:
-    """``check_store`` found nothing wrong, and the run has one status row per step (or none)."""
-    checker.check(
-        "store-fault", not found.problems, lambda: f"{what}: the store is damaged: {found.problems}"
-    )
-    rows = set(found.steps.get(run_id, {}))
-    want = set(step_ids)
-    checker.check(
-        "store-fault",
-        rows in (want, set()),
-        lambda: f"{what}: the store has step rows {sorted(rows)}, the workflow {sorted(want)}",
-    )
-
-
-def check_committed_kept(
-    checker: Checker, before: StoreCheck, after: StoreCheck, run_id: str, *, what: str
-) -> None:
-    """Every transition committed before the fault is still there after it.
-
-    A step in a terminal status keeps that status and its attempts; any other
-    step has at least the attempts it had.
-    """
-    old, new = before.steps.get(run_id, {}), after.steps.get(run_id, {})
-    old_attempts, new_attempts = before.attempts.get(run_id, {}), after.attempts.get(run_id, {})
-    for sid, status in sorted(old.items()):
-        was, now = old_attempts.get(sid, 0), new_attempts.get(sid, 0)
-        if status in _TERMINAL:
-            ok = new.get(sid) == status and now == was
-        else:
-            ok = sid in new and now >= was
-        checker.check(
-            "store-fault",
-            ok,
-            f"{what}: step {sid} was stored {status} with {was} attempts before the "
-            f"fault, and is {new.get(sid)} with {now} after it",
-        )
-
-
-def check_torn_store(
-    checker: Checker, before: StoreCheck, after: StoreCheck, run_id: str, step_ids: Iterable[str]
-) -> None:
-    """A torn WAL loses whole transactions at its end, never invents or half-keeps one."""
-    check_store_whole(checker, after, run_id, step_ids, what="the torn WAL")
-    kept, had = after.succeeded(run_id), before.succeeded(run_id)
-    checker.check(
-        "store-fault",
-        kept <= had,
-        lambda: f"after the WAL was torn, steps {sorted(kept - had)} read succeeded; they had not",
-    )
-
-
-def check_race_effects(
-    checker: Checker, effects: Mapping[str, list[Effect]], *, winner: str, loser: str
-) -> None:
-    """Across two racing resumes no step ran twice: the loser ran nothing at all."""
-    for sid, lines in sorted(effects.items()):
-        lost = [e.attempt for e in lines if e.phase == loser and e.event == "start"]
-        checker.check(
-            "race",
-            not lost,
-            f"step {sid} began attempts {lost} in the losing resume",
-        )
-        both = [e.attempt for e in lines if e.phase in (winner, loser) and e.event == "start"]
-        checker.check(
-            "race",
-            len(both) == len(set(both)),
-            f"step {sid}: attempts {both} began across the racing resumes",
-        )

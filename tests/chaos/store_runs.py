@@ -42,17 +42,19 @@ from stepvisor.store.sqlite import SQLiteStore
 from tests.chaos.expect import mapped_ids
 from tests.chaos.observe import Outcome, abandoned_threads, read_effects, start_counts
 from tests.chaos.oracle import (
-    check_committed_kept,
     check_effects,
+    check_outcome,
+    check_processes_gone,
+    check_sqlite_file,
+    check_threads,
+)
+from tests.chaos.oracle_store import (
+    check_committed_kept,
     check_fault_error,
     check_faulted_run,
     check_no_fault_error,
-    check_outcome,
-    check_processes_gone,
     check_race_effects,
-    check_sqlite_file,
     check_store_whole,
-    check_threads,
     check_torn_store,
 )
 from tests.chaos.programs import RACE_LOST, RACE_WON
