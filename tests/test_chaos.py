@@ -486,6 +486,14 @@ def test_a_bounded_campaign_finds_no_violation(chdir_tmp: Path) -> None:
     assert summary.faults["driver:resume-now"] >= 1, text
     assert summary.checks["one-owner"] >= 3, text
     assert summary.checks["race"] >= 1, text
+    # Mapped steps, in about a third of the runs (13 of the first 60 of the default seed,
+    # 5 of them killed and resumed): every map invariant is checked, on instances that
+    # fail and succeed.  (A kill that lands mid-map every time: test_map_driver_kill.py.)
+    assert summary.scenarios["maps"] >= 10, text
+    for invariant in ("instances", "map-summary", "map-list"):
+        assert summary.checks[invariant] >= 10, (invariant, text)
+    for kind in ("chained", "over_artifact", "fixed", "length_0", "faulty_instances"):
+        assert summary.faults[f"map:{kind}"] >= 1, (kind, text)
 
 
 def _scenario_and_plan(
