@@ -123,6 +123,7 @@ def run_one(seed: int, workdir: Path, *, token: str | None = None) -> RunReport:
         report.seconds = time.monotonic() - started
         report.checks = checker.counts
         report.violations = checker.violations
+        report.faults.update({f"tolerated:{k}": n for k, n in checker.tolerated.items()})
         shutil.rmtree(run_dir, ignore_errors=True)
     return report
 
@@ -179,8 +180,13 @@ class CampaignSummary:
         }
         run_faults |= {k: v for k, v in self.faults.items() if k.startswith("driver_")}
         maps = {k.split(":", 1)[1]: v for k, v in self.faults.items() if k.startswith("map:")}
+        tolerated = {
+            k.split(":", 1)[1]: v for k, v in self.faults.items() if k.startswith("tolerated:")
+        }
         for k in maps:
             run_faults.pop(f"map:{k}", None)
+        for k in tolerated:
+            run_faults.pop(f"tolerated:{k}", None)
         store = {
             k.split(":", 1)[1]: v for k, v in self.faults.items() if k.startswith("store_fault:")
         }
@@ -211,6 +217,8 @@ class CampaignSummary:
             f"  maps: {self.scenarios['maps']} runs with mapped steps ({_pairs(maps)})",
             f"  invariant checks: {sum(self.checks.values())} ({_pairs(self.checks)})",
             f"  abandoned daemon threads (excepted from the thread check): {self.abandoned}",
+            f"  steps the oracle let off for load, each only as its record says: "
+            f"{_pairs(tolerated)}",
             f"  slowest run: {self.slowest[0]:.2f} s (seed {self.slowest[1]})",
         ]
         for violation in self.violations[:50]:
