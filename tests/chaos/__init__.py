@@ -12,7 +12,10 @@ How one run goes::
 
     run seed ─▶ generate(): Scenario (a DAG of 3-25 steps; thread, async and      pure
                 process steps; a fault per step, maybe; settings; a cancel,
-                a driver kill, a store fault or an ownership race, maybe)
+                a driver kill, a store fault or an ownership race, maybe;
+                map groups, maybe: mapped steps over fixed items or a
+                splitter's list, chains of maps, a step needing a whole
+                list, faults on some instances)
              ─▶ build_workflow(): sv.Workflow of chaos_step / chaos_step_async      pure
              ─▶ execute, in one of two ways, while a monitor loop on this thread
                 SIGKILLs process steps that asked for it (pid files) and
@@ -38,7 +41,9 @@ The campaign is test tooling, not part of the library: it lives with the tests,
 run from the repository root (``make chaos`` does).  Its modules, in the order a
 run uses them: ``scenario`` (generate, build_workflow), ``steps`` (the step
 functions), ``runner`` (execute and observe), ``observe`` (what a run left),
-``oracle`` (the checks), ``store_runs`` (store faults and racing resumes),
+``oracle`` (the checks), ``map_plans``, ``expect`` and ``map_checks`` (mapped
+steps: their plan, what they must end with, their invariants), ``store_runs``
+and ``oracle_store`` (store faults and racing resumes, and their checks),
 ``programs`` (the driver and racer programs), ``campaign`` (one run, many runs,
 the command line).
 
@@ -78,7 +83,19 @@ What is checked (``INVARIANTS``):
   and a resume with a huge ``stale_after`` gets through; of two racing
   resumes exactly one owns the run, and the other's ``RunOwnedError`` and the
   store both name it;
-* ``race``: across two racing resumes no step runs twice (the loser runs none).
+* ``race``: across two racing resumes no step runs twice (the loser runs none);
+* ``instances`` (mapped steps, :mod:`tests.chaos.map_checks`): no instance is
+  lost or duplicated: a mapped step that expanded over N items has exactly one
+  record for each of ``step[0]`` … ``step[N-1]``, each terminal, listed right
+  after its step in index order; one that never expanded has none;
+* ``map-summary``: a mapped step's status sums its instances' up (succeeded if
+  and only if all did) and its note counts them;
+* ``map-list``: a succeeded mapped step's list equals an uninterrupted
+  fault-free run's (each value a pure function of its item).
+
+Instances are units like steps for ``oracle``, ``attempts``, ``effects`` and
+``no-rerun``: each has its own side-effect log (``effects/step[i].log``), so an
+instance stored as succeeded that runs again after a driver kill is caught.
 
 Not covered yet (the features are not built): no shared-memory segment left
 behind after child and parent kills; an engine stays usable after any fault.
@@ -94,6 +111,8 @@ from tests.chaos.campaign import (
     run_one,
     run_seeds,
 )
+from tests.chaos.expect import expected_outcome
+from tests.chaos.map_checks import check_map_lists, check_maps
 from tests.chaos.observe import (
     Effect,
     Outcome,
@@ -105,18 +124,19 @@ from tests.chaos.oracle import (
     Checker,
     Violation,
     check_artifacts,
-    check_committed_kept,
     check_effects,
-    check_fault_error,
     check_no_rerun,
     check_outcome,
     check_processes_gone,
-    check_race_effects,
     check_sqlite_file,
     check_store_agrees,
     check_threads,
+)
+from tests.chaos.oracle_store import (
+    check_committed_kept,
+    check_fault_error,
+    check_race_effects,
     check_torn_store,
-    expected_outcome,
 )
 from tests.chaos.runner import RunReport
 from tests.chaos.scenario import (
@@ -166,6 +186,8 @@ __all__ = [
     "check_committed_kept",
     "check_effects",
     "check_fault_error",
+    "check_map_lists",
+    "check_maps",
     "check_no_rerun",
     "check_outcome",
     "check_processes_gone",

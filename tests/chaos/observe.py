@@ -6,6 +6,7 @@ it decides anything.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ class Outcome:
     artifacts: Mapping[str, Any]
     failed_step: str | None = None
     known_failed_step: bool = False
+    #: The ids as the result lists them, in its order (empty when read from a store).
+    ids: tuple[str, ...] = ()
 
     @classmethod
     def from_result(cls, result: Any) -> Outcome:
@@ -34,6 +37,7 @@ class Outcome:
             artifacts=dict(result.artifacts),
             failed_step=result.failed_step,
             known_failed_step=True,
+            ids=tuple(result.steps),
         )
 
     @classmethod
@@ -45,13 +49,29 @@ class Outcome:
         )
 
 
+#: A mapped step's note once it learnt its list.
+_MAPPED = re.compile(r"mapped over (\d+) items")
+
+
 def merged_outputs(stored: Any, order: Sequence[str]) -> dict[str, Any]:
-    """The artifacts a stored run adds up to: succeeded steps' outputs in canonical order."""
+    """The artifacts a stored run adds up to: succeeded steps' outputs in canonical order.
+
+    The store keeps a mapped step's record without its list (its instances' outputs
+    hold the data once): the list is put together here from them, in index order,
+    under the one name a campaign's mapped step creates (``l_<id>``).
+    """
     merged: dict[str, Any] = {}
     for sid in order:
         record = stored.steps.get(sid)
         if record is not None and str(record.status) == "succeeded":
-            merged.update(stored.outputs.get(sid, {}))
+            outputs = stored.outputs.get(sid, {})
+            found = _MAPPED.match(record.note or "")
+            if not outputs and found is not None:
+                name = f"l_{sid}"
+                size = int(found.group(1))
+                items = [stored.outputs.get(f"{sid}[{i}]", {}).get(name) for i in range(size)]
+                outputs = {name: items}
+            merged.update(outputs)
     return merged
 
 

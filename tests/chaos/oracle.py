@@ -2,9 +2,11 @@
 
 Each check is counted by a :class:`Checker`; a failed one becomes a
 :class:`Violation` naming the run seed, so the run can be replayed alone.
-:func:`expected_outcome` is the oracle proper: the status and attempt count a
-step's fault implies; the other checks compare what ran, what was stored and
-what is left running with what the run reported.
+:func:`check_outcome` holds every step and every instance of a mapped step to
+what its fault implies (:mod:`tests.chaos.expect`); the other checks compare
+what ran, what was stored and what is left running with what the run
+reported.  Mapped steps' own invariants are :mod:`tests.chaos.map_checks`'s,
+store faults' and ownership's :mod:`tests.chaos.oracle_store`'s.
 """
 
 from __future__ import annotations
@@ -16,17 +18,25 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from stepvisor.actors.supervisor import NOT_RETRIED_STOPPING
-from stepvisor.errors import StoreError, StoreFaultError
+from stepvisor.core.records import instance_id
+from stepvisor.errors import StoreError
 from stepvisor.store.sqlite import SQLiteStore
+from tests.chaos.expect import (
+    dependencies,
+    expected_status,
+    own_instance,
+    plan_of,
+    summary_of,
+)
+from tests.chaos.map_checks import check_maps, expanded, instance_records
 from tests.chaos.observe import Effect, Outcome, cmdlines, marked_processes, merged_outputs
-from tests.chaos.scenario import CRASHES, Scenario, StepPlan
-from tests.store_faults import StoreCheck
+from tests.chaos.scenario import Scenario, StepPlan, chain_source
 
 INVARIANTS: Final = (
     "terminal",
@@ -43,37 +53,14 @@ INVARIANTS: Final = (
     "store-fault",
     "one-owner",
     "race",
+    "instances",
+    "map-summary",
+    "map-list",
 )
-
-#: The ``StoreFaultError.fault`` each store fault must be reported as.
-STORE_FAULT_NAMES: Final[Mapping[str, str]] = {
-    "disk_full": "disk full",
-    "read_only": "read-only",
-    "lock_held": "locked",
-    "deleted": "file deleted",
-    "replaced": "file replaced",
-}
 
 #: How long processes may take to vanish once their run (or program) is gone.
 _PROCESS_GRACE: Final = 5.0
 _STATUS_NAMES: Final = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
-
-
-def expected_outcome(plan: StepPlan, *, max_worker_crashes: int) -> tuple[str, int]:
-    """The status a step must end with, and its number of attempts, if it runs undisturbed."""
-    fault, k, m = plan.fault, plan.failing, plan.max_attempts
-    if fault in ("ok", "orphan"):
-        return "succeeded", 1
-    if fault in ("fatal", "unpicklable", "unstorable"):
-        return "failed", 1  # never retried
-    if fault == "ignore_cancel":
-        return "timed_out", 1  # abandoned, never retried
-    if fault == "timeout":
-        return ("succeeded", k + 1) if k < m else ("timed_out", m)
-    if fault in CRASHES:
-        cap = min(m, max_worker_crashes)
-        return ("succeeded", k + 1) if k < cap else ("failed", cap)
-    return ("succeeded", k + 1) if k < m else ("failed", m)  # raise, retryable
 
 
 # -- checking -------------------------------------------------------------------------------
@@ -98,6 +85,8 @@ class Checker:
         self.seed = seed
         self.counts: Counter[str] = Counter()
         self.violations: list[Violation] = []
+        #: Steps an oracle rule let off for what load does (late starts), by rule.
+        self.tolerated: Counter[str] = Counter()
 
     def check(self, invariant: str, ok: bool, detail: str | Callable[[], str]) -> bool:
         """Record one check of ``invariant``; ``detail`` (or its call) says what broke."""
@@ -112,7 +101,8 @@ class Checker:
         self.check(invariant, False, detail)
 
 
-_TERMINAL: Final = frozenset(_STATUS_NAMES)
+#: The statuses a step or an instance may end with.
+TERMINAL: Final = frozenset(_STATUS_NAMES)
 
 
 def check_outcome(
@@ -123,35 +113,66 @@ def check_outcome(
     cancel_issued: bool,
     order: Sequence[str] | None = None,
 ) -> None:
-    """Statuses, run status, the fault oracle and attempt records of one finished run."""
+    """Statuses, run status, the fault oracle and attempt records of one finished run.
+
+    Instances of mapped steps are checked as units of their own (the step's fault
+    strikes its ``bad`` indexes), and :func:`~tests.chaos.map_checks.check_maps`
+    checks that none is lost or duplicated and that each mapped step sums them up.
+    """
     steps = outcome.steps
     ids = [p.id for p in scenario.steps]
+    known = set(ids)
+    own = sorted(sid for sid in steps if sid in known)
+    strays = sorted(sid for sid in steps if sid not in known and plan_of(scenario, sid) is None)
     checker.check(
         "terminal",
-        sorted(steps) == sorted(ids),
-        lambda: f"the run has records for {sorted(steps)}, the workflow has {sorted(ids)}",
+        own == sorted(ids) and not strays,
+        lambda: f"the run has records for {own + strays}, the workflow has {sorted(ids)}",
     )
-    statuses = {sid: str(rec.status) for sid, rec in steps.items()}
-    for sid in ids:
-        if sid in statuses:
-            checker.check(
-                "terminal",
-                statuses[sid] in _TERMINAL,
-                f"step {sid} ended {statuses[sid]!r}, not a terminal status",
-            )
+    statuses = {sid: str(steps[sid].status) for sid in own}
+    for sid in own:
+        checker.check(
+            "terminal",
+            statuses[sid] in TERMINAL,
+            f"step {sid} ended {statuses[sid]!r}, not a terminal status",
+        )
     _check_run_status(checker, scenario, outcome, statuses, cancel_issued=cancel_issued)
     for plan in scenario.steps:
         record = steps.get(plan.id)
         if record is not None:
-            _check_step(checker, scenario, plan, record, statuses, cancel_issued=cancel_issued)
+            _check_step(
+                checker, scenario, plan, record, statuses, cancel_issued=cancel_issued, steps=steps
+            )
             _check_attempt_records(checker, plan.id, record)
+    for uid, record in steps.items():
+        found = None if uid in known else plan_of(scenario, uid)
+        if found is not None:
+            _check_instance(checker, scenario, found, record, statuses, steps, cancel_issued)
+            _check_attempt_records(checker, uid, record)
     if outcome.known_failed_step and order is not None:
-        first = next((s for s in order if statuses.get(s) in ("failed", "timed_out")), None)
+        first = _first_failed(order, steps)
         checker.check(
             "run-status",
             outcome.failed_step == first,
             lambda: f"failed_step is {outcome.failed_step!r}, the first failed step is {first!r}",
         )
+    check_maps(checker, scenario, outcome)
+
+
+def _first_failed(order: Sequence[str], steps: Mapping[str, Any]) -> str | None:
+    """The first failed step in canonical order; for a mapped step, its first failed instance."""
+    failed = ("failed", "timed_out")
+    for sid in order:
+        record = steps.get(sid)
+        if record is None or str(record.status) not in failed:
+            continue
+        index = 0
+        while f"{sid}[{index}]" in steps:
+            if str(steps[f"{sid}[{index}]"].status) in failed:
+                return f"{sid}[{index}]"
+            index += 1
+        return sid
+    return None
 
 
 def _check_run_status(
@@ -182,23 +203,51 @@ def _check_run_status(
     )
     if status == "cancelled":
         return
-    must_succeed = all(
-        expected_outcome(p, max_worker_crashes=scenario.max_worker_crashes)[0] == "succeeded"
-        for p in scenario.steps
-    )
+    must_succeed = all(expected_status(scenario, p)[0] == "succeeded" for p in scenario.steps)
     want = "succeeded" if must_succeed else "failed"
-    # The one outcome the oracle cannot foresee (see _check_step): a cooperative
+    # The one outcome the oracle cannot foresee (see _check_unit): a cooperative
     # thread a loaded machine did not schedule within its grace period is
     # abandoned, never retried, and so fails the run its fault would not have.
-    abandoned = any(
-        _abandoned_under_load(p, outcome.steps[p.id])
-        for p in scenario.steps
-        if p.id in outcome.steps
-    )
+    abandoned = False
+    for uid, record in outcome.steps.items():
+        found = plan_of(scenario, uid)
+        if found is not None and (
+            _abandoned_under_load(found[0], record)
+            or _late(found[0], found[1] < 0 or found[1] in found[0].bad, record)
+        ):
+            abandoned = True
     checker.check(
         "oracle",
         status == want or (abandoned and status == "failed"),
         lambda: f"the run {status}; with its faults it must have {want} ({summary})",
+    )
+
+
+#: Timeouts this short can pass while an attempt waits to start on a loaded
+#: machine (or behind a sibling busy-looping on the GIL, or a process starting).
+LATE_START_TIMEOUT: Final = 5.0
+
+
+def _late(plan: StepPlan, struck: bool, record: Any) -> int:
+    """Attempts that timed out although the step's code would not have hung on them.
+
+    The deadline runs from dispatch: on a loaded machine an attempt can start so
+    late that it times out before it begins ("stopped before it started") or
+    while it runs briefly.  Such an attempt of a unit whose fault would not
+    strike it (an instance off the ``bad`` list, an attempt past ``failing``)
+    costs one attempt more; with a timeout that must never fire, none is allowed.
+    """
+    timeout = plan.timeout
+    if timeout is None or timeout >= LATE_START_TIMEOUT:
+        return 0
+    failing = plan.failing if struck and plan.fault != "ok" else 0
+    return sum(
+        a.outcome == "timed_out"
+        and a.number > failing
+        # its deadline really passed: the timeout elapsed between dispatch and the outcome
+        and a.ended is not None
+        and a.ended - a.started >= 0.9 * timeout
+        for a in record.attempts
     )
 
 
@@ -213,6 +262,13 @@ def _abandoned_under_load(plan: StepPlan, record: Any) -> bool:
     )
 
 
+def _stopping(scenario: Scenario, statuses: Mapping[str, str], *, cancel_issued: bool) -> bool:
+    return cancel_issued or (
+        scenario.on_failure == "fail_fast"
+        and any(s in ("failed", "timed_out") for s in statuses.values())
+    )
+
+
 def _check_step(
     checker: Checker,
     scenario: Scenario,
@@ -221,36 +277,127 @@ def _check_step(
     statuses: Mapping[str, str],
     *,
     cancel_issued: bool,
+    steps: Mapping[str, Any] | None = None,
+) -> None:
+    """One step against its fault and its dependencies; a mapped step against its summary.
+
+    A mapped step that expanded ended with the summary of its instances: the
+    expected one, unless a stop or a thread abandoned under load changed an
+    instance's end (each instance is checked on its own, and ``map-summary``
+    checks the sum).  One chained to a map that never expanded waits on it whole.
+    """
+    want, attempts = expected_status(scenario, plan)
+    blocked = [n for n in dependencies(scenario, plan) if statuses.get(n) != "succeeded"]
+    source = chain_source(scenario, plan)
+    source_record = steps.get(source.id) if steps and source else None
+    if source and not expanded(source_record) and statuses.get(source.id) != "succeeded":
+        blocked.append(source.id)
+    stopping = _stopping(scenario, statuses, cancel_issued=cancel_issued)
+    also: set[str] = set()
+    if plan.mapped and steps is not None and expanded(record):
+        mine = instance_records(steps, plan.id)
+        disturbed = stopping or any(
+            _abandoned_under_load(p, r)
+            for p in _chain_of(scenario, plan)
+            for r in instance_records(steps, p.id).values()
+        )
+        if disturbed:
+            also.add(summary_of(str(r.status) for r in mine.values()))
+    if_blocked = "skipped" if scenario.on_failure == "continue" else ""
+    unit = _Unit(plan.id, want, attempts, blocked, if_blocked, frozenset(also))
+    _check_unit(checker, scenario, plan, unit, record, stopping=stopping)
+
+
+def _chain_of(scenario: Scenario, plan: StepPlan) -> list[StepPlan]:
+    """``plan`` and the maps it is chained to, up the chain."""
+    chain = [plan]
+    source = chain_source(scenario, plan)
+    while source is not None:
+        chain.append(source)
+        source = chain_source(scenario, source)
+    return chain
+
+
+def _check_instance(
+    checker: Checker,
+    scenario: Scenario,
+    found: tuple[StepPlan, int],
+    record: Any,
+    statuses: Mapping[str, str],
+    steps: Mapping[str, Any],
+    cancel_issued: bool,
+) -> None:
+    """One instance: its own fault (if its index is a bad one), or skipped after its source's."""
+    plan, index = found
+    want, attempts = own_instance(scenario, plan, index)
+    source = chain_source(scenario, plan)
+    blocked: list[str] = []
+    if source is not None:
+        upstream = steps.get(instance_id(source.id, index))
+        if upstream is None or str(upstream.status) != "succeeded":
+            blocked = [instance_id(source.id, index)]
+    struck = index in plan.bad
+    unit = _Unit(instance_id(plan.id, index), want, attempts, blocked, "skipped", struck=struck)
+    stopping = _stopping(scenario, statuses, cancel_issued=cancel_issued)
+    _check_unit(checker, scenario, plan, unit, record, stopping=stopping)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """What one step or instance must end with: ``want`` after ``attempts``, unless
+    ``blocked`` (then only ``if_blocked``, or nothing, is allowed)."""
+
+    uid: str
+    want: str
+    attempts: int
+    blocked: list[str]
+    if_blocked: str
+    #: Other statuses allowed (a mapped step's actual summary, when disturbed).
+    also: frozenset[str] = frozenset()
+    #: Whether the step's fault strikes this unit (an instance off ``bad``: no).
+    struck: bool = True
+
+
+def _check_unit(
+    checker: Checker,
+    scenario: Scenario,
+    plan: StepPlan,
+    unit: _Unit,
+    record: Any,
+    *,
+    stopping: bool,
 ) -> None:
     status = str(record.status)
+    want, attempts, blocked = unit.want, unit.attempts, unit.blocked
     if record.restored:
-        want, _ = expected_outcome(plan, max_worker_crashes=scenario.max_worker_crashes)
         checker.check(
             "oracle",
             status == "succeeded" and want == "succeeded",
-            lambda: f"step {plan.id} was restored as {status}; its fault says it must {want}",
+            lambda: f"step {unit.uid} was restored as {status}; its fault says it must {want}",
         )
         return
-    want, attempts = expected_outcome(plan, max_worker_crashes=scenario.max_worker_crashes)
-    blocked = [n for n in plan.needs if statuses.get(n) != "succeeded"]
-    stopping = cancel_issued or (
-        scenario.on_failure == "fail_fast"
-        and any(s in ("failed", "timed_out") for s in statuses.values())
-    )
-    allowed = {want}
+    allowed = {want} | unit.also
     if blocked:
         # A dependency did not succeed: this step cannot have run.
-        allowed = {"skipped"} if scenario.on_failure == "continue" else set()
+        allowed = {unit.if_blocked} - {""}
     if stopping:
         allowed |= {"cancelled"} | ({"skipped"} if scenario.on_failure == "continue" else set())
     last = record.attempts[-1] if record.attempts else None
     abandoned = _abandoned_under_load(plan, record)
     if abandoned:
+        checker.tolerated["abandoned under load"] += 1
         # A cooperative thread that a loaded machine does not schedule within the
         # grace period looks exactly like one that ignores the request: the engine
         # abandons it and, by design, never retries an abandoned attempt, so the
         # step can also end with fewer attempts than its fault would take.
         allowed |= {"timed_out"}
+    late = _late(plan, unit.struck, record)
+    if late:
+        checker.tolerated["late start"] += 1
+        # Each attempt that timed out for starting late took one attempt more;
+        # when they used them all, the step timed out.
+        allowed |= {"timed_out"}
+        attempts = min(attempts + late, plan.max_attempts)
     if stopping and last is not None and (last.note or "").startswith(NOT_RETRIED_STOPPING):
         # The attempt failed as its fault says while the run was stopping: the
         # engine keeps that status and records that the stop prevented a retry.
@@ -259,7 +406,7 @@ def _check_step(
         "oracle",
         status in allowed,
         lambda: (
-            f"step {plan.id} ({plan.executor}, fault {plan.fault} x{plan.failing}, "
+            f"step {unit.uid} ({plan.executor}, fault {plan.fault} x{plan.failing}, "
             f"max_attempts {plan.max_attempts}) ended {status}; allowed: {sorted(allowed)}"
             + (f" (dependencies {blocked} did not succeed)" if blocked else "")
             + f"; attempts: {_attempt_history(record)}"
@@ -268,7 +415,16 @@ def _check_step(
     got = len(record.attempts)
     if status == "skipped":
         checker.check(
-            "oracle", got == 0, lambda: f"step {plan.id} was skipped after {got} attempts"
+            "oracle", got == 0, lambda: f"step {unit.uid} was skipped after {got} attempts"
+        )
+    elif late and status == "timed_out" and want != "timed_out":
+        checker.check(
+            "oracle",
+            got == plan.max_attempts,
+            lambda: (
+                f"step {unit.uid} timed out after {got} attempts, {late} of them late; "
+                f"expected all {plan.max_attempts} used"
+            ),
         )
     elif abandoned and status == "timed_out":
         earlier = [a.outcome for a in record.attempts[:-1]]
@@ -276,7 +432,7 @@ def _check_step(
             "oracle",
             got <= attempts and all(o == "timed_out" for o in earlier),
             lambda: (
-                f"step {plan.id} was abandoned on attempt {got}; expected at most {attempts}, "
+                f"step {unit.uid} was abandoned on attempt {got}; expected at most {attempts}, "
                 f"each before it timed out (got {earlier})"
             ),
         )
@@ -285,15 +441,15 @@ def _check_step(
             "oracle",
             got == attempts,
             lambda: (
-                f"step {plan.id} ({plan.fault} x{plan.failing}) {status} after {got} "
+                f"step {unit.uid} ({plan.fault} x{plan.failing}) {status} after {got} "
                 f"attempts; expected {attempts}; attempts: {_attempt_history(record)}"
             ),
         )
     elif status == want:
         checker.check(
             "oracle",
-            1 <= got <= attempts,
-            lambda: f"step {plan.id} {status} after {got} attempts; expected 1..{attempts}",
+            min(1, attempts) <= got <= attempts,
+            lambda: f"step {unit.uid} {status} after {got} attempts; expected 1..{attempts}",
         )
 
 
@@ -342,9 +498,16 @@ def check_effects(
     effects: Mapping[str, list[Effect]],
     *,
     phase: str,
+    mapped: Collection[str] = (),
 ) -> None:
-    """What really ran in ``phase`` agrees with the attempts the run recorded."""
+    """What really ran in ``phase`` agrees with the attempts the run recorded.
+
+    ``mapped`` steps never run themselves (their instances do): they have no log.
+    """
     for sid, record in outcome.steps.items():
+        if sid in mapped:
+            checker.check("effects", sid not in effects, f"mapped step {sid} ran as a step")
+            continue
         lines = [e for e in effects.get(sid, []) if e.phase == phase]
         begun = [e.attempt for e in lines if e.event == "start"]
         checker.check(
@@ -491,117 +654,3 @@ def check_threads(
         time.sleep(0.01)
     checker.check("threads", not left, lambda: f"threads {left} outlived the run")
     return [t.name for t in new if t.name in excepted]
-
-
-# -- store faults and ownership ------------------------------------------------------------------
-
-
-def check_fault_error(checker: Checker, kind: str, error: BaseException | None, db: Path) -> None:
-    """The error a store fault ended with is a ``StoreFaultError`` naming the file and the fault."""
-    want = STORE_FAULT_NAMES[kind]
-    ok = (
-        isinstance(error, StoreFaultError)
-        and error.fault == want
-        and error.path == str(db)
-        and str(db) in str(error)
-    )
-    checker.check(
-        "store-fault",
-        ok,
-        lambda: f"{kind}: expected a StoreFaultError ({want!r}) naming {db}, got {error!r}",
-    )
-
-
-def check_no_fault_error(checker: Checker, kind: str, error: BaseException | None) -> None:
-    """A run a store fault did not stop (never struck; a brief lock waited out) has no fault error.
-
-    Other store errors are a step's own doing (an artifact the codec refuses).
-    """
-    checker.check(
-        "store-fault",
-        not isinstance(error, StoreFaultError),
-        lambda: f"{kind}: the run was not to be stopped by the store, but ended with {error!r}",
-    )
-
-
-def check_faulted_run(
-    checker: Checker, kind: str, status: str, error: BaseException | None
-) -> None:
-    """A run a store fault struck ended failed, with the fault's own error."""
-    checker.check(
-        "store-fault",
-        status == "failed",
-        lambda: f"{kind}: the run struck by the fault ended {status}, not failed ({error!r})",
-    )
-
-
-def check_store_whole(
-    checker: Checker, found: StoreCheck, run_id: str, step_ids: Iterable[str], *, what: str
-) -> None:
-    """``check_store`` found nothing wrong, and the run has one status row per step (or none)."""
-    checker.check(
-        "store-fault", not found.problems, lambda: f"{what}: the store is damaged: {found.problems}"
-    )
-    rows = set(found.steps.get(run_id, {}))
-    want = set(step_ids)
-    checker.check(
-        "store-fault",
-        rows in (want, set()),
-        lambda: f"{what}: the store has step rows {sorted(rows)}, the workflow {sorted(want)}",
-    )
-
-
-def check_committed_kept(
-    checker: Checker, before: StoreCheck, after: StoreCheck, run_id: str, *, what: str
-) -> None:
-    """Every transition committed before the fault is still there after it.
-
-    A step in a terminal status keeps that status and its attempts; any other
-    step has at least the attempts it had.
-    """
-    old, new = before.steps.get(run_id, {}), after.steps.get(run_id, {})
-    old_attempts, new_attempts = before.attempts.get(run_id, {}), after.attempts.get(run_id, {})
-    for sid, status in sorted(old.items()):
-        was, now = old_attempts.get(sid, 0), new_attempts.get(sid, 0)
-        if status in _TERMINAL:
-            ok = new.get(sid) == status and now == was
-        else:
-            ok = sid in new and now >= was
-        checker.check(
-            "store-fault",
-            ok,
-            f"{what}: step {sid} was stored {status} with {was} attempts before the "
-            f"fault, and is {new.get(sid)} with {now} after it",
-        )
-
-
-def check_torn_store(
-    checker: Checker, before: StoreCheck, after: StoreCheck, run_id: str, step_ids: Iterable[str]
-) -> None:
-    """A torn WAL loses whole transactions at its end, never invents or half-keeps one."""
-    check_store_whole(checker, after, run_id, step_ids, what="the torn WAL")
-    kept, had = after.succeeded(run_id), before.succeeded(run_id)
-    checker.check(
-        "store-fault",
-        kept <= had,
-        lambda: f"after the WAL was torn, steps {sorted(kept - had)} read succeeded; they had not",
-    )
-
-
-def check_race_effects(
-    checker: Checker, effects: Mapping[str, list[Effect]], *, winner: str, loser: str
-) -> None:
-    """Across two racing resumes no step ran twice: the loser ran nothing at all."""
-    for sid, lines in sorted(effects.items()):
-        lost = [e.attempt for e in lines if e.phase == loser and e.event == "start"]
-        checker.check(
-            "race",
-            not lost,
-            f"step {sid} began attempts {lost} in the losing resume",
-        )
-        both = [e.attempt for e in lines if e.phase in (winner, loser) and e.event == "start"]
-        checker.check(
-            "race",
-            len(both) == len(set(both)),
-            f"step {sid}: attempts {both} began across the racing resumes",
-        )

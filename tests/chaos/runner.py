@@ -28,6 +28,7 @@ from stepvisor.core.model import Workflow
 from stepvisor.core.state import RunStatus
 from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.sqlite import SQLiteStore
+from tests.chaos.expect import bad_list, mapped_ids
 from tests.chaos.observe import Outcome, abandoned_threads, carries_mark, read_effects, start_counts
 from tests.chaos.oracle import (
     Checker,
@@ -41,10 +42,14 @@ from tests.chaos.oracle import (
     check_threads,
 )
 from tests.chaos.scenario import (
+    BAD_LIST,
+    CRASHES,
     NEVER_STALE,
     STORE_FAULTS_MOUNTED,
     Scenario,
     build_workflow,
+    chain_source,
+    map_size,
     overrides,
     run_bound,
 )
@@ -165,11 +170,18 @@ def set_mark(mark: str) -> None:
 
 
 def reference_artifacts(scenario: Scenario) -> dict[str, Any]:
+    """The artifacts of the scenario's fault-free twin, run here without interruption.
+
+    A map over a value that is no list fails there too (it is the splitter's
+    doing, not a fault): the twin then goes on past it, so every other step
+    still has its artifacts to compare with.
+    """
+    bad = any(bad_list(scenario, p) for p in scenario.steps)
     result = sv.run(
         build_workflow(scenario, None, reference=True),
-        **{**overrides(scenario), "on_failure": "fail_fast"},
+        **{**overrides(scenario), "on_failure": "continue" if bad else "fail_fast"},
     )
-    if str(result.status) != "succeeded":
+    if str(result.status) != "succeeded" and not bad:
         raise RuntimeError(f"the fault-free run of seed {scenario.seed} {result.status}")
     return dict(result.artifacts)
 
@@ -229,7 +241,9 @@ def run_in_process(ctx: RunContext) -> Outcome | None:
         return None
     outcome = Outcome.from_result(result)
     check_outcome(ctx.checker, scenario, outcome, cancel_issued=issued, order=ctx.order)
-    check_effects(ctx.checker, outcome, read_effects(ctx.run_dir), phase="p0")
+    check_effects(
+        ctx.checker, outcome, read_effects(ctx.run_dir), phase="p0", mapped=mapped_ids(scenario)
+    )
     if isinstance(store, sv.MemoryStore):
         check_store_agrees(ctx.checker, store.load(scenario.run_id), outcome, ctx.order)
     else:
@@ -475,12 +489,14 @@ def run_with_driver(ctx: RunContext) -> Outcome | None:
     scenario = ctx.scenario
     ctx.report.faults[f"driver:{scenario.driver}"] += 1
     kill_driver_midway(ctx, "p0", resume=False, kill_after=scenario.kill_after)
+    note_mid_map(ctx)
     phase = "p1"
     if scenario.driver == "kill-twice":
         done_before = stored_successes(ctx)
         counts_before = start_counts(read_effects(ctx.run_dir))
         again = random.Random(scenario.seed + 1).randint(0, len(scenario.steps))
         kill_driver_midway(ctx, "p1", resume=True, kill_after=sum(counts_before.values()) + again)
+        note_mid_map(ctx)
         check_no_rerun(
             ctx.checker,
             succeeded_before=done_before,
@@ -517,7 +533,9 @@ def check_resumed(
         what="the resume",
     )
     check_outcome(ctx.checker, scenario, outcome, cancel_issued=False, order=ctx.order)
-    check_effects(ctx.checker, outcome, read_effects(ctx.run_dir), phase=phase)
+    check_effects(
+        ctx.checker, outcome, read_effects(ctx.run_dir), phase=phase, mapped=mapped_ids(scenario)
+    )
     return outcome
 
 
@@ -525,3 +543,42 @@ def count_faults(scenario: Scenario, faults: Counter[str]) -> None:
     for plan in scenario.steps:
         faults[plan.fault] += 1
         faults[f"executor:{plan.executor}"] += 1
+        if plan.requires:
+            faults["map:requires_list"] += 1
+        if plan.emits == BAD_LIST:
+            faults["map:not_a_list"] += 1
+        if not plan.mapped:
+            continue
+        size = map_size(scenario, plan)
+        faults["map:steps"] += 1
+        faults[f"map:instances_{plan.executor}"] += size
+        if plan.over == "list":
+            faults["map:fixed"] += 1
+        elif chain_source(scenario, plan) is not None:
+            faults["map:chained"] += 1
+        elif scenario.step(plan.over).mapped:
+            faults["map:over_map_barrier"] += 1
+        else:
+            faults["map:over_artifact"] += 1
+        if size <= 1:
+            faults[f"map:length_{size}"] += 1
+        struck = sum(i < size for i in plan.bad) if plan.fault != "ok" else 0
+        faults["map:faulty_instances"] += struck
+        if plan.fault in CRASHES:
+            faults["map:crashing_instances"] += struck
+
+
+def note_mid_map(ctx: RunContext) -> None:
+    """Count a driver kill that left a mapped step running (some instances ended, some not)."""
+    if not ctx.db.exists() or not any(p.mapped for p in ctx.scenario.steps):
+        return
+    with SQLiteStore(ctx.db, create=False, clock=Ahead()) as store:
+        try:
+            stored = store.load(ctx.scenario.run_id)
+        except RunNotFoundError:
+            return
+    if any(
+        p.mapped and p.id in stored.steps and str(stored.steps[p.id].status) == "running"
+        for p in ctx.scenario.steps
+    ):
+        ctx.report.faults["map:driver_killed_mid_map"] += 1

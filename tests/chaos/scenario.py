@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -72,6 +72,31 @@ class StepPlan:
     backoff: str  # none | fixed | exponential
     timeout: float | None
     duration: float
+    #: Mapped steps (planned by :mod:`tests.chaos.map_plans`): ``""`` for a plain
+    #: step, ``"list"`` for a map over ``items`` fixed items, else the id of the step
+    #: whose list it maps over (a splitter, or a mapped step: a chain).
+    over: str = ""
+    items: int = 0
+    #: A plain step that makes a list for a map: its length (-1: it makes none;
+    #: ``BAD_LIST``: it makes a string, which no step can map over).
+    emits: int = -1
+    #: A mapped step: the indexes of the instances its fault strikes (the others are ok).
+    bad: tuple[int, ...] = ()
+    #: Artifacts the step requires (a mapped step's whole list).
+    requires: tuple[str, ...] = ()
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.over)
+
+
+#: ``StepPlan.emits`` of a splitter that returns a string instead of a list.
+BAD_LIST: Final = -2
+
+
+def list_name(plan: StepPlan) -> str:
+    """The list artifact a step makes: a splitter's ``items_<id>``, a mapped step's ``l_<id>``."""
+    return f"l_{plan.id}" if plan.mapped else f"items_{plan.id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +177,7 @@ def generate(seed: int) -> Scenario:
     kill_after = rng.randint(0 if special_kind == "none" else 1, len(steps))
     if store_fault == "torn_wal":
         kill_after = 1 + kill_after % max(1, len(steps) // 3)
-    return Scenario(
+    plain = Scenario(
         seed=seed,
         steps=steps,
         max_parallel=rng.choice([1, 2, 3, 4, 8]),
@@ -171,6 +196,11 @@ def generate(seed: int) -> Scenario:
         busy_timeout=special.choice([0.1, 0.2, 0.3]) if store_fault == "lock_held" else 5.0,
         tear_keep=round(special.uniform(0.05, 0.95), 3),
     )
+    # Maps are drawn from a stream of their own too, after everything else: a seed
+    # that gets none gives the scenario it gave before mapped steps existed.
+    from tests.chaos.map_plans import add_maps  # noqa: PLC0415 - it builds on this module
+
+    return add_maps(plain)
 
 
 def fault_eligible(plan: StepPlan) -> bool:
@@ -261,6 +291,28 @@ def _step_plan(
     )
 
 
+def map_size(scenario: Scenario, plan: StepPlan) -> int:
+    """How many instances the mapped step ``plan`` has (its splitter's list, its chain's)."""
+    if plan.over == "list":
+        return plan.items
+    source = scenario.step(plan.over)
+    return map_size(scenario, source) if source.mapped else max(source.emits, 0)
+
+
+def chain_source(scenario: Scenario, plan: StepPlan) -> StepPlan | None:
+    """The mapped step ``plan`` is chained to (``b[i]`` waits for ``a[i]`` alone), if any.
+
+    As the graph decides: a map over a mapped step's list is chained unless the
+    step also needs the whole of it.
+    """
+    if not plan.mapped or plan.over == "list":
+        return None
+    source = scenario.step(plan.over)
+    if not source.mapped or source.id in plan.needs or list_name(source) in plan.requires:
+        return None
+    return source
+
+
 def run_bound(scenario: Scenario) -> float:
     """Seconds within which the run must end: the sum of every step's worst case, plus slack.
 
@@ -275,7 +327,8 @@ def run_bound(scenario: Scenario) -> float:
         if plan.fault in ("timeout", "ignore_cancel"):
             assert plan.timeout is not None
             per_attempt += plan.timeout + scenario.kill_grace + _BACKEND_MARGIN + 0.5
-        total += plan.max_attempts * (per_attempt + 0.05)
+        units = max(1, map_size(scenario, plan)) if plan.mapped else 1
+        total += units * plan.max_attempts * (per_attempt + 0.05)
     return round(total, 1)
 
 
@@ -298,6 +351,9 @@ def _params(
         "duration": plan.duration,
         "hang": hang,
         "fault_at": fault_at if run_dir is not None and fault_eligible(plan) else 0,
+        "bad": list(plan.bad),
+        "emits": plan.emits,
+        "list": list_name(plan),
     }
 
 
@@ -331,8 +387,17 @@ def build_workflow(
     for original in scenario.steps:
         plan = original
         if reference:
-            plan = StepPlan(
-                plan.id, plan.needs, "thread", "ok", FOREVER, "sleep", 1, "none", None, 0.0
+            plan = replace(
+                plan,
+                executor="thread",
+                fault="ok",
+                failing=FOREVER,
+                style="sleep",
+                max_attempts=1,
+                backoff="none",
+                timeout=None,
+                duration=0.0,
+                bad=(),
             )
         fn: Callable[..., Any] = chaos_step_async if plan.executor == "async" else chaos_step
         steps.append(
@@ -340,6 +405,9 @@ def build_workflow(
                 plan.id,
                 fn,
                 needs=plan.needs,
+                requires=plan.requires,
+                creates=(list_name(plan),) if plan.mapped or plan.emits != -1 else (),
+                map_over=_map_over(scenario, plan),
                 executor=_EXECUTORS[plan.executor],
                 timeout=plan.timeout,
                 retry=_policy(plan),
@@ -352,6 +420,15 @@ def build_workflow(
             )
         )
     return Workflow(f"chaos-{scenario.seed}", steps)
+
+
+def _map_over(scenario: Scenario, plan: StepPlan) -> str | list[str] | None:
+    """What ``plan`` maps over: its fixed items, or the name of its source's list."""
+    if not plan.mapped:
+        return None
+    if plan.over == "list":
+        return [f"{plan.id}@{k}" for k in range(plan.items)]
+    return list_name(scenario.step(plan.over))
 
 
 def overrides(scenario: Scenario) -> dict[str, Any]:

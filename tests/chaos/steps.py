@@ -106,8 +106,43 @@ def _artifacts(step_id: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
     return {f"v_{step_id}": digest[:16], "shared": f"{step_id}:{digest[:8]}"}
 
 
+def _struck(ctx: StepContext) -> bool:
+    """Whether the step's fault is this attempt's: always for a step; for an
+    instance of a mapped step, only when its index is one of the ``bad`` ones."""
+    return ctx.params["fault"] != "ok" and (ctx.index is None or ctx.index in ctx.params["bad"])
+
+
 def _misbehaving(ctx: StepContext) -> bool:
-    return ctx.params["fault"] != "ok" and ctx.attempt <= int(ctx.params["failing"])
+    return _struck(ctx) and ctx.attempt <= int(ctx.params["failing"])
+
+
+def instance_value(instance: str, item: Any, inputs: Mapping[str, Any]) -> str:
+    """What instance ``instance`` of a mapped step returns: a pure function of its item.
+
+    (and of its id and the step's other inputs, the same in every run), so the
+    collected list of a run that was killed and resumed must equal an
+    uninterrupted run's.
+    """
+    text = json.dumps([item, sorted(inputs.items())], sort_keys=True)
+    return hashlib.sha256(f"{instance}|{text}".encode()).hexdigest()[:16]
+
+
+def _outputs(ctx: StepContext) -> dict[str, Any]:
+    """An attempt's artifacts: an instance's value, or a step's digests (and list)."""
+    if ctx.index is not None:
+        return {ctx.params["list"]: instance_value(ctx.step_id, ctx.item, ctx.inputs)}
+    out = _artifacts(ctx.step_id, ctx.inputs)
+    emits = int(ctx.params.get("emits", -1))
+    if emits >= 0:
+        digest = out["shared"].rsplit(":", 1)[-1]
+        out[ctx.params["list"]] = [f"{ctx.step_id}#{k}:{digest}" for k in range(emits)]
+    elif emits != -1:
+        out[ctx.params["list"]] = f"not a list, made by {ctx.step_id}"  # BAD_LIST
+    return out
+
+
+def _unstorable(ctx: StepContext, out: dict[str, Any]) -> None:
+    out[ctx.params["list"] if ctx.index is not None else f"v_{ctx.step_id}"] = {1, 2}
 
 
 def _hang_here(ctx: StepContext, *, in_process: bool) -> None:
@@ -183,14 +218,14 @@ def chaos_step(ctx: StepContext) -> dict[str, Any] | None:
         else:
             ctx.wait_cancelled(float(ctx.params["duration"]))
             ctx.raise_if_cancelled()
-    out = _artifacts(ctx.step_id, ctx.inputs)
-    fault = ctx.params["fault"]
+    out = _outputs(ctx)
+    fault = ctx.params["fault"] if _struck(ctx) else "ok"
     if fault == "orphan":
         _leave_a_grandchild()
     elif fault == "unpicklable":
         out["lock"] = threading.Lock()
     elif fault == "unstorable":
-        out[f"v_{ctx.step_id}"] = {1, 2}  # a set: the json codec refuses it
+        _unstorable(ctx, out)  # a set: the json codec refuses it
     _note(ctx, "end")
     return out
 
@@ -206,8 +241,8 @@ async def chaos_step_async(ctx: StepContext) -> dict[str, Any] | None:
             _fail_the_attempt(ctx, in_process=False)
     if ctx.params["duration"]:
         await asyncio.sleep(float(ctx.params["duration"]))
-    out = _artifacts(ctx.step_id, ctx.inputs)
-    if ctx.params["fault"] == "unstorable":
-        out[f"v_{ctx.step_id}"] = {1, 2}
+    out = _outputs(ctx)
+    if ctx.params["fault"] == "unstorable" and _struck(ctx):
+        _unstorable(ctx, out)
     _note(ctx, "end")
     return out

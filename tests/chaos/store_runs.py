@@ -39,19 +39,22 @@ from typing import Any, Final
 import stepvisor as sv
 from stepvisor.errors import StoreError
 from stepvisor.store.sqlite import SQLiteStore
+from tests.chaos.expect import mapped_ids
 from tests.chaos.observe import Outcome, abandoned_threads, read_effects, start_counts
 from tests.chaos.oracle import (
-    check_committed_kept,
     check_effects,
+    check_outcome,
+    check_processes_gone,
+    check_sqlite_file,
+    check_threads,
+)
+from tests.chaos.oracle_store import (
+    check_committed_kept,
     check_fault_error,
     check_faulted_run,
     check_no_fault_error,
-    check_outcome,
-    check_processes_gone,
     check_race_effects,
-    check_sqlite_file,
     check_store_whole,
-    check_threads,
     check_torn_store,
 )
 from tests.chaos.programs import RACE_LOST, RACE_WON
@@ -202,7 +205,9 @@ def run_with_store_fault(ctx: RunContext) -> Outcome | None:
         ctx.report.faults[f"store_fault:{kind}" + ("" if injector.injected else ":missed")] += 1
         check_no_fault_error(ctx.checker, kind, result.error)
         check_outcome(ctx.checker, scenario, outcome, cancel_issued=False, order=ctx.order)
-        check_effects(ctx.checker, outcome, read_effects(ctx.run_dir), phase="p0")
+        check_effects(
+            ctx.checker, outcome, read_effects(ctx.run_dir), phase="p0", mapped=mapped_ids(scenario)
+        )
         check_stored_run(ctx, outcome)
         return outcome
     ctx.report.faults[f"store_fault:{kind}"] += 1

@@ -360,7 +360,10 @@ class Settling:
         renamed: list[StepRecord] = []  # skipped already, for a failure later in order
         note = f"skipped: it depends on {sid!r}, which {status.value}"
         causes = self._skip_cause
+        pointwise = self._chained_closure(r)
         for d in sorted(self.graph.descendants(r)):
+            if d in pointwise:  # it will expand, then skip exactly the instances of r that failed
+                continue
             dep_id = self.graph.order[d]
             current = self.state.record_at(d)
             if current.status is StepStatus.SKIPPED and causes.get(d, r) > r:
@@ -378,6 +381,34 @@ class Settling:
             self._fx.append(SaveSteps(tuple(records + renamed)))
             for rec in records:  # a renamed one finished already
                 self._events.finished(self._fx, rec, self._wall)
+
+    def _chained_closure(self, r: int) -> set[int]:
+        """The maps chained to ``r`` instance by instance (directly or through other
+        chains) and waiting for nothing else that ``r``'s failure skips.
+
+        Only once ``r`` expanded: its chains then expand whatever ``r`` ended with
+        (the scheduler counted ``r`` for them), and a failed summary concerns
+        them one instance at a time.  Skipping them whole would let them expand
+        later all the same: ended twice, run after they were committed.  A map
+        that also needs ``r`` (or a step after it) as a whole is skipped as before.
+        """
+        if r not in self.state.maps:
+            return set()
+        chained: set[int] = set()
+        todo = [r]
+        while todo:
+            for c in self.sched.chained_to(todo.pop()):
+                if c not in chained:
+                    chained.add(c)
+                    todo.append(c)
+        whole: set[int] = set()
+        for x in (r, *chained):
+            pointwise = self.sched.chained_to(x)
+            for c in self.graph.dependents[x]:
+                if c not in pointwise and c not in whole:
+                    whole.add(c)
+                    whole.update(self.graph.descendants(c))
+        return chained - whole
 
     def _commit(self) -> None:
         self.state, done = self.state.commit_ready()
