@@ -20,6 +20,8 @@ from stepvisor.errors import stop_error
 if TYPE_CHECKING:
     import logging
 
+    from stepvisor.backends._capture import AttemptLog
+
 __all__ = ["AttemptControl", "StepContext"]
 
 
@@ -35,7 +37,7 @@ class AttemptControl:
     one lock (cancelling is rare and brief).
     """
 
-    __slots__ = ("_cancellers", "_event", "_flag", "reason")
+    __slots__ = ("_cancellers", "_event", "_flag", "log", "reason", "stack")
 
     _lock = threading.Lock()
 
@@ -44,6 +46,12 @@ class AttemptControl:
         self._event: threading.Event | None = None
         self._cancellers: list[Callable[[], None]] | None = None
         self.reason: str | None = None
+        #: The attempt's captured output (``capture`` not ``off``), shared with the
+        #: shell so that a running attempt's log can be read as it grows.
+        self.log: AttemptLog | None = None
+        #: Where the step was when its deadline stopped it (every thread of a
+        #: process child), set by its backend; goes into its log and error text.
+        self.stack: str | None = None
 
     @property
     def is_cancelled(self) -> bool:

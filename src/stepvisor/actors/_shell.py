@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 
 from stepvisor._log import log
 from stepvisor.actors._outbox import Outbox
+from stepvisor.actors._logs import RunLogs
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import (
     Heartbeat,
@@ -214,6 +215,8 @@ class RunShell:
         self._keeps = not isinstance(self.store, Unkept)
         #: Sends submitted attempts' outcomes, those that end together as one message.
         self._outbox = Outbox(reply_to)
+        #: Captured output: the attempts' logs, kept in the store and the result.
+        self._logs = RunLogs(plan.run_id, plan.settings, plan.store)
 
     # -- what the host calls ---------------------------------------------------------
 
@@ -247,6 +250,9 @@ class RunShell:
         entry = self._controls.get(done.step_id)
         if entry is not None and entry[0] == done.attempt:
             del self._controls[done.step_id]
+            control = entry[1]
+            if control.log is not None:
+                self._logs.keep(done.step_id, done.attempt, control, ended=True)
 
     def fail(self, exc: BaseException | None) -> None:
         """Carrying out an effect raised (a store that broke, or a bug): end the run.
@@ -269,7 +275,8 @@ class RunShell:
             )
             if error is not exc and exc is not None:
                 error.__cause__ = exc
-            self._complete(self.machine.failed_result(error, wall=self.clock.wall()))
+            result = self.machine.failed_result(error, wall=self.clock.wall())
+            self._complete(self._logs.finish(result, self._controls))
 
     def feed(self, message: Message) -> None:
         """Hand ``message`` to the machine and carry out its effects, in order.
@@ -360,10 +367,13 @@ class RunShell:
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
         controls, me, observer = self._controls, self._reply_to, self.plan.observer
+        capture = self._logs.capture
         holds_values = False
         for order in effect.orders:
             executor, budget = order.executor, order.budget
             control = AttemptControl()
+            if capture is not None:
+                control.log = capture.open(order.spec.step_id, order.spec.attempt)
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order.spec
             if budget is not None:
@@ -466,7 +476,7 @@ class RunShell:
         self._stop_timers()
         self._stop_workers()
         self._completed = True
-        self._complete(effect.result)
+        self._complete(self._logs.finish(effect.result, self._controls))
 
     # -- heartbeat and teardown ---------------------------------------------------------
 
@@ -474,6 +484,7 @@ class RunShell:
         if self.machine.finished:
             return
         self.store.heartbeat(self.plan.run_id, self.clock.wall())
+        self._logs.save_running(self._controls)
         if not self.machine.stopping and self.store.cancel_requested(self.plan.run_id):
             self.feed(CancelRun("through the store", through_store=True))
         if not self.machine.finished:

@@ -74,6 +74,8 @@ class Attempt(NamedTuple):
     fds: int = 0
     #: The attempt span's W3C trace context, when the run is traced (see ``trace_context``).
     trace: Mapping[str, str] | None = None
+    #: Captured (process only): the lowest level of records to send, else ``None``.
+    capture: int | None = None
 
 
 class RayCall(NamedTuple):

@@ -184,7 +184,11 @@ class Settling:
         if result.error is not None:
             error.__cause__ = result.error
         extra = oc.DISCARDED_AFTER_STOP if discarded else None
-        self._fail(inf, error, kind, status, outcome, base=base, extra_note=extra)
+        # The backend's text: for an attempt stopped at its deadline, where it was then.
+        self._fail(
+            inf, error, kind, status, outcome, base=base, extra_note=extra,
+            traceback=result.traceback,
+        )  # fmt: skip
 
     def _on_ok(self, sid: str, inf: Inflight, outputs: Mapping[str, Any], msg: AttemptDone) -> None:
         record = self.state.record_at(inf.rank)

@@ -22,6 +22,7 @@ from typing import Any, Final, NamedTuple
 import cloudpickle
 
 from stepvisor.backends import _shm
+from stepvisor.backends._located import DYNAMIC, located
 from stepvisor.backends._wire import Segment
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.errors import StepNotSerializableError
@@ -44,7 +45,12 @@ def prepare_payload(step_id: str, fn: Callable[..., Any]) -> bytes:
     cannot be pickled, such as a lock captured by a closure.
     """
     try:
-        return bytes(cloudpickle.dumps(fn, protocol=_PROTOCOL))
+        payload = bytes(cloudpickle.dumps(fn, protocol=_PROTOCOL))
+        if DYNAMIC.encode() in payload:  # sent by value: keep its file name and source
+            wrapped = located(fn)
+            if wrapped is not None:
+                payload = bytes(cloudpickle.dumps(wrapped, protocol=_PROTOCOL))
+        return payload
     except Exception as exc:
         raise _not_serializable(
             step_id,

@@ -1,0 +1,96 @@
+"""One run's captured output: what its attempts wrote, kept in its store and its result.
+
+The shell gives each attempt an :class:`~stepvisor.backends._capture.AttemptLog`
+on its control when the run captures (``capture`` is ``tee`` or ``store``); the
+backend fills it while the attempt runs.  :class:`RunLogs` keeps it when the
+attempt's outcome arrives, before the machine records the outcome, so a step
+record that says an attempt ended is never ahead of its log::
+
+    AttemptDone ──▶ RunLogs.keep ──▶ store.save_log (LogStore)  ──▶ machine
+    heartbeat   ──▶ RunLogs.save_running: running attempts' logs, as they grow
+    Finish      ──▶ RunLogs.finish: logs of attempts that never reported (abandoned,
+                    killed with the run), then the result carries every log
+
+A run given no store keeps its logs only in its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from stepvisor._log import log as _log
+from stepvisor.backends._capture import Capture, install
+from stepvisor.backends._stacks import HEADER
+from stepvisor.context import AttemptControl
+from stepvisor.core.result import RunResult
+from stepvisor.errors import StoreError
+from stepvisor.store._unkept import Unkept
+from stepvisor.store.base import LogStore
+
+__all__ = ["RunLogs"]
+
+
+class RunLogs:
+    """The logs of one run's attempts; used on the Supervisor's thread only."""
+
+    def __init__(self, run_id: str, settings: Any, store: object) -> None:
+        self._run_id = run_id
+        mode = getattr(settings, "capture", "tee")
+        #: ``None`` when nothing is captured (``capture="off"``).
+        self.capture: Capture | None = (
+            None if mode == "off" else Capture(mode, getattr(settings, "log_limit", 1 << 20))
+        )
+        if self.capture is not None:
+            install()
+        self._store: LogStore | None = (
+            store if isinstance(store, LogStore) and not isinstance(store, Unkept) else None
+        )
+        self._kept: dict[tuple[str, int], str] = {}
+        #: How much a running attempt had written when its log was last saved.
+        self._saved: dict[tuple[str, int], int] = {}
+
+    def keep(self, step_id: str, attempt: int, control: AttemptControl, *, ended: bool) -> None:
+        """Keep one attempt's log (``ended``: its backend closed it)."""
+        log = control.log
+        if log is None or (log.written == 0 and not control.stack):
+            return
+        text, cut = log.render()
+        if not ended and control.stack:  # abandoned or killed with the run: never closed
+            text += ("" if not text or text.endswith("\n") else "\n") + HEADER + control.stack
+        self._kept[(step_id, attempt)] = text
+        self._save(step_id, attempt, text, cut)
+
+    def save_running(self, controls: Mapping[str, tuple[int, AttemptControl]]) -> None:
+        """Save the logs of running attempts that grew since the last heartbeat."""
+        if self._store is None or self.capture is None:
+            return
+        for step_id, (attempt, control) in list(controls.items()):
+            log = control.log
+            if log is None or log.written == self._saved.get((step_id, attempt), 0):
+                continue
+            self._saved[(step_id, attempt)] = log.written
+            text, cut = log.render()
+            self._save(step_id, attempt, text, cut)
+
+    def finish(
+        self, result: RunResult, controls: Mapping[str, tuple[int, AttemptControl]]
+    ) -> RunResult:
+        """The result with every log; attempts that never reported are kept as they are."""
+        for step_id, (attempt, control) in list(controls.items()):
+            self.keep(step_id, attempt, control, ended=False)
+        if not self._kept:
+            return result
+        return dataclasses.replace(result, captured=MappingProxyType(dict(self._kept)))
+
+    def _save(self, step_id: str, attempt: int, text: str, cut: int) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save_log(self._run_id, step_id, attempt, text, cut=cut)
+        except StoreError:  # the run's records matter more: they are written next
+            _log.warning(
+                "could not keep the log of step %r attempt %d", step_id, attempt, exc_info=True
+            )

@@ -1,0 +1,231 @@
+"""A process child's side of capture: its stdout, stderr, records and stacks to the parent.
+
+Imported by the child only for an attempt whose run captures (``capture`` not
+``off``), so a child that never captures does not load ``logging`` or
+``json``.  While such an attempt runs, file descriptors 1 and 2 are the output
+pipe (so C extensions and subprocesses are captured too), ``sys.stdout`` and
+``sys.stderr`` are :class:`_Text` writers, a handler on the root logger sends
+records as frames (:mod:`stepvisor.backends._frames`), and a SIGTERM handler
+sends the stack of every thread before the child dies.
+
+Text is gathered and written in chunks: at 8 KiB, at a newline 50 ms after the
+last write, before every frame, at the attempt's end and at a SIGTERM.  So a
+child killed with SIGKILL loses at most what it printed in its last 50 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from types import FrameType
+from typing import Any, Final, TextIO
+
+from stepvisor.backends._frames import frame
+
+__all__ = ["ChildCapture"]
+
+_FLUSH_AT: Final = 8192
+_FLUSH_AFTER: Final = 0.05
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        view = view[written:]
+
+
+class _Sink:
+    """Text gathered for fd 1, written in chunks; frames between them, in order."""
+
+    def __init__(self) -> None:
+        # Re-entrant: the SIGTERM handler runs on the main thread, maybe inside ``add``.
+        self._lock = threading.RLock()
+        self._parts: list[str] = []
+        self._n = 0
+        self._last = 0.0
+
+    def add(self, s: str) -> None:
+        with self._lock:
+            self._parts.append(s)
+            self._n += len(s)
+            if self._n < _FLUSH_AT and (
+                "\n" not in s or time.monotonic() - self._last < _FLUSH_AFTER
+            ):
+                return
+            self._flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def frame(self, kind: bytes, payload: bytes) -> None:
+        with self._lock:
+            self._flush()
+            _write_all(1, frame(kind, payload))
+
+    def _flush(self) -> None:
+        self._last = time.monotonic()
+        if not self._parts:
+            return
+        parts, self._parts = self._parts, []
+        self._n = 0
+        _write_all(1, "".join(parts).encode("utf-8", "surrogatepass"))
+
+
+class _Text:
+    """``sys.stdout`` / ``sys.stderr`` of a captured attempt."""
+
+    encoding = "utf-8"
+    errors = "surrogatepass"
+
+    def __init__(self, sink: _Sink, fd: int) -> None:
+        self._sink = sink
+        self._fd = fd
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self._sink.add(s)
+        if self._fd == 2 and "\n" in s:  # stderr is line-buffered, as usual
+            self._sink.flush()
+        return len(s)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+
+class _Records(logging.Handler):
+    def __init__(self, sink: _Sink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception as exc:
+            message = f"{record.msg!r} (could not be formatted: {exc})"
+        exc_text = record.exc_text
+        if not exc_text and record.exc_info and record.exc_info[0] is not None:
+            exc_text = logging.Formatter().formatException(record.exc_info)
+        payload = {
+            "name": record.name,
+            "levelno": record.levelno,
+            "levelname": record.levelname,
+            "msg": message,
+            "created": record.created,
+            "exc_text": exc_text,
+            "pathname": record.pathname,
+            "lineno": record.lineno,
+            "funcName": record.funcName,
+            "threadName": record.threadName,
+            "process": record.process,
+        }
+        self._sink.frame(b"R", json.dumps(payload).encode("utf-8", "surrogatepass"))
+
+
+_HERE: Final = os.path.dirname(os.path.abspath(__file__))
+
+
+def _step_frames(frame: FrameType) -> traceback.StackSummary:
+    """The stack below the child's own frames (its main loop, the call of the step)."""
+    summary = traceback.extract_stack(frame)
+    start = 0
+    for i, entry in enumerate(summary):
+        if entry.filename == "<string>" or entry.filename.startswith(_HERE):
+            start = i + 1
+        else:
+            break
+    return traceback.StackSummary.from_list(summary[start:] or summary)
+
+
+def all_stacks(main_frame: FrameType | None) -> str:
+    """Every thread's stack, the main thread (where the signal found it) first."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    frames = sys._current_frames()  # noqa: SLF001 - the documented way
+    main = threading.main_thread().ident
+    if main_frame is not None and main is not None:
+        frames[main] = main_frame
+    blocks = []
+    for ident in sorted(frames, key=lambda ident: ident != main):
+        if names.get(ident, "").startswith("stepvisor-"):
+            continue  # the child's own watchdog: not the step's
+        text = "".join(_step_frames(frames[ident]).format())
+        blocks.append(f"Thread {names.get(ident, ident)!s} ({ident}):\n{text}")
+    return "\n".join(blocks)
+
+
+class ChildCapture:
+    """The child's capture, switched on and off around each captured attempt."""
+
+    def __init__(self, out_fd: int) -> None:
+        self._out_fd = out_fd
+        self._original = (os.dup(1), os.dup(2))
+        os.set_inheritable(self._original[0], False)
+        os.set_inheritable(self._original[1], False)
+        self._sink = _Sink()
+        self._handler = _Records(self._sink)
+        self._streams: tuple[TextIO | Any, TextIO | Any] = (sys.stdout, sys.stderr)
+        self._key = b""
+
+    def begin(self, step_id: str, attempt: int, level: int) -> None:
+        """Route fds 1 and 2, the streams and the records of this attempt to the parent."""
+        self._key = f"{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                continue
+        os.dup2(self._out_fd, 1)
+        os.dup2(self._out_fd, 2)
+        self._streams = (sys.stdout, sys.stderr)
+        sys.stdout = _Text(self._sink, 1)  # type: ignore[assignment]
+        sys.stderr = _Text(self._sink, 2)  # type: ignore[assignment]
+        root = logging.getLogger()
+        root.setLevel(level)
+        if self._handler not in root.handlers:
+            root.addHandler(self._handler)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def end(self) -> None:
+        """Flush, mark the end of the attempt's output, and give fds 1 and 2 back."""
+        self._sink.frame(b"E", self._key)
+        sys.stdout, sys.stderr = self._streams
+        os.dup2(self._original[0], 1)
+        os.dup2(self._original[1], 2)
+        if signal.getsignal(signal.SIGTERM) == self._on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _on_term(self, signum: int, frame_: FrameType | None) -> None:
+        """Stopped (deadline or cancel): send what is pending and every stack, then die."""
+        try:
+            self._sink.frame(b"S", all_stacks(frame_).encode("utf-8", "surrogatepass"))
+        finally:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)

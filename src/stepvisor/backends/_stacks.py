@@ -1,0 +1,61 @@
+"""The stack of an attempt stopped at its deadline, as pytest-timeout prints it.
+
+Taken at the moment the deadline is reached, from outside the step: a thread
+step's frame from ``sys._current_frames()``, an async step's from its task
+(``Task.get_stack``), a process child's every thread by the child itself when
+its SIGTERM arrives (:mod:`stepvisor.backends._child_output`).  The text goes
+into the attempt's log and under its error text.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from types import FrameType
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from stepvisor.context import AttemptControl
+
+__all__ = ["HEADER", "task_stack", "thread_stack", "with_stack"]
+
+HEADER: Final = "Stack at the deadline (most recent call last):\n"
+
+
+def thread_stack(ident: int) -> str | None:
+    """The stack of the thread ``ident`` now, or ``None`` if it has ended."""
+    frame = sys._current_frames().get(ident)  # noqa: SLF001 - the documented way, as faulthandler
+    if frame is None:
+        return None
+    return _format(frame)
+
+
+def _format(frame: FrameType) -> str:
+    return "".join(traceback.format_stack(frame))
+
+
+def task_stack(task: asyncio.Task[object]) -> str | None:
+    """Where an asyncio task is suspended (call on the loop's thread)."""
+    frames = task.get_stack()
+    if not frames:
+        return None
+    summary = traceback.StackSummary.extract(
+        (frame, frame.f_lineno) for frame in frames
+    )
+    return "".join(summary.format())
+
+
+def grab_thread_stack(control: AttemptControl, ident: int) -> None:
+    """A canceller: on a timeout, keep where thread ``ident`` is in ``control.stack``."""
+    if control.reason == "timeout" and control.stack is None:
+        control.stack = thread_stack(ident)
+
+
+def with_stack(text: str | None, stack: str | None) -> str | None:
+    """An error text with the deadline's stack under it (when there is one)."""
+    if not stack:
+        return text
+    block = HEADER + stack
+    return block if not text else f"{text.rstrip()}\n\n{block}"
