@@ -5,13 +5,15 @@ and names its code ``<dynamic-code>``, so a traceback from a process child or
 a Ray worker said ``File "<dynamic-code>", line 10`` with no source line.
 :func:`located` wraps such a function: unpickled anywhere, it gets its
 code's file name back (its nested code and the by-value functions it calls
-too) and that file's lines are put in ``linecache``, so a traceback shows
-them even where the file does not exist (a notebook, another host).
+too).  A file on disk is read where the traceback is made; the lines of one
+that exists only in the sending program (a notebook's cell) travel with the
+function and are put in ``linecache`` there.
 """
 
 from __future__ import annotations
 
 import linecache
+import os
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -42,7 +44,10 @@ def located(fn: Callable[..., Any]) -> _Located | None:
     filename = code.co_filename
     if not filename or filename == DYNAMIC:
         return None
-    return _Located(fn, filename, linecache.getlines(filename))
+    # A file on disk is read where the traceback is made (the same host for a process
+    # step); only source that exists nowhere else (a notebook's cell) travels along.
+    lines = () if os.path.exists(filename) else linecache.getlines(filename)
+    return _Located(fn, filename, lines)
 
 
 def _fixed(code: types.CodeType, filename: str) -> types.CodeType:
