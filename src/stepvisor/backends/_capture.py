@@ -8,8 +8,13 @@ process-wide hooks, installed once by :func:`install`, route by it::
 
     print(...) ── sys.stdout (a _Stream proxy) ─┬─ CURRENT unset: the real stream, as before
                                                 └─ CURRENT set: AttemptLog.write (+ tee)
-    log.info(...) ── root logger ── _Handler ─── CURRENT set: AttemptLog.add_record
-    LogRecord factory ── stepvisor_step / stepvisor_attempt on every record made in a step
+    log.info(...) ── the LogRecord factory ──────── CURRENT set: stepvisor_step and
+                                                    stepvisor_attempt on the record, and
+                                                    AttemptLog.add_record
+
+A record is kept when it is made: when its logger is enabled for its level,
+whatever handlers the program has (the factory, not a handler, so that a
+program with none still gets ``logging.lastResort`` as before).
 
 A process child uses the same :class:`AttemptLog`-free writer in
 :mod:`stepvisor.backends._child_output`; its bytes come back through a pipe and
@@ -35,6 +40,7 @@ from typing import Any, Final, Literal, TextIO
 __all__ = [
     "CURRENT",
     "DEFAULT_LOG_LIMIT",
+    "TEE_TO",
     "AttemptLog",
     "Capture",
     "CaptureMode",
@@ -53,6 +59,10 @@ _CHUNK: Final = 1 << 16
 CURRENT: contextvars.ContextVar[AttemptLog | None] = contextvars.ContextVar(
     "stepvisor_attempt_log", default=None
 )
+
+
+#: Where tee'd lines go instead of the real stream, when set (the CLI's live display).
+TEE_TO: list[Callable[[str], None]] = []
 
 
 def cut_marker(cut: int, limit: int) -> str:
@@ -102,6 +112,9 @@ class _Tee:
             self._show(f"{self._prefix}{line}\n")
 
     def _show(self, text: str) -> None:
+        if TEE_TO:  # the CLI's live display: printed above its block, never into it
+            TEE_TO[0](text)
+            return
         try:
             self._out.write(text)
             self._out.flush()
@@ -314,7 +327,7 @@ _record_factory: list[Callable[..., Any]] = []
 
 
 def install() -> None:
-    """Put the hooks in place (idempotent): the stream proxies, the handler, the factory.
+    """Put the hooks in place (idempotent): the stream proxies and the record factory.
 
     A stream replaced since (pytest's capture, a ``redirect_stdout``) is
     wrapped again, so what a step prints still goes where the program says.
@@ -324,9 +337,6 @@ def install() -> None:
             sys.stdout = _Stream(sys.stdout)  # type: ignore[assignment]
         if not isinstance(sys.stderr, _Stream) and sys.stderr is not None:
             sys.stderr = _Stream(sys.stderr)  # type: ignore[assignment]
-        root = logging.getLogger()
-        if not any(isinstance(h, _Handler) for h in root.handlers):
-            root.addHandler(_Handler())
         if not _record_factory:
             previous = logging.getLogRecordFactory()
             _record_factory.append(previous)
@@ -337,15 +347,7 @@ def install() -> None:
                 if log is not None:
                     record.stepvisor_step = log.step_id
                     record.stepvisor_attempt = log.attempt
+                    log.add_record(record)
                 return record
 
             logging.setLogRecordFactory(factory)
-
-
-class _Handler(logging.Handler):
-    """On the root logger: a record made inside a captured attempt joins its log."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        log = CURRENT.get()
-        if log is not None:
-            log.add_record(record)
