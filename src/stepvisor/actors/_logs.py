@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log as _log
-from stepvisor.backends._capture import Capture, install
+from stepvisor.backends._capture import DEFAULT_LOG_LIMIT, Capture, install
 from stepvisor.backends._stacks import HEADER
 from stepvisor.context import AttemptControl
 from stepvisor.core.result import RunResult
@@ -40,9 +40,10 @@ class RunLogs:
         self._run_id = run_id
         mode = getattr(settings, "capture", "tee")
         #: ``None`` when nothing is captured (``capture="off"``).
-        self.capture: Capture | None = (
-            None if mode == "off" else Capture(mode, getattr(settings, "log_limit", 1 << 20))
-        )
+        self.capture: Capture | None = None
+        if mode in ("tee", "store"):
+            limit = getattr(settings, "log_limit", DEFAULT_LOG_LIMIT)
+            self.capture = Capture("tee" if mode == "tee" else "store", limit)
         if self.capture is not None:
             install()
         self._store: LogStore | None = (

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from stepvisor._log import log
-from stepvisor.actors._outbox import Outbox
 from stepvisor.actors._logs import RunLogs
+from stepvisor.actors._outbox import Outbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import (
     Heartbeat,

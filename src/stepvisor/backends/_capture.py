@@ -277,7 +277,9 @@ def format_record_line(record: logging.LogRecord) -> str:
 
 def record_line(created: float, level: str, name: str, message: str, exc_text: str | None) -> str:
     """One record as a log line (shared with the process child's records)."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(created)) + f".{int(created * 1000) % 1000:03d}"
+    stamp = (
+        time.strftime("%H:%M:%S", time.localtime(created)) + f".{int(created * 1000) % 1000:03d}"
+    )
     line = f"{stamp} {level} {name}: {message}\n"
     if exc_text:
         line += exc_text if exc_text.endswith("\n") else exc_text + "\n"
@@ -334,9 +336,9 @@ def install() -> None:
     """
     with _installed_lock:
         if not isinstance(sys.stdout, _Stream) and sys.stdout is not None:
-            sys.stdout = _Stream(sys.stdout)  # type: ignore[assignment]
+            sys.stdout = _Stream(sys.stdout)
         if not isinstance(sys.stderr, _Stream) and sys.stderr is not None:
-            sys.stderr = _Stream(sys.stderr)  # type: ignore[assignment]
+            sys.stderr = _Stream(sys.stderr)
         if not _record_factory:
             previous = logging.getLogRecordFactory()
             _record_factory.append(previous)

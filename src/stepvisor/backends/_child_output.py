@@ -167,7 +167,7 @@ def _step_frames(frame: FrameType) -> traceback.StackSummary:
 def all_stacks(main_frame: FrameType | None) -> str:
     """Every thread's stack, the main thread (where the signal found it) first."""
     names = {t.ident: t.name for t in threading.enumerate()}
-    frames = sys._current_frames()  # noqa: SLF001 - the documented way
+    frames = sys._current_frames()
     main = threading.main_thread().ident
     if main_frame is not None and main is not None:
         frames[main] = main_frame
@@ -205,8 +205,8 @@ class ChildCapture:
         os.dup2(self._out_fd, 1)
         os.dup2(self._out_fd, 2)
         self._streams = (sys.stdout, sys.stderr)
-        sys.stdout = _Text(self._sink, 1)  # type: ignore[assignment]
-        sys.stderr = _Text(self._sink, 2)  # type: ignore[assignment]
+        sys.stdout = _Text(self._sink, 1)
+        sys.stderr = _Text(self._sink, 2)
         root = logging.getLogger()
         root.setLevel(level)
         if self._handler not in root.handlers:

@@ -26,7 +26,7 @@ HEADER: Final = "Stack at the deadline (most recent call last):\n"
 
 def thread_stack(ident: int) -> str | None:
     """The stack of the thread ``ident`` now, or ``None`` if it has ended."""
-    frame = sys._current_frames().get(ident)  # noqa: SLF001 - the documented way, as faulthandler
+    frame = sys._current_frames().get(ident)
     if frame is None:
         return None
     return _format(frame)
@@ -41,9 +41,7 @@ def task_stack(task: asyncio.Task[object]) -> str | None:
     frames = task.get_stack()
     if not frames:
         return None
-    summary = traceback.StackSummary.extract(
-        (frame, frame.f_lineno) for frame in frames
-    )
+    summary = traceback.StackSummary.extract((frame, frame.f_lineno) for frame in frames)
     return "".join(summary.format())
 
 

@@ -74,8 +74,11 @@ class Attempt(NamedTuple):
     fds: int = 0
     #: The attempt span's W3C trace context, when the run is traced (see ``trace_context``).
     trace: Mapping[str, str] | None = None
-    #: Captured (process only): the lowest level of records to send, else ``None``.
+    #: Captured: the lowest level of records to keep, else ``None`` (process and Ray).
     capture: int | None = None
+    #: Bytes of output a Ray task keeps (``log_limit``); a process child's are cut
+    #: by its parent.
+    log_limit: int = 1 << 20
 
 
 class RayCall(NamedTuple):
@@ -149,6 +152,8 @@ class Returned(NamedTuple):
     shared: tuple[Segment | None, ...] = ()
     #: How many shared-memory descriptors were sent ahead of this message.
     fds: int = 0
+    #: What a captured Ray task wrote (a process child's goes through its output pipe).
+    log: str | None = None
 
 
 class Raised(NamedTuple):
@@ -156,6 +161,8 @@ class Raised(NamedTuple):
 
     error: PackedError
     leftovers: tuple[int, ...] = ()
+    #: What a captured Ray task wrote.
+    log: str | None = None
 
 
 class Unsendable(NamedTuple):

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from stepvisor.backends._capture import CURRENT
+from stepvisor.backends._stacks import task_stack
 from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import (
     AttemptResult,
@@ -29,8 +31,6 @@ from stepvisor.backends.base import (
     format_error,
     stop_error,
 )
-from stepvisor.backends._capture import CURRENT
-from stepvisor.backends._stacks import task_stack
 from stepvisor.backends.thread import ended_with_stack, make_context
 from stepvisor.context import AttemptControl
 
@@ -133,7 +133,11 @@ class LoopThread:
             if spec.trace is None and control.log is None:
                 task = loop.create_task(_caught(spec.fn(ctx)))
             else:  # the task copies the context current here: the attempt's span
-                with trace_context(spec.trace) if spec.trace is not None else contextlib.nullcontext():
+                with (
+                    trace_context(spec.trace)
+                    if spec.trace is not None
+                    else contextlib.nullcontext()
+                ):
                     context = contextvars.copy_context()
                     if control.log is not None:  # the task's own copy: its output
                         context.run(CURRENT.set, control.log)

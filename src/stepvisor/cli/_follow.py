@@ -18,8 +18,8 @@ from types import FrameType
 from typing import Final, cast
 
 from stepvisor._runtime import RunHandle
-from stepvisor.cli._output import EXIT_CANCELLED, say
 from stepvisor.cli._logs import LineQueue, failed_output_lines
+from stepvisor.cli._output import EXIT_CANCELLED, say
 from stepvisor.cli._progress import TICK, Inbox, LiveDisplay, Progress, end_lines, make_display
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus

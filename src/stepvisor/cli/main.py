@@ -161,7 +161,9 @@ def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
 def _finish(result: RunResult, *, interrupted: bool, store: RunStore, report: str | None) -> int:
     if report is not None:
         try:
-            path = write_html(store.load(result.run_id), report, logs=kept_logs(store, result.run_id))
+            path = write_html(
+                store.load(result.run_id), report, logs=kept_logs(store, result.run_id)
+            )
         except OSError as exc:  # the run's own outcome still decides the exit code
             say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
         else:

@@ -18,6 +18,7 @@ the child before the slot waits for it) is held and handed over at ``bind``.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import sys
@@ -107,10 +108,8 @@ class ChildOutput:
         elif self._log is not None:
             self._log.write(text, sys.stdout)
         else:  # not captured, yet in the pipe (a step's leftover thread): show it
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 sys.stderr.write(text)
-            except (OSError, ValueError):
-                pass
 
     def _frame(self, kind: bytes, payload: bytes) -> None:
         tail = self._decoder.decode(b"", final=True)

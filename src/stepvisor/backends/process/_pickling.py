@@ -46,11 +46,9 @@ def prepare_payload(step_id: str, fn: Callable[..., Any]) -> bytes:
     """
     try:
         payload = bytes(cloudpickle.dumps(fn, protocol=_PROTOCOL))
-        if DYNAMIC.encode() in payload:  # sent by value: keep its file name and source
-            wrapped = located(fn)
-            if wrapped is not None:
-                payload = bytes(cloudpickle.dumps(wrapped, protocol=_PROTOCOL))
-        return payload
+        wrapped = located(fn) if DYNAMIC.encode() in payload else None
+        if wrapped is not None:  # sent by value: keep its file name and source
+            payload = bytes(cloudpickle.dumps(wrapped, protocol=_PROTOCOL))
     except Exception as exc:
         raise _not_serializable(
             step_id,
@@ -60,6 +58,7 @@ def prepare_payload(step_id: str, fn: Callable[..., Any]) -> bytes:
             fix="create such objects inside the function instead of capturing them, "
             "or run the step with executor='thread'",
         ) from exc
+    return payload
 
 
 def check_sendable(step_id: str, what: str, value: object) -> bytes:

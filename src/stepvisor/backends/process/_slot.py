@@ -52,8 +52,8 @@ from stepvisor.backends.process._results import (
     stopped_result,
 )
 from stepvisor.backends.process._wait import await_end, enforce_deadline, poll_ms, serve
-from stepvisor.backends.thread import ended_with_stack
 from stepvisor.backends.process._worker import Child, Received
+from stepvisor.backends.thread import ended_with_stack
 from stepvisor.context import AttemptControl
 from stepvisor.errors import StepNotSerializableError, StepvisorError
 

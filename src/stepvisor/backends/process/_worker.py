@@ -80,7 +80,15 @@ class Child:
             self.out_r = out_r
             theirs = (cmd_r, res_w, alive_r, shm_r, out_w)
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, *map(str, theirs[:4]), _PKG_ROOT, name, str(out_w)],
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOTSTRAP,
+                    *map(str, theirs[:4]),
+                    _PKG_ROOT,
+                    name,
+                    str(out_w),
+                ],
                 pass_fds=theirs,
                 close_fds=True,
                 start_new_session=True,
