@@ -37,7 +37,7 @@ class AttemptControl:
     one lock (cancelling is rare and brief).
     """
 
-    __slots__ = ("_cancellers", "_event", "_flag", "log", "reason", "stack")
+    __slots__ = ("_cancellers", "_event", "_flag", "before_stop", "log", "reason", "stack")
 
     _lock = threading.Lock()
 
@@ -52,6 +52,9 @@ class AttemptControl:
         #: Where the step was when its deadline stopped it (every thread of a
         #: process child), set by its backend; goes into its log and error text.
         self.stack: str | None = None
+        #: Called with the reason before the step can see the stop (its thread's
+        #: stack is taken there, while it is still where the deadline found it).
+        self.before_stop: Callable[[str], None] | None = None
 
     @property
     def is_cancelled(self) -> bool:
@@ -69,6 +72,10 @@ class AttemptControl:
 
     def cancel(self, reason: str) -> None:
         """Ask the attempt to stop.  ``reason`` is ``"timeout"`` or ``"cancel"``."""
+        before = self.before_stop
+        if before is not None and not self._flag:
+            self.before_stop = None
+            before(reason)
         with AttemptControl._lock:
             if self._flag:
                 return

@@ -25,8 +25,10 @@ sleep a task cancel can interrupt) and never blocks the loop's thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -302,6 +304,35 @@ def crash_first(ctx: sv.StepContext) -> Outputs:
     return {"ok_on": calls, "pid": os.getpid()}
 
 
+# -- output (what the attempt writes is kept as its log) --------------------------------------
+
+
+def chatter(ctx: sv.StepContext) -> Outputs:
+    """Write to stdout, stderr, file descriptor 1 and one logging record, each naming
+    this step and attempt; with ``fail_first``, the first attempt then raises."""
+    tag = f"{ctx.step_id} {ctx.attempt}"
+    for i in range(int(ctx.params.get("lines", 1))):
+        print(f"out {tag} {i}")
+    print(f"err {tag}", file=sys.stderr)
+    sys.stdout.flush()
+    os.write(1, f"fd {tag}\n".encode())
+    logging.getLogger("contract.chatter").warning("record %s", tag)
+    if ctx.params.get("fail_first") and ctx.attempt == 1:
+        raise QuotaError("the first attempt fails")
+    return None
+
+
+def print_then_block(ctx: sv.StepContext) -> Outputs:
+    """Print a line, then wait to be stopped at the deadline (see ``block_until_stopped``)."""
+    print(f"before the deadline {ctx.step_id}", flush=True)
+    return block_until_stopped(ctx)
+
+
+async def print_then_block_async(ctx: sv.StepContext) -> Outputs:
+    print(f"before the deadline {ctx.step_id}", flush=True)
+    return await block_until_stopped_async(ctx)
+
+
 # -- the async versions --------------------------------------------------------------------------
 
 
@@ -317,6 +348,7 @@ def _async_version(fn: SyncStep) -> AsyncStep:
 
 
 _WRITTEN_OUT: dict[SyncStep, AsyncStep] = {
+    print_then_block: print_then_block_async,
     block_until_stopped: block_until_stopped_async,
     stop_politely: stop_politely_async,
     fail_once_started: fail_once_started_async,
@@ -333,6 +365,7 @@ _SIMPLE: tuple[SyncStep, ...] = (
     raise_unpicklable,
     raise_base,
     fail_first,
+    chatter,
 )
 
 #: Plain step -> its ``async def`` version, for the async backend.  (``crash`` and

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import traceback
 from types import FrameType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import asyncio
@@ -36,18 +36,28 @@ def _format(frame: FrameType) -> str:
     return "".join(traceback.format_stack(frame))
 
 
-def task_stack(task: asyncio.Task[object]) -> str | None:
-    """Where an asyncio task is suspended (call on the loop's thread)."""
-    frames = task.get_stack()
-    if not frames:
+def task_stack(task: asyncio.Task[Any]) -> str | None:
+    """Where an asyncio task is suspended: its await chain, outermost first.
+
+    (``Task.get_stack`` gives only the task's own coroutine frame; the chain
+    of coroutines it awaits is followed here, through ``cr_await``.)
+    """
+    walk: list[tuple[FrameType, int]] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        walk.append((frame, frame.f_lineno))
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    if not walk:
         return None
-    summary = traceback.StackSummary.extract((frame, frame.f_lineno) for frame in frames)
-    return "".join(summary.format())
+    return "".join(traceback.StackSummary.extract(iter(walk)).format())
 
 
-def grab_thread_stack(control: AttemptControl, ident: int) -> None:
-    """A canceller: on a timeout, keep where thread ``ident`` is in ``control.stack``."""
-    if control.reason == "timeout" and control.stack is None:
+def grab_thread_stack(control: AttemptControl, ident: int, reason: str) -> None:
+    """``before_stop``: on a timeout, keep where thread ``ident`` is in ``control.stack``."""
+    if reason == "timeout" and control.stack is None:
         control.stack = thread_stack(ident)
 
 

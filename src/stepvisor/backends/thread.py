@@ -54,7 +54,7 @@ def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResul
 
 def _call_watched(spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
     if spec.deadline is not None:
-        control.on_cancel(functools.partial(grab_thread_stack, control, threading.get_ident()))
+        control.before_stop = functools.partial(grab_thread_stack, control, threading.get_ident())
     log = control.log
     token = CURRENT.set(log) if log is not None else None
     try:
