@@ -272,7 +272,27 @@ def format_record_line(record: logging.LogRecord) -> str:
         message = record.getMessage()
     except Exception as exc:  # a bad format string must not fail the step
         message = f"{record.msg!r} (could not be formatted: {exc})"
+    trace_id = getattr(record, "otelTraceID", None)
+    if trace_id:
+        message += f" [trace_id={trace_id} span_id={getattr(record, 'otelSpanID', '')}]"
     return record_line(record.created, record.levelname, record.name, message, _exc_text(record))
+
+
+def trace_ids() -> tuple[str, str] | None:
+    """The current OpenTelemetry trace and span ids (hex), when a traced attempt runs.
+
+    OpenTelemetry is looked up, never imported: an untraced program has not loaded it.
+    """
+    otel_trace = sys.modules.get("opentelemetry.trace")
+    if otel_trace is None:
+        return None
+    try:
+        context = otel_trace.get_current_span().get_span_context()
+    except Exception:  # an odd SDK must not fail the step's logging
+        return None
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
 def record_line(created: float, level: str, name: str, message: str, exc_text: str | None) -> str:
@@ -349,6 +369,9 @@ def install() -> None:
                 if log is not None:
                     record.stepvisor_step = log.step_id
                     record.stepvisor_attempt = log.attempt
+                    ids = trace_ids()
+                    if ids is not None:  # the names OpenTelemetry's logging instrumentation uses
+                        record.otelTraceID, record.otelSpanID = ids
                     log.add_record(record)
                 return record
 

@@ -26,6 +26,7 @@ import traceback
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from stepvisor.backends._capture import trace_ids
 from stepvisor.backends._frames import frame
 
 __all__ = ["ChildCapture"]
@@ -146,6 +147,9 @@ class _Records(logging.Handler):
             "threadName": record.threadName,
             "process": record.process,
         }
+        ids = trace_ids()
+        if ids is not None:
+            payload["otelTraceID"], payload["otelSpanID"] = ids
         self._sink.frame(b"R", json.dumps(payload).encode("utf-8", "surrogatepass"))
 
 

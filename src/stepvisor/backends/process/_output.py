@@ -136,12 +136,15 @@ class ChildOutput:
         log = self._log
         if log is None:
             return
+        message = str(fields.get("msg", ""))
+        if fields.get("otelTraceID"):
+            message += f" [trace_id={fields['otelTraceID']} span_id={fields.get('otelSpanID', '')}]"
         log.write(
             record_line(
                 float(fields.get("created", 0.0)),
                 str(fields.get("levelname", "")),
                 str(fields.get("name", "")),
-                str(fields.get("msg", "")),
+                message,
                 fields.get("exc_text"),
             )
         )
