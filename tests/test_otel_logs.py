@@ -24,11 +24,14 @@ async def log_a_warning_async(ctx: sv.StepContext) -> None:
 
 @pytest.mark.parametrize("executor", ["thread", "async", "process"])
 def test_a_captured_record_carries_its_attempts_trace_and_span(spans: Spans, executor: str) -> None:
-    fn = log_a_warning_async if executor == "async" else log_a_warning
-    options = {} if executor == "async" else {"executor": executor}
-    result = sv.run(sv.Workflow("traced", [sv.Step("s", fn, **options)]))
+    if executor == "async":
+        step = sv.Step("s", log_a_warning_async)
+    else:
+        step = sv.Step("s", log_a_warning, executor="process" if executor == "process" else None)
+    result = sv.run(sv.Workflow("traced", [step]))
     assert result.ok, result.error
     attempt = spans.attempt("s", 1).get_span_context()
+    assert attempt is not None
     ids = f"[trace_id={attempt.trace_id:032x} span_id={attempt.span_id:016x}]"
     assert f"WARNING traced.step: traced s {ids}\n" in result.logs("s")
 
