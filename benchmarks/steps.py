@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "busy",
+    "lines_to_file",
     "make_array",
     "make_array_step",
     "noop",
     "nothing",
+    "print_lines",
     "ready",
     "spin",
     "spin_step",
@@ -110,3 +112,16 @@ def make_array_step(ctx: StepContext) -> dict[str, object]:
 
 def total_step(ctx: StepContext) -> dict[str, float]:
     return {f"total_{ctx.step_id}": total(ctx.inputs["array"])}
+
+
+def print_lines(ctx: StepContext) -> None:
+    """Print ``n`` short lines to stdout (captured, or not, as the run says)."""
+    for i in range(int(ctx.params["n"])):
+        print(f"line {i}")
+
+
+def lines_to_file(ctx: StepContext) -> None:
+    """The same loop, writing to a file: what printing costs without capture."""
+    with open(ctx.params["path"], "w") as fh:
+        for i in range(int(ctx.params["n"])):
+            print(f"line {i}", file=fh)

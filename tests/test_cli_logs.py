@@ -148,22 +148,22 @@ def test_logs_follow_prints_a_running_runs_output_from_another_program(project: 
             cwd=project,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
             env=cli_env(),
         )
         assert follower.stdout is not None
-        seen = ""
+        out = follower.stdout.fileno()
+        seen = b""
         deadline = time.monotonic() + 20
-        while "started talking" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([follower.stdout], [], [], 0.5)
+        while b"started talking" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([out], [], [], 0.5)
             if ready:
-                seen += follower.stdout.readline()
+                seen += os.read(out, 65536)
         # Seen while the step still runs: it waits for the gate made only now.
-        assert "==> step talker, attempt 1 <==\nstarted talking\n" in seen
+        assert b"==> step talker, attempt 1 <==\nstarted talking\n" in seen
         (project / "gate").write_text("go")
         rest, errors = follower.communicate(timeout=30)
         assert follower.returncode == 0, errors
-        assert (seen + rest).endswith("started talking\ndone talking\n")
+        assert (seen + rest).endswith(b"started talking\ndone talking\n")
         assert run.wait(timeout=30) == 0
     finally:
         for proc in (run, follower):

@@ -132,6 +132,7 @@ class AttemptLog:
 
     __slots__ = (
         "_cut",
+        "_fitted",
         "_head",
         "_n",
         "_parts",
@@ -141,10 +142,8 @@ class AttemptLog:
         "attempt",
         "limit",
         "records",
-        "stack",
         "step_id",
         "tee",
-        "written",
     )
 
     def __init__(self, step_id: str, attempt: int, *, limit: int, tee: bool) -> None:
@@ -152,12 +151,9 @@ class AttemptLog:
         self.attempt = attempt
         self.limit = limit
         self.tee = tee
-        #: Characters written so far (a change tells the follower to look again).
-        self.written = 0
         #: Records a process child sent, to emit again in the parent (tee).
         self.records: list[dict[str, Any]] | None = None
-        #: The stack at the deadline, when the attempt was stopped there.
-        self.stack: str | None = None
+        self._fitted = 0
         self._parts: list[str] = []
         self._n = 0
         self._head = bytearray()
@@ -171,9 +167,7 @@ class AttemptLog:
     def write(self, s: str, out: TextIO | None = None) -> None:
         """Keep ``s``; with tee, show its whole lines on ``out`` prefixed by the step id."""
         self._parts.append(s)
-        n = len(s)
-        self.written += n
-        self._n += n
+        self._n += len(s)
         if self._n >= _CHUNK:
             self._fit()
         if self.tee and out is not None:
@@ -207,6 +201,7 @@ class AttemptLog:
         if not self._parts:
             return
         parts, self._parts = self._parts, []
+        self._fitted += self._n
         self._n = 0
         data = "".join(parts).encode("utf-8", "surrogatepass")
         room = self.limit // 2 - len(self._head)
@@ -231,6 +226,11 @@ class AttemptLog:
                 self._cut += over
 
     # -- reading (any thread) --
+
+    @property
+    def written(self) -> int:
+        """Characters written so far (a change tells the follower to look again)."""
+        return self._fitted + self._n
 
     @property
     def empty(self) -> bool:
@@ -327,10 +327,18 @@ class _Stream:
         log = CURRENT.get()
         if log is None:
             return self._original.write(s)
-        if not isinstance(s, str):
+        if type(s) is not str and not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        log.write(s, self._original)
-        return len(s)
+        if log.tee:
+            log.write(s, self._original)
+            return len(s)
+        # AttemptLog.write inlined: this runs twice per print() of a captured step.
+        log._parts.append(s)
+        n = len(s)
+        log._n += n
+        if log._n >= _CHUNK:
+            log._fit()
+        return n
 
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:

@@ -8,13 +8,15 @@ pipe (so C extensions and subprocesses are captured too), ``sys.stdout`` and
 records as frames (:mod:`stepvisor.backends._frames`), and a SIGTERM handler
 sends the stack of every thread before the child dies.
 
-Text is gathered and written in chunks: at 8 KiB, at a newline 50 ms after the
-last write, before every frame, at the attempt's end and at a SIGTERM.  So a
-child killed with SIGKILL loses at most what it printed in its last 50 ms.
+Text is gathered and written in chunks: at 8 KiB, every 50 ms (a flusher
+thread), at each line of stderr, before every frame, at the attempt's end and
+at a SIGTERM.  So a child killed with SIGKILL loses at most what it printed in
+its last 50 ms.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -46,24 +48,35 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _Sink:
-    """Text gathered for fd 1, written in chunks; frames between them, in order."""
+    """Text gathered for fd 1, written in chunks; frames between them, in order.
+
+    Writers only append to a deque (thread-safe, and nothing appended is lost
+    to a flush running meanwhile); flushing pops what is there under a lock, so
+    chunks and frames go down the pipe in the order they were made.
+    """
 
     def __init__(self) -> None:
-        # Re-entrant: the SIGTERM handler runs on the main thread, maybe inside ``add``.
+        # Re-entrant: the SIGTERM handler runs on the main thread, maybe inside a flush.
         self._lock = threading.RLock()
-        self._parts: list[str] = []
-        self._n = 0
-        self._last = 0.0
+        self._queue: collections.deque[str] = collections.deque()
+        self.append = self._queue.append
+        #: Characters appended since the last flush (a trigger: races only delay it).
+        self.pending = 0
+        self._flusher: threading.Thread | None = None
 
-    def add(self, s: str) -> None:
-        with self._lock:
-            self._parts.append(s)
-            self._n += len(s)
-            if self._n < _FLUSH_AT and (
-                "\n" not in s or time.monotonic() - self._last < _FLUSH_AFTER
-            ):
-                return
-            self._flush()
+    def start_flusher(self) -> None:
+        """Flush every ``_FLUSH_AFTER`` seconds from a thread (once per child)."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_often, name="stepvisor-output-flusher", daemon=True
+            )
+            self._flusher.start()
+
+    def _flush_often(self) -> None:
+        while True:
+            time.sleep(_FLUSH_AFTER)
+            if self._queue:
+                self.flush()
 
     def flush(self) -> None:
         with self._lock:
@@ -75,11 +88,12 @@ class _Sink:
             _write_all(1, frame(kind, payload))
 
     def _flush(self) -> None:
-        self._last = time.monotonic()
-        if not self._parts:
+        queue = self._queue
+        self.pending = 0
+        if not queue:
             return
-        parts, self._parts = self._parts, []
-        self._n = 0
+        pop = queue.popleft
+        parts = [pop() for _ in range(len(queue))]
         _write_all(1, "".join(parts).encode("utf-8", "surrogatepass"))
 
 
@@ -91,14 +105,17 @@ class _Text:
 
     def __init__(self, sink: _Sink, fd: int) -> None:
         self._sink = sink
+        self._append = sink.append
         self._fd = fd
 
     def write(self, s: str) -> int:
-        if not isinstance(s, str):
+        if type(s) is not str and not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        self._sink.add(s)
-        if self._fd == 2 and "\n" in s:  # stderr is line-buffered, as usual
-            self._sink.flush()
+        self._append(s)
+        sink = self._sink
+        sink.pending += len(s)
+        if sink.pending >= _FLUSH_AT or (self._fd == 2 and "\n" in s):
+            sink.flush()  # (stderr is line-buffered, as usual)
         return len(s)
 
     def writelines(self, lines: Any) -> None:
@@ -211,6 +228,7 @@ class ChildCapture:
         self._streams = (sys.stdout, sys.stderr)
         sys.stdout = _Text(self._sink, 1)
         sys.stderr = _Text(self._sink, 2)
+        self._sink.start_flusher()
         root = logging.getLogger()
         root.setLevel(level)
         if self._handler not in root.handlers:
