@@ -129,7 +129,7 @@ def _rows(executor: Executor, n: int) -> list[Row]:
 
 
 def run(*, quick: bool) -> list[Row]:
-    n = 10_000 if quick else LINES
+    n = 2_000 if quick else LINES
     repeat = 1 if quick else 5
     rows: list[Row] = []
     with scratch_dir() as tmp:

@@ -139,19 +139,19 @@ def test_logs_follow_prints_a_running_runs_output_from_another_program(project: 
         text=True,
         env=cli_env(),
     )
-    follower: subprocess.Popen[str] | None = None
+    follower: subprocess.Popen[bytes] | None = None
     try:
         assert run.stdout is not None
         run_id = started_id(run.stdout.readline())
-        follower = subprocess.Popen(
+        follower = following = subprocess.Popen(
             [sys.executable, "-m", "stepvisor", "logs", run_id, "--follow"],
             cwd=project,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=cli_env(),
         )
-        assert follower.stdout is not None
-        out = follower.stdout.fileno()
+        assert following.stdout is not None
+        out = following.stdout.fileno()
         seen = b""
         deadline = time.monotonic() + 20
         while b"started talking" not in seen and time.monotonic() < deadline:
@@ -161,8 +161,8 @@ def test_logs_follow_prints_a_running_runs_output_from_another_program(project: 
         # Seen while the step still runs: it waits for the gate made only now.
         assert b"==> step talker, attempt 1 <==\nstarted talking\n" in seen
         (project / "gate").write_text("go")
-        rest, errors = follower.communicate(timeout=30)
-        assert follower.returncode == 0, errors
+        rest, errors = following.communicate(timeout=30)
+        assert following.returncode == 0, errors
         assert (seen + rest).endswith(b"started talking\ndone talking\n")
         assert run.wait(timeout=30) == 0
     finally:

@@ -43,6 +43,7 @@ INVARIANTS: Final = (
     "store-fault",
     "one-owner",
     "race",
+    "logs",
 )
 
 #: The ``StoreFaultError.fault`` each store fault must be reported as.
