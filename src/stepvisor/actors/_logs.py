@@ -58,9 +58,12 @@ class RunLogs:
         log = control.log
         if log is None or (log.written == 0 and not control.stack):
             return
-        text, cut = log.render()
         if not ended and control.stack:  # abandoned or killed with the run: never closed
-            text += ("" if not text or text.endswith("\n") else "\n") + HEADER + control.stack
+            # Through the log, so that log_limit holds for it too.  (Its thread may still
+            # write: a line of its own could be lost at a chunk's end, never mixed.)
+            log.note(HEADER + control.stack)
+            control.stack = None
+        text, cut = log.render()
         self._kept[(step_id, attempt)] = text
         self._save(step_id, attempt, text, cut)
 
