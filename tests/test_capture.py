@@ -14,12 +14,21 @@ import pytest
 import stepvisor as sv
 from stepvisor import config
 from stepvisor.backends import _capture
-from stepvisor.backends._capture import CURRENT, AttemptLog, cut_marker, install
+from stepvisor.backends._capture import CURRENT, AttemptLog, Current, cut_marker, install
 from stepvisor.backends._frames import MAGIC, frame
 from stepvisor.backends.process._output import ChildOutput
+from stepvisor.context import AttemptControl
 from stepvisor.errors import InvalidSettingError
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore
+
+
+def attempt_of(log: AttemptLog) -> Current:
+    """What a backend puts in ``CURRENT`` for an attempt whose log is ``log``."""
+    control = AttemptControl()
+    control.capture = _capture.Capture("store", log.limit)
+    control.log = log
+    return (control, log.step_id, log.attempt)
 
 
 def expected(data: bytes, limit: int) -> str:
@@ -57,6 +66,22 @@ def test_a_log_is_what_was_written_or_its_head_and_tail_with_the_cut_marked(tota
     assert cut == max(0, len(data) - 1024)
 
 
+def test_an_attempt_that_writes_nothing_gets_no_log() -> None:
+    install()
+    control = AttemptControl()
+    control.capture = _capture.Capture("store", 4096)
+    token = CURRENT.set((control, "quiet", 1))
+    try:
+        assert control.log is None
+        print("first words")
+    finally:
+        CURRENT.reset(token)
+    made: AttemptLog | None = getattr(control, "log")  # noqa: B009 - mypy narrowed it
+    assert made is not None
+    assert (made.step_id, made.attempt) == ("quiet", 1)
+    assert made.text() == "first words\n"
+
+
 def test_bytes_that_are_not_utf8_are_replaced_and_never_raise() -> None:
     log = AttemptLog("s", 1, limit=1024, tee=False)
     log.write("lone surrogate \udcff and \ud800 here\n")
@@ -72,7 +97,7 @@ def test_threads_with_their_own_context_never_get_each_others_lines() -> None:
     barrier = threading.Barrier(len(logs))
 
     def step(log: AttemptLog) -> None:
-        token = CURRENT.set(log)
+        token = CURRENT.set(attempt_of(log))
         try:
             barrier.wait(timeout=10)
             for i in range(2000):
@@ -95,7 +120,7 @@ def test_async_tasks_on_one_thread_keep_their_own_lines() -> None:
     logs = [AttemptLog(f"a{i}", 1, limit=1 << 20, tee=False) for i in range(3)]
 
     async def step(log: AttemptLog) -> None:
-        CURRENT.set(log)  # the task's own copy of the context
+        CURRENT.set(attempt_of(log))  # the task's own copy of the context
         for i in range(50):
             print(f"{log.step_id} {i}")
             await asyncio.sleep(0)  # the tasks interleave line by line
@@ -122,7 +147,7 @@ def test_a_record_made_in_an_attempt_is_kept_and_names_its_step() -> None:
     handler = Keep()
     logger.addHandler(handler)
     try:
-        token = CURRENT.set(log)
+        token = CURRENT.set(attempt_of(log))
         try:
             logger.warning("hello %s", "there")
         finally:
@@ -167,7 +192,7 @@ def _frames_stream() -> bytes:
 def test_the_childs_output_parses_the_same_however_it_is_cut(chunk: int) -> None:
     output = ChildOutput()
     log = AttemptLog("s", 1, limit=1 << 20, tee=False)
-    output.bind(log)
+    output.bind(attempt_of(log))
     data = _frames_stream()
     for start in range(0, len(data), chunk):
         output.feed(data[start : start + chunk])
@@ -178,7 +203,7 @@ def test_the_childs_output_parses_the_same_however_it_is_cut(chunk: int) -> None
     assert text.endswith("é\n")
     assert "next attempt" not in text  # after the end mark: held for the next attempt
     after = AttemptLog("s", 2, limit=1 << 20, tee=False)
-    output.bind(after)
+    output.bind(attempt_of(after))
     assert after.text() == "next attempt\n"
     assert MAGIC not in text.encode()
 

@@ -20,7 +20,7 @@ from stepvisor.errors import stop_error
 if TYPE_CHECKING:
     import logging
 
-    from stepvisor.backends._capture import AttemptLog
+    from stepvisor.backends._capture import AttemptLog, Capture
 
 __all__ = ["AttemptControl", "StepContext"]
 
@@ -37,7 +37,16 @@ class AttemptControl:
     one lock (cancelling is rare and brief).
     """
 
-    __slots__ = ("_cancellers", "_event", "_flag", "before_stop", "log", "reason", "stack")
+    __slots__ = (
+        "_cancellers",
+        "_event",
+        "_flag",
+        "before_stop",
+        "capture",
+        "log",
+        "reason",
+        "stack",
+    )
 
     _lock = threading.Lock()
 
@@ -46,8 +55,10 @@ class AttemptControl:
         self._event: threading.Event | None = None
         self._cancellers: list[Callable[[], None]] | None = None
         self.reason: str | None = None
-        #: The attempt's captured output (``capture`` not ``off``), shared with the
-        #: shell so that a running attempt's log can be read as it grows.
+        #: The run's capture setting (``None``: ``capture="off"``), set by the shell.
+        self.capture: Capture | None = None
+        #: The attempt's captured output, made when it first writes (``open_log``) and
+        #: shared with the shell, which reads a running attempt's log as it grows.
         self.log: AttemptLog | None = None
         #: Where the step was when its deadline stopped it (every thread of a
         #: process child), set by its backend; goes into its log and error text.

@@ -372,8 +372,7 @@ class RunShell:
         for order in effect.orders:
             executor, budget = order.executor, order.budget
             control = AttemptControl()
-            if capture is not None:
-                control.log = capture.open(order.spec.step_id, order.spec.attempt)
+            control.capture = capture
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order.spec
             if budget is not None:

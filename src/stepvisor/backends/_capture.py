@@ -35,7 +35,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
+
+if TYPE_CHECKING:
+    from stepvisor.context import AttemptControl
+
+#: What :data:`CURRENT` holds: the attempt's control, step id and attempt number.
+Current = tuple["AttemptControl", str, int]
 
 __all__ = [
     "CURRENT",
@@ -47,6 +53,7 @@ __all__ = [
     "cut_marker",
     "format_record_line",
     "install",
+    "log_of",
 ]
 
 CaptureMode = Literal["tee", "store", "off"]
@@ -55,10 +62,25 @@ DEFAULT_LOG_LIMIT: Final = 1 << 20
 #: Text gathered before it is encoded and fitted into the head and tail.
 _CHUNK: Final = 1 << 16
 
-#: The log of the attempt running in this context, if its output is captured.
-CURRENT: contextvars.ContextVar[AttemptLog | None] = contextvars.ContextVar(
-    "stepvisor_attempt_log", default=None
+#: The attempt running in this context, if its output is captured: its control (whose
+#: ``log`` is made on the first write), step id and attempt number.
+CURRENT: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
+    "stepvisor_attempt", default=None
 )
+
+
+def log_of(control: AttemptControl, step_id: str, attempt: int) -> AttemptLog:
+    """The attempt's log, made now if it has written nothing yet (its run captures)."""
+    log = control.log
+    if log is None:
+        capture = control.capture
+        assert capture is not None, "log_of() for an attempt whose run does not capture"
+        log = control.log = capture.open(step_id, attempt)
+    return log
+
+
+def _opened(current: Current) -> AttemptLog:
+    return log_of(*current)
 
 
 #: Where tee'd lines go instead of the real stream, when set (the CLI's live display).
@@ -324,9 +346,10 @@ class _Stream:
         self._original = original
 
     def write(self, s: str) -> int:
-        log = CURRENT.get()
-        if log is None:
+        current = CURRENT.get()
+        if current is None:
             return self._original.write(s)
+        log = current[0].log or _opened(current)
         if type(s) is not str and not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if log.tee:
@@ -373,8 +396,9 @@ def install() -> None:
 
             def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
                 record = previous(*args, **kwargs)
-                log = CURRENT.get()
-                if log is not None:
+                current = CURRENT.get()
+                if current is not None:
+                    log = current[0].log or _opened(current)
                     record.stepvisor_step = log.step_id
                     record.stepvisor_attempt = log.attempt
                     ids = trace_ids()

@@ -130,7 +130,7 @@ class LoopThread:
         loop = self.loop
         try:
             ctx = make_context(spec, control)
-            if spec.trace is None and control.log is None:
+            if spec.trace is None and control.capture is None:
                 task = loop.create_task(_caught(spec.fn(ctx)))
             else:  # the task copies the context current here: the attempt's span
                 with (
@@ -139,8 +139,8 @@ class LoopThread:
                     else contextlib.nullcontext()
                 ):
                     context = contextvars.copy_context()
-                    if control.log is not None:  # the task's own copy: its output
-                        context.run(CURRENT.set, control.log)
+                    if control.capture is not None:  # the task's own copy: its output
+                        context.run(CURRENT.set, (control, spec.step_id, spec.attempt))
                     task = loop.create_task(_caught(spec.fn(ctx)), context=context)
         except BaseException as exc:  # not a coroutine function, or a bug: the attempt ends
             done(backend_bug(spec, exc))

@@ -44,7 +44,7 @@ def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResul
     thread's stack if the deadline stops it; with capture, what the step
     writes goes to ``control.log`` (by context: see ``_capture``).
     """
-    if control is None or (control.log is None and spec.deadline is None):
+    if control is None or (control.capture is None and spec.deadline is None):
         if spec.trace is None:
             return _call_step(spec, control)
         with trace_context(spec.trace):
@@ -55,8 +55,9 @@ def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResul
 def _call_watched(spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
     if spec.deadline is not None:
         control.before_stop = functools.partial(grab_thread_stack, control, threading.get_ident())
-    log = control.log
-    token = CURRENT.set(log) if log is not None else None
+    token = None
+    if control.capture is not None:
+        token = CURRENT.set((control, spec.step_id, spec.attempt))
     try:
         if spec.trace is None:
             result = _call_step(spec, control)
@@ -66,6 +67,8 @@ def _call_watched(spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
     finally:
         if token is not None:
             CURRENT.reset(token)
+    if control.log is None and control.stack is None:
+        return result  # wrote nothing, not stopped at its deadline: nothing to add
     return ended_with_stack(result, control)
 
 

@@ -24,7 +24,7 @@ import logging
 import sys
 from typing import Any, Final
 
-from stepvisor.backends._capture import AttemptLog, record_line
+from stepvisor.backends._capture import AttemptLog, Current, log_of, record_line
 from stepvisor.backends._frames import HEADER_SIZE, MAGIC
 
 __all__ = ["ChildOutput"]
@@ -39,18 +39,16 @@ class ChildOutput:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._bound = False
-        self._log: AttemptLog | None = None
+        self._bound: Current | None = None
         self._held: list[tuple[str, Any]] = []
         #: The ends seen, as ``(step id, attempt)``.
         self.ended: set[tuple[str, int]] = set()
         #: The stacks the child sent when a SIGTERM stopped it (the bound attempt's).
         self.stack: str | None = None
 
-    def bind(self, log: AttemptLog | None) -> None:
-        """What follows (and what was held) belongs to the attempt with ``log``."""
-        self._bound = True
-        self._log = log
+    def bind(self, attempt: Current) -> None:
+        """What follows (and what was held) belongs to ``attempt`` (its control, id, number)."""
+        self._bound = attempt
         self.stack = None
         held, self._held = self._held, []
         for kind, value in held:
@@ -60,8 +58,14 @@ class ChildOutput:
                 self._record(value)
 
     def unbind(self) -> None:
-        self._bound = False
-        self._log = None
+        self._bound = None
+
+    def _log(self) -> AttemptLog | None:
+        """The bound attempt's log (made now if need be), or ``None`` if it is not captured."""
+        bound = self._bound
+        if bound is None or bound[0].capture is None:
+            return None
+        return log_of(*bound)
 
     def feed(self, chunk: bytes) -> None:
         buf = self._buf
@@ -103,10 +107,11 @@ class ChildOutput:
                 self._text(text)
 
     def _text(self, text: str) -> None:
-        if not self._bound:
+        log = self._log()
+        if self._bound is None:
             self._held.append(("t", text))
-        elif self._log is not None:
-            self._log.write(text, sys.stdout)
+        elif log is not None:
+            log.write(text, sys.stdout)
         else:  # not captured, yet in the pipe (a step's leftover thread): show it
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.write(text)
@@ -120,7 +125,7 @@ class ChildOutput:
                 record = json.loads(payload.decode("utf-8", "replace"))
             except ValueError:
                 return
-            if self._bound:
+            if self._bound is not None:
                 self._record(record)
             else:
                 self._held.append(("r", record))
@@ -133,7 +138,7 @@ class ChildOutput:
             self.unbind()
 
     def _record(self, fields: dict[str, Any]) -> None:
-        log = self._log
+        log = self._log()
         if log is None:
             return
         message = str(fields.get("msg", ""))

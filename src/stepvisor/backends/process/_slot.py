@@ -215,7 +215,7 @@ class ProcessSlot:
         if child is None:
             args.close()
             return closed_result(spec, self._name, pid=None)
-        message = self._message(child, spec, fn_payload, args, captured=control.log is not None)
+        message = self._message(child, spec, fn_payload, args, captured=control.capture is not None)
         if args.fds:  # ahead of the message: the child takes them when it reads it
             child.send_fds(args.fds)
         args.close()
@@ -237,10 +237,10 @@ class ProcessSlot:
         # Called at once if already cancelled: an attempt sent ahead may be
         # running in the child by now, and this stops it.
         control.on_cancel(functools.partial(child.terminate, token))
-        child.output.bind(control.log)
+        child.output.bind((control, spec.step_id, spec.attempt))
         reply = self._exchange(child, spec, control, message, following)
         if reply is not None:
-            if control.log is not None:
+            if control.capture is not None:
                 await_end(child, (spec.step_id, spec.attempt))
             result = self._reply_result(spec, child, reply)
         else:
@@ -332,7 +332,7 @@ class ProcessSlot:
         if args.fds:  # descriptors go just before their message, which must not wait
             args.close()
             return b""
-        return self._message(child, spec, fn_payload, args, captured=control.log is not None)
+        return self._message(child, spec, fn_payload, args, captured=control.capture is not None)
 
     def _exchange(
         self,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 from stepvisor._log import log as _root_log
-from stepvisor.backends._capture import AttemptLog
+from stepvisor.backends._capture import log_of
 from stepvisor.backends._wire import Reply, Returned
 from stepvisor.backends.base import (
     AttemptResult,
@@ -180,7 +180,7 @@ class RayBackend:
                 extra={"reason": "cancel"},
             )
         try:
-            limit = control.log.limit if control.log is not None else None
+            limit = control.capture.limit if control.capture is not None else None
             args = self._placement.task_args(spec, log_limit=limit)
         except StepNotSerializableError as exc:
             exc.attempt = spec.attempt
@@ -353,7 +353,7 @@ class RayBackend:
             )
         if ended.raised is None:
             # A reply counts even after a cancel: the task finished before the kill.
-            return self._decode(spec, ref, ended.reply, control.log)
+            return self._decode(spec, ref, ended.reply, control)
         if control.is_cancelled:
             return AttemptResult(
                 kind="cancelled",
@@ -367,11 +367,12 @@ class RayBackend:
         return result
 
     def _decode(
-        self, spec: AttemptSpec, ref: Any, reply: Reply, log: AttemptLog | None = None
+        self, spec: AttemptSpec, ref: Any, reply: Reply, control: AttemptControl | None = None
     ) -> AttemptResult:
         written = getattr(reply, "log", None)
-        if written and log is not None:  # what the task saw it write, kept with its reply
-            log.write(written, sys.stdout)
+        if written and control is not None and control.capture is not None:
+            # What the task saw it write, kept with its reply.
+            log_of(control, spec.step_id, spec.attempt).write(written, sys.stdout)
         if isinstance(reply, Returned):
             outputs = reply.outputs
             if outputs:

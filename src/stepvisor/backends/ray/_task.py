@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import cloudpickle
 
-from stepvisor.backends._capture import AttemptLog, install
+from stepvisor.backends._capture import Capture, install
 from stepvisor.backends._wire import (
     Raised,
     RayCall,
@@ -92,7 +92,7 @@ def _captured(meta: Any) -> AttemptControl | None:
     install()
     logging.getLogger().setLevel(meta.capture)
     control = AttemptControl()
-    control.log = AttemptLog(meta.step_id, meta.attempt, limit=meta.log_limit, tee=False)
+    control.capture = Capture("store", meta.log_limit)
     return control
 
 
