@@ -247,3 +247,16 @@ def test_a_memory_store_keeps_logs_too() -> None:
     assert [(e.step_id, e.attempt, e.chars) for e in store.list_logs(result.run_id)] == [
         ("big", 1, 3001)
     ]
+
+
+def _binary(ctx: sv.StepContext) -> None:
+    print("text first")
+    sys.stdout.buffer.write(b"raw bytes \xff\n")
+    print("text after")
+
+
+def test_a_process_step_writing_bytes_to_stdout_keeps_them_in_order() -> None:
+    wf = sv.Workflow("bytes", [sv.Step("b", _binary, executor="process")])
+    result = sv.run(wf, capture="store")
+    assert result.ok, result.error
+    assert result.logs("b") == "text first\nraw bytes \ufffd\ntext after\n"

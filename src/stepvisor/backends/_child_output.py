@@ -87,6 +87,11 @@ class _Sink:
             self._flush()
             _write_all(1, frame(kind, payload))
 
+    def raw(self, data: bytes) -> None:
+        with self._lock:
+            self._flush()
+            _write_all(1, data)
+
     def _flush(self) -> None:
         queue = self._queue
         self.pending = 0
@@ -107,6 +112,8 @@ class _Text:
         self._sink = sink
         self._append = sink.append
         self._fd = fd
+        #: ``sys.stdout.buffer``: bytes go down the pipe as they are, after the text before.
+        self.buffer = _Bytes(sink)
 
     def write(self, s: str) -> int:
         if type(s) is not str and not isinstance(s, str):
@@ -136,6 +143,20 @@ class _Text:
 
     def readable(self) -> bool:
         return False
+
+
+class _Bytes:
+    """The binary layer of a captured stream: flush the text gathered, then write the bytes."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+
+    def write(self, data: bytes) -> int:
+        self._sink.raw(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
 
 
 class _Records(logging.Handler):
