@@ -20,7 +20,8 @@ from stepvisor.backends.process._output import ChildOutput
 from stepvisor.context import AttemptControl
 from stepvisor.errors import InvalidSettingError
 from stepvisor.store.memory import MemoryStore
-from stepvisor.store.sqlite import SQLiteStore
+from stepvisor.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.test_store_sqlite import raw
 
 
 def attempt_of(log: AttemptLog) -> Current:
@@ -260,3 +261,20 @@ def test_a_process_step_writing_bytes_to_stdout_keeps_them_in_order() -> None:
     result = sv.run(wf, capture="store")
     assert result.ok, result.error
     assert result.logs("b") == "text first\nraw bytes \ufffd\ntext after\n"
+
+
+def test_a_store_from_before_logs_gets_their_table_and_keeps_its_runs(tmp_path: Any) -> None:
+    db = tmp_path / "runs.db"
+    old = sv.run(sv.Workflow("old", [sv.Step("big", _chatty)]), store=str(db), capture="off")
+    with raw(db) as conn:  # as schema v3 left it: no attempt_logs table
+        conn.execute("DROP TABLE attempt_logs")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("PRAGMA user_version = 3")
+    with SQLiteStore(db) as store:
+        assert store.list_logs(old.run_id) == []
+        assert store.load(old.run_id).steps["big"].status is sv.StepStatus.SUCCEEDED
+    result = sv.run(sv.Workflow("new", [sv.Step("big", _chatty)]), store=str(db), capture="store")
+    with SQLiteStore(db, create=False) as store:
+        assert store.load_log(result.run_id, "big", 1) == "x" * 3000 + "\n"
+    with raw(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
