@@ -6,7 +6,7 @@ backend fills it while the attempt runs.  :class:`RunLogs` keeps it when the
 attempt's outcome arrives, before the machine records the outcome, so a step
 record that says an attempt ended is never ahead of its log::
 
-    AttemptDone ──▶ RunLogs.keep ──▶ store.save_log (LogStore)  ──▶ machine
+    AttemptDone(s) ──▶ RunLogs.keep, then .save: one transaction ──▶ machine
     heartbeat   ──▶ RunLogs.save_running: running attempts' logs, as they grow
     Finish      ──▶ RunLogs.finish: logs of attempts that never reported (abandoned,
                     killed with the run), then the result carries every log
@@ -52,6 +52,8 @@ class RunLogs:
         self._kept: dict[tuple[str, int], str] = {}
         #: How much a running attempt had written when its log was last saved.
         self._saved: dict[tuple[str, int], int] = {}
+        #: Logs kept and not saved yet: :meth:`save` writes them in one transaction.
+        self._unsaved: list[tuple[str, int, str, int]] = []
 
     def keep(self, step_id: str, attempt: int, control: AttemptControl, *, ended: bool) -> None:
         """Keep one attempt's log (``ended``: its backend closed it)."""
@@ -65,7 +67,8 @@ class RunLogs:
             control.stack = None
         text, cut = log.render()
         self._kept[(step_id, attempt)] = text
-        self._save(step_id, attempt, text, cut)
+        if self._store is not None:
+            self._unsaved.append((step_id, attempt, text, cut))
 
     def save_running(self, controls: Mapping[str, tuple[int, AttemptControl]]) -> None:
         """Save the logs of running attempts that grew since the last heartbeat."""
@@ -77,7 +80,8 @@ class RunLogs:
                 continue
             self._saved[(step_id, attempt)] = log.written
             text, cut = log.render()
-            self._save(step_id, attempt, text, cut)
+            self._unsaved.append((step_id, attempt, text, cut))
+        self.save()
 
     def finish(
         self, result: RunResult, controls: Mapping[str, tuple[int, AttemptControl]]
@@ -85,16 +89,23 @@ class RunLogs:
         """The result with every log; attempts that never reported are kept as they are."""
         for step_id, (attempt, control) in list(controls.items()):
             self.keep(step_id, attempt, control, ended=False)
+        self.save()
         if not self._kept:
             return result
         return dataclasses.replace(result, captured=MappingProxyType(dict(self._kept)))
 
-    def _save(self, step_id: str, attempt: int, text: str, cut: int) -> None:
-        if self._store is None:
+    def save(self) -> None:
+        """Write the logs kept since the last call, in one transaction (outcomes that
+        arrive together are saved together)."""
+        if not self._unsaved or self._store is None:
             return
+        unsaved, self._unsaved = self._unsaved, []
         try:
-            self._store.save_log(self._run_id, step_id, attempt, text, cut=cut)
+            save_logs = getattr(self._store, "save_logs", None)
+            if save_logs is not None:
+                save_logs(self._run_id, unsaved)
+            else:
+                for step_id, attempt, text, cut in unsaved:
+                    self._store.save_log(self._run_id, step_id, attempt, text, cut=cut)
         except StoreError:  # the run's records matter more: they are written next
-            _log.warning(
-                "could not keep the log of step %r attempt %d", step_id, attempt, exc_info=True
-            )
+            _log.warning("could not keep the logs of %d attempts", len(unsaved), exc_info=True)

@@ -230,9 +230,11 @@ class RunShell:
         kind = type(message)
         if kind is AttemptDone:
             self._forget_control(message)  # type: ignore[arg-type]
+            self._logs.save()
         elif kind is AttemptsDone:
             for done in message.outcomes:  # type: ignore[attr-defined]
                 self._forget_control(done)
+            self._logs.save()
         elif kind is Heartbeat:
             self._on_heartbeat()
             return

@@ -182,6 +182,10 @@ class LogStore(Protocol):
         """Keep (or replace) one attempt's log."""
         ...
 
+    def save_logs(self, run_id: str, logs: Sequence[tuple[str, int, str, int]]) -> None:
+        """Keep several logs, ``(step id, attempt, text, cut)`` each, in one transaction."""
+        ...
+
     def load_log(self, run_id: str, step_id: str, attempt: int) -> str | None:
         """One attempt's log, or ``None`` if none was kept."""
         ...

@@ -142,6 +142,12 @@ class MemoryStore:
             self._known(run_id)
             self._logs[(run_id, step_id, attempt)] = (text, cut)
 
+    def save_logs(self, run_id: str, logs: Sequence[tuple[str, int, str, int]]) -> None:
+        with self._lock:
+            self._known(run_id)
+            for step_id, attempt, text, cut in logs:
+                self._logs[(run_id, step_id, attempt)] = (text, cut)
+
     def load_log(self, run_id: str, step_id: str, attempt: int) -> str | None:
         with self._lock:
             kept = self._logs.get((run_id, step_id, attempt))

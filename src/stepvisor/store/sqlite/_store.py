@@ -452,8 +452,12 @@ class SQLiteStore(Closing):
     # -- logs (beside the records: see store.base.LogStore) ---------------------------------
 
     def save_log(self, run_id: str, step_id: str, attempt: int, text: str, *, cut: int) -> None:
-        with self._transaction("save a log in", run_id, write=True) as conn:
-            conn.execute(UPSERT_LOG, (run_id, step_id, attempt, text, cut))
+        self.save_logs(run_id, [(step_id, attempt, text, cut)])
+
+    def save_logs(self, run_id: str, logs: Sequence[tuple[str, int, str, int]]) -> None:
+        rows = [(run_id, step_id, attempt, text, cut) for step_id, attempt, text, cut in logs]
+        with self._transaction("save logs in", run_id, write=True) as conn:
+            conn.executemany(UPSERT_LOG, rows)
 
     def load_log(self, run_id: str, step_id: str, attempt: int) -> str | None:
         with self._transaction("read a log from", run_id, write=False) as conn:
