@@ -322,6 +322,15 @@ def chatter(ctx: sv.StepContext) -> Outputs:
     return None
 
 
+def print_then_crash(ctx: sv.StepContext) -> Outputs:
+    """Print a line (no flush) and crash at once: ``os._exit`` where a step may crash its
+    worker, else ``sys.exit`` (which fails the step as an error)."""
+    print(f"last words of {ctx.step_id}")
+    if ctx.params["can_crash"]:
+        os._exit(3)
+    sys.exit(3)
+
+
 def print_then_block(ctx: sv.StepContext) -> Outputs:
     """Print a line, then wait to be stopped at the deadline (see ``block_until_stopped``)."""
     print(f"before the deadline {ctx.step_id}", flush=True)
@@ -366,6 +375,7 @@ _SIMPLE: tuple[SyncStep, ...] = (
     raise_base,
     fail_first,
     chatter,
+    print_then_crash,
 )
 
 #: Plain step -> its ``async def`` version, for the async backend.  (``crash`` and

@@ -11,6 +11,8 @@ instead:
   ``sys.stdout``, ``sys.stderr`` and records).
 * ``STACK_AT_DEADLINE``: a Ray task stopped at its deadline is force-cancelled
   (its worker killed), so neither a stack nor its output comes back.
+* A Ray task that crashes its worker keeps nothing: what it wrote comes back
+  with its reply, which dies with it.
 * ``RECORDS_AGAIN``: a process child's records are emitted again in the engine
   through the program's logging (a thread or async step's are the program's own
   already); a Ray task's are kept in its log only.
@@ -134,6 +136,16 @@ def test_a_step_stopped_at_its_deadline_keeps_its_output_and_stack(backend: Back
         # The frame of the step's own function, where it waited.
         assert "print_then_block" in where
         assert "tests/contract/steps.py" in where
+
+
+def test_a_step_that_crashes_keeps_what_it_wrote_until_then(backend: Backend) -> None:
+    step = backend.step("crash", steps.print_then_crash, params={"can_crash": backend.can_crash})
+    result = backend.run(sv.Workflow("crash-logs", [step]))
+    assert result.steps["crash"].status is sv.StepStatus.FAILED
+    if backend.name == "ray":  # its output comes back with its reply, which died with it
+        assert result.logs("crash") == ""
+    else:
+        assert result.logs("crash") == "last words of crash\n"
 
 
 def test_capture_off_keeps_nothing(backend: Backend) -> None:

@@ -8,10 +8,11 @@ pipe (so C extensions and subprocesses are captured too), ``sys.stdout`` and
 records as frames (:mod:`stepvisor.backends._frames`), and a SIGTERM handler
 sends the stack of every thread before the child dies.
 
-Text is gathered and written in chunks: at 8 KiB, every 50 ms (a flusher
-thread), at each line of stderr, before every frame, at the attempt's end and
-at a SIGTERM.  So a child killed with SIGKILL loses at most what it printed in
-its last 50 ms.
+Text is gathered and written in chunks: at 8 KiB, at the end of a line that
+comes 5 ms or more after the last chunk, every 50 ms (a flusher thread), at each
+line of stderr, before every frame, at the attempt's end and at a SIGTERM.  So a
+step that prints now and then has each line in the pipe at once, and a child
+that crashes or is killed loses at most the last 5 ms of a burst of lines.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ __all__ = ["ChildCapture"]
 
 _FLUSH_AT: Final = 8192
 _FLUSH_AFTER: Final = 0.05
+#: A line ends this long after the last flush: flush now.  A step that prints now and
+#: then has each line in the pipe at once (a crash right after it keeps it); a burst of
+#: lines goes in chunks, at most this far apart.
+_LINE_GAP: Final = 0.005
+_monotonic = time.monotonic
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -62,6 +68,8 @@ class _Sink:
         self.append = self._queue.append
         #: Characters appended since the last flush (a trigger: races only delay it).
         self.pending = 0
+        #: When the last flush was (a line ending later than ``_LINE_GAP`` after it flushes).
+        self.flushed = 0.0
         self._flusher: threading.Thread | None = None
 
     def start_flusher(self) -> None:
@@ -95,6 +103,7 @@ class _Sink:
     def _flush(self) -> None:
         queue = self._queue
         self.pending = 0
+        self.flushed = _monotonic()
         if not queue:
             return
         pop = queue.popleft
@@ -121,8 +130,12 @@ class _Text:
         self._append(s)
         sink = self._sink
         sink.pending += len(s)
-        if sink.pending >= _FLUSH_AT or (self._fd == 2 and "\n" in s):
-            sink.flush()  # (stderr is line-buffered, as usual)
+        if (
+            sink.pending >= _FLUSH_AT
+            or (s.endswith("\n") and _monotonic() - sink.flushed >= _LINE_GAP)
+            or (self._fd == 2 and "\n" in s)  # stderr is line-buffered, as usual
+        ):
+            sink.flush()
         return len(s)
 
     def writelines(self, lines: Any) -> None:
@@ -250,6 +263,7 @@ class ChildCapture:
         sys.stdout = _Text(self._sink, 1)
         sys.stderr = _Text(self._sink, 2)
         self._sink.start_flusher()
+        self._sink.flushed = 0.0  # the attempt's first line goes down the pipe at once
         root = logging.getLogger()
         root.setLevel(level)
         if self._handler not in root.handlers:
