@@ -278,3 +278,27 @@ def test_a_store_from_before_logs_gets_their_table_and_keeps_its_runs(tmp_path: 
         assert store.load_log(result.run_id, "big", 1) == "x" * 3000 + "\n"
     with raw(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+_RELEASE = threading.Event()
+
+
+def _deaf(ctx: sv.StepContext) -> None:
+    print("not listening", flush=True)
+    _RELEASE.wait(20)  # deaf to its deadline: it is abandoned
+
+
+@pytest.mark.realtime
+def test_an_abandoned_thread_step_has_its_stack_in_its_error_and_its_log() -> None:
+    _RELEASE.clear()
+    try:
+        wf = sv.Workflow("deaf", [sv.Step("deaf", _deaf, timeout=0.2)])
+        result = sv.run(wf, kill_grace=0.2, capture="store")
+    finally:
+        _RELEASE.set()  # the abandoned thread ends now
+    attempt = result.steps["deaf"].attempts[-1]
+    assert (attempt.outcome, attempt.note) == ("timed_out", "abandoned")
+    for text in (attempt.error_traceback or "", result.logs("deaf")):
+        assert "Stack at the deadline (most recent call last):" in text
+        assert "in _deaf\n    _RELEASE.wait(20)" in text
+    assert result.logs("deaf").startswith("not listening\n")

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log as _log
-from stepvisor.backends._capture import DEFAULT_LOG_LIMIT, Capture, install
+from stepvisor.backends._capture import DEFAULT_LOG_LIMIT, Capture, install, log_of
 from stepvisor.backends._stacks import HEADER
 from stepvisor.context import AttemptControl
 from stepvisor.core.result import RunResult
@@ -57,14 +57,15 @@ class RunLogs:
 
     def keep(self, step_id: str, attempt: int, control: AttemptControl, *, ended: bool) -> None:
         """Keep one attempt's log (``ended``: its backend closed it)."""
-        log = control.log
-        if log is None or (log.written == 0 and not control.stack):
-            return
-        if not ended and control.stack:  # abandoned or killed with the run: never closed
-            # Through the log, so that log_limit holds for it too.  (Its thread may still
-            # write: a line of its own could be lost at a chunk's end, never mixed.)
-            log.note(HEADER + control.stack)
+        if not ended and control.stack and control.capture is not None:
+            # Abandoned, or stopped with the run: its backend never closed the log.  The
+            # stack goes through it, so that log_limit holds for it too.  (Its thread may
+            # still write: a line of its own could be lost at a chunk's end, never mixed.)
+            log_of(control, step_id, attempt).note(HEADER + control.stack)
             control.stack = None
+        log = control.log
+        if log is None or log.written == 0:
+            return
         text, cut = log.render()
         self._kept[(step_id, attempt)] = text
         if self._store is not None:

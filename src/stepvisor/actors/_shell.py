@@ -71,6 +71,7 @@ from stepvisor.core.messages import (
     AttemptDone,
     AttemptsDone,
     CancelRun,
+    GraceExpired,
     Message,
     OutputsSaved,
     RetryDue,
@@ -238,6 +239,8 @@ class RunShell:
         elif kind is Heartbeat:
             self._on_heartbeat()
             return
+        elif kind is GraceExpired:
+            message = self._with_stack(message)  # type: ignore[arg-type]
         elif kind is SlotGranted:
             granted: Any = message
             if self.machine.finished or self._completed:
@@ -247,6 +250,13 @@ class RunShell:
                 self._run_pending()
             return
         self.feed(message)  # type: ignore[arg-type]
+
+    def _with_stack(self, message: GraceExpired) -> GraceExpired:
+        """An attempt about to be abandoned: its backend's stack at the deadline goes along."""
+        entry = self._controls.get(message.step_id)
+        if entry is None or entry[0] != message.attempt or not entry[1].stack:
+            return message
+        return message._replace(stack=entry[1].stack)
 
     def _forget_control(self, done: AttemptDone) -> None:
         entry = self._controls.get(done.step_id)

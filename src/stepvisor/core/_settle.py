@@ -377,7 +377,10 @@ class Settling:
         else:
             error = oc.cancelled_error(step.id, inf.attempt, what)
             status, outcome = StepStatus.CANCELLED, "cancelled"
-        self._fail(inf, error, None, status, outcome, base=base)
+        traceback = None
+        if msg.stack:  # the stack at the deadline (see GraceExpired)
+            traceback = f"Stack at the deadline (most recent call last):\n{msg.stack}"
+        self._fail(inf, error, None, status, outcome, base=base, traceback=traceback)
         last = self.state.record(step.id)
         if last.attempts:
             noted = last.attempts[-1]._replace(note="abandoned")
