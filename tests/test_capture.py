@@ -302,3 +302,24 @@ def test_an_abandoned_thread_step_has_its_stack_in_its_error_and_its_log() -> No
         assert "Stack at the deadline (most recent call last):" in text
         assert "in _deaf\n    _RELEASE.wait(20)" in text
     assert result.logs("deaf").startswith("not listening\n")
+
+
+def _say(ctx: sv.StepContext) -> None:
+    print(f"said by {ctx.run_id}", flush=True)
+
+
+def test_a_warm_child_switches_capture_off_and_on_between_runs(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    wf = sv.Workflow("say", [sv.Step("s", _say, executor="process")])
+    with sv.Engine(max_parallel=1) as engine:
+        kept = engine.run(wf, capture="store", run_id="kept-1")
+        loose = engine.run(wf, capture="off", run_id="loose-2")
+        again = engine.run(wf, capture="store", run_id="kept-3")
+    assert kept.logs("s") == "said by kept-1\n"
+    assert loose.logs("s") == ""
+    assert again.logs("s") == "said by kept-3\n"
+    shown = capfd.readouterr().out
+    assert "said by loose-2\n" in shown  # uncaptured: the program's own stdout, as before
+    assert "kept-1" not in shown
+    assert "kept-3" not in shown

@@ -421,9 +421,12 @@ def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any,
 
 def _run_attempt(parts: list[bytes]) -> list[bytes]:
     """Run one attempt message and build the reply; never raises for a step's sake."""
-    # Undo what a previous step may have changed: a step stopped by SIGTERM must die.
+    # Undo what a previous step may have changed: a step stopped by SIGTERM must die
+    # (under capture, by the handler that sends its stacks first: see _child_output).
+    kept = _CAPTURE[0].handler if _CAPTURE else None
     for signum in (signal.SIGTERM, signal.SIGIO):
-        if signal.getsignal(signum) is not signal.SIG_DFL:
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_DFL and (signum != signal.SIGTERM or handler != kept):
             signal.signal(signum, signal.SIG_DFL)
     try:
         meta, fn, inputs, params = _load_attempt(parts)
@@ -472,6 +475,8 @@ _CAPTURE: list[ChildCapture] = []
 def _capture_for(meta: Attempt) -> ChildCapture | None:
     """Start capturing this attempt's output if its run captures (see ``_child_output``)."""
     if meta.capture is None or _OUT_FD[0] < 0:
+        if _CAPTURE:
+            _CAPTURE[0].off()
         return None
     if not _CAPTURE:
         from stepvisor.backends._child_output import ChildCapture  # noqa: PLC0415 - captured only

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, Final, TextIO
 
@@ -236,7 +237,13 @@ def all_stacks(main_frame: FrameType | None) -> str:
 
 
 class ChildCapture:
-    """The child's capture, switched on and off around each captured attempt."""
+    """The child's capture: switched on by a captured attempt, left on for the next.
+
+    Switching costs system calls (fds 1 and 2, the SIGTERM handler) that a tiny
+    step would feel, so it stays on across captured attempts; only an attempt
+    whose run does not capture switches it off (:meth:`off`).  Each captured
+    attempt still gets its own end mark.
+    """
 
     def __init__(self, out_fd: int) -> None:
         self._out_fd = out_fd
@@ -245,39 +252,59 @@ class ChildCapture:
         os.set_inheritable(self._original[1], False)
         self._sink = _Sink()
         self._handler = _Records(self._sink)
+        self._text = (_Text(self._sink, 1), _Text(self._sink, 2))
         self._streams: tuple[TextIO | Any, TextIO | Any] = (sys.stdout, sys.stderr)
+        self._on = False
+        self._level: int | None = None
         self._key = b""
+
+    @property
+    def handler(self) -> Callable[[int, FrameType | None], None]:
+        """The SIGTERM handler a captured attempt runs under (kept between attempts)."""
+        return self._on_term
 
     def begin(self, step_id: str, attempt: int, level: int) -> None:
         """Route fds 1 and 2, the streams and the records of this attempt to the parent."""
         self._key = f"{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (OSError, ValueError):
-                continue
-        os.dup2(self._out_fd, 1)
-        os.dup2(self._out_fd, 2)
-        self._streams = (sys.stdout, sys.stderr)
-        sys.stdout = _Text(self._sink, 1)
-        sys.stderr = _Text(self._sink, 2)
-        self._sink.start_flusher()
+        if not self._on:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    if stream is not None:
+                        stream.flush()
+                except (OSError, ValueError):
+                    continue
+            os.dup2(self._out_fd, 1)
+            os.dup2(self._out_fd, 2)
+            self._streams = (sys.stdout, sys.stderr)
+            self._sink.start_flusher()
+            self._on = True
+        if sys.stdout is not self._text[0] or sys.stderr is not self._text[1]:
+            sys.stdout, sys.stderr = self._text  # (a step before may have replaced them)
         self._sink.flushed = 0.0  # the attempt's first line goes down the pipe at once
         root = logging.getLogger()
-        root.setLevel(level)
+        if level != self._level or root.level != level:
+            root.setLevel(level)  # (it clears every logger's cache: only when it changes)
+            self._level = level
         if self._handler not in root.handlers:
             root.addHandler(self._handler)
-        signal.signal(signal.SIGTERM, self._on_term)
+        if signal.getsignal(signal.SIGTERM) != self._on_term:
+            signal.signal(signal.SIGTERM, self._on_term)
 
     def end(self) -> None:
-        """Flush, mark the end of the attempt's output, and give fds 1 and 2 back."""
+        """Flush, and mark the end of the attempt's output (capture stays on)."""
         self._sink.frame(b"E", self._key)
+
+    def off(self) -> None:
+        """An attempt whose run does not capture: fds 1 and 2 and the streams back."""
+        if not self._on:
+            return
+        self._sink.flush()
         sys.stdout, sys.stderr = self._streams
         os.dup2(self._original[0], 1)
         os.dup2(self._original[1], 2)
         if signal.getsignal(signal.SIGTERM) == self._on_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self._on = False
 
     def _on_term(self, signum: int, frame_: FrameType | None) -> None:
         """Stopped (deadline or cancel): send what is pending and every stack, then die."""
