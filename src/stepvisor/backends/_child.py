@@ -424,9 +424,14 @@ def _run_attempt(parts: list[bytes]) -> list[bytes]:
     # Undo what a previous step may have changed: a step stopped by SIGTERM must die
     # (under capture, by the handler that sends its stacks first: see _child_output).
     kept = _CAPTURE[0].handler if _CAPTURE else None
+    handler_set = False
     for signum in (signal.SIGTERM, signal.SIGIO):
         handler = signal.getsignal(signum)
-        if handler is not signal.SIG_DFL and (signum != signal.SIGTERM or handler != kept):
+        if handler is signal.SIG_DFL:
+            continue
+        if signum == signal.SIGTERM and handler == kept:
+            handler_set = True
+        else:
             signal.signal(signum, signal.SIG_DFL)
     try:
         meta, fn, inputs, params = _load_attempt(parts)
@@ -441,7 +446,7 @@ def _run_attempt(parts: list[bytes]) -> list[bytes]:
         params=params,
         deadline=meta.deadline,
     )
-    capture = _capture_for(meta)
+    capture = _capture_for(meta, handler_set=handler_set)
     try:
         outputs = check_outputs(meta.step_id, _call_traced(meta, fn, ctx))
     except BaseException as exc:
@@ -472,7 +477,7 @@ _OUT_FD = [-1]
 _CAPTURE: list[ChildCapture] = []
 
 
-def _capture_for(meta: Attempt) -> ChildCapture | None:
+def _capture_for(meta: Attempt, *, handler_set: bool) -> ChildCapture | None:
     """Start capturing this attempt's output if its run captures (see ``_child_output``)."""
     if meta.capture is None or _OUT_FD[0] < 0:
         if _CAPTURE:
@@ -483,7 +488,7 @@ def _capture_for(meta: Attempt) -> ChildCapture | None:
 
         _CAPTURE.append(ChildCapture(_OUT_FD[0]))
     capture = _CAPTURE[0]
-    capture.begin(meta.step_id, meta.attempt, meta.capture)
+    capture.begin(meta.step_id, meta.attempt, meta.capture, handler_set=handler_set)
     return capture
 
 

@@ -263,8 +263,11 @@ class ChildCapture:
         """The SIGTERM handler a captured attempt runs under (kept between attempts)."""
         return self._on_term
 
-    def begin(self, step_id: str, attempt: int, level: int) -> None:
-        """Route fds 1 and 2, the streams and the records of this attempt to the parent."""
+    def begin(self, step_id: str, attempt: int, level: int, *, handler_set: bool) -> None:
+        """Route fds 1 and 2, the streams and the records of this attempt to the parent.
+
+        ``handler_set``: SIGTERM's handler is ours already (asking costs an enum lookup).
+        """
         self._key = f"{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
         if not self._on:
             for stream in (sys.stdout, sys.stderr):
@@ -287,7 +290,7 @@ class ChildCapture:
             self._level = level
         if self._handler not in root.handlers:
             root.addHandler(self._handler)
-        if signal.getsignal(signal.SIGTERM) != self._on_term:
+        if not handler_set:
             signal.signal(signal.SIGTERM, self._on_term)
 
     def end(self) -> None:
