@@ -8,9 +8,10 @@ pipe (so C extensions and subprocesses are captured too), ``sys.stdout`` and
 records as frames (:mod:`stepvisor.backends._frames`), and a SIGTERM handler
 sends the stack of every thread before the child dies.
 
-Text is gathered and written in chunks: at 8 KiB, at the end of a line that
-comes 5 ms or more after the last chunk, every 50 ms (a flusher thread), at each
-line of stderr, before every frame, at the attempt's end and at a SIGTERM.  So a
+Text is gathered and written in chunks: at the end of a ``print()`` line that
+comes 5 ms or more after the last chunk (or after 1,024 pieces), at a piece of
+8 KiB, every 50 ms (a flusher thread), at each line of stderr, before every
+frame, at the attempt's end and at a SIGTERM.  So a
 step that prints now and then has each line in the pipe at once, and a child
 that crashes or is killed loses at most the last 5 ms of a burst of lines.
 """
@@ -18,6 +19,7 @@ that crashes or is killed loses at most the last 5 ms of a burst of lines.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import os
@@ -36,6 +38,8 @@ from stepvisor.backends._frames import frame
 __all__ = ["ChildCapture"]
 
 _FLUSH_AT: Final = 8192
+#: Pieces gathered before a line's end flushes them whatever the time.
+_FLUSH_ITEMS: Final = 1024
 _FLUSH_AFTER: Final = 0.05
 #: A line ends this long after the last flush: flush now.  A step that prints now and
 #: then has each line in the pipe at once (a crash right after it keeps it); a burst of
@@ -65,10 +69,8 @@ class _Sink:
     def __init__(self) -> None:
         # Re-entrant: the SIGTERM handler runs on the main thread, maybe inside a flush.
         self._lock = threading.RLock()
-        self._queue: collections.deque[str] = collections.deque()
-        self.append = self._queue.append
-        #: Characters appended since the last flush (a trigger: races only delay it).
-        self.pending = 0
+        self.queue: collections.deque[str] = collections.deque()
+        self.append = self.queue.append
         #: When the last flush was (a line ending later than ``_LINE_GAP`` after it flushes).
         self.flushed = 0.0
         self._flusher: threading.Thread | None = None
@@ -84,7 +86,7 @@ class _Sink:
     def _flush_often(self) -> None:
         while True:
             time.sleep(_FLUSH_AFTER)
-            if self._queue:
+            if self.queue:
                 self.flush()
 
     def flush(self) -> None:
@@ -102,13 +104,13 @@ class _Sink:
             _write_all(1, data)
 
     def _flush(self) -> None:
-        queue = self._queue
-        self.pending = 0
+        queue = self.queue
         self.flushed = _monotonic()
         if not queue:
             return
-        pop = queue.popleft
-        parts = [pop() for _ in range(len(queue))]
+        # What is there now, popped by C (itertools), not a Python loop: appends made
+        # meanwhile stay for the next flush.
+        parts = list(itertools.starmap(queue.popleft, itertools.repeat((), len(queue))))
         _write_all(1, "".join(parts).encode("utf-8", "surrogatepass"))
 
 
@@ -126,17 +128,20 @@ class _Text:
         self.buffer = _Bytes(sink)
 
     def write(self, s: str) -> int:
+        # Twice per print(): kept to a few operations (print writes its "\n" apart).
         if type(s) is not str and not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         self._append(s)
-        sink = self._sink
-        sink.pending += len(s)
-        if (
-            sink.pending >= _FLUSH_AT
-            or (s.endswith("\n") and _monotonic() - sink.flushed >= _LINE_GAP)
-            or (self._fd == 2 and "\n" in s)  # stderr is line-buffered, as usual
-        ):
-            sink.flush()
+        if s == "\n":  # print()'s line end; a piece that ends a line itself waits its turn
+            sink = self._sink
+            if (
+                self._fd == 2  # stderr is line-buffered, as usual
+                or _monotonic() - sink.flushed >= _LINE_GAP
+                or len(sink.queue) >= _FLUSH_ITEMS
+            ):
+                sink.flush()
+        elif len(s) >= _FLUSH_AT:
+            self._sink.flush()
         return len(s)
 
     def writelines(self, lines: Any) -> None:
