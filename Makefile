@@ -71,6 +71,7 @@ bench-quick: venv
 
 chaos: venv
 	$(PY) -m tests.chaos --runs 1000
+	$(PY) -m tests.chaos.executors --runs 200
 
 clean:
 	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .mypy_cache .ruff_cache
