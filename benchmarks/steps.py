@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 __all__ = [
     "busy",
     "ignore",
+    "lines_to_file",
     "make_array",
     "make_array_step",
     "noop",
     "nothing",
+    "print_lines",
     "ready",
     "spin",
     "spin_step",
@@ -116,3 +118,20 @@ def make_array_step(ctx: StepContext) -> dict[str, object]:
 
 def total_step(ctx: StepContext) -> dict[str, float]:
     return {f"total_{ctx.step_id}": total(ctx.inputs["array"])}
+
+
+def print_lines(ctx: StepContext) -> dict[str, float]:
+    """Print ``n`` short lines to stdout (captured, or not, as the run says); the loop's time."""
+    started = time.perf_counter()
+    for i in range(int(ctx.params["n"])):
+        print(f"line {i}")
+    return {"seconds": time.perf_counter() - started}
+
+
+def lines_to_file(ctx: StepContext) -> dict[str, float]:
+    """The same loop, writing to a file: what printing costs without capture."""
+    with open(ctx.params["path"], "w") as fh:
+        started = time.perf_counter()
+        for i in range(int(ctx.params["n"])):
+            print(f"line {i}", file=fh)
+        return {"seconds": time.perf_counter() - started}

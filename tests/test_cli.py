@@ -33,6 +33,7 @@ from stepvisor.cli.main import main
 from stepvisor.core.events import RunStarted, StepDispatched, StepFinished, StepRetrying
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.store.sqlite import SQLiteStore
+from tests.cli_helpers import cli_env, open_store, started_id, stepvisor
 from tests.conftest import wait_for
 
 STEPS = """
@@ -96,31 +97,6 @@ id: waiting
 steps:
   - {id: wait, run: "clisteps:wait"}
 """
-RUN_ID = r"[0-9a-f]{12}"
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """This environment without stepvisor settings (the test session marker stays)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("STEPVISOR_") or k == "STEPVISOR_TEST_SESSION"
-    }
-    return {**env, **extra}
-
-
-def stepvisor(
-    cwd: Path, *args: str, timeout: float = 30, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stepvisor", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or cli_env(),
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -135,16 +111,6 @@ def project(tmp_path: Path) -> Path:
     ]:
         (tmp_path / name).write_text(textwrap.dedent(text))
     return tmp_path
-
-
-def started_id(stdout: str) -> str:
-    match = re.match(rf"stepvisor: run ({RUN_ID}) started: ", stdout)
-    assert match, stdout
-    return match[1]
-
-
-def open_store(project: Path) -> SQLiteStore:
-    return SQLiteStore(project / ".stepvisor" / "runs.db", create=False)
 
 
 # -- run -------------------------------------------------------------------------------
@@ -415,7 +381,8 @@ def test_config_shows_each_value_and_where_it_came_from(project: Path) -> None:
     assert rows["kill_grace"].split() == ["kill_grace", "environment", "2.5"]
     assert rows["step_timeout"].split() == ["step_timeout", "--set", "9.0"]
     assert rows["codec"].split() == ["codec", "default", '"json"']
-    assert len(rows) == 13
+    assert rows["capture"].split() == ["capture", "default", '"tee"']
+    assert len(rows) == 15
 
 
 # -- cancel and interrupt ------------------------------------------------------------------

@@ -35,7 +35,7 @@ from stepvisor.core.events import Event, StepDispatched, StepExpanded, StepFinis
 from stepvisor.core.state import RunStatus, StepRecord, StepStatus
 from stepvisor.errors import StepvisorError
 from stepvisor.store.base import RunInfo
-from tests.test_cli import cli_env, open_store, started_id, stepvisor
+from tests.cli_helpers import cli_env, open_store, started_id, stepvisor
 
 MAP_STEPS = """
 import time

@@ -47,9 +47,13 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     "max_retries_total": None,
     "codec": "json",
     "ray_address": None,
+    "capture": "tee",
+    "log_limit": 1 << 20,
 }
 
-_INTS: Final = frozenset({"max_parallel", "seed", "max_worker_crashes", "max_retries_total"})
+_INTS: Final = frozenset(
+    {"max_parallel", "seed", "max_worker_crashes", "max_retries_total", "log_limit"}
+)
 _FLOATS: Final = frozenset({"step_timeout", "deadline", "kill_grace"})
 
 
@@ -70,6 +74,8 @@ class Resolved:
     max_retries_total: int | None
     codec: str
     ray_address: str | None
+    capture: str
+    log_limit: int
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> list[tuple[str, Any, str]]:

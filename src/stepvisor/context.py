@@ -20,6 +20,8 @@ from stepvisor.errors import stop_error
 if TYPE_CHECKING:
     import logging
 
+    from stepvisor.backends._capture import AttemptLog, Capture
+
 __all__ = ["AttemptControl", "StepContext"]
 
 # stepvisor.core._mapping's ITEM_KEY and INDEX_KEY (not imported: a process
@@ -40,7 +42,16 @@ class AttemptControl:
     one lock (cancelling is rare and brief).
     """
 
-    __slots__ = ("_cancellers", "_event", "_flag", "reason")
+    __slots__ = (
+        "_cancellers",
+        "_event",
+        "_flag",
+        "before_stop",
+        "capture",
+        "log",
+        "reason",
+        "stack",
+    )
 
     _lock = threading.Lock()
 
@@ -49,6 +60,17 @@ class AttemptControl:
         self._event: threading.Event | None = None
         self._cancellers: list[Callable[[], None]] | None = None
         self.reason: str | None = None
+        #: The run's capture setting (``None``: ``capture="off"``), set by the shell.
+        self.capture: Capture | None = None
+        #: The attempt's captured output, made when it first writes (``open_log``) and
+        #: shared with the shell, which reads a running attempt's log as it grows.
+        self.log: AttemptLog | None = None
+        #: Where the step was when its deadline stopped it (every thread of a
+        #: process child), set by its backend; goes into its log and error text.
+        self.stack: str | None = None
+        #: Called with the reason before the step can see the stop (its thread's
+        #: stack is taken there, while it is still where the deadline found it).
+        self.before_stop: Callable[[str], None] | None = None
 
     @property
     def is_cancelled(self) -> bool:
@@ -66,6 +88,10 @@ class AttemptControl:
 
     def cancel(self, reason: str) -> None:
         """Ask the attempt to stop.  ``reason`` is ``"timeout"`` or ``"cancel"``."""
+        before = self.before_stop
+        if before is not None and not self._flag:
+            self.before_stop = None
+            before(reason)
         with AttemptControl._lock:
             if self._flag:
                 return

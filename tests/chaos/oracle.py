@@ -56,6 +56,7 @@ INVARIANTS: Final = (
     "instances",
     "map-summary",
     "map-list",
+    "logs",
 )
 
 #: How long processes may take to vanish once their run (or program) is gone.

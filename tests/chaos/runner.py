@@ -29,6 +29,7 @@ from stepvisor.core.state import RunStatus
 from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.sqlite import SQLiteStore
 from tests.chaos.expect import bad_list, mapped_ids
+from tests.chaos.logs import check_logs
 from tests.chaos.observe import Outcome, abandoned_threads, carries_mark, read_effects, start_counts
 from tests.chaos.oracle import (
     Checker,
@@ -44,11 +45,13 @@ from tests.chaos.oracle import (
 from tests.chaos.scenario import (
     BAD_LIST,
     CRASHES,
+    LOG_LIMIT,
     NEVER_STALE,
     STORE_FAULTS_MOUNTED,
     Scenario,
     build_workflow,
     chain_source,
+    chatter_lines,
     map_size,
     overrides,
     run_bound,
@@ -248,10 +251,30 @@ def run_in_process(ctx: RunContext) -> Outcome | None:
         check_store_agrees(ctx.checker, store.load(scenario.run_id), outcome, ctx.order)
     else:
         check_stored_run(ctx, outcome)
+    check_run_logs(ctx, result, store)
     check_processes_gone(ctx.checker, ctx.mark("p0"), what="the run")
     excepted = check_threads(ctx.checker, threads_before, abandoned_threads(outcome))
     ctx.report.abandoned += len(excepted)
     return outcome
+
+
+def check_run_logs(ctx: RunContext, result: Any, store: Any) -> None:
+    """Every attempt's log is its own, whole or cut (``tests.chaos.logs``), here and stored."""
+    scenario = ctx.scenario
+    stored: dict[tuple[str, int], str | None] | None = None
+    if scenario.store_fault == "none":  # a faulted store may not hold (or show) them
+        with contextlib.ExitStack() as stack:
+            kept: sv.MemoryStore | SQLiteStore = (
+                store
+                if isinstance(store, sv.MemoryStore)
+                else stack.enter_context(SQLiteStore(ctx.db, create=False))
+            )
+            stored = {
+                (e.step_id, e.attempt): kept.load_log(scenario.run_id, e.step_id, e.attempt)
+                for e in kept.list_logs(scenario.run_id)
+            }
+    chatter = {plan.id: chatter_lines(plan.id) for plan in scenario.steps}
+    check_logs(ctx.checker, result.captured, result.steps, chatter, LOG_LIMIT, stored)
 
 
 def wait_result(ctx: RunContext, handle: Any, bound: float) -> Any:

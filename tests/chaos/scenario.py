@@ -9,6 +9,7 @@ steps are the functions of :mod:`tests.chaos.steps`.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -354,7 +355,22 @@ def _params(
         "bad": list(plan.bad),
         "emits": plan.emits,
         "list": list_name(plan),
+        "chatter": 0 if run_dir is None else chatter_lines(plan.id),
     }
+
+
+#: The output limit of every campaign run: a step of ``CHATTY`` lines writes past it.
+LOG_LIMIT: Final = 4096
+CHATTY: Final = 400
+
+
+def chatter_lines(step_id: str) -> int:
+    """How many output lines each attempt of a step writes before its fault strikes.
+
+    Drawn from the step id (not the scenario's random stream, which would change
+    every other draw): none, a few, or ``CHATTY``, past ``LOG_LIMIT``.
+    """
+    return (0, 3, 3, CHATTY)[zlib.crc32(step_id.encode()) % 4]
 
 
 def _policy(plan: StepPlan) -> RetryPolicy:
@@ -441,4 +457,6 @@ def overrides(scenario: Scenario) -> dict[str, Any]:
         "step_timeout": scenario.step_timeout,
         "seed": scenario.seed & 0xFFFFFFFF,
         "codec": "json",
+        "capture": "store",
+        "log_limit": LOG_LIMIT,
     }

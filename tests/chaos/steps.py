@@ -154,12 +154,14 @@ def _hang_here(ctx: StepContext, *, in_process: bool) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL stops it
         while time.monotonic() < end:
             if style != "busy":
+                _hang_line(ctx)
                 time.sleep(0.05)
         return
     if style == "busy":
         while time.monotonic() < end and not ctx.cancelled:
             pass
     else:
+        _hang_line(ctx)
         ctx.wait_cancelled(float(ctx.params["hang"]))
     ctx.raise_if_cancelled()
 
@@ -203,9 +205,22 @@ def _fail_the_attempt(ctx: StepContext, *, in_process: bool) -> None:
         _hang_here(ctx, in_process=in_process)
 
 
+def _chatter(ctx: StepContext) -> None:
+    """Write this attempt's numbered output lines (its log must hold them, and only them)."""
+    for i in range(int(ctx.params.get("chatter", 0))):
+        print(f"chaos {ctx.step_id} {ctx.attempt} {i}")
+
+
+def _hang_line(ctx: StepContext) -> None:
+    """A line written while hanging: a step stopped at its deadline is stopped mid-write."""
+    if ctx.params.get("chatter"):
+        print(f"chaos {ctx.step_id} {ctx.attempt} hang", flush=True)
+
+
 def chaos_step(ctx: StepContext) -> dict[str, Any] | None:
     """The step every thread and process step of a campaign runs; ``ctx.params`` steers it."""
     _note(ctx, "start")
+    _chatter(ctx)
     _store_fault_due(ctx)
     in_process = ctx.params["executor"] == "process"
     if _misbehaving(ctx):
@@ -233,6 +248,7 @@ def chaos_step(ctx: StepContext) -> dict[str, Any] | None:
 async def chaos_step_async(ctx: StepContext) -> dict[str, Any] | None:
     """The async twin of :func:`chaos_step` (timeouts are cancelled tasks)."""
     _note(ctx, "start")
+    _chatter(ctx)
     _store_fault_due(ctx)
     if _misbehaving(ctx):
         if ctx.params["fault"] == "timeout":

@@ -25,8 +25,10 @@ sleep a task cancel can interrupt) and never blocks the loop's thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -302,6 +304,44 @@ def crash_first(ctx: sv.StepContext) -> Outputs:
     return {"ok_on": calls, "pid": os.getpid()}
 
 
+# -- output (what the attempt writes is kept as its log) --------------------------------------
+
+
+def chatter(ctx: sv.StepContext) -> Outputs:
+    """Write to stdout, stderr, file descriptor 1 and one logging record, each naming
+    this step and attempt; with ``fail_first``, the first attempt then raises."""
+    tag = f"{ctx.step_id} {ctx.attempt}"
+    for i in range(int(ctx.params.get("lines", 1))):
+        print(f"out {tag} {i}")
+    print(f"err {tag}", file=sys.stderr)
+    sys.stdout.flush()
+    os.write(1, f"fd {tag}\n".encode())
+    logging.getLogger("contract.chatter").warning("record %s", tag)
+    if ctx.params.get("fail_first") and ctx.attempt == 1:
+        raise QuotaError("the first attempt fails")
+    return None
+
+
+def print_then_crash(ctx: sv.StepContext) -> Outputs:
+    """Print a line (no flush) and crash at once: ``os._exit`` where a step may crash its
+    worker, else ``sys.exit`` (which fails the step as an error)."""
+    print(f"last words of {ctx.step_id}")
+    if ctx.params["can_crash"]:
+        os._exit(3)
+    sys.exit(3)
+
+
+def print_then_block(ctx: sv.StepContext) -> Outputs:
+    """Print a line, then wait to be stopped at the deadline (see ``block_until_stopped``)."""
+    print(f"before the deadline {ctx.step_id}", flush=True)
+    return block_until_stopped(ctx)
+
+
+async def print_then_block_async(ctx: sv.StepContext) -> Outputs:
+    print(f"before the deadline {ctx.step_id}", flush=True)
+    return await block_until_stopped_async(ctx)
+
+
 # -- the async versions --------------------------------------------------------------------------
 
 
@@ -382,6 +422,7 @@ def _async_version(fn: SyncStep) -> AsyncStep:
 
 
 _WRITTEN_OUT: dict[SyncStep, AsyncStep] = {
+    print_then_block: print_then_block_async,
     block_until_stopped: block_until_stopped_async,
     stop_politely: stop_politely_async,
     fail_once_started: fail_once_started_async,
@@ -399,6 +440,8 @@ _SIMPLE: tuple[SyncStep, ...] = (
     raise_unpicklable,
     raise_base,
     fail_first,
+    chatter,
+    print_then_crash,
     map_make,
     map_arrays,
     map_sum,

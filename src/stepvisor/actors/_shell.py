@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from stepvisor._log import log
+from stepvisor.actors._logs import RunLogs
 from stepvisor.actors._outbox import Outbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import (
@@ -70,6 +71,7 @@ from stepvisor.core.messages import (
     AttemptDone,
     AttemptsDone,
     CancelRun,
+    GraceExpired,
     Message,
     OutputsSaved,
     RetryDue,
@@ -214,6 +216,8 @@ class RunShell:
         self._keeps = not isinstance(self.store, Unkept)
         #: Sends submitted attempts' outcomes, those that end together as one message.
         self._outbox = Outbox(reply_to)
+        #: Captured output: the attempts' logs, kept in the store and the result.
+        self._logs = RunLogs(plan.run_id, plan.settings, plan.store)
 
     # -- what the host calls ---------------------------------------------------------
 
@@ -227,12 +231,16 @@ class RunShell:
         kind = type(message)
         if kind is AttemptDone:
             self._forget_control(message)  # type: ignore[arg-type]
+            self._logs.save()
         elif kind is AttemptsDone:
             for done in message.outcomes:  # type: ignore[attr-defined]
                 self._forget_control(done)
+            self._logs.save()
         elif kind is Heartbeat:
             self._on_heartbeat()
             return
+        elif kind is GraceExpired:
+            message = self._with_stack(message)  # type: ignore[arg-type]
         elif kind is SlotGranted:
             granted: Any = message
             if self.machine.finished or self._completed:
@@ -243,10 +251,20 @@ class RunShell:
             return
         self.feed(message)  # type: ignore[arg-type]
 
+    def _with_stack(self, message: GraceExpired) -> GraceExpired:
+        """An attempt about to be abandoned: its backend's stack at the deadline goes along."""
+        entry = self._controls.get(message.step_id)
+        if entry is None or entry[0] != message.attempt or not entry[1].stack:
+            return message
+        return message._replace(stack=entry[1].stack)
+
     def _forget_control(self, done: AttemptDone) -> None:
         entry = self._controls.get(done.step_id)
         if entry is not None and entry[0] == done.attempt:
             del self._controls[done.step_id]
+            control = entry[1]
+            if control.log is not None:
+                self._logs.keep(done.step_id, done.attempt, control, ended=True)
 
     def fail(self, exc: BaseException | None) -> None:
         """Carrying out an effect raised (a store that broke, or a bug): end the run.
@@ -269,7 +287,8 @@ class RunShell:
             )
             if error is not exc and exc is not None:
                 error.__cause__ = exc
-            self._complete(self.machine.failed_result(error, wall=self.clock.wall()))
+            result = self.machine.failed_result(error, wall=self.clock.wall())
+            self._complete(self._logs.finish(result, self._controls))
 
     def feed(self, message: Message) -> None:
         """Hand ``message`` to the machine and carry out its effects, in order.
@@ -360,10 +379,12 @@ class RunShell:
     def _dispatch(self, effect: Dispatch) -> None:
         messages: list[RunAttempt] = []
         controls, me, observer = self._controls, self._reply_to, self.plan.observer
+        capture = self._logs.capture
         holds_values = False
         for order in effect.orders:
             executor, budget = order.executor, order.budget
             control = AttemptControl()
+            control.capture = capture
             # The step reads the real monotonic clock (ctx.remaining()).
             spec = order.spec
             if budget is not None:
@@ -466,7 +487,7 @@ class RunShell:
         self._stop_timers()
         self._stop_workers()
         self._completed = True
-        self._complete(effect.result)
+        self._complete(self._logs.finish(effect.result, self._controls))
 
     # -- heartbeat and teardown ---------------------------------------------------------
 
@@ -474,6 +495,7 @@ class RunShell:
         if self.machine.finished:
             return
         self.store.heartbeat(self.plan.run_id, self.clock.wall())
+        self._logs.save_running(self._controls)
         if not self.machine.stopping and self.store.cancel_requested(self.plan.run_id):
             self.feed(CancelRun("through the store", through_store=True))
         if not self.machine.finished:

@@ -56,7 +56,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from stepvisor.backends import _shm
 from stepvisor.backends._wire import (
@@ -75,6 +75,9 @@ from stepvisor.backends._wire import (
     trace_context,
 )
 from stepvisor.context import StepContext
+
+if TYPE_CHECKING:
+    from stepvisor.backends._child_output import ChildCapture
 
 __all__ = [
     "EXIT_PROTOCOL_ERROR",
@@ -422,9 +425,17 @@ def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any,
 
 def _run_attempt(parts: list[bytes]) -> list[bytes]:
     """Run one attempt message and build the reply; never raises for a step's sake."""
-    # Undo what a previous step may have changed: a step stopped by SIGTERM must die.
+    # Undo what a previous step may have changed: a step stopped by SIGTERM must die
+    # (under capture, by the handler that sends its stacks first: see _child_output).
+    kept = _CAPTURE[0].handler if _CAPTURE else None
+    handler_set = False
     for signum in (signal.SIGTERM, signal.SIGIO):
-        if signal.getsignal(signum) is not signal.SIG_DFL:
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_DFL:
+            continue
+        if signum == signal.SIGTERM and handler == kept:
+            handler_set = True
+        else:
             signal.signal(signum, signal.SIG_DFL)
     try:
         meta, fn, inputs, params = _load_attempt(parts)
@@ -439,26 +450,50 @@ def _run_attempt(parts: list[bytes]) -> list[bytes]:
         params=params,
         deadline=meta.deadline,
     )
+    capture = _capture_for(meta, handler_set=handler_set)
     try:
         outputs = check_outputs(meta.step_id, _call_traced(meta, fn, ctx))
     except BaseException as exc:
         packed = pack_error(exc, where=f"worker process {os.getpid()}")
-        return _reply(Raised(packed, _finish_attempt()))
-    leftovers = _finish_attempt()
+        return _reply(Raised(packed, _finish_attempt(capture)))
+    leftovers = _finish_attempt(capture)
     try:
         return _ok_reply(meta.step_id, outputs, leftovers)
     except _UnsendableError as bad:
         return _unsendable_reply(bad, leftovers)
 
 
-def _finish_attempt() -> tuple[int, ...]:
+def _finish_attempt(capture: ChildCapture | None = None) -> tuple[int, ...]:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except (OSError, ValueError):
             continue
-    return _kill_leftovers()
+    leftovers = _kill_leftovers()
+    if capture is not None:  # after the leftovers die: nothing of theirs follows the end mark
+        capture.end()
+    return leftovers
+
+
+#: The output pipe to the parent (``-1``: none) and the capture using it, made on first use.
+_OUT_FD = [-1]
+_CAPTURE: list[ChildCapture] = []
+
+
+def _capture_for(meta: Attempt, *, handler_set: bool) -> ChildCapture | None:
+    """Start capturing this attempt's output if its run captures (see ``_child_output``)."""
+    if meta.capture is None or _OUT_FD[0] < 0:
+        if _CAPTURE:
+            _CAPTURE[0].off()
+        return None
+    if not _CAPTURE:
+        from stepvisor.backends._child_output import ChildCapture  # noqa: PLC0415 - captured only
+
+        _CAPTURE.append(ChildCapture(_OUT_FD[0]))
+    capture = _CAPTURE[0]
+    capture.begin(meta.step_id, meta.attempt, meta.capture, handler_set=handler_set)
+    return capture
 
 
 # -- main loop --------------------------------------------------------------------------
@@ -466,6 +501,9 @@ def _finish_attempt() -> tuple[int, ...]:
 
 def _take_fds(argv: Sequence[str]) -> tuple[int, int, int, int]:
     cmd_fd, res_fd, alive_fd, shm_fd = (int(arg) for arg in argv[:4])
+    if len(argv) > 4:
+        _OUT_FD[0] = int(argv[4])
+        os.set_inheritable(_OUT_FD[0], False)
     for fd in (cmd_fd, res_fd, alive_fd, shm_fd):
         # The parent passed them inheritable; the step's own subprocesses must not get them.
         os.set_inheritable(fd, False)

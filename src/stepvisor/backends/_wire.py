@@ -78,6 +78,11 @@ class Attempt(NamedTuple):
     #: (process only): a step can then use the parent's ``Manager`` proxies and
     #: listeners, as a ``ProcessPoolExecutor`` worker can.
     authkey: bytes | None = None
+    #: Captured: the lowest level of records to keep, else ``None`` (process and Ray).
+    capture: int | None = None
+    #: Bytes of output a Ray task keeps (``log_limit``); a process child's are cut
+    #: by its parent.
+    log_limit: int = 1 << 20
 
 
 class RayCall(NamedTuple):
@@ -151,6 +156,8 @@ class Returned(NamedTuple):
     shared: tuple[Segment | None, ...] = ()
     #: How many shared-memory descriptors were sent ahead of this message.
     fds: int = 0
+    #: What a captured Ray task wrote (a process child's goes through its output pipe).
+    log: str | None = None
 
 
 class Raised(NamedTuple):
@@ -158,6 +165,8 @@ class Raised(NamedTuple):
 
     error: PackedError
     leftovers: tuple[int, ...] = ()
+    #: What a captured Ray task wrote.
+    log: str | None = None
 
 
 class Unsendable(NamedTuple):

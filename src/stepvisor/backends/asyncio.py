@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from stepvisor.backends._capture import CURRENT
+from stepvisor.backends._stacks import task_stack
 from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import (
     AttemptResult,
@@ -28,7 +31,7 @@ from stepvisor.backends.base import (
     format_error,
     stop_error,
 )
-from stepvisor.backends.thread import make_context
+from stepvisor.backends.thread import ended_with_stack, make_context
 from stepvisor.context import AttemptControl
 
 __all__ = ["LOOP_THREAD_NAME", "LoopThread"]
@@ -127,11 +130,18 @@ class LoopThread:
         loop = self.loop
         try:
             ctx = make_context(spec, control)
-            if spec.trace is None:
+            if spec.trace is None and control.capture is None:
                 task = loop.create_task(_caught(spec.fn(ctx)))
             else:  # the task copies the context current here: the attempt's span
-                with trace_context(spec.trace):
-                    task = loop.create_task(_caught(spec.fn(ctx)))
+                with (
+                    trace_context(spec.trace)
+                    if spec.trace is not None
+                    else contextlib.nullcontext()
+                ):
+                    context = contextvars.copy_context()
+                    if control.capture is not None:  # the task's own copy: its output
+                        context.run(CURRENT.set, (control, spec.step_id, spec.attempt))
+                    task = loop.create_task(_caught(spec.fn(ctx)), context=context)
         except BaseException as exc:  # not a coroutine function, or a bug: the attempt ends
             done(backend_bug(spec, exc))
             return
@@ -175,10 +185,20 @@ class _Running:
 
     def cancel(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: nothing to cancel
-            self._loop.call_soon_threadsafe(self._task.cancel)
+            self._loop.call_soon_threadsafe(self._cancel_on_loop)
+
+    def _cancel_on_loop(self) -> None:
+        control = self._control
+        if control.reason == "timeout" and control.stack is None and not self._task.done():
+            control.stack = task_stack(self._task)
+        self._task.cancel()
 
     def ended(self, task: asyncio.Task[tuple[Any, BaseException | None]]) -> None:
-        self._done(_result_of(self._spec, self._control, task))
+        result = _result_of(self._spec, self._control, task)
+        control = self._control
+        if control.log is not None or control.stack is not None:
+            result = ended_with_stack(result, control)
+        self._done(result)
 
 
 def _result_of(

@@ -8,8 +8,13 @@ purpose: a step that raises ``SystemExit`` or ``KeyboardInterrupt`` must fail
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
 from typing import ClassVar, Final
 
+from stepvisor.backends._capture import CURRENT
+from stepvisor.backends._stacks import HEADER, grab_thread_stack, with_stack
 from stepvisor.backends._wire import check_outputs, trace_context
 from stepvisor.backends.base import AttemptResult, AttemptSpec, Following, format_error
 from stepvisor.context import AttemptControl, StepContext
@@ -35,12 +40,49 @@ def call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResul
     """Run a plain (non-async) step function here, on this thread.
 
     A traced attempt runs with its span's context attached, so that spans the
-    step creates nest under it.
+    step creates nest under it.  With a deadline, a canceller keeps the
+    thread's stack if the deadline stops it; with capture, what the step
+    writes goes to ``control.log`` (by context: see ``_capture``).
     """
-    if spec.trace is None:
-        return _call_step(spec, control)
-    with trace_context(spec.trace):
-        return _call_step(spec, control)
+    if control is None or (control.capture is None and spec.deadline is None):
+        if spec.trace is None:
+            return _call_step(spec, control)
+        with trace_context(spec.trace):
+            return _call_step(spec, control)
+    return _call_watched(spec, control)
+
+
+def _call_watched(spec: AttemptSpec, control: AttemptControl) -> AttemptResult:
+    if spec.deadline is not None:
+        control.before_stop = functools.partial(grab_thread_stack, control, threading.get_ident())
+    token = None
+    if control.capture is not None:
+        token = CURRENT.set((control, spec.step_id, spec.attempt))
+    try:
+        if spec.trace is None:
+            result = _call_step(spec, control)
+        else:
+            with trace_context(spec.trace):
+                result = _call_step(spec, control)
+    finally:
+        if token is not None:
+            CURRENT.reset(token)
+    if control.log is None and control.stack is None:
+        return result  # wrote nothing, not stopped at its deadline: nothing to add
+    return ended_with_stack(result, control)
+
+
+def ended_with_stack(result: AttemptResult, control: AttemptControl) -> AttemptResult:
+    """Close the attempt's log; a stack taken at the deadline joins it and the error text."""
+    stack = control.stack
+    log = control.log
+    if log is not None:
+        if stack:
+            log.note(HEADER + stack)
+        log.finish()
+    if not stack:
+        return result
+    return dataclasses.replace(result, traceback=with_stack(result.traceback, stack))
 
 
 def _call_step(spec: AttemptSpec, control: AttemptControl | None) -> AttemptResult:

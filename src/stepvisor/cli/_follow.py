@@ -15,11 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Final
+from typing import Final, cast
 
 from stepvisor._runtime import RunHandle
+from stepvisor.cli._logs import LineQueue, failed_output_lines
 from stepvisor.cli._output import EXIT_CANCELLED, say
-from stepvisor.cli._progress import TICK, Inbox, Progress, end_lines, make_display
+from stepvisor.cli._progress import TICK, Inbox, LiveDisplay, Progress, end_lines, make_display
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus
 
@@ -63,14 +64,18 @@ def follow(
     """Show the run until it ends; Ctrl-C or SIGTERM cancels it.  -> (result, interrupted)."""
     display = make_display(sys.stdout, progress)
     began = time.monotonic()
+    # On a live display the steps' lines are queued and put above its block.
+    queue = LineQueue() if isinstance(display, LiveDisplay) else None
 
     def refresh() -> None:
         display.refresh(inbox.drain())
+        if queue is not None:
+            cast("LiveDisplay", display).above(queue.drain())
 
     interrupted = False
     try:
         display.begin(run_id=handle.run_id, headline=headline)
-        with sigterm_cancels():
+        with sigterm_cancels(), queue if queue is not None else contextlib.nullcontext():
             try:
                 result = _wait(handle, refresh)
             except (KeyboardInterrupt, SigtermError):
@@ -88,7 +93,7 @@ def follow(
             handle.cancel()
             with contextlib.suppress(TimeoutError):
                 handle.wait(timeout=CANCEL_WAIT)
-    hints = []
+    hints = failed_output_lines(result) if result.status is RunStatus.FAILED else []
     if result.status is not RunStatus.SUCCEEDED:
         hints.append(f"  resume with: stepvisor resume {result.run_id}")
     display.end(end_lines(result, progress, elapsed=time.monotonic() - began, hints=hints))

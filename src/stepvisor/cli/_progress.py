@@ -390,6 +390,13 @@ class LiveDisplay:
         self._note = text
         self._draw()
 
+    def above(self, lines: Sequence[str]) -> None:
+        """Lines the steps wrote: printed above the block, which is drawn again below."""
+        if lines:
+            self.stream.write(self._home() + "".join(f"{line}\x1b[K\n" for line in lines))
+            self._drawn = 0
+            self._draw()
+
     def end(self, lines: Sequence[str]) -> None:
         self._note = ""
         self._draw()

@@ -7,6 +7,7 @@ Commands::
     stepvisor status [RUN_ID [STEP]] [--db PATH]
     stepvisor cancel RUN_ID [--wait SECONDS] [--db PATH]
     stepvisor report RUN_ID --html FILE [--db PATH]
+    stepvisor logs RUN_ID [STEP] [--attempt N] [--follow] [--db PATH]
     stepvisor config [FILE] [--set KEY=VALUE ...]
 
 Runs are kept in a SQLite store, ``.stepvisor/runs.db`` under the current
@@ -38,6 +39,7 @@ from typing import Any, Final
 
 from stepvisor._runtime import resume_start, start
 from stepvisor.cli._follow import SigtermError, follow
+from stepvisor.cli._logs import add_logs_command, kept_logs
 from stepvisor.cli._maps import mapped_size
 from stepvisor.cli._output import (
     EXIT_CANCELLED,
@@ -167,7 +169,9 @@ def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
 def _finish(result: RunResult, *, interrupted: bool, store: RunStore, report: str | None) -> int:
     if report is not None:
         try:
-            path = write_html(store.load(result.run_id), report)
+            path = write_html(
+                store.load(result.run_id), report, logs=kept_logs(store, result.run_id)
+            )
         except OSError as exc:  # the run's own outcome still decides the exit code
             say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
         else:
@@ -313,7 +317,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     with _existing_store(args.db) as store:
-        path = write_html(store.load(args.run_id), args.html)
+        path = write_html(store.load(args.run_id), args.html, logs=kept_logs(store, args.run_id))
     print(f"report: {path}")
     return EXIT_OK
 
@@ -415,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
     _add_db(p)
     p.set_defaults(handler=cmd_report)
+
+    add_logs_command(sub, add_db=_add_db, open_store=_existing_store)
 
     p = sub.add_parser("config", help="show the effective settings and where each comes from")
     p.add_argument("file", metavar="FILE", nargs="?", help="workflow file whose settings apply")

@@ -203,7 +203,11 @@ class Settling:
         if result.error is not None:
             error.__cause__ = result.error
         extra = oc.DISCARDED_AFTER_STOP if discarded else None
-        self._fail(inf, error, kind, status, outcome, base=base, extra_note=extra)
+        # The backend's text: for an attempt stopped at its deadline, where it was then.
+        self._fail(
+            inf, error, kind, status, outcome, base=base, extra_note=extra,
+            traceback=result.traceback,
+        )  # fmt: skip
 
     def _on_ok(self, sid: str, inf: Inflight, outputs: Mapping[str, Any], msg: AttemptDone) -> None:
         record = self._record_of(inf.rank, inf.index)
@@ -452,7 +456,10 @@ class Settling:
         else:
             error = oc.cancelled_error(uid, inf.attempt, what)
             status, outcome = StepStatus.CANCELLED, "cancelled"
-        self._fail(inf, error, None, status, outcome, base=base)
+        traceback = None
+        if msg.stack:  # the stack at the deadline (see GraceExpired)
+            traceback = f"Stack at the deadline (most recent call last):\n{msg.stack}"
+        self._fail(inf, error, None, status, outcome, base=base, traceback=traceback)
         last = self._record_of(inf.rank, inf.index)
         if last.attempts:
             noted = last.attempts[-1]._replace(note="abandoned")

@@ -98,6 +98,9 @@ class GraceExpired(NamedTuple):
 
     step_id: str
     attempt: int
+    #: Where the attempt was when its deadline stopped it, added by the shell (its
+    #: backend took it): the abandoned attempt's error text shows it.
+    stack: str | None = None
 
 
 class RetryDue(NamedTuple):

@@ -302,6 +302,9 @@ class Step:
         return float(self.metadata.get("cost", 1.0)) if self.metadata else 1.0
 
 
+#: The values of the ``capture`` setting.
+CAPTURE_MODES: Final = ("tee", "store", "off")
+
 #: Setting names that :class:`Settings` holds, in the order ``stepvisor config`` shows.
 SETTING_NAMES: Final = (
     "max_parallel",
@@ -317,6 +320,8 @@ SETTING_NAMES: Final = (
     "max_retries_total",
     "codec",
     "ray_address",
+    "capture",
+    "log_limit",
 )
 
 
@@ -342,10 +347,28 @@ class Settings:
     max_retries_total: int | None = None
     codec: str | None = None
     ray_address: str | None = None
+    #: What steps write: ``tee`` (kept and shown live), ``store`` (kept), ``off``.
+    capture: str | None = None
+    #: Bytes of output kept per attempt (head and tail past it, the cut marked).
+    log_limit: int | None = None
 
     def __post_init__(self) -> None:
         self._check_scheduling()
         self._check_limits()
+        self._check_capture()
+
+    def _check_capture(self) -> None:
+        """The output capture settings (see ``stepvisor.backends._capture``)."""
+        if self.capture is not None and self.capture not in CAPTURE_MODES:
+            raise InvalidSettingError(
+                f"capture must be 'tee' (keep and show), 'store' (keep quietly) or 'off', "
+                f"got {self.capture!r}"
+            )
+        if self.log_limit is not None and (not is_int(self.log_limit) or self.log_limit < 1024):
+            raise InvalidSettingError(
+                f"log_limit must be a whole number of bytes >= 1024 (default 1048576), "
+                f"got {self.log_limit!r}"
+            )
 
     def _check_scheduling(self) -> None:
         """How many steps run at once, on what, and what a failure does."""

@@ -39,6 +39,8 @@ class RunResult:
     errors: Mapping[str, BaseException] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
     discarded_outcomes: int = 0
+    #: (step id, attempt) -> what the attempt wrote (``capture``); see :meth:`logs`.
+    captured: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -64,6 +66,26 @@ class RunResult:
         if self.error is None:
             return f"step {self.failed_step!r} failed"
         return f"step {self.failed_step!r} failed: {type(self.error).__name__}: {self.error}"
+
+    def logs(self, step_id: str, attempt: int | None = None) -> str:
+        """What ``step_id`` wrote (stdout, stderr, logging records) on one attempt.
+
+        The last attempt's when ``attempt`` is ``None``; ``""`` when it wrote
+        nothing or the run captured nothing (``capture="off"``).  A step that
+        is not in the run raises ``KeyError``.
+        """
+        record = self.steps.get(step_id)
+        if record is None:
+            raise KeyError(
+                f"no step {step_id!r} in run {self.run_id!r}; its steps are "
+                f"{', '.join(sorted(self.steps)) or 'none'}"
+            )
+        if attempt is None:
+            attempts = record.attempts
+            if not attempts:
+                return ""
+            attempt = attempts[-1].number
+        return self.captured.get((step_id, attempt), "")
 
     def raise_for_status(self) -> RunResult:
         """Raise the failed step's error (or a cancel error); return self if it succeeded."""

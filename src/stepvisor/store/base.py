@@ -11,11 +11,20 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from stepvisor.core.state import RunStatus, StepRecord
 
-__all__ = ["ClaimingStore", "RunInfo", "RunOwner", "RunStore", "StoredRun", "save_step_batch"]
+__all__ = [
+    "ClaimingStore",
+    "LogEntry",
+    "LogStore",
+    "RunInfo",
+    "RunOwner",
+    "RunStore",
+    "StoredRun",
+    "save_step_batch",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +157,39 @@ def save_step_batch(
         return
     for record, outputs in items:
         store.save_step(run_id, record, outputs)
+
+
+class LogEntry(NamedTuple):
+    """One attempt's kept log, as listed: which attempt, its size, how much was cut."""
+
+    step_id: str
+    attempt: int
+    chars: int
+    cut: int
+
+
+@runtime_checkable
+class LogStore(Protocol):
+    """A store that keeps each attempt's captured output (both built-in stores).
+
+    Logs live beside the step records, never inside them: records stay small
+    and are read whole, a log is read when someone asks for it.  ``save_log``
+    replaces what was kept for the attempt (a running attempt's log is saved
+    again as it grows).  A store without these methods keeps no logs.
+    """
+
+    def save_log(self, run_id: str, step_id: str, attempt: int, text: str, *, cut: int) -> None:
+        """Keep (or replace) one attempt's log."""
+        ...
+
+    def save_logs(self, run_id: str, logs: Sequence[tuple[str, int, str, int]]) -> None:
+        """Keep several logs, ``(step id, attempt, text, cut)`` each, in one transaction."""
+        ...
+
+    def load_log(self, run_id: str, step_id: str, attempt: int) -> str | None:
+        """One attempt's log, or ``None`` if none was kept."""
+        ...
+
+    def list_logs(self, run_id: str) -> list[LogEntry]:
+        """The logs kept for ``run_id``, by step id then attempt."""
+        ...

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
-from stepvisor.store.base import RunInfo, StoredRun
+from stepvisor.store.base import LogEntry, RunInfo, StoredRun
 
 #: What a step that created nothing stored: one shared read-only mapping rather
 #: than an empty dict per step (a million-step run made a million of them).
@@ -36,6 +36,8 @@ class MemoryStore:
         self._steps: dict[str, dict[str, StepRecord]] = {}
         self._outputs: dict[str, dict[str, Mapping[str, Any]]] = {}
         self._cancel: set[str] = set()
+        #: (run id, step id, attempt) -> (log text, bytes cut): beside the records.
+        self._logs: dict[tuple[str, str, int], tuple[str, int]] = {}
         #: Runs being run now: one program only ever sees its own memory store,
         #: so ownership is "claimed or not" (two threads resuming one run).
         self._claimed: set[str] = set()
@@ -134,6 +136,32 @@ class MemoryStore:
     def list_runs(self) -> list[RunInfo]:
         with self._lock:
             return sorted(self._runs.values(), key=lambda r: r.started, reverse=True)
+
+    def save_log(self, run_id: str, step_id: str, attempt: int, text: str, *, cut: int) -> None:
+        with self._lock:
+            self._known(run_id)
+            self._logs[(run_id, step_id, attempt)] = (text, cut)
+
+    def save_logs(self, run_id: str, logs: Sequence[tuple[str, int, str, int]]) -> None:
+        with self._lock:
+            self._known(run_id)
+            for step_id, attempt, text, cut in logs:
+                self._logs[(run_id, step_id, attempt)] = (text, cut)
+
+    def load_log(self, run_id: str, step_id: str, attempt: int) -> str | None:
+        with self._lock:
+            kept = self._logs.get((run_id, step_id, attempt))
+        return None if kept is None else kept[0]
+
+    def list_logs(self, run_id: str) -> list[LogEntry]:
+        with self._lock:
+            self._known(run_id, hint=_LIST_RUNS_HINT)
+            found = [
+                LogEntry(step, attempt, len(text), cut)
+                for (run, step, attempt), (text, cut) in self._logs.items()
+                if run == run_id
+            ]
+        return sorted(found, key=lambda entry: (entry.step_id, entry.attempt))
 
     def close(self) -> None:
         """Nothing to release."""

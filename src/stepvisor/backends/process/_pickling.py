@@ -22,6 +22,7 @@ from typing import Any, Final, NamedTuple
 import cloudpickle
 
 from stepvisor.backends import _shm
+from stepvisor.backends._located import DYNAMIC, located
 from stepvisor.backends._wire import Segment
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.errors import StepNotSerializableError
@@ -44,7 +45,10 @@ def prepare_payload(step_id: str, fn: Callable[..., Any]) -> bytes:
     cannot be pickled, such as a lock captured by a closure.
     """
     try:
-        return bytes(cloudpickle.dumps(fn, protocol=_PROTOCOL))
+        payload = bytes(cloudpickle.dumps(fn, protocol=_PROTOCOL))
+        wrapped = located(fn) if DYNAMIC.encode() in payload else None
+        if wrapped is not None:  # sent by value: keep its file name and source
+            payload = bytes(cloudpickle.dumps(wrapped, protocol=_PROTOCOL))
     except Exception as exc:
         raise _not_serializable(
             step_id,
@@ -54,6 +58,7 @@ def prepare_payload(step_id: str, fn: Callable[..., Any]) -> bytes:
             fix="create such objects inside the function instead of capturing them, "
             "or run the step with executor='thread'",
         ) from exc
+    return payload
 
 
 def check_sendable(step_id: str, what: str, value: object) -> bytes:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import select
 import sys
 import threading
@@ -50,8 +51,9 @@ from stepvisor.backends.process._results import (
     spawn_failed,
     stopped_result,
 )
-from stepvisor.backends.process._wait import enforce_deadline, poll_ms, serve
+from stepvisor.backends.process._wait import await_end, enforce_deadline, poll_ms, serve
 from stepvisor.backends.process._worker import Child, Received
+from stepvisor.backends.thread import ended_with_stack
 from stepvisor.context import AttemptControl
 from stepvisor.errors import StepNotSerializableError, StepvisorError
 
@@ -213,7 +215,7 @@ class ProcessSlot:
         if child is None:
             args.close()
             return closed_result(spec, self._name, pid=None)
-        message = self._message(child, spec, fn_payload, args)
+        message = self._message(child, spec, fn_payload, args, captured=control.capture is not None)
         if args.fds:  # ahead of the message: the child takes them when it reads it
             child.send_fds(args.fds)
         args.close()
@@ -235,10 +237,20 @@ class ProcessSlot:
         # Called at once if already cancelled: an attempt sent ahead may be
         # running in the child by now, and this stops it.
         control.on_cancel(functools.partial(child.terminate, token))
+        child.output.bind((control, spec.step_id, spec.attempt))
         reply = self._exchange(child, spec, control, message, following)
         if reply is not None:
-            return self._reply_result(spec, child, reply)
-        return self._end_of_child(spec, control, child)
+            if control.capture is not None:
+                await_end(child, (spec.step_id, spec.attempt))
+            result = self._reply_result(spec, child, reply)
+        else:
+            result = self._end_of_child(spec, control, child)
+        child.output.unbind()
+        if control.is_cancelled and control.reason == "timeout" and child.output.stack:
+            control.stack = child.output.stack
+        if control.log is None and control.stack is None:
+            return result
+        return ended_with_stack(result, control)
 
     def _take_ahead(self, spec: AttemptSpec) -> _Ahead | None:
         """The record of ``spec`` sent ahead, if it was; replace a child holding another."""
@@ -255,7 +267,9 @@ class ProcessSlot:
             self._retire(sent.child, respawn=True)
         return None
 
-    def _message(self, child: Child, spec: AttemptSpec, fn_payload: bytes, args: Args) -> bytes:
+    def _message(
+        self, child: Child, spec: AttemptSpec, fn_payload: bytes, args: Args, *, captured: bool
+    ) -> bytes:
         path = None if child.sent_path == sys.path else list(sys.path)
         authkey = None
         if path is not None and "multiprocessing.process" in sys.modules:
@@ -272,6 +286,7 @@ class ProcessSlot:
             fds=len(args.fds),
             trace=spec.trace,
             authkey=authkey,
+            capture=logging.getLogger().getEffectiveLevel() if captured else None,
         )
         message = encode_message([dump_attempt(meta), fn_payload, args.blob])
         if path is not None:
@@ -322,7 +337,7 @@ class ProcessSlot:
         if args.fds:  # descriptors go just before their message, which must not wait
             args.close()
             return b""
-        return self._message(child, spec, fn_payload, args)
+        return self._message(child, spec, fn_payload, args, captured=control.capture is not None)
 
     def _exchange(
         self,

@@ -10,6 +10,7 @@ no state of their own (the child's is in ``_worker.Child``).
 from __future__ import annotations
 
 import math
+import select
 import time
 from typing import Final
 
@@ -17,8 +18,11 @@ from stepvisor.backends.base import AttemptSpec
 from stepvisor.backends.process._worker import Child
 from stepvisor.context import AttemptControl
 
-__all__ = ["enforce_deadline", "poll_ms", "serve"]
+__all__ = ["await_end", "enforce_deadline", "poll_ms", "serve"]
 
+#: The longest the slot waits for a captured attempt's end mark after its reply
+#: (the child writes it before the reply, so it is normally in the pipe already).
+_END_WAIT_S: Final = 2.0
 #: How often a child's death is checked for when pidfds are not available.
 _FALLBACK_POLL_S: Final = 0.02
 
@@ -43,6 +47,9 @@ def serve(
                 child.poller.unregister(child.cmd_w)
         elif fd == child.wake_r:
             child.drain_wake()
+        elif fd == child.out_r:
+            if not child.read_output():
+                child.poller.unregister(child.out_r)
         else:
             dead = True
     return pending, reading, dead
@@ -80,3 +87,21 @@ def enforce_deadline(child: Child, spec: AttemptSpec, control: AttemptControl) -
     # case another canceller registered before ours raised and ours was never called.
     child.terminate(child.token)
     child.escalate(grace=spec.kill_grace)
+
+
+def await_end(child: Child, key: tuple[str, int]) -> None:
+    """Read the child's output until the end mark of attempt ``key`` (bounded)."""
+    output = child.output
+    give_up = time.monotonic() + _END_WAIT_S
+    while key not in output.ended:
+        if not child.read_output():
+            return
+        if key in output.ended:
+            break
+        left = give_up - time.monotonic()
+        if left <= 0:
+            return
+        ready, _, _ = select.select([child.out_r], [], [], left)
+        if not ready:
+            return
+    output.ended.discard(key)

@@ -33,6 +33,7 @@ import stepvisor
 from stepvisor.backends._child import RETURNED_NOTHING, decode_message
 from stepvisor.backends._shm import Fds, recv_fds, send_fds
 from stepvisor.backends._wire import Ready, Reply, Returned
+from stepvisor.backends.process._output import ChildOutput
 
 __all__ = ["Child", "Received"]
 
@@ -40,7 +41,7 @@ __all__ = ["Child", "Received"]
 _PKG_ROOT: Final = str(Path(stepvisor.__file__).resolve().parent.parent)
 _BOOTSTRAP: Final = (
     "import sys; sys.path.insert(0, sys.argv[5]); "
-    "from stepvisor.backends._child import main; main(sys.argv[1:5])"
+    "from stepvisor.backends._child import main; main(sys.argv[1:5] + sys.argv[7:])"
 )
 #: What one read asks for: a pipe holds 64 KiB, so more is never returned, and a
 #: larger request costs an ``mmap`` and ``munmap`` of the buffer on every read
@@ -70,15 +71,24 @@ class Child:
     def __init__(self, *, name: str) -> None:
         fds: list[int] = []
         try:
-            for _ in range(3):
+            for _ in range(4):
                 fds.extend(os.pipe())
             # Datagrams: each batch of descriptors arrives whole, in order, on its own.
             self.shm, shm_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             fds.append(shm_theirs.detach())
-            cmd_r, self.cmd_w, self.res_r, res_w, alive_r, self.alive_w, shm_r = fds
-            theirs = (cmd_r, res_w, alive_r, shm_r)
+            cmd_r, self.cmd_w, self.res_r, res_w, alive_r, self.alive_w, out_r, out_w, shm_r = fds
+            self.out_r = out_r
+            theirs = (cmd_r, res_w, alive_r, shm_r, out_w)
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, *map(str, theirs), _PKG_ROOT, name],
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOTSTRAP,
+                    *map(str, theirs[:4]),
+                    _PKG_ROOT,
+                    name,
+                    str(out_w),
+                ],
                 pass_fds=theirs,
                 close_fds=True,
                 start_new_session=True,
@@ -95,6 +105,9 @@ class Child:
         self.pid: int = self.proc.pid
         os.set_blocking(self.cmd_w, False)
         os.set_blocking(self.res_r, False)
+        os.set_blocking(self.out_r, False)
+        #: What the child writes to fds 1 and 2 while captured, parsed into attempt logs.
+        self.output = ChildOutput()
         self.shm.setblocking(False)
         self._open_poller()
         self.lock = threading.Lock()
@@ -122,7 +135,7 @@ class Child:
         os.set_blocking(self.wake_w, False)
         self.pidfd = self._open_pidfd(self.pid)
         self.poller = select.poll()
-        for fd in (self.res_r, self.wake_r):
+        for fd in (self.res_r, self.wake_r, self.out_r):
             self.poller.register(fd, select.POLLIN)
         if self.pidfd is not None:
             self.poller.register(self.pidfd, select.POLLIN)
@@ -199,7 +212,8 @@ class Child:
         with self.lock:
             self.reaped = True
             self.returncode = returncode
-            for fd in (self.cmd_w, self.res_r, self.alive_w, self.wake_r, self.wake_w):
+            self.read_output(until_eof=True)  # what it wrote before it died is kept
+            for fd in (self.cmd_w, self.res_r, self.alive_w, self.wake_r, self.wake_w, self.out_r):
                 _close_quietly(fd)
             self.shm.close()  # descriptors still queued in it are freed with it
             if self.pidfd is not None:
@@ -233,6 +247,24 @@ class Child:
             return False
         self.buf += chunk
         return True
+
+    def read_output(self, *, until_eof: bool = False) -> bool:
+        """Feed what the child wrote to its output pipe to the parser; False at end of file.
+
+        ``until_eof``: the child is dead; read all that is left (never blocks).
+        """
+        while True:
+            try:
+                chunk = os.read(self.out_r, _READ_CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self.output.feed(chunk)
+            if not until_eof and len(chunk) < _READ_CHUNK:
+                return True
 
     def take_reply(self) -> Received | None:
         """The next reply in ``buf`` (skipping the start-up greeting), if complete."""

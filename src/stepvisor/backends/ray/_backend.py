@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 from stepvisor._log import log as _root_log
+from stepvisor.backends._capture import log_of
 from stepvisor.backends._wire import Reply, Returned
 from stepvisor.backends.base import (
     AttemptResult,
@@ -178,7 +180,8 @@ class RayBackend:
                 extra={"reason": "cancel"},
             )
         try:
-            args = self._placement.task_args(spec)
+            limit = control.capture.limit if control.capture is not None else None
+            args = self._placement.task_args(spec, log_limit=limit)
         except StepNotSerializableError as exc:
             exc.attempt = spec.attempt
             return AttemptResult(kind="unsendable", error=exc, note="nothing was sent")
@@ -190,7 +193,10 @@ class RayBackend:
             self._inflight.add(ref)
         try:
             control.on_cancel(functools.partial(self._cancel, ref))
-            return self._outcome(spec, control, ref, sources=args[1:])
+            result = self._outcome(spec, control, ref, sources=args[1:])
+            if control.log is not None:
+                control.log.finish()
+            return result
         finally:
             with self._lock:
                 self._inflight.discard(ref)
@@ -347,7 +353,7 @@ class RayBackend:
             )
         if ended.raised is None:
             # A reply counts even after a cancel: the task finished before the kill.
-            return self._decode(spec, ref, ended.reply)
+            return self._decode(spec, ref, ended.reply, control)
         if control.is_cancelled:
             return AttemptResult(
                 kind="cancelled",
@@ -360,7 +366,13 @@ class RayBackend:
             self._placement.forget(sources)
         return result
 
-    def _decode(self, spec: AttemptSpec, ref: Any, reply: Reply) -> AttemptResult:
+    def _decode(
+        self, spec: AttemptSpec, ref: Any, reply: Reply, control: AttemptControl | None = None
+    ) -> AttemptResult:
+        written = getattr(reply, "log", None)
+        if written and control is not None and control.capture is not None:
+            # What the task saw it write, kept with its reply.
+            log_of(control, spec.step_id, spec.attempt).write(written, sys.stdout)
         if isinstance(reply, Returned):
             outputs = reply.outputs
             if outputs:

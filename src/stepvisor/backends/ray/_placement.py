@@ -13,6 +13,7 @@ no engine code knows about Ray.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 import time
@@ -123,8 +124,11 @@ class Placement:
             self._origins.clear()
             self._shared.clear()
 
-    def task_args(self, spec: AttemptSpec) -> tuple[Any, ...]:
-        """The task's arguments: its :class:`RayCall`, then the sources it reads."""
+    def task_args(self, spec: AttemptSpec, *, log_limit: int | None = None) -> tuple[Any, ...]:
+        """The task's arguments: its :class:`RayCall`, then the sources it reads.
+
+        ``log_limit``: the run captures output, and the task keeps up to this much.
+        """
         wall_deadline = None
         if spec.deadline is not None:
             wall_deadline = time.time() + (spec.deadline - time.monotonic())
@@ -136,6 +140,8 @@ class Placement:
             wall_deadline,
             spec.is_async,
             trace=spec.trace,
+            capture=None if log_limit is None else logging.getLogger().getEffectiveLevel(),
+            log_limit=log_limit or 0,
         )
         inline: dict[str, Any] = {}
         picks: list[tuple[str, int, str | None]] = []

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 import cloudpickle
 
+from stepvisor.backends._capture import Capture, install
 from stepvisor.backends._wire import (
     Raised,
     RayCall,
@@ -32,6 +34,7 @@ from stepvisor.backends._wire import (
 )
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.backends.thread import call_step
+from stepvisor.context import AttemptControl
 from stepvisor.errors import StepNotSerializableError
 
 __all__ = ["attempt_task"]
@@ -72,11 +75,25 @@ def attempt_task(call: RayCall, *sources: Any) -> Reply:
         deadline=deadline,
         trace=meta.trace,
     )
-    result = call_step(spec, None)
+    control = _captured(meta)
+    result = call_step(spec, control)
+    log = control.log.text() if control is not None and control.log is not None else None
     if result.kind == "ok":
-        return _ok_reply(meta.step_id, result.outputs)
+        reply = _ok_reply(meta.step_id, result.outputs)
+        return reply._replace(log=log or None) if isinstance(reply, Returned) and log else reply
     error = result.error or RuntimeError("the step failed without an exception")
-    return Raised(pack_error(error, where=_where()))
+    return Raised(pack_error(error, where=_where()), log=log or None)
+
+
+def _captured(meta: Any) -> AttemptControl | None:
+    """A control whose log keeps what the task writes, when its run captures."""
+    if meta.capture is None:
+        return None
+    install()
+    logging.getLogger().setLevel(meta.capture)
+    control = AttemptControl()
+    control.capture = Capture("store", meta.log_limit)
+    return control
 
 
 def _where() -> str:

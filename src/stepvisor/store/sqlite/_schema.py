@@ -113,10 +113,28 @@ def _v3_run_owner(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE runs ADD COLUMN {column}")
 
 
+def _v4_attempt_logs(conn: sqlite3.Connection) -> None:
+    """Each attempt's captured output, beside (not inside) the step and attempt rows.
+
+    ``cut`` is how many bytes of the middle were left out (``log_limit``).
+    """
+    conn.execute(
+        """CREATE TABLE attempt_logs (
+            run_id TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            cut INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (run_id, step_id, attempt)
+        ) WITHOUT ROWID"""
+    )
+
+
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _v1_initial_schema,
     _v2_run_source,
     _v3_run_owner,
+    _v4_attempt_logs,
 )
 #: The schema version this stepvisor writes; stores from a newer one are refused.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -205,6 +223,16 @@ SELECT_ARTIFACTS: Final = (
     "SELECT step_id, name, value, codec FROM artifacts WHERE run_id = ? ORDER BY step_id, name"
 )
 RUN_EXISTS: Final = "SELECT 1 FROM runs WHERE run_id = ?"
+# Attempt logs (schema v4), kept beside the records.
+UPSERT_LOG: Final = (
+    "INSERT INTO attempt_logs (run_id, step_id, attempt, text, cut) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (run_id, step_id, attempt) DO UPDATE SET text = excluded.text, cut = excluded.cut"
+)
+SELECT_LOG: Final = "SELECT text FROM attempt_logs WHERE run_id = ? AND step_id = ? AND attempt = ?"
+SELECT_LOGS: Final = (
+    "SELECT step_id, attempt, length(text), cut FROM attempt_logs WHERE run_id = ?"
+    " ORDER BY step_id, attempt"
+)
 
 
 # -- rows <-> records -----------------------------------------------------------------

@@ -21,7 +21,7 @@ from stepvisor.errors import (
     StoreError,
     StoreFaultError,
 )
-from stepvisor.store.base import RunInfo, RunOwner, StoredRun
+from stepvisor.store.base import LogEntry, RunInfo, RunOwner, StoredRun
 from stepvisor.store.codec import Codec, JsonCodec, codec_named
 from stepvisor.store.sqlite import _owner
 from stepvisor.store.sqlite._files import (
@@ -50,9 +50,12 @@ from stepvisor.store.sqlite._schema import (
     SELECT_ARTIFACTS,
     SELECT_ATTEMPTS,
     SELECT_CLAIM,
+    SELECT_LOG,
+    SELECT_LOGS,
     SELECT_RUN,
     SELECT_RUNS,
     SELECT_STEPS,
+    UPSERT_LOG,
     UPSERT_RUN,
     UPSERT_STEP,
     WRITE_OWNER,
@@ -445,6 +448,28 @@ class SQLiteStore(Closing):
             rows = conn.execute(SELECT_RUNS).fetchall()
         now = self._wall()
         return [self._run_info(row, now) for row in rows]
+
+    # -- logs (beside the records: see store.base.LogStore) ---------------------------------
+
+    def save_log(self, run_id: str, step_id: str, attempt: int, text: str, *, cut: int) -> None:
+        self.save_logs(run_id, [(step_id, attempt, text, cut)])
+
+    def save_logs(self, run_id: str, logs: Sequence[tuple[str, int, str, int]]) -> None:
+        rows = [(run_id, step_id, attempt, text, cut) for step_id, attempt, text, cut in logs]
+        with self._transaction("save logs in", run_id, write=True) as conn:
+            conn.executemany(UPSERT_LOG, rows)
+
+    def load_log(self, run_id: str, step_id: str, attempt: int) -> str | None:
+        with self._transaction("read a log from", run_id, write=False) as conn:
+            row = conn.execute(SELECT_LOG, (run_id, step_id, attempt)).fetchone()
+        return None if row is None else str(row[0])
+
+    def list_logs(self, run_id: str) -> list[LogEntry]:
+        with self._transaction("list the logs of", run_id, write=False) as conn:
+            if conn.execute(RUN_EXISTS, (run_id,)).fetchone() is None:
+                raise self._not_found(run_id)
+            rows = conn.execute(SELECT_LOGS, (run_id,)).fetchall()
+        return [LogEntry(str(s), int(a), int(n), int(c)) for s, a, n, c in rows]
 
     def _run_info(self, row: Row, now: float) -> RunInfo:
         return run_info(row, now=now, stale_after=self._stale_after)
