@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
+from stepvisor.core.records import parse_instance_id
 from tests.chaos.oracle import Checker
 
 __all__ = ["check_logs", "expected_log"]
@@ -99,7 +100,10 @@ def check_logs(
                 f"{where} was cut at {cut[2]} bytes, not log_limit {limit}",
             )
         if outcome in _WHOLE:
-            data = "".join(f"chaos {step_id} {attempt} {i}\n" for i in range(chatter[step_id]))
+            # An instance writes what its mapped step's plan says (``g05[0]``: ``g05``'s).
+            parsed = parse_instance_id(step_id)
+            lines = chatter[step_id if parsed is None else parsed[0]]
+            data = "".join(f"chaos {step_id} {attempt} {i}\n" for i in range(lines))
             want = expected_log(data.encode(), limit)
             checker.check("logs", text == want, f"{where} ({outcome}) is not what it wrote")
         else:
