@@ -2,16 +2,17 @@
 
 Commands::
 
-    stepvisor run FILE [--max-parallel N] [--set KEY=VALUE ...] [--db PATH] [--report HTML]
-    stepvisor resume RUN_ID [--force] [--max-parallel N] [--set KEY=VALUE ...] [--db PATH]
-    stepvisor status [RUN_ID] [--db PATH]
-    stepvisor cancel RUN_ID [--wait SECONDS] [--db PATH]
-    stepvisor report RUN_ID --html FILE [--db PATH]
+    stepvisor run FILE [--max-parallel N] [--set KEY=VALUE ...] [--store PATH] [--report HTML]
+    stepvisor resume RUN_ID [--force] [--max-parallel N] [--set KEY=VALUE ...] [--store PATH]
+    stepvisor status [RUN_ID] [--store PATH]
+    stepvisor cancel RUN_ID [--wait SECONDS] [--store PATH]
+    stepvisor report RUN_ID --html FILE [--store PATH]
     stepvisor config [FILE] [--set KEY=VALUE ...]
 
 Runs are kept in a SQLite store, ``.stepvisor/runs.db`` under the current
-directory unless ``--db`` says otherwise, so another ``stepvisor`` program can
-watch (``status``), stop (``cancel``) or continue (``resume``) them.
+directory unless ``--store`` says otherwise, so another ``stepvisor`` program can
+watch (``status``), stop (``cancel``) or continue (``resume``) them.  ``--db`` is
+the same option by its older name (the API and the docs call it the store).
 
 Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed,
 2 bad usage or an invalid workflow/setting (one line on stderr, no traceback),
@@ -129,21 +130,21 @@ def _codec() -> str:
     return resolve(None, None).codec
 
 
-#: ``--db :memory:``: a store in this program's memory, as SQLite names it.
+#: ``--store :memory:``: a store in this program's memory, as SQLite names it.
 _MEMORY: Final = ":memory:"
 
 
 def _existing_store(db: str) -> SQLiteStore:
     if db == _MEMORY:
         raise StoreError(
-            f"--db {_MEMORY} is an in-memory store: it holds only the runs of the program "
-            "that made it, so no other command can see them; point --db at the store "
+            f"--store {_MEMORY} is an in-memory store: it holds only the runs of the program "
+            "that made it, so no other command can see them; point --store at the store "
             "file the run was kept in (default: .stepvisor/runs.db)"
         )
     if not os.path.lexists(db):
         raise StoreError(
             f"there is no run store at {db}; start a run first (stepvisor run FILE), "
-            "or point --db at the store the run was kept in"
+            "or point --store at the store the run was kept in"
         )
     return SQLiteStore(db, codec=_codec(), create=False)
 
@@ -181,8 +182,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)  # flags first: a typo there is cheaper to report
     wf = load_workflow(args.file)
     codec = resolve(wf.settings, overrides).codec
-    # --db :memory: runs without a file: nothing to resume or inspect afterwards.
-    store: RunStore = MemoryStore() if args.db == _MEMORY else SQLiteStore(args.db, codec=codec)
+    # --store :memory: runs without a file: nothing to resume or inspect afterwards.
+    store: RunStore = (
+        MemoryStore() if args.store == _MEMORY else SQLiteStore(args.store, codec=codec)
+    )
     try:
         inbox = Inbox()
         try:
@@ -197,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise _start_error(exc, args.file) from exc
         progress = Progress(wf.step_ids)
         result, interrupted = follow(
-            handle, inbox=inbox, progress=progress, headline=_headline(wf, args.db)
+            handle, inbox=inbox, progress=progress, headline=_headline(wf, args.store)
         )
         return _finish(result, interrupted=interrupted, store=store, report=args.report)
     finally:
@@ -206,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         stored = store.load(args.run_id)
         source = stored.info.source
         if source is None:
@@ -239,19 +242,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
         except ValidationError as exc:
             raise _start_error(exc, source) from exc
         progress = Progress(wf.step_ids, kept=kept)
-        headline = _headline(wf, args.db, kept=len(kept))
+        headline = _headline(wf, args.store, kept=len(kept))
         result, interrupted = follow(handle, inbox=inbox, progress=progress, headline=headline)
         return _finish(result, interrupted=interrupted, store=store, report=args.report)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         if args.run_id is not None:
             print(one_run(store, args.run_id))
             return EXIT_OK
         runs = store.list_runs()
         if not runs:
-            print(f"no runs in {args.db} yet; start one with: stepvisor run FILE")
+            print(f"no runs in {args.store} yet; start one with: stepvisor run FILE")
             return EXIT_OK
         shown = runs if args.all else runs[: args.limit]
         rows = [
@@ -275,7 +278,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         info = store.load(args.run_id).info
         if info.status is not RunStatus.RUNNING:
             print(f"run {args.run_id} is not running ({info.status.value}); nothing to cancel")
@@ -295,7 +298,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         path = write_html(store.load(args.run_id), args.html)
     print(f"report: {path}")
     return EXIT_OK
@@ -328,9 +331,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_db(parser: argparse.ArgumentParser) -> None:
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    # --db: the option's first name, kept so that existing scripts go on working.
     parser.add_argument(
-        "--db", default=DEFAULT_DB, metavar="PATH", help=f"run store (default: {DEFAULT_DB})"
+        "--store",
+        "--db",
+        dest="store",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help=f"run store, a SQLite file (default: {DEFAULT_DB}); --db is the same",
     )
 
 
@@ -347,7 +356,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-parallel", type=int, metavar="N", help="steps run at once")
     _add_settings(parser)
-    _add_db(parser)
+    _add_store(parser)
     parser.add_argument("--report", metavar="HTML", help="write an HTML report there at the end")
 
 
@@ -374,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN_ID", nargs="?")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="runs listed (default 20)")
     p.add_argument("--all", action="store_true", help="list every run")
-    _add_db(p)
+    _add_store(p)
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("cancel", help="ask a running run to stop")
@@ -382,13 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait", type=_positive_float, metavar="SECONDS", help="wait up to SECONDS for it to stop"
     )
-    _add_db(p)
+    _add_store(p)
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("report", help="write a run's HTML report (timeline, attempts, errors)")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
-    _add_db(p)
+    _add_store(p)
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("config", help="show the effective settings and where each comes from")
