@@ -66,6 +66,8 @@ pytestmark = pytest.mark.ray
 RAY_MARK_VAR = "STEPVISOR_RAY_TEST_MARK"
 #: Bound on waiting for a step to report (a replaced Ray worker takes ~1-2 s to start).
 REPORT_TIMEOUT = 30.0
+#: Why these tests skip where Ray is absent (make test installs it only with EXTRAS=...,ray).
+NO_RAY = "Ray is not installed: pip install 'stepvisor[ray]'"
 SRC = str(Path(sv.__file__).resolve().parent.parent)
 
 
@@ -117,7 +119,7 @@ def wait_all_gone(mark: str, *, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[Any]:
     """One local Ray instance for the module; none of its processes is left afterwards."""
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason=NO_RAY)
     assert not ray.is_initialized(), "another test left Ray initialized"
     mark = uuid.uuid4().hex
     with ray_environment(mark):
@@ -323,7 +325,7 @@ def test_check_reachable_names_the_address_and_the_fix() -> None:
 
 
 def test_unreachable_ray_address_fails_before_any_step_runs(tmp_path: Path) -> None:
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason=NO_RAY)
     marker = tmp_path / "ran"
     address = f"127.0.0.1:{free_port()}"
     done = run_python(

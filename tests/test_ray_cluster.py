@@ -43,7 +43,7 @@ FAST_HEALTH_CHECKS = {
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """A head node and two worker nodes, ``node_a`` and ``node_b``."""
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'stepvisor[ray]'")
     cluster_utils = importlib.import_module("ray.cluster_utils")
     assert not ray.is_initialized(), "another test left Ray initialized"
     mark = uuid.uuid4().hex
