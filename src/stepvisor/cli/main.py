@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from stepvisor._prepare import fingerprint
 from stepvisor._runtime import resume_start, start
 from stepvisor.cli._follow import SigtermError, follow
 from stepvisor.cli._output import (
@@ -53,14 +54,14 @@ from stepvisor.cli._output import (
     when,
 )
 from stepvisor.cli._progress import TICK, Inbox, Progress, one_line
-from stepvisor.cli._report import write_html
+from stepvisor.cli._report import GraphNode, graph_of, write_html
 from stepvisor.config import _parse_text, resolve
 from stepvisor.core.model import SETTING_NAMES, Settings, Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.errors import InvalidSettingError, StepvisorError, StoreError, ValidationError
 from stepvisor.policies.retry import RetryPolicy
-from stepvisor.store.base import RunStore
+from stepvisor.store.base import RunStore, StoredRun
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore
 from stepvisor.workflow_file import load_workflow
@@ -157,10 +158,13 @@ def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
     return text + (f" (resumed; {kept} succeeded steps kept)" if kept else "")
 
 
-def _finish(result: RunResult, *, interrupted: bool, store: RunStore, report: str | None) -> int:
+def _finish(
+    result: RunResult, *, interrupted: bool, store: RunStore, report: str | None, wf: Workflow
+) -> int:
     if report is not None:
         try:
-            path = write_html(store.load(result.run_id), report)
+            stored = store.load(result.run_id)
+            path = write_html(stored, report, graph=graph_of(wf, stored))
         except OSError as exc:  # the run's own outcome still decides the exit code
             say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
         else:
@@ -202,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result, interrupted = follow(
             handle, inbox=inbox, progress=progress, headline=_headline(wf, args.store)
         )
-        return _finish(result, interrupted=interrupted, store=store, report=args.report)
+        return _finish(result, interrupted=interrupted, store=store, report=args.report, wf=wf)
     finally:
         store.close()
 
@@ -244,7 +248,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         progress = Progress(wf.step_ids, kept=kept)
         headline = _headline(wf, args.store, kept=len(kept))
         result, interrupted = follow(handle, inbox=inbox, progress=progress, headline=headline)
-        return _finish(result, interrupted=interrupted, store=store, report=args.report)
+        return _finish(result, interrupted=interrupted, store=store, report=args.report, wf=wf)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -299,9 +303,28 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     with _existing_store(args.store) as store:
-        path = write_html(store.load(args.run_id), args.html)
+        stored = store.load(args.run_id)
+        path = write_html(stored, args.html, graph=_graph_from_source(stored))
     print(f"report: {path}")
     return EXIT_OK
+
+
+def _graph_from_source(stored: StoredRun) -> list[GraphNode] | None:
+    """The graph of the workflow file the run was started from, if it is there unchanged.
+
+    ``None`` (the page says it is not drawn) for a run started from Python, a file
+    gone or broken, or one whose steps changed since: its graph would not be this run's.
+    """
+    source = stored.info.source
+    if source is None or not os.path.exists(source):
+        return None
+    try:
+        wf = load_workflow(source)
+    except Exception:  # even a step module that raises on import: the report goes on
+        return None
+    if fingerprint(wf) != stored.info.fingerprint:
+        return None
+    return graph_of(wf, stored)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
