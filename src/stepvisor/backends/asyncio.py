@@ -20,16 +20,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from stepvisor.backends._wire import check_outputs, trace_context
-from stepvisor.backends.base import (
-    AttemptResult,
-    AttemptSpec,
-    Following,
-    backend_bug,
-    format_error,
-    stop_error,
-)
+from stepvisor.backends.base import Following, backend_bug, format_error, stop_error
 from stepvisor.backends.thread import make_context
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 
 __all__ = ["LOOP_THREAD_NAME", "LoopThread"]
 

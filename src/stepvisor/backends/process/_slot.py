@@ -40,7 +40,7 @@ from typing import ClassVar, Final, NamedTuple, cast
 from stepvisor._log import log as _root_log
 from stepvisor.backends._child import dump_attempt, encode_message
 from stepvisor.backends._wire import Attempt
-from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, not_started
+from stepvisor.backends.base import Ahead, not_started
 from stepvisor.backends.process._pickling import Args, payload_and_args
 from stepvisor.backends.process._results import (
     closed_result,
@@ -53,6 +53,7 @@ from stepvisor.backends.process._results import (
 from stepvisor.backends.process._wait import enforce_deadline, poll_ms, serve
 from stepvisor.backends.process._worker import Child, Received
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 from stepvisor.errors import StepNotSerializableError, StepvisorError
 
 __all__ = ["ProcessSlot", "open_slot"]
