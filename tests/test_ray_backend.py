@@ -58,7 +58,7 @@ from stepvisor.errors import (
     StepTimeoutError,
     WorkerCrashedError,
 )
-from tests.conftest import pid_gone, wait_for
+from tests.conftest import NO_RAY, pid_gone, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -66,8 +66,6 @@ pytestmark = pytest.mark.ray
 RAY_MARK_VAR = "STEPVISOR_RAY_TEST_MARK"
 #: Bound on waiting for a step to report (a replaced Ray worker takes ~1-2 s to start).
 REPORT_TIMEOUT = 30.0
-#: Why these tests skip where Ray is absent (make test installs it only with EXTRAS=...,ray).
-NO_RAY = "Ray is not installed: pip install 'stepvisor[ray]'"
 SRC = str(Path(sv.__file__).resolve().parent.parent)
 
 
