@@ -100,6 +100,7 @@ bench-quick: bench-venv
 
 chaos: venv
 	$(PY) -m tests.chaos --runs 1000
+	$(PY) -m tests.chaos.executors --runs 200
 
 clean:
 	rm -rf $(VENV) $(CLIENT_VENV) $(foreach v,$(PYTHONS),.venv-py$(v)) .pytest_cache \

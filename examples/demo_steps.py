@@ -37,10 +37,13 @@ def _is_prime(n: int) -> bool:
 
 
 def crunch(ctx: sv.StepContext) -> dict[str, Any]:
-    """Count the primes in shard ``with.shard`` of ``with.size`` numbers (pure Python CPU)."""
-    shard, size = int(ctx.params["shard"]), int(ctx.params["size"])
+    """Count the primes in shard ``ctx.item`` of ``with.size`` numbers (pure Python CPU).
+
+    The step is mapped over the shard numbers: each instance gets one as its item.
+    """
+    shard, size = int(ctx.item), int(ctx.params["size"])
     low = shard * size
-    return {f"primes_{shard}": sum(1 for n in range(low, low + size) if _is_prime(n))}
+    return {"primes": sum(1 for n in range(low, low + size) if _is_prime(n))}
 
 
 def flaky(ctx: sv.StepContext) -> dict[str, Any]:
@@ -53,7 +56,7 @@ def flaky(ctx: sv.StepContext) -> dict[str, Any]:
 def combine(ctx: sv.StepContext) -> dict[str, Any]:
     """Fan in: everything above, summed into one summary."""
     inputs = ctx.inputs
-    primes = sum(v for k, v in inputs.items() if k.startswith("primes_"))
+    primes = sum(inputs["primes"])  # one count per instance of crunch, in shard order
     return {
         "summary": {
             "users": len(inputs["users"]),

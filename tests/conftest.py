@@ -93,6 +93,9 @@ def close_compat_engines(no_leaks: None) -> Iterator[None]:
     compat = sys.modules.get("stepvisor.compat._executor")
     if compat is not None:
         compat.close_all()
+    engines = sys.modules.get("stepvisor.joblib._engines")  # the joblib backend's warm engines
+    if engines is not None:
+        engines.ENGINES.close_all()
 
 
 def session_processes() -> set[int]:

@@ -189,7 +189,10 @@ def test_the_demo_runs_its_fan_out_retry_and_fan_in_and_writes_a_report(tmp_path
     proc = stepvisor(tmp_path, "run", str(demo), "--report", "demo.html", timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "retrying   flaky_rates: attempt 1 failed (ConnectionError:" in proc.stdout
-    assert ": 9 succeeded\n" in proc.stdout
+    # 6 steps, crunch mapped over 4 shards: counted as one step, its instances apart.
+    assert ": 6 steps: 6 succeeded; 4 instances: 4 succeeded\n" in proc.stdout
+    assert re.search(r"\] succeeded  crunch: 4/4 succeeded, [\d.]+ s\n", proc.stdout)
+    assert "crunch[" not in proc.stdout  # no line per instance that succeeded
     with open_store(tmp_path) as store:
         stored = store.load(started_id(proc.stdout))
     assert stored.steps["flaky_rates"].attempt_count == 2

@@ -3,7 +3,7 @@
 Random DAGs (up to 40 steps, random ``needs``, artifact names that collide,
 some steps failing under ``on_failure="continue"``) run several times with
 completion orders shuffled by small random delays, and once on a single
-worker; every run must give the same statuses, artifacts, attempt counts and
+worker; every run must give the same statuses, notes, artifacts, attempt counts and
 sequence of commits.
 """
 
@@ -70,6 +70,7 @@ def fingerprint(specs: list[dict[str, Any]], delay_seed: int | None, max_paralle
     return (
         result.status,
         result.statuses(),
+        {sid: record.note for sid, record in result.steps.items()},
         result.attempts(),
         dict(result.artifacts),
         result.commits,
@@ -90,4 +91,4 @@ def test_result_and_commits_do_not_depend_on_completion_order(
     for seed in seeds:
         assert fingerprint(specs, seed, 8) == reference
     # The commit sequence is the canonical order itself.
-    assert list(reference[4]) == list(build(specs, None).step_ids)
+    assert list(reference[5]) == list(build(specs, None).step_ids)

@@ -19,6 +19,7 @@ PUBLIC_API = {
     # state and events
     "RunStatus", "StepStatus", "StepRecord", "AttemptRecord", "Event", "RunStarted",
     "StepDispatched", "StepRetrying", "StepFinished", "StepCommitted", "RunFinished",
+    "StepExpanded",
     # time
     "Clock", "RealClock", "FakeClock",
     # stores
@@ -26,7 +27,7 @@ PUBLIC_API = {
     # errors
     "StepvisorError", "ValidationError", "InvalidStepIdError", "StepFunctionError",
     "DuplicateStepError", "UnknownDependencyError", "MissingArtifactError", "CycleError",
-    "InvalidMaxParallelError", "InvalidTimeoutError", "InvalidSettingError",
+    "InvalidMaxParallelError", "InvalidTimeoutError", "InvalidSettingError", "MapOverError",
     "InvalidRetryPolicyError", "WorkflowFileError", "StepError", "StepTimeoutError",
     "StepCancelledError", "WorkerCrashedError", "StepNotSerializableError", "RemoteStepError",
     "RetryBudgetExhaustedError", "RetryableError", "FatalError", "StoreError", "NotAStoreError",

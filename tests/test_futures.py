@@ -11,6 +11,9 @@ test sleeps hoping something happened.
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -23,10 +26,10 @@ import pytest
 import stepvisor as sv
 from stepvisor._calls import Calls, Settled, checked
 from stepvisor._invoke import RESULT, Invoke
-from stepvisor.actors._call import CARRIED_OUT
+from stepvisor.actors._call import CARRIED_OUT, NO_TIMERS
 from stepvisor.actors._hub import CallHub
 from stepvisor.actors._mailbox import Mailbox
-from stepvisor.backends.base import AttemptResult
+from stepvisor.backends.base import AttemptResult, AttemptSpec
 from stepvisor.config import resolve
 from stepvisor.core.effects import Dispatch, Finish, SetTimer
 from stepvisor.core.messages import AttemptDone, SlotReady, Start
@@ -258,27 +261,103 @@ def test_shutdown_after_a_quick_cancel_does_not_hang(kind: str) -> None:
     executor.shutdown(wait=True)
 
 
-def test_cancel_futures_cancels_the_queued_and_stops_the_running(tmp_path: Path) -> None:
+def test_cancel_futures_cancels_the_queued_and_lets_the_running_finish(
+    tmp_path: Path, kind: str
+) -> None:
+    executor = sv.Executor(1, executor=kind)
+    running = executor.submit(calls.block, str(tmp_path), "running")
+    _started(tmp_path, "running")
+    queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    futures.wait(queued, timeout=30)
+    assert all(f.cancelled() for f in queued)
+    assert not running.done()
+    _go(tmp_path, "running")
+    executor.shutdown(wait=True)
+    assert running.result(timeout=0) == "running"
+
+
+def test_stop_running_stops_the_running_and_leaves_the_queued_to_run(tmp_path: Path) -> None:
     executor = sv.Executor(1, executor="process", kill_grace=0.5)
     running = executor.submit(calls.run_away, str(tmp_path), "running")
     pid = _started(tmp_path, "running")
     queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
-    executor.shutdown(wait=True, cancel_futures=True)
+    executor.shutdown(wait=True, stop_running=True)
+    with pytest.raises(sv.StepCancelledError, match="stop_running"):
+        running.result(timeout=0)
+    assert pid_gone(pid)
+    assert [f.result(timeout=0) for f in queued] == [i * 2 for i in range(10)]
+
+
+def test_stop_running_and_cancel_futures_end_everything(tmp_path: Path) -> None:
+    executor = sv.Executor(1, executor="process", kill_grace=0.5)
+    running = executor.submit(calls.run_away, str(tmp_path), "running")
+    pid = _started(tmp_path, "running")
+    queued = [executor.submit(calls.mul, i, 2) for i in range(10)]
+    executor.shutdown(wait=True, cancel_futures=True, stop_running=True)
     assert all(f.cancelled() for f in queued)
     with pytest.raises(sv.StepCancelledError):
         running.result(timeout=0)
     assert pid_gone(pid)
 
 
-def test_cancel_futures_tells_a_thread_call_through_its_context(tmp_path: Path) -> None:
+def test_stop_running_tells_a_thread_call_through_its_context(tmp_path: Path) -> None:
     executor = sv.Executor(1, executor="thread")
     running = executor.submit(calls.until_stopped, str(tmp_path), "running")
     _started(tmp_path, "running")
     queued = executor.submit(calls.mul, 1, 2)
-    executor.shutdown(wait=True, cancel_futures=True)
+    executor.shutdown(wait=True, cancel_futures=True, stop_running=True)
     assert queued.cancelled()
     with pytest.raises(sv.StepCancelledError):
         running.result(timeout=0)
+
+
+def test_map_checks_chunksize_as_the_standard_library_does(kind: str) -> None:
+    with sv.Executor(1, executor=kind) as executor:
+        if kind == "process":  # ProcessPoolExecutor.map: ValueError, at the call
+            with pytest.raises(ValueError, match="chunksize must be >= 1"):
+                executor.map(abs, [1], chunksize=0)
+            with pytest.raises(ValueError, match="chunksize must be >= 1"):
+                executor.options(timeout=5).map(abs, [1], chunksize=-1)
+        else:  # ThreadPoolExecutor.map ignores it
+            assert list(executor.map(abs, [-1], chunksize=0)) == [1]
+        assert list(executor.map(abs, [-1, -2], chunksize=5)) == [1, 2]
+
+
+_AT_EXIT = """
+import sys, pathlib, stepvisor as sv
+sys.path.insert(0, {root!r})
+from tests import futures_calls as calls
+folder = {folder!r}
+ex = sv.Executor(1, executor={kind!r})
+first = ex.submit(calls.block, folder, "first")
+queued = [ex.submit(calls.mul, i, 2) for i in range(5)]
+queued[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
+def late():
+    try:
+        ex.submit(calls.mul, 1, 1)
+    except RuntimeError as exc:
+        print("late:", type(exc).__name__, exc, flush=True)
+import atexit
+atexit.register(late)
+pathlib.Path(folder, "first.go").write_text("")
+"""
+
+
+def test_calls_submitted_before_exit_finish_and_a_submit_during_exit_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    script = _AT_EXIT.format(root=root, folder=str(tmp_path), kind=kind)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "last 8",
+        "late: RuntimeError cannot schedule new futures after interpreter shutdown",
+    ]
+    assert (tmp_path / "first.started").exists()
 
 
 # -- what stepvisor adds --------------------------------------------------------------------
@@ -582,3 +661,111 @@ def test_a_mailbox_handler_that_raises_is_logged_and_the_next_message_handled(
     box.tell("bad")
     assert seen == ["next"]
     assert "mailbox handler failed" in caplog.text
+
+
+def test_max_tasks_per_child_replaces_a_process_child_after_that_many_calls() -> None:
+    with sv.Executor(1, executor="process", max_tasks_per_child=2) as executor:
+        pids = [executor.submit(os.getpid).result(timeout=30) for _ in range(5)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+    assert all(pid_gone(pid) for pid in set(pids))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_max_tasks_per_child_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(sv.InvalidSettingError, match="max_tasks_per_child"):
+        sv.Executor(1, executor="process", max_tasks_per_child=bad)  # type: ignore[arg-type]
+
+
+def test_the_hub_builds_a_calls_spec_in_the_order_of_its_fields() -> None:
+    # actors/_hub.py builds AttemptSpec with tuple.__new__, by position.
+    assert AttemptSpec._fields == (
+        "run_id",
+        "step_id",
+        "attempt",
+        "max_attempts",
+        "fn",
+        "is_async",
+        "inputs",
+        "params",
+        "deadline",
+        "kill_grace",
+        "fn_payload",
+        "resources",
+        "trace",
+        "child_calls",
+    )
+
+
+def test_calls_queued_behind_a_full_executor_start_in_the_order_submitted(tmp_path: Path) -> None:
+    order: list[int] = []
+    with sv.Executor(1) as executor:
+        first = executor.submit(calls.block, str(tmp_path), "first")
+        _started(tmp_path, "first")
+        queued = [executor.submit(order.append, i) for i in range(50)]
+        queued[10].cancel()
+        _go(tmp_path, "first")
+        futures.wait([first, *queued], timeout=30)
+    assert order == [i for i in range(50) if i != 10]
+    assert queued[10].cancelled()
+
+
+def test_calls_with_timeouts_leave_the_shared_empty_timers_empty(tmp_path: Path) -> None:
+    with sv.Executor(2) as executor:
+        timed = [executor.options(timeout=30).submit(calls.mul, i, 2) for i in range(5)]
+        plain = [executor.submit(calls.mul, i, 3) for i in range(5)]
+        futures.wait([*timed, *plain], timeout=30)
+    assert [f.result() for f in timed] == [i * 2 for i in range(5)]
+    assert NO_TIMERS == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_queued_process_calls_go_to_a_worker_a_few_at_a_time_thread_calls_one_by_one(
+    tmp_path: Path, kind: str
+) -> None:
+    with sv.Executor(1, executor=kind) as executor:
+        first = executor.submit(calls.block, str(tmp_path), "a")
+        _started(tmp_path, "a")
+        second = executor.submit(calls.block, str(tmp_path), "b")
+        rest = [executor.submit(calls.mul, i, 2) for i in range(5)]
+        _go(tmp_path, "a")
+        _started(tmp_path, "b")
+        # Process calls: the three behind "b" went with it, to be sent ahead into
+        # the child's pipe (running, as in ProcessPoolExecutor's call queue).
+        with_it = 3 if kind == "process" else 0
+        assert [f.running() for f in rest] == [True] * with_it + [False] * (5 - with_it)
+        assert [f.cancel() for f in rest] == [False] * with_it + [True] * (5 - with_it)
+        _go(tmp_path, "b")
+        assert first.result(timeout=30) == "a"
+        assert second.result(timeout=30) == "b"
+        assert [f.result(timeout=30) for f in rest[:with_it]] == [0, 2, 4][:with_it]
+
+
+_DROPPED = """
+import gc, sys
+sys.path.insert(0, {root!r})
+import stepvisor as sv
+from tests import futures_calls as calls
+
+def work():
+    ex = sv.Executor(1, executor={kind!r})
+    for i in range(6):
+        ex.submit(calls.started, {folder!r}, f"call{{i}}")
+
+work()  # the executor is dropped with its calls queued
+gc.collect()
+"""
+
+
+def test_an_executor_dropped_with_calls_queued_still_finishes_them_at_exit(
+    tmp_path: Path, kind: str
+) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    script = _DROPPED.format(root=root, folder=str(tmp_path), kind=kind)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert not done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.started")) == [
+        f"call{i}.started" for i in range(6)
+    ]

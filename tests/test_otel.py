@@ -179,6 +179,31 @@ def test_run_step_and_attempt_spans_nest_and_a_step_span_nests_under_its_attempt
     assert len(spans.all) == 7
 
 
+def test_an_instance_of_a_mapped_step_nests_under_its_steps_span(
+    spans: Spans, chdir_tmp: Path
+) -> None:
+    wf = sv.Workflow("map", steps=[sv.Step("m", make_user_span, map_over=[0, 1])])
+    result = sv.run(wf)
+    assert result.ok, result.error
+    run = spans.one("run map")
+    step = spans.one("step m")
+    assert parent_of(step) == run.context.span_id
+    assert attr(step, "outcome") == "succeeded"
+    assert attr(step, "note") == "mapped over 2 items: 2 succeeded"
+    for i in range(2):
+        instance = spans.one(f"step m[{i}]")
+        attempt = spans.attempt(f"m[{i}]", 1)
+        assert parent_of(instance) == step.context.span_id
+        assert parent_of(attempt) == instance.context.span_id
+        assert parent_of(spans.one(f"user m[{i}]")) == attempt.context.span_id
+        assert attr(attempt, "executor") == "thread"
+        assert attr(instance, "step_id") == f"m[{i}]"
+        assert step.start_time is not None
+        assert instance.start_time is not None
+        assert step.start_time <= instance.start_time
+    assert len(spans.all) == 1 + 1 + 2 * 3
+
+
 def test_a_run_started_inside_a_users_span_nests_under_it_with_its_baggage(
     spans: Spans, chdir_tmp: Path
 ) -> None:

@@ -221,6 +221,9 @@ def _make_steps() -> SimpleNamespace:
     def lone(ctx: Any) -> dict[str, Any]:
         return {"lone": sorted(ctx.inputs)}
 
+    def measure_item(ctx: Any) -> dict[str, Any]:
+        return {"len": len(ctx.item), "index": ctx.index, "inputs": sorted(ctx.inputs)}
+
     return SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
 
 
@@ -656,3 +659,20 @@ def test_ray_steps_take_large_inputs_by_reference_one_copy_for_all(ray_session: 
     finally:
         backend.close()
     assert ray_session.is_initialized(), "closing the backend shut down a Ray it did not start"
+
+
+def test_a_mapped_instance_takes_its_item_by_reference_like_an_input(ray_session: Any) -> None:
+    """A chained instance's item is the output of a Ray step: it goes as a reference."""
+    from stepvisor.core._mapping import INDEX_KEY, ITEM_KEY  # noqa: PLC0415
+
+    backend = RayBackend.connect(address=None)
+    try:
+        made = backend.run(_spec("make[0]", S.blob), AttemptControl())
+        assert made.kind == "ok", made
+        assert made.outputs is not None
+        inputs = {ITEM_KEY: made.outputs["blob"], INDEX_KEY: 0}
+        got = backend.run(_spec("use[0]", S.measure_item, inputs=inputs), AttemptControl())
+        assert got.outputs == {"len": 1 << 20, "index": 0, "inputs": []}
+        assert backend.transfers == RayTransfers(refs_passed=1, values_inlined=1)  # the index
+    finally:
+        backend.close()

@@ -1,4 +1,4 @@
-"""The README's first example runs as written."""
+"""The README's first example, and its example of a map, run as written."""
 
 from __future__ import annotations
 
@@ -26,4 +26,20 @@ def test_first_python_example_runs(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert "succeeded [0, 1, 4]" in done.stdout
+    assert "squared 4 chunks\nsucceeded [25, 36, 49, 64, 81]\n" in done.stdout
+
+
+def test_the_map_example_runs_and_its_asserts_hold(tmp_path: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    [example] = [block for block in blocks if 'sv.Workflow("parts"' in block]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

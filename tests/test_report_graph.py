@@ -170,6 +170,35 @@ def test_a_step_of_many_instances_is_one_node_with_its_count() -> None:
     assert labelled.texts["s"] == ["s", "3 of 4 left"]
 
 
+def _split(ctx: sv.StepContext) -> dict[str, list[int]]:
+    return {"chunks": list(range(6))}
+
+
+def _score(ctx: sv.StepContext) -> dict[str, int]:
+    if ctx.item == 3:
+        raise ValueError("item 3 is bad")
+    return {"scores": ctx.item}
+
+
+def test_a_mapped_step_of_a_real_run_is_one_node_with_its_instances_counted() -> None:
+    wf = sv.Workflow(
+        "graph-map",
+        [
+            sv.Step("split", _split, creates=["chunks"]),
+            sv.Step("score", _score, map_over="chunks"),
+        ],
+        settings=sv.Settings(max_parallel=2, on_failure="continue"),
+    )
+    store = sv.MemoryStore()
+    stored = store.load(sv.run(wf, store=store).run_id)
+    assert "score[3]" in stored.steps  # the store keeps the instances as rows of their own
+    drawn = Drawn(graph_svg(graph_of(wf, stored), _STATUS_COLORS))
+    assert set(drawn.boxes) == {"split", "score"}  # one node for the map
+    assert drawn.texts["score"] == ["score", "5/6"]
+    assert drawn.status["score"] == "failed"
+    assert set(drawn.edges) == {("split", "score")}
+
+
 def test_ids_from_the_run_are_escaped_and_long_ones_cut_with_their_title_whole() -> None:
     long_id = "x" * 60
     svg = graph_svg([GraphNode("<b>&"), GraphNode(long_id, needs=("<b>&",))], _STATUS_COLORS)

@@ -98,6 +98,20 @@ def fail_once(ctx: sv.StepContext) -> dict[str, Any]:
     return read_sum(ctx)
 
 
+def make_arrays(ctx: sv.StepContext) -> dict[str, Any]:
+    n = ctx.params["n"]
+    return {"chunks": [np.arange(n, dtype=np.float64) + i for i in range(3)]}
+
+
+def item_facts(ctx: sv.StepContext) -> dict[str, Any]:
+    """What a mapped instance's item is: its sum, whether it is writable, what is mapped."""
+    item = ctx.item
+    return {
+        "facts": (float(item.sum()), bool(item.flags.writeable), _mapped() >= item.nbytes),
+        "doubled": item * 2,
+    }
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 
@@ -152,6 +166,30 @@ def test_a_large_array_is_shared_read_only_with_every_reader_and_the_parent(
     del a, result
     gc.collect()
     assert segment_maps() == {}  # the last view went, and the mapping with it
+
+
+@needs_numpy
+def test_mapped_instances_get_large_items_through_shared_memory_chained_too(
+    chdir_tmp: Path,
+) -> None:
+    n = BIG // 8
+    wf = sv.Workflow(
+        "map-data",
+        [
+            sv.Step("split", make_arrays, executor="process", params={"n": n}, creates=["chunks"]),
+            sv.Step("a", item_facts, executor="process", map_over="chunks", creates=["doubled"]),
+            sv.Step("b", item_facts, executor="process", map_over="doubled", creates=["facts"]),
+        ],
+        settings=sv.Settings(max_parallel=2),
+    )
+    result = sv.run(wf)
+    assert result.ok, result.error
+    base = float(np.arange(n, dtype=np.float64).sum())
+    # Read-only items mapped into the child: each went by a segment, not the pipe.
+    assert result.artifacts["facts"] == [(2 * (base + i * n), False, True) for i in range(3)]
+    del result
+    gc.collect()
+    assert _shm.held_fds() == 0
 
 
 @needs_numpy

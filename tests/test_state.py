@@ -199,3 +199,27 @@ def test_the_steps_view_is_a_read_only_mapping_in_canonical_order() -> None:
     later = state.set_step(StepRecord("s000000", StepStatus.SKIPPED))
     assert view["s000000"].status is StepStatus.PENDING  # a view of the state it came from
     assert later.steps_view()["s000000"].status is StepStatus.SKIPPED
+
+
+def test_a_table_grown_holds_what_a_table_made_whole_holds() -> None:
+    from stepvisor.core._table import table_grow, table_len, table_of  # noqa: PLC0415
+
+    for n in (0, 1, 511, 512, 513, 32767, 32768, 32769):
+        for k in (0, 1, 511, 512, 1000, 33000):
+            grown = table_grow(table_of(list(range(n))), k)
+            assert grown == table_of([*range(n), *([None] * k)]), (n, k)
+            assert table_len(grown) == n + k
+
+
+def test_a_map_table_is_read_only_and_set_gives_a_new_one() -> None:
+    from stepvisor.core.records import NO_MAPS, MapVec  # noqa: PLC0415
+
+    table = NO_MAPS.set(5, MapVec("b", 10, 2)).set(1, MapVec("a", 12, 3))
+    assert list(table) == [1, 5]
+    assert table[5] == MapVec("b", 10, 2)
+    assert NO_MAPS == {}
+    with pytest.raises(TypeError, match="immutable"):
+        table[2] = MapVec("c", 0, 0)
+    with pytest.raises(TypeError, match="immutable"):
+        table.pop(1)
+    assert hash(table) == hash(NO_MAPS.set(1, MapVec("a", 12, 3)).set(5, MapVec("b", 10, 2)))

@@ -29,6 +29,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "RunStarted",
         "StepCommitted",
         "StepDispatched",
+        "StepExpanded",
         "StepFinished",
         "StepRetrying",
     ),
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from stepvisor.core.events import RunStarted as RunStarted
     from stepvisor.core.events import StepCommitted as StepCommitted
     from stepvisor.core.events import StepDispatched as StepDispatched
+    from stepvisor.core.events import StepExpanded as StepExpanded
     from stepvisor.core.events import StepFinished as StepFinished
     from stepvisor.core.events import StepRetrying as StepRetrying
     from stepvisor.core.model import Settings as Settings

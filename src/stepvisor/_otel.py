@@ -41,9 +41,11 @@ from stepvisor.core.events import (
     RunStarted,
     StepCommitted,
     StepDispatched,
+    StepExpanded,
     StepFinished,
     StepRetrying,
 )
+from stepvisor.core.records import parse_instance_id
 from stepvisor.core.state import AttemptRecord, RunState
 
 __all__ = ["RecordedError", "RunTracer", "run_tracer", "to_ns"]
@@ -129,6 +131,7 @@ class RunTracer:
             StepRetrying: self._retrying,
             StepFinished: self._step_finished,
             StepCommitted: _ignore,
+            StepExpanded: _ignore,  # its instances' own events make their spans
             RunFinished: self._run_finished,
         }
 
@@ -168,20 +171,32 @@ class RunTracer:
         self._run_context = trace.set_span_in_context(span, self._parent)
 
     def _step_span(self, step_id: str, start: float) -> tuple[Span, otel_context.Context]:
+        """The span of a step, made at ``start`` when first asked for.
+
+        An instance of a mapped step (``score[7]``) nests under its step's span,
+        which begins with its first instance and ends when the step does.
+        """
         found = self._steps.get(step_id)
         if found is None:
+            parsed = parse_instance_id(step_id)
+            parent = self._run_context if parsed is None else self._step_span(parsed[0], start)[1]
             span = self._tracer.start_span(
                 f"step {step_id}",
-                context=self._run_context,
+                context=parent,
                 attributes={
                     **self._base,
                     "stepvisor.step_id": step_id,
-                    "stepvisor.executor": self._executors.get(step_id, ""),
+                    "stepvisor.executor": self._executor_of(step_id),
                 },
                 start_time=to_ns(start),
             )
             found = self._steps[step_id] = (span, trace.set_span_in_context(span, self._parent))
         return found
+
+    def _executor_of(self, step_id: str) -> str:
+        """The executor of a step, or of the mapped step an instance belongs to."""
+        parsed = parse_instance_id(step_id)
+        return self._executors.get(step_id if parsed is None else parsed[0], "")
 
     def _dispatched(self, event: StepDispatched, state: RunState) -> None:
         sid = event.step_id
@@ -194,7 +209,7 @@ class RunTracer:
                 **self._base,
                 "stepvisor.step_id": sid,
                 "stepvisor.attempt": event.attempt,
-                "stepvisor.executor": self._executors.get(sid, ""),
+                "stepvisor.executor": self._executor_of(sid),
                 "stepvisor.worker": event.worker,
             },
             start_time=to_ns(started),

@@ -50,6 +50,7 @@ def fingerprint(wf: Workflow) -> str:
             str(step.executor),
             str(step.pool),
             repr(sorted(step.params.items())) if step.params else "",
+            "" if step.map_over is None else f"map_over={step.map_over!r}",
         ]
         h.update("\x1f".join(parts).encode())
         h.update(b"\x1e")

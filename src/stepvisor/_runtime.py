@@ -37,6 +37,7 @@ from stepvisor.clock import Clock, RealClock
 from stepvisor.config import Resolved, resolve
 from stepvisor.core.events import Event
 from stepvisor.core.model import Workflow
+from stepvisor.core.records import parse_instance_id
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.engine import Engine
@@ -346,6 +347,14 @@ def resume_start(
     return start(wf, store=store, _resume=prepare, **kwargs)
 
 
+def _in_workflow(wf: Workflow, sid: str) -> bool:
+    """Whether ``sid`` is a step of ``wf``, or an instance of one of its mapped steps."""
+    if sid in wf.graph.rank:
+        return True
+    parsed = parse_instance_id(sid)
+    return parsed is not None and wf.graph.rank.get(parsed[0]) in wf.graph.maps
+
+
 def _plan_resume(
     the_store: RunStore, run_id: str, wf: Workflow, *, force: bool
 ) -> tuple[dict[str, Any], str, int]:
@@ -368,7 +377,7 @@ def _plan_resume(
     restored = {
         sid: dict(stored.outputs.get(sid, {}))
         for sid, record in stored.steps.items()
-        if record.status is StepStatus.SUCCEEDED and sid in wf.graph.rank
+        if record.status is StepStatus.SUCCEEDED and _in_workflow(wf, sid)
     }
     records = {sid: stored.steps[sid] for sid in restored}
     return {"restored": restored, "restored_records": records}, run_id, stored.info.seed

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 __all__ = ["AttemptControl", "StepContext"]
 
+# stepvisor.core._mapping's ITEM_KEY and INDEX_KEY (not imported: a process
+# child imports this module as it boots, and must not load the core for it).
+_ITEM_KEY = "\x00item"
+_INDEX_KEY = "\x00index"
+
 
 class AttemptControl:
     """The cancel signal of one attempt, shared by the Supervisor and the Worker.
@@ -96,7 +101,9 @@ class StepContext:
         "_control",
         "attempt",
         "deadline",
+        "index",
         "inputs",
+        "item",
         "max_attempts",
         "params",
         "run_id",
@@ -122,9 +129,20 @@ class StepContext:
         self.max_attempts = max_attempts
         #: Artifacts created by this step's ancestors, merged in canonical order.
         #: (A read-only view: the runtime hands each attempt a dict of its own.)
-        self.inputs: Mapping[str, Any] = (
-            inputs if isinstance(inputs, MappingProxyType) else MappingProxyType(dict(inputs))
-        )
+        #: For an instance of a mapped step, its item and its index (from 0);
+        #: ``None`` for a step that is not mapped.
+        self.item: Any = None
+        self.index: int | None = None
+        self.inputs: Mapping[str, Any]
+        if _ITEM_KEY in inputs:  # an instance: its item travelled with its inputs
+            own = dict(inputs)
+            self.item = own.pop(_ITEM_KEY)
+            self.index = own.pop(_INDEX_KEY)
+            self.inputs = MappingProxyType(own)
+        elif isinstance(inputs, MappingProxyType):
+            self.inputs = inputs
+        else:
+            self.inputs = MappingProxyType(dict(inputs))
         #: The step's parameters (``with:`` in a workflow file); immutable already.
         self.params: Mapping[str, Any] = params
         #: ``time.monotonic()`` value at which this attempt is stopped, or ``None``.

@@ -21,6 +21,7 @@ Each message says what was wrong and what to do about it.  The hierarchy::
     │   ├── WorkerCrashedError                  the process running it died
     │   ├── StepNotSerializableError            it cannot be sent to a process
     │   ├── RemoteStepError                     an exception from a child that could not travel back
+    │   ├── MapOverError (+ TypeError)          a mapped step's list is not a sequence
     │   └── RetryBudgetExhaustedError           the run's retry budget was spent
     ├── RetryableError                      raised by a step: retry me (optionally after N s)
     ├── FatalError                          raised by a step: never retry me
@@ -59,6 +60,7 @@ __all__ = [
     "InvalidSettingError",
     "InvalidStepIdError",
     "InvalidTimeoutError",
+    "MapOverError",
     "MissingArtifactError",
     "NotAStoreError",
     "RemoteStepError",
@@ -230,6 +232,13 @@ def _rebuild_crash(
 
 class StepNotSerializableError(StepError):
     """The step's function, inputs or result cannot be sent to or from a process."""
+
+
+class MapOverError(StepError, TypeError):
+    """A mapped step's ``map_over`` value, known at run time, is not a sequence.
+
+    It fails the mapped step (its instances never start), not the run's machinery.
+    """
 
 
 class RemoteStepError(StepError):

@@ -52,6 +52,7 @@ STEP_KEYS: Final = (
     "with",
     "metadata",
     "resources",
+    "map_over",
 )
 #: Names people reach for from other tools, mapped to ours (for "did you mean").
 _ALIASES: Final[Mapping[str, str]] = {
@@ -327,6 +328,8 @@ def _step(data: object, index: int, where: _Where) -> Step:
             data.get("metadata", {}), key="metadata", example="{cost: 2}", fail=fail
         ),
     }
+    if data.get("map_over") is not None:
+        kwargs["map_over"] = _map_over(data["map_over"], fail=fail)
     if data.get("resources") is not None:
         kwargs["resources"] = _mapping(
             data["resources"], key="resources", example="{CPU: 2}", fail=fail
@@ -343,6 +346,16 @@ def _step(data: object, index: int, where: _Where) -> Step:
         return Step(sid, fn, **kwargs)
     except ValidationError as exc:
         raise _model_error(exc, where, label) from exc
+
+
+def _map_over(value: object, *, fail: Callable[[str], Exception]) -> str | list[Any]:
+    """``map_over: chunks`` (an artifact) or ``map_over: [0, 1, 2]`` (the items)."""
+    if isinstance(value, str | list):
+        return value
+    raise fail(
+        f"map_over must be an artifact's name or a list of items, got {type_name(value)}; "
+        "write map_over: chunks, or map_over: [0, 1, 2]"
+    )
 
 
 def _steps(data: object, where: _Where) -> list[Step]:

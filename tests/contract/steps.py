@@ -305,6 +305,71 @@ def crash_first(ctx: sv.StepContext) -> Outputs:
 # -- the async versions --------------------------------------------------------------------------
 
 
+# -- mapped steps (test_map.py) ------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A value as plain data to compare in a test (a NumPy array as a list)."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def map_make(ctx: sv.StepContext) -> Outputs:
+    """Create ``params['name']`` with the value ``params['value']`` (a list, or not)."""
+    return {ctx.params["name"]: ctx.params["value"]}
+
+
+def map_arrays(ctx: sv.StepContext) -> Outputs:
+    """``chunks``: ``params['n']`` arrays of 131,072 float64 (1 MiB each: shared memory)."""
+    import numpy as np  # noqa: PLC0415 - only the tests that map arrays need it
+
+    return {"chunks": [np.full(131_072, float(i)) for i in range(ctx.params["n"])]}
+
+
+def map_report(ctx: sv.StepContext) -> Outputs:
+    """An instance tells what it got: its id, item, index and the names of its inputs.
+
+    Items listed in ``params['bad']`` fail (a ``ValueError``), the first call of
+    items in ``params['flaky']`` fails too (retried), and items in
+    ``params['block']`` wait to be stopped on their first call.
+    """
+    calls = begin(ctx)
+    if ctx.item in ctx.params.get("bad", ()):
+        raise ValueError(f"bad item {ctx.item!r}")
+    if ctx.item in ctx.params.get("flaky", ()) and calls == 1:
+        raise ValueError(f"flaky item {ctx.item!r} failed on call 1")
+    if ctx.item in ctx.params.get("block", ()) and calls == 1:
+        ctx.wait_cancelled(STOP_BOUND)
+        ctx.raise_if_cancelled()
+        publish(ctx, "late")
+    seen = sorted(name for name in ctx.inputs if name != "dir")
+    got = {"id": ctx.step_id, "item": _plain(ctx.item), "index": ctx.index, "seen": seen}
+    return {"got": got, "doubled": ctx.item * 2}
+
+
+async def map_report_async(ctx: sv.StepContext) -> Outputs:
+    calls = begin(ctx)
+    if ctx.item in ctx.params.get("bad", ()):
+        raise ValueError(f"bad item {ctx.item!r}")
+    if ctx.item in ctx.params.get("flaky", ()) and calls == 1:
+        raise ValueError(f"flaky item {ctx.item!r} failed on call 1")
+    if ctx.item in ctx.params.get("block", ()) and calls == 1:
+        await asyncio.sleep(STOP_BOUND)
+        publish(ctx, "late")
+    seen = sorted(name for name in ctx.inputs if name != "dir")
+    got = {"id": ctx.step_id, "item": _plain(ctx.item), "index": ctx.index, "seen": seen}
+    return {"got": got, "doubled": ctx.item * 2}
+
+
+def map_sum(ctx: sv.StepContext) -> Outputs:
+    """A chained instance: the sum of its item (an array or a number), and its index."""
+    return {"sums": [float(ctx.item.sum()) if hasattr(ctx.item, "sum") else ctx.item, ctx.index]}
+
+
+def map_total(ctx: sv.StepContext) -> Outputs:
+    """Requires a mapped artifact whole: the list of every instance's value."""
+    return {"total": [_plain(v) for v in ctx.inputs[ctx.params["of"]]]}
+
+
 def _async_version(fn: SyncStep) -> AsyncStep:
     """An ``async def`` step doing what ``fn`` does (``fn`` neither waits nor blocks)."""
 
@@ -322,6 +387,7 @@ _WRITTEN_OUT: dict[SyncStep, AsyncStep] = {
     fail_once_started: fail_once_started_async,
     emit: emit_async,
     block_first: block_first_async,
+    map_report: map_report_async,
 }
 _SIMPLE: tuple[SyncStep, ...] = (
     return_list,
@@ -333,6 +399,10 @@ _SIMPLE: tuple[SyncStep, ...] = (
     raise_unpicklable,
     raise_base,
     fail_first,
+    map_make,
+    map_arrays,
+    map_sum,
+    map_total,
 )
 
 #: Plain step -> its ``async def`` version, for the async backend.  (``crash`` and

@@ -33,7 +33,17 @@ from stepvisor.core.machine import RunMachine
 from stepvisor.core.messages import Message, SlotReady, Start
 from stepvisor.core.result import RunResult
 
-__all__ = ["CARRIED_OUT", "CallLink", "CallPlan", "FirstAttempt", "HubCall", "first_attempt"]
+__all__ = [
+    "CARRIED_OUT",
+    "NO_TIMERS",
+    "CallLink",
+    "CallPlan",
+    "CancelAll",
+    "CancelCall",
+    "FirstAttempt",
+    "HubCall",
+    "first_attempt",
+]
 
 #: The effects the call hub carries out; the rest are store writes and events,
 #: which an Executor's calls do not have.
@@ -41,6 +51,29 @@ CARRIED_OUT: Final = frozenset(
     {fx.AbandonSlot, fx.AddSlot, fx.CancelTimer, fx.Dispatch, fx.Finish, fx.ReleaseSlot}
     | {fx.RetireSlot, fx.SaveOutputs, fx.SetTimer, fx.StopAttempt}
 )
+
+
+#: The ``timers`` of every call that has none (never written to).
+NO_TIMERS: Final[dict[TimerKey, TimerHandle]] = {}
+
+
+class CancelCall(NamedTuple):
+    """Executor -> hub: the call's future was cancelled; stop the call."""
+
+    key: str
+    reason: str
+
+
+class CancelAll(NamedTuple):
+    """Executor -> hub: cancel the queued calls, stop the running ones, or both.
+
+    One message, so that the slot a stopped call frees cannot start a queued
+    call that is being cancelled (both are handled before the slot's grant).
+    """
+
+    reason: str
+    queued: bool = True
+    running: bool = False
 
 
 class FirstAttempt(NamedTuple):
@@ -157,5 +190,8 @@ class HubCall:
         self.controls: dict[int, AttemptControl] = {}
         #: The machine's slot names, in the order it asked for them.
         self.slots: list[str] = []
-        self.timers: dict[TimerKey, TimerHandle] = {}
+        #: Shared and empty until the call's first timer (most calls have none):
+        #: one container fewer per call for the cyclic GC; written only by
+        #: ``CallHub._start_timer``, which makes the call its own first.
+        self.timers: dict[TimerKey, TimerHandle] = NO_TIMERS
         self.workers: dict[str, Lease] = {}  # the lease of each slot

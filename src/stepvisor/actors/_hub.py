@@ -34,6 +34,11 @@ out already, so they are only matched up: the slot, the deadline timer), and
 hands it the message: every decision that can differ between calls is still
 the machine's.
 
+**Leases, on the executor's own engine.**  The hub queues the calls waiting for
+a Worker itself, hands each the lease a finishing call gives back, and gives
+a Worker queued process calls a few at a time, to be sent ahead into its
+child's pipe (:mod:`stepvisor.actors._leases`, :meth:`CallHub._train`).
+
 What differs from a Supervisor: there is no store (an Executor's calls are not
 durable: ``BeginRun``, ``Save*`` and ``FinishRun`` are skipped), no event hook,
 no heartbeat; and the attempt's function and arguments are the call's, put into
@@ -51,10 +56,18 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._log import log
-from stepvisor.actors._call import CARRIED_OUT, FirstAttempt, HubCall
+from stepvisor.actors._call import (
+    CARRIED_OUT,
+    NO_TIMERS,
+    CancelAll,
+    CancelCall,
+    FirstAttempt,
+    HubCall,
+)
+from stepvisor.actors._leases import HubLeases
 from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
-from stepvisor.actors.messages import RunAttempt, SlotGranted
+from stepvisor.actors.messages import RunAttempt, RunBatch, SlotGranted
 from stepvisor.backends.base import AttemptSpec
 from stepvisor.clock import Clock
 from stepvisor.context import AttemptControl
@@ -77,21 +90,9 @@ from stepvisor.core.messages import AttemptDone, CancelRun, Message, OutputsSave
 
 __all__ = ["CallHub", "CancelAll", "CancelCall"]
 
+_new: Final = tuple.__new__
 #: The key of a first attempt's deadline timer until its call has a machine.
 _FIRST_DEADLINE: Final[TimerKey] = ("first attempt", "deadline")
-
-
-class CancelCall(NamedTuple):
-    """Executor -> hub: the call's future was cancelled; stop the call."""
-
-    key: str
-    reason: str
-
-
-class CancelAll(NamedTuple):
-    """Executor -> hub: cancel every queued call and stop every running one."""
-
-    reason: str
 
 
 class Timed(NamedTuple):
@@ -105,18 +106,33 @@ class _Close(NamedTuple):
     pass
 
 
+def _refuse(lease: Lease) -> None:  # pragma: no cover - see _abandon_slot
+    raise RuntimeError("an exclusive pool queued a lease request of its hub")
+
+
 class CallHub:
     """Carries out the effects of the run machines of many calls, one message at a time."""
 
-    def __init__(self, *, pool: WorkerPool, clock: Clock, exclusive: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        pool: WorkerPool,
+        clock: Clock,
+        exclusive: bool = False,
+        child_calls: int | None = None,
+    ) -> None:
         self._pool = pool
+        #: Every attempt's ``AttemptSpec.child_calls`` (the executor's ``max_tasks_per_child``).
+        self._child_calls = child_calls
         self._clock = clock
         self._closed = False
         #: The pool serves this hub alone (the executor's own engine): a lease a
         #: call is done with is kept for the next call rather than given back,
         #: with its Worker, while no one can be waiting for one.
         self._exclusive = exclusive
-        self._spare: list[Lease] = []
+        #: Exclusive pool only: spare leases, the slots waiting for one (each
+        #: handed the lease a call gives back, Worker attached) and the trains.
+        self._leases = HubLeases()
         self._mailbox = mailbox = Mailbox(self._handle)
         #: Deliver a message (any thread); the Workers reply to the mailbox too.
         self.tell = mailbox.tell
@@ -205,10 +221,11 @@ class CallHub:
                     timer.cancel()
                 call.timers.clear()
             del self._slots[message.worker]
-            self._give_back(call.workers.pop(slot))
             del self._calls[call.key]
             outputs = message.result.outputs or {}
             self._after(lambda: call.link.end_ok(outputs))
+            self._give_back(call.workers.pop(slot))  # may start the next call queued
+            self._run_pending()
             return
         self._feed(call, message._replace(worker=slot))
 
@@ -242,15 +259,21 @@ class CallHub:
             self._feed(call, CancelRun(message.reason))
 
     def _on_cancel_all(self, message: CancelAll) -> None:
+        # A call has begun once it was given a Worker (``go`` is set then);
+        # until then it is queued, as in the standard library's pools.
         for call in list(self._calls.values()):
-            if not call.done:
-                if call.go is None:
+            if call.done:
+                continue
+            if call.go is None:
+                if message.queued:
                     call.link.queued_cancel()
+                    self._feed(call, CancelRun(message.reason))
+            elif message.running:
                 self._feed(call, CancelRun(message.reason))
 
     def _on_close(self, _: _Close) -> None:
         self._closed = True
-        spare, self._spare = self._spare, []
+        spare, self._leases.spare = self._leases.spare, []
         for lease in spare:
             self._pool.give_back(lease)
 
@@ -308,11 +331,16 @@ class CallHub:
 
     def _add_slot(self, call: HubCall, effect: AddSlot) -> None:
         wire = f"{call.key}/{effect.slot}"
-        self._slots[wire] = (call, effect.slot)
+        entry = self._slots[wire] = (call, effect.slot)
         call.slots.append(effect.slot)
-        if self._spare:
-            self._bind(call, effect.slot, self._spare.pop())
+        if self._leases.spare:
+            self._bind(call, effect.slot, self._leases.spare.pop())
             return
+        if self._exclusive:
+            pool = self._pool
+            if pool.taken >= pool.capacity:  # only this hub takes leases from it
+                self._leases.wait(entry)
+                return
         tell = self.tell
 
         def deliver(lease: Lease) -> None:
@@ -338,15 +366,33 @@ class CallHub:
 
     def _give_back(self, lease: Lease) -> None:
         pool = self._pool
-        # Nobody waits for a lease while some are not taken (the pool queues a
-        # request only when all are), so keeping this one takes it from no one.
-        if self._exclusive and not self._closed and pool.taken < pool.capacity:
-            self._spare.append(lease)
-        else:
-            pool.give_back(lease)
+        leases = self._leases
+        if not leases.off(lease):  # a train's, and some of its calls are not done
+            return
+        if self._exclusive and not self._closed:
+            queued = leases.next()
+            if queued is not None:  # the next call waiting takes it, Worker and all
+                if not self._train(queued[0], queued[1], lease):
+                    self._bind(queued[0], queued[1], lease)
+                return
+            # Nobody waits for a lease while some are not taken (the pool queues a
+            # request only when all are), so keeping this one takes it from no one.
+            if pool.taken < pool.capacity:
+                leases.spare.append(lease)
+                return
+        pool.give_back(lease)
 
     def _abandon_slot(self, call: HubCall, effect: AbandonSlot) -> None:
         self._pool.abandon(call.workers[effect.slot])
+        pool = self._pool
+        if self._exclusive and not self._closed and pool.taken < pool.capacity:
+            # Its capacity is free again: the next slot waiting takes a fresh lease
+            # (at once: the pool serves this hub alone, so it has one).
+            queued = self._leases.next()
+            if queued is not None:
+                lease = pool.lease(queued[0], _refuse)
+                if lease is not None:
+                    self._bind(queued[0], queued[1], lease)
 
     def _retire_slot(self, call: HubCall, effect: RetireSlot) -> None:
         self._slots.pop(f"{call.key}/{effect.slot}", None)
@@ -373,13 +419,55 @@ class CallHub:
             self._start_timer(call, _FIRST_DEADLINE, now + order.budget, first.timer)
         self._send(call, slot, order.spec, order.executor, order.budget)
 
+    # -- trains: process calls queued, handed to one Worker together ----------------------
+
+    def _train(self, head: HubCall, slot: str, lease: Lease) -> bool:
+        """Start ``head`` and the next calls queued on ``lease`` at once; False if it may not.
+
+        A process Worker sends the attempts of a batch ahead into its child's
+        pipe, so the child starts each the moment it replied to the one before,
+        instead of idling through a round trip to the hub per call.  Only first
+        attempts of process calls with no timeout, not cancelled
+        (:func:`~stepvisor.actors._leases.trainable`); their futures say running
+        once handed over, as ``ProcessPoolExecutor``'s do once in its call
+        queue.  The lease is given back when the last of them is done.
+        """
+        behind = self._leases.train_behind(head)
+        if not behind:
+            return False
+        messages = []
+        clock = self._clock
+        for call, member in [(head, slot), *behind]:
+            call.workers[member] = lease
+            if not self._may_run(call):  # cancelled while it waited: not in the train
+                del call.workers[member]
+                self._leases.put_back(call, member)
+                continue
+            call.ready_at = (clock.monotonic(), clock.wall())
+            order = cast("FirstAttempt", call.first).order
+            messages.append(self._order(call, member, order.spec, order.executor, None))
+        if not messages:  # every one was cancelled: the lease goes on as usual
+            return False
+        self._leases.ride(lease, len(messages))
+        worker = self._pool.attach(lease)
+        worker.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
+        return True
+
     def _dispatch(self, call: HubCall, effect: Dispatch) -> None:
         for order in effect.orders:
             self._send(call, effect.slot, order.spec, order.executor, order.budget)
 
-    def _send(  # one RunAttempt, never a batch: its outcome comes back as one AttemptDone
+    def _send(  # one RunAttempt: its outcome comes back as one AttemptDone
         self, call: HubCall, slot: str, spec: AttemptSpec, executor: str, budget: float | None
     ) -> None:
+        worker = self._pool.attach(call.workers[slot])
+        # The Worker replies to the mailbox: the outcome is handled on its thread.
+        worker.tell(self._order(call, slot, spec, executor, budget))
+
+    def _order(
+        self, call: HubCall, slot: str, spec: AttemptSpec, executor: str, budget: float | None
+    ) -> RunAttempt:
+        """The message of one attempt of ``call`` (its control kept, to stop it)."""
         control = AttemptControl()
         if not self._may_run(call):
             # Cancelled while it waited for a Worker: the guard stops it before
@@ -388,17 +476,32 @@ class CallHub:
             if not call.refused:
                 call.refused = True
                 self._then(call, CancelRun("its future was cancelled"))
-        spec = spec._replace(
-            run_id=call.key,
-            fn=call.fn,
-            fn_payload=call.fn_payload,
-            params=call.params,
-            deadline=None if budget is None else time.monotonic() + budget,
+        # The plan's spec with the call's own run id, function and arguments;
+        # tuple.__new__ rather than _replace (a third of the cost): one per call.
+        spec = _new(
+            AttemptSpec,
+            (
+                call.key,
+                spec.step_id,
+                spec.attempt,
+                spec.max_attempts,
+                call.fn,
+                spec.is_async,
+                spec.inputs,
+                call.params,
+                None if budget is None else time.monotonic() + budget,
+                spec.kill_grace,
+                call.fn_payload,
+                spec.resources,
+                spec.trace,
+                self._child_calls,
+            ),
         )
         call.controls[spec.attempt] = control
-        worker = self._pool.attach(call.workers[slot])
-        # The Worker replies to the mailbox: the outcome is handled on its thread.
-        worker.tell(RunAttempt(spec, control, executor, f"{call.key}/{slot}", self._mailbox))
+        message: RunAttempt = _new(
+            RunAttempt, (spec, control, executor, f"{call.key}/{slot}", self._mailbox, False)
+        )
+        return message
 
     def _stop_attempt(self, call: HubCall, effect: StopAttempt) -> None:
         control = call.controls.get(effect.attempt)
@@ -415,7 +518,10 @@ class CallHub:
             tell(timed)
 
         delay = max(0.0, due - self._clock.monotonic())
-        call.timers[key] = self._clock.call_later(delay, fire)
+        timers = call.timers
+        if timers is NO_TIMERS:
+            timers = call.timers = {}
+        timers[key] = self._clock.call_later(delay, fire)
 
     def _cancel_timer(self, call: HubCall, effect: CancelTimer) -> None:
         timer = call.timers.pop(effect.key, None)

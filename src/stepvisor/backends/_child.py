@@ -388,6 +388,10 @@ def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any,
     meta = load_attempt(parts[0])
     if meta.path is not None:
         sys.path[:] = meta.path
+    if meta.authkey is not None:
+        from multiprocessing import process  # noqa: PLC0415 - only for a parent that has it
+
+        process.current_process().authkey = process.AuthenticationString(meta.authkey)  # type: ignore[attr-defined]
     try:
         fn = pickle.loads(parts[1])  # noqa: S301 - same
     except BaseException as exc:

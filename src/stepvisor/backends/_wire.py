@@ -74,6 +74,10 @@ class Attempt(NamedTuple):
     fds: int = 0
     #: The attempt span's W3C trace context, when the run is traced (see ``trace_context``).
     trace: Mapping[str, str] | None = None
+    #: The parent's ``multiprocessing`` authentication key, sent with ``path``
+    #: (process only): a step can then use the parent's ``Manager`` proxies and
+    #: listeners, as a ``ProcessPoolExecutor`` worker can.
+    authkey: bytes | None = None
 
 
 class RayCall(NamedTuple):

@@ -27,7 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["MAX_NODES", "GraphNode", "graph_svg", "nodes_from"]
+from stepvisor.cli._maps import group_steps
+from stepvisor.core.model import Workflow
+from stepvisor.core.records import StepStatus
+from stepvisor.store.base import StoredRun
+
+__all__ = ["MAX_NODES", "GraphNode", "graph_of", "graph_svg", "nodes_from"]
 
 #: The most steps (and, separately, bend points) drawn; beyond, a note instead.
 MAX_NODES: Final = 400
@@ -89,6 +94,27 @@ def nodes_from(
         )
         for step_id, deps in needs.items()
     ]
+
+
+def graph_of(
+    workflow: Workflow, stored: StoredRun, *, counts: Mapping[str, tuple[int, int]] | None = None
+) -> list[GraphNode]:
+    """The graph's nodes: ``workflow``'s steps and what they depend on (``needs`` and
+    artifacts), each with its status in ``stored``; a mapped step is one node with its
+    count, ``(succeeded, N)`` of its instances, unless ``counts`` gives them."""
+    graph = workflow.graph
+    needs = {
+        graph.order[r]: tuple(graph.order[d] for d in graph.deps[r])
+        for r in range(len(graph.order))
+    }
+    statuses = {sid: record.status.value for sid, record in stored.steps.items()}
+    if counts is None:  # a mapped step is one node: its instances succeeded, of how many
+        counts = {
+            g.record.step_id: (g.counts()[StepStatus.SUCCEEDED.value], g.size)
+            for g in group_steps(stored.steps)
+            if g.size is not None
+        }
+    return nodes_from(needs, statuses, counts=counts)
 
 
 # -- layout -----------------------------------------------------------------------------

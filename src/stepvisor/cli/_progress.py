@@ -16,6 +16,13 @@ Two displays share that model:
   retry or failure.
 * :class:`LogDisplay`, for pipes and files: one plain line per step that
   finished or is retrying, plus a start and an end line naming the run.
+
+A mapped step is one step here too (:mod:`stepvisor.cli._maps`): the block has
+a line for each mapped step running (``score  730/1000 succeeded, 8
+running``), and its end is one line with those counts.  Its instances get a
+line of their own only when they fail or retry, at most ``INSTANCE_LINES`` for
+one step, so a map over 100,000 items cannot flood the terminal.  The final
+counts name what they count: ``6 steps: 6 succeeded; 4 instances: 4 succeeded``.
 """
 
 from __future__ import annotations
@@ -24,11 +31,19 @@ import collections
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Protocol, TextIO
 
-from stepvisor.core.events import Event, RunStarted, StepDispatched, StepFinished, StepRetrying
+from stepvisor.cli._maps import MapProgress, Running, counts_by_status, note_counts
+from stepvisor.core.events import (
+    Event,
+    RunStarted,
+    StepDispatched,
+    StepExpanded,
+    StepFinished,
+    StepRetrying,
+)
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 
@@ -70,6 +85,8 @@ _COLORS: Final = {
     "pending": "2",
 }
 _TERMINAL: Final = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped"})
+#: Mapped steps the live block shows a line for at once.
+_MAP_LINES: Final = 4
 
 
 def one_line(text: str | None, *, limit: int = 160) -> str:
@@ -95,45 +112,109 @@ class Inbox:
         return out
 
 
-@dataclass(slots=True)
-class _Running:
-    attempt: int
-    since: float
-
-
 class Progress:
     """Where each step is, folded from events on the main thread.
 
-    ``kept`` are the steps a resumed run restores from the store: they count as
-    succeeded from the start and are never reported as finishing.
+    ``status`` holds the steps (a mapped step is one of them); ``maps`` counts
+    the instances of each mapped step.  ``kept`` are the steps a resumed run
+    restores from the store: they count as succeeded from the start and are
+    never reported as finishing; ``kept_sizes`` gives ``N`` of each kept mapped
+    step, all of whose instances are kept too.
     """
 
-    def __init__(self, step_ids: Sequence[str], *, kept: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        step_ids: Sequence[str],
+        *,
+        mapped: Iterable[str] = (),
+        kept: Iterable[str] = (),
+        kept_sizes: Mapping[str, int] | None = None,
+    ) -> None:
         self.status: dict[str, str] = dict.fromkeys(step_ids, StepStatus.PENDING.value)
         self.kept = frozenset(kept) & self.status.keys()
         for sid in self.kept:
             self.status[sid] = StepStatus.SUCCEEDED.value
-        self.running: dict[str, _Running] = {}
-        #: Duration of each step's last attempt, once it finished (wall seconds).
+        self.maps: dict[str, MapProgress] = {
+            sid: MapProgress() for sid in mapped if sid in self.status
+        }
+        for sid, size in (kept_sizes or {}).items():
+            if sid in self.maps and sid in self.kept:
+                self.maps[sid].size = size
+                self.maps[sid].ended[StepStatus.SUCCEEDED.value] = size
+        #: Plain steps running now (instances are counted under their map).
+        self.running: dict[str, Running] = {}
+        #: Duration of each plain step's last attempt, once it finished (wall seconds).
         self.last_duration: dict[str, float] = {}
+        #: The last event's id and what ``instance_of`` said of it (a display asks again).
+        self._last: tuple[str, tuple[str, MapProgress] | None] = ("", None)
 
-    def apply(self, event: Event) -> None:
+    def instance_line(self, event: StepRetrying | StepFinished, *, run_id: str) -> str | None:
+        """What an instance's failure or retry prints instead of its own line; see ``quiet``."""
+        sid, found = self._last
+        if sid is not event.step_id:
+            found = self.instance_of(event.step_id)
+        return None if found is None else found[1].quiet(found[0], event, run_id=run_id)
+
+    def instance_of(self, step_id: str) -> tuple[str, MapProgress] | None:
+        """``(step, its map)`` if ``step_id`` is an instance of a mapped step, else ``None``.
+
+        Any id that is not a step's and reads ``step[...]`` for a mapped step is
+        an instance: only the run machine makes such ids (a step may not be
+        named like an instance of a mapped step).  Checked without parsing the
+        index, since this runs twice per instance on the main thread.
+        """
+        if not self.maps or step_id in self.status:
+            return None
+        cut = step_id.rfind("[")
+        found = self.maps.get(step_id[:cut]) if cut > 0 else None
+        return None if found is None else (step_id[:cut], found)
+
+    def apply(self, event: Event) -> float | None:
+        """Fold ``event`` in; -> how long the attempt or map it ended ran, if it ended one."""
+        if isinstance(event, StepExpanded):
+            m = self.maps.setdefault(event.step_id, MapProgress())
+            m.size, m.since = event.size, event.time
+            m.ended[StepStatus.SUCCEEDED.value] += event.kept
+            if self.status.get(event.step_id) == StepStatus.PENDING.value:
+                self.status[event.step_id] = StepStatus.RUNNING.value
+            return None
+        if not isinstance(event, StepDispatched | StepRetrying | StepFinished):
+            return None
+        found = self.instance_of(event.step_id)
+        self._last = (event.step_id, found)
+        if found is not None:
+            return found[1].apply(event)
+        sid = event.step_id
         if isinstance(event, StepDispatched):
-            self.status[event.step_id] = StepStatus.RUNNING.value
-            self.running[event.step_id] = _Running(event.attempt, event.time)
+            self.status[sid] = StepStatus.RUNNING.value
+            self.running[sid] = Running(event.attempt, event.time)
         elif isinstance(event, StepRetrying):
-            self.status[event.step_id] = StepStatus.WAITING_RETRY.value
-            self.running.pop(event.step_id, None)
-        elif isinstance(event, StepFinished):
-            self.status[event.step_id] = event.status
-            run = self.running.pop(event.step_id, None)
+            self.status[sid] = StepStatus.WAITING_RETRY.value
+            self.running.pop(sid, None)
+        else:
+            self.status[sid] = event.status
+            run = self.running.pop(sid, None)
             if run is not None:
-                self.last_duration[event.step_id] = max(0.0, event.time - run.since)
+                self.last_duration[sid] = max(0.0, event.time - run.since)
+                return self.last_duration[sid]
+            mapped = self.maps.get(sid)
+            if mapped is not None and mapped.since is not None:
+                return max(0.0, event.time - mapped.since)
+        return None
 
     def settle(self, result: RunResult) -> None:
         """Take the final statuses from the result (steps stopped without an event)."""
-        for sid, record in result.steps.items():
-            self.status[sid] = record.status.value
+        steps = result.steps
+        for sid in self.status:
+            record = steps.get(sid)
+            if record is not None:
+                self.status[sid] = record.status.value
+                summed = note_counts(record) if sid in self.maps else None
+                if summed is not None:  # the machine's own count of the instances
+                    m = self.maps[sid]
+                    m.size, m.ended = summed
+                    m.running.clear()
+                    m.retrying.clear()
         self.running.clear()
 
     def counts(self) -> list[tuple[str, int]]:
@@ -146,8 +227,21 @@ class Progress:
         return sum(1 for s in self.status.values() if s in _TERMINAL)
 
     def summary(self) -> str:
-        """Counts as plain text: ``9 succeeded, 1 failed``."""
-        return ", ".join(f"{n} {_LABELS.get(s, s)}" for s, n in self.counts())
+        """Counts as plain text: ``9 succeeded, 1 failed``.
+
+        With mapped steps, steps and instances are counted apart, each saying
+        what it counts: ``6 steps: 5 succeeded, 1 failed; 4 instances: 3
+        succeeded, 1 failed`` (a mapped step is one of the steps).
+        """
+        steps = ", ".join(f"{n} {_LABELS.get(s, s)}" for s, n in self.counts())
+        if not self.maps:
+            return steps
+        instances: Counter[str] = Counter()
+        for m in self.maps.values():
+            instances.update(m.counts())
+        total = sum(m.size or 0 for m in self.maps.values())
+        text = f"{len(self.status)} steps: {steps}; {total} instances"
+        return text + (f": {counts_by_status(instances)}" if total else "")
 
 
 class Display(Protocol):
@@ -171,6 +265,7 @@ class LogDisplay:
         self.stream = stream
         self.progress = progress
         self._origin = time.time()
+        self._run_id = ""
 
     def _print(self, text: str) -> None:
         self.stream.write(text + "\n")
@@ -178,19 +273,24 @@ class LogDisplay:
 
     def begin(self, *, run_id: str, headline: str) -> None:
         self._origin = time.time()
+        self._run_id = run_id
         self._print(f"stepvisor: run {run_id} started: {headline}")
 
     def refresh(self, events: Sequence[Event]) -> None:
         for event in events:
-            self.progress.apply(event)
+            took = self.progress.apply(event)
             if isinstance(event, RunStarted):
                 self._origin = event.time  # times are the run's own, not when drained
-            line = self._line(event)
+            line = self._line(event, took)
             if line is not None:
                 at = getattr(event, "time", time.time()) - self._origin
                 self._print(f"[{at:7.2f}s] {line}")
 
-    def _line(self, event: Event) -> str | None:
+    def _line(self, event: Event, took: float | None) -> str | None:
+        if isinstance(event, StepRetrying | StepFinished):
+            instead = self.progress.instance_line(event, run_id=self._run_id)
+            if instead is not None:
+                return f"{'counting':<10} {instead}" if instead else None
         if isinstance(event, StepRetrying):
             error = one_line(f"{event.error_type}: {event.error_message}")
             return (
@@ -198,8 +298,8 @@ class LogDisplay:
                 f"({error}); next attempt in {event.delay:.2f} s"
             )
         if isinstance(event, StepFinished):
-            return (
-                f"{_LABELS.get(event.status, event.status):<10} {_finished(event, self.progress)}"
+            return f"{_LABELS.get(event.status, event.status):<10} " + _finished(
+                event, self.progress, took
             )
         return None
 
@@ -214,13 +314,20 @@ class LogDisplay:
         self.stream.flush()
 
 
-def _finished(event: StepFinished, progress: Progress) -> str:
-    """``step: attempt 2, 0.31 s`` (+ the error for a step that did not succeed)."""
+def _finished(event: StepFinished, progress: Progress, took: float | None) -> str:
+    """``step: attempt 2, 0.31 s`` (+ the error for a step that did not succeed).
+
+    A mapped step: ``score: 5/6 succeeded, 1 failed, 0.42 s`` (its instances'
+    counts, and the time since its list was known).
+    """
+    m = progress.maps.get(event.step_id)
+    if m is not None:
+        text = f"{event.step_id}: {m.text()}"
+        return text if took is None else text + f", {took:.2f} s"
     attempts = f"attempt {event.attempts}" if event.attempts <= 1 else f"{event.attempts} attempts"
     text = f"{event.step_id}: {attempts}"
-    duration = progress.last_duration.get(event.step_id)
-    if duration is not None:
-        text += f", {duration:.2f} s"
+    if took is not None:
+        text += f", {took:.2f} s"
     if event.status != StepStatus.SUCCEEDED.value and event.error_type:
         text += f" ({one_line(f'{event.error_type}: {event.error_message}')})"
     return text
@@ -256,13 +363,17 @@ class LiveDisplay:
 
     def refresh(self, events: Sequence[Event]) -> None:
         for event in events:
-            self.progress.apply(event)
-            line = self._mishap(event)
+            took = self.progress.apply(event)
+            line = self._mishap(event, took)
             if line is not None:
                 self._above(line)
         self._draw()
 
-    def _mishap(self, event: Event) -> str | None:
+    def _mishap(self, event: Event, took: float | None) -> str | None:
+        if isinstance(event, StepRetrying | StepFinished):
+            instead = self.progress.instance_line(event, run_id=self._run_id)
+            if instead is not None:
+                return self._paint("counting", "pending") + f" {instead}" if instead else None
         if isinstance(event, StepRetrying):
             error = one_line(f"{event.error_type}: {event.error_message}")
             return (
@@ -272,7 +383,7 @@ class LiveDisplay:
             )
         if isinstance(event, StepFinished) and event.status != StepStatus.SUCCEEDED.value:
             label = _LABELS.get(event.status, event.status)
-            return self._paint(label, event.status) + " " + _finished(event, self.progress)
+            return self._paint(label, event.status) + " " + _finished(event, self.progress, took)
         return None
 
     def note(self, text: str) -> None:
@@ -329,14 +440,38 @@ class LiveDisplay:
                 f"{sid} ({max(0.0, time.time() - r.since):.1f}s"
                 + (f", attempt {r.attempt})" if r.attempt > 1 else ")")
                 for sid, r in sorted(progress.running.items(), key=lambda kv: kv[1].since)
+            ]
+            + [
+                f"{sid} ({len(m.running)} instances)"
+                for sid, m in progress.maps.items()
+                if m.running
             ],
             width - len("  running: "),
         )
         return [
             _cut([(head, None)], width, color=self.color),
             _cut([(f"  {bar}  ", None), *_join(counts, "  ")], width, color=self.color),
+            *(_cut([(line, None)], width, color=self.color) for line in self._map_lines()),
             _cut([("  running: " + running, None)], width, color=self.color),
         ]
+
+    def _map_lines(self) -> list[str]:
+        """A line per mapped step running (at most ``_MAP_LINES``): a bar and its counts."""
+        status = self.progress.status
+        active = [
+            (sid, m)
+            for sid, m in self.progress.maps.items()
+            if m.size is not None and status.get(sid) == StepStatus.RUNNING.value
+        ]
+        lines = []
+        for sid, m in active[:_MAP_LINES]:
+            size = m.size or 0
+            filled = round(10 * m.done / size) if size else 10
+            bar = self._bar[0] * filled + self._bar[1] * (10 - filled)
+            lines.append(f"  {sid}  {bar}  {m.text()}")
+        if len(active) > _MAP_LINES:
+            lines.append(f"  +{len(active) - _MAP_LINES} more mapped steps running")
+        return lines
 
 
 def _fit_names(items: Sequence[str], room: int) -> str:

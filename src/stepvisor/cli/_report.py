@@ -7,6 +7,12 @@ workflow), a timeline with one row per worker slot and one bar per attempt
 colored by its outcome, and a table of steps whose rows open to show every
 attempt with its error and traceback.
 
+A mapped step is one row of that table with its instances' counts; the row
+opens to a table of its instances (at most ``_INSTANCE_ROWS``: every one that
+did not succeed first), each opening to its attempts.  Its instances' bars
+carry the step's id, so hovering one lights up the whole map, and a click opens
+the step's row and the instance's.
+
 It is one file with inline CSS, SVG and a few lines of JavaScript, and a
 Content-Security-Policy that forbids loading anything, so it can be mailed,
 attached to a CI run or opened offline.  Every piece of text that comes from the
@@ -33,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from stepvisor.cli._graph import GraphNode, graph_svg, nodes_from
-from stepvisor.core.model import Workflow
+from stepvisor.cli._graph import GraphNode, graph_of, graph_svg
+from stepvisor.cli._maps import Group, count_text, group_steps
 from stepvisor.core.state import AttemptRecord, StepRecord, StepStatus
 from stepvisor.store.base import StoredRun
 
@@ -70,6 +76,10 @@ _CHAR: Final = 6.6  # average width of a 11px sans-serif character
 
 #: Step statuses in the order the summary counts them.
 _ORDER: Final = tuple(s.value for s in StepStatus)
+#: Instance rows listed under one mapped step (``stepvisor status RUN STEP`` lists all).
+_INSTANCE_ROWS: Final = 1000
+#: Attempts the timeline draws at most (see ``_drawn``).
+_BARS: Final = 5000
 
 
 def _e(value: object) -> str:
@@ -101,6 +111,8 @@ class _Attempt:
     record: AttemptRecord
     start: float
     end: float
+    #: The mapped step an instance's attempt belongs to (``None`` for a plain step).
+    group: str | None = None
 
     @property
     def outcome(self) -> str:
@@ -123,12 +135,17 @@ class _Attempt:
 
 def _attempts(stored: StoredRun, *, now: float) -> list[_Attempt]:
     out: list[_Attempt] = []
-    for record in stored.steps.values():
-        if record.restored:
-            continue  # ran in an earlier session of the run; listed in the table only
-        for rec in record.attempts:
-            end = rec.ended if rec.ended is not None else (stored.info.ended or now)
-            out.append(_Attempt(record.step_id, len(record.attempts), rec, rec.started, end))
+    ended = stored.info.ended
+    for group in group_steps(stored.steps):
+        mapped = group.record.step_id if group.mapped else None
+        for record in (group.record, *group.instances):
+            if record.restored:
+                continue  # ran in an earlier session of the run; listed in the table only
+            for rec in record.attempts:
+                end = rec.ended if rec.ended is not None else (ended or now)
+                out.append(
+                    _Attempt(record.step_id, len(record.attempts), rec, rec.started, end, mapped)
+                )
     return out
 
 
@@ -181,10 +198,43 @@ def _timeline(attempts: Sequence[_Attempt]) -> str:
             f'<rect class="lane" x="{_GUTTER}" y="{y}" width="{inner}" height="{_ROW}"/>'
             f'<text class="worker" x="{_GUTTER - 8}" y="{y + _ROW / 2 + 4}">{_e(worker)}</text>'
         )
-    for a in sorted(attempts, key=lambda a: (a.start, a.step_id)):
+    drawn, note = _drawn(attempts)
+    for a in drawn:
         parts.append(_bar(a, x, _AXIS + row[a.record.worker or "-"] * _ROW))
     parts.append("</svg>")
-    return "".join(parts)
+    return "".join(parts) + note
+
+
+def _drawn(attempts: Sequence[_Attempt]) -> tuple[list[_Attempt], str]:
+    """The bars to draw, in start order, and a note saying what was left out.
+
+    Up to ``_BARS`` every attempt is drawn.  Past that (a big map: a hundred
+    thousand bars would make a page of tens of megabytes, drawn a fraction of
+    a pixel wide), every plain step's attempt and every attempt that did not
+    succeed are drawn, and of the instances' attempts that succeeded an even
+    sample, every k-th in start order, fills what is left.
+    """
+    ordered = sorted(attempts, key=lambda a: (a.start, a.step_id))
+    if len(ordered) <= _BARS:
+        return ordered, ""
+    common = [a for a in ordered if a.group is not None and a.outcome == "succeeded"]
+    room = max(0, _BARS - (len(ordered) - len(common)))
+    every = max(1, math.ceil(len(common) / room)) if room else 0
+    sampled = set(map(id, common[::every])) if every else set()
+    drawn = [a for a in ordered if a.group is None or a.outcome != "succeeded" or id(a) in sampled]
+    note = (
+        f'<p class="muted">{len(drawn)} of {len(ordered)} attempts drawn: every step\'s and every '
+        "one that did not succeed; of the instances' attempts that succeeded, "
+        + (f"every {every}{_ordinal(every)} in start order." if every else "none.")
+        + "</p>"
+    )
+    return drawn, note
+
+
+def _ordinal(n: int) -> str:
+    if 10 <= n % 100 <= 20:
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 def _bar(a: _Attempt, x: Callable[[float], float], lane_y: float) -> str:
@@ -199,13 +249,17 @@ def _bar(a: _Attempt, x: Callable[[float], float], lane_y: float) -> str:
             f'x2="{tail:.1f}" y2="{y + _BAR / 2:.1f}"/>'
         )
     label = a.step_id if a.record.number == 1 else f"{a.step_id} #{a.record.number}"
+    # An instance's bar is its step's (hover, click) and names the instance too.
+    ids = f'data-step="{_e(a.group or a.step_id)}" data-outcome="{_e(a.outcome)}"'
+    if a.group is not None:
+        ids += f' data-instance="{_e(a.step_id)}"'
     text = ""
     if width > len(label) * _CHAR + 8:
         text = (
             f'<text class="label" x="{left + 4:.1f}" y="{y + _BAR / 2 + 4:.1f}">{_e(label)}</text>'
         )
     return (
-        f'<g class="bar" data-step="{_e(a.step_id)}" data-outcome="{_e(a.outcome)}">'
+        f'<g class="bar" {ids}>'
         f"<title>{_e(a.hover())}</title>{wait}"
         f'<rect x="{left:.1f}" y="{y:.1f}" width="{width:.1f}" height="{_BAR}" rx="3" '
         f'fill="{OUTCOME_COLORS.get(a.outcome, "#888")}"/>{text}</g>'
@@ -230,15 +284,17 @@ def _badge(status: str) -> str:
 
 def _summary(stored: StoredRun, attempts: Sequence[_Attempt], *, now: float) -> str:
     info = stored.info
-    counts = Counter(r.status.value for r in stored.steps.values())
-    kept = sum(1 for r in stored.steps.values() if r.restored)
+    groups = group_steps(stored.steps)
+    counts = Counter(g.record.status.value for g in groups)
+    kept = sum(1 for g in groups if g.record.restored)
+    kept_instances = sum(1 for g in groups for r in g.instances if r.restored)
     retries = sum(max(0, len(r.attempts) - 1) for r in stored.steps.values() if not r.restored)
     duration = (info.ended if info.ended is not None else now) - info.started
     facts: list[tuple[str, str]] = [
         ("run", _e(info.run_id)),
         ("workflow", _e(info.workflow_id)),
         ("status", _badge(info.status.value)),
-        ("steps", ", ".join(f"{counts[s]} {_e(s.replace('_', ' '))}" for s in _ORDER if counts[s])),
+        ("steps", _counted(counts)),
         ("attempts", f"{len(attempts)} ({retries} {'retry' if retries == 1 else 'retries'})"),
         ("started", _e(_when(info.started))),
         ("ended", _e(_when(info.ended))),
@@ -246,12 +302,24 @@ def _summary(stored: StoredRun, attempts: Sequence[_Attempt], *, now: float) -> 
         ("seed", _e(info.seed)),
         ("workflow file", _e(info.source or "-")),
     ]
-    if kept:
-        facts.append(("kept", f"{kept} steps succeeded in an earlier session (not drawn)"))
+    mapped = [g for g in groups if g.mapped]
+    if mapped:
+        tally: Counter[str] = Counter()
+        for g in mapped:
+            tally.update(g.counts())
+        total = sum(g.size or 0 for g in mapped)
+        facts.insert(4, ("instances", f"{total}" + (f": {_counted(tally)}" if total else "")))
+    if kept or kept_instances:
+        also = f" and {kept_instances} instances" if kept_instances else ""
+        facts.append(("kept", f"{kept} steps{also} succeeded in an earlier session (not drawn)"))
     if info.error:
         facts.append(("error", f'<span class="err">{_e(info.error)}</span>'))
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
     return f'<table class="facts">{rows}</table>'
+
+
+def _counted(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{counts[s]} {_e(s.replace('_', ' '))}" for s in _ORDER if counts.get(s))
 
 
 def _settings(settings: Mapping[str, Any]) -> str:
@@ -264,26 +332,97 @@ def _settings(settings: Mapping[str, Any]) -> str:
 
 def _step_rows(steps: Iterable[StepRecord]) -> str:
     out = []
-    for record in steps:
-        last = record.last_attempt
-        total = sum(a.duration or 0.0 for a in record.attempts)
-        error = f"{last.error_type}: {last.error_message or ''}" if last and last.error_type else ""
-        workers = ", ".join(dict.fromkeys(a.worker or "-" for a in record.attempts))
-        details = "".join(_attempt_detail(a) for a in record.attempts) or "<p>no attempts</p>"
-        note = f'<p class="muted">{_e(record.note)}</p>' if record.note else ""
-        kept = ' <span class="muted">(kept)</span>' if record.restored else ""
-        err_class = ' class="err"' if error else ""
-        out.append(
-            f'<tr class="step" id="step-{_e(record.step_id)}" data-step="{_e(record.step_id)}">'
-            f"<td><code>{_e(record.step_id)}</code>{kept}</td>"
-            f"<td>{_badge(record.status.value)}</td><td>{record.attempt_count}</td>"
-            f'<td class="num">{_e(_seconds(total if record.attempts else None))}</td>'
-            f"<td>{_e(workers)}</td>"
-            f"<td><details><summary{err_class}>"
-            f"{_e(error) or 'attempts'}</summary>"
-            f"{note}{details}</details></td></tr>"
-        )
+    for group in group_steps({record.step_id: record for record in steps}):
+        sid = _e(group.record.step_id)
+        if group.mapped:
+            out.append(_mapped_row(group))
+        else:
+            out.append(_row(group.record, f'class="step" id="step-{sid}" data-step="{sid}"'))
     return "".join(out)
+
+
+def _row(record: StepRecord, attrs: str) -> str:
+    last = record.last_attempt
+    total = sum(a.duration or 0.0 for a in record.attempts)
+    error = f"{last.error_type}: {last.error_message or ''}" if last and last.error_type else ""
+    workers = ", ".join(dict.fromkeys(a.worker or "-" for a in record.attempts))
+    details = "".join(_attempt_detail(a) for a in record.attempts) or "<p>no attempts</p>"
+    note = f'<p class="muted">{_e(record.note)}</p>' if record.note else ""
+    kept = ' <span class="muted">(kept)</span>' if record.restored else ""
+    err_class = ' class="err"' if error else ""
+    return (
+        f"<tr {attrs}>"
+        f"<td><code>{_e(record.step_id)}</code>{kept}</td>"
+        f"<td>{_badge(record.status.value)}</td><td>{record.attempt_count}</td>"
+        f'<td class="num">{_e(_seconds(total if record.attempts else None))}</td>'
+        f"<td>{_e(workers)}</td>"
+        f"<td><details><summary{err_class}>"
+        f"{_e(error) or 'attempts'}</summary>"
+        f"{note}{details}</details></td></tr>"
+    )
+
+
+def _mapped_row(group: Group) -> str:
+    """A mapped step: its counts, folded over a table of its instances (each opens too).
+
+    Its time is the wall time from its first instance's start to its last one's end.
+    """
+    assert group.size is not None
+    record = group.record
+    sid = _e(record.step_id)
+    attempts = [a for r in group.instances for a in r.attempts]
+    ends = [a.ended for a in attempts if a.ended is not None]
+    span = max(ends) - min(a.started for a in attempts) if ends else None
+    workers = len({a.worker for a in attempts if a.worker})
+    shown = _shown(group.instances)
+    rows = "".join(
+        _row(r, f'class="instance" id="step-{_e(r.step_id)}" data-instance="{_e(r.step_id)}"')
+        for r in shown
+    )
+    left = len(group.instances) - len(shown)
+    more = (
+        f'<p class="muted">{left} more instances that succeeded are not listed; '
+        f"<code>stepvisor status RUN {sid}</code> lists every one.</p>"
+        if left
+        else ""
+    )
+    pending = group.size - len(group.instances)
+    if pending:
+        more += f'<p class="muted">{pending} instances never started (pending).</p>'
+    failed = any(r.status.value in ("failed", "timed_out") for r in group.instances)
+    err_class = ' class="err"' if failed else ""
+    head = (
+        "<thead><tr><th>instance</th><th>status</th><th>attempts</th><th>time</th>"
+        "<th>workers</th><th>error / attempts</th></tr></thead>"
+    )
+    table = f'<table class="steps instances">{head}<tbody>{rows}</tbody></table>' if rows else ""
+    return (
+        f'<tr class="step mapped" id="step-{sid}" data-step="{sid}">'
+        f'<td><code>{sid}</code> <span class="muted">(mapped)</span></td>'
+        f"<td>{_badge(record.status.value)}</td><td>{len(attempts)}</td>"
+        f'<td class="num">{_e(_seconds(span))}</td>'
+        f"<td>{workers} {'worker' if workers == 1 else 'workers'}</td>"
+        f"<td><details><summary{err_class}>"
+        f"{_e(count_text(group.size, group.counts()))}</summary>"
+        f"{table}{more}</details></td></tr>"
+    )
+
+
+def _shown(instances: Sequence[StepRecord]) -> list[StepRecord]:
+    """At most ``_INSTANCE_ROWS`` instances, in index order: all that did not succeed first."""
+    if len(instances) <= _INSTANCE_ROWS:
+        return list(instances)
+    keep = [i for i, r in enumerate(instances) if r.status is not StepStatus.SUCCEEDED]
+    keep = keep[:_INSTANCE_ROWS]
+    room = _INSTANCE_ROWS - len(keep)
+    chosen = set(keep)
+    for i in range(len(instances)):
+        if room <= 0:
+            break
+        if i not in chosen:
+            chosen.add(i)
+            room -= 1
+    return [instances[i] for i in sorted(chosen)]
 
 
 def _attempt_detail(a: AttemptRecord) -> str:
@@ -330,8 +469,9 @@ svg.timeline{width:100%;height:auto;font:11px system-ui,sans-serif}
 vertical-align:-1px}
 """
 
-# Hovering a bar or a graph node highlights every attempt of its step, its node
-# and its table row; clicking it opens the row.  No innerHTML: only classes and attributes change.
+# Hovering a bar or a graph node highlights every attempt of its step, its node and
+# its table row; clicking it opens the row (and, for an instance of a mapped step, its
+# own row).  No innerHTML: only classes and attributes change.
 _JS: Final = """
 (function(){
   var bars=document.querySelectorAll('.bar, .node');
@@ -349,24 +489,12 @@ _JS: Final = """
     b.addEventListener('click',function(){
       var row=document.getElementById('step-'+step);
       if(row){row.querySelector('details').open=true;row.scrollIntoView({block:'center'});}
+      var one=b.getAttribute('data-instance'),sub=one&&document.getElementById('step-'+one);
+      if(sub){sub.querySelector('details').open=true;sub.scrollIntoView({block:'center'});}
     });
   });
 })();
 """
-
-
-def graph_of(
-    workflow: Workflow, stored: StoredRun, *, counts: Mapping[str, tuple[int, int]] | None = None
-) -> list[GraphNode]:
-    """The graph's nodes: ``workflow``'s steps and what they depend on (``needs`` and
-    artifacts), each with its status in ``stored``; ``counts`` as :func:`nodes_from`."""
-    graph = workflow.graph
-    needs = {
-        graph.order[r]: tuple(graph.order[d] for d in graph.deps[r])
-        for r in range(len(graph.order))
-    }
-    statuses = {sid: record.status.value for sid, record in stored.steps.items()}
-    return nodes_from(needs, statuses, counts=counts)
 
 
 def _graph_section(graph: Sequence[GraphNode] | None) -> str:

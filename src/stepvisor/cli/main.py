@@ -4,7 +4,7 @@ Commands::
 
     stepvisor run FILE [--max-parallel N] [--set KEY=VALUE ...] [--store PATH] [--report HTML]
     stepvisor resume RUN_ID [--force] [--max-parallel N] [--set KEY=VALUE ...] [--store PATH]
-    stepvisor status [RUN_ID] [--store PATH]
+    stepvisor status [RUN_ID [STEP]] [--store PATH]
     stepvisor cancel RUN_ID [--wait SECONDS] [--store PATH]
     stepvisor report RUN_ID --html FILE [--store PATH]
     stepvisor config [FILE] [--set KEY=VALUE ...]
@@ -40,6 +40,7 @@ from typing import Any, Final
 from stepvisor._prepare import fingerprint
 from stepvisor._runtime import resume_start, start
 from stepvisor.cli._follow import SigtermError, follow
+from stepvisor.cli._maps import mapped_size
 from stepvisor.cli._output import (
     EXIT_CANCELLED,
     EXIT_FAILED,
@@ -48,6 +49,7 @@ from stepvisor.cli._output import (
     counts,
     duration,
     one_run,
+    one_step,
     run_duration,
     say,
     table,
@@ -153,8 +155,14 @@ def _existing_store(db: str) -> SQLiteStore:
 # -- following a run ---------------------------------------------------------------------
 
 
+def _mapped(wf: Workflow) -> list[str]:
+    return [step.id for step in wf.steps if step.mapped]
+
+
 def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
-    text = f"workflow {wf.id!r}, {len(wf.steps)} steps, store {db}"
+    mapped = len(_mapped(wf))
+    steps = f"{len(wf.steps)} steps" + (f" ({mapped} mapped)" if mapped else "")
+    text = f"workflow {wf.id!r}, {steps}, store {db}"
     return text + (f" (resumed; {kept} succeeded steps kept)" if kept else "")
 
 
@@ -202,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         except ValidationError as exc:
             raise _start_error(exc, args.file) from exc
-        progress = Progress(wf.step_ids)
+        progress = Progress(wf.step_ids, mapped=_mapped(wf))
         result, interrupted = follow(
             handle, inbox=inbox, progress=progress, headline=_headline(wf, args.store)
         )
@@ -245,7 +253,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
             )
         except ValidationError as exc:
             raise _start_error(exc, source) from exc
-        progress = Progress(wf.step_ids, kept=kept)
+        sizes = {sid: mapped_size(stored.steps[sid]) for sid in kept}
+        progress = Progress(
+            wf.step_ids,
+            mapped=_mapped(wf),
+            kept=kept,
+            kept_sizes={sid: size for sid, size in sizes.items() if size is not None},
+        )
         headline = _headline(wf, args.store, kept=len(kept))
         result, interrupted = follow(handle, inbox=inbox, progress=progress, headline=headline)
         return _finish(result, interrupted=interrupted, store=store, report=args.report, wf=wf)
@@ -253,6 +267,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _existing_store(args.store) as store:
+        if args.step is not None:
+            print(one_step(store, args.run_id, args.step))
+            return EXIT_OK
         if args.run_id is not None:
             print(one_run(store, args.run_id))
             return EXIT_OK
@@ -402,8 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(handler=cmd_resume)
 
-    p = sub.add_parser("status", help="list runs, or show one run's steps")
+    p = sub.add_parser(
+        "status", help="list runs, show one run's steps, or one step's attempts or instances"
+    )
     p.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    p.add_argument(
+        "step",
+        metavar="STEP",
+        nargs="?",
+        help="a step of RUN_ID: its attempts, or a mapped step's instances",
+    )
     p.add_argument("--limit", type=int, default=20, metavar="N", help="runs listed (default 20)")
     p.add_argument("--all", action="store_true", help="list every run")
     _add_store(p)

@@ -14,6 +14,7 @@ from stepvisor.core.events import (
     RunStarted,
     StepCommitted,
     StepDispatched,
+    StepExpanded,
     StepFinished,
     StepRetrying,
 )
@@ -63,6 +64,12 @@ class Emitter:
                         run_id=self.run_id, step_id=sid, attempt=attempt, worker=slot, time=wall
                     )
                 )
+            )
+
+    def expanded(self, fx: list[Effect], sid: str, size: int, kept: int, wall: float) -> None:
+        if self.on:
+            fx.append(
+                Emit(StepExpanded(run_id=self.run_id, step_id=sid, size=size, kept=kept, time=wall))
             )
 
     def retrying(

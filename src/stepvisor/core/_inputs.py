@@ -74,6 +74,15 @@ class Inputs:
                 self._visible.pop(d, None)
         return merged
 
+    def partial(self, r: int, skip: int) -> Visible:
+        """What ``r`` sees of its dependencies but ``skip``, which has not ended yet.
+
+        For a map chained to the map ``skip``: its instances start before
+        ``skip`` has ended, and see its output as their item, not as an input.
+        Nothing is cached or dropped: :meth:`of` does that when ``r`` ends.
+        """
+        return _merge([self._visible[d] for d in self._graph.deps[r] if d != skip])
+
     def publish(self, r: int, outputs: Mapping[str, Any]) -> None:
         """``r`` succeeded with ``outputs``: its dependants will see them.
 

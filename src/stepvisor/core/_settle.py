@@ -72,6 +72,8 @@ class Inflight:
     timers: list[tuple[Any, ...]] = field(default_factory=list)
     #: A success waiting for its outputs to be written: (record, outputs, base).
     saving: tuple[StepRecord, Mapping[str, Any], dict[str, Any]] | None = None
+    #: The instance's index, for an instance of a mapped step; -1 for a step.
+    index: int = -1
 
 
 class Settling:
@@ -91,6 +93,8 @@ class Settling:
     _retries: Retries
     _events: Emitter
     _errors: dict[str, list[BaseException]]
+    #: A skipped step's rank -> the rank of the failed step its note names.
+    _skip_cause: dict[int, int]
     _store_may_refuse: bool
     _done_count: int
     _avg_duration: float
@@ -106,6 +110,20 @@ class Settling:
 
     def _begin_stop(self, status: RunStatus, note: str) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # addressing and instances: stepvisor.core._mapping.Mapped has them
+
+        def _uid(self, r: int, index: int) -> str: ...
+
+        def _record_of(self, r: int, index: int) -> StepRecord: ...
+
+        def _put_record(self, r: int, index: int, record: StepRecord) -> None: ...
+
+        def _instance_succeeded(
+            self, r: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
+        ) -> None: ...
+
+        def _instance_ended(self, r: int, index: int, status: StepStatus) -> None: ...
 
     # -- outcomes ------------------------------------------------------------------
 
@@ -179,7 +197,8 @@ class Settling:
             kind, status, outcome = FailureKind.TIMEOUT, StepStatus.TIMED_OUT, "timed_out"
         else:
             why = self.stop_note or "the run stopped"
-            error = oc.cancelled_error(step.id, inf.attempt, what, why=why)
+            uid = self._uid(inf.rank, inf.index)
+            error = oc.cancelled_error(uid, inf.attempt, what, why=why)
             status, outcome = StepStatus.CANCELLED, "cancelled"
         if result.error is not None:
             error.__cause__ = result.error
@@ -187,7 +206,7 @@ class Settling:
         self._fail(inf, error, kind, status, outcome, base=base, extra_note=extra)
 
     def _on_ok(self, sid: str, inf: Inflight, outputs: Mapping[str, Any], msg: AttemptDone) -> None:
-        record = self.state.record_at(inf.rank)
+        record = self._record_of(inf.rank, inf.index)
         last = record.attempts[-1]
         attempt = new(AttemptRecord, (
             last.number, msg.started_wall, msg.ended_wall, msg.duration, "succeeded",
@@ -201,7 +220,10 @@ class Settling:
             self._fx.append(SaveOutputs(record, outputs, inf.attempt))
             return
         self._fx.append(new(SaveStep, (record, outputs)))
-        self._succeeded(inf.rank, record, outputs)
+        if inf.index < 0:
+            self._succeeded(inf.rank, record, outputs)
+        else:
+            self._instance_succeeded(inf.rank, inf.index, record, outputs)
 
     def _on_saved(self, msg: OutputsSaved) -> None:
         inf = self._saving.get(msg.step_id)
@@ -209,7 +231,9 @@ class Settling:
             return
         del self._saving[msg.step_id]
         record, outputs, base = inf.saving
-        if msg.error is None:
+        if msg.error is None and inf.index >= 0:
+            self._instance_succeeded(inf.rank, inf.index, record, outputs)
+        elif msg.error is None:
             self._succeeded(inf.rank, record, outputs)
         else:
             self._fail(inf, msg.error, None, StepStatus.FAILED, "failed", base=base)
@@ -241,7 +265,7 @@ class Settling:
         abandoned, unsendable, refused by the store).
         """
         step = self._step(inf.rank)
-        sid = step.id
+        sid = self._uid(inf.rank, inf.index)
         self._errors.setdefault(sid, []).append(error)
         delay: float | None = None
         reason = ""
@@ -261,7 +285,7 @@ class Settling:
             reason = f"{oc.NOT_RETRIED_STOPPING} ({self.stop_note or 'the run stopped'})"
         if extra_note:
             reason = f"{reason}; {extra_note}" if reason else extra_note
-        record = self.state.record(sid)
+        record = self._record_of(inf.rank, inf.index)
         described = (oc.type_name(error), str(error))
         attempt = oc.closed(
             record.attempts[-1],
@@ -274,10 +298,10 @@ class Settling:
             **base,
         )
         if delay is None:
-            self._end_step(inf.rank, record.with_last_attempt(attempt, status))
+            self._end_step(inf.rank, record.with_last_attempt(attempt, status), inf.index)
             return
         record = record.with_last_attempt(attempt, StepStatus.WAITING_RETRY)
-        self.state = self.state.set_step(record)
+        self._put_record(inf.rank, inf.index, record)
         self._fx.append(SaveStep(record))
         self._retries.waiting[sid] = inf.attempt
         waited = min(delay, late)
@@ -293,17 +317,29 @@ class Settling:
             self._fx, sid, inf.attempt, delay=delay, error=described, wall=self._wall
         )
 
-    def _end_step(self, r: int, record: StepRecord) -> None:
-        """Give a step its terminal (non-success) status and apply the failure policy."""
+    def _end_step(self, r: int, record: StepRecord, index: int = -1) -> None:
+        """Give a step (or an instance) its terminal, non-success status; apply the policy.
+
+        A failed instance stops a fail-fast run like a step; under ``continue``
+        it skips what is chained to it, and its mapped step sums it up later.
+        """
         sid = record.step_id
         self._retries.waiting.pop(sid, None)
         errors = self._errors.get(sid, [])
         for i, earlier in enumerate(errors[:-1], start=1):
             oc.add_note(errors[-1], f"attempt {i} failed: {oc.type_name(earlier)}: {earlier}")
-        self.state = self.state.set_step(record)
+        self._put_record(r, index, record)
         self._fx.append(SaveStep(record))
-        self._inputs.forget(r)
         self._events.finished(self._fx, record, self._wall)
+        if index >= 0:
+            if record.status in _FAILED and self.cfg.on_failure == "fail_fast":
+                self._begin_stop(
+                    RunStatus.FAILED,
+                    f"step {sid!r} {record.status.value} and on_failure is fail_fast",
+                )
+            self._instance_ended(r, index, record.status)
+            return
+        self._inputs.forget(r)
         if record.status in _FAILED:
             if self.cfg.on_failure == "fail_fast":
                 self._begin_stop(
@@ -315,21 +351,32 @@ class Settling:
         self._commit()
 
     def _skip_dependents(self, r: int, sid: str, status: StepStatus) -> None:
+        """Skip what depends on ``r``, which failed; each names its first failed ancestor.
+
+        A step below two failures names the one first in canonical order, whichever
+        failed first in time: its record must not depend on completion order.
+        """
         records: list[StepRecord] = []
+        renamed: list[StepRecord] = []  # skipped already, for a failure later in order
+        note = f"skipped: it depends on {sid!r}, which {status.value}"
+        causes = self._skip_cause
         for d in sorted(self.graph.descendants(r)):
             dep_id = self.graph.order[d]
-            current = self.state.record(dep_id)
+            current = self.state.record_at(d)
+            if current.status is StepStatus.SKIPPED and causes.get(d, r) > r:
+                renamed.append(current.with_status(StepStatus.SKIPPED, note))
+                causes[d] = r
+                continue
             if current.terminal or dep_id in self._inflight or dep_id in self._saving:
                 continue
-            records.append(
-                current.with_status(
-                    StepStatus.SKIPPED, f"skipped: it depends on {sid!r}, which {status.value}"
-                )
-            )
-        if records:
-            self.state = self.state.set_steps(records)
-            self._fx.append(SaveSteps(tuple(records)))
-            for rec in records:
+            if d in self.state.maps:  # an expanded map runs its instances to their end
+                continue
+            records.append(current.with_status(StepStatus.SKIPPED, note))
+            causes[d] = r
+        if records or renamed:
+            self.state = self.state.set_steps(records + renamed)
+            self._fx.append(SaveSteps(tuple(records + renamed)))
+            for rec in records:  # a renamed one finished already
                 self._events.finished(self._fx, rec, self._wall)
 
     def _commit(self) -> None:
@@ -338,7 +385,7 @@ class Settling:
 
     def _timeout_error(self, step: Step, inf: Inflight, what: str) -> BaseException:
         return oc.timeout_error(
-            step.id,
+            self._uid(inf.rank, inf.index),
             inf.attempt,
             self._policy(step).max_attempts,
             limit=inf.limit,
@@ -361,21 +408,22 @@ class Settling:
         if self._slots.abandon(inf.slot):  # a fresh slot is asked for if work waits
             self._fx.append(AbandonSlot(inf.slot))
         step = self._step(inf.rank)
+        uid = self._uid(inf.rank, inf.index)
         what = oc.abandoned_what(inf.executor, self._grace_for(inf.executor))
-        record = self.state.record(step.id)
+        record = self._record_of(inf.rank, inf.index)
         started = record.attempts[-1].started if record.attempts else self._wall
         base = {"ended": self._wall, "duration": max(0.0, self._wall - started)}
-        log.warning("step %r attempt %d: %s", step.id, inf.attempt, what)
+        log.warning("step %r attempt %d: %s", uid, inf.attempt, what)
         error: BaseException
         if inf.reason == "timeout":
             error = self._timeout_error(step, inf, what)
             status, outcome = StepStatus.TIMED_OUT, "timed_out"
         else:
-            error = oc.cancelled_error(step.id, inf.attempt, what)
+            error = oc.cancelled_error(uid, inf.attempt, what)
             status, outcome = StepStatus.CANCELLED, "cancelled"
         self._fail(inf, error, None, status, outcome, base=base)
-        last = self.state.record(step.id)
+        last = self._record_of(inf.rank, inf.index)
         if last.attempts:
             noted = last.attempts[-1]._replace(note="abandoned")
-            self.state = self.state.set_step(last.with_last_attempt(noted, last.status))
-            self._fx.append(SaveStep(self.state.record(step.id)))
+            self._put_record(inf.rank, inf.index, last.with_last_attempt(noted, last.status))
+            self._fx.append(SaveStep(self._record_of(inf.rank, inf.index)))

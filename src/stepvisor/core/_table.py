@@ -14,7 +14,17 @@ from typing import Any, Final
 from pyrsistent import pvector
 from pyrsistent.typing import PVector
 
-__all__ = ["LEAF", "Table", "table_get", "table_of", "table_set", "table_set_many", "table_values"]
+__all__ = [
+    "LEAF",
+    "Table",
+    "table_get",
+    "table_grow",
+    "table_len",
+    "table_of",
+    "table_set",
+    "table_set_many",
+    "table_values",
+]
 
 #: Per-step values are kept in leaves of 2**LEAF_BITS entries, and the leaves
 #: in blocks of 2**BLOCK_BITS leaves (see ``Table``).
@@ -83,3 +93,37 @@ def table_set_many(table: Table, changes: list[tuple[int, Any]]) -> Table:
     for (b, k), ev in evolvers.items():
         blocks[b][k] = ev.persistent()
     return tuple(map(tuple, blocks))
+
+
+def table_len(table: Table) -> int:
+    """How many values ``table`` holds (every block but the last is full, and every leaf
+    of a block but its last)."""
+    if not table:
+        return 0
+    last = table[-1]
+    return (len(table) - 1) * BLOCK * LEAF + (len(last) - 1) * LEAF + len(last[-1])
+
+
+def table_grow(table: Table, count: int) -> Table:
+    """``table`` with ``count`` more values at its end, all ``None``.
+
+    Only the last block is rebuilt: the rest is shared, as a transition shares it.
+    """
+    if count <= 0:
+        return table
+    head = table[:-1]
+    last = list(table[-1]) if table else []
+    if last and len(last[-1]) < LEAF:
+        take = min(LEAF - len(last[-1]), count)
+        last[-1] = last[-1].extend([None] * take)
+        count -= take
+    blocks = list(head)
+    while count > 0:
+        if len(last) == BLOCK:
+            blocks.append(tuple(last))
+            last = []
+        take = min(LEAF, count)
+        last.append(pvector([None] * take))
+        count -= take
+    blocks.append(tuple(last))
+    return tuple(blocks)

@@ -45,6 +45,9 @@ class AttemptSpec(NamedTuple):
     #: The W3C trace context of the attempt's span (``traceparent``, ...), when the
     #: run is traced: the backend attaches it around the step call.
     trace: Mapping[str, str] | None = None
+    #: Process steps: the child that ran this many attempts is replaced after
+    #: this one (``ProcessPoolExecutor``'s ``max_tasks_per_child``); ``None``: never.
+    child_calls: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

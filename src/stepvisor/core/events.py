@@ -18,6 +18,7 @@ __all__ = [
     "RunStarted",
     "StepCommitted",
     "StepDispatched",
+    "StepExpanded",
     "StepFinished",
     "StepRetrying",
 ]
@@ -39,6 +40,23 @@ class StepDispatched:
     step_id: str
     attempt: int
     worker: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepExpanded:
+    """A mapped step's list is known: it runs ``size`` instances, ``score[0]`` on.
+
+    ``kept`` of them succeeded in an earlier session of a resumed run and do not
+    run again (they send no other event).  Its instances then send the events of
+    steps, under their own ids; the mapped step itself sends only its
+    ``StepFinished`` and ``StepCommitted``, once every instance has ended.
+    """
+
+    run_id: str
+    step_id: str
+    size: int
+    kept: int
     time: float
 
 
@@ -88,4 +106,12 @@ class RunFinished:
     time: float
 
 
-Event = RunStarted | StepDispatched | StepRetrying | StepFinished | StepCommitted | RunFinished
+Event = (
+    RunStarted
+    | StepDispatched
+    | StepExpanded
+    | StepRetrying
+    | StepFinished
+    | StepCommitted
+    | RunFinished
+)

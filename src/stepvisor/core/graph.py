@@ -15,8 +15,9 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
+from stepvisor.core.records import parse_instance_id
 from stepvisor.errors import (
     CycleError,
     DuplicateStepError,
@@ -27,7 +28,7 @@ from stepvisor.errors import (
 if TYPE_CHECKING:
     from stepvisor.core.model import Step
 
-__all__ = ["Graph"]
+__all__ = ["Graph", "MapLink"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,8 @@ class Graph:
     ``urgency`` lists every rank in the order the scheduler prefers them
     (highest priority first, ties to the smaller step id), and ``urgency_of[r]``
     is ``r``'s place in it: the scheduler's heaps hold these small integers.
+    ``maps`` holds the mapped steps by rank (see :class:`MapLink`); it is empty
+    for a workflow without them.
     """
 
     order: tuple[str, ...]
@@ -53,6 +56,7 @@ class Graph:
     priority: tuple[float, ...]
     urgency: tuple[int, ...]
     urgency_of: tuple[int, ...]
+    maps: Mapping[int, MapLink]
 
     @classmethod
     def build(cls, steps: Sequence[Step]) -> Graph:
@@ -70,7 +74,9 @@ class Graph:
         ranks = list(range(len(steps)))
         ids = [step.id for step in steps]
         index = _unique_index(steps, ids, ranks)
-        waits_for = _edges(steps, index)
+        creators = _creators(steps)
+        waits_for = _edges(steps, index, creators)
+        links = _map_links(steps, creators)
         by_id = sorted(ranks, key=ids.__getitem__)
         step_at_rank = _canonical_order(waits_for, by_id, ids, ranks)
         n = len(step_at_rank)
@@ -82,7 +88,7 @@ class Graph:
         start, flat = _reverse(deps, ranks)  # filled in increasing r: sorted already
         dependents = tuple([tuple(flat[start[r] : start[r + 1]]) for r in ranks])
         del start, flat
-        priority = _priority(dependents, [steps[i].cost for i in step_at_rank])
+        priority = _priority(dependents, [_work(steps[i]) for i in step_at_rank])
         # Highest priority first, ties to the smaller id: a stable sort of the
         # ranks in id order by priority alone.
         urgency = sorted([rank_at[i] for i in by_id], key=priority.__getitem__, reverse=True)
@@ -96,6 +102,10 @@ class Graph:
             priority=priority,
             urgency=tuple(urgency),
             urgency_of=_inverse(urgency, ranks),
+            maps={
+                rank_at[i]: MapLink(art, None if src is None else rank_at[src])
+                for i, (art, src) in links.items()
+            },
         )
 
     def ancestors(self, r: int) -> set[int]:
@@ -137,6 +147,19 @@ def _ranks_of(positions: Sequence[int], rank_at: list[int]) -> tuple[int, ...]:
     if len(positions) == 1:
         return (rank_at[positions[0]],)
     return tuple(sorted([rank_at[i] for i in positions]))
+
+
+def _work(step: Step) -> float:
+    """A step's cost for critical-path priority: a mapped step's counts its instances.
+
+    A map over fixed items is ``cost`` per item; a map over an artifact has
+    an unknown length when the graph is built, so its ``cost`` is taken as
+    the whole map's (say so with ``metadata={"cost": ...}``).
+    """
+    over = step.map_over
+    if over is None or type(over) is str:
+        return step.cost
+    return step.cost * len(over)
 
 
 def _priority(dependents: Sequence[Sequence[int]], costs: list[float]) -> tuple[float, ...]:
@@ -185,32 +208,104 @@ def _unique_index(steps: Sequence[Step], ids: list[str], ints: list[int]) -> dic
     raise AssertionError("unreachable: a duplicate id was counted but not found")
 
 
-def _edges(steps: Sequence[Step], index: Mapping[str, int]) -> list[tuple[int, ...]]:
-    """Position -> the positions it waits for: its needs, and the creators of its requires."""
+def _creators(steps: Sequence[Step]) -> dict[str, list[int]]:
+    """Artifact name -> the positions of the steps that create it."""
     creators: dict[str, list[int]] = {}
     for i, step in enumerate(steps):
         for name in step.creates:
             creators.setdefault(name, []).append(i)
+    return creators
+
+
+def _edges(
+    steps: Sequence[Step], index: Mapping[str, int], creators: Mapping[str, list[int]]
+) -> list[tuple[int, ...]]:
+    """Position -> the positions it waits for: its needs, and the creators of its requires.
+
+    A step mapped over an artifact waits for that artifact's creators too.
+    """
     edges: list[tuple[int, ...]] = []
     for i, step in enumerate(steps):
         try:
             needs = tuple([index[need] for need in step.needs])
         except KeyError:
             _unknown_need(step, index)
-        if not step.requires:
+        over = step.map_over
+        if not step.requires and type(over) is not str:
             edges.append(needs)
             continue
         waits = set(needs)
-        for name in step.requires:
+        names = (*step.requires, over) if type(over) is str else step.requires
+        for name in names:
             makers = creators.get(name)
             if not makers:
+                what, fix = ("maps over", "map over") if name == over else ("requires", "")
                 raise MissingArtifactError(
-                    f"step {step.id!r} requires the artifact {name!r}, but no step "
-                    "creates it; add it to some step's creates, or remove it from requires"
+                    f"step {step.id!r} {what} the artifact {name!r}, but no step creates "
+                    "it; add it to some step's creates, or "
+                    + (f"{fix} an artifact a step creates" if fix else "remove it from requires")
                 )
             waits.update(maker for maker in makers if maker != i)
         edges.append(tuple(waits))
     return edges
+
+
+class MapLink(NamedTuple):
+    """How a mapped step gets its items.
+
+    ``artifact`` is the name it maps over (``None``: the items are fixed, in
+    ``Step.map_over``).  ``source`` is set when that artifact's one creator is
+    itself mapped and the step does not otherwise wait for all of it: then the
+    two maps are chained instance by instance (``b[i]`` waits for ``a[i]``
+    alone), with no barrier between them.
+    """
+
+    artifact: str | None
+    source: int | None
+
+
+def _map_links(
+    steps: Sequence[Step], creators: Mapping[str, list[int]]
+) -> dict[int, tuple[str | None, int | None]]:
+    """Position -> (artifact, chained source position) of every mapped step.
+
+    Also refuses a step id that an instance of a mapped step would have.
+    """
+    links: dict[int, tuple[str | None, int | None]] = {}
+    for i, step in enumerate(steps):
+        over = step.map_over
+        if over is None:
+            continue
+        if type(over) is not str:
+            links[i] = (None, None)
+            continue
+        makers = creators[over]
+        source = makers[0] if len(makers) == 1 and steps[makers[0]].mapped else None
+        if source is not None and _waits_whole(step, steps[source]):
+            source = None
+        links[i] = (over, source)
+    if links:
+        _check_instance_ids(steps, links)
+    return links
+
+
+def _waits_whole(step: Step, source: Step) -> bool:
+    """Whether ``step`` waits for all of ``source`` besides mapping over its artifact."""
+    return source.id in step.needs or any(name in source.creates for name in step.requires)
+
+
+def _check_instance_ids(steps: Sequence[Step], links: Mapping[int, object]) -> None:
+    """No step may be named like an instance of a mapped step (``score[3]``)."""
+    mapped_ids = {steps[i].id for i in links}
+    for step in steps:
+        sid = step.id
+        parsed = parse_instance_id(sid)
+        if parsed is not None and parsed[0] in mapped_ids:
+            head = parsed[0]
+            raise DuplicateStepError(
+                f"the step id {sid!r} is the id of an instance of the mapped step {head!r}; "
+                f"rename the step (instance ids are {head!r} followed by [index])"
+            )
 
 
 def _unknown_need(step: Step, index: Mapping[str, int]) -> NoReturn:

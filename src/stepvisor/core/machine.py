@@ -52,6 +52,7 @@ from stepvisor.config import Resolved
 from stepvisor.core._events import Emitter
 from stepvisor.core._finish import finish_effects, supervisor_failed_result
 from stepvisor.core._inputs import Inputs
+from stepvisor.core._mapping import Mapped, MapRun
 from stepvisor.core._retries import Retries
 from stepvisor.core._settle import BACKEND_GRACE_MARGIN, Inflight, Settling
 from stepvisor.core._slots import Slots
@@ -128,7 +129,7 @@ class Plan:
     unqueued: frozenset[str] = frozenset()
 
 
-class RunMachine(Settling):
+class RunMachine(Mapped, Settling):
     """One run's decisions.  Feed it messages with :meth:`handle`; carry out what it returns."""
 
     def __init__(self, plan: Plan) -> None:
@@ -146,6 +147,8 @@ class RunMachine(Settling):
         self._store_may_refuse = plan.store_may_refuse
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
+        self._map_runs: dict[int, MapRun] = {}
+        self._skip_cause: dict[int, int] = {}
         self._saving: dict[str, Inflight] = {}
         self._slots = Slots()
         self._inputs = Inputs(graph)
@@ -207,6 +210,8 @@ class RunMachine(Settling):
             log.warning("the run machine ignored an unexpected message %r", message)
             return fx
         handler(message)
+        if self.sched.expandable:
+            self._expand_ready()
         self._fill()
         self._maybe_finish()
         return fx
@@ -270,6 +275,8 @@ class RunMachine(Settling):
                 record = old._replace(status=StepStatus.SUCCEEDED, restored=True)
                 self.state = self.state.set_step(record).set_outputs(sid, plan.restored[sid])
                 restored.append(self.graph.rank[sid])
+                if restored[-1] in self.graph.maps:
+                    self._restore_map(restored[-1], sid)
         for r in sorted(restored):
             self._inputs.publish(r, self.state.output(self.graph.order[r]))
         records = tuple(self.state.all_records())  # in canonical order, without a lookup each
@@ -356,9 +363,8 @@ class RunMachine(Settling):
         and no work for features the run does not use (events, deadlines).
         """
         step = self.wf.steps[self.graph.step_at_rank[r]]
-        sid = step.id
         cfg = self.cfg
-        self.state, record = self.state.start_attempt_at(r, self._wall, slot)
+        index, sid, record, seen = self._begin_attempt(r, step, slot)
         attempt = len(record.attempts)
         now = self._now
         timeout = step.timeout if step.timeout is not None else cfg.step_timeout
@@ -368,7 +374,6 @@ class RunMachine(Settling):
         if run_deadline is not None and (deadline is None or run_deadline < deadline):
             deadline = run_deadline
             on_run_deadline = True
-        inputs = self._inputs.of(r) if self.graph.deps[r] else None  # a root sees nothing
         self._slots.load[slot] += 1
         spec = new(
             AttemptSpec,
@@ -379,21 +384,20 @@ class RunMachine(Settling):
                 (step.retry or cfg.retry).max_attempts,
                 step.fn,
                 step.is_async,
-                MappingProxyType({name: value for name, (_, value) in inputs.items()})
-                if inputs
-                else _NO_INPUTS,
+                seen,
                 step.params,
                 None,
                 cfg.kill_grace,
                 self._payloads.get(sid) if self._payloads else None,
                 step.resources,
                 None,
+                None,
             ),
         )
         executor = self.plan.executors[r]
         inf = Inflight(
             r, attempt, slot, executor, cfg.deadline if on_run_deadline else timeout,
-            on_run_deadline, deadline,
+            on_run_deadline, deadline, index=index,
         )  # fmt: skip
         self._inflight[sid] = inf
         fx = self._fx
@@ -401,12 +405,33 @@ class RunMachine(Settling):
         if self._events.on:
             self._events.dispatched(fx, sid, attempt, slot, self._wall)
         if deadline is None:
-            return new(AttemptOrder, (spec, executor, None, not self.graph.dependents[r]))
+            may_hold = not self.graph.dependents[r] and not self.sched.chained_to(r)
+            return new(AttemptOrder, (spec, executor, None, may_hold))
         budget = deadline - now
         key = ("deadline", sid, attempt)
         inf.timers.append(key)
         fx.append(SetTimer(key, budget, DeadlineReached(sid, attempt), now + budget))
         return AttemptOrder(spec, executor, budget)
+
+    def _begin_attempt(
+        self, r: int, step: Step, slot: str
+    ) -> tuple[int, str, StepRecord, Mapping[str, Any]]:
+        """Record the start of an attempt of ``r`` (or of the instance just taken).
+
+        Returns its index (-1 for a step), its id, its record and its inputs.
+        """
+        if self._map_runs and r in self._map_runs:
+            index = self.sched.taken_index
+            self.state, record = self.state.start_instance_at(r, index, self._wall, slot)
+            return index, record.step_id, record, self._instance_inputs(r, index)
+        self.state, record = self.state.start_attempt_at(r, self._wall, slot)
+        inputs = self._inputs.of(r) if self.graph.deps[r] else None  # a root sees nothing
+        seen = (
+            MappingProxyType({name: value for name, (_, value) in inputs.items()})
+            if inputs
+            else _NO_INPUTS
+        )
+        return -1, step.id, record, seen
 
     # -- deadlines, retries, cancel -------------------------------------------------
 
@@ -443,7 +468,8 @@ class RunMachine(Settling):
 
     def _on_retry_due(self, msg: RetryDue) -> None:
         if not self.stopping and self._retries.due(msg.step_id, msg.attempt):
-            self.sched.push(self.graph.rank[msg.step_id])
+            r, index = self._unit(msg.step_id)
+            self.sched.push(r, max(index, 0))
 
     def _begin_stop(self, status: RunStatus, note: str) -> None:
         if self.stopping:
@@ -470,6 +496,8 @@ class RunMachine(Settling):
             return
         self.finished = True
         note = f"cancelled: {self.stop_note}" if self.stopping else "cancelled: never became ready"
+        if self._map_runs:
+            self._finish_maps(note)
         leftovers = [
             record.with_status(StepStatus.CANCELLED, note) for record in self.state.unfinished()
         ]

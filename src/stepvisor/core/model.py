@@ -9,7 +9,7 @@ the problem and the fix, before any step is dispatched or any store touched.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any, Final, Literal, cast
@@ -130,6 +130,8 @@ class Step:
     metadata: Mapping[str, Any]
     params: Mapping[str, Any]
     resources: Mapping[str, float] | None
+    #: The artifact name or the fixed items the step is mapped over, or ``None``.
+    map_over: str | tuple[Any, ...] | None
     #: Whether ``fn`` is ``async def``; computed once, read on every dispatch.
     is_async: bool = field(compare=False, repr=False)
 
@@ -148,6 +150,7 @@ class Step:
         metadata: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         resources: Mapping[str, float] | None = None,
+        map_over: str | Sequence[Any] | None = None,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "id", id)
@@ -162,6 +165,7 @@ class Step:
         set_(self, "metadata", _NO_DATA if metadata is None else metadata)
         set_(self, "params", _NO_DATA if params is None else params)
         set_(self, "resources", resources)
+        set_(self, "map_over", map_over)
         set_(self, "is_async", False)
         self.__post_init__()
 
@@ -170,6 +174,8 @@ class Step:
         self._check_identity()
         self._check_options()
         self._check_data()
+        if self.map_over is not None:
+            self._check_map()
 
     def _check_identity(self) -> None:
         """The id, the function and the names it depends on and makes."""
@@ -254,6 +260,34 @@ class Step:
                     f"step {self.id!r}: resources[{key!r}] must be a number >= 0, got {amount!r}"
                 )
         set_(self, "resources", pmap(self.resources))
+
+    def _check_map(self) -> None:
+        """``map_over``: an artifact's name, or the items themselves as a list or tuple."""
+        over: object = self.map_over  # as given: any type
+        if isinstance(over, str):
+            if not over:
+                raise InvalidSettingError(
+                    f"step {self.id!r}: map_over must name an artifact, got an empty string; "
+                    'write e.g. map_over="chunks"'
+                )
+            if over in self.creates:
+                raise InvalidSettingError(
+                    f"step {self.id!r} maps over {over!r}, an artifact it creates itself; "
+                    "map over an artifact another step creates (add a step that makes the list)"
+                )
+            return
+        if isinstance(over, list | tuple):
+            object.__setattr__(self, "map_over", tuple(over))
+            return
+        raise InvalidSettingError(
+            f"step {self.id!r}: map_over must be an artifact's name or a list of items, "
+            f'got {type(over).__name__}; write map_over="chunks" or map_over=[0, 1, 2]'
+        )
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the step runs once per item of a list (see ``map_over``)."""
+        return self.map_over is not None
 
     @property
     def cost(self) -> float:

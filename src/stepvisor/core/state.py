@@ -1,4 +1,4 @@
-"""Run state as immutable values, and the pure reducer that evolves it.
+"""Run state as an immutable value, and the pure reducer that evolves it.
 
 ``RunState`` is a pyrsistent structure: every transition returns a new state
 and leaves the old one intact, so the Supervisor can hand snapshots to the
@@ -18,10 +18,9 @@ Two views live side by side:
 
 from __future__ import annotations
 
-import enum
-from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import Iterator, Mapping
 from itertools import islice
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
@@ -29,29 +28,49 @@ from pyrsistent.typing import PMap
 from stepvisor.core._table import (
     Table,
     table_get,
+    table_grow,
+    table_len,
     table_of,
     table_set,
     table_set_many,
     table_values,
 )
+from stepvisor.core.records import (
+    NO_MAPS,
+    TERMINAL,
+    AttemptRecord,
+    MapTable,
+    MapVec,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    _kept,
+    _unkept,
+    instance_id,
+    new,
+    parse_instance_id,
+    pending_instance,
+)
 
+if TYPE_CHECKING:
+    from stepvisor.core._views import StepsView
+
+# The record types live in records.py; they are re-exported here, where users
+# (and ``stepvisor``'s lazy exports) have always found them.
 __all__ = [
     "TERMINAL",
     "AttemptRecord",
+    "MapVec",
     "RunState",
     "RunStatus",
     "StepRecord",
     "StepStatus",
-    "StepsView",
+    "instance_id",
+    "new",
 ]
 
 
 _EMPTY_MAP: PMap[str, Any] = pmap()
-
-#: ``new(Record, values)`` is what a NamedTuple's generated ``__new__`` does
-#: without its argument handling, at half the cost: for the few records built
-#: once or twice per step on the Supervisor's hot path (every field given, in order).
-new: Final = tuple.__new__
 
 
 def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]]:
@@ -65,143 +84,6 @@ def _terminal_prefix(records: Table, start: int, n: int) -> tuple[int, list[str]
         done.append(record[0])
         i += 1
     return i, done
-
-
-class StepStatus(enum.StrEnum):
-    """Where a step is.  It ends in exactly one terminal status."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    WAITING_RETRY = "waiting_retry"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
-
-
-TERMINAL: Final = frozenset(
-    {
-        StepStatus.SUCCEEDED,
-        StepStatus.FAILED,
-        StepStatus.TIMED_OUT,
-        StepStatus.CANCELLED,
-        StepStatus.SKIPPED,
-    }
-)
-
-
-class RunStatus(enum.StrEnum):
-    """Where a run is.  ``interrupted`` is only ever read from a store."""
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"
-
-
-class AttemptRecord(NamedTuple):
-    """One attempt of one step: when, how it ended, and what came next.
-
-    (Records and the run state are NamedTuples rather than frozen dataclasses:
-    equally immutable, and four times cheaper to build, which matters on the
-    Supervisor's hot path where several are built per step.)
-
-    ``outcome`` is ``None`` while the attempt runs, then one of
-    ``succeeded``, ``failed``, ``timed_out``, ``cancelled``, ``crashed``.
-    ``delay_after`` is the backoff chosen before the next attempt, if any.
-    Times are wall-clock seconds (for people); ``duration`` is measured on the
-    monotonic clock.
-    """
-
-    number: int
-    started: float
-    ended: float | None = None
-    duration: float | None = None
-    outcome: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    error_traceback: str | None = None
-    delay_after: float | None = None
-    worker: str | None = None
-    note: str | None = None
-
-
-class StepRecord(NamedTuple):
-    """A step's status and every attempt it made."""
-
-    step_id: str
-    status: StepStatus = StepStatus.PENDING
-    attempts: tuple[AttemptRecord, ...] = ()
-    note: str | None = None
-    #: True when the record was restored from a store on resume (not re-run).
-    restored: bool = False
-
-    @property
-    def attempt_count(self) -> int:
-        return len(self.attempts)
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
-
-    @property
-    def last_attempt(self) -> AttemptRecord | None:
-        return self.attempts[-1] if self.attempts else None
-
-    # Built with new() rather than _replace(): these run once per step each on the
-    # Supervisor's hot path.
-    def with_attempt_started(self, attempt: AttemptRecord) -> StepRecord:
-        return new(
-            StepRecord,
-            (self.step_id, StepStatus.RUNNING, (*self.attempts, attempt), self.note, self.restored),
-        )
-
-    def with_last_attempt(self, attempt: AttemptRecord, status: StepStatus) -> StepRecord:
-        return new(
-            StepRecord,
-            (self.step_id, status, (*self.attempts[:-1], attempt), self.note, self.restored),
-        )
-
-    def with_status(self, status: StepStatus, note: str | None) -> StepRecord:
-        return StepRecord(self.step_id, status, self.attempts, note, self.restored)
-
-
-class _Settled(tuple[Any, ...]):
-    """A finished step's record with its one attempt, as the run state keeps it.
-
-    ``(step_id, status, note, restored, *attempt)``: one object where a
-    :class:`StepRecord` is three (the record, its attempts tuple, the attempt).
-    Finished records are what a big run's heap is made of, and the cyclic GC
-    counts the objects it tracks: a young pass runs when the allocated ones
-    outnumber the freed ones by 700, and a full pass over the whole heap each
-    time the old generation grows by a quarter.  A finished record that
-    replaces its pending one one for one adds nothing, so a run of a million
-    steps that made eight full passes (a fifth of its time, and growing faster
-    than it: each visits every object) now makes none while its steps run.
-    A subclass so that a read tells it from a :class:`StepRecord` by its type;
-    it never leaves this module: reads rebuild the record (:func:`_unkept`).
-    """
-
-    __slots__ = ()
-
-
-def _kept(record: StepRecord) -> Any:
-    """``record`` as the table keeps it: :class:`_Settled` when that is possible."""
-    attempts = record[2]
-    if record[1] in TERMINAL and len(attempts) == 1:
-        return new(_Settled, (record[0], record[1], record[3], record[4], *attempts[0]))
-    return record
-
-
-def _unkept(value: Any) -> StepRecord:
-    """The :class:`StepRecord` the table keeps as ``value``."""
-    if type(value) is not _Settled:
-        record: StepRecord = value
-        return record
-    attempt = new(AttemptRecord, value[4:])
-    return new(StepRecord, (value[0], value[1], (attempt,), value[2], value[3]))
 
 
 class RunState(NamedTuple):
@@ -224,6 +106,8 @@ class RunState(NamedTuple):
     status: RunStatus = RunStatus.RUNNING
     committed: int = 0
     error: str | None = None
+    #: The instances of each mapped step, by its rank, once its list is known.
+    maps: MapTable = NO_MAPS
 
     @classmethod
     def initial(
@@ -246,6 +130,7 @@ class RunState(NamedTuple):
         records: Table | None = None,
         outputs: Table | None = None,
         committed: int | None = None,
+        maps: MapTable | None = None,
     ) -> RunState:
         # Built with new() rather than _replace(): it runs twice per step.
         return new(
@@ -260,6 +145,7 @@ class RunState(NamedTuple):
                 self.status,
                 self.committed if committed is None else committed,
                 self.error,
+                self.maps if maps is None else maps,
             ),
         )
 
@@ -291,6 +177,77 @@ class RunState(NamedTuple):
         rank = self.rank
         changes = [(rank[record.step_id], _kept(record)) for record in records]
         return self._evolve(records=table_set_many(self.records, changes))
+
+    # -- instances of mapped steps ---------------------------------------------------
+
+    def expand(self, rank: int, step_id: str, size: int) -> RunState:
+        """The mapped step at ``rank`` has ``size`` instances: room for them, all pending.
+
+        They are kept past everything the tables hold (the steps, and the
+        instances of the maps expanded before), so an instance's transition is
+        one write to one table, as a step's is.
+        """
+        base = table_len(self.records)
+        return self._evolve(
+            records=table_grow(self.records, size),
+            outputs=table_grow(self.outputs, size),
+            maps=self.maps.set(rank, MapVec(step_id, base, size)),
+        )
+
+    def instance_kept(self, rank: int, index: int) -> Any:
+        """What the table keeps for the instance: ``None`` while it was never dispatched."""
+        return table_get(self.records, self.maps[rank].base + index)
+
+    def instance_record(self, rank: int, index: int) -> StepRecord:
+        vec = self.maps[rank]
+        kept = table_get(self.records, vec.base + index)
+        return pending_instance(vec.step_id, index) if kept is None else _unkept(kept)
+
+    def instance_records(self, rank: int) -> Iterator[StepRecord]:
+        """The records of the instances of the mapped step at ``rank``, by index."""
+        vec = self.maps[rank]
+        kept = islice(table_values(self.records), vec.base, vec.base + vec.size)
+        for i, value in enumerate(kept):
+            yield pending_instance(vec.step_id, i) if value is None else _unkept(value)
+
+    def instance_output(self, rank: int, index: int) -> PMap[str, Any]:
+        produced: PMap[str, Any] | None = table_get(self.outputs, self.maps[rank].base + index)
+        return produced or _EMPTY_MAP
+
+    def instance_outputs(self, rank: int) -> list[PMap[str, Any]]:
+        """What each instance of the mapped step at ``rank`` created, by index."""
+        vec = self.maps[rank]
+        kept = islice(table_values(self.outputs), vec.base, vec.base + vec.size)
+        return [produced or _EMPTY_MAP for produced in kept]
+
+    def set_instance(self, rank: int, index: int, record: StepRecord) -> RunState:
+        at = self.maps[rank].base + index
+        return self._evolve(records=table_set(self.records, at, _kept(record)))
+
+    def start_instance_at(
+        self, rank: int, index: int, wall: float, slot: str
+    ) -> tuple[RunState, StepRecord]:
+        """:meth:`start_attempt_at` for instance ``index`` of the mapped step at ``rank``."""
+        vec = self.maps[rank]
+        at = vec.base + index
+        kept = table_get(self.records, at)
+        old = pending_instance(vec.step_id, index) if kept is None else _unkept(kept)
+        attempt = new(
+            AttemptRecord,
+            (len(old.attempts) + 1, wall, None, None, None, None, None, None, None, slot, None),
+        )
+        record = old.with_attempt_started(attempt)
+        return self._evolve(records=table_set(self.records, at, record)), record
+
+    def succeed_instance(
+        self, rank: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
+    ) -> RunState:
+        """Record instance ``index``'s success and what it created."""
+        at = self.maps[rank].base + index
+        records = table_set(self.records, at, _kept(record))
+        if not outputs:
+            return self._evolve(records=records)
+        return self._evolve(records=records, outputs=table_set(self.outputs, at, pmap(outputs)))
 
     def set_outputs(self, step_id: str, outputs: Mapping[str, Any]) -> RunState:
         """Record what ``step_id`` created.
@@ -339,8 +296,16 @@ class RunState(NamedTuple):
     # -- queries -------------------------------------------------------------------
 
     def record(self, step_id: str) -> StepRecord:
-        """The record of one step."""
-        return _unkept(table_get(self.records, self.rank[step_id]))
+        """The record of one step, or of one instance of a mapped step (``"score[7]"``)."""
+        rank = self.rank.get(step_id)
+        if rank is not None:
+            return _unkept(table_get(self.records, rank))
+        parsed = parse_instance_id(step_id) if self.maps else None
+        node = None if parsed is None else self.rank.get(parsed[0])
+        vec: MapVec | None = None if node is None else self.maps.get(node)
+        if vec is None or node is None or parsed is None or parsed[1] >= vec.size:
+            raise KeyError(step_id)
+        return self.instance_record(node, parsed[1])
 
     def record_at(self, rank: int) -> StepRecord:
         """The record of the step of canonical rank ``rank``.
@@ -372,25 +337,50 @@ class RunState(NamedTuple):
         merged: dict[str, Any] = {}
         pairs = zip(table_values(self.outputs), table_values(self.records), strict=True)
         for produced, record in islice(pairs, self.committed):
-            if produced and record[1] is StepStatus.SUCCEEDED:  # kept or not
+            if produced and record[1] == StepStatus.SUCCEEDED:  # kept (text) or not (enum)
                 merged.update(produced)
         return pmap(merged)
 
     @property
     def commits(self) -> tuple[str, ...]:
-        """The steps folded so far, in the order they were folded."""
-        return self.order[: self.committed]
+        """The steps folded so far, in the order they were folded.
+
+        A mapped step is folded once all its instances ended: its instances'
+        ids come first, in index order, then its own.
+        """
+        if not self.maps:
+            return self.order[: self.committed]
+        out: list[str] = []
+        for r, sid in enumerate(self.order[: self.committed]):
+            vec = self.maps.get(r)
+            if vec is not None:
+                out.extend(instance_id(sid, i) for i in range(vec.size))
+            out.append(sid)
+        return tuple(out)
+
+    def _steps_kept(self) -> Iterator[Any]:
+        """What the records table keeps for the steps (the instances come after them)."""
+        return islice(table_values(self.records), len(self.order))
 
     def count_status(self, status: StepStatus) -> int:
-        return sum(1 for kept in table_values(self.records) if kept[1] is status)
+        return sum(1 for kept in self._steps_kept() if kept[1] == status)
 
     @property
     def all_terminal(self) -> bool:
-        return all(kept[1] in TERMINAL for kept in table_values(self.records))  # kept or not
+        return all(kept[1] in TERMINAL for kept in self._steps_kept())  # kept or not
 
     def all_records(self) -> Iterator[StepRecord]:
-        """Every step's record, in canonical order."""
-        return map(_unkept, table_values(self.records))
+        """Every step's record, in canonical order (a mapped step's, then its instances')."""
+        if not self.maps:
+            return map(_unkept, table_values(self.records))
+        return self._with_instances()
+
+    def _with_instances(self) -> Iterator[StepRecord]:
+        maps = self.maps
+        for r, kept in enumerate(self._steps_kept()):
+            yield _unkept(kept)
+            if r in maps:
+                yield from self.instance_records(r)
 
     def unfinished(self) -> list[StepRecord]:
         """The records of the steps not in a terminal status, in canonical order.
@@ -398,70 +388,34 @@ class RunState(NamedTuple):
         Read without rebuilding the finished ones: at the end of a run that is
         nearly all of them.
         """
-        return [_unkept(kept) for kept in table_values(self.records) if kept[1] not in TERMINAL]
+        return [_unkept(kept) for kept in self._steps_kept() if kept[1] not in TERMINAL]
+
+    def unfinished_instances(self) -> list[tuple[int, int, StepRecord]]:
+        """(rank, index, record) of every instance not in a terminal status."""
+        out: list[tuple[int, int, StepRecord]] = []
+        for r, vec in sorted(self.maps.items()):
+            kept = islice(table_values(self.records), vec.base, vec.base + vec.size)
+            for i, value in enumerate(kept):
+                if value is None or value[1] not in TERMINAL:
+                    out.append((r, i, self.instance_record(r, i)))
+        return out
 
     def first_with(self, statuses: frozenset[StepStatus] | tuple[StepStatus, ...]) -> str | None:
-        """The id of the first step, in canonical order, whose status is one of ``statuses``."""
-        return next((kept[0] for kept in table_values(self.records) if kept[1] in statuses), None)
+        """The id of the first step, in canonical order, whose status is one of ``statuses``.
+
+        For a mapped step, that is its first instance with such a status, if any.
+        """
+        for r, kept in enumerate(self._steps_kept()):
+            if kept[1] in statuses:
+                if r in self.maps:
+                    for record in self.instance_records(r):
+                        if record.status in statuses:
+                            return record.step_id
+                return str(kept[0])
+        return None
 
     def steps_view(self) -> StepsView:
         """Step id -> record, in canonical order, read from this state when asked."""
+        from stepvisor.core._views import StepsView  # noqa: PLC0415 - it imports this module
+
         return StepsView(self)
-
-
-class _ItemsView(ItemsView[str, StepRecord]):
-    _mapping: StepsView
-
-    def __iter__(self) -> Iterator[tuple[str, StepRecord]]:
-        view = self._mapping
-        return zip(view._order, map(_unkept, table_values(view._table)), strict=True)
-
-
-class _ValuesView(ValuesView[StepRecord]):
-    _mapping: StepsView
-
-    def __iter__(self) -> Iterator[StepRecord]:
-        return map(_unkept, table_values(self._mapping._table))
-
-
-class StepsView(Mapping[str, StepRecord]):
-    """A run state's records as a read-only mapping of step id to record.
-
-    A run's result hands back every step's record, and building a dict of
-    them at the end of a big run made as many objects as the run kept (three
-    per step, see :class:`_Settled`) in one burst, and the cyclic GC's full
-    passes over a heap growing that fast were most of the run's last seconds.
-    The view builds a record when it is read.  It is immutable like the state
-    it reads; a pickled view comes back as a plain ``dict``.
-    """
-
-    __slots__ = ("_order", "_rank", "_table")
-
-    def __init__(self, state: RunState) -> None:
-        self._order = state.order
-        self._rank = state.rank
-        self._table = state.records
-
-    def __getitem__(self, step_id: str) -> StepRecord:
-        return _unkept(table_get(self._table, self._rank[step_id]))
-
-    def __contains__(self, step_id: object) -> bool:
-        return step_id in self._rank
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def items(self) -> ItemsView[str, StepRecord]:
-        return _ItemsView(self)
-
-    def values(self) -> ValuesView[StepRecord]:
-        return _ValuesView(self)
-
-    def __repr__(self) -> str:
-        return repr(dict(self.items()))
-
-    def __reduce__(self) -> tuple[type[dict[str, StepRecord]], tuple[dict[str, StepRecord]]]:
-        return dict, (dict(self.items()),)

@@ -14,6 +14,12 @@ drives it from its one thread, and tests drive it directly, without threads.
   preference order (``Graph.urgency_of``), computed once per workflow: an
   integer compares faster than a (priority, id) tuple, and a heap of a
   million ready steps holds no tuple for the GC to traverse.
+* A mapped step is never queued itself: once its dependencies are met it is
+  *expandable* (the machine learns its list and queues its instances).  An
+  instance is queued as one integer too, ``urgency << 32 | index``: the step's
+  place, then the index, which is the canonical order of instances.  A step
+  mapped instance by instance over another map's artifact (a chained map)
+  waits for that map's *expansion*, not its success.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from stepvisor.core.graph import Graph
 __all__ = ["Scheduler"]
 
 _NO_POOL = ""
+#: Bits of a heap key that hold an instance's index (when the workflow has maps).
+INDEX_BITS = 32
 
 
 class Scheduler:
@@ -50,37 +58,89 @@ class Scheduler:
         self._running_in: dict[str, int] = {}
         self.running = 0
         self.ready_count = 0
+        maps = graph.maps
+        self._mapped = frozenset(maps)
+        #: Bits of a heap key below the step's place: 0 without maps, so that a
+        #: workflow without them queues exactly the integers it always did.
+        self._shift = INDEX_BITS if maps else 0
+        self._mask = (1 << self._shift) - 1
+        #: The index of the instance the last ``take`` returned (0 for a step).
+        self.taken_index = 0
+        #: Mapped steps whose dependencies are met, for the machine to expand.
+        self.expandable: list[int] = []
+        self._pointwise_of: dict[int, list[int]] = {}
+        for r, link in maps.items():
+            if link.source is not None:
+                self._pointwise_of.setdefault(link.source, []).append(r)
 
     # -- feeding -------------------------------------------------------------------
 
     def initial_ready(self, done: Iterable[int] = ()) -> None:
         """Mark ``done`` ranks succeeded (a resumed run) and queue every ready step."""
         done_set = set(done)
-        for r in done_set:
+        for r in done_set:  # done is expanded too: every dependant counts it
             for c in self.graph.dependents[r]:
                 self._waiting[c] -= 1
         for r in range(len(self._waiting)):
             if r not in done_set and self._waiting[r] == 0:
-                self.push(r)
+                self._became_ready(r)
 
-    def push(self, r: int) -> None:
-        """Queue rank ``r`` as ready (also used when a retry becomes due)."""
+    def _became_ready(self, r: int) -> None:
+        if r in self._mapped:
+            self.expandable.append(r)
+        else:
+            self.push(r)
+
+    def push(self, r: int, index: int = 0) -> None:
+        """Queue rank ``r`` (or instance ``index`` of it) as ready; also for a due retry."""
         pool = self._pool_of[r]
         heap = self._heaps.get(pool)
         if heap is None:
             heap = self._heaps[pool] = []
-        heapq.heappush(heap, self._urgency_of[r])
+        heapq.heappush(heap, (self._urgency_of[r] << self._shift) | index)
         self.ready_count += 1
 
+    def push_all(self, r: int, count: int) -> None:
+        """Queue instances ``0 .. count - 1`` of the mapped step ``r`` at once.
+
+        One ``heapify`` instead of a push each: a map's expansion may queue a
+        million instances.
+        """
+        pool = self._pool_of[r]
+        heap = self._heaps.get(pool)
+        if heap is None:
+            heap = self._heaps[pool] = []
+        base = self._urgency_of[r] << self._shift
+        heap.extend(range(base, base + count))
+        heapq.heapify(heap)
+        self.ready_count += count
+
     def succeeded(self, r: int) -> list[int]:
-        """Record that ``r`` succeeded; queue and return the steps it made ready."""
+        """Record that ``r`` succeeded; queue and return the steps it made ready.
+
+        A chained map over ``r`` (see :meth:`expanded`) was counted already.
+        """
         made_ready: list[int] = []
+        chained = self._pointwise_of.get(r) if self._pointwise_of else None
         for c in self.graph.dependents[r]:
+            if chained is not None and c in chained:
+                continue
             self._waiting[c] -= 1
             if self._waiting[c] == 0:
-                self.push(c)
+                self._became_ready(c)
                 made_ready.append(c)
         return made_ready
+
+    def chained_to(self, r: int) -> list[int]:
+        """The mapped steps chained instance by instance to the mapped step ``r``."""
+        return self._pointwise_of.get(r, [])
+
+    def expanded(self, r: int) -> None:
+        """The mapped step ``r`` knows its instances: maps chained to it may expand."""
+        for c in self._pointwise_of.get(r, ()):
+            self._waiting[c] -= 1
+            if self._waiting[c] == 0:
+                self._became_ready(c)
 
     # -- taking --------------------------------------------------------------------
 
@@ -113,6 +173,9 @@ class Scheduler:
         self.running += 1
         if limits:  # only limits need the count per pool
             self._running_in[best_pool] = self._running_in.get(best_pool, 0) + 1
+        if self._shift:
+            self.taken_index = best & self._mask
+            return self._urgency[best >> self._shift]
         return self._urgency[best]
 
     def release(self, r: int) -> None:
@@ -123,7 +186,8 @@ class Scheduler:
 
     def drain_ready(self) -> list[int]:
         """Remove and return every queued step (the run is stopping)."""
-        out = [self._urgency[u] for heap in self._heaps.values() for u in heap]
+        shift = self._shift
+        out = [self._urgency[u >> shift] for heap in self._heaps.values() for u in heap]
         self._heaps.clear()
         self.ready_count = 0
         return sorted(out)

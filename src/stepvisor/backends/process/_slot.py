@@ -258,6 +258,10 @@ class ProcessSlot:
 
     def _message(self, child: Child, spec: AttemptSpec, fn_payload: bytes, args: Args) -> bytes:
         path = None if child.sent_path == sys.path else list(sys.path)
+        authkey = None
+        if path is not None and "multiprocessing.process" in sys.modules:
+            # Without multiprocessing imported here there is no proxy to share.
+            authkey = bytes(sys.modules["multiprocessing.process"].current_process().authkey)
         meta = Attempt(
             spec.run_id,
             spec.step_id,
@@ -268,6 +272,7 @@ class ProcessSlot:
             path,
             fds=len(args.fds),
             trace=spec.trace,
+            authkey=authkey,
         )
         message = encode_message([dump_attempt(meta), fn_payload, args.blob])
         if path is not None:
@@ -334,7 +339,7 @@ class ProcessSlot:
         pending = child.send_some(memoryview(message)) if message else memoryview(message)
         if pending:
             child.poller.register(child.cmd_w, select.POLLOUT)
-        else:
+        elif spec.child_calls is None:  # a child with a bound takes one attempt at a time
             self._send_ahead(child, following)  # never interleaved with a part-sent message
         try:
             reply = self._await_reply(child, spec, control, pending)
@@ -376,6 +381,10 @@ class ProcessSlot:
         if child.has_exited():  # it replied, then died: keep the reply, replace the child
             log.warning("worker process %s died right after replying; replacing it", child.pid)
             self._retire(child, respawn=True)
+            return result
+        child.calls += 1
+        if spec.child_calls is not None and child.calls >= spec.child_calls:
+            self._retire(child, respawn=True)  # idle now: nothing of an attempt is lost
         return result
 
     def _end_of_child(

@@ -99,6 +99,8 @@ class Child:
         self._open_poller()
         self.lock = threading.Lock()
         self.buf = bytearray()
+        #: Attempts it replied to (``AttemptSpec.child_calls`` bounds them).
+        self.calls = 0
         self.ready = False
         self.sent_path: list[str] | None = None
         # Signalling state, under ``lock``:
