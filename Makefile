@@ -1,13 +1,24 @@
 # stepvisor: two commands from a fresh clone.
 #   make demo   create .venv, install, run the demo workflow on the SQLite store
-#   make test   create .venv, install, lint (ruff + mypy strict), run the test suite,
-#               then the integration tests against the real client (make client-test)
+#   make test   create .venv, install, lint (ruff + mypy strict), run the test suite on
+#               Python 3.11, 3.12 and 3.13 (make versions), then the integration tests
+#               against the real client (make client-test)
+#   make bench  the benchmarks beside joblib, Dask and Ray; charts in benchmarks/results/
 PYTHON ?= python3
 # Extras to install; CI adds the optional backends: make test EXTRAS=test,ray,bench
 EXTRAS ?= test
+# What make bench adds: the peers it compares with (joblib, Dask; Ray) and matplotlib.
+BENCH_EXTRAS := bench,ray
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+# The Python versions the suite runs on (requires-python >= 3.11): .venv's, and one
+# .venv-pyX.Y each for the others. Where one is missing, make versions skips it,
+# saying so, except in CI (CI set), where it fails.
+PYTHONS ?= 3.11 3.12 3.13
+# Their extras: the test extra only, so the Ray and chart tests skip there (saying why)
+# and run on .venv's Python with EXTRAS. Measured on this 2-core machine under load: with
+# Ray, every Ray worker cold start cost seconds of CPU and the 3.12 suite took 15 min.
+VERSIONS_EXTRAS ?= test
 
 # stepvisor.compat's real client, tapps-agents, needs Python 3.12: its own venv,
 # with stepvisor installed from this tree (editable) beside it.
@@ -16,17 +27,16 @@ CLIENT_PY    := $(CLIENT_VENV)/bin/python
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 TAPPS_AGENTS ?= tapps-agents==3.7.1
 
-.PHONY: venv demo test lint unit client-venv client-test bench bench-quick chaos clean
+.PHONY: venv bench-venv demo test lint unit versions client-venv client-test bench bench-quick \
+	chaos clean
 
-venv: $(STAMP)
+# Installs again when pyproject.toml or EXTRAS asks for more than the stamp records
+# (scripts/venv.sh); a no-op otherwise.
+venv:
+	@sh scripts/venv.sh $(PYTHON) $(VENV) $(EXTRAS)
 
-$(STAMP): pyproject.toml
-	rm -f $(STAMP)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
-	$(PY) -m compileall -q src
-	touch $(STAMP)
+bench-venv:
+	@sh scripts/venv.sh $(PYTHON) $(VENV) $(EXTRAS),$(BENCH_EXTRAS)
 
 demo: venv
 	$(PY) -m stepvisor run examples/demo.yaml --report .stepvisor/demo-report.html
@@ -39,13 +49,32 @@ lint: venv
 unit: venv
 	$(PY) -m pytest
 
-test: lint unit client-test
+# The suite on each of PYTHONS but .venv's own (which make unit runs).
+versions: venv
+	@main=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	for version in $(PYTHONS); do \
+		[ "$$version" = "$$main" ] && continue; \
+		if ! py=$$(sh scripts/find-python.sh "$$version"); then \
+			case "$${CI:-}" in \
+				""|0|false) echo "make versions: SKIPPED the suite on Python $$version:" \
+					"no interpreter for it here (CI fails on this)"; continue ;; \
+				*) echo "make versions: error: the suite must run on Python $$version and this" \
+					"machine has none; install it (apt-get install python$$version, or" \
+					"pyenv install $$version)" >&2; exit 1 ;; \
+			esac; \
+		fi; \
+		echo "make versions: the suite on Python $$version ($$py)"; \
+		sh scripts/venv.sh "$$py" .venv-py$$version $(VERSIONS_EXTRAS) \
+			&& .venv-py$$version/bin/python -m pytest -q || exit 1; \
+	done
+
+test: lint unit versions client-test
 
 client-venv: $(CLIENT_STAMP)
 
 $(CLIENT_STAMP): pyproject.toml
 	rm -rf $(CLIENT_VENV)
-	py=$$(sh tests/client/find-python312.sh) && "$$py" -m venv $(CLIENT_VENV)
+	py=$$(sh scripts/find-python.sh 3.12) && "$$py" -m venv $(CLIENT_VENV)
 	# tomli: the cursor executor imports it, but tapps-agents 3.7.1 does not declare it.
 	$(CLIENT_PY) -m pip install --quiet --disable-pip-version-check '$(TAPPS_AGENTS)' tomli -e '.[test]'
 	touch $(CLIENT_STAMP)
@@ -62,11 +91,11 @@ client-test: venv
 
 # Bytecode compiled first: with PYTHONDONTWRITEBYTECODE set (as on these machines) every
 # process child would otherwise compile stepvisor's modules again as it boots.
-bench: venv
+bench: bench-venv
 	$(PY) -m compileall -q src
 	$(PY) -m benchmarks
 
-bench-quick: venv
+bench-quick: bench-venv
 	$(PY) -m benchmarks --quick
 
 chaos: venv
@@ -74,4 +103,5 @@ chaos: venv
 	$(PY) -m tests.chaos.executors --runs 200
 
 clean:
-	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENT_VENV) $(foreach v,$(PYTHONS),.venv-py$(v)) .pytest_cache \
+		.mypy_cache .ruff_cache

@@ -12,6 +12,7 @@ prints the ratio between them beside the stated target::
     verdict: the row's Target checked against its value or its ratio
                                       │
                   markdown table on stdout + JSON (figures, versions, machine, load)
+                  + charts beside the JSON: overhead, data, cancel .png (charts.py)
 
 The scenario module contract (also used by modules other people add):
 ``NAME`` (str), ``TITLE`` (str), ``run(*, quick: bool) -> list[Row]`` and,
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Literal
 
+from benchmarks.charts import missing_reason, write_charts
 from benchmarks.environment import environment, loadavg
 
 __all__ = [
@@ -443,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "table_markdown": table,
     }
     _write_json(args.out, payload)
+    charts = _charts(payload["rows"], args.out.parent)
     machine = env["machine"]
     print(
         f"stepvisor {env['versions']['stepvisor']} on {machine['cores']} cores, "
@@ -451,7 +454,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(table)
     print(f"\nfigures written to {args.out}")
+    print(charts)
     return 0
+
+
+def _charts(rows: list[dict[str, Any]], out_dir: Path) -> str:
+    """Draw the charts beside the JSON; say where, or why there are none."""
+    reason = missing_reason()
+    if reason is not None:
+        return f"no charts: {reason}"
+    written = write_charts(rows, out_dir)
+    lines = [f"chart written to {path}" for path in written]
+    return "\n".join(lines) or "no charts for these scenarios"
 
 
 def replace_row(row: Row, **changes: Any) -> Row:

@@ -53,6 +53,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 _LEAK_WAIT = 5.0
 #: The repository: its setup.cfg holds the demo's and the benchmarks' settings, not a test's.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Why a Ray test skips: Ray is an extra. `make test` installs it (EXTRAS=test,ray,...) in
+#: .venv only; the suites on the other Python versions (make versions) run without it.
+NO_RAY = (
+    "Ray is not installed in this interpreter: pip install 'stepvisor[ray]' (make versions "
+    "runs Python 3.12 and 3.13 with VERSIONS_EXTRAS=test: Ray is tested on .venv's Python)"
+)
 
 
 @pytest.fixture(autouse=True)

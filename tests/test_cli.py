@@ -10,6 +10,7 @@ rendering is also checked in-process against synthetic events.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import io
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from stepvisor.cli._progress import LiveDisplay, LogDisplay, Progress, _fit_names
-from stepvisor.cli.main import main
+from stepvisor.cli.main import build_parser, main
 from stepvisor.core.events import RunStarted, StepDispatched, StepFinished, StepRetrying
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.store.sqlite import SQLiteStore
@@ -347,6 +348,54 @@ def test_commands_without_a_store_exit_2_and_say_where_they_looked(
         "stepvisor: error: there is no run store at .stepvisor/runs.db; start a run first"
     )
     assert not (chdir_tmp / ".stepvisor").exists()
+
+
+def _store_options(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
+    """Each command's option strings that fill ``args.store``."""
+    found: dict[str, set[str]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[name] = {
+                    flag for a in sub._actions if a.dest == "store" for flag in a.option_strings
+                }
+    return found
+
+
+def test_every_command_that_takes_db_takes_store_as_the_same_option() -> None:
+    options = _store_options(build_parser())
+    assert {name for name, flags in options.items() if flags} == {
+        "run",
+        "resume",
+        "status",
+        "cancel",
+        "report",
+    }
+    for name, flags in options.items():
+        assert flags in (set(), {"--store", "--db"}), name
+        if flags:
+            argv = [name] + ["x"] * (name != "status") + ["--html", "h"] * (name == "report")
+            parsed = [build_parser().parse_args([*argv, flag, "s.db"]).store for flag in flags]
+            assert parsed == ["s.db", "s.db"], name
+
+
+def test_a_run_kept_with_store_is_found_with_db_and_the_other_way(
+    chdir_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (chdir_tmp / "clisteps.py").write_text(STEPS)
+    (chdir_tmp / "ok.yaml").write_text("id: one\nsteps:\n  - {id: a, run: 'clisteps:ok'}\n")
+    monkeypatch.syspath_prepend(str(chdir_tmp))
+    assert main(["run", "ok.yaml", "--store", "kept/a.db"]) == 0
+    first = started_id(capsys.readouterr().out)
+    assert main(["run", "ok.yaml", "--db", "kept/b.db"]) == 0
+    second = started_id(capsys.readouterr().out)
+    assert not (chdir_tmp / ".stepvisor").exists()  # neither went to the default store
+    assert main(["status", first, "--db", "kept/a.db"]) == 0
+    assert f"run       {first}" in capsys.readouterr().out
+    assert main(["status", second, "--store", "kept/b.db"]) == 0
+    assert f"run       {second}" in capsys.readouterr().out
+    assert main(["report", first, "--html", "r.html", "--store", "kept/b.db"]) == 2
+    assert f"{first!r}" in capsys.readouterr().err  # not in that store
 
 
 @pytest.mark.realtime

@@ -829,10 +829,13 @@ def test_several_attempts_sent_ahead_run_in_order_and_are_not_sent_twice(
     specs = [_queued(STEPS.mark, f"s{i}", pub) for i in range(5)]
     first = warm.run(specs[0], AttemptControl(), ahead=_chain(specs, 0))
     assert first.kind == "ok", first
-    # The next two ran without another call: their messages (about 1.4 KB each, the
-    # function goes by value) went into the child's pipe in one PIPE_BUF write.
+    # The next ones ran without another call: their messages (the function goes by value)
+    # went into the child's pipe in one PIPE_BUF write.  How many fit depends on the
+    # pickle's size, which varies with the Python version (1,433 bytes each on 3.11: two
+    # fit in 4,096; 1,365 on 3.13: three), so the test asks for at least two, in order.
     wait_for(lambda: len(_ran(pub)) >= 3, what="the attempts sent ahead")
-    assert _ran(pub) == ["s0", "s1", "s2"]
+    ran = _ran(pub)
+    assert ran == [s.step_id for s in specs[: len(ran)]], ran
     for i, spec in enumerate(specs[1:], start=1):
         result = warm.run(spec, AttemptControl(), ahead=_chain(specs, i))
         assert result.kind == "ok", result

@@ -58,7 +58,7 @@ from stepvisor.errors import (
     StepTimeoutError,
     WorkerCrashedError,
 )
-from tests.conftest import pid_gone, wait_for
+from tests.conftest import NO_RAY, pid_gone, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -117,7 +117,7 @@ def wait_all_gone(mark: str, *, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[Any]:
     """One local Ray instance for the module; none of its processes is left afterwards."""
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason=NO_RAY)
     assert not ray.is_initialized(), "another test left Ray initialized"
     mark = uuid.uuid4().hex
     with ray_environment(mark):
@@ -326,7 +326,7 @@ def test_check_reachable_names_the_address_and_the_fix() -> None:
 
 
 def test_unreachable_ray_address_fails_before_any_step_runs(tmp_path: Path) -> None:
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason=NO_RAY)
     marker = tmp_path / "ran"
     address = f"127.0.0.1:{free_port()}"
     done = run_python(

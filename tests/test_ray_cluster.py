@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 import stepvisor as sv
-from tests.conftest import wait_for
+from tests.conftest import NO_RAY, wait_for
 from tests.test_ray_backend import ray_environment, wait_all_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -43,7 +43,7 @@ FAST_HEALTH_CHECKS = {
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """A head node and two worker nodes, ``node_a`` and ``node_b``."""
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason=NO_RAY)
     cluster_utils = importlib.import_module("ray.cluster_utils")
     assert not ray.is_initialized(), "another test left Ray initialized"
     mark = uuid.uuid4().hex

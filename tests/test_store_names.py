@@ -62,19 +62,20 @@ def test_sqlite_store_refuses_a_name_that_is_no_file(chdir_tmp: Path, name: str)
     assert os.listdir(chdir_tmp) == []
 
 
-def test_cli_run_with_db_memory_keeps_nothing_and_status_says_why(
+def test_cli_run_with_store_memory_keeps_nothing_and_status_says_why(
     chdir_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (chdir_tmp / "tinysteps.py").write_text("def one(ctx):\n    return {'x': 1}\n")
     (chdir_tmp / "wf.yaml").write_text(WF_FILE)
     monkeypatch.syspath_prepend(str(chdir_tmp))
-    assert main(["run", "wf.yaml", "--db", ":memory:"]) == 0
+    assert main(["run", "wf.yaml", "--store", ":memory:"]) == 0
     made = sorted(p for p in os.listdir(chdir_tmp) if p != "__pycache__")
     assert made == ["tinysteps.py", "wf.yaml"]  # no store file, no .stepvisor directory
     capsys.readouterr()
     for command in (["status"], ["cancel", "r"], ["resume", "r"], ["report", "r", "--html", "x"]):
-        assert main([*command, "--db", ":memory:"]) == 2
-        err = capsys.readouterr().err
-        assert "--db :memory: is an in-memory store" in err, command
-        assert "point --db at the store file" in err
+        for option in ("--store", "--db"):  # --db: the same option by its older name
+            assert main([*command, option, ":memory:"]) == 2
+            err = capsys.readouterr().err
+            assert "--store :memory: is an in-memory store" in err, command
+            assert "point --store at the store file" in err
     assert not (chdir_tmp / ":memory:").exists()

@@ -17,7 +17,8 @@ import pytest
 
 from stepvisor.backends.base import format_error
 
-_CARETS = re.compile(r"\s*[\^~]+\s*")
+#: A caret line: marks under a source line, after the ``|`` margin in an exception group's text.
+_CARETS = re.compile(r"\s*(\|\s*)?[\^~]+\s*")
 
 
 def _standard_without_carets(exc: BaseException) -> str:

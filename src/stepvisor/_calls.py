@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, NamedTuple, cast
 
 from stepvisor._invoke import RESULT, AsyncInvoke, Invoke
-from stepvisor.actors._call import first_attempt
+from stepvisor.actors.calls import first_attempt
 from stepvisor.config import Resolved
 from stepvisor.core.machine import Plan, RunMachine
 from stepvisor.core.model import EXECUTORS, Step, Workflow, check_positive_seconds

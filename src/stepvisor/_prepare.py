@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from os import PathLike
 from typing import Final
 
-from stepvisor.actors._shell import RunObserver
+from stepvisor.actors.runs import RunObserver
 from stepvisor.config import Resolved
 from stepvisor.core.model import Step, Workflow
 from stepvisor.errors import (

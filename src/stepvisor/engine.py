@@ -33,7 +33,7 @@ import pykka
 
 from stepvisor._closing import Closing
 from stepvisor._log import log
-from stepvisor.actors._pool import WorkerPool
+from stepvisor.actors.runs import WorkerPool
 from stepvisor.actors.supervisor import Supervisor
 from stepvisor.actors.worker import RunBackends, check_backends
 from stepvisor.backends import _shm

@@ -47,8 +47,7 @@ from typing import Any, Final, NamedTuple, cast
 from stepvisor._calls import UNSET, Calls, Link, Options, Settled, checked, name_of, replaced
 from stepvisor._invoke import ARGS, CURRENT, KWARGS, AsyncInvoke, Invoke
 from stepvisor._validate import is_int
-from stepvisor.actors._call import HubCall
-from stepvisor.actors._hub import CallHub, CancelAll, CancelCall
+from stepvisor.actors.calls import CallHub, CancelAll, CancelCall, HubCall
 from stepvisor.clock import RealClock
 from stepvisor.config import resolve
 from stepvisor.context import StepContext

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import pytest
 
 import stepvisor as sv
-from tests.conftest import pid_gone, wait_for
+from tests.conftest import NO_RAY, pid_gone, wait_for
 from tests.contract import steps
 from tests.test_ray_backend import ray_environment, wait_all_gone
 
@@ -140,7 +140,7 @@ def attempts_of(result: sv.RunResult, step_id: str) -> list[tuple[str | None, st
 @contextlib.contextmanager
 def _local_ray() -> Iterator[None]:
     """A local Ray instance (2 CPUs) for the package; none of its processes is left after."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'stepvisor[ray]'")
+    ray = pytest.importorskip("ray", reason=NO_RAY)
     assert not ray.is_initialized(), "another test left Ray initialized"
     mark = uuid.uuid4().hex
     # Ray adds the driver's working directory to its workers' sys.path: start it

@@ -23,16 +23,10 @@ from typing import Any, ClassVar
 from stepvisor.backends._capture import CURRENT
 from stepvisor.backends._stacks import task_stack
 from stepvisor.backends._wire import check_outputs, trace_context
-from stepvisor.backends.base import (
-    AttemptResult,
-    AttemptSpec,
-    Following,
-    backend_bug,
-    format_error,
-    stop_error,
-)
+from stepvisor.backends.base import Following, backend_bug, format_error, stop_error
 from stepvisor.backends.thread import ended_with_stack, make_context
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 
 __all__ = ["LOOP_THREAD_NAME", "LoopThread"]
 

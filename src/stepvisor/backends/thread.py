@@ -16,8 +16,9 @@ from typing import ClassVar, Final
 from stepvisor.backends._capture import CURRENT
 from stepvisor.backends._stacks import HEADER, grab_thread_stack, with_stack
 from stepvisor.backends._wire import check_outputs, trace_context
-from stepvisor.backends.base import AttemptResult, AttemptSpec, Following, format_error
+from stepvisor.backends.base import Following, format_error
 from stepvisor.context import AttemptControl, StepContext
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 from stepvisor.errors import StepCancelledError, StepTimeoutError
 
 __all__ = ["ThreadBackend", "call_step", "check_outputs", "format_error", "make_context"]

@@ -42,7 +42,7 @@ FOLLOW_EVERY: Final = 0.5
 def add_logs_command(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
-    add_db: Callable[[argparse.ArgumentParser], None],
+    add_store: Callable[[argparse.ArgumentParser], None],
     open_store: Callable[[str], SQLiteStore],
 ) -> None:
     """Register ``stepvisor logs`` (its handler opens the store with ``open_store``)."""
@@ -55,10 +55,10 @@ def add_logs_command(
     p.add_argument(
         "--follow", "-f", action="store_true", help="keep printing as a running run writes"
     )
-    add_db(p)
+    add_store(p)
 
     def handler(args: argparse.Namespace) -> int:
-        with open_store(args.db) as store:
+        with open_store(args.store) as store:
             return cmd_logs(args, store)
 
     p.set_defaults(handler=handler)

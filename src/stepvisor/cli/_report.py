@@ -1,9 +1,11 @@
 """The HTML report of a stored run: one self-contained page to look at after the fact.
 
 The page answers "what ran where, when, and how did it end": a summary (status,
-counts, duration, seed, settings), a timeline with one row per worker slot and
-one bar per attempt colored by its outcome, and a table of steps whose rows open
-to show every attempt with its error and traceback.
+counts, duration, seed, settings), the workflow's graph with each step coloured by
+its status (:mod:`stepvisor.cli._graph`; drawn when the caller knows the
+workflow), a timeline with one row per worker slot and one bar per attempt
+colored by its outcome, and a table of steps whose rows open to show every
+attempt with its error and traceback.
 
 A mapped step is one row of that table with its instances' counts; the row
 opens to a table of its instances (at most ``_INSTANCE_ROWS``: every one that
@@ -18,6 +20,7 @@ run (ids, error messages, tracebacks, settings) goes through ``html.escape``::
 
     StoredRun ─▶ _Attempt rows (one per attempt, restored steps left out)
               ─▶ summary + settings ─┐
+    workflow  ─▶ SVG graph ──────────┤
               ─▶ SVG timeline ───────┼─▶ HTML page
               ─▶ steps table ────────┘
 """
@@ -36,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from stepvisor.cli._graph import GraphNode, graph_of, graph_svg
 from stepvisor.cli._maps import Group, count_text, group_steps
 from stepvisor.core.state import AttemptRecord, StepRecord, StepStatus
 from stepvisor.store.base import StoredRun
 
-__all__ = ["OUTCOME_COLORS", "render_html", "write_html"]
+__all__ = ["OUTCOME_COLORS", "GraphNode", "graph_of", "render_html", "write_html"]
 
 #: Bar colors by attempt outcome (``None``: the attempt never ended).
 OUTCOME_COLORS: Final[Mapping[str, str]] = {
@@ -451,6 +455,11 @@ border-bottom:1px solid #eceef2;vertical-align:top}.steps tr.hot{background:#fff
 .err{color:#b42318}.muted{color:#6b7280}pre{background:#f3f4f6;padding:8px;overflow:auto;
 font-size:12px;max-height:300px}summary{cursor:pointer}
 svg.timeline{width:100%;height:auto;font:11px system-ui,sans-serif}
+.graphbox{overflow-x:auto}svg.graph{font:12px system-ui,sans-serif;display:block}
+.edge{fill:none;stroke:#9aa1ab;stroke-width:1.4}.arrowhead{fill:#9aa1ab}
+.node{cursor:pointer}.node text{fill:#fff;text-anchor:middle;pointer-events:none}
+.node-id{font-weight:600}.node-count{font-size:11px}.node-done{fill:#fff;opacity:.8}
+.node.dim{opacity:.3}.node.hot rect{stroke:#111;stroke-width:1.5}
 .lane{fill:#fafbfc;stroke:#eef0f3}.grid{stroke:#e6e8ec}.tick{fill:#6b7280;text-anchor:middle}
 .worker{fill:#374151;text-anchor:end;font-weight:600}.label{fill:#fff;pointer-events:none}
 .wait{stroke:#e09f3e;stroke-width:2;stroke-dasharray:4 3}
@@ -460,12 +469,12 @@ svg.timeline{width:100%;height:auto;font:11px system-ui,sans-serif}
 vertical-align:-1px}
 """
 
-# Hovering a bar highlights every attempt of its step and its table row;
-# clicking it opens the row (and, for an instance of a mapped step, its own row).
-# No innerHTML: only classes and attributes change.
+# Hovering a bar or a graph node highlights every attempt of its step, its node and
+# its table row; clicking it opens the row (and, for an instance of a mapped step, its
+# own row).  No innerHTML: only classes and attributes change.
 _JS: Final = """
 (function(){
-  var bars=document.querySelectorAll('.bar');
+  var bars=document.querySelectorAll('.bar, .node');
   function mark(step,on){
     bars.forEach(function(b){
       var same=b.getAttribute('data-step')===step;
@@ -505,13 +514,29 @@ def _output(logs: Mapping[tuple[str, int], str] | None) -> str:
     )
 
 
+def _graph_section(graph: Sequence[GraphNode] | None) -> str:
+    if graph is None:
+        return (
+            '<p class="muted">Not drawn: the workflow was not at hand when this report was '
+            "written (<code>stepvisor report</code> draws it while the workflow file is where "
+            "the run was started from).</p>"
+        )
+    return f'<div class="graphbox">{graph_svg(graph, _STATUS_COLORS)}</div>'
+
+
 def render_html(
     stored: StoredRun,
     *,
     now: float | None = None,
+    graph: Sequence[GraphNode] | None = None,
     logs: Mapping[tuple[str, int], str] | None = None,
 ) -> str:
-    """The report page for ``stored`` as a string (``now`` ends unfinished attempts)."""
+    """The report page for ``stored`` as a string (``now`` ends unfinished attempts).
+
+    ``graph`` is the workflow's steps as nodes (:func:`graph_of`, or built by the
+    caller, e.g. one node with its count for a step of many instances); without
+    it the page says why there is no graph.  ``logs`` are what each attempt wrote.
+    """
     now = time.time() if now is None else now
     info = stored.info
     attempts = _attempts(stored, now=now)
@@ -526,6 +551,9 @@ def render_html(
 <h1>Run <code>{_e(info.run_id)}</code> of <code>{_e(info.workflow_id)}</code>
 {_badge(info.status.value)}</h1>
 <section><h2>Summary</h2>{_summary(stored, attempts, now=now)}</section>
+<section><h2>Graph</h2><p class="muted">Each step coloured by its status, an arrow from
+what it needs; hover a step to find it in the timeline.</p>
+{_graph_section(graph)}</section>
 <section><h2>Timeline</h2><p class="muted">One row per worker slot, one bar per attempt
 (a dashed tail is the wait before a retry); hover a bar for its step, attempt, duration
 and error.</p>
@@ -546,11 +574,12 @@ def write_html(
     path: str | os.PathLike[str],
     *,
     logs: Mapping[tuple[str, int], str] | None = None,
+    graph: Sequence[GraphNode] | None = None,
 ) -> Path:
     """Write the report for ``stored`` to ``path`` (directories made); return its path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(stored, logs=logs)
+    text = render_html(stored, graph=graph, logs=logs)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)

@@ -2,17 +2,18 @@
 
 Commands::
 
-    stepvisor run FILE [--max-parallel N] [--set KEY=VALUE ...] [--db PATH] [--report HTML]
-    stepvisor resume RUN_ID [--force] [--max-parallel N] [--set KEY=VALUE ...] [--db PATH]
-    stepvisor status [RUN_ID [STEP]] [--db PATH]
-    stepvisor cancel RUN_ID [--wait SECONDS] [--db PATH]
-    stepvisor report RUN_ID --html FILE [--db PATH]
-    stepvisor logs RUN_ID [STEP] [--attempt N] [--follow] [--db PATH]
+    stepvisor run FILE [--max-parallel N] [--set KEY=VALUE ...] [--store PATH] [--report HTML]
+    stepvisor resume RUN_ID [--force] [--max-parallel N] [--set KEY=VALUE ...] [--store PATH]
+    stepvisor status [RUN_ID [STEP]] [--store PATH]
+    stepvisor cancel RUN_ID [--wait SECONDS] [--store PATH]
+    stepvisor report RUN_ID --html FILE [--store PATH]
+    stepvisor logs RUN_ID [STEP] [--attempt N] [--follow] [--store PATH]
     stepvisor config [FILE] [--set KEY=VALUE ...]
 
 Runs are kept in a SQLite store, ``.stepvisor/runs.db`` under the current
-directory unless ``--db`` says otherwise, so another ``stepvisor`` program can
-watch (``status``), stop (``cancel``) or continue (``resume``) them.
+directory unless ``--store`` says otherwise, so another ``stepvisor`` program can
+watch (``status``), stop (``cancel``) or continue (``resume``) them.  ``--db`` is
+the same option by its older name (the API and the docs call it the store).
 
 Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed,
 2 bad usage or an invalid workflow/setting (one line on stderr, no traceback),
@@ -37,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from stepvisor._prepare import fingerprint
 from stepvisor._runtime import resume_start, start
 from stepvisor.cli._follow import SigtermError, follow
 from stepvisor.cli._logs import add_logs_command, kept_logs
@@ -56,14 +58,14 @@ from stepvisor.cli._output import (
     when,
 )
 from stepvisor.cli._progress import TICK, Inbox, Progress, one_line
-from stepvisor.cli._report import write_html
+from stepvisor.cli._report import GraphNode, graph_of, write_html
 from stepvisor.config import _parse_text, resolve
 from stepvisor.core.model import SETTING_NAMES, Settings, Workflow
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.errors import InvalidSettingError, StepvisorError, StoreError, ValidationError
 from stepvisor.policies.retry import RetryPolicy
-from stepvisor.store.base import RunStore
+from stepvisor.store.base import RunStore, StoredRun
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SQLiteStore
 from stepvisor.workflow_file import load_workflow
@@ -133,21 +135,21 @@ def _codec() -> str:
     return resolve(None, None).codec
 
 
-#: ``--db :memory:``: a store in this program's memory, as SQLite names it.
+#: ``--store :memory:``: a store in this program's memory, as SQLite names it.
 _MEMORY: Final = ":memory:"
 
 
 def _existing_store(db: str) -> SQLiteStore:
     if db == _MEMORY:
         raise StoreError(
-            f"--db {_MEMORY} is an in-memory store: it holds only the runs of the program "
-            "that made it, so no other command can see them; point --db at the store "
+            f"--store {_MEMORY} is an in-memory store: it holds only the runs of the program "
+            "that made it, so no other command can see them; point --store at the store "
             "file the run was kept in (default: .stepvisor/runs.db)"
         )
     if not os.path.lexists(db):
         raise StoreError(
             f"there is no run store at {db}; start a run first (stepvisor run FILE), "
-            "or point --db at the store the run was kept in"
+            "or point --store at the store the run was kept in"
         )
     return SQLiteStore(db, codec=_codec(), create=False)
 
@@ -166,11 +168,14 @@ def _headline(wf: Workflow, db: str, *, kept: int = 0) -> str:
     return text + (f" (resumed; {kept} succeeded steps kept)" if kept else "")
 
 
-def _finish(result: RunResult, *, interrupted: bool, store: RunStore, report: str | None) -> int:
+def _finish(
+    result: RunResult, *, interrupted: bool, store: RunStore, report: str | None, wf: Workflow
+) -> int:
     if report is not None:
         try:
+            stored = store.load(result.run_id)
             path = write_html(
-                store.load(result.run_id), report, logs=kept_logs(store, result.run_id)
+                stored, report, graph=graph_of(wf, stored), logs=kept_logs(store, result.run_id)
             )
         except OSError as exc:  # the run's own outcome still decides the exit code
             say(f"error: cannot write the report to {report}: {exc.strerror or exc}")
@@ -193,8 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)  # flags first: a typo there is cheaper to report
     wf = load_workflow(args.file)
     codec = resolve(wf.settings, overrides).codec
-    # --db :memory: runs without a file: nothing to resume or inspect afterwards.
-    store: RunStore = MemoryStore() if args.db == _MEMORY else SQLiteStore(args.db, codec=codec)
+    # --store :memory: runs without a file: nothing to resume or inspect afterwards.
+    store: RunStore = (
+        MemoryStore() if args.store == _MEMORY else SQLiteStore(args.store, codec=codec)
+    )
     try:
         inbox = Inbox()
         try:
@@ -209,16 +216,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise _start_error(exc, args.file) from exc
         progress = Progress(wf.step_ids, mapped=_mapped(wf))
         result, interrupted = follow(
-            handle, inbox=inbox, progress=progress, headline=_headline(wf, args.db)
+            handle, inbox=inbox, progress=progress, headline=_headline(wf, args.store)
         )
-        return _finish(result, interrupted=interrupted, store=store, report=args.report)
+        return _finish(result, interrupted=interrupted, store=store, report=args.report, wf=wf)
     finally:
         store.close()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         stored = store.load(args.run_id)
         source = stored.info.source
         if source is None:
@@ -257,13 +264,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
             kept=kept,
             kept_sizes={sid: size for sid, size in sizes.items() if size is not None},
         )
-        headline = _headline(wf, args.db, kept=len(kept))
+        headline = _headline(wf, args.store, kept=len(kept))
         result, interrupted = follow(handle, inbox=inbox, progress=progress, headline=headline)
-        return _finish(result, interrupted=interrupted, store=store, report=args.report)
+        return _finish(result, interrupted=interrupted, store=store, report=args.report, wf=wf)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         if args.step is not None:
             print(one_step(store, args.run_id, args.step))
             return EXIT_OK
@@ -272,7 +279,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             return EXIT_OK
         runs = store.list_runs()
         if not runs:
-            print(f"no runs in {args.db} yet; start one with: stepvisor run FILE")
+            print(f"no runs in {args.store} yet; start one with: stepvisor run FILE")
             return EXIT_OK
         shown = runs if args.all else runs[: args.limit]
         rows = [
@@ -296,7 +303,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    with _existing_store(args.db) as store:
+    with _existing_store(args.store) as store:
         info = store.load(args.run_id).info
         if info.status is not RunStatus.RUNNING:
             print(f"run {args.run_id} is not running ({info.status.value}); nothing to cancel")
@@ -316,10 +323,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    with _existing_store(args.db) as store:
-        path = write_html(store.load(args.run_id), args.html, logs=kept_logs(store, args.run_id))
+    with _existing_store(args.store) as store:
+        stored = store.load(args.run_id)
+        path = write_html(
+            stored,
+            args.html,
+            graph=_graph_from_source(stored),
+            logs=kept_logs(store, args.run_id),
+        )
     print(f"report: {path}")
     return EXIT_OK
+
+
+def _graph_from_source(stored: StoredRun) -> list[GraphNode] | None:
+    """The graph of the workflow file the run was started from, if it is there unchanged.
+
+    ``None`` (the page says it is not drawn) for a run started from Python, a file
+    gone or broken, or one whose steps changed since: its graph would not be this run's.
+    """
+    source = stored.info.source
+    if source is None or not os.path.exists(source):
+        return None
+    try:
+        wf = load_workflow(source)
+    except Exception:  # even a step module that raises on import: the report goes on
+        return None
+    if fingerprint(wf) != stored.info.fingerprint:
+        return None
+    return graph_of(wf, stored)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -349,9 +380,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_db(parser: argparse.ArgumentParser) -> None:
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    # --db: the option's first name, kept so that existing scripts go on working.
     parser.add_argument(
-        "--db", default=DEFAULT_DB, metavar="PATH", help=f"run store (default: {DEFAULT_DB})"
+        "--store",
+        "--db",
+        dest="store",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help=f"run store, a SQLite file (default: {DEFAULT_DB}); --db is the same",
     )
 
 
@@ -368,7 +405,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-parallel", type=int, metavar="N", help="steps run at once")
     _add_settings(parser)
-    _add_db(parser)
+    _add_store(parser)
     parser.add_argument("--report", metavar="HTML", help="write an HTML report there at the end")
 
 
@@ -403,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, default=20, metavar="N", help="runs listed (default 20)")
     p.add_argument("--all", action="store_true", help="list every run")
-    _add_db(p)
+    _add_store(p)
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("cancel", help="ask a running run to stop")
@@ -411,16 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait", type=_positive_float, metavar="SECONDS", help="wait up to SECONDS for it to stop"
     )
-    _add_db(p)
+    _add_store(p)
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("report", help="write a run's HTML report (timeline, attempts, errors)")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
-    _add_db(p)
+    _add_store(p)
     p.set_defaults(handler=cmd_report)
 
-    add_logs_command(sub, add_db=_add_db, open_store=_existing_store)
+    add_logs_command(sub, add_store=_add_store, open_store=_existing_store)
 
     p = sub.add_parser("config", help="show the effective settings and where each comes from")
     p.add_argument("file", metavar="FILE", nargs="?", help="workflow file whose settings apply")

@@ -30,7 +30,7 @@ from typing import Any
 
 import stepvisor as sv
 from stepvisor._prepare import _run_tracer, fingerprint
-from stepvisor.actors._shell import RunPlan
+from stepvisor.actors.runs import RunPlan
 from stepvisor.compat._host import LoopClock, LoopRun
 from stepvisor.compat._loop import CallerLoopBackend, OnCallerLoop
 from stepvisor.compat._ready import find_ready_steps, names

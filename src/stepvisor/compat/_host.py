@@ -30,9 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from stepvisor.actors._pool import WorkerPool
-from stepvisor.actors._shell import RunPlan, RunShell
 from stepvisor.actors.messages import SlotGranted
+from stepvisor.actors.runs import RunPlan, RunShell, WorkerPool
 from stepvisor.core.messages import CancelRun, Start
 from stepvisor.core.result import RunResult
 

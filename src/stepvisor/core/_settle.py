@@ -17,8 +17,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from stepvisor._log import log
-from stepvisor.backends.base import AttemptResult
 from stepvisor.core import _outcomes as oc
+from stepvisor.core.attempt import AttemptResult
 from stepvisor.core.effects import (
     AbandonSlot,
     CancelTimer,

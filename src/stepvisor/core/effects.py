@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from stepvisor.backends.base import AttemptSpec
+from stepvisor.core.attempt import AttemptSpec
 from stepvisor.core.events import Event
 from stepvisor.core.messages import Message
 from stepvisor.core.result import RunResult

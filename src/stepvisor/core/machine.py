@@ -48,7 +48,6 @@ from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log
-from stepvisor.backends.base import AttemptSpec
 from stepvisor.config import Resolved
 from stepvisor.core._events import Emitter
 from stepvisor.core._finish import finish_effects, supervisor_failed_result
@@ -57,6 +56,7 @@ from stepvisor.core._mapping import Mapped, MapRun
 from stepvisor.core._retries import Retries
 from stepvisor.core._settle import BACKEND_GRACE_MARGIN, Inflight, Settling
 from stepvisor.core._slots import Slots
+from stepvisor.core.attempt import AttemptSpec
 from stepvisor.core.effects import (
     AddSlot,
     AttemptOrder,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from stepvisor.backends.base import AttemptResult
+from stepvisor.core.attempt import AttemptResult
 from stepvisor.errors import ArtifactCodecError
 
 __all__ = [

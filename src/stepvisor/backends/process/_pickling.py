@@ -24,7 +24,7 @@ import cloudpickle
 from stepvisor.backends import _shm
 from stepvisor.backends._located import DYNAMIC, located
 from stepvisor.backends._wire import Segment
-from stepvisor.backends.base import AttemptSpec
+from stepvisor.core.attempt import AttemptSpec
 from stepvisor.errors import StepNotSerializableError
 
 __all__ = ["Args", "args_blob", "check_sendable", "payload_and_args", "prepare_payload"]

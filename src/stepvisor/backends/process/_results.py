@@ -16,13 +16,8 @@ from stepvisor.backends import _shm
 from stepvisor.backends._child import EXIT_PROTOCOL_ERROR
 from stepvisor.backends._shm import Fds
 from stepvisor.backends._wire import Reply, Returned, Segment
-from stepvisor.backends.base import (
-    AttemptResult,
-    AttemptSpec,
-    caused,
-    remote_failure,
-    stop_error,
-)
+from stepvisor.backends.base import caused, remote_failure, stop_error
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 from stepvisor.errors import StepCancelledError, StepNotSerializableError, WorkerCrashedError
 
 __all__ = [

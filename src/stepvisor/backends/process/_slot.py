@@ -41,7 +41,7 @@ from typing import ClassVar, Final, NamedTuple, cast
 from stepvisor._log import log as _root_log
 from stepvisor.backends._child import dump_attempt, encode_message
 from stepvisor.backends._wire import Attempt
-from stepvisor.backends.base import Ahead, AttemptResult, AttemptSpec, not_started
+from stepvisor.backends.base import Ahead, not_started
 from stepvisor.backends.process._pickling import Args, payload_and_args
 from stepvisor.backends.process._results import (
     closed_result,
@@ -55,6 +55,7 @@ from stepvisor.backends.process._wait import await_end, enforce_deadline, poll_m
 from stepvisor.backends.process._worker import Child, Received
 from stepvisor.backends.thread import ended_with_stack
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 from stepvisor.errors import StepNotSerializableError, StepvisorError
 
 __all__ = ["ProcessSlot", "open_slot"]

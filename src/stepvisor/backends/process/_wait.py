@@ -14,9 +14,9 @@ import select
 import time
 from typing import Final
 
-from stepvisor.backends.base import AttemptSpec
 from stepvisor.backends.process._worker import Child
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptSpec
 
 __all__ = ["await_end", "enforce_deadline", "poll_ms", "serve"]
 

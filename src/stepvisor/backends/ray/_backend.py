@@ -40,8 +40,6 @@ from stepvisor._log import log as _root_log
 from stepvisor.backends._capture import log_of
 from stepvisor.backends._wire import Reply, Returned
 from stepvisor.backends.base import (
-    AttemptResult,
-    AttemptSpec,
     Following,
     caused,
     format_error,
@@ -59,6 +57,7 @@ from stepvisor.backends.ray._session import (
 )
 from stepvisor.backends.ray._task import attempt_task
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptResult, AttemptSpec
 from stepvisor.errors import StepNotSerializableError, WorkerCrashedError
 
 __all__ = ["RayBackend"]

@@ -24,8 +24,8 @@ from typing import Any, Final
 import cloudpickle
 
 from stepvisor.backends._wire import Attempt, RayCall
-from stepvisor.backends.base import AttemptSpec
 from stepvisor.backends.process import check_sendable, prepare_payload
+from stepvisor.core.attempt import AttemptSpec
 from stepvisor.errors import StepNotSerializableError
 
 __all__ = ["SHARE_THRESHOLD", "Placement", "RayTransfers"]

@@ -32,9 +32,9 @@ from stepvisor.backends._wire import (
     format_remote,
     pack_error,
 )
-from stepvisor.backends.base import AttemptSpec
 from stepvisor.backends.thread import call_step
 from stepvisor.context import AttemptControl
+from stepvisor.core.attempt import AttemptSpec
 from stepvisor.errors import StepNotSerializableError
 
 __all__ = ["attempt_task"]
