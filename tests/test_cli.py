@@ -370,6 +370,7 @@ def test_every_command_that_takes_db_takes_store_as_the_same_option() -> None:
         "status",
         "cancel",
         "report",
+        "logs",
     }
     for name, flags in options.items():
         assert flags in (set(), {"--store", "--db"}), name
