@@ -119,6 +119,15 @@ def _segments_left(fds_before: set[int], shm_before: set[str]) -> str:
     return f"shared-memory segments: descriptors {sorted(fds)}, /dev/shm names {sorted(names)}"
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line, to say what was left (empty once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return ""
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail the test if it leaves threads, processes, segments or temp files behind."""
@@ -136,7 +145,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         if time.monotonic() > deadline:
             pytest.fail(
                 f"{request.node.nodeid} left behind threads {[t.name for t in threads]} "
-                f"and processes {sorted(procs)}"
+                f"and processes {[(pid, _cmdline(pid)) for pid in sorted(procs)]}"
             )
         time.sleep(0.01)
     segments = _segments_left(fds_before, shm_before)

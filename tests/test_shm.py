@@ -356,6 +356,9 @@ def test_a_warm_engine_frees_a_runs_segments_when_it_ends(chdir_tmp: Path) -> No
 def test_closing_the_engine_frees_the_segments_of_a_run_still_going(chdir_tmp: Path) -> None:
     ready = chdir_tmp / "ready"
     wf = data_workflow(BIG // 8, readers=1, reader=wait_for_file, ready=str(ready))
+    # Processes of the session that were there before (loky's resource trackers, when
+    # the joblib suite ran first) are not this engine's children.
+    before = session_processes()
     engine = sv.Engine(max_parallel=2)
     handle = engine.start(wf)
     wait_for(ready.exists, timeout=30, what="the reader to map the array")
@@ -365,7 +368,7 @@ def test_closing_the_engine_frees_the_segments_of_a_run_still_going(chdir_tmp: P
     result = handle.wait(10)
     assert result.status is sv.RunStatus.CANCELLED
     assert _shm.held_fds() == 0
-    wait_for(lambda: not session_processes(), timeout=10, what="children to go")
+    wait_for(lambda: not session_processes() - before, timeout=10, what="children to go")
 
 
 def wait_for_file(ctx: sv.StepContext) -> None:
@@ -425,6 +428,7 @@ DRIVER = textwrap.dedent(
 @pytest.mark.realtime
 def test_a_sigkilled_parent_leaves_no_segment_anywhere(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
+    before = session_processes()  # not the driver's: e.g. loky's trackers, if started
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(REPO_ROOT), str(ready), str(BIG // 8)],
         cwd=tmp_path,
@@ -432,7 +436,7 @@ def test_a_sigkilled_parent_leaves_no_segment_anywhere(tmp_path: Path) -> None:
     )
     try:
         wait_for(ready.exists, timeout=60, what="the reader to map the array")
-        others = session_processes() - {driver.pid}
+        others = session_processes() - before - {driver.pid}
         held = segment_inodes([driver.pid, *others])
         assert held, "the segment should be held by the driver and its reader"
         assert set(segment_fds(driver.pid).values()) <= held  # the parent's descriptor
