@@ -30,6 +30,7 @@ from stepvisor.core.records import StepRecord, StepStatus, parse_instance_id
 __all__ = [
     "COUNT_ORDER",
     "INSTANCE_LINES",
+    "LABELS",
     "Group",
     "MapProgress",
     "Running",
@@ -64,7 +65,8 @@ COUNT_ORDER: Final = (
     "waiting_retry",
     "pending",
 )
-_LABELS: Final = {"waiting_retry": "retrying", "timed_out": "timed out"}
+#: How a status reads in a count (its value, but for these).
+LABELS: Final = {"waiting_retry": "retrying", "timed_out": "timed out"}
 
 
 def mapped_size(record: StepRecord) -> int | None:
@@ -143,7 +145,7 @@ def count_text(size: int, counts: Mapping[str, int]) -> str:
     """``730/1000 succeeded, 8 failed, 12 running``: pending ones are the rest of ``size``."""
     parts = [f"{counts.get(StepStatus.SUCCEEDED.value, 0)}/{size} succeeded"]
     parts.extend(
-        f"{counts[s]} {_LABELS.get(s, s)}"
+        f"{counts[s]} {LABELS.get(s, s)}"
         for s in COUNT_ORDER[1:-1]  # neither succeeded (shown above) nor pending
         if counts.get(s)
     )
@@ -152,7 +154,7 @@ def count_text(size: int, counts: Mapping[str, int]) -> str:
 
 def counts_by_status(counts: Mapping[str, int]) -> str:
     """``5 succeeded, 1 failed``: every status some record has, in display order."""
-    return ", ".join(f"{counts[s]} {_LABELS.get(s, s)}" for s in COUNT_ORDER if counts.get(s))
+    return ", ".join(f"{counts[s]} {LABELS.get(s, s)}" for s in COUNT_ORDER if counts.get(s))
 
 
 @dataclass(slots=True)

@@ -35,7 +35,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Protocol, TextIO
 
-from stepvisor.cli._maps import MapProgress, Running, counts_by_status, note_counts
+from stepvisor.cli._maps import (
+    COUNT_ORDER,
+    MapProgress,
+    Running,
+    counts_by_status,
+    note_counts,
+)
+from stepvisor.cli._maps import (
+    LABELS as _LABELS,
+)
 from stepvisor.core.events import (
     Event,
     RunStarted,
@@ -62,18 +71,8 @@ __all__ = [
 #: Seconds between redraws (so at most 10 a second).
 TICK: Final = 0.1
 
-#: Statuses in the order the counts are shown.
-STATUS_ORDER: Final = (
-    "succeeded",
-    "failed",
-    "timed_out",
-    "cancelled",
-    "skipped",
-    "running",
-    "waiting_retry",
-    "pending",
-)
-_LABELS: Final = {"waiting_retry": "retrying", "timed_out": "timed out"}
+#: Statuses in the order the counts are shown: the one order of the command line.
+STATUS_ORDER: Final = COUNT_ORDER
 _COLORS: Final = {
     "succeeded": "32",
     "failed": "31",
