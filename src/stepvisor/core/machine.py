@@ -43,16 +43,15 @@ The rules that need a word:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log
-from stepvisor.config import Resolved
 from stepvisor.core._events import Emitter
 from stepvisor.core._finish import finish_effects, supervisor_failed_result
 from stepvisor.core._inputs import Inputs
 from stepvisor.core._mapping import Mapped, MapRun
+from stepvisor.core._plan import Plan
 from stepvisor.core._retries import Retries
 from stepvisor.core._settle import BACKEND_GRACE_MARGIN, Inflight, Settling
 from stepvisor.core._slots import Slots
@@ -84,7 +83,7 @@ from stepvisor.core.messages import (
     SlotReady,
     Start,
 )
-from stepvisor.core.model import Step, Workflow
+from stepvisor.core.model import Step
 from stepvisor.core.result import RunResult
 from stepvisor.core.state import RunState, RunStatus, StepRecord, StepStatus, new
 from stepvisor.policies.concurrency import Scheduler
@@ -103,30 +102,6 @@ PREFETCH_BATCH = 16
 
 _NO_INPUTS: Mapping[str, Any] = MappingProxyType({})
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What the machine needs to know about one run: values only."""
-
-    workflow: Workflow
-    settings: Resolved
-    run_id: str
-    seed: int
-    executors: tuple[str, ...]  # by canonical rank
-    payloads: Mapping[str, bytes] = field(default_factory=dict)
-    restored: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    restored_records: Mapping[str, StepRecord] = field(default_factory=dict)
-    #: Build events (the caller gave an ``on_event`` hook): skipped otherwise.
-    emit_events: bool = False
-    #: The store may refuse a step's outputs (it encodes them): a success with
-    #: outputs is final only once ``OutputsSaved`` reports the write.
-    store_may_refuse: bool = True
-    #: Give free slots back while nothing is ready (the run shares an engine).
-    lend_slots: bool = False
-    #: Executors whose backend starts every attempt it is given at once (it takes
-    #: them without a thread): their attempts are never queued behind another.
-    unqueued: frozenset[str] = frozenset()
 
 
 class RunMachine(Mapped, Settling):
