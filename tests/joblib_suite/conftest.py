@@ -147,3 +147,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # joblib's suite marks tests that must not run in threads of a free-threaded run.
     config.addinivalue_line("markers", "thread_unsafe: joblib's marker (not run in parallel)")
     config.addinivalue_line("markers", "no_cover: joblib's marker (not run under coverage)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before each test's leak check looks: loky's and multiprocessing's trackers are running.
+
+    They live for the session (``joblib_loky.prepare`` starts them at collection), but
+    a tracker that died since (its pipe closed by a test's children) is started again
+    by the next call that needs it, inside a test, where it would count as left behind.
+    """
+    joblib_loky.prepare()
