@@ -11,17 +11,12 @@ rendering is also checked in-process against synthetic events.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import os
-import pty
 import re
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
 import time
 from collections.abc import Iterator
@@ -34,7 +29,7 @@ from stepvisor.cli.main import build_parser, main
 from stepvisor.core.events import RunStarted, StepDispatched, StepFinished, StepRetrying
 from stepvisor.core.state import RunStatus, StepStatus
 from stepvisor.store.sqlite import SQLiteStore
-from tests.cli_helpers import cli_env, open_store, started_id, stepvisor
+from tests.cli_helpers import cli_env, on_terminal, open_store, started_id, stepvisor
 from tests.conftest import wait_for
 
 STEPS = """
@@ -521,38 +516,7 @@ def test_ctrl_c_cancels_the_run_and_exits_130(
 
 @pytest.mark.realtime
 def test_on_a_terminal_progress_is_redrawn_in_place(project: Path) -> None:
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stepvisor", "run", "ok.yaml"],
-        cwd=project,
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-        env=cli_env(),
-    )
-    os.close(follower)
-    chunks: list[bytes] = []
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 1.0)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the program closed its end
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        os.close(leader)
-    screen = b"".join(chunks).decode("utf-8", errors="replace")
+    screen = on_terminal(project, "run", "ok.yaml")
     assert screen.startswith("\x1b[?25l")  # cursor hidden while drawing
     assert "\x1b[2A\x1b[J" in screen  # the three-line block redrawn from its top
     assert "3/3 steps done" in screen

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
 import select
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import cli_env, open_store, started_id, stepvisor
+from tests.cli_helpers import cli_env, on_terminal, open_store, started_id, stepvisor
 
 pytestmark = pytest.mark.realtime
 
@@ -175,38 +171,7 @@ def test_logs_follow_prints_a_running_runs_output_from_another_program(project: 
 
 
 def test_on_a_terminal_step_lines_go_above_the_progress_block(project: Path) -> None:
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stepvisor", "run", "talk.yaml"],
-        cwd=project,
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-        env=cli_env(),
-    )
-    os.close(follower)
-    chunks: list[bytes] = []
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 1.0)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the program closed its end
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        os.close(leader)
-    screen = b"".join(chunks).decode("utf-8", errors="replace")
+    screen = on_terminal(project, "run", "talk.yaml")
     # Every step line is whole on a line of its own, never inside the block's lines.
     rows = re.split(r"\r\n|\r|\n", screen)
     visible = [re.sub(r"\x1b\[[\d;?]*[a-zA-Z]", "", row) for row in rows]

@@ -10,18 +10,10 @@ in-process against events, so they need no timing.
 
 from __future__ import annotations
 
-import fcntl
 import io
-import os
-import pty
 import re
-import select
-import struct
 import subprocess
-import sys
-import termios
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +27,7 @@ from stepvisor.core.events import Event, StepDispatched, StepExpanded, StepFinis
 from stepvisor.core.state import RunStatus, StepRecord, StepStatus
 from stepvisor.errors import StepvisorError
 from stepvisor.store.base import RunInfo
-from tests.cli_helpers import cli_env, open_store, started_id, stepvisor
+from tests.cli_helpers import on_terminal, open_store, started_id, stepvisor
 
 MAP_STEPS = """
 import time
@@ -202,40 +194,13 @@ def test_resume_counts_the_instances_it_kept(project: Path) -> None:
 
 @pytest.mark.realtime
 def test_on_a_terminal_a_running_map_is_one_redrawn_line_with_its_counts(project: Path) -> None:
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stepvisor", "run", "held.yaml"],
-        cwd=project,
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-        env=cli_env(),
-    )
-    os.close(follower)
-    screen = ""
     running = re.compile(r"  score  \S{10}  1/6 succeeded, [2-5] running\r?\n")
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not (project / "open").exists() and running.search(screen):
-                (project / "open").touch()  # seen while it runs: let the rest finish
-            ready, _, _ = select.select([leader], [], [], 1.0)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the program closed its end
-                break
-            if not chunk:
-                break
-            screen += chunk.decode("utf-8", errors="replace")
-        assert proc.wait(timeout=10) == 0, screen
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        os.close(leader)
+
+    def let_go_once_seen(screen: str) -> None:
+        if not (project / "open").exists() and running.search(screen):
+            (project / "open").touch()  # seen while it runs: let the rest finish
+
+    screen = on_terminal(project, "run", "held.yaml", columns=100, watch=let_go_once_seen)
     assert running.search(screen), screen
     assert "score[" not in screen  # no line for an instance that succeeded
     summary = r"succeeded in [\d.]+ s: 2 steps: 2 succeeded; 6 instances: 6 succeeded"
