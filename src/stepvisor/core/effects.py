@@ -32,6 +32,7 @@ __all__ = [
     "Emit",
     "Finish",
     "FinishRun",
+    "Reclaim",
     "ReleaseSlot",
     "RetireSlot",
     "SaveOutputs",
@@ -100,6 +101,20 @@ class StopAttempt(NamedTuple):
     step_id: str
     attempt: int
     reason: str
+
+
+class Reclaim(NamedTuple):
+    """Take back up to ``wanted`` attempts queued on ``slot`` that have not started.
+
+    A prefetched batch (see ``RunMachine._fill``) waits behind its running
+    attempt; when another slot has nothing to do, the machine asks for the tail
+    of that queue back so that one slow attempt holds back nothing behind it.
+    The shell answers at once with ``Reclaimed``, naming the attempts it took
+    (fewer, or none, when the Worker has started them or its backend holds them).
+    """
+
+    slot: str
+    wanted: int
 
 
 class SetTimer(NamedTuple):
@@ -179,6 +194,7 @@ Effect = (
     | RetireSlot
     | Dispatch
     | StopAttempt
+    | Reclaim
     | SetTimer
     | CancelTimer
     | BeginRun
