@@ -1,0 +1,504 @@
+"""The code digest: the part of a cache key that changes when a step's code changes.
+
+Prefect's ``TASK_SOURCE`` hashes a task's source text, so two tasks with one body and
+different closures share an entry (prefect#23062), and joblib.Memory misses a change in
+a helper that the cached function calls.  This digest reads what the function *runs*.
+
+What is in the digest (the rules; the user guide quotes them)
+------------------------------------------------------------
+
+1. The function's code object: bytecode, constants, names, argument and variable names,
+   flags, exception table, name and qualified name; nested code objects (inner functions,
+   lambdas, comprehensions, class bodies) recursively.  Not its file name, line numbers or
+   docstring position: moving a function or adding a blank line above it changes nothing.
+   The interpreter's version is in it too (bytecode differs between Python versions).
+2. Its default and keyword-default values, and the values in its closure cells, by their
+   content (:func:`~stepvisor.cache._digest.value_digest`).  A function, class or module
+   held there is followed like a global (rule 3).
+3. The globals its code reads (every name of ``co_names``, in its nested code too, that
+   the function's module defines), each followed by what it is:
+
+   * a function or class *of the user's own modules* (not the standard library, not an
+     installed package in site-packages/dist-packages or the interpreter's folders, not
+     stepvisor; ``__main__`` is the user's): its code digest, recursively, each one once
+     (cycles end);
+   * a module of the user's: the attributes of it that the code names, so ``helpers.clean``
+     and ``pkg.sub.fn`` chains are followed;
+   * plain data: numbers, ``str``, ``bytes``, ``None``, ``bool``, enum members, and
+     tuples or frozensets of these: their value;
+   * a library function, class or module: its name only;
+   * anything else, a *global object* (a list, a dict, an instance, an array): its type
+     (and the code of that type's class if the class is the user's), NOT its content.
+4. A class, referenced or as the step itself: its qualified name, its bases (rule 3),
+   and every attribute of its body: methods (also static and class methods, properties)
+   by their code, other attributes by their content when it can be read.
+5. A bound method: its function and its ``self`` (as a global object: the type's code).
+   A ``functools.partial``: its function and its arguments' values.  A callable instance:
+   its class and its instance ``__dict__`` (by content when it can be read).  A decorated
+   function: the wrapper and, through ``__wrapped__``, the function it wraps.
+
+What is NOT tracked (say ``Cache(version=...)`` to invalidate by hand): the content of a
+global object (rule 3) or of a mutable class attribute that cannot be read; the code of
+libraries (a new version of an installed package); files, environment variables,
+databases, the time, randomness; code reached only through ``getattr`` with a computed
+name, ``importlib``, or attributes of objects (``self.helper`` is followed only as the
+class's method); C extensions.  A value that cannot be read is named in the digest by its
+type.  A function that cannot be read at all gets a digest that matches nothing (the
+step always computes), so this never raises.
+
+Memoized per function object: a later call costs a check that each thing read is still
+the same object (and, for mutable default or closure values up to 64 KiB, still the same
+content).  A larger mutable default or closure value changed in place within one process
+is not seen by that check (a new function object, or a new process, sees it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import os
+import sys
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+from stepvisor.cache._digest import UnhashableValue, _digest_sized, new_hasher, value_digest
+from stepvisor.cache._where import is_user_function, is_user_module, is_user_module_object
+
+__all__ = ["code_digest"]
+
+_MISSING: Final = object()
+#: Mutable values up to this many encoded bytes are re-digested when a memo is checked.
+_RECHECK_LIMIT: Final = 1 << 16
+#: Class attributes that are the class's own machinery, not what it computes.
+_CLASS_SKIP: Final = frozenset({"__dict__", "__weakref__", "__module__", "__doc__"})
+_PLAIN: Final = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_BUILTIN_CALLABLES: Final = (
+    types.BuiltinFunctionType,
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.ClassMethodDescriptorType,
+)
+_REFERENCES: Final = (
+    types.FunctionType,
+    type,
+    types.ModuleType,
+    types.MethodType,
+    functools.partial,
+    *_BUILTIN_CALLABLES,
+)
+
+# A guard is one thing the digest read, checked again before a memoized digest is reused:
+# (kind, holder, key, expected); _ATTR: getattr(holder, key) is expected; _ITEM:
+# holder.get(key) is expected; _CELL: the cell holds expected; _CONTENT: value_digest(holder)
+# == expected; _KEYS: tuple(holder) == expected.
+_ATTR, _ITEM, _CELL, _CONTENT, _KEYS = range(5)
+Guard = tuple[Any, ...]
+
+
+def code_digest(fn: Callable[..., object]) -> str:
+    """Hex digest of ``fn``'s code by the rules of the module docstring; never raises."""
+    stack = _progress()
+    try:
+        if stack:  # a function inside a value inside a function being digested
+            if any(item is fn for item in stack):
+                return _cycle_digest(fn)
+            return _computed(fn, stack)[0]
+        entry = _memo.get(id(fn))
+        if entry is not None and entry[0]() is fn and _holds(entry[2]):
+            return entry[1]
+        digest, guards = _computed(fn, stack)
+        _remember(fn, digest, guards)
+    except Exception:
+        return os.urandom(32).hex()  # unreadable: a digest that matches nothing, ever
+    return digest
+
+
+# -- the memo -----------------------------------------------------------------------------
+
+_memo: dict[int, tuple[weakref.ref[Any], str, tuple[Guard, ...]]] = {}
+_code_memo: dict[int, tuple[weakref.ref[Any], str, tuple[str, ...]]] = {}
+_local = threading.local()
+
+
+def _progress() -> list[object]:
+    """The functions being digested on this thread, outermost first."""
+    stack: list[object] | None = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def _computed(fn: object, stack: list[object]) -> tuple[str, tuple[Guard, ...]]:
+    stack.append(fn)
+    try:
+        walk = _Walk()
+        walk.top(fn)
+        return walk.finish()
+    finally:
+        stack.pop()
+
+
+def _cycle_digest(fn: object) -> str:
+    """Stands for a function met again inside a value it holds (the cycle ends there)."""
+    hasher = new_hasher()
+    hasher.update(f"cycle:{_qualified(fn)}".encode())
+    return hasher.hexdigest()
+
+
+def _remember(fn: object, digest: str, guards: tuple[Guard, ...]) -> None:
+    key = id(fn)
+
+    def forget(ref: weakref.ref[Any]) -> None:
+        entry = _memo.get(key)
+        if entry is not None and entry[0] is ref:
+            del _memo[key]
+
+    with contextlib.suppress(TypeError):  # not weak-referenceable: digested on every call
+        _memo[key] = (weakref.ref(fn, forget), digest, guards)
+
+
+def _holds(guards: Iterable[Guard]) -> bool:
+    """Whether everything a memoized digest read is still what it was."""
+    try:
+        return all(_CHECKS[guard[0]](guard[1], guard[2], guard[3]) for guard in guards)
+    except Exception:
+        return False
+
+
+_CHECKS: Final[tuple[Callable[[Any, Any, Any], bool], ...]] = (
+    lambda holder, key, expected: getattr(holder, key, _MISSING) is expected,  # _ATTR
+    lambda holder, key, expected: holder.get(key, _MISSING) is expected,  # _ITEM
+    lambda holder, key, expected: _cell_contents(holder) is expected,  # _CELL
+    lambda holder, key, expected: value_digest(holder) == expected,  # _CONTENT
+    lambda holder, key, expected: tuple(holder) == expected,  # _KEYS
+)
+
+
+def _cell_contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell: the variable is not assigned yet
+        return _MISSING
+
+
+# -- code objects -------------------------------------------------------------------------
+
+
+def _code_facts(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
+    """The digest of a code object alone, and every name it and its nested code use."""
+    entry = _code_memo.get(id(code))
+    if entry is not None and entry[0]() is code:
+        return entry[1], entry[2]
+    out = _Tokens()
+    names: dict[str, None] = dict.fromkeys(code.co_names)
+    out.put(b"K", sys.implementation.cache_tag or sys.version)
+    for number in (
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags,
+        code.co_nlocals,
+    ):
+        out.put(b"#", str(number))
+    out.blob(b"c", code.co_code)
+    out.blob(b"x", code.co_exceptiontable)
+    for group in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+        out.put(b"g", "\x00".join(group))
+    out.put(b"n", code.co_name)
+    out.put(b"q", code.co_qualname)
+    out.count(len(code.co_consts))
+    for const in code.co_consts:
+        _const(out, const, names)
+    digest = out.digest()
+    key = id(code)
+
+    def forget(ref: weakref.ref[Any]) -> None:
+        held = _code_memo.get(key)
+        if held is not None and held[0] is ref:
+            del _code_memo[key]
+
+    _code_memo[key] = (weakref.ref(code, forget), digest, tuple(names))
+    return digest, tuple(names)
+
+
+def _const(out: _Tokens, const: object, names: dict[str, None]) -> None:
+    if isinstance(const, types.CodeType):
+        digest, inner = _code_facts(const)
+        names.update(dict.fromkeys(inner))
+        out.put(b"k", digest)
+    elif type(const) is tuple:
+        out.count(len(const))
+        for item in const:
+            _const(out, item, names)
+    elif type(const) is frozenset:
+        parts = []
+        for item in const:
+            sub = _Tokens()
+            _const(sub, item, names)
+            parts.append(sub.digest())
+        out.put(b"z", ",".join(sorted(parts)))
+    else:
+        try:
+            out.put(b"v", value_digest(const))
+        except UnhashableValue:  # a literal of a type the value digest does not read
+            out.put(b"r", f"{_qualified(type(const))}:{const!r}")
+
+
+# -- the walk -------------------------------------------------------------------------------
+
+
+class _Tokens:
+    """Length-prefixed tokens gathered into one buffer, hashed at the end."""
+
+    __slots__ = ("_out",)
+
+    def __init__(self) -> None:
+        self._out = bytearray()
+
+    def blob(self, tag: bytes, data: bytes) -> None:
+        self._out += tag
+        self._out += len(data).to_bytes(8, "little")
+        self._out += data
+
+    def put(self, tag: bytes, text: str) -> None:
+        self.blob(tag, text.encode("utf-8", "surrogatepass"))
+
+    def count(self, n: int) -> None:
+        self._out += b"#"
+        self._out += n.to_bytes(8, "little")
+
+    def digest(self) -> str:
+        hasher = new_hasher()
+        hasher.update(self._out)
+        return hasher.hexdigest()
+
+
+class _Walk:
+    """One digest: visits the callable and what it reaches, writing tokens and guards.
+
+    Each function and class is written once; a later meeting writes its visit number,
+    so shared helpers cost once and cycles end, and the result does not depend on ids.
+    """
+
+    def __init__(self) -> None:
+        self.out = _Tokens()
+        self.seen: dict[int, int] = {}
+        self.keep: list[object] = []  # what ``seen`` holds ids of stays alive meanwhile
+        self.modules: list[int] = []  # the modules on the current path (cycles end)
+        self.guards: dict[tuple[int, int, object], Guard] = {}
+
+    def finish(self) -> tuple[str, tuple[Guard, ...]]:
+        return self.out.digest(), tuple(self.guards.values())
+
+    def guard(self, kind: int, holder: object, key: object, expected: object) -> None:
+        self.guards[(kind, id(holder), key)] = (kind, holder, key, expected)
+
+    def attr(self, holder: object, name: str) -> Any:
+        value = getattr(holder, name)
+        self.guard(_ATTR, holder, name, value)
+        return value
+
+    def item(self, mapping: Mapping[str, Any], name: str) -> Any:
+        value = mapping.get(name, _MISSING)
+        self.guard(_ITEM, mapping, name, value)
+        return value
+
+    def first_visit(self, obj: object) -> bool:
+        index = self.seen.get(id(obj))
+        if index is not None:
+            self.out.put(b"@", str(index))
+            return False
+        self.seen[id(obj)] = len(self.seen)
+        self.keep.append(obj)
+        return True
+
+    # -- what the step is -------------------------------------------------------------
+
+    def top(self, fn: object) -> None:
+        if isinstance(fn, types.FunctionType) and is_user_function(
+            fn.__module__, fn.__code__.co_filename
+        ):
+            self.function(fn)
+        elif _is_reference(fn):
+            self.ref(fn, ())
+        else:  # a callable instance: its class and its state
+            self.out.put(b"i", _qualified(type(fn)))
+            self.ref(type(fn), ())
+            state = getattr(fn, "__dict__", None)
+            if isinstance(state, dict):
+                self.held(state, ())
+
+    # -- what code reaches ------------------------------------------------------------
+
+    def ref(self, obj: object, names: tuple[str, ...]) -> None:
+        """Something a global name, a module attribute or a class attribute refers to."""
+        if _is_plain(obj):
+            self.plain(obj)
+        elif isinstance(obj, types.FunctionType | type | types.ModuleType):
+            self.code(obj, names)
+        elif isinstance(obj, _BUILTIN_CALLABLES):
+            self.out.put(b"L", _qualified(obj))
+        else:
+            self.compound(obj, names)
+
+    def code(
+        self, obj: types.FunctionType | type | types.ModuleType, names: tuple[str, ...]
+    ) -> None:
+        """A function, class or module: followed if the user's, named if a library's."""
+        if isinstance(obj, types.FunctionType):
+            if is_user_function(obj.__module__, obj.__code__.co_filename):
+                self.function(obj)
+            else:
+                self.out.put(b"L", _qualified(obj))
+        elif isinstance(obj, type):
+            if is_user_module(obj.__module__):
+                self.klass(obj)
+            else:
+                self.out.put(b"L", _qualified(obj))
+        elif is_user_module_object(obj):
+            self.module(obj, names)
+        else:
+            self.out.put(b"l", str(vars(obj).get("__name__")))
+
+    def compound(self, obj: object, names: tuple[str, ...]) -> None:
+        """A method, a partial, a decorated callable, or a global object."""
+        if isinstance(obj, types.MethodType):
+            self.out.put(b"m", "")
+            self.ref(obj.__func__, names)
+            self.ref(obj.__self__, names)
+        elif isinstance(obj, functools.partial):
+            self.out.put(b"p", "")
+            self.ref(obj.func, names)
+            self.held(obj.args, names)
+            self.held(obj.keywords, names)
+        else:
+            state = getattr(obj, "__dict__", None)
+            wrapped = state.get("__wrapped__", _MISSING) if isinstance(state, dict) else _MISSING
+            self.out.put(b"o", _qualified(type(obj)))
+            self.ref(type(obj), ())
+            if wrapped is not _MISSING and isinstance(state, dict):
+                self.guard(_ITEM, state, "__wrapped__", wrapped)
+                self.ref(wrapped, names)
+
+    def held(self, value: object, names: tuple[str, ...]) -> None:
+        """A value held by the code (a default, a closure cell): by content if readable."""
+        if _is_plain(value) or _is_reference(value):
+            self.ref(value, names)
+            return
+        try:
+            digest, size = _digest_sized(value)
+        except Exception:  # unreadable (an open file, an object): named by its type
+            self.ref(value, names)
+            return
+        self.out.put(b"v", digest)
+        if size <= _RECHECK_LIMIT:
+            self.guard(_CONTENT, value, None, digest)
+
+    def plain(self, value: object) -> None:
+        try:
+            self.out.put(b"v", value_digest(value))
+        except UnhashableValue:  # an enum member whose value cannot be read
+            self.out.put(b"e", _qualified(type(value)) + "." + str(getattr(value, "name", "")))
+
+    def function(self, fn: types.FunctionType) -> None:
+        if not self.first_visit(fn):
+            return
+        code = self.attr(fn, "__code__")
+        digest, names = _code_facts(code)
+        self.out.put(b"F", digest)
+        defaults = self.attr(fn, "__defaults__") or ()
+        self.out.count(len(defaults))
+        for value in defaults:
+            self.held(value, names)
+        kwdefaults = self.attr(fn, "__kwdefaults__")
+        if kwdefaults:
+            self.guard(_KEYS, kwdefaults, None, tuple(kwdefaults))
+        for name in tuple(kwdefaults or ()):
+            self.out.put(b"n", name)
+            self.held(self.item(kwdefaults, name), names)
+        for name, cell in zip(code.co_freevars, self.attr(fn, "__closure__") or (), strict=True):
+            contents = _cell_contents(cell)
+            self.guard(_CELL, cell, None, contents)
+            self.out.put(b"n", name)
+            if contents is _MISSING:
+                self.out.put(b"-", "")
+            else:
+                self.held(contents, names)
+        self.names(fn.__globals__, names)
+        wrapped = self.item(fn.__dict__, "__wrapped__")
+        if wrapped is not _MISSING:
+            self.out.put(b"w", "")
+            self.ref(wrapped, names)
+
+    def names(self, namespace: dict[str, Any], names: tuple[str, ...]) -> None:
+        for name in names:
+            value = self.item(namespace, name)
+            if value is not _MISSING:
+                self.out.put(b"n", name)
+                self.ref(value, names)
+
+    def module(self, module: types.ModuleType, names: tuple[str, ...]) -> None:
+        if id(module) in self.modules:
+            self.out.put(b"R", module.__name__)
+            return
+        self.out.put(b"M", module.__name__)
+        self.modules.append(id(module))
+        self.names(vars(module), names)
+        self.modules.pop()
+
+    def klass(self, cls: type) -> None:
+        if not self.first_visit(cls):
+            return
+        self.out.put(b"C", _qualified(cls))
+        for base in self.attr(cls, "__bases__"):
+            self.ref(base, ())
+        body = cls.__dict__
+        keys = tuple(body)
+        self.guard(_KEYS, body, None, keys)
+        for key in keys:
+            if key in _CLASS_SKIP:
+                continue
+            self.out.put(b"n", key)
+            self.member(self.item(body, key))
+
+    def member(self, value: object) -> None:
+        if isinstance(value, staticmethod | classmethod):
+            self.out.put(b"s", type(value).__name__)
+            self.ref(value.__func__, ())
+        elif isinstance(value, property):
+            self.out.put(b"P", "")
+            for accessor in (value.fget, value.fset, value.fdel):
+                self.ref(accessor, ())
+        elif isinstance(value, functools.cached_property):
+            self.out.put(b"P", "cached")
+            self.ref(value.func, ())
+        else:
+            self.held(value, ())
+
+
+def _is_plain(value: object) -> bool:
+    """Plain data by the rules: numbers, str, bytes, None, enums, tuples/frozensets of them."""
+    kind = type(value)
+    if kind in _PLAIN or isinstance(value, enum.Enum):
+        return True
+    if kind is tuple or kind is frozenset:
+        return all(_is_plain(item) for item in value)  # type: ignore[attr-defined]
+    return False
+
+
+def _is_reference(value: object) -> bool:
+    """Code rather than data: followed by :meth:`_Walk.ref`, never read as a value."""
+    return isinstance(value, _REFERENCES)
+
+
+def _qualified(obj: object) -> str:
+    module = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if not isinstance(name, str):
+        name = type(obj).__qualname__
+    return f"{module}.{name}" if isinstance(module, str) else name
