@@ -54,17 +54,16 @@ is not seen by that check (a new function object, or a new process, sees it).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
+import operator
 import os
-import sys
 import threading
 import types
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+from stepvisor.cache._bytecode import IdentityMemo, Tokens, code_facts, qualified
 from stepvisor.cache._digest import UnhashableValue, _digest_sized, new_hasher, value_digest
 from stepvisor.cache._where import is_user_function, is_user_module, is_user_module_object
 
@@ -108,11 +107,11 @@ def code_digest(fn: Callable[..., object]) -> str:
             if any(item is fn for item in stack):
                 return _cycle_digest(fn)
             return _computed(fn, stack)[0]
-        entry = _memo.get(id(fn))
-        if entry is not None and entry[0]() is fn and _holds(entry[2]):
-            return entry[1]
+        known = _memo.get(fn)
+        if known is not None and known[1].hold():
+            return known[0]
         digest, guards = _computed(fn, stack)
-        _remember(fn, digest, guards)
+        _memo.put(fn, (digest, _Checks(guards)))
     except Exception:
         return os.urandom(32).hex()  # unreadable: a digest that matches nothing, ever
     return digest
@@ -120,8 +119,7 @@ def code_digest(fn: Callable[..., object]) -> str:
 
 # -- the memo -----------------------------------------------------------------------------
 
-_memo: dict[int, tuple[weakref.ref[Any], str, tuple[Guard, ...]]] = {}
-_code_memo: dict[int, tuple[weakref.ref[Any], str, tuple[str, ...]]] = {}
+_memo: IdentityMemo[tuple[str, _Checks]] = IdentityMemo()
 _local = threading.local()
 
 
@@ -146,28 +144,60 @@ def _computed(fn: object, stack: list[object]) -> tuple[str, tuple[Guard, ...]]:
 def _cycle_digest(fn: object) -> str:
     """Stands for a function met again inside a value it holds (the cycle ends there)."""
     hasher = new_hasher()
-    hasher.update(f"cycle:{_qualified(fn)}".encode())
+    hasher.update(f"cycle:{qualified(fn)}".encode())
     return hasher.hexdigest()
 
 
-def _remember(fn: object, digest: str, guards: tuple[Guard, ...]) -> None:
-    key = id(fn)
+class _Checks:
+    """A memoized digest's guards, grouped so that checking them all costs little.
 
-    def forget(ref: weakref.ref[Any]) -> None:
-        entry = _memo.get(key)
-        if entry is not None and entry[0] is ref:
-            del _memo[key]
+    The attribute reads of one object are one ``attrgetter`` call, the lookups in one
+    namespace one ``map``; each compared by identity with what the digest read.
+    """
 
-    with contextlib.suppress(TypeError):  # not weak-referenceable: digested on every call
-        _memo[key] = (weakref.ref(fn, forget), digest, guards)
+    __slots__ = ("_attrs", "_items", "_rest")
 
+    def __init__(self, guards: Iterable[Guard]) -> None:
+        attrs: dict[int, tuple[object, list[str], list[object]]] = {}
+        items: dict[int, tuple[Any, list[object], list[object]]] = {}
+        rest: list[Guard] = []
+        for kind, holder, key, expected in guards:
+            if kind in (_ATTR, _ITEM):
+                group = (attrs if kind == _ATTR else items).setdefault(id(holder), (holder, [], []))
+                group[1].append(key)
+                group[2].append(expected)
+            else:
+                rest.append((kind, holder, key, expected))
+        self._attrs = tuple(
+            (operator.attrgetter(*names), holder, tuple(expected), len(names) == 1)
+            for holder, names, expected in attrs.values()
+        )
+        self._items = tuple(
+            (m, tuple(keys), tuple(expected)) for m, keys, expected in items.values()
+        )
+        self._rest = tuple(rest)
 
-def _holds(guards: Iterable[Guard]) -> bool:
-    """Whether everything a memoized digest read is still what it was."""
-    try:
-        return all(_CHECKS[guard[0]](guard[1], guard[2], guard[3]) for guard in guards)
-    except Exception:
-        return False
+    def hold(self) -> bool:
+        """Whether everything the digest read is still what it was."""
+        try:
+            for getter, holder, expected, single in self._attrs:
+                current = getter(holder)
+                if single:
+                    if current is not expected[0]:
+                        return False
+                elif not all(map(operator.is_, current, expected)):
+                    return False
+            for mapping, keys, expected in self._items:
+                get = mapping.get
+                for key, value in zip(keys, expected):  # noqa: B905 - equal by construction
+                    if get(key, _MISSING) is not value:
+                        return False
+            for kind, holder, key, expected in self._rest:
+                if not _CHECKS[kind](holder, key, expected):
+                    return False
+        except Exception:
+            return False
+        return True
 
 
 _CHECKS: Final[tuple[Callable[[Any, Any, Any], bool], ...]] = (
@@ -186,98 +216,6 @@ def _cell_contents(cell: types.CellType) -> object:
         return _MISSING
 
 
-# -- code objects -------------------------------------------------------------------------
-
-
-def _code_facts(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
-    """The digest of a code object alone, and every name it and its nested code use."""
-    entry = _code_memo.get(id(code))
-    if entry is not None and entry[0]() is code:
-        return entry[1], entry[2]
-    out = _Tokens()
-    names: dict[str, None] = dict.fromkeys(code.co_names)
-    out.put(b"K", sys.implementation.cache_tag or sys.version)
-    for number in (
-        code.co_argcount,
-        code.co_posonlyargcount,
-        code.co_kwonlyargcount,
-        code.co_flags,
-        code.co_nlocals,
-    ):
-        out.put(b"#", str(number))
-    out.blob(b"c", code.co_code)
-    out.blob(b"x", code.co_exceptiontable)
-    for group in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
-        out.put(b"g", "\x00".join(group))
-    out.put(b"n", code.co_name)
-    out.put(b"q", code.co_qualname)
-    out.count(len(code.co_consts))
-    for const in code.co_consts:
-        _const(out, const, names)
-    digest = out.digest()
-    key = id(code)
-
-    def forget(ref: weakref.ref[Any]) -> None:
-        held = _code_memo.get(key)
-        if held is not None and held[0] is ref:
-            del _code_memo[key]
-
-    _code_memo[key] = (weakref.ref(code, forget), digest, tuple(names))
-    return digest, tuple(names)
-
-
-def _const(out: _Tokens, const: object, names: dict[str, None]) -> None:
-    if isinstance(const, types.CodeType):
-        digest, inner = _code_facts(const)
-        names.update(dict.fromkeys(inner))
-        out.put(b"k", digest)
-    elif type(const) is tuple:
-        out.count(len(const))
-        for item in const:
-            _const(out, item, names)
-    elif type(const) is frozenset:
-        parts = []
-        for item in const:
-            sub = _Tokens()
-            _const(sub, item, names)
-            parts.append(sub.digest())
-        out.put(b"z", ",".join(sorted(parts)))
-    else:
-        try:
-            out.put(b"v", value_digest(const))
-        except UnhashableValue:  # a literal of a type the value digest does not read
-            out.put(b"r", f"{_qualified(type(const))}:{const!r}")
-
-
-# -- the walk -------------------------------------------------------------------------------
-
-
-class _Tokens:
-    """Length-prefixed tokens gathered into one buffer, hashed at the end."""
-
-    __slots__ = ("_out",)
-
-    def __init__(self) -> None:
-        self._out = bytearray()
-
-    def blob(self, tag: bytes, data: bytes) -> None:
-        self._out += tag
-        self._out += len(data).to_bytes(8, "little")
-        self._out += data
-
-    def put(self, tag: bytes, text: str) -> None:
-        self.blob(tag, text.encode("utf-8", "surrogatepass"))
-
-    def count(self, n: int) -> None:
-        self._out += b"#"
-        self._out += n.to_bytes(8, "little")
-
-    def digest(self) -> str:
-        hasher = new_hasher()
-        hasher.update(self._out)
-        return hasher.hexdigest()
-
-
 class _Walk:
     """One digest: visits the callable and what it reaches, writing tokens and guards.
 
@@ -286,7 +224,7 @@ class _Walk:
     """
 
     def __init__(self) -> None:
-        self.out = _Tokens()
+        self.out = Tokens()
         self.seen: dict[int, int] = {}
         self.keep: list[object] = []  # what ``seen`` holds ids of stays alive meanwhile
         self.modules: list[int] = []  # the modules on the current path (cycles end)
@@ -327,7 +265,7 @@ class _Walk:
         elif _is_reference(fn):
             self.ref(fn, ())
         else:  # a callable instance: its class and its state
-            self.out.put(b"i", _qualified(type(fn)))
+            self.out.put(b"i", qualified(type(fn)))
             self.ref(type(fn), ())
             state = getattr(fn, "__dict__", None)
             if isinstance(state, dict):
@@ -342,7 +280,7 @@ class _Walk:
         elif isinstance(obj, types.FunctionType | type | types.ModuleType):
             self.code(obj, names)
         elif isinstance(obj, _BUILTIN_CALLABLES):
-            self.out.put(b"L", _qualified(obj))
+            self.out.put(b"L", qualified(obj))
         else:
             self.compound(obj, names)
 
@@ -354,12 +292,12 @@ class _Walk:
             if is_user_function(obj.__module__, obj.__code__.co_filename):
                 self.function(obj)
             else:
-                self.out.put(b"L", _qualified(obj))
+                self.out.put(b"L", qualified(obj))
         elif isinstance(obj, type):
             if is_user_module(obj.__module__):
                 self.klass(obj)
             else:
-                self.out.put(b"L", _qualified(obj))
+                self.out.put(b"L", qualified(obj))
         elif is_user_module_object(obj):
             self.module(obj, names)
         else:
@@ -379,7 +317,7 @@ class _Walk:
         else:
             state = getattr(obj, "__dict__", None)
             wrapped = state.get("__wrapped__", _MISSING) if isinstance(state, dict) else _MISSING
-            self.out.put(b"o", _qualified(type(obj)))
+            self.out.put(b"o", qualified(type(obj)))
             self.ref(type(obj), ())
             if wrapped is not _MISSING and isinstance(state, dict):
                 self.guard(_ITEM, state, "__wrapped__", wrapped)
@@ -403,13 +341,13 @@ class _Walk:
         try:
             self.out.put(b"v", value_digest(value))
         except UnhashableValue:  # an enum member whose value cannot be read
-            self.out.put(b"e", _qualified(type(value)) + "." + str(getattr(value, "name", "")))
+            self.out.put(b"e", qualified(type(value)) + "." + str(getattr(value, "name", "")))
 
     def function(self, fn: types.FunctionType) -> None:
         if not self.first_visit(fn):
             return
         code = self.attr(fn, "__code__")
-        digest, names = _code_facts(code)
+        digest, names = code_facts(code)
         self.out.put(b"F", digest)
         defaults = self.attr(fn, "__defaults__") or ()
         self.out.count(len(defaults))
@@ -454,7 +392,7 @@ class _Walk:
     def klass(self, cls: type) -> None:
         if not self.first_visit(cls):
             return
-        self.out.put(b"C", _qualified(cls))
+        self.out.put(b"C", qualified(cls))
         for base in self.attr(cls, "__bases__"):
             self.ref(base, ())
         body = cls.__dict__
@@ -494,11 +432,3 @@ def _is_plain(value: object) -> bool:
 def _is_reference(value: object) -> bool:
     """Code rather than data: followed by :meth:`_Walk.ref`, never read as a value."""
     return isinstance(value, _REFERENCES)
-
-
-def _qualified(obj: object) -> str:
-    module = getattr(obj, "__module__", None)
-    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    if not isinstance(name, str):
-        name = type(obj).__qualname__
-    return f"{module}.{name}" if isinstance(module, str) else name
