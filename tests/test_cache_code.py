@@ -299,6 +299,11 @@ def helper():
 
 def f(x):
     return Model().predict(x)
+
+INSTANCE = Model()
+
+def g(x):
+    return INSTANCE.predict(x)
 """
 
 
@@ -311,9 +316,10 @@ CHANGES = {
     "helper": ("return 0", "return 7"),
 }
 # Each way in: a function using the class, the class, a bound method (its self's class is
-# read), and a static method alone (which reaches only its own code).
+# read), a function using a global instance (a global object: its class's code is read, not
+# its state), and a static method alone (which reaches only its own code).
 TARGETS = [
-    *((t, c) for t in ("mod.f", "mod.Model", "mod.Model().predict") for c in CHANGES),
+    *((t, c) for t in ("mod.f", "mod.Model", "mod.Model().predict", "mod.g") for c in CHANGES),
     ("mod.Model.tool", "staticmethod"),
 ]
 
@@ -449,3 +455,28 @@ def test_a_callable_instance_is_read_by_its_class_and_its_state() -> None:
 
     assert code_digest(Scaler(2)) == code_digest(Scaler(2))
     assert code_digest(Scaler(2)) != code_digest(Scaler(3))
+
+
+def test_threads_digesting_at_once_agree_with_one_thread() -> None:
+    def make(k: int) -> Callable[[int], int]:
+        def f(x: int) -> int:
+            return _scaled(x) * k
+
+        return f
+
+    functions = [make(k % 3) for k in range(12)]
+    expected = [code_digest(make(k % 3)) for k in range(12)]  # fresh objects, one thread
+    start = threading.Barrier(4, timeout=30)
+    results: dict[int, list[str]] = {}
+
+    def work(index: int) -> None:
+        start.wait()
+        results[index] = [code_digest(fn) for fn in functions]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert all(not t.is_alive() for t in threads)
+    assert [results[i] for i in range(4)] == [expected] * 4

@@ -11,7 +11,7 @@ import fractions
 import socket
 import threading
 import uuid
-from collections import Counter, OrderedDict, namedtuple
+from collections import Counter, OrderedDict, defaultdict, namedtuple
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -129,6 +129,12 @@ def test_a_set_digest_does_not_depend_on_its_iteration_order() -> None:
         built.add(i)
     assert value_digest(grown) == value_digest(built)
     assert value_digest(frozenset(grown)) == value_digest(frozenset(built))
+
+
+def test_a_defaultdict_digest_covers_its_factory() -> None:
+    assert value_digest(defaultdict(list, a=[1])) != value_digest(defaultdict(tuple, a=[1]))
+    assert value_digest(defaultdict(list, a=[1])) == value_digest(defaultdict(list, a=[1]))
+    assert value_digest(defaultdict(list, a=[1])) != value_digest({"a": [1]})
 
 
 def test_a_large_buffer_is_hashed_by_content_past_the_small_token_path() -> None:
@@ -273,6 +279,16 @@ def test_the_refusal_says_where_inside_the_value(unreadable: dict[str, Any]) -> 
     )
 
 
+def test_the_place_of_a_refused_part_is_shortened_for_a_long_key() -> None:
+    key = "k" * 500
+    with pytest.raises(UnhashableValue) as caught:
+        value_digest({key: {"x": Params(threading.Lock())}})  # type: ignore[arg-type]
+    assert str(caught.value).startswith("a lock (_thread.lock) at ['kkk")
+    assert str(caught.value).endswith("kkk']['x'].scale")
+    assert "..." in str(caught.value)
+    assert len(str(caught.value)) < 100
+
+
 def test_a_container_that_holds_itself_is_refused_not_a_recursion() -> None:
     loop: list[object] = [1]
     loop.append(loop)
@@ -333,3 +349,19 @@ def test_plain_values_do_not_import_numpy(tmp_path: Path) -> None:
         {"d": "value_digest({'a': [1, 2.0, 'x']})", "numpy": "'numpy' in sys.modules"},
     )
     assert found["numpy"] == "False"
+
+
+def test_without_blake3_the_digest_falls_back_to_sha256_under_another_scheme_name(
+    tmp_path: Path,
+) -> None:
+    # A broken install must still run; its digests can never match BLAKE3 ones.
+    found = digest_in_child(
+        tmp_path,
+        {"scheme": "DIGEST_SCHEME", "d": "value_digest([1, 'a'])"},
+        first="sys.modules['blake3'] = None",
+        setup="from stepvisor.cache._digest import DIGEST_SCHEME",
+    )
+    assert found["scheme"] == "stepvisor-digest/1/sha256"
+    assert DIGEST_SCHEME == "stepvisor-digest/1/blake3"
+    assert found["d"] != value_digest([1, "a"])
+    assert len(found["d"]) == 64

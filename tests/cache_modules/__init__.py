@@ -24,6 +24,7 @@ SEEDS = ("1", "2")
 _PRELUDE = """\
 import json, sys
 sys.path.insert(0, {folder!r})
+{first}
 from stepvisor.cache._code import code_digest
 from stepvisor.cache._digest import value_digest
 """
@@ -38,12 +39,18 @@ def write_modules(folder: Path, modules: dict[str, str]) -> None:
 
 
 def digest_in_child(
-    folder: Path, expressions: dict[str, str], *, setup: str = "", seed: str = "1"
+    folder: Path,
+    expressions: dict[str, str],
+    *,
+    setup: str = "",
+    seed: str = "1",
+    first: str = "",
 ) -> dict[str, str]:
     """Run ``setup`` (imports, definitions) in a new interpreter with ``folder`` on the path,
-    then evaluate each expression there (``code_digest(mod.f)``); their values by key."""
+    then evaluate each expression there (``code_digest(mod.f)``); their values by key.
+    ``first`` runs before stepvisor's cache is imported."""
     program = (
-        _PRELUDE.format(folder=str(folder))
+        _PRELUDE.format(folder=str(folder), first=first)
         + textwrap.dedent(setup)
         + f"\nprint(json.dumps({{k: eval(v) for k, v in {expressions!r}.items()}}))\n"
     )

@@ -34,10 +34,12 @@ Everything else (open files, locks, sockets, generators, arbitrary objects) rais
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import hashlib
 import io
+import reprlib
 import struct
 import types
 from collections.abc import Callable
@@ -145,6 +147,15 @@ def _kind_of_unreadable(value: object) -> str:
     )
 
 
+class _Name(str):
+    """An attribute name in a path: shown as is, not quoted."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class _Encoder:
     """Writes the canonical encoding of values into one hash object.
 
@@ -158,7 +169,9 @@ class _Encoder:
         self._hasher = new_hasher()
         self._pending = bytearray()
         self._size = 0
-        self._where: list[str] = []
+        # The path to the part being encoded, as (format, key) pairs: formatted only
+        # when a part is refused, so a large dict does not pay a repr() per key.
+        self._where: list[tuple[str, object]] = []
         self._active: set[int] = set()  # ids of the containers being encoded (cycles)
 
     def finish(self) -> tuple[str, int]:
@@ -192,7 +205,8 @@ class _Encoder:
         self.blob(tag, text.encode("utf-8", "surrogatepass"))
 
     def fail(self, value: object, what: str | None = None) -> UnhashableValue:
-        return UnhashableValue(what or _kind_of_unreadable(value), "".join(self._where))
+        where = "".join(form.format(reprlib.repr(key)) for form, key in self._where)
+        return UnhashableValue(what or _kind_of_unreadable(value), where)
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -232,7 +246,7 @@ class _Encoder:
         self.tag(tag)
         self.count(len(values))
         for index, item in enumerate(values):
-            self._where.append(f"[{index}]")
+            self._where.append(("[{}]", index))
             self.value(item, depth)
             self._where.pop()
 
@@ -240,7 +254,7 @@ class _Encoder:
         self.tag(tag)
         self.count(len(mapping))
         for key, item in dict.items(mapping):
-            self._where.append(f"[{key!r}]")
+            self._where.append(("[{}]", key))
             self.value(key, depth)
             self.value(item, depth)
             self._where.pop()
@@ -249,7 +263,7 @@ class _Encoder:
         """A set: the sorted digests of its items, so that iteration order cannot matter."""
         digests = []
         for item in values:
-            self._where.append(f"{{{item!r}}}")
+            self._where.append(("{{{}}}", item))
             sub = _Encoder()
             sub._active = self._active
             sub._where = self._where
@@ -265,7 +279,7 @@ class _Encoder:
         if isinstance(value, enum.Enum):
             self.text(b"E", _type_name(value))
             self.text(b"n", value.name)
-            self._where.append(f".{value.name}")
+            self._where.append((".{}", _Name(value.name)))
             self.value(value.value, depth + 1)
             self._where.pop()
         elif isinstance(value, types.FunctionType | type | types.BuiltinFunctionType):
@@ -288,7 +302,7 @@ class _Encoder:
         self.count(len(fields))
         for field in fields:
             self.text(b"n", field.name)
-            self._where.append(f".{field.name}")
+            self._where.append((".{}", _Name(field.name)))
             self.value(getattr(value, field.name), depth + 1)
             self._where.pop()
 
@@ -298,8 +312,10 @@ class _Encoder:
             raise self.fail(value, f"a {_type_name(value)} with __slots__ state")
         self.text(b"U", _type_name(value))
         self._container(value, depth, _CONTAINERS[base])
+        if isinstance(value, collections.defaultdict):  # its factory is state outside __dict__
+            self.value(value.default_factory, depth + 1)
         state = getattr(value, "__dict__", None) or {}
-        self._where.append(".__dict__")
+        self._where.append((".{}", _Name("__dict__")))
         self._container(state, depth, _CONTAINERS[dict])
         self._where.pop()
 
