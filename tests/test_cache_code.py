@@ -10,10 +10,12 @@ follow for what needs one process: the memo's checks and never raising.
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 import textwrap
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -480,3 +482,21 @@ def test_threads_digesting_at_once_agree_with_one_thread() -> None:
         thread.join(timeout=30)
     assert all(not t.is_alive() for t in threads)
     assert [results[i] for i in range(4)] == [expected] * 4
+
+
+def test_the_memo_does_not_keep_a_digested_function_alive() -> None:
+    # A lambda per map instance must not pile up: the memo holds functions weakly and its
+    # checks never name the function itself (here also held by its own closure cell).
+    def make() -> Callable[[int], int]:
+        def f(x: int) -> int:
+            return f(x - 1) if x else 0
+
+        return f
+
+    fn = make()
+    code_digest(fn)
+    code_digest(fn)  # memoized
+    alive = weakref.ref(fn)
+    del fn
+    gc.collect()
+    assert alive() is None

@@ -70,6 +70,7 @@ from stepvisor.cache._where import is_user_function, is_user_module, is_user_mod
 __all__ = ["code_digest"]
 
 _MISSING: Final = object()
+_SELF: Final = object()  # in a memo's guards: the digested object itself
 #: Mutable values up to this many encoded bytes are re-digested when a memo is checked.
 _RECHECK_LIMIT: Final = 1 << 16
 #: Class attributes that are the class's own machinery, not what it computes.
@@ -92,9 +93,10 @@ _REFERENCES: Final = (
 )
 
 # A guard is one thing the digest read, checked again before a memoized digest is reused:
-# (kind, holder, key, expected); _ATTR: getattr(holder, key) is expected; _ITEM:
-# holder.get(key) is expected; _CELL: the cell holds expected; _CONTENT: value_digest(holder)
-# == expected; _KEYS: tuple(holder) == expected.
+# (kind, holder, key, expected).  _ATTR: getattr(holder, key) is expected.  _ITEM:
+# holder.get(key) is expected.  _CELL: cell number key of the function holder holds expected
+# (a function's __closure__ cannot be reassigned, its cells can).  _CONTENT:
+# value_digest(holder) == expected.  _KEYS: tuple(holder) == expected.
 _ATTR, _ITEM, _CELL, _CONTENT, _KEYS = range(5)
 Guard = tuple[Any, ...]
 
@@ -108,10 +110,10 @@ def code_digest(fn: Callable[..., object]) -> str:
                 return _cycle_digest(fn)
             return _computed(fn, stack)[0]
         known = _memo.get(fn)
-        if known is not None and known[1].hold():
+        if known is not None and known[1].hold(fn):
             return known[0]
         digest, guards = _computed(fn, stack)
-        _memo.put(fn, (digest, _Checks(guards)))
+        _memo.put(fn, (digest, _Checks(guards, fn)))
     except Exception:
         return os.urandom(32).hex()  # unreadable: a digest that matches nothing, ever
     return digest
@@ -152,22 +154,29 @@ class _Checks:
     """A memoized digest's guards, grouped so that checking them all costs little.
 
     The attribute reads of one object are one ``attrgetter`` call, the lookups in one
-    namespace one ``map``; each compared by identity with what the digest read.
+    namespace one loop; each compared by identity with what the digest read.  The digested
+    object itself is never held (the memo holds it weakly; a strong reference from here
+    would keep it alive forever): where a guard names it, ``_SELF`` stands in.
     """
 
     __slots__ = ("_attrs", "_items", "_rest")
 
-    def __init__(self, guards: Iterable[Guard]) -> None:
+    def __init__(self, guards: Iterable[Guard], top: object) -> None:
+        def bare(value: object) -> object:
+            return _SELF if value is top else value
+
         attrs: dict[int, tuple[object, list[str], list[object]]] = {}
         items: dict[int, tuple[Any, list[object], list[object]]] = {}
         rest: list[Guard] = []
         for kind, holder, key, expected in guards:
             if kind in (_ATTR, _ITEM):
-                group = (attrs if kind == _ATTR else items).setdefault(id(holder), (holder, [], []))
+                group = (attrs if kind == _ATTR else items).setdefault(
+                    id(holder), (bare(holder), [], [])
+                )
                 group[1].append(key)
-                group[2].append(expected)
+                group[2].append(bare(expected))
             else:
-                rest.append((kind, holder, key, expected))
+                rest.append((kind, bare(holder), key, bare(expected)))
         self._attrs = tuple(
             (operator.attrgetter(*names), holder, tuple(expected), len(names) == 1)
             for holder, names, expected in attrs.values()
@@ -177,23 +186,24 @@ class _Checks:
         )
         self._rest = tuple(rest)
 
-    def hold(self) -> bool:
-        """Whether everything the digest read is still what it was."""
+    def hold(self, top: object) -> bool:
+        """Whether everything the digest of ``top`` read is still what it was."""
         try:
             for getter, holder, expected, single in self._attrs:
-                current = getter(holder)
-                if single:
-                    if current is not expected[0]:
+                current = getter(top if holder is _SELF else holder)
+                for now, then in zip((current,) if single else current, expected):  # noqa: B905
+                    if now is not (top if then is _SELF else then):
                         return False
-                elif not all(map(operator.is_, current, expected)):
-                    return False
             for mapping, keys, expected in self._items:
-                get = mapping.get
-                for key, value in zip(keys, expected):  # noqa: B905 - equal by construction
-                    if get(key, _MISSING) is not value:
+                namespace: Any = top if mapping is _SELF else mapping
+                get = namespace.get
+                for key, then in zip(keys, expected):  # noqa: B905 - equal by construction
+                    if get(key, _MISSING) is not (top if then is _SELF else then):
                         return False
-            for kind, holder, key, expected in self._rest:
-                if not _CHECKS[kind](holder, key, expected):
+            for kind, holder, key, then in self._rest:
+                if not _CHECKS[kind](
+                    top if holder is _SELF else holder, key, top if then is _SELF else then
+                ):
                     return False
         except Exception:
             return False
@@ -203,7 +213,7 @@ class _Checks:
 _CHECKS: Final[tuple[Callable[[Any, Any, Any], bool], ...]] = (
     lambda holder, key, expected: getattr(holder, key, _MISSING) is expected,  # _ATTR
     lambda holder, key, expected: holder.get(key, _MISSING) is expected,  # _ITEM
-    lambda holder, key, expected: _cell_contents(holder) is expected,  # _CELL
+    lambda holder, key, expected: _cell_contents(holder.__closure__[key]) is expected,  # _CELL
     lambda holder, key, expected: value_digest(holder) == expected,  # _CONTENT
     lambda holder, key, expected: tuple(holder) == expected,  # _KEYS
 )
@@ -359,9 +369,10 @@ class _Walk:
         for name in tuple(kwdefaults or ()):
             self.out.put(b"n", name)
             self.held(self.item(kwdefaults, name), names)
-        for name, cell in zip(code.co_freevars, self.attr(fn, "__closure__") or (), strict=True):
+        cells = zip(code.co_freevars, fn.__closure__ or (), strict=True)
+        for index, (name, cell) in enumerate(cells):
             contents = _cell_contents(cell)
-            self.guard(_CELL, cell, None, contents)
+            self.guard(_CELL, fn, index, contents)
             self.out.put(b"n", name)
             if contents is _MISSING:
                 self.out.put(b"-", "")
