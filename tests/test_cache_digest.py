@@ -8,6 +8,7 @@ import datetime
 import decimal
 import enum
 import fractions
+import functools
 import socket
 import threading
 import uuid
@@ -96,6 +97,11 @@ DISTINCT: list[object] = [
     uuid.UUID(int=5),
     len,
     str,
+    Color.RED.__format__,
+    functools.partial(int, base=2),
+    functools.partial(int, base=3),
+    memoryview(b"abcd"),
+    memoryview(b"abcd").cast("h"),
 ]
 
 
@@ -129,6 +135,13 @@ def test_a_set_digest_does_not_depend_on_its_iteration_order() -> None:
         built.add(i)
     assert value_digest(grown) == value_digest(built)
     assert value_digest(frozenset(grown)) == value_digest(frozenset(built))
+
+
+def test_a_dataclass_digest_covers_attributes_set_outside_its_fields() -> None:
+    plain, extra = Params(1.0), Params(1.0)
+    object.__setattr__(extra, "hidden", 2)
+    assert value_digest(plain) == value_digest(Params(1.0))
+    assert value_digest(extra) != value_digest(plain)
 
 
 def test_a_defaultdict_digest_covers_its_factory() -> None:

@@ -19,10 +19,12 @@ rather than being digested by a part of it.  What is read:
 * ``tuple``, ``list``, ``dict`` (in insertion order: ``{a, b}`` and ``{b, a}`` differ, a
   safe miss), ``set`` and ``frozenset`` (order-free); subclasses of these with their type
   name and their instance ``__dict__`` (a NamedTuple, an OrderedDict, a Counter);
-* enum members (type, name, value), dataclass instances (type, fields), paths, dates,
+* enum members (type, name, value), dataclass instances (type, fields, other instance
+  attributes), a defaultdict's factory, paths, dates,
   times, timedeltas (tz: none, fixed offset or an IANA zone), ``Decimal``, ``Fraction``,
   ``UUID``;
-* functions and classes: their :func:`~stepvisor.cache._code.code_digest`;
+* functions, classes, bound methods and partials: their
+  :func:`~stepvisor.cache._code.code_digest`;
 * NumPy arrays and scalars by dtype, shape and bytes: equal content gives equal digests
   whatever the memory order (Fortran, strided views); object arrays item by item;
   structured arrays field by field (their padding bytes are never read).  NumPy is
@@ -37,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import functools
 import hashlib
 import io
 import reprlib
@@ -282,7 +285,7 @@ class _Encoder:
             self._where.append((".{}", _Name(value.name)))
             self.value(value.value, depth + 1)
             self._where.pop()
-        elif isinstance(value, types.FunctionType | type | types.BuiltinFunctionType):
+        elif isinstance(value, _CODE_VALUES):
             from stepvisor.cache._code import code_digest  # noqa: PLC0415 - they import each other
 
             self.text(b"Q", code_digest(value))
@@ -297,13 +300,17 @@ class _Encoder:
             self._subclass(value, base, depth)
 
     def _dataclass(self, value: Any, depth: int) -> None:
-        fields = dataclasses.fields(value)
+        """Its type and fields, then any other instance attribute (state all the same)."""
+        names = [field.name for field in dataclasses.fields(value)]
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict):
+            names += [name for name in state if name not in names]
         self.text(b"D", _type_name(value))
-        self.count(len(fields))
-        for field in fields:
-            self.text(b"n", field.name)
-            self._where.append((".{}", _Name(field.name)))
-            self.value(getattr(value, field.name), depth + 1)
+        self.count(len(names))
+        for name in names:
+            self.text(b"n", name)
+            self._where.append((".{}", _Name(name)))
+            self.value(getattr(value, name), depth + 1)
             self._where.pop()
 
     def _subclass(self, value: Any, base: type, depth: int) -> None:
@@ -335,6 +342,19 @@ def _complex(encoder: _Encoder, value: complex) -> None:
     encoder._pending += struct.pack("<dd", value.real, value.imag)
 
 
+def _memoryview(encoder: _Encoder, value: memoryview) -> None:
+    encoder.text(b"M", f"{value.format} {value.shape}")
+    encoder.blob(b"m", value.cast("B") if value.c_contiguous else value.tobytes())
+
+
+_CODE_VALUES: Final = (
+    types.FunctionType,
+    type,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    functools.partial,
+)
+
 _SCALARS: Final[dict[type, Callable[[_Encoder, Any], None]]] = {
     type(None): lambda e, v: e.tag(b"N"),
     type(Ellipsis): lambda e, v: e.tag(b"."),
@@ -345,7 +365,7 @@ _SCALARS: Final[dict[type, Callable[[_Encoder, Any], None]]] = {
     str: lambda e, v: e.text(b"s", v),
     bytes: lambda e, v: e.blob(b"b", v),
     bytearray: lambda e, v: e.blob(b"B", v),
-    memoryview: lambda e, v: e.blob(b"m", v.cast("B") if v.c_contiguous else v.tobytes()),
+    memoryview: _memoryview,
 }
 
 _CONTAINERS: Final[dict[type, Callable[[_Encoder, Any, int], None]]] = {
