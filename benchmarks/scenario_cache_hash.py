@@ -136,7 +136,7 @@ def _array_rows(megabytes: int, repeat: int) -> list[Row]:
         array = np.random.default_rng(0).random(megabytes * 1_000_000 // 8)
         times = _turns(_array_candidates(array), repeat)
         for name, seen in times.items():
-            note = f"best of {len(seen)} in turns ({', '.join(f'{t * 1e3:.0f}' for t in seen)})"
+            note = f"best of {len(seen)} in turns ({', '.join(f'{t * 1e3:.3g}' for t in seen)})"
             measured[name] = Measured(min(seen) * 1e3, note)
         return [measured["stepvisor"]]
 
