@@ -104,6 +104,49 @@ def test_a_changed_helper_in_another_user_module_changes_the_digest(
 
 
 @pytest.mark.parametrize(
+    ("modules", "setup"),
+    [
+        ({"mod": "def f(x):\n    import helpers\n    return helpers.clean(x)\n"}, "import mod"),
+        ({"mod": "def f(x):\n    from helpers import clean\n    return clean(x)\n"}, "import mod"),
+        (
+            {"pkg/mod": "def f(x):\n    from . import helpers\n    return helpers.clean(x)\n"},
+            "import pkg.mod as mod",
+        ),
+        (
+            {"pkg/mod": "def f(x):\n    from .helpers import clean\n    return clean(x)\n"},
+            "import pkg.mod as mod",
+        ),
+    ],
+    ids=["import", "from-import", "relative-module", "relative-name"],
+)
+def test_a_changed_module_imported_inside_the_function_changes_the_digest(
+    tmp_path: Path, modules: dict[str, str], setup: str
+) -> None:
+    helper = "def clean(x):\n    return x.strip()\n"
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    before = {**modules, "helpers": helper, "pkg/helpers": helper}
+    after = {**before, "helpers": helper + "# v2\n", "pkg/helpers": helper + "# v2\n"}
+    first, second = _twice(tmp_path, before, after, setup=setup)
+    assert first != second
+
+
+def test_a_local_import_is_read_the_same_before_and_after_it_ran_and_is_not_run(
+    tmp_path: Path,
+) -> None:
+    source = "def f(x):\n    import helpers\n    return helpers.clean(x)\n"
+    write_modules(tmp_path, {"mod": source, "helpers": "def clean(x):\n    return x\n"})
+    before = digest_in_child(
+        tmp_path,
+        {"d": "code_digest(mod.f)", "imported": "'helpers' in sys.modules"},
+        setup="import mod",
+    )
+    after = digest_in_child(tmp_path, {"d": "code_digest(mod.f)"}, setup="import mod\nmod.f(1)")
+    assert before["imported"] == "False"
+    assert before["d"] == after["d"]
+
+
+@pytest.mark.parametrize(
     ("before", "after"),
     [
         (

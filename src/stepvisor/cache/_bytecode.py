@@ -14,6 +14,7 @@ Line numbers, the file name and the line table are left out: moving code changes
 from __future__ import annotations
 
 import contextlib
+import dis
 import sys
 import types
 import weakref
@@ -21,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from stepvisor.cache._digest import UnhashableValue, new_hasher, value_digest
 
-__all__ = ["IdentityMemo", "Tokens", "code_facts", "qualified"]
+__all__ = ["Facts", "IdentityMemo", "Import", "Tokens", "code_facts", "qualified"]
 
 V = TypeVar("V")
 
@@ -58,16 +59,23 @@ class IdentityMemo(Generic[V]):
             items[key] = (weakref.ref(obj, forget), value)
 
 
-_code_memo: IdentityMemo[tuple[str, tuple[str, ...]]] = IdentityMemo()
+#: An ``import`` statement inside a function: (module name, level of a relative import,
+#: the names of ``from ... import``).
+Import = tuple[str, int, tuple[str, ...]]
+Facts = tuple[str, tuple[str, ...], tuple[Import, ...]]
+
+_code_memo: IdentityMemo[Facts] = IdentityMemo()
 
 
-def code_facts(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
-    """The digest of a code object alone, and every name it and its nested code use."""
+def code_facts(code: types.CodeType) -> Facts:
+    """The digest of a code object alone, every name it and its nested code use, and the
+    modules they import inside the function."""
     known = _code_memo.get(code)
     if known is not None:
         return known
     out = Tokens()
     names: dict[str, None] = dict.fromkeys(code.co_names)
+    imports: dict[Import, None] = dict.fromkeys(_imports(code))
     out.put(b"K", sys.implementation.cache_tag or sys.version)
     for number in (
         code.co_argcount,
@@ -85,26 +93,44 @@ def code_facts(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
     out.put(b"q", code.co_qualname)
     out.count(len(code.co_consts))
     for const in code.co_consts:
-        _const(out, const, names)
-    facts = (out.digest(), tuple(names))
+        _const(out, const, names, imports)
+    facts = (out.digest(), tuple(names), tuple(imports))
     _code_memo.put(code, facts)
     return facts
 
 
-def _const(out: Tokens, const: object, names: dict[str, None]) -> None:
+def _imports(code: types.CodeType) -> list[Import]:
+    """The ``IMPORT_NAME`` instructions of ``code`` (not nested code), with their level and
+    ``from`` names: the two constants loaded just before each."""
+    found: list[Import] = []
+    consts: list[object] = [None, None]
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "LOAD_CONST":
+            consts = [consts[-1], instruction.argval]
+        elif instruction.opname == "IMPORT_NAME":
+            level, fromlist = consts
+            listed = fromlist if isinstance(fromlist, tuple) else ()
+            names = tuple(n for n in listed if isinstance(n, str) and n != "*")
+            level = level if isinstance(level, int) else 0
+            found.append((str(instruction.argval), level, names))
+    return found
+
+
+def _const(out: Tokens, const: object, names: dict[str, None], imports: dict[Import, None]) -> None:
     if isinstance(const, types.CodeType):
-        digest, inner = code_facts(const)
+        digest, inner, inner_imports = code_facts(const)
         names.update(dict.fromkeys(inner))
+        imports.update(dict.fromkeys(inner_imports))
         out.put(b"k", digest)
     elif type(const) is tuple:
         out.count(len(const))
         for item in const:
-            _const(out, item, names)
+            _const(out, item, names, imports)
     elif type(const) is frozenset:
         parts = []
         for item in const:
             sub = Tokens()
-            _const(sub, item, names)
+            _const(sub, item, names, imports)
             parts.append(sub.digest())
         out.put(b"z", ",".join(sorted(parts)))
     else:

@@ -29,10 +29,17 @@ What is in the digest (the rules; the user guide quotes them)
    * a library function, class or module: its name only;
    * anything else, a *global object* (a list, a dict, an instance, an array): its type
      (and the code of that type's class if the class is the user's), NOT its content.
-4. A class, referenced or as the step itself: its qualified name, its bases (rule 3),
+
+   A package installed in editable mode (``pip install -e``) lives in the user's tree and
+   counts as the user's.
+4. A module the function imports *inside* its body (``import helpers``, ``from . import
+   x``, ``from .y import z``), if it is the user's: the bytes of its source file, found on
+   ``sys.path`` without importing it (so the digest is the same before and after the step
+   first ran); what that module imports in turn is not read.
+5. A class, referenced or as the step itself: its qualified name, its bases (rule 3),
    and every attribute of its body: methods (also static and class methods, properties)
    by their code, other attributes by their content when it can be read.
-5. A bound method: its function and its ``self`` (as a global object: the type's code).
+6. A bound method: its function and its ``self`` (as a global object: the type's code).
    A ``functools.partial``: its function and its arguments' values.  A callable instance:
    its class and its instance ``__dict__`` (by content when it can be read).  A decorated
    function: the wrapper and, through ``__wrapped__``, the function it wraps.
@@ -42,9 +49,10 @@ global object (rule 3) or of a mutable class attribute that cannot be read; the 
 libraries (a new version of an installed package); files, environment variables,
 databases, the time, randomness; code reached only through ``getattr`` with a computed
 name, ``importlib``, or attributes of objects (``self.helper`` is followed only as the
-class's method); C extensions.  A value that cannot be read is named in the digest by its
-type.  A function that cannot be read at all gets a digest that matches nothing (the
-step always computes), so this never raises.
+class's method); what a module imported inside the function imports in turn (rule 4); C
+extensions.  A value that cannot be read is named in the digest by its type.  A function
+that cannot be read at all gets a digest that matches nothing (the step always computes),
+so this never raises.
 
 Memoized per function object: a later call costs a check that each thing read is still
 the same object (and, for mutable default or closure values up to 64 KiB, still the same
@@ -56,6 +64,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib.util
 import operator
 import os
 import threading
@@ -63,9 +72,14 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from stepvisor.cache._bytecode import IdentityMemo, Tokens, code_facts, qualified
+from stepvisor.cache._bytecode import IdentityMemo, Import, Tokens, code_facts, qualified
 from stepvisor.cache._digest import UnhashableValue, _digest_sized, new_hasher, value_digest
-from stepvisor.cache._where import is_user_function, is_user_module, is_user_module_object
+from stepvisor.cache._where import (
+    is_user_function,
+    is_user_module,
+    is_user_module_object,
+    user_module_file,
+)
 
 __all__ = ["code_digest"]
 
@@ -96,8 +110,9 @@ _REFERENCES: Final = (
 # (kind, holder, key, expected).  _ATTR: getattr(holder, key) is expected.  _ITEM:
 # holder.get(key) is expected.  _CELL: cell number key of the function holder holds expected
 # (a function's __closure__ cannot be reassigned, its cells can).  _CONTENT:
-# value_digest(holder) == expected.  _KEYS: tuple(holder) == expected.
-_ATTR, _ITEM, _CELL, _CONTENT, _KEYS = range(5)
+# value_digest(holder) == expected.  _KEYS: tuple(holder) == expected.  _FILE: the file
+# named holder has the (mtime, size) expected.
+_ATTR, _ITEM, _CELL, _CONTENT, _KEYS, _FILE = range(6)
 Guard = tuple[Any, ...]
 
 
@@ -216,7 +231,31 @@ _CHECKS: Final[tuple[Callable[[Any, Any, Any], bool], ...]] = (
     lambda holder, key, expected: _cell_contents(holder.__closure__[key]) is expected,  # _CELL
     lambda holder, key, expected: value_digest(holder) == expected,  # _CONTENT
     lambda holder, key, expected: tuple(holder) == expected,  # _KEYS
+    lambda holder, key, expected: _stamp(holder) == expected,  # _FILE
 )
+
+
+def _stamp(filename: str) -> tuple[int, int]:
+    status = os.stat(filename)
+    return status.st_mtime_ns, status.st_size
+
+
+_files: dict[tuple[str, tuple[int, int]], str] = {}
+
+
+def _file_facts(filename: str) -> tuple[tuple[int, int] | None, str]:
+    """The stamp of a source file and the digest of its bytes (remembered per stamp)."""
+    try:
+        stamp = _stamp(filename)
+        digest = _files.get((filename, stamp))
+        if digest is None:
+            hasher = new_hasher()
+            with open(filename, "rb") as source:
+                hasher.update(source.read())
+            digest = _files[(filename, stamp)] = hasher.hexdigest()
+    except OSError:
+        return None, f"unreadable:{filename}"
+    return stamp, digest
 
 
 def _cell_contents(cell: types.CellType) -> object:
@@ -357,7 +396,7 @@ class _Walk:
         if not self.first_visit(fn):
             return
         code = self.attr(fn, "__code__")
-        digest, names = code_facts(code)
+        digest, names, imports = code_facts(code)
         self.out.put(b"F", digest)
         defaults = self.attr(fn, "__defaults__") or ()
         self.out.count(len(defaults))
@@ -379,6 +418,8 @@ class _Walk:
             else:
                 self.held(contents, names)
         self.names(fn.__globals__, names)
+        for imported in imports:
+            self.local_import(imported, fn.__globals__)
         wrapped = self.item(fn.__dict__, "__wrapped__")
         if wrapped is not _MISSING:
             self.out.put(b"w", "")
@@ -390,6 +431,28 @@ class _Walk:
             if value is not _MISSING:
                 self.out.put(b"n", name)
                 self.ref(value, names)
+
+    def local_import(self, imported: Import, namespace: dict[str, Any]) -> None:
+        """A module imported inside the function: a user's by its source file's bytes.
+
+        Not by following it as for a global module: whether it has been imported yet when
+        the digest is taken must not change the digest.  What it imports in turn is not read.
+        """
+        name, level, from_names = imported
+        if level:
+            package = namespace.get("__package__")
+            try:
+                name = importlib.util.resolve_name("." * level + name, package)
+            except (ImportError, ValueError, TypeError):
+                self.out.put(b"?", f"{level}:{name}")
+                return
+        self.out.put(b"I", name)
+        for candidate in (name, *(f"{name}.{n}" if name else n for n in from_names)):
+            filename = user_module_file(candidate)
+            if filename is not None:
+                stamp, digest = _file_facts(filename)
+                self.out.put(b"h", digest)
+                self.guard(_FILE, filename, None, stamp)
 
     def module(self, module: types.ModuleType, names: tuple[str, ...]) -> None:
         if id(module) in self.modules:

@@ -11,6 +11,7 @@ Answers are remembered per file and per module name: a module does not move.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import site
 import sys
@@ -19,7 +20,13 @@ from functools import cache
 from types import ModuleType
 from typing import Final
 
-__all__ = ["is_user_file", "is_user_function", "is_user_module", "is_user_module_object"]
+__all__ = [
+    "is_user_file",
+    "is_user_function",
+    "is_user_module",
+    "is_user_module_object",
+    "user_module_file",
+]
 
 #: Top-level packages that are never the user's, wherever they are installed from.
 _NEVER_USER: Final = frozenset({"stepvisor"})
@@ -111,3 +118,34 @@ def is_user_function(module: object, filename: str) -> bool:
     if filename.startswith("<") and isinstance(module, str) and module in sys.modules:
         return is_user_module(module)
     return is_user_file(filename)
+
+
+def user_module_file(name: str) -> str | None:
+    """The source file of the user's module ``name``, found WITHOUT importing anything;
+    ``None`` for a library's, a built-in, or a module that cannot be found that way.
+
+    A module imported already gives its ``__file__``; another is searched for on
+    ``sys.path`` (``PathFinder``: no import hooks run, no package ``__init__`` runs).
+    """
+    if not name or _top_is_library(name):
+        return None
+    module = sys.modules.get(name)
+    filename: object = None
+    if module is not None:
+        filename = vars(module).get("__file__")
+    else:
+        path: list[str] | None = None
+        spec = None
+        for part in name.split("."):
+            try:
+                spec = importlib.machinery.PathFinder.find_spec(part, path)
+            except (ImportError, ValueError):
+                return None
+            if spec is None:
+                return None
+            locations = spec.submodule_search_locations
+            path = list(locations) if locations is not None else None
+        filename = spec.origin if spec is not None and spec.has_location else None
+    if not isinstance(filename, str) or not is_user_file(filename):
+        return None
+    return filename
