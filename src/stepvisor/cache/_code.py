@@ -65,15 +65,27 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
-import operator
 import os
 import threading
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from stepvisor.cache._bytecode import IdentityMemo, Import, Tokens, code_facts, qualified
 from stepvisor.cache._digest import UnhashableValue, _digest_sized, new_hasher, value_digest
+from stepvisor.cache._guards import (
+    ATTR,
+    CELL,
+    CONTENT,
+    FILE,
+    ITEM,
+    KEYS,
+    MISSING,
+    Checks,
+    Guard,
+    cell_contents,
+    file_facts,
+)
 from stepvisor.cache._where import (
     is_user_function,
     is_user_module,
@@ -83,8 +95,6 @@ from stepvisor.cache._where import (
 
 __all__ = ["code_digest"]
 
-_MISSING: Final = object()
-_SELF: Final = object()  # in a memo's guards: the digested object itself
 #: Mutable values up to this many encoded bytes are re-digested when a memo is checked.
 _RECHECK_LIMIT: Final = 1 << 16
 #: Class attributes that are the class's own machinery, not what it computes.
@@ -106,15 +116,6 @@ _REFERENCES: Final = (
     *_BUILTIN_CALLABLES,
 )
 
-# A guard is one thing the digest read, checked again before a memoized digest is reused:
-# (kind, holder, key, expected).  _ATTR: getattr(holder, key) is expected.  _ITEM:
-# holder.get(key) is expected.  _CELL: cell number key of the function holder holds expected
-# (a function's __closure__ cannot be reassigned, its cells can).  _CONTENT:
-# value_digest(holder) == expected.  _KEYS: tuple(holder) == expected.  _FILE: the file
-# named holder has the (mtime, size) expected.
-_ATTR, _ITEM, _CELL, _CONTENT, _KEYS, _FILE = range(6)
-Guard = tuple[Any, ...]
-
 
 def code_digest(fn: Callable[..., object]) -> str:
     """Hex digest of ``fn``'s code by the rules of the module docstring; never raises."""
@@ -128,7 +129,7 @@ def code_digest(fn: Callable[..., object]) -> str:
         if known is not None and known[1].hold(fn):
             return known[0]
         digest, guards = _computed(fn, stack)
-        _memo.put(fn, (digest, _Checks(guards, fn)))
+        _memo.put(fn, (digest, Checks(guards, fn)))
     except Exception:
         return os.urandom(32).hex()  # unreadable: a digest that matches nothing, ever
     return digest
@@ -136,7 +137,7 @@ def code_digest(fn: Callable[..., object]) -> str:
 
 # -- the memo -----------------------------------------------------------------------------
 
-_memo: IdentityMemo[tuple[str, _Checks]] = IdentityMemo()
+_memo: IdentityMemo[tuple[str, Checks]] = IdentityMemo()
 _local = threading.local()
 
 
@@ -165,106 +166,6 @@ def _cycle_digest(fn: object) -> str:
     return hasher.hexdigest()
 
 
-class _Checks:
-    """A memoized digest's guards, grouped so that checking them all costs little.
-
-    The attribute reads of one object are one ``attrgetter`` call, the lookups in one
-    namespace one loop; each compared by identity with what the digest read.  The digested
-    object itself is never held (the memo holds it weakly; a strong reference from here
-    would keep it alive forever): where a guard names it, ``_SELF`` stands in.
-    """
-
-    __slots__ = ("_attrs", "_items", "_rest")
-
-    def __init__(self, guards: Iterable[Guard], top: object) -> None:
-        def bare(value: object) -> object:
-            return _SELF if value is top else value
-
-        attrs: dict[int, tuple[object, list[str], list[object]]] = {}
-        items: dict[int, tuple[Any, list[object], list[object]]] = {}
-        rest: list[Guard] = []
-        for kind, holder, key, expected in guards:
-            if kind in (_ATTR, _ITEM):
-                group = (attrs if kind == _ATTR else items).setdefault(
-                    id(holder), (bare(holder), [], [])
-                )
-                group[1].append(key)
-                group[2].append(bare(expected))
-            else:
-                rest.append((kind, bare(holder), key, bare(expected)))
-        self._attrs = tuple(
-            (operator.attrgetter(*names), holder, tuple(expected), len(names) == 1)
-            for holder, names, expected in attrs.values()
-        )
-        self._items = tuple(
-            (m, tuple(keys), tuple(expected)) for m, keys, expected in items.values()
-        )
-        self._rest = tuple(rest)
-
-    def hold(self, top: object) -> bool:
-        """Whether everything the digest of ``top`` read is still what it was."""
-        try:
-            for getter, holder, expected, single in self._attrs:
-                current = getter(top if holder is _SELF else holder)
-                for now, then in zip((current,) if single else current, expected):  # noqa: B905
-                    if now is not (top if then is _SELF else then):
-                        return False
-            for mapping, keys, expected in self._items:
-                namespace: Any = top if mapping is _SELF else mapping
-                get = namespace.get
-                for key, then in zip(keys, expected):  # noqa: B905 - equal by construction
-                    if get(key, _MISSING) is not (top if then is _SELF else then):
-                        return False
-            for kind, holder, key, then in self._rest:
-                if not _CHECKS[kind](
-                    top if holder is _SELF else holder, key, top if then is _SELF else then
-                ):
-                    return False
-        except Exception:
-            return False
-        return True
-
-
-_CHECKS: Final[tuple[Callable[[Any, Any, Any], bool], ...]] = (
-    lambda holder, key, expected: getattr(holder, key, _MISSING) is expected,  # _ATTR
-    lambda holder, key, expected: holder.get(key, _MISSING) is expected,  # _ITEM
-    lambda holder, key, expected: _cell_contents(holder.__closure__[key]) is expected,  # _CELL
-    lambda holder, key, expected: value_digest(holder) == expected,  # _CONTENT
-    lambda holder, key, expected: tuple(holder) == expected,  # _KEYS
-    lambda holder, key, expected: _stamp(holder) == expected,  # _FILE
-)
-
-
-def _stamp(filename: str) -> tuple[int, int]:
-    status = os.stat(filename)
-    return status.st_mtime_ns, status.st_size
-
-
-_files: dict[tuple[str, tuple[int, int]], str] = {}
-
-
-def _file_facts(filename: str) -> tuple[tuple[int, int] | None, str]:
-    """The stamp of a source file and the digest of its bytes (remembered per stamp)."""
-    try:
-        stamp = _stamp(filename)
-        digest = _files.get((filename, stamp))
-        if digest is None:
-            hasher = new_hasher()
-            with open(filename, "rb") as source:
-                hasher.update(source.read())
-            digest = _files[(filename, stamp)] = hasher.hexdigest()
-    except OSError:
-        return None, f"unreadable:{filename}"
-    return stamp, digest
-
-
-def _cell_contents(cell: types.CellType) -> object:
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell: the variable is not assigned yet
-        return _MISSING
-
-
 class _Walk:
     """One digest: visits the callable and what it reaches, writing tokens and guards.
 
@@ -287,12 +188,12 @@ class _Walk:
 
     def attr(self, holder: object, name: str) -> Any:
         value = getattr(holder, name)
-        self.guard(_ATTR, holder, name, value)
+        self.guard(ATTR, holder, name, value)
         return value
 
     def item(self, mapping: Mapping[str, Any], name: str) -> Any:
-        value = mapping.get(name, _MISSING)
-        self.guard(_ITEM, mapping, name, value)
+        value = mapping.get(name, MISSING)
+        self.guard(ITEM, mapping, name, value)
         return value
 
     def first_visit(self, obj: object) -> bool:
@@ -365,11 +266,11 @@ class _Walk:
             self.held(obj.keywords, names)
         else:
             state = getattr(obj, "__dict__", None)
-            wrapped = state.get("__wrapped__", _MISSING) if isinstance(state, dict) else _MISSING
+            wrapped = state.get("__wrapped__", MISSING) if isinstance(state, dict) else MISSING
             self.out.put(b"o", qualified(type(obj)))
             self.ref(type(obj), ())
-            if wrapped is not _MISSING and isinstance(state, dict):
-                self.guard(_ITEM, state, "__wrapped__", wrapped)
+            if wrapped is not MISSING and isinstance(state, dict):
+                self.guard(ITEM, state, "__wrapped__", wrapped)
                 self.ref(wrapped, names)
 
     def held(self, value: object, names: tuple[str, ...]) -> None:
@@ -384,7 +285,7 @@ class _Walk:
             return
         self.out.put(b"v", digest)
         if size <= _RECHECK_LIMIT:
-            self.guard(_CONTENT, value, None, digest)
+            self.guard(CONTENT, value, None, digest)
 
     def plain(self, value: object) -> None:
         try:
@@ -404,16 +305,16 @@ class _Walk:
             self.held(value, names)
         kwdefaults = self.attr(fn, "__kwdefaults__")
         if kwdefaults:
-            self.guard(_KEYS, kwdefaults, None, tuple(kwdefaults))
+            self.guard(KEYS, kwdefaults, None, tuple(kwdefaults))
         for name in tuple(kwdefaults or ()):
             self.out.put(b"n", name)
             self.held(self.item(kwdefaults, name), names)
         cells = zip(code.co_freevars, fn.__closure__ or (), strict=True)
         for index, (name, cell) in enumerate(cells):
-            contents = _cell_contents(cell)
-            self.guard(_CELL, fn, index, contents)
+            contents = cell_contents(cell)
+            self.guard(CELL, fn, index, contents)
             self.out.put(b"n", name)
-            if contents is _MISSING:
+            if contents is MISSING:
                 self.out.put(b"-", "")
             else:
                 self.held(contents, names)
@@ -421,14 +322,14 @@ class _Walk:
         for imported in imports:
             self.local_import(imported, fn.__globals__)
         wrapped = self.item(fn.__dict__, "__wrapped__")
-        if wrapped is not _MISSING:
+        if wrapped is not MISSING:
             self.out.put(b"w", "")
             self.ref(wrapped, names)
 
     def names(self, namespace: dict[str, Any], names: tuple[str, ...]) -> None:
         for name in names:
             value = self.item(namespace, name)
-            if value is not _MISSING:
+            if value is not MISSING:
                 self.out.put(b"n", name)
                 self.ref(value, names)
 
@@ -450,9 +351,9 @@ class _Walk:
         for candidate in (name, *(f"{name}.{n}" if name else n for n in from_names)):
             filename = user_module_file(candidate)
             if filename is not None:
-                stamp, digest = _file_facts(filename)
+                stamp, digest = file_facts(filename)
                 self.out.put(b"h", digest)
-                self.guard(_FILE, filename, None, stamp)
+                self.guard(FILE, filename, None, stamp)
 
     def module(self, module: types.ModuleType, names: tuple[str, ...]) -> None:
         if id(module) in self.modules:
@@ -471,7 +372,7 @@ class _Walk:
             self.ref(base, ())
         body = cls.__dict__
         keys = tuple(body)
-        self.guard(_KEYS, body, None, keys)
+        self.guard(KEYS, body, None, keys)
         for key in keys:
             if key in _CLASS_SKIP:
                 continue
