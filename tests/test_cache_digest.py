@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stepvisor.cache import _arrays
 from stepvisor.cache._digest import DIGEST_SCHEME, UnhashableValue, value_digest
 from stepvisor.errors import StepvisorError
 from tests.cache_modules import digest_in_child
@@ -189,6 +190,26 @@ def test_equal_array_content_gives_equal_digests_whatever_the_layout() -> None:
     assert value_digest(c_order.T) == value_digest(np.ascontiguousarray(c_order.T))
     assert value_digest(c_order.T) != value_digest(c_order)
     assert value_digest(c_order[1:3]) == value_digest(np.array(c_order[1:3]))
+
+
+@pytest.mark.parametrize("slab", [8, 64, 1000, 16 << 20])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.asfortranarray(np.arange(7 * 13 * 3.0).reshape(7, 13, 3)),
+        lambda: np.arange(7 * 13.0).reshape(7, 13)[:, ::3],
+        lambda: np.arange(101.0)[::-2],
+        lambda: np.arange(30, dtype=np.int16).reshape(5, 6).T,
+    ],
+    ids=["fortran-3d", "column-view", "reversed-1d", "transposed-int16"],
+)
+def test_a_strided_array_read_slab_by_slab_digests_like_its_c_copy(
+    monkeypatch: pytest.MonkeyPatch, slab: int, make: Any
+) -> None:
+    monkeypatch.setattr(_arrays, "_SLAB", slab)
+    array = make()
+    assert not array.flags.c_contiguous
+    assert value_digest(array) == value_digest(np.ascontiguousarray(array))
 
 
 def test_array_content_changes_change_the_digest() -> None:
