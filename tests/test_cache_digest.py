@@ -28,6 +28,14 @@ from tests.cache_modules import digest_in_child
 Point = namedtuple("Point", "x y")
 
 
+class Tagged(str):
+    pass
+
+
+class Count(int):
+    pass
+
+
 class Color(enum.Enum):
     RED = 1
     BLUE = 2
@@ -98,6 +106,8 @@ DISTINCT: list[object] = [
     uuid.UUID(int=5),
     len,
     str,
+    Tagged("1"),
+    Count(1),
     Color.RED.__format__,
     functools.partial(int, base=2),
     functools.partial(int, base=3),

@@ -17,8 +17,9 @@ rather than being digested by a part of it.  What is read:
 * ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``, ``bytearray``,
   ``memoryview`` (its bytes), ``Ellipsis``;
 * ``tuple``, ``list``, ``dict`` (in insertion order: ``{a, b}`` and ``{b, a}`` differ, a
-  safe miss), ``set`` and ``frozenset`` (order-free); subclasses of these with their type
-  name and their instance ``__dict__`` (a NamedTuple, an OrderedDict, a Counter);
+  safe miss), ``set`` and ``frozenset`` (order-free); subclasses of these and of the
+  scalars with their type name and their instance ``__dict__`` (a NamedTuple, an
+  OrderedDict, a Counter, a str subclass);
 * enum members (type, name, value), dataclass instances (type, fields, other instance
   attributes), a defaultdict's factory, paths, dates,
   times, timedeltas (tz: none, fixed offset or an IANA zone), ``Decimal``, ``Fraction``,
@@ -308,7 +309,8 @@ class _Encoder:
         elif _special(self, value):
             return
         else:
-            base = next((b for b in type(value).__mro__ if b in _CONTAINERS), None)
+            mro = type(value).__mro__
+            base = next((b for b in mro if b in _CONTAINERS or b in _SCALARS), None)
             if base is None:
                 raise self.fail(value)
             self._subclass(value, base, depth)
@@ -328,11 +330,16 @@ class _Encoder:
             self._where.pop()
 
     def _subclass(self, value: Any, base: type, depth: int) -> None:
-        """A subclass of a builtin container: its type, its content, its instance state."""
+        """A subclass of a builtin scalar or container: its type, its content (read as the
+        builtin's), its instance state."""
         if any(vars(c).get("__slots__") for c in type(value).__mro__ if c is not base):
             raise self.fail(value, f"a {_type_name(value)} with __slots__ state")
         self.text(b"U", _type_name(value))
-        self._container(value, depth, _CONTAINERS[base])
+        scalar = _SCALARS.get(base)
+        if scalar is not None:
+            scalar(self, value)
+        else:
+            self._container(value, depth, _CONTAINERS[base])
         if isinstance(value, collections.defaultdict):  # its factory is state outside __dict__
             self.value(value.default_factory, depth + 1)
         state = getattr(value, "__dict__", None) or {}
