@@ -263,7 +263,12 @@ class _Encoder:
     def items(self, tag: bytes, values: Any, depth: int) -> None:
         self.tag(tag)
         self.count(len(values))
+        scalars = _SCALARS
         for index, item in enumerate(values):
+            scalar = scalars.get(type(item))
+            if scalar is not None:  # the common case, which cannot fail: no path kept
+                scalar(self, item)
+                continue
             self._where.append(("[{}]", index))
             self.value(item, depth)
             self._where.pop()
@@ -271,9 +276,20 @@ class _Encoder:
     def mapping(self, tag: bytes, mapping: Any, depth: int) -> None:
         self.tag(tag)
         self.count(len(mapping))
+        scalars = _SCALARS
         for key, item in dict.items(mapping):
+            key_scalar = scalars.get(type(key))
+            if key_scalar is not None:
+                key_scalar(self, key)
+            else:
+                self._where.append(("[{}]", key))
+                self.value(key, depth)
+                self._where.pop()
+            scalar = scalars.get(type(item))
+            if scalar is not None:
+                scalar(self, item)
+                continue
             self._where.append(("[{}]", key))
-            self.value(key, depth)
             self.value(item, depth)
             self._where.pop()
 
