@@ -45,6 +45,7 @@ import hashlib
 import io
 import reprlib
 import struct
+import sys
 import types
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
@@ -419,12 +420,13 @@ def _special(encoder: _Encoder, value: object) -> bool:
     name = _type_name(value)
     text = _SPECIAL_TEXT.get(name)
     if text is None:
-        for base in type(value).__mro__[1:]:
-            if f"{base.__module__}.{base.__qualname__}" == "pathlib.PurePath":
-                text = _path_text
-                break
-        else:
+        pathlib = sys.modules.get("pathlib")  # not imported: the value cannot be a path
+        if pathlib is None or not isinstance(value, pathlib.PurePath):
             return False
+        # pathlib.PosixPath on 3.11 and 3.12, pathlib._local.PosixPath on 3.13
+        if type(value).__module__.startswith("pathlib"):
+            name = f"pathlib.{type(value).__qualname__}"
+        text = _path_text
     encoder.text(b"X", name)
     encoder.text(b"x", text(encoder, value))
     return True
