@@ -384,6 +384,22 @@ def test_methods_and_classes_are_read_with_what_they_reach(
     assert first != second
 
 
+def test_moving_a_class_keeps_the_digest(tmp_path: Path) -> None:
+    # Python 3.13 records a class's first line in its namespace (__firstlineno__).
+    first, second = _twice(tmp_path, {"mod": MODEL}, {"mod": "\n\n\n" + MODEL})
+    assert first == second
+
+
+def test_a_changed_metaclass_changes_the_digest(tmp_path: Path) -> None:
+    source = (
+        "class Meta(type):\n    def make(cls):\n        return 1\n"
+        "class Model(metaclass=Meta):\n    pass\n"
+        "def f():\n    return Model.make()\n"
+    )
+    first, second = _twice(tmp_path, {"mod": source}, {"mod": source.replace("1", "2")})
+    assert first != second
+
+
 def test_functions_defined_in_main_are_the_users_code(tmp_path: Path) -> None:
     # python -c: __main__ has no file; the functions' code says "<string>".
     program = "SCALE = {}\ndef helper(x):\n    return x * SCALE\ndef f(x):\n    return helper(x)\n"

@@ -36,7 +36,8 @@ What is in the digest (the rules; the user guide quotes them)
    x``, ``from .y import z``), if it is the user's: the bytes of its source file, found on
    ``sys.path`` without importing it (so the digest is the same before and after the step
    first ran); what that module imports in turn is not read.
-5. A class, referenced or as the step itself: its qualified name, its bases (rule 3),
+5. A class, referenced or as the step itself: its qualified name, its bases and its
+   metaclass (rule 3),
    and every attribute of its body: methods (also static and class methods, properties)
    by their code, other attributes by their content when it can be read.
 6. A bound method: its function and its ``self`` (as a global object: the type's code).
@@ -98,7 +99,9 @@ __all__ = ["code_digest"]
 #: Mutable values up to this many encoded bytes are re-digested when a memo is checked.
 _RECHECK_LIMIT: Final = 1 << 16
 #: Class attributes that are the class's own machinery, not what it computes.
-_CLASS_SKIP: Final = frozenset({"__dict__", "__weakref__", "__module__", "__doc__"})
+_CLASS_SKIP: Final = frozenset(
+    {"__dict__", "__weakref__", "__module__", "__doc__", "__firstlineno__"}  # the last: 3.13
+)
 _PLAIN: Final = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _BUILTIN_CALLABLES: Final = (
     types.BuiltinFunctionType,
@@ -370,6 +373,7 @@ class _Walk:
         self.out.put(b"C", qualified(cls))
         for base in self.attr(cls, "__bases__"):
             self.ref(base, ())
+        self.ref(type(cls), ())  # the metaclass: type, or one of the user's
         body = cls.__dict__
         keys = tuple(body)
         self.guard(KEYS, body, None, keys)
