@@ -9,8 +9,9 @@ What is in the digest (the rules; the user guide quotes them)
 
 1. The function's code object: bytecode, constants, names, argument and variable names,
    flags, exception table, name and qualified name; nested code objects (inner functions,
-   lambdas, comprehensions, class bodies) recursively.  Not its file name, line numbers or
-   docstring position: moving a function or adding a blank line above it changes nothing.
+   lambdas, comprehensions, class bodies) recursively.  Not its file name or line
+   numbers: moving a function or adding a blank line above it changes nothing (a docstring
+   is a constant, so editing one does change the digest: a safe miss).
    The interpreter's version is in it too (bytecode differs between Python versions).
 2. Its default and keyword-default values, and the values in its closure cells, by their
    content (:func:`~stepvisor.cache._digest.value_digest`).  A function, class or module
