@@ -3,6 +3,7 @@ different digests; and a value whose content cannot be read is refused by name."
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import decimal
@@ -10,6 +11,7 @@ import enum
 import fractions
 import functools
 import socket
+import struct
 import threading
 import uuid
 from collections import Counter, OrderedDict, defaultdict, namedtuple
@@ -19,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stepvisor.cache import _arrays
 from stepvisor.cache._digest import DIGEST_SCHEME, UnhashableValue, value_digest
@@ -170,6 +174,44 @@ def test_a_large_buffer_is_hashed_by_content_past_the_small_token_path() -> None
 
 def test_the_digest_starts_from_the_scheme_name() -> None:
     assert DIGEST_SCHEME.startswith("stepvisor-digest/1/")
+
+
+# Any nesting of the plain types; two draws are compared through a type-tagged structure in
+# which -0.0 and 0.0, 1 and 1.0 and True, a list and a tuple all differ, as in the digest.
+PLAIN = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+        | st.frozensets(st.integers(-3, 3), max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _typed(value: object) -> object:
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [_typed(v) for v in value])
+    if isinstance(value, dict):
+        return ("dict", [(_typed(k), _typed(v)) for k, v in value.items()])
+    if isinstance(value, frozenset):
+        return ("frozenset", sorted(value))
+    return (type(value).__name__, value)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(PLAIN, PLAIN)
+def test_digests_are_equal_exactly_when_the_typed_content_is(first: object, second: object) -> None:
+    assert value_digest(copy.deepcopy(first)) == value_digest(first)
+    assert (value_digest(first) == value_digest(second)) == (_typed(first) == _typed(second))
 
 
 # -- NumPy ---------------------------------------------------------------------------------
