@@ -43,6 +43,7 @@ EXPECTED_SCENARIOS = {
     "runs",
     "map",
     "map_chain",
+    "cache_hash",
 }
 
 
