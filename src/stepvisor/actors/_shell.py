@@ -43,6 +43,7 @@ from stepvisor.actors.messages import (
     SlotGranted,
     Warm,
 )
+from stepvisor.cache._session import CacheSession, cached_ranks
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
 from stepvisor.context import AttemptControl
@@ -56,6 +57,8 @@ from stepvisor.core.effects import (
     Emit,
     Finish,
     FinishRun,
+    LookUpCache,
+    PutInCache,
     ReleaseSlot,
     RetireSlot,
     SaveOutputs,
@@ -126,7 +129,11 @@ class RunPlan:
     observer: RunObserver | None = None
 
     def machine_plan(
-        self, *, lend_slots: bool = False, unqueued: frozenset[str] = frozenset()
+        self,
+        *,
+        lend_slots: bool = False,
+        unqueued: frozenset[str] = frozenset(),
+        cached: frozenset[int] = frozenset(),
     ) -> Plan:
         """The part of the plan the machine decides from: values only."""
         return Plan(
@@ -142,6 +149,7 @@ class RunPlan:
             store_may_refuse=not isinstance(self.store, MemoryStore | Unkept),
             lend_slots=lend_slots,
             unqueued=unqueued,
+            cached=cached,
         )
 
 
@@ -187,8 +195,20 @@ class RunShell:
                 self._submitters[executor] = backend
         self._warm = tuple(ex for ex in ("process",) if ex in plan.executors)
         self._needs_workers = any(ex not in self._submitters for ex in plan.executors)
+        #: The run's cache, when a step asks for it and the store keeps one.
+        self._cache: CacheSession | None = None
+        cached = frozenset[int]()
+        if plan.settings.cache or any(step.cache for step in plan.workflow.steps):
+            cached = cached_ranks(plan.workflow, plan.settings, plan.store, plan.run_id)
+            if cached:
+                self._cache = CacheSession(
+                    plan.workflow, plan.settings, plan.store, plan.run_id,  # type: ignore[arg-type]
+                    self.clock.wall,
+                )  # fmt: skip
         self.machine = RunMachine(
-            plan.machine_plan(lend_slots=lend_slots, unqueued=frozenset(self._submitters))
+            plan.machine_plan(
+                lend_slots=lend_slots, unqueued=frozenset(self._submitters), cached=cached
+            )
         )
         self._controls: dict[str, tuple[int, AttemptControl]] = {}
         self._timers: dict[TimerKey, TimerHandle] = {}
@@ -209,6 +229,8 @@ class RunShell:
             RetireSlot: self._retire_slot,
             BeginRun: self._begin_run,
             FinishRun: self._finish_run,
+            LookUpCache: self._look_up_cache,
+            PutInCache: self._put_in_cache,
             Finish: self._finish,
         }
         self._pending: deque[Effect] = deque()
@@ -461,6 +483,17 @@ class RunShell:
                 wall=self.clock.wall(),
             )
         )
+
+    def _look_up_cache(self, effect: LookUpCache) -> None:
+        assert self._cache is not None  # the machine looks up only the ranks given to it
+        answer = self._cache.look_up(effect.step_id, effect.rank, effect.inputs)
+        self._pending.extend(
+            self.machine.handle(answer, now=self.clock.monotonic(), wall=self.clock.wall())
+        )
+
+    def _put_in_cache(self, effect: PutInCache) -> None:
+        assert self._cache is not None
+        self._cache.put(effect.step_id, effect.rank, effect.outputs)
 
     def _save_steps(self, effect: SaveSteps) -> None:
         self.store.save_steps(self.plan.run_id, list(effect.records))

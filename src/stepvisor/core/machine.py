@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log
+from stepvisor.core._caching import Caching
 from stepvisor.core._events import Emitter
 from stepvisor.core._finish import finish_effects, supervisor_failed_result
 from stepvisor.core._inputs import Inputs
@@ -73,6 +74,7 @@ from stepvisor.core.effects import (
 from stepvisor.core.messages import (
     AttemptDone,
     AttemptsDone,
+    CacheAnswer,
     CancelRun,
     DeadlineReached,
     GraceExpired,
@@ -104,7 +106,7 @@ _NO_INPUTS: Mapping[str, Any] = MappingProxyType({})
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
 
 
-class RunMachine(Mapped, Settling):
+class RunMachine(Mapped, Settling, Caching):
     """One run's decisions.  Feed it messages with :meth:`handle`; carry out what it returns."""
 
     def __init__(self, plan: Plan) -> None:
@@ -118,7 +120,10 @@ class RunMachine(Mapped, Settling):
             max_parallel=cfg.max_parallel,
             pool_of=[self._step(r).pool for r in range(len(graph.order))],
             pool_limits=cfg.pools,
+            hold=plan.cached,
         )
+        self._looking: dict[str, int] = {}
+        self._to_cache: set[int] = set()
         self._store_may_refuse = plan.store_may_refuse
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
@@ -156,6 +161,7 @@ class RunMachine(Mapped, Settling):
             AttemptDone: self._on_done,
             AttemptsDone: self._on_batch,
             OutputsSaved: self._on_saved,
+            CacheAnswer: self._on_cache_answer,
             DeadlineReached: self._on_deadline,
             GraceExpired: self._on_grace,
             RetryDue: self._on_retry_due,
@@ -185,6 +191,8 @@ class RunMachine(Mapped, Settling):
             log.warning("the run machine ignored an unexpected message %r", message)
             return fx
         handler(message)
+        if self.sched.lookups:
+            self._look_up()
         if self.sched.expandable:
             self._expand_ready()
         self._fill()
@@ -465,7 +473,7 @@ class RunMachine(Mapped, Settling):
     # -- finish --------------------------------------------------------------------
 
     def _maybe_finish(self) -> None:
-        if self._inflight or self._saving:
+        if self._inflight or self._saving or self._looking:
             return
         if not self.stopping and (self.sched.ready_count or self._retries.waiting):
             return

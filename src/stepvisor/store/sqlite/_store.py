@@ -24,6 +24,7 @@ from stepvisor.errors import (
 from stepvisor.store.base import LogEntry, RunInfo, RunOwner, StoredRun
 from stepvisor.store.codec import Codec, JsonCodec, codec_named
 from stepvisor.store.sqlite import _owner
+from stepvisor.store.sqlite._cache import CacheTable
 from stepvisor.store.sqlite._files import (
     FileId,
     check_header,
@@ -79,7 +80,7 @@ _LIST_RUNS_HINT: Final = "list the runs it holds with `stepvisor status`"
 _SETTINGS_CODEC: Final = JsonCodec()
 
 
-class SQLiteStore(Closing):
+class SQLiteStore(CacheTable, Closing):
     """Run state in one SQLite file, for runs that must survive their program.
 
     ``SQLiteStore(path)`` opens the store at ``path``, creating it (and its

@@ -1,0 +1,182 @@
+"""One run's cache: keys made, entries looked up and kept, on the Supervisor's thread.
+
+The run's shell (:mod:`stepvisor.actors._shell`) carries out the machine's
+``LookUpCache`` and ``PutInCache`` effects here.  Nothing here may fail the
+run: a value that cannot be hashed, a damaged entry or a store that fails
+makes the step compute, with a note that says why, and a log line.
+
+Each artifact's content is hashed once per run, when a cached step first
+needs it (or when a cached step's result is kept, which hashes its outputs):
+``_digests`` keeps the digest by (the rank of its maker, its name), and a
+reused step's outputs take the digests stored with its entry, unhashed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from stepvisor._log import log
+from stepvisor.cache._code import code_digest
+from stepvisor.cache._digest import UnhashableValue, value_digest
+from stepvisor.cache._entry import UnreadableEntryError, pack, unpack
+from stepvisor.cache._key import Key, key_of, why_changed
+from stepvisor.cache._spec import Cache
+from stepvisor.config import Resolved
+from stepvisor.core.messages import CacheAnswer
+from stepvisor.core.model import Step, Workflow
+from stepvisor.store.base import CacheStore, RunStore
+
+__all__ = ["NO_ENTRY", "UNREADABLE", "CacheSession", "cached_ranks", "setting_of"]
+
+NO_ENTRY: Final = "computed: no entry"
+UNREADABLE: Final = "computed: stored entry unreadable"
+EXPIRED: Final = "computed: entry expired"
+
+
+def setting_of(step: Step, cfg: Resolved) -> Cache | None:
+    """The step's cache, or ``None``: its own ``cache=``, else the run's ``cache`` setting."""
+    if step.cache is None:
+        return Cache() if cfg.cache else None
+    return step.cache if isinstance(step.cache, Cache) else None
+
+
+def cached_ranks(wf: Workflow, cfg: Resolved, store: RunStore, run_id: str) -> frozenset[int]:
+    """The ranks of the steps this run looks up in the cache.
+
+    Mapped steps are computed (their instances are not cached yet), and a run
+    whose store keeps no cache caches nothing: each says so once in the log.
+    """
+    ranks: list[int] = []
+    mapped: list[str] = []
+    for r, i in enumerate(wf.graph.step_at_rank):
+        step = wf.steps[i]
+        if setting_of(step, cfg) is None:
+            continue
+        if step.mapped:
+            mapped.append(step.id)
+        else:
+            ranks.append(r)
+    if mapped:
+        log.info(
+            "run %s: mapped steps are not cached yet, they are computed: %s",
+            run_id, ", ".join(mapped),
+        )  # fmt: skip
+    if ranks and not isinstance(store, CacheStore):
+        log.warning(
+            "run %s: %d step(s) ask for the cache, but the run's store keeps none, so nothing "
+            "could be cached; give the run a store (store='.stepvisor/runs.db', or a "
+            "MemoryStore within one program)",
+            run_id, len(ranks),
+        )  # fmt: skip
+        return frozenset()
+    return frozenset(ranks)
+
+
+class CacheSession:
+    """The cache of one run: the store's, seen through this run's keys."""
+
+    def __init__(
+        self, wf: Workflow, cfg: Resolved, store: CacheStore, run_id: str, wall: Callable[[], float]
+    ) -> None:
+        self._wf = wf
+        self._cfg = cfg
+        self._store = store
+        self._run_id = run_id
+        self._wall = wall
+        #: (rank of the maker, artifact name) -> content digest: each hashed once.
+        self._digests: dict[tuple[int, str], str] = {}
+        #: Keys of the steps computed after a miss, kept for their PutInCache.
+        self._keys: dict[str, Key] = {}
+
+    # -- the key --------------------------------------------------------------------
+
+    def _digest_of(self, rank: int, name: str, value: Any) -> str:
+        digest = self._digests.get((rank, name))
+        if digest is None:
+            digest = self._digests[(rank, name)] = value_digest(value)
+        return digest
+
+    def _key(self, step: Step, inputs: Mapping[str, tuple[int, Any]]) -> Key | str:
+        """The step's key, or the note saying which value could not be hashed."""
+        params: dict[str, str] = {}
+        for name, value in step.params.items():
+            try:
+                params[name] = value_digest(value)
+            except UnhashableValue as exc:
+                return f"computed: parameter {name} cannot be hashed: {exc}"
+        digests: dict[str, str] = {}
+        for name, (rank, value) in inputs.items():
+            try:
+                digests[name] = self._digest_of(rank, name, value)
+            except UnhashableValue as exc:
+                return f"computed: input {name} cannot be hashed: {exc}"
+        cache = setting_of(step, self._cfg) or Cache()
+        return key_of(
+            self._wf.id, step.id, code=code_digest(step.fn), params=params, inputs=digests,
+            version=cache.version,
+        )  # fmt: skip
+
+    # -- the effects ----------------------------------------------------------------
+
+    def look_up(
+        self, step_id: str, rank: int, inputs: Mapping[str, tuple[int, Any]]
+    ) -> CacheAnswer:
+        """What the cache holds for the step: its outputs to reuse, or why it must compute."""
+        step = self._wf.step(step_id)
+        try:
+            key = self._key(step, inputs)
+        except Exception as exc:  # a hashing bug must not fail the run
+            log.exception("run %s: no cache key for step %r", self._run_id, step_id)
+            return CacheAnswer(step_id, None, None, f"computed: no key ({exc})", False)
+        if isinstance(key, str):
+            log.info("run %s: step %r %s", self._run_id, step_id, key)
+            return CacheAnswer(step_id, None, None, key, False)
+        self._keys[step_id] = key
+        try:
+            return self._read(step, rank, key)
+        except Exception as exc:
+            log.warning(
+                "run %s: the cache entry of step %r cannot be read (%s: %s); computing it",
+                self._run_id, step_id, type(exc).__name__, exc,
+            )  # fmt: skip
+            return CacheAnswer(step_id, None, None, UNREADABLE)
+
+    def _read(self, step: Step, rank: int, key: Key) -> CacheAnswer:
+        entry = self._store.cache_get(key.digest)
+        if entry is None:
+            parts = self._store.cache_parts(self._wf.id, step.id)
+            note = NO_ENTRY if parts is None else why_changed(step.id, parts, key.parts)
+            return CacheAnswer(step.id, None, None, note)
+        cache = setting_of(step, self._cfg) or Cache()
+        now = self._wall()
+        if cache.expire is not None and now - entry.created > cache.expire:
+            return CacheAnswer(step.id, None, None, EXPIRED)
+        try:
+            outputs = unpack(entry)
+        except UnreadableEntryError as exc:
+            log.warning("run %s: %s; computing step %r again", self._run_id, exc, step.id)
+            return CacheAnswer(step.id, None, None, UNREADABLE)
+        for name, digest in entry.digests.items():
+            self._digests[(rank, name)] = digest
+        self._keys.pop(step.id, None)
+        self._store.cache_touch(key.digest, now)
+        return CacheAnswer(step.id, outputs, entry.run_id, f"reused from run {entry.run_id}")
+
+    def put(self, step_id: str, rank: int, outputs: Mapping[str, Any]) -> None:
+        """Keep a computed step's outputs (already stored with its record) in the cache."""
+        key = self._keys.pop(step_id, None)
+        if key is None:
+            return
+        try:
+            digests = {name: self._digest_of(rank, name, value) for name, value in outputs.items()}
+            entry = pack(
+                key.digest, workflow_id=self._wf.id, step_id=step_id, parts=key.parts,
+                run_id=self._run_id, outputs=outputs, digests=digests, now=self._wall(),
+            )  # fmt: skip
+            self._store.cache_put(entry)
+        except Exception as exc:  # an output that does not pickle, a store that fails
+            log.warning(
+                "run %s: the result of step %r was not cached (%s: %s); the run goes on",
+                self._run_id, step_id, type(exc).__name__, exc,
+            )  # fmt: skip
