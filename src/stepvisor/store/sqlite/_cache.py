@@ -10,14 +10,13 @@ the same key, and readers check the checksum anyway).
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Final
 
 from stepvisor.cache._entry import CacheEntry, EntryInfo
-
-if TYPE_CHECKING:
-    import sqlite3
 
 __all__ = ["CacheTable"]
 
@@ -45,6 +44,9 @@ class CacheTable:
     """The :class:`~stepvisor.store.base.CacheStore` methods of the SQLite store."""
 
     if TYPE_CHECKING:
+        _lock: threading.Lock
+
+        def _connection(self) -> sqlite3.Connection: ...
 
         def _transaction(
             self, what: str, run_id: str, *, write: bool
@@ -87,6 +89,20 @@ class CacheTable:
     def cache_delete(self, keys: Sequence[str]) -> int:
         with self._transaction("prune the cache of", "", write=True) as conn:
             return sum(conn.execute(DELETE, (key,)).rowcount for key in keys)
+
+    def compact(self) -> bool:
+        """Give the space of removed entries back to the disk (``VACUUM``).
+
+        False when another program holds the store (the space is then reused
+        by later entries instead); never raises for that.
+        """
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("VACUUM")
+            except sqlite3.OperationalError:
+                return False
+        return True
 
 
 def _entry(row: tuple[Any, ...]) -> CacheEntry:
