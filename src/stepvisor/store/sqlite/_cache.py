@@ -69,11 +69,7 @@ class CacheTable:
         return parts if isinstance(parts, dict) else {}
 
     def cache_put(self, entry: CacheEntry) -> None:
-        row = (
-            entry.key, entry.workflow_id, entry.step_id, json.dumps(dict(entry.parts)),
-            entry.run_id, entry.payload, entry.checksum, json.dumps(dict(entry.digests)),
-            entry.size, entry.created, entry.last_used,
-        )  # fmt: skip
+        row = entry_row(entry)
         with self._transaction("write to the cache of", entry.run_id, write=True) as conn:
             conn.execute(PUT, row)
 
@@ -103,6 +99,15 @@ class CacheTable:
             except sqlite3.OperationalError:
                 return False
         return True
+
+
+def entry_row(entry: CacheEntry) -> tuple[Any, ...]:
+    """The ``cache_entries`` row of ``entry`` (for ``PUT``)."""
+    return (
+        entry.key, entry.workflow_id, entry.step_id, json.dumps(dict(entry.parts)),
+        entry.run_id, entry.payload, entry.checksum, json.dumps(dict(entry.digests)),
+        entry.size, entry.created, entry.last_used,
+    )  # fmt: skip
 
 
 def _entry(row: tuple[Any, ...]) -> CacheEntry:
