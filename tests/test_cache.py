@@ -410,15 +410,48 @@ def test_the_run_setting_caches_every_step_but_those_that_say_no(store: Any) -> 
     assert result.steps["report"].reused_from is not None  # total made the same number
 
 
-def test_a_mapped_step_is_computed_not_cached(store: Any) -> None:
+def test_each_instance_of_a_mapped_step_is_cached_on_its_own(store: Any) -> None:
+    ran: list[int] = []
+
     def square(ctx: sv.StepContext) -> dict[str, int]:
+        ran.append(ctx.item)
         return {"sq": ctx.item * ctx.item}
 
-    wf = sv.Workflow("w", [sv.Step("sq", square, map_over=[1, 2], cache=True)])
-    for _ in range(2):
-        result = sv.run(wf, store=store)
-        assert result.status == "succeeded"
-        assert result.steps["sq[1]"].cache_note is None
+    def plus(ctx: sv.StepContext) -> dict[str, int]:  # chained to square, instance by instance
+        ran.append(-ctx.item)
+        return {"plus": ctx.item + 1}
+
+    def total(ctx: sv.StepContext) -> dict[str, int]:
+        return {"total": sum(ctx.inputs["plus"])}
+
+    def wf(items: list[int]) -> sv.Workflow:
+        return sv.Workflow(
+            "w",
+            [
+                sv.Step("sq", square, map_over=items, creates=["sq"], cache=True),
+                sv.Step("pl", plus, map_over="sq", creates=["plus"], cache=True),
+                sv.Step("total", total, requires=["plus"], cache=True),
+            ],
+        )
+
+    first = sv.run(wf([1, 2, 3]), store=store)
+    assert first.status == "succeeded"
+    assert first.steps["sq[1]"].cache_note == "computed: no entry"
+    assert sorted(ran) == [-9, -4, -1, 1, 2, 3]
+    ran.clear()
+    second = sv.run(wf([1, 2, 3]), store=store)
+    assert ran == []
+    assert {second.steps[f"sq[{i}]"].reused_from for i in range(3)} == {first.run_id}
+    assert {second.steps[f"pl[{i}]"].reused_from for i in range(3)} == {first.run_id}
+    assert second.steps["total"].reused_from == first.run_id
+    assert second.artifacts["total"] == first.artifacts["total"] == 17
+    third = sv.run(wf([1, 5, 3]), store=store)
+    assert ran == [5, -25]  # only the instance whose item changed, and what it feeds
+    assert third.steps["sq[1]"].cache_note == "computed: item changed"
+    assert third.steps["pl[1]"].cache_note == "computed: item changed"
+    assert third.steps["sq[0]"].reused_from == first.run_id
+    assert third.steps["total"].cache_note == "computed: input plus changed"
+    assert third.artifacts["total"] == 2 + 26 + 10
 
 
 def test_a_fail_fast_stop_cancels_cached_steps_not_yet_looked_up(store: Any) -> None:

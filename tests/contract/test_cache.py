@@ -62,3 +62,23 @@ def test_a_changed_input_makes_the_cached_step_run_and_says_which(
     assert second.steps["b"].cache_note == "computed: input x changed"
     assert second.artifacts["x_at_b"] == 2
     assert [attempt for attempt, _pid in backend.calls("b")] == [1, 1]
+
+
+def test_each_instance_of_a_cached_map_is_reused_on_its_own(
+    backend: Backend, tmp_path: Path
+) -> None:
+    store = tmp_path / "cache.db"
+
+    def workflow(items: list[int]) -> sv.Workflow:
+        return sv.Workflow(
+            "cached-map",
+            [backend.step("m", steps.emit, params={"out": {}}, map_over=items, cache=True)],
+        )
+
+    first = backend.run(workflow([0, 1]), store=store)
+    assert first.status is sv.RunStatus.SUCCEEDED, first.error
+    second = backend.run(workflow([0, 2]), store=store)
+    assert second.status is sv.RunStatus.SUCCEEDED, second.error
+    assert second.steps["m[0]"].reused_from == first.run_id
+    assert second.steps["m[1]"].cache_note == "computed: item changed"
+    assert [sid for sid in ("m[0]", "m[1]") for _ in backend.calls(sid)] == ["m[0]", "m[1]", "m[1]"]

@@ -486,7 +486,9 @@ class RunShell:
 
     def _look_up_cache(self, effect: LookUpCache) -> None:
         assert self._cache is not None  # the machine looks up only the ranks given to it
-        answer = self._cache.look_up(effect.step_id, effect.rank, effect.inputs)
+        answer = self._cache.look_up(
+            effect.step_id, effect.rank, effect.inputs, index=effect.at, item=effect.item
+        )
         self._pending.extend(
             self.machine.handle(answer, now=self.clock.monotonic(), wall=self.clock.wall())
         )

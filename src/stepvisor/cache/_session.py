@@ -44,24 +44,12 @@ def setting_of(step: Step, cfg: Resolved) -> Cache | None:
 def cached_ranks(wf: Workflow, cfg: Resolved, store: RunStore, run_id: str) -> frozenset[int]:
     """The ranks of the steps this run looks up in the cache.
 
-    Mapped steps are computed (their instances are not cached yet), and a run
-    whose store keeps no cache caches nothing: each says so once in the log.
+    A mapped step's instances are each cached on their own.  A run whose
+    store keeps no cache caches nothing, and says so once in the log.
     """
-    ranks: list[int] = []
-    mapped: list[str] = []
-    for r, i in enumerate(wf.graph.step_at_rank):
-        step = wf.steps[i]
-        if setting_of(step, cfg) is None:
-            continue
-        if step.mapped:
-            mapped.append(step.id)
-        else:
-            ranks.append(r)
-    if mapped:
-        log.info(
-            "run %s: mapped steps are not cached yet, they are computed: %s",
-            run_id, ", ".join(mapped),
-        )  # fmt: skip
+    ranks = [
+        r for r, i in enumerate(wf.graph.step_at_rank) if setting_of(wf.steps[i], cfg) is not None
+    ]
     if ranks and not isinstance(store, CacheStore):
         log.warning(
             "run %s: %d step(s) ask for the cache, but the run's store keeps none, so nothing "
@@ -97,8 +85,17 @@ class CacheSession:
             digest = self._digests[(rank, name)] = value_digest(value)
         return digest
 
-    def _key(self, step: Step, inputs: Mapping[str, tuple[int, Any]]) -> Key | str:
-        """The step's key, or the note saying which value could not be hashed."""
+    def _key(
+        self, step: Step, uid: str, inputs: Mapping[str, tuple[int, Any]], index: int, item: Any
+    ) -> Key | str:
+        """The key of the step (or its instance ``uid``), or the note saying which value
+        could not be hashed."""
+        item_digest: str | None = None
+        if index >= 0:
+            try:
+                item_digest = value_digest(item)
+            except UnhashableValue as exc:
+                return f"computed: item cannot be hashed: {exc}"
         params: dict[str, str] = {}
         for name, value in step.params.items():
             try:
@@ -113,19 +110,26 @@ class CacheSession:
                 return f"computed: input {name} cannot be hashed: {exc}"
         cache = setting_of(step, self._cfg) or Cache()
         return key_of(
-            self._wf.id, step.id, code=code_digest(step.fn), params=params, inputs=digests,
-            version=cache.version,
+            self._wf.id, uid, code=code_digest(step.fn), params=params, inputs=digests,
+            version=cache.version, item=item_digest,
         )  # fmt: skip
 
     # -- the effects ----------------------------------------------------------------
 
     def look_up(
-        self, step_id: str, rank: int, inputs: Mapping[str, tuple[int, Any]]
+        self,
+        step_id: str,
+        rank: int,
+        inputs: Mapping[str, tuple[int, Any]],
+        *,
+        index: int = -1,
+        item: Any = None,
     ) -> CacheAnswer:
-        """What the cache holds for the step: its outputs to reuse, or why it must compute."""
-        step = self._wf.step(step_id)
+        """What the cache holds for a step (or the instance ``index`` of a mapped step,
+        ``step_id`` being the instance's id): its outputs to reuse, or why it must compute."""
+        step = self._wf.steps[self._wf.graph.step_at_rank[rank]]
         try:
-            key = self._key(step, inputs)
+            key = self._key(step, step_id, inputs, index, item)
         except Exception as exc:  # a hashing bug must not fail the run
             log.exception("run %s: no cache key for step %r", self._run_id, step_id)
             return CacheAnswer(step_id, None, None, f"computed: no key ({exc})", False)
@@ -134,7 +138,7 @@ class CacheSession:
             return CacheAnswer(step_id, None, None, key, False)
         self._keys[step_id] = key
         try:
-            return self._read(step, rank, key)
+            return self._read(step, step_id, rank, index, key)
         except Exception as exc:
             log.warning(
                 "run %s: the cache entry of step %r cannot be read (%s: %s); computing it",
@@ -142,26 +146,27 @@ class CacheSession:
             )  # fmt: skip
             return CacheAnswer(step_id, None, None, UNREADABLE)
 
-    def _read(self, step: Step, rank: int, key: Key) -> CacheAnswer:
+    def _read(self, step: Step, uid: str, rank: int, index: int, key: Key) -> CacheAnswer:
         entry = self._store.cache_get(key.digest)
         if entry is None:
-            parts = self._store.cache_parts(self._wf.id, step.id)
+            parts = self._store.cache_parts(self._wf.id, uid)
             note = NO_ENTRY if parts is None else why_changed(step.id, parts, key.parts)
-            return CacheAnswer(step.id, None, None, note)
+            return CacheAnswer(uid, None, None, note)
         cache = setting_of(step, self._cfg) or Cache()
         now = self._wall()
         if cache.expire is not None and now - entry.created > cache.expire:
-            return CacheAnswer(step.id, None, None, EXPIRED)
+            return CacheAnswer(uid, None, None, EXPIRED)
         try:
             outputs = unpack(entry)
         except UnreadableEntryError as exc:
-            log.warning("run %s: %s; computing step %r again", self._run_id, exc, step.id)
-            return CacheAnswer(step.id, None, None, UNREADABLE)
-        for name, digest in entry.digests.items():
-            self._digests[(rank, name)] = digest
-        self._keys.pop(step.id, None)
+            log.warning("run %s: %s; computing step %r again", self._run_id, exc, uid)
+            return CacheAnswer(uid, None, None, UNREADABLE)
+        if index < 0:  # an instance's outputs reach the steps below as its step's lists
+            for name, digest in entry.digests.items():
+                self._digests[(rank, name)] = digest
+        self._keys.pop(uid, None)
         self._store.cache_touch(key.digest, now)
-        return CacheAnswer(step.id, outputs, entry.run_id, f"reused from run {entry.run_id}")
+        return CacheAnswer(uid, outputs, entry.run_id, f"reused from run {entry.run_id}")
 
     def put(self, step_id: str, rank: int, outputs: Mapping[str, Any]) -> None:
         """Keep a computed step's outputs (already stored with its record) in the cache."""
@@ -169,7 +174,10 @@ class CacheSession:
         if key is None:
             return
         try:
-            digests = {name: self._digest_of(rank, name, value) for name, value in outputs.items()}
+            if step_id == self._wf.graph.order[rank]:
+                digests = {name: self._digest_of(rank, name, v) for name, v in outputs.items()}
+            else:  # an instance: its outputs are not what the steps below see
+                digests = {name: value_digest(v) for name, v in outputs.items()}
             entry = pack(
                 key.digest, workflow_id=self._wf.id, step_id=step_id, parts=key.parts,
                 run_id=self._run_id, outputs=outputs, digests=digests, now=self._wall(),

@@ -164,6 +164,9 @@ class LookUpCache(NamedTuple):
     step_id: str
     rank: int
     inputs: Mapping[str, tuple[int, Any]]
+    #: For an instance of a mapped step: its index and its item (part of its key).
+    at: int = -1
+    item: Any = None
 
 
 class PutInCache(NamedTuple):

@@ -122,8 +122,9 @@ class RunMachine(Mapped, Settling, Caching):
             pool_limits=cfg.pools,
             hold=plan.cached,
         )
-        self._looking: dict[str, int] = {}
-        self._to_cache: set[int] = set()
+        self._looking: dict[str, tuple[int, int]] = {}
+        self._to_cache: set[tuple[int, int]] = set()
+        self._cached_maps = plan.cached.intersection(graph.maps)
         self._store_may_refuse = plan.store_may_refuse
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
