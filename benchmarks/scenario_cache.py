@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import stepvisor as sv
-from benchmarks.common import Measured, best_of, probe, scratch_dir
+from benchmarks.common import Measured, probe, scratch_dir
 from benchmarks.harness import Row, Target
 from benchmarks.steps import noop
 
@@ -167,7 +167,7 @@ def run(*, quick: bool) -> list[Row]:
                     "joblib.Memory",
                     "second call of a cached function",
                     Target(on="ratio", op="<=", limit=1.0, text="stepvisor no slower"),
-                )  # fmt: skip
+                )
             ],
             lambda: [_joblib_hit(tmp, mb, repeat)],
             requires=("joblib", "numpy"),
@@ -190,7 +190,7 @@ def run(*, quick: bool) -> list[Row]:
                     "stepvisor (uncached)",
                     "same workflow, cache off, SQLite store",
                     Target(on="ratio", op="<=", limit=1.5, text="rerun <= 1.5x uncached"),
-                )  # fmt: skip
+                )
             ],
             lambda: noop_pair(1),
         )
@@ -211,7 +211,7 @@ def run(*, quick: bool) -> list[Row]:
                     "stepvisor (first run)",
                     "fills the cache",
                     Target(on="ratio", op="<=", limit=0.1, text="rerun <= 10% of first"),
-                )  # fmt: skip
+                )
             ],
             lambda: demo_pair(1),
         )
