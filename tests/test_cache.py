@@ -467,3 +467,16 @@ def test_a_fail_fast_stop_cancels_cached_steps_not_yet_looked_up(store: Any) -> 
     result = sv.run(wf, store=store)
     assert result.status == "failed"
     assert result.steps["after"].status in ("cancelled", "skipped")
+
+
+def test_a_reuse_records_when_the_entry_was_last_used(store: Any) -> None:
+    def a(ctx: sv.StepContext) -> dict[str, int]:
+        return {"x": 1}
+
+    wf = sv.Workflow("w", [sv.Step("a", a, cache=True)])
+    sv.run(wf, store=store, clock=sv.FakeClock(wall_start=T0))
+    (made,) = store.cache_list()
+    assert made.created == made.last_used == T0
+    sv.run(wf, store=store, clock=sv.FakeClock(wall_start=T0 + 50))
+    (used,) = store.cache_list()
+    assert (used.created, used.last_used) == (T0, T0 + 50)

@@ -8,6 +8,7 @@ sees exactly what a user's second program would.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,37 @@ def test_a_store_from_before_the_cache_opens_reads_its_runs_and_caches(tmp_path:
         wf = sv.Workflow("w", [sv.Step("a", a, cache=True)])
         first = sv.run(wf, store=store)
         assert sv.run(wf, store=store).steps["a"].reused_from == first.run_id
+
+
+def test_a_reused_step_stores_no_second_copy_and_a_resume_reads_its_outputs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "runs.db"
+    state = {"fail": True}
+
+    def make(ctx: sv.StepContext) -> dict[str, list[int]]:
+        return {"rows": list(range(1000))}
+
+    def use(ctx: sv.StepContext) -> dict[str, int]:
+        if state["fail"]:
+            raise ValueError("not yet")
+        return {"n": len(ctx.inputs["rows"])}
+
+    wf = sv.Workflow("w", [sv.Step("make", make, cache=True), sv.Step("use", use, needs=["make"])])
+    first = sv.run(wf, store=str(path))
+    second = sv.run(wf, store=str(path))
+    assert second.steps["make"].reused_from == first.run_id
+    assert second.status == "failed"
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT run_id FROM artifacts WHERE step_id = 'make' ORDER BY run_id"
+        ).fetchall()
+    conn.close()
+    assert rows == [(first.run_id,)]  # one copy, kept by the run that computed it
+    with SQLiteStore(path) as store:
+        assert store.load(second.run_id).outputs["make"] == {"rows": list(range(1000))}
+    state["fail"] = False
+    resumed = sv.resume(second.run_id, wf, store=str(path))
+    assert resumed.status == "succeeded"
+    assert resumed.artifacts["n"] == 1000
+    assert resumed.steps["make"].restored

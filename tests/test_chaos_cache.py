@@ -35,8 +35,9 @@ def test_the_checker_sees_a_wrong_artifact_and_a_reuse_of_a_failed_step(tmp_path
     store = tmp_path / "runs.db"
     runs = two_runs(store)
     with sqlite3.connect(store) as conn:
+        # The second run reused s1: its outputs are read from the first run's rows.
         conn.execute(
-            "UPDATE artifacts SET value = '999' WHERE run_id = ? AND step_id = 's1'", (runs[1][0],)
+            "UPDATE artifacts SET value = '999' WHERE run_id = ? AND step_id = 's1'", (runs[0][0],)
         )
         conn.execute(
             "UPDATE steps SET status = 'failed' WHERE run_id = ? AND step_id = 's0'", (runs[0][0],)

@@ -108,7 +108,9 @@ def drive(spec_file: Path, store: Path, *, kill_at: int, fail_at: int) -> int:
         writes += 1
         if writes == kill_at:
             with self._transaction("write to the cache of", entry.run_id, write=True) as conn:
-                conn.execute(_cache.PUT, _cache.entry_row(entry))
+                row, payload = _cache.entry_rows(entry)
+                conn.execute(_cache.PUT, row)
+                conn.execute(_cache.PUT_PAYLOAD, payload)
                 os.kill(os.getpid(), signal.SIGKILL)  # mid-transaction: never committed
         if writes == fail_at:
             raise StoreFaultError(
@@ -181,17 +183,17 @@ def generate(seed: int) -> tuple[list[StepSpec], list[tuple[str, list[StepSpec],
 def _damage(store: Path, rng: random.Random) -> bool:
     """Change bytes of a random entry's payload (or its parts) in place; False if none."""
     with sqlite3.connect(store) as conn:
-        keys = [k for (k,) in conn.execute("SELECT key FROM cache_entries ORDER BY key")]
+        keys = [k for (k,) in conn.execute("SELECT key FROM cache_payloads ORDER BY key")]
         if not keys:
             return False
         key = rng.choice(keys)
         (payload,) = conn.execute(
-            "SELECT payload FROM cache_entries WHERE key = ?", (key,)
+            "SELECT payload FROM cache_payloads WHERE key = ?", (key,)
         ).fetchone()
         data = bytearray(payload)
         at = rng.randrange(len(data))
         data[at] ^= 0xFF
-        conn.execute("UPDATE cache_entries SET payload = ? WHERE key = ?", (bytes(data), key))
+        conn.execute("UPDATE cache_payloads SET payload = ? WHERE key = ?", (bytes(data), key))
     conn.close()
     return True
 

@@ -484,14 +484,18 @@ class RunShell:
             )
         )
 
-    def _look_up_cache(self, effect: LookUpCache) -> None:
+    def _look_up_cache(self, first: LookUpCache) -> None:
+        """Lookups back to back (every cached step made ready at once): one read of the
+        store for all of them, then each answer to the machine, in order."""
         assert self._cache is not None  # the machine looks up only the ranks given to it
-        answer = self._cache.look_up(
-            effect.step_id, effect.rank, effect.inputs, index=effect.at, item=effect.item
-        )
-        self._pending.extend(
-            self.machine.handle(answer, now=self.clock.monotonic(), wall=self.clock.wall())
-        )
+        asks = [first]
+        pending = self._pending
+        while pending and type(pending[0]) is LookUpCache:
+            asks.append(pending.popleft())  # type: ignore[arg-type]
+        for answer in self._cache.look_up_many(asks):
+            pending.extend(
+                self.machine.handle(answer, now=self.clock.monotonic(), wall=self.clock.wall())
+            )
 
     def _put_in_cache(self, effect: PutInCache) -> None:
         assert self._cache is not None
@@ -519,6 +523,8 @@ class RunShell:
             )
 
     def _finish(self, effect: Finish) -> None:
+        if self._cache is not None:
+            self._cache.flush()
         self._stop_timers()
         self._stop_workers()
         self._completed = True

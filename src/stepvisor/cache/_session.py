@@ -13,16 +13,17 @@ reused step's outputs take the digests stored with its entry, unhashed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from stepvisor._log import log
 from stepvisor.cache._code import code_digest
 from stepvisor.cache._digest import UnhashableValue, value_digest
-from stepvisor.cache._entry import UnreadableEntryError, pack, unpack
+from stepvisor.cache._entry import CacheEntry, UnreadableEntryError, pack, unpack
 from stepvisor.cache._key import Key, key_of, why_changed
 from stepvisor.cache._spec import Cache
 from stepvisor.config import Resolved
+from stepvisor.core.effects import LookUpCache
 from stepvisor.core.messages import CacheAnswer
 from stepvisor.core.model import Step, Workflow
 from stepvisor.store.base import CacheStore, RunStore
@@ -76,6 +77,8 @@ class CacheSession:
         self._digests: dict[tuple[int, str], str] = {}
         #: Keys of the steps computed after a miss, kept for their PutInCache.
         self._keys: dict[str, Key] = {}
+        #: Keys of the entries reused, their use recorded at the run's end (flush).
+        self._touched: list[str] = []
 
     # -- the key --------------------------------------------------------------------
 
@@ -116,38 +119,56 @@ class CacheSession:
 
     # -- the effects ----------------------------------------------------------------
 
-    def look_up(
-        self,
-        step_id: str,
-        rank: int,
-        inputs: Mapping[str, tuple[int, Any]],
-        *,
-        index: int = -1,
-        item: Any = None,
-    ) -> CacheAnswer:
-        """What the cache holds for a step (or the instance ``index`` of a mapped step,
-        ``step_id`` being the instance's id): its outputs to reuse, or why it must compute."""
-        step = self._wf.steps[self._wf.graph.step_at_rank[rank]]
-        try:
-            key = self._key(step, step_id, inputs, index, item)
-        except Exception as exc:  # a hashing bug must not fail the run
-            log.exception("run %s: no cache key for step %r", self._run_id, step_id)
-            return CacheAnswer(step_id, None, None, f"computed: no key ({exc})", False)
-        if isinstance(key, str):
-            log.info("run %s: step %r %s", self._run_id, step_id, key)
-            return CacheAnswer(step_id, None, None, key, False)
-        self._keys[step_id] = key
-        try:
-            return self._read(step, step_id, rank, index, key)
-        except Exception as exc:
-            log.warning(
-                "run %s: the cache entry of step %r cannot be read (%s: %s); computing it",
-                self._run_id, step_id, type(exc).__name__, exc,
-            )  # fmt: skip
-            return CacheAnswer(step_id, None, None, UNREADABLE)
+    def look_up_many(self, asks: Sequence[LookUpCache]) -> list[CacheAnswer]:
+        """What the cache holds for each step (or instance) asked about, in order: its
+        outputs to reuse, or why it must compute.  The store is read once for all of them."""
+        keyed: list[tuple[int, Step, Key]] = []
+        answers: list[CacheAnswer | None] = []
+        for ask in asks:
+            step = self._wf.steps[self._wf.graph.step_at_rank[ask.rank]]
+            answer, key = self._key_or_answer(step, ask)
+            answers.append(answer)
+            if key is not None:
+                keyed.append((len(answers) - 1, step, key))
+        entries: Mapping[str, CacheEntry] = {}
+        failed: Exception | None = None
+        if keyed:
+            try:
+                entries = self._store.cache_get_many([key.digest for _, _, key in keyed])
+            except Exception as exc:  # a store that fails: compute, never fail the run
+                failed = exc
+        for at, step, key in keyed:
+            ask = asks[at]
+            self._keys[ask.step_id] = key
+            error = failed  # the store failed for all of them, or this entry alone
+            try:
+                if error is None:
+                    answers[at] = self._read(step, ask, key, entries.get(key.digest))
+            except Exception as exc:
+                error = exc
+            if error is not None:
+                log.warning(
+                    "run %s: the cache entry of step %r cannot be read (%s: %s); computing it",
+                    self._run_id, ask.step_id, type(error).__name__, error,
+                )  # fmt: skip
+                answers[at] = CacheAnswer(ask.step_id, None, None, UNREADABLE)
+        return [answer for answer in answers if answer is not None]
 
-    def _read(self, step: Step, uid: str, rank: int, index: int, key: Key) -> CacheAnswer:
-        entry = self._store.cache_get(key.digest)
+    def _key_or_answer(self, step: Step, ask: LookUpCache) -> tuple[CacheAnswer | None, Key | None]:
+        try:
+            key = self._key(step, ask.step_id, ask.inputs, ask.at, ask.item)
+        except Exception as exc:  # a hashing bug must not fail the run
+            log.exception("run %s: no cache key for step %r", self._run_id, ask.step_id)
+            return CacheAnswer(ask.step_id, None, None, f"computed: no key ({exc})", False), None
+        if isinstance(key, str):
+            log.info("run %s: step %r %s", self._run_id, ask.step_id, key)
+            return CacheAnswer(ask.step_id, None, None, key, False), None
+        return None, key
+
+    def _read(
+        self, step: Step, ask: LookUpCache, key: Key, entry: CacheEntry | None
+    ) -> CacheAnswer:
+        uid = ask.step_id
         if entry is None:
             parts = self._store.cache_parts(self._wf.id, uid)
             note = NO_ENTRY if parts is None else why_changed(step.id, parts, key.parts)
@@ -161,12 +182,26 @@ class CacheSession:
         except UnreadableEntryError as exc:
             log.warning("run %s: %s; computing step %r again", self._run_id, exc, uid)
             return CacheAnswer(uid, None, None, UNREADABLE)
-        if index < 0:  # an instance's outputs reach the steps below as its step's lists
+        if ask.at < 0:  # an instance's outputs reach the steps below as its step's lists
             for name, digest in entry.digests.items():
-                self._digests[(rank, name)] = digest
+                self._digests[(ask.rank, name)] = digest
         self._keys.pop(uid, None)
-        self._store.cache_touch(key.digest, now)
+        self._touched.append(key.digest)
         return CacheAnswer(uid, outputs, entry.run_id, f"reused from run {entry.run_id}")
+
+    def flush(self) -> None:
+        """Record when the entries reused by this run were used (one write, at its end).
+
+        A use is advisory (``stepvisor cache prune`` orders by it): a failing
+        store or a killed program loses it, nothing else.
+        """
+        touched, self._touched = self._touched, []
+        if not touched:
+            return
+        try:
+            self._store.cache_touch(touched, self._wall())
+        except Exception as exc:
+            log.warning("run %s: the cache's last uses were not recorded (%s)", self._run_id, exc)
 
     def put(self, step_id: str, rank: int, outputs: Mapping[str, Any]) -> None:
         """Keep a computed step's outputs (already stored with its record) in the cache."""

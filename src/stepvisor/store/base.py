@@ -211,6 +211,10 @@ class CacheStore(Protocol):
         """The entry stored under ``key``, or ``None``."""
         ...
 
+    def cache_get_many(self, keys: Sequence[str]) -> Mapping[str, CacheEntry]:
+        """The entries stored under these keys (those there are), in one read."""
+        ...
+
     def cache_parts(self, workflow_id: str, step_id: str) -> Mapping[str, str] | None:
         """The key parts of the step's newest entry (to say why a key missed), or ``None``."""
         ...
@@ -219,8 +223,8 @@ class CacheStore(Protocol):
         """Keep ``entry`` (replacing one under the same key), in one transaction."""
         ...
 
-    def cache_touch(self, key: str, when: float) -> None:
-        """Record that the entry under ``key`` was reused at ``when``."""
+    def cache_touch(self, keys: Sequence[str], when: float) -> None:
+        """Record that the entries under ``keys`` were reused at ``when`` (one transaction)."""
         ...
 
     def cache_list(self) -> list[EntryInfo]:

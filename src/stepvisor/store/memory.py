@@ -172,6 +172,10 @@ class MemoryStore:
         with self._lock:
             return self._cache.get(key)
 
+    def cache_get_many(self, keys: Sequence[str]) -> dict[str, CacheEntry]:
+        with self._lock:
+            return {key: self._cache[key] for key in keys if key in self._cache}
+
     def cache_parts(self, workflow_id: str, step_id: str) -> Mapping[str, str] | None:
         with self._lock:
             newest: CacheEntry | None = None
@@ -186,11 +190,12 @@ class MemoryStore:
             self._cache.pop(entry.key, None)  # a replaced entry counts as new: dicts keep order
             self._cache[entry.key] = entry
 
-    def cache_touch(self, key: str, when: float) -> None:
+    def cache_touch(self, keys: Sequence[str], when: float) -> None:
         with self._lock:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._cache[key] = replace(entry, last_used=when)
+            for key in keys:
+                entry = self._cache.get(key)
+                if entry is not None and entry.last_used < when:
+                    self._cache[key] = replace(entry, last_used=when)
 
     def cache_list(self) -> list[EntryInfo]:
         with self._lock:

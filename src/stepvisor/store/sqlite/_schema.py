@@ -134,8 +134,10 @@ def _v5_cache(conn: sqlite3.Connection) -> None:
     """The cache of step results, and on each step where its result came from and why.
 
     Entries do not belong to a run (the run that made one may be deleted or
-    never finish): they are addressed by their key, listed by step.  Steps
-    written before this version read ``reused_from`` and ``cache_note`` as NULL.
+    never finish): they are addressed by their key, listed by step.  Payloads
+    live in a table of their own: recording a use (``last_used``) rewrites a
+    small row, not a row holding a 200 MB array.  Steps written before this
+    version read ``reused_from`` and ``cache_note`` as NULL.
     """
     conn.execute("ALTER TABLE steps ADD COLUMN reused_from TEXT")
     conn.execute("ALTER TABLE steps ADD COLUMN cache_note TEXT")
@@ -146,7 +148,6 @@ def _v5_cache(conn: sqlite3.Connection) -> None:
             step_id TEXT NOT NULL,
             parts TEXT NOT NULL,
             run_id TEXT NOT NULL,
-            payload BLOB NOT NULL,
             checksum TEXT NOT NULL,
             digests TEXT NOT NULL,
             size INTEGER NOT NULL,
@@ -155,6 +156,9 @@ def _v5_cache(conn: sqlite3.Connection) -> None:
         )"""
     )
     conn.execute("CREATE INDEX cache_by_step ON cache_entries (workflow_id, step_id, created)")
+    conn.execute(
+        "CREATE TABLE cache_payloads (key TEXT PRIMARY KEY, payload BLOB NOT NULL) WITHOUT ROWID"
+    )
 
 
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
@@ -252,6 +256,11 @@ SELECT_ATTEMPTS: Final = """
     FROM attempts WHERE run_id = ? ORDER BY step_id, number"""
 SELECT_ARTIFACTS: Final = (
     "SELECT step_id, name, value, codec FROM artifacts WHERE run_id = ? ORDER BY step_id, name"
+)
+#: One step's artifacts in another run: the source of a step reused from the cache.
+SELECT_STEP_ARTIFACTS: Final = (
+    "SELECT step_id, name, value, codec FROM artifacts WHERE run_id = ? AND step_id = ?"
+    " ORDER BY name"
 )
 RUN_EXISTS: Final = "SELECT 1 FROM runs WHERE run_id = ?"
 # Attempt logs (schema v4), kept beside the records.

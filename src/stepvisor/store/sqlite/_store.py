@@ -55,6 +55,7 @@ from stepvisor.store.sqlite._schema import (
     SELECT_LOGS,
     SELECT_RUN,
     SELECT_RUNS,
+    SELECT_STEP_ARTIFACTS,
     SELECT_STEPS,
     UPSERT_LOG,
     UPSERT_RUN,
@@ -362,7 +363,8 @@ class SQLiteStore(CacheTable, Closing):
         encoded = []
         for record, outputs in items:  # encoded before the transaction: a bad value writes nothing
             artifacts = None
-            if outputs is not None:
+            # Reused from the cache: its source run stored these outputs, load reads them there.
+            if outputs is not None and record.reused_from is None:
                 artifacts = encode_outputs(self._codec, run_id, record.step_id, outputs)
             attempts: list[Row] = []
             attempt_rows(run_id, record, attempts)
@@ -435,6 +437,9 @@ class SQLiteStore(CacheTable, Closing):
             step_rows = conn.execute(SELECT_STEPS, (run_id,)).fetchall()
             attempt_rows_ = conn.execute(SELECT_ATTEMPTS, (run_id,)).fetchall()
             artifact_rows = conn.execute(SELECT_ARTIFACTS, (run_id,)).fetchall()
+            for row in step_rows:  # reused from the cache: the outputs its source stored
+                if row[5] is not None and row[4]:
+                    artifact_rows += conn.execute(SELECT_STEP_ARTIFACTS, (row[5], row[0]))
         # Decoding happens outside the lock: unpickling runs arbitrary code.
         steps, outputs = step_records(
             step_rows,
