@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,28 @@ def test_a_pruned_entry_is_computed_again_with_no_entry(tmp_path: Path) -> None:
     assert main(["cache", "clear", "--store", str(path)]) == 0
     again = sv.run(wf, store=str(path))
     assert again.steps["produce"].cache_note == "computed: no entry"
+
+
+def test_stepvisor_run_with_set_cache_reuses_and_status_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cache_cli_steps.py").write_text(
+        "def make(ctx):\n    return {'rows': [1, 2, 3]}\n\n"
+        "def total(ctx):\n    return {'total': sum(ctx.inputs['rows'])}\n"
+    )
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(
+        "id: flow\nsteps:\n  - {id: make, run: 'cache_cli_steps:make', creates: [rows]}\n"
+        "  - {id: total, run: 'cache_cli_steps:total', requires: [rows]}\n"
+    )
+    db = str(tmp_path / "runs.db")
+    monkeypatch.delitem(sys.modules, "cache_cli_steps", raising=False)
+    assert main(["run", str(flow), "--set", "cache=true", "--store", db]) == 0
+    assert main(["run", str(flow), "--set", "cache=true", "--store", db]) == 0
+    capsys.readouterr()
+    with SQLiteStore(db) as store:
+        newest = store.list_runs()[0].run_id
+    assert main(["status", newest, "--store", db]) == 0
+    out = capsys.readouterr().out
+    assert "cache     2 reused, 0 computed" in out
+    sys.modules.pop("cache_cli_steps", None)
