@@ -427,7 +427,8 @@ def test_config_shows_each_value_and_where_it_came_from(project: Path) -> None:
     assert rows["step_timeout"].split() == ["step_timeout", "--set", "9.0"]
     assert rows["codec"].split() == ["codec", "default", '"json"']
     assert rows["capture"].split() == ["capture", "default", '"tee"']
-    assert len(rows) == 15
+    assert rows["cache"].split() == ["cache", "default", "false"]
+    assert len(rows) == 16
 
 
 # -- cancel and interrupt ------------------------------------------------------------------

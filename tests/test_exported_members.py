@@ -15,7 +15,7 @@ PUBLIC_API = {
     "Executor",
     # model
     "Step", "Workflow", "Settings", "StepContext", "RetryPolicy", "Backoff",
-    "resolve", "Resolved", "load_workflow",
+    "resolve", "Resolved", "load_workflow", "Cache",
     # state and events
     "RunStatus", "StepStatus", "StepRecord", "AttemptRecord", "Event", "RunStarted",
     "StepDispatched", "StepRetrying", "StepFinished", "StepCommitted", "RunFinished",
@@ -28,7 +28,8 @@ PUBLIC_API = {
     "StepvisorError", "ValidationError", "InvalidStepIdError", "StepFunctionError",
     "DuplicateStepError", "UnknownDependencyError", "MissingArtifactError", "CycleError",
     "InvalidMaxParallelError", "InvalidTimeoutError", "InvalidSettingError", "MapOverError",
-    "InvalidRetryPolicyError", "WorkflowFileError", "StepError", "StepTimeoutError",
+    "InvalidRetryPolicyError", "InvalidCacheError", "WorkflowFileError", "StepError",
+    "StepTimeoutError",
     "StepCancelledError", "WorkerCrashedError", "StepNotSerializableError", "RemoteStepError",
     "RetryBudgetExhaustedError", "RetryableError", "FatalError", "StoreError", "NotAStoreError",
     "SchemaVersionError", "RunNotFoundError", "FingerprintMismatchError", "ArtifactCodecError",

@@ -20,6 +20,7 @@ from stepvisor.errors import *  # noqa: F403
 #: without loading the engine.  A name's module is imported when it is first used.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "stepvisor._runtime": ("RunHandle", "resume", "resume_start", "run", "run_async", "start"),
+    "stepvisor.cache": ("Cache",),
     "stepvisor.clock": ("Clock", "FakeClock", "RealClock"),
     "stepvisor.config": ("Resolved", "resolve"),
     "stepvisor.context": ("StepContext",),
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from stepvisor._runtime import run as run
     from stepvisor._runtime import run_async as run_async
     from stepvisor._runtime import start as start
+    from stepvisor.cache import Cache as Cache
     from stepvisor.clock import Clock as Clock
     from stepvisor.clock import FakeClock as FakeClock
     from stepvisor.clock import RealClock as RealClock

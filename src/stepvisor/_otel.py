@@ -239,6 +239,11 @@ class RunTracer:
         span.set_attribute("stepvisor.attempts", event.attempts)
         if record.note:
             span.set_attribute("stepvisor.note", record.note)
+        if record.cache_note is not None:  # a cached step: reused (from which run) or why not
+            span.set_attribute("stepvisor.cache.note", record.cache_note)
+            span.set_attribute("stepvisor.cache.reused", record.reused_from is not None)
+            if record.reused_from is not None:
+                span.set_attribute("stepvisor.cache.reused_from", record.reused_from)
         if event.status == "cancelled":
             _mark_cancelled(span, record.note, event.time)
         if event.status in _FAILED_STEPS:

@@ -49,12 +49,16 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     "ray_address": None,
     "capture": "tee",
     "log_limit": 1 << 20,
+    "cache": False,
 }
 
 _INTS: Final = frozenset(
     {"max_parallel", "seed", "max_worker_crashes", "max_retries_total", "log_limit"}
 )
 _FLOATS: Final = frozenset({"step_timeout", "deadline", "kill_grace"})
+#: The texts a boolean setting (``cache``) takes in the environment and setup.cfg.
+_BOOLS: Final = {"true": True, "1": True, "yes": True, "on": True}
+_BOOLS.update({"false": False, "0": False, "no": False, "off": False})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class Resolved:
     ray_address: str | None
     capture: str
     log_limit: int
+    cache: bool = False
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> list[tuple[str, Any, str]]:
@@ -110,6 +115,8 @@ def _parse_text(name: str, text: str) -> Any:
         return _parse_pools(text)
     if name == "retry":
         return _parse_retry(text)
+    if name == "cache":
+        return _BOOLS.get(text.lower(), text)
     return text
 
 

@@ -13,6 +13,7 @@ Each message says what was wrong and what to do about it.  The hierarchy::
     │   ├── InvalidMaxParallelError             ``max_parallel`` < 1 or not an integer
     │   ├── InvalidTimeoutError                 a timeout/deadline that is not a positive number
     │   ├── InvalidSettingError                 any other setting with a bad value
+    │   │   └── InvalidCacheError                   a ``cache`` value that is not true/false/Cache
     │   ├── InvalidRetryPolicyError             a retry policy that cannot work
     │   └── WorkflowFileError                   a workflow file that cannot be loaded
     ├── StepError                           a step attempt did not succeed
@@ -55,6 +56,7 @@ __all__ = [
     "ExecutorShutdownError",
     "FatalError",
     "FingerprintMismatchError",
+    "InvalidCacheError",
     "InvalidMaxParallelError",
     "InvalidRetryPolicyError",
     "InvalidSettingError",
@@ -136,6 +138,11 @@ class InvalidTimeoutError(ValidationError):
 
 class InvalidSettingError(ValidationError):
     """A setting with a value outside what it accepts."""
+
+
+class InvalidCacheError(InvalidSettingError):
+    """A ``cache`` value (run-wide, per step or in a workflow file) that is not one of
+    ``True``, ``False`` or ``stepvisor.Cache(version=..., expire=...)``."""
 
 
 class InvalidRetryPolicyError(ValidationError):

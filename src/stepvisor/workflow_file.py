@@ -53,6 +53,7 @@ STEP_KEYS: Final = (
     "metadata",
     "resources",
     "map_over",
+    "cache",
 )
 #: Names people reach for from other tools, mapped to ours (for "did you mean").
 _ALIASES: Final[Mapping[str, str]] = {
@@ -330,6 +331,8 @@ def _step(data: object, index: int, where: _Where) -> Step:
     }
     if data.get("map_over") is not None:
         kwargs["map_over"] = _map_over(data["map_over"], fail=fail)
+    if "cache" in data:  # cache: true, cache: false, cache: {version: "2", expire: 3600}
+        kwargs["cache"] = data["cache"]
     if data.get("resources") is not None:
         kwargs["resources"] = _mapping(
             data["resources"], key="resources", example="{CPU: 2}", fail=fail

@@ -43,6 +43,7 @@ from stepvisor.actors.messages import (
     SlotGranted,
     Warm,
 )
+from stepvisor.cache._session import CacheSession, cached_ranks
 from stepvisor.clock import Clock, TimerHandle
 from stepvisor.config import Resolved
 from stepvisor.context import AttemptControl
@@ -56,6 +57,8 @@ from stepvisor.core.effects import (
     Emit,
     Finish,
     FinishRun,
+    LookUpCache,
+    PutInCache,
     Reclaim,
     ReleaseSlot,
     RetireSlot,
@@ -128,7 +131,11 @@ class RunPlan:
     observer: RunObserver | None = None
 
     def machine_plan(
-        self, *, lend_slots: bool = False, unqueued: frozenset[str] = frozenset()
+        self,
+        *,
+        lend_slots: bool = False,
+        unqueued: frozenset[str] = frozenset(),
+        cached: frozenset[int] = frozenset(),
     ) -> Plan:
         """The part of the plan the machine decides from: values only."""
         return Plan(
@@ -144,6 +151,7 @@ class RunPlan:
             store_may_refuse=not isinstance(self.store, MemoryStore | Unkept),
             lend_slots=lend_slots,
             unqueued=unqueued,
+            cached=cached,
         )
 
 
@@ -189,8 +197,20 @@ class RunShell:
                 self._submitters[executor] = backend
         self._warm = tuple(ex for ex in ("process",) if ex in plan.executors)
         self._needs_workers = any(ex not in self._submitters for ex in plan.executors)
+        #: The run's cache, when a step asks for it and the store keeps one.
+        self._cache: CacheSession | None = None
+        cached = frozenset[int]()
+        if plan.settings.cache or any(step.cache for step in plan.workflow.steps):
+            cached = cached_ranks(plan.workflow, plan.settings, plan.store, plan.run_id)
+            if cached:
+                self._cache = CacheSession(
+                    plan.workflow, plan.settings, plan.store, plan.run_id,  # type: ignore[arg-type]
+                    self.clock.wall,
+                )  # fmt: skip
         self.machine = RunMachine(
-            plan.machine_plan(lend_slots=lend_slots, unqueued=frozenset(self._submitters))
+            plan.machine_plan(
+                lend_slots=lend_slots, unqueued=frozenset(self._submitters), cached=cached
+            )
         )
         self._controls: dict[str, tuple[int, AttemptControl]] = {}
         #: Each slot's last batch, shared with its Worker (see ``_reclaim``).
@@ -214,6 +234,8 @@ class RunShell:
             RetireSlot: self._retire_slot,
             BeginRun: self._begin_run,
             FinishRun: self._finish_run,
+            LookUpCache: self._look_up_cache,
+            PutInCache: self._put_in_cache,
             Finish: self._finish,
         }
         self._pending: deque[Effect] = deque()
@@ -496,6 +518,23 @@ class RunShell:
             )
         )
 
+    def _look_up_cache(self, first: LookUpCache) -> None:
+        """Lookups back to back (every cached step made ready at once): one read of the
+        store for all of them, then each answer to the machine, in order."""
+        assert self._cache is not None  # the machine looks up only the ranks given to it
+        asks = [first]
+        pending = self._pending
+        while pending and type(pending[0]) is LookUpCache:
+            asks.append(pending.popleft())  # type: ignore[arg-type]
+        for answer in self._cache.look_up_many(asks):
+            pending.extend(
+                self.machine.handle(answer, now=self.clock.monotonic(), wall=self.clock.wall())
+            )
+
+    def _put_in_cache(self, effect: PutInCache) -> None:
+        assert self._cache is not None
+        self._cache.put(effect.step_id, effect.rank, effect.outputs)
+
     def _save_steps(self, effect: SaveSteps) -> None:
         self.store.save_steps(self.plan.run_id, list(effect.records))
 
@@ -518,6 +557,8 @@ class RunShell:
             )
 
     def _finish(self, effect: Finish) -> None:
+        if self._cache is not None:
+            self._cache.flush()
         self._stop_timers()
         self._stop_workers()
         self._completed = True

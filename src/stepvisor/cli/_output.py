@@ -97,12 +97,30 @@ def _error(record: StepRecord) -> str:
     return ""
 
 
+def _status_text(record: StepRecord) -> str:
+    """``succeeded``, ``succeeded (kept)`` on resume, ``succeeded (reused)`` from the cache."""
+    if record.restored:
+        return f"{record.status.value} (kept)"
+    if record.reused_from is not None:
+        return f"{record.status.value} (reused)"
+    return record.status.value
+
+
+def _cache_tally(records: list[StepRecord]) -> str | None:
+    """``2 reused, 1 computed``: the cached steps of a run, or ``None`` if it cached none."""
+    cached = [r for r in records if r.cache_note is not None]
+    if not cached:
+        return None
+    reused = sum(r.reused_from is not None for r in cached)
+    return f"{reused} reused, {len(cached) - reused} computed"
+
+
 def _row(record: StepRecord) -> list[str]:
     last = record.last_attempt
     took = sum(a.duration or 0.0 for a in record.attempts) if record.attempts else None
     return [
         record.step_id,
-        record.status.value + (" (kept)" if record.restored else ""),
+        _status_text(record),
         str(record.attempt_count),
         duration(took),
         (last.worker or "-") if last else "-",
@@ -157,8 +175,16 @@ def one_run(store: RunStore, run_id: str) -> str:
         head.append(f"owner     {info.owner.describe()}")
     if info.error:
         head.append(f"error     {one_line(info.error, limit=300)}")
+    cache = _cache_tally([g.record for g in groups])
+    if cache is not None:
+        head.append(f"cache     {cache}")
     rows = [_mapped_row(g) if g.mapped else _row(g.record) for g in groups]
-    text = "\n".join(head) + "\n\n" + table(["STEP", *_COLUMNS], rows)
+    columns = ["STEP", *_COLUMNS]
+    if cache is not None:  # why each cached step was reused or computed
+        columns.append("CACHE")
+        for row, group in zip(rows, groups, strict=True):
+            row.append(one_line(group.record.cache_note or "", limit=60))
+    text = "\n".join(head) + "\n\n" + table(columns, rows)
     mapped = next(
         (g.record.step_id for g in groups if g.mapped and any(map(_error, g.instances))),
         next((g.record.step_id for g in groups if g.mapped), None),
@@ -185,12 +211,11 @@ def one_step(store: RunStore, run_id: str, step_id: str) -> str:
     record = group.record
     head = [f"step      {record.step_id}", f"run       {run_id}"]
     if not group.mapped:
-        head += [
-            f"status    {record.status.value}" + (" (kept)" if record.restored else ""),
-            f"attempts  {record.attempt_count}",
-        ]
+        head += [f"status    {_status_text(record)}", f"attempts  {record.attempt_count}"]
         if record.note:
             head.append(f"note      {one_line(record.note, limit=300)}")
+        if record.cache_note:
+            head.append(f"cache     {record.cache_note}")
         return "\n".join(head) + "\n\n" + _attempts(record)
     assert group.size is not None
     head += [
@@ -209,7 +234,9 @@ def one_step(store: RunStore, run_id: str, step_id: str) -> str:
 
 def _attempts(record: StepRecord) -> str:
     if not record.attempts:
-        return "no attempts"  # why (skipped, cancelled, a list that was none) is its note
+        # Why (skipped, cancelled, a list that was none) is its note; a reused step's
+        # result came from the run its cache line names.
+        return "no attempts"
     rows = [
         [
             str(a.number),

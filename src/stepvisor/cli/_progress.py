@@ -142,6 +142,8 @@ class Progress:
                 self.maps[sid].ended[StepStatus.SUCCEEDED.value] = size
         #: Plain steps running now (instances are counted under their map).
         self.running: dict[str, Running] = {}
+        #: Steps that reused a cached result (counted apart within the succeeded).
+        self.reused: set[str] = set()
         #: Duration of each plain step's last attempt, once it finished (wall seconds).
         self.last_duration: dict[str, float] = {}
         #: The last event's id and what ``instance_of`` said of it (a display asks again).
@@ -192,6 +194,8 @@ class Progress:
             self.running.pop(sid, None)
         else:
             self.status[sid] = event.status
+            if event.reused_from is not None:
+                self.reused.add(sid)
             run = self.running.pop(sid, None)
             if run is not None:
                 self.last_duration[sid] = max(0.0, event.time - run.since)
@@ -208,6 +212,8 @@ class Progress:
             record = steps.get(sid)
             if record is not None:
                 self.status[sid] = record.status.value
+                if record.reused_from is not None:
+                    self.reused.add(sid)
                 summed = note_counts(record) if sid in self.maps else None
                 if summed is not None:  # the machine's own count of the instances
                     m = self.maps[sid]
@@ -221,6 +227,9 @@ class Progress:
         tally = collections.Counter(self.status.values())
         return [(s, tally[s]) for s in STATUS_ORDER if tally[s]]
 
+    def status_count(self, status: str) -> int:
+        return sum(1 for s in self.status.values() if s == status)
+
     @property
     def done(self) -> int:
         return sum(1 for s in self.status.values() if s in _TERMINAL)
@@ -233,6 +242,10 @@ class Progress:
         succeeded, 1 failed`` (a mapped step is one of the steps).
         """
         steps = ", ".join(f"{n} {_LABELS.get(s, s)}" for s, n in self.counts())
+        if self.reused:  # "3 succeeded (2 reused), 1 failed": reused steps counted apart
+            ok = StepStatus.SUCCEEDED.value
+            done = f"{self.status_count(ok)} {_LABELS.get(ok, ok)}"
+            steps = steps.replace(done, f"{done} ({len(self.reused)} reused)", 1)
         if not self.maps:
             return steps
         instances: Counter[str] = Counter()
@@ -323,6 +336,8 @@ def _finished(event: StepFinished, progress: Progress, took: float | None) -> st
     if m is not None:
         text = f"{event.step_id}: {m.text()}"
         return text if took is None else text + f", {took:.2f} s"
+    if event.reused_from is not None:
+        return f"{event.step_id}: reused from run {event.reused_from}"
     attempts = f"attempt {event.attempts}" if event.attempts <= 1 else f"{event.attempts} attempts"
     text = f"{event.step_id}: {attempts}"
     if took is not None:

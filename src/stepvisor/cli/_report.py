@@ -349,6 +349,10 @@ def _row(record: StepRecord, attrs: str) -> str:
     details = "".join(_attempt_detail(a) for a in record.attempts) or "<p>no attempts</p>"
     note = f'<p class="muted">{_e(record.note)}</p>' if record.note else ""
     kept = ' <span class="muted">(kept)</span>' if record.restored else ""
+    if record.reused_from is not None:
+        kept = ' <span class="muted">(reused)</span>'
+    if record.cache_note is not None:  # why a cached step was reused or computed
+        note += f'<p class="muted cache">{_e(record.cache_note)}</p>'
     err_class = ' class="err"' if error else ""
     return (
         f"<tr {attrs}>"

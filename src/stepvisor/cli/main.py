@@ -9,6 +9,7 @@ Commands::
     stepvisor report RUN_ID --html FILE [--store PATH]
     stepvisor logs RUN_ID [STEP] [--attempt N] [--follow] [--store PATH]
     stepvisor config [FILE] [--set KEY=VALUE ...]
+    stepvisor cache [clear | prune [--older-than 7d] [--max-size 2G]] [--store PATH]
 
 Runs are kept in a SQLite store, ``.stepvisor/runs.db`` under the current
 directory unless ``--store`` says otherwise, so another ``stepvisor`` program can
@@ -40,6 +41,7 @@ from typing import Any, Final
 
 from stepvisor._prepare import fingerprint
 from stepvisor._runtime import resume_start, start
+from stepvisor.cli._cache import add_cache_command
 from stepvisor.cli._follow import SigtermError, follow
 from stepvisor.cli._logs import add_logs_command, kept_logs
 from stepvisor.cli._maps import mapped_size
@@ -458,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_report)
 
     add_logs_command(sub, add_store=_add_store, open_store=_existing_store)
+    add_cache_command(sub, add_store=_add_store, open_store=_existing_store)
 
     p = sub.add_parser("config", help="show the effective settings and where each comes from")
     p.add_argument("file", metavar="FILE", nargs="?", help="workflow file whose settings apply")

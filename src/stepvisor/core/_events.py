@@ -112,6 +112,7 @@ class Emitter:
                     error_type=last.error_type if last else None,
                     error_message=last.error_message if last else None,
                     time=wall,
+                    reused_from=record.reused_from,
                 )
             )
         )

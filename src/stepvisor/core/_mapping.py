@@ -131,6 +131,8 @@ class MapRun:
     items: Sequence[Any] | None
     #: What every instance sees as ``ctx.inputs``: the step's other inputs.
     inputs: dict[str, Any] = field(default_factory=dict)
+    #: The same inputs with the rank of each one's maker (a cache lookup keys on them).
+    view: Any = None
 
 
 class Mapped:
@@ -147,8 +149,10 @@ class Mapped:
     _fx: list[Effect]
     _wall: float
     _map_runs: dict[int, MapRun]
+    _cached_maps: frozenset[int]
+    _to_cache: set[tuple[int, int]]
 
-    if TYPE_CHECKING:  # the machine's, and Settling's
+    if TYPE_CHECKING:  # the machine's, Settling's and Caching's
 
         def _step(self, rank: int) -> Step: ...
 
@@ -157,6 +161,10 @@ class Mapped:
         def _succeeded(self, r: int, record: StepRecord, outputs: Mapping[str, Any]) -> None: ...
 
         def _end_step(self, r: int, record: StepRecord, index: int = -1) -> None: ...
+
+        def _queue_instance(self, r: int, index: int, source: int | None = None) -> None: ...
+
+        def _cache_result(self, r: int, index: int, outputs: Mapping[str, Any]) -> None: ...
 
     # -- addressing ------------------------------------------------------------------
 
@@ -211,7 +219,7 @@ class Mapped:
                 self._bad_list(r, step, link.artifact or "", value)
                 return
             size = len(items)
-        run = MapRun(size, size, items, _plain(inputs))
+        run = MapRun(size, size, items, _plain(inputs), inputs)
         self._map_runs[r] = run
         self.state = self.state.expand(r, step.id, size)
         node = self.state.record_at(r).with_status(StepStatus.RUNNING, _counts_note(size, ()))
@@ -256,18 +264,19 @@ class Mapped:
 
     def _queue_instances(self, r: int, run: MapRun, source: int | None) -> None:
         state = self.state
-        if source is None and run.left == run.size:  # nothing restored: all of them
+        cached = r in self._cached_maps  # each instance is looked up first (_caching.py)
+        if source is None and run.left == run.size and not cached:  # all of them
             self.sched.push_all(r, run.size)
             return
         for i in range(run.size):
             if state.instance_kept(r, i) is not None:
                 continue  # restored
             if source is None:
-                self.sched.push(r, i)
+                self._queue_instance(r, i)
                 continue
             status = state.instance_record(source, i).status
             if status is StepStatus.SUCCEEDED:
-                self._push_chained(r, i, source)
+                self._queue_instance(r, i, source)
             elif status in TERMINAL:
                 self._skip_instance(r, i, source, status)
 
@@ -301,6 +310,8 @@ class Mapped:
         self, r: int, index: int, record: StepRecord, outputs: Mapping[str, Any]
     ) -> None:
         self.state = self.state.succeed_instance(r, index, record, outputs)
+        if self._to_cache and (r, index) in self._to_cache:
+            self._cache_result(r, index, outputs)
         if self._events.on:
             self._events.finished(self._fx, record, self._wall)
         self._instance_ended(r, index, StepStatus.SUCCEEDED)
@@ -314,7 +325,7 @@ class Mapped:
                 continue  # not expanded yet: it looks at this instance when it is
             if status is StepStatus.SUCCEEDED:
                 if not self.stopping:
-                    self._push_chained(c, index, r)
+                    self._queue_instance(c, index, r)
             else:
                 self._skip_instance(c, index, r, status)
         if run.left == 0:

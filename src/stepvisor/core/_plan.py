@@ -36,3 +36,5 @@ class Plan:
     #: Executors whose backend starts every attempt it is given at once (it takes
     #: them without a thread): their attempts are never queued behind another.
     unqueued: frozenset[str] = frozenset()
+    #: Ranks of the cached steps: looked up in the cache before they may run.
+    cached: frozenset[int] = frozenset()

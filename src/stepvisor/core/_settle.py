@@ -96,6 +96,7 @@ class Settling:
     #: A skipped step's rank -> the rank of the failed step its note names.
     _skip_cause: dict[int, int]
     _store_may_refuse: bool
+    _to_cache: set[tuple[int, int]]
     _done_count: int
     _avg_duration: float
     _now: float
@@ -110,6 +111,10 @@ class Settling:
 
     def _begin_stop(self, status: RunStatus, note: str) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # a cache miss's result: stepvisor.core._caching.Caching keeps it
+
+        def _cache_result(self, r: int, index: int, outputs: Mapping[str, Any]) -> None: ...
 
     if TYPE_CHECKING:  # addressing and instances: stepvisor.core._mapping.Mapped has them
 
@@ -245,6 +250,8 @@ class Settling:
     def _succeeded(self, r: int, record: StepRecord, outputs: Mapping[str, Any]) -> None:
         # A step succeeds once: there are no earlier outputs to clear.
         self.state, done = self.state.succeed_at(r, record, outputs)
+        if self._to_cache and (r, -1) in self._to_cache:
+            self._cache_result(r, -1, outputs)
         self._inputs.publish(r, outputs)
         self.sched.succeeded(r)
         if self._events.on:

@@ -32,6 +32,8 @@ __all__ = [
     "Emit",
     "Finish",
     "FinishRun",
+    "LookUpCache",
+    "PutInCache",
     "Reclaim",
     "ReleaseSlot",
     "RetireSlot",
@@ -167,6 +169,29 @@ class SaveSteps(NamedTuple):
     records: tuple[StepRecord, ...]
 
 
+class LookUpCache(NamedTuple):
+    """Look the cached step ``step_id`` up in the store's cache; say ``CacheAnswer``.
+
+    ``inputs`` is what the step would see (artifact name -> (rank of its
+    maker, value)): the key covers their content.  The step holds no slot meanwhile.
+    """
+
+    step_id: str
+    rank: int
+    inputs: Mapping[str, tuple[int, Any]]
+    #: For an instance of a mapped step: its index and its item (part of its key).
+    at: int = -1
+    item: Any = None
+
+
+class PutInCache(NamedTuple):
+    """The cached step ``step_id`` was computed and its outputs stored: keep them in the cache."""
+
+    step_id: str
+    rank: int
+    outputs: Mapping[str, Any]
+
+
 class FinishRun(NamedTuple):
     """Record the run's final status."""
 
@@ -202,6 +227,8 @@ Effect = (
     | SaveOutputs
     | SaveSteps
     | FinishRun
+    | LookUpCache
+    | PutInCache
     | Emit
     | Finish
 )

@@ -84,6 +84,8 @@ class StepFinished:
     error_type: str | None
     error_message: str | None
     time: float
+    #: The run whose cached result the step reused (it made no attempt), or None.
+    reused_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

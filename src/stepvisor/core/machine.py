@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Any
 
 from stepvisor._log import log
+from stepvisor.core._caching import Caching
 from stepvisor.core._events import Emitter
 from stepvisor.core._finish import finish_effects, supervisor_failed_result
 from stepvisor.core._inputs import Inputs
@@ -74,6 +75,7 @@ from stepvisor.core.effects import (
 from stepvisor.core.messages import (
     AttemptDone,
     AttemptsDone,
+    CacheAnswer,
     CancelRun,
     DeadlineReached,
     GraceExpired,
@@ -107,7 +109,7 @@ _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
 _ANY = 1 << 62
 
 
-class RunMachine(Mapped, Settling, Reclaiming):
+class RunMachine(Mapped, Settling, Caching, Reclaiming):
     """One run's decisions.  Feed it messages with :meth:`handle`; carry out what it returns."""
 
     def __init__(self, plan: Plan) -> None:
@@ -121,7 +123,11 @@ class RunMachine(Mapped, Settling, Reclaiming):
             max_parallel=cfg.max_parallel,
             pool_of=[self._step(r).pool for r in range(len(graph.order))],
             pool_limits=cfg.pools,
+            hold=plan.cached,
         )
+        self._looking: dict[str, tuple[int, int]] = {}
+        self._to_cache: set[tuple[int, int]] = set()
+        self._cached_maps = plan.cached.intersection(graph.maps)
         self._store_may_refuse = plan.store_may_refuse
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
@@ -143,8 +149,7 @@ class RunMachine(Mapped, Settling, Reclaiming):
         )
         self._avg_duration = 0.0
         self._done_count = 0
-        self._asked: dict[str, int] = {}
-        self._dry: set[str] = set()
+        self._asked, self._dry = {}, set()  # work stealing: see core/_reclaim.py
         self._errors: dict[str, list[BaseException]] = {}
         self.stopping = False
         self._stop_status = RunStatus.FAILED
@@ -154,13 +159,13 @@ class RunMachine(Mapped, Settling, Reclaiming):
         self._run_deadline: float | None = None
         self._started_wall = 0.0
         self.discarded = 0
-        self._now = 0.0
-        self._wall = 0.0
+        self._now = self._wall = 0.0
         self._fx: list[Effect] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
             AttemptDone: self._on_done,
             AttemptsDone: self._on_batch,
             OutputsSaved: self._on_saved,
+            CacheAnswer: self._on_cache_answer,
             DeadlineReached: self._on_deadline,
             GraceExpired: self._on_grace,
             RetryDue: self._on_retry_due,
@@ -191,6 +196,8 @@ class RunMachine(Mapped, Settling, Reclaiming):
             log.warning("the run machine ignored an unexpected message %r", message)
             return fx
         handler(message)
+        if self.sched.lookups:
+            self._look_up()
         if self.sched.expandable:
             self._expand_ready()
         self._fill()
@@ -477,7 +484,7 @@ class RunMachine(Mapped, Settling, Reclaiming):
     # -- finish --------------------------------------------------------------------
 
     def _maybe_finish(self) -> None:
-        if self._inflight or self._saving:
+        if self._inflight or self._saving or self._looking:
             return
         if not self.stopping and (self.sched.ready_count or self._retries.waiting):
             return

@@ -13,7 +13,8 @@ changes nothing.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from stepvisor.core.attempt import AttemptResult
 from stepvisor.errors import ArtifactCodecError
@@ -21,6 +22,7 @@ from stepvisor.errors import ArtifactCodecError
 __all__ = [
     "AttemptDone",
     "AttemptsDone",
+    "CacheAnswer",
     "CancelRun",
     "DeadlineReached",
     "GraceExpired",
@@ -81,6 +83,21 @@ class OutputsSaved(NamedTuple):
     error: ArtifactCodecError | None = None
 
 
+class CacheAnswer(NamedTuple):
+    """What the cache holds for a step looked up (``LookUpCache``).
+
+    ``outputs`` is the stored result to reuse, or ``None``: compute the step.
+    ``note`` says which (``reused from run …``, ``computed: input rows changed``);
+    ``storable``: a computed result may enter the cache (its key could be made).
+    """
+
+    step_id: str
+    outputs: Mapping[str, Any] | None
+    reused_from: str | None
+    note: str
+    storable: bool = True
+
+
 class SlotReady(NamedTuple):
     """The shell has a Worker for a slot the machine asked for (``AddSlot``)."""
 
@@ -138,6 +155,7 @@ Message = (
     | AttemptDone
     | AttemptsDone
     | OutputsSaved
+    | CacheAnswer
     | SlotReady
     | Reclaimed
     | DeadlineReached

@@ -17,8 +17,10 @@ from typing import Any, Final, Literal, cast
 from pyrsistent import PMap, pmap
 
 from stepvisor._validate import duplicates, is_int, is_number, name_list, seconds
+from stepvisor.cache._spec import Cache, cache_option
 from stepvisor.core.graph import Graph
 from stepvisor.errors import (
+    InvalidCacheError,
     InvalidMaxParallelError,
     InvalidSettingError,
     InvalidStepIdError,
@@ -113,8 +115,10 @@ class Step:
     ``needs`` names steps that must succeed first; ``requires``/``creates`` name
     artifacts, and requiring an artifact depends on the step that creates it.
     ``timeout``, ``retry``, ``executor`` and ``pool`` override the run's
-    settings for this step.  ``params`` are the ``with:`` values of a workflow
-    file, handed to the function through ``ctx.params``.  ``resources`` is the
+    settings for this step, and ``cache`` the run's ``cache`` setting (``True``
+    or ``Cache(version=...)``: reuse a stored result; ``False``: never).
+    ``params`` are the ``with:`` values of a workflow file, handed to the
+    function through ``ctx.params``.  ``resources`` is the
     resource request of a Ray step (default ``{"CPU": 1}``).
     """
 
@@ -132,6 +136,8 @@ class Step:
     resources: Mapping[str, float] | None
     #: The artifact name or the fixed items the step is mapped over, or ``None``.
     map_over: str | tuple[Any, ...] | range | None
+    #: ``None`` (the run's ``cache`` setting decides), ``False``, or a :class:`Cache`.
+    cache: Cache | bool | None
     #: Whether ``fn`` is ``async def``; computed once, read on every dispatch.
     is_async: bool = field(compare=False, repr=False)
 
@@ -151,6 +157,7 @@ class Step:
         params: Mapping[str, Any] | None = None,
         resources: Mapping[str, float] | None = None,
         map_over: str | Sequence[Any] | None = None,
+        cache: Cache | bool | None = None,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "id", id)
@@ -166,6 +173,7 @@ class Step:
         set_(self, "params", _NO_DATA if params is None else params)
         set_(self, "resources", resources)
         set_(self, "map_over", map_over)
+        set_(self, "cache", cache)
         set_(self, "is_async", False)
         self.__post_init__()
 
@@ -221,6 +229,8 @@ class Step:
             raise InvalidSettingError(
                 f"step {self.id!r}: pool must be a non-empty string, got {self.pool!r}"
             )
+        if self.cache is not None:
+            object.__setattr__(self, "cache", cache_option(self.cache, where=f"step {self.id!r}"))
 
     def _check_data(self) -> None:
         """Metadata (with its ``cost`` hint), params and Ray resources, made immutable.
@@ -322,6 +332,7 @@ SETTING_NAMES: Final = (
     "ray_address",
     "capture",
     "log_limit",
+    "cache",
 )
 
 
@@ -351,11 +362,18 @@ class Settings:
     capture: str | None = None
     #: Bytes of output kept per attempt (head and tail past it, the cut marked).
     log_limit: int | None = None
+    #: Reuse stored results of every step that does not say ``cache=False`` (off by default).
+    cache: bool | None = None
 
     def __post_init__(self) -> None:
         self._check_scheduling()
         self._check_limits()
         self._check_capture()
+        if self.cache is not None and not isinstance(self.cache, bool):
+            raise InvalidCacheError(
+                f"cache must be true or false, got {self.cache!r}; per step, write "
+                'Step(..., cache=stepvisor.Cache(version="2")) for a version'
+            )
 
     def _check_capture(self) -> None:
         """The output capture settings (see ``stepvisor.backends._capture``)."""

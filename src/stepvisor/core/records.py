@@ -102,6 +102,11 @@ class StepRecord(NamedTuple):
     note: str | None = None
     #: True when the record was restored from a store on resume (not re-run).
     restored: bool = False
+    #: The run whose stored result this step reused (its cache entry), or None.
+    reused_from: str | None = None
+    #: Why a cached step was reused or computed: ``reused from run 3f2a…``,
+    #: ``computed: input rows changed``; None for a step that is not cached.
+    cache_note: str | None = None
 
     @property
     def attempt_count(self) -> int:
@@ -120,23 +125,33 @@ class StepRecord(NamedTuple):
     def with_attempt_started(self, attempt: AttemptRecord) -> StepRecord:
         return new(
             StepRecord,
-            (self.step_id, StepStatus.RUNNING, (*self.attempts, attempt), self.note, self.restored),
-        )
+            (
+                self.step_id, StepStatus.RUNNING, (*self.attempts, attempt), self.note,
+                self.restored, self.reused_from, self.cache_note,
+            ),
+        )  # fmt: skip
 
     def with_last_attempt(self, attempt: AttemptRecord, status: StepStatus) -> StepRecord:
         return new(
             StepRecord,
-            (self.step_id, status, (*self.attempts[:-1], attempt), self.note, self.restored),
-        )
+            (
+                self.step_id, status, (*self.attempts[:-1], attempt), self.note, self.restored,
+                self.reused_from, self.cache_note,
+            ),
+        )  # fmt: skip
 
     def with_status(self, status: StepStatus, note: str | None) -> StepRecord:
-        return StepRecord(self.step_id, status, self.attempts, note, self.restored)
+        return StepRecord(
+            self.step_id, status, self.attempts, note, self.restored, self.reused_from,
+            self.cache_note,
+        )  # fmt: skip
 
 
 #: A finished step's record with its one attempt, as the run state keeps it:
-#: ``(step_id, status, note, restored, *attempt)``, a plain tuple whose status
-#: is the status's text.  One object where a :class:`StepRecord` is three (the
-#: record, its attempts tuple, the attempt), and one the cyclic GC lets go of:
+#: ``(step_id, status, note, restored, reused_from, cache_note, *attempt)``, a
+#: plain tuple whose status is the status's text.  One object where a
+#: :class:`StepRecord` is three (the record, its attempts tuple, the attempt),
+#: and one the cyclic GC lets go of:
 #: a tuple of exact type holding only strings, numbers and ``None`` is
 #: untracked at the first collection it meets, so it never reaches the old
 #: generation.  Finished records are what a big run's heap is made of, and the
@@ -156,7 +171,15 @@ def _kept(record: StepRecord) -> Any:
     """``record`` as the table keeps it: a settled plain tuple when that is possible."""
     attempts = record[2]
     if record[1] in TERMINAL and len(attempts) == 1:
-        return (record[0], _TEXT[record[1]], record[3], record[4], *attempts[0])
+        return (
+            record[0],
+            _TEXT[record[1]],
+            record[3],
+            record[4],
+            record[5],
+            record[6],
+            *attempts[0],
+        )
     return record
 
 
@@ -165,8 +188,11 @@ def _unkept(value: Any) -> StepRecord:
     if type(value) is not tuple:
         record: StepRecord = value
         return record
-    attempt = new(AttemptRecord, value[4:])
-    return new(StepRecord, (value[0], _STATUS[value[1]], (attempt,), value[2], value[3]))
+    attempt = new(AttemptRecord, value[6:])
+    return new(
+        StepRecord,
+        (value[0], _STATUS[value[1]], (attempt,), value[2], value[3], value[4], value[5]),
+    )
 
 
 def instance_id(step_id: str, index: int) -> str:
@@ -202,7 +228,7 @@ class MapVec(NamedTuple):
 
 def pending_instance(step_id: str, index: int) -> StepRecord:
     """The record of an instance never dispatched (kept as ``None``)."""
-    return new(StepRecord, (instance_id(step_id, index), _PENDING, (), None, False))
+    return new(StepRecord, (instance_id(step_id, index), _PENDING, (), None, False, None, None))
 
 
 class MapTable(dict[int, MapVec]):

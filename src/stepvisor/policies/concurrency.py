@@ -68,6 +68,7 @@ class Scheduler:
         max_parallel: int,
         pool_of: Sequence[str | None],
         pool_limits: Mapping[str, int],
+        hold: frozenset[int] = frozenset(),
     ) -> None:
         self.graph = graph
         self.max_parallel = max_parallel
@@ -97,6 +98,10 @@ class Scheduler:
         self.taken_index = 0
         #: Mapped steps whose dependencies are met, for the machine to expand.
         self.expandable: list[int] = []
+        #: Ranks held back when ready (cached steps): they go to ``lookups``, for the
+        #: machine to look up, and are queued with ``push`` only if they must run.
+        self._hold = hold
+        self.lookups: list[int] = []
 
     # -- feeding -------------------------------------------------------------------
 
@@ -113,6 +118,8 @@ class Scheduler:
     def _became_ready(self, r: int) -> None:
         if r in self._mapped:
             self.expandable.append(r)
+        elif self._hold and r in self._hold:
+            self.lookups.append(r)
         else:
             self.push(r)
 

@@ -13,9 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from stepvisor.cache._entry import CacheEntry, EntryInfo
 from stepvisor.core.state import RunStatus, StepRecord
 
 __all__ = [
+    "CacheStore",
     "ClaimingStore",
     "LogEntry",
     "LogStore",
@@ -192,4 +194,43 @@ class LogStore(Protocol):
 
     def list_logs(self, run_id: str) -> list[LogEntry]:
         """The logs kept for ``run_id``, by step id then attempt."""
+        ...
+
+
+@runtime_checkable
+class CacheStore(Protocol):
+    """A store that keeps a cache of step results (both built-in stores).
+
+    Entries live beside the runs, keyed by :class:`~stepvisor.cache._key.Key`
+    digests; the run that made an entry may be gone.  A store without these
+    methods caches nothing (a run says so once in its log).  Readers check
+    each entry's checksum: a store returns what it holds, damaged or not.
+    """
+
+    def cache_get(self, key: str) -> CacheEntry | None:
+        """The entry stored under ``key``, or ``None``."""
+        ...
+
+    def cache_get_many(self, keys: Sequence[str]) -> Mapping[str, CacheEntry]:
+        """The entries stored under these keys (those there are), in one read."""
+        ...
+
+    def cache_parts(self, workflow_id: str, step_id: str) -> Mapping[str, str] | None:
+        """The key parts of the step's newest entry (to say why a key missed), or ``None``."""
+        ...
+
+    def cache_put(self, entry: CacheEntry) -> None:
+        """Keep ``entry`` (replacing one under the same key), in one transaction."""
+        ...
+
+    def cache_touch(self, keys: Sequence[str], when: float) -> None:
+        """Record that the entries under ``keys`` were reused at ``when`` (one transaction)."""
+        ...
+
+    def cache_list(self) -> list[EntryInfo]:
+        """Every entry, newest first, without its payload."""
+        ...
+
+    def cache_delete(self, keys: Sequence[str]) -> int:
+        """Remove these entries; return how many there were."""
         ...

@@ -13,6 +13,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, Final
 
+from stepvisor.cache._entry import CacheEntry, EntryInfo
 from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import RunNotFoundError, RunOwnedError, StoreError
 from stepvisor.store.base import LogEntry, RunInfo, StoredRun
@@ -41,6 +42,8 @@ class MemoryStore:
         #: Runs being run now: one program only ever sees its own memory store,
         #: so ownership is "claimed or not" (two threads resuming one run).
         self._claimed: set[str] = set()
+        #: The cache: key -> entry (see stepvisor.store.base.CacheStore).
+        self._cache: dict[str, CacheEntry] = {}
 
     def claim_run(self, run_id: str, *, new: bool) -> None:
         with self._lock:
@@ -162,6 +165,50 @@ class MemoryStore:
                 if run == run_id
             ]
         return sorted(found, key=lambda entry: (entry.step_id, entry.attempt))
+
+    # -- the cache ---------------------------------------------------------------------
+
+    def cache_get(self, key: str) -> CacheEntry | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def cache_get_many(self, keys: Sequence[str]) -> dict[str, CacheEntry]:
+        with self._lock:
+            return {key: self._cache[key] for key in keys if key in self._cache}
+
+    def cache_parts(self, workflow_id: str, step_id: str) -> Mapping[str, str] | None:
+        with self._lock:
+            newest: CacheEntry | None = None
+            for entry in self._cache.values():
+                mine = entry.workflow_id == workflow_id and entry.step_id == step_id
+                if mine and (newest is None or entry.created >= newest.created):
+                    newest = entry
+            return None if newest is None else newest.parts
+
+    def cache_put(self, entry: CacheEntry) -> None:
+        with self._lock:
+            self._cache.pop(entry.key, None)  # a replaced entry counts as new: dicts keep order
+            self._cache[entry.key] = entry
+
+    def cache_touch(self, keys: Sequence[str], when: float) -> None:
+        with self._lock:
+            for key in keys:
+                entry = self._cache.get(key)
+                if entry is not None and entry.last_used < when:
+                    self._cache[key] = replace(entry, last_used=when)
+
+    def cache_list(self) -> list[EntryInfo]:
+        with self._lock:
+            entries = list(self._cache.values())
+        entries.sort(key=lambda e: -e.created)
+        return [
+            EntryInfo(e.key, e.workflow_id, e.step_id, e.run_id, e.size, e.created, e.last_used)
+            for e in entries
+        ]
+
+    def cache_delete(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            return sum(self._cache.pop(key, None) is not None for key in keys)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -80,13 +80,15 @@ def step_records(
         attempts.setdefault(row[0], []).append(attempt_from_row(row))
     steps: dict[str, StepRecord] = {}
     outputs: dict[str, dict[str, Any]] = {}
-    for step_id, status, note, restored, has_outputs in step_rows:
+    for step_id, status, note, restored, has_outputs, reused_from, cache_note in step_rows:
         steps[step_id] = StepRecord(
             step_id=step_id,
             status=StepStatus(status),
             attempts=tuple(attempts.get(step_id, ())),
             note=note,
             restored=bool(restored),
+            reused_from=reused_from,
+            cache_note=cache_note,
         )
         if has_outputs:
             outputs[step_id] = {}

@@ -130,11 +130,43 @@ def _v4_attempt_logs(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v5_cache(conn: sqlite3.Connection) -> None:
+    """The cache of step results, and on each step where its result came from and why.
+
+    Entries do not belong to a run (the run that made one may be deleted or
+    never finish): they are addressed by their key, listed by step.  Payloads
+    live in a table of their own: recording a use (``last_used``) rewrites a
+    small row, not a row holding a 200 MB array.  Steps written before this
+    version read ``reused_from`` and ``cache_note`` as NULL.
+    """
+    conn.execute("ALTER TABLE steps ADD COLUMN reused_from TEXT")
+    conn.execute("ALTER TABLE steps ADD COLUMN cache_note TEXT")
+    conn.execute(
+        """CREATE TABLE cache_entries (
+            key TEXT PRIMARY KEY,
+            workflow_id TEXT NOT NULL,
+            step_id TEXT NOT NULL,
+            parts TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            checksum TEXT NOT NULL,
+            digests TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created REAL NOT NULL,
+            last_used REAL NOT NULL
+        )"""
+    )
+    conn.execute("CREATE INDEX cache_by_step ON cache_entries (workflow_id, step_id, created)")
+    conn.execute(
+        "CREATE TABLE cache_payloads (key TEXT PRIMARY KEY, payload BLOB NOT NULL) WITHOUT ROWID"
+    )
+
+
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _v1_initial_schema,
     _v2_run_source,
     _v3_run_owner,
     _v4_attempt_logs,
+    _v5_cache,
 )
 #: The schema version this stepvisor writes; stores from a newer one are refused.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -173,11 +205,13 @@ UPSERT_RUN: Final = f"""
         owner_since = excluded.owner_since, owner_token = excluded.owner_token,
         cancel_requested = 0"""  # noqa: S608 - constant text
 UPSERT_STEP: Final = """
-    INSERT INTO steps (run_id, step_id, status, note, restored, has_outputs)
-    VALUES (?, ?, ?, ?, ?, ?)
+    INSERT INTO steps (run_id, step_id, status, note, restored, has_outputs, reused_from,
+                       cache_note)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (run_id, step_id) DO UPDATE SET
         status = excluded.status, note = excluded.note, restored = excluded.restored,
-        has_outputs = max(has_outputs, excluded.has_outputs)"""
+        has_outputs = max(has_outputs, excluded.has_outputs),
+        reused_from = excluded.reused_from, cache_note = excluded.cache_note"""
 DELETE_ATTEMPTS: Final = "DELETE FROM attempts WHERE run_id = ? AND step_id = ?"
 INSERT_ATTEMPT: Final = """
     INSERT INTO attempts (run_id, step_id, number, started, ended, duration, outcome,
@@ -213,7 +247,8 @@ SELECT_CLAIM: Final = (
     f"SELECT status, heartbeat, started, {_OWNER_COLUMNS} FROM runs WHERE run_id = ?"  # noqa: S608
 )
 SELECT_STEPS: Final = (
-    "SELECT step_id, status, note, restored, has_outputs FROM steps WHERE run_id = ? ORDER BY rowid"
+    "SELECT step_id, status, note, restored, has_outputs, reused_from, cache_note"
+    " FROM steps WHERE run_id = ? ORDER BY rowid"
 )
 SELECT_ATTEMPTS: Final = """
     SELECT step_id, number, started, ended, duration, outcome, error_type, error_message,
@@ -221,6 +256,11 @@ SELECT_ATTEMPTS: Final = """
     FROM attempts WHERE run_id = ? ORDER BY step_id, number"""
 SELECT_ARTIFACTS: Final = (
     "SELECT step_id, name, value, codec FROM artifacts WHERE run_id = ? ORDER BY step_id, name"
+)
+#: One step's artifacts in another run: the source of a step reused from the cache.
+SELECT_STEP_ARTIFACTS: Final = (
+    "SELECT step_id, name, value, codec FROM artifacts WHERE run_id = ? AND step_id = ?"
+    " ORDER BY name"
 )
 RUN_EXISTS: Final = "SELECT 1 FROM runs WHERE run_id = ?"
 # Attempt logs (schema v4), kept beside the records.
@@ -239,7 +279,10 @@ SELECT_LOGS: Final = (
 
 
 def step_row(run_id: str, record: StepRecord, *, has_outputs: bool) -> Row:
-    return (run_id, record.step_id, str(record.status), record.note, record.restored, has_outputs)
+    return (
+        run_id, record.step_id, str(record.status), record.note, record.restored, has_outputs,
+        record.reused_from, record.cache_note,
+    )  # fmt: skip
 
 
 def attempt_rows(run_id: str, record: StepRecord, into: list[Row]) -> None:

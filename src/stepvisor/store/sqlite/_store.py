@@ -24,6 +24,7 @@ from stepvisor.errors import (
 from stepvisor.store.base import LogEntry, RunInfo, RunOwner, StoredRun
 from stepvisor.store.codec import Codec, JsonCodec, codec_named
 from stepvisor.store.sqlite import _owner
+from stepvisor.store.sqlite._cache import CacheTable
 from stepvisor.store.sqlite._files import (
     FileId,
     check_header,
@@ -54,6 +55,7 @@ from stepvisor.store.sqlite._schema import (
     SELECT_LOGS,
     SELECT_RUN,
     SELECT_RUNS,
+    SELECT_STEP_ARTIFACTS,
     SELECT_STEPS,
     UPSERT_LOG,
     UPSERT_RUN,
@@ -79,7 +81,7 @@ _LIST_RUNS_HINT: Final = "list the runs it holds with `stepvisor status`"
 _SETTINGS_CODEC: Final = JsonCodec()
 
 
-class SQLiteStore(Closing):
+class SQLiteStore(CacheTable, Closing):
     """Run state in one SQLite file, for runs that must survive their program.
 
     ``SQLiteStore(path)`` opens the store at ``path``, creating it (and its
@@ -361,7 +363,8 @@ class SQLiteStore(Closing):
         encoded = []
         for record, outputs in items:  # encoded before the transaction: a bad value writes nothing
             artifacts = None
-            if outputs is not None:
+            # Reused from the cache: its source run stored these outputs, load reads them there.
+            if outputs is not None and record.reused_from is None:
                 artifacts = encode_outputs(self._codec, run_id, record.step_id, outputs)
             attempts: list[Row] = []
             attempt_rows(run_id, record, attempts)
@@ -434,6 +437,9 @@ class SQLiteStore(Closing):
             step_rows = conn.execute(SELECT_STEPS, (run_id,)).fetchall()
             attempt_rows_ = conn.execute(SELECT_ATTEMPTS, (run_id,)).fetchall()
             artifact_rows = conn.execute(SELECT_ARTIFACTS, (run_id,)).fetchall()
+            for row in step_rows:  # reused from the cache: the outputs its source stored
+                if row[5] is not None and row[4]:
+                    artifact_rows += conn.execute(SELECT_STEP_ARTIFACTS, (row[5], row[0]))
         # Decoding happens outside the lock: unpickling runs arbitrary code.
         steps, outputs = step_records(
             step_rows,
