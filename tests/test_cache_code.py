@@ -119,31 +119,55 @@ def test_a_changed_helper_in_another_user_module_changes_the_digest(
     ],
     ids=["import", "from-import", "relative-module", "relative-name"],
 )
+@pytest.mark.parametrize("ran", [False, True], ids=["not-imported-yet", "imported-by-a-run"])
 def test_a_changed_module_imported_inside_the_function_changes_the_digest(
-    tmp_path: Path, modules: dict[str, str], setup: str
+    tmp_path: Path, modules: dict[str, str], setup: str, ran: bool
 ) -> None:
     helper = "def clean(x):\n    return x.strip()\n"
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")
     before = {**modules, "helpers": helper, "pkg/helpers": helper}
     after = {**before, "helpers": helper + "# v2\n", "pkg/helpers": helper + "# v2\n"}
+    if ran:  # the step ran once in this process: the module is in memory
+        after = {**after, "helpers": helper.replace("strip", "lower")}
+        after["pkg/helpers"] = after["helpers"]
+        setup += "\nmod.f(' x ')"
     first, second = _twice(tmp_path, before, after, setup=setup)
     assert first != second
 
 
-def test_a_local_import_is_read_the_same_before_and_after_it_ran_and_is_not_run(
+def test_a_local_import_not_imported_yet_is_read_from_its_file_and_not_run(
     tmp_path: Path,
 ) -> None:
     source = "def f(x):\n    import helpers\n    return helpers.clean(x)\n"
     write_modules(tmp_path, {"mod": source, "helpers": "def clean(x):\n    return x\n"})
-    before = digest_in_child(
+    found = digest_in_child(
         tmp_path,
         {"d": "code_digest(mod.f)", "imported": "'helpers' in sys.modules"},
         setup="import mod",
     )
-    after = digest_in_child(tmp_path, {"d": "code_digest(mod.f)"}, setup="import mod\nmod.f(1)")
-    assert before["imported"] == "False"
-    assert before["d"] == after["d"]
+    assert found["imported"] == "False"
+
+
+def test_a_module_imported_already_is_read_as_it_is_in_memory_not_as_its_file(
+    tmp_path: Path,
+) -> None:
+    # Edited without a reload: the process still runs the old code, so its key must stay
+    # the old code's, never the new file's (a later process would reuse a wrong result).
+    source = "def f(x):\n    import helpers\n    return helpers.clean(x)\n"
+    old = "def clean(x):\n    return x\n"
+    new = "def clean(x):\n    return -x\n"
+    write_modules(tmp_path, {"mod": source, "helpers": old})
+    setup = (
+        "import mod, pathlib\nmod.f(1)\nbefore = code_digest(mod.f)\n"
+        f"pathlib.Path('helpers.py').write_text({new!r})\n"
+    )
+    stale = digest_in_child(
+        tmp_path, {"before": "before", "after": "code_digest(mod.f)"}, setup=setup
+    )
+    fresh = digest_in_child(tmp_path, {"d": "code_digest(mod.f)"}, setup="import mod\nmod.f(1)")
+    assert stale["before"] == stale["after"]
+    assert fresh["d"] != stale["after"]
 
 
 @pytest.mark.parametrize(

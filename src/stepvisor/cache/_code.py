@@ -33,14 +33,14 @@ What is in the digest (the rules; the user guide quotes them)
 
    A package installed in editable mode (``pip install -e``) lives in the user's tree and
    counts as the user's.
-4. A module the function imports *inside* its body (``import helpers``, ``from . import
-   x``, ``from .y import z``), if it is the user's: the bytes of its source file, found on
-   ``sys.path`` without importing it (so the digest is the same before and after the step
-   first ran); what that module imports in turn is not read.
+4. A module of the user's that the function imports *inside* its body (``import helpers``,
+   ``from . import x``, ``from .y import z``): if it is imported already, as a global module
+   (rule 3: the code in memory is what runs, even if its file was edited since); if not
+   yet, the bytes of its source file, found on ``sys.path`` without importing it.  So the
+   first run of a process may compute once more than later ones, never reuse wrongly.
 5. A class, referenced or as the step itself: its qualified name, its bases and its
-   metaclass (rule 3),
-   and every attribute of its body: methods (also static and class methods, properties)
-   by their code, other attributes by their content when it can be read.
+   metaclass (rule 3), and every attribute of its body: methods (also static and class
+   methods, properties) by their code, other attributes by their content when readable.
 6. A bound method: its function and its ``self`` (as a global object: the type's code).
    A ``functools.partial``: its function and its arguments' values.  A callable instance:
    its class and its instance ``__dict__`` (by content when it can be read).  A decorated
@@ -51,10 +51,10 @@ global object (rule 3) or of a mutable class attribute that cannot be read; the 
 libraries (a new version of an installed package); files, environment variables,
 databases, the time, randomness; code reached only through ``getattr`` with a computed
 name, ``importlib``, or attributes of objects (``self.helper`` is followed only as the
-class's method); what a module imported inside the function imports in turn (rule 4); C
-extensions.  A value that cannot be read is named in the digest by its type.  A function
-that cannot be read at all gets a digest that matches nothing (the step always computes),
-so this never raises.
+class's method); what a module imported inside the function, and not imported yet,
+imports in turn (rule 4); C extensions.  A value that cannot be read is named in the
+digest by its type.  A function that cannot be read at all gets a digest that matches
+nothing (the step always computes), so this never raises.
 
 Memoized per function object: a later call costs a check that each thing read is still
 the same object (and, for mutable default or closure values up to 64 KiB, still the same
@@ -68,6 +68,7 @@ import enum
 import functools
 import importlib.util
 import os
+import sys
 import threading
 import types
 from collections.abc import Callable, Mapping
@@ -324,7 +325,7 @@ class _Walk:
                 self.held(contents, names)
         self.names(fn.__globals__, names)
         for imported in imports:
-            self.local_import(imported, fn.__globals__)
+            self.local_import(imported, fn.__globals__, names)
         wrapped = self.item(fn.__dict__, "__wrapped__")
         if wrapped is not MISSING:
             self.out.put(b"w", "")
@@ -337,11 +338,17 @@ class _Walk:
                 self.out.put(b"n", name)
                 self.ref(value, names)
 
-    def local_import(self, imported: Import, namespace: dict[str, Any]) -> None:
-        """A module imported inside the function: a user's by its source file's bytes.
+    def local_import(
+        self, imported: Import, namespace: dict[str, Any], names: tuple[str, ...]
+    ) -> None:
+        """A user's module imported inside the function: what the step will run.
 
-        Not by following it as for a global module: whether it has been imported yet when
-        the digest is taken must not change the digest.  What it imports in turn is not read.
+        Imported already: the code in memory runs, so it is read as a global module is (the
+        attributes the function names), even if its file was edited since.  Not imported
+        yet: the file will be, so its source bytes are read, without importing it.  The
+        first run of a process and the later ones may so differ (one extra computation per
+        code version: both digests are the same in every process); never a wrong hit.
+        What the module imports in turn is read only in the first case.
         """
         name, level, from_names = imported
         if level:
@@ -353,6 +360,11 @@ class _Walk:
                 return
         self.out.put(b"I", name)
         for candidate in (name, *(f"{name}.{n}" if name else n for n in from_names)):
+            module = self.item(sys.modules, candidate)
+            if isinstance(module, types.ModuleType):
+                if is_user_module_object(module):
+                    self.module(module, names)
+                continue
             filename = user_module_file(candidate)
             if filename is not None:
                 stamp, digest = file_facts(filename)
