@@ -122,11 +122,53 @@ def public_names(module: str | None = None) -> list[tuple[str, str]]:
     return names
 
 
+#: How ``stepvisor``'s own names are grouped on the page, in a reader's order; a name
+#: in none of the groups is still documented, under the last heading.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "Defining a workflow": ("Workflow", "Step", "Settings", "StepContext", "load_workflow"),
+    "Running it": ("run", "start", "run_async", "RunHandle", "resume", "resume_start", "Engine"),
+    "Calls as futures": ("Executor",),
+    "Results and records": ("RunResult", "RunStatus", "StepRecord", "StepStatus", "AttemptRecord"),
+    "Retries": ("RetryPolicy", "Backoff"),
+    "Stores": ("RunStore", "MemoryStore", "SQLiteStore"),
+    "Events": (
+        "Event",
+        "RunStarted",
+        "StepDispatched",
+        "StepExpanded",
+        "StepRetrying",
+        "StepFinished",
+        "StepCommitted",
+        "RunFinished",
+    ),
+    "Settings, resolved": ("resolve", "Resolved"),
+    "Clocks": ("Clock", "RealClock", "FakeClock"),
+}
+_OTHERS = "More"
+
+
+def _block(name: str, path: str, level: int) -> str:
+    return (
+        f"::: {path}\n    options:\n      heading: {name}\n      toc_label: {name}\n"
+        f"      heading_level: {level}"
+    )
+
+
 def api_reference(module: str | None = None) -> str:
-    """One mkdocstrings block per public name, headed by the name users write."""
+    """One mkdocstrings block per public name, headed by the name users write.
+
+    ``stepvisor``'s names come in the groups of ``GROUPS``; a module's in its order.
+    """
+    names = public_names(module)
+    if module is not None:
+        return "\n\n".join(_block(name, path, 3) for name, path in names)
+    where = dict(names)
     blocks = []
-    for name, path in public_names(module):
-        blocks.append(f"::: {path}\n    options:\n      heading: {name}\n      toc_label: {name}")
+    for group, members in [*GROUPS.items(), (_OTHERS, tuple(sorted(where)))]:
+        present = [name for name in members if name in where]
+        if present:
+            blocks.append(f"## {group}")
+            blocks += [_block(name, where.pop(name), 3) for name in present]
     return "\n\n".join(blocks)
 
 
