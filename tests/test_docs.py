@@ -74,13 +74,24 @@ PAGES_WITH_CODE = [page for page in PAGES if _FENCE.search(page.read_text(encodi
 
 
 def _missing(example: Example) -> list[str]:
-    code = "\n".join([example.script, *example.files.values()])
-    needed = sorted(set(_IMPORT.findall(code)) & set(OPTIONAL))
+    needed = sorted(_imports(example) & set(OPTIONAL))
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
+def _imports(example: Example) -> set[str]:
+    return set(_IMPORT.findall("\n".join([example.script, *example.files.values()])))
+
+
 @pytest.mark.parametrize(
-    "page", PAGES_WITH_CODE, ids=[str(p.relative_to(ROOT)) for p in PAGES_WITH_CODE]
+    "page",
+    [
+        # A page on Ray starts a local Ray instance (tens of seconds here): marked as such.
+        pytest.param(page, marks=[pytest.mark.ray, pytest.mark.slow])
+        if "ray" in _imports(examples(page))
+        else page
+        for page in PAGES_WITH_CODE
+    ],
+    ids=[str(p.relative_to(ROOT)) for p in PAGES_WITH_CODE],
 )
 def test_the_examples_of_a_page_run(page: Path, tmp_path: Path) -> None:
     example = examples(page)
