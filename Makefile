@@ -4,11 +4,14 @@
 #               Python 3.11, 3.12 and 3.13 (make versions), then the integration tests
 #               against the real client (make client-test)
 #   make bench  the benchmarks beside joblib, Dask and Ray; charts in benchmarks/results/
+#   make docs   the docs site (docs/, mkdocs.yml) into site/, strictly: a broken link fails
 PYTHON ?= python3
 # Extras to install; CI adds the optional backends: make test EXTRAS=test,ray,bench
 EXTRAS ?= test
 # What make bench adds: the peers it compares with (joblib, Dask; Ray) and matplotlib.
 BENCH_EXTRAS := bench,ray
+# What make docs adds: MkDocs Material and mkdocstrings.
+DOCS_EXTRAS := docs
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The Python versions the suite runs on (requires-python >= 3.11): .venv's, and one
@@ -27,8 +30,8 @@ CLIENT_PY    := $(CLIENT_VENV)/bin/python
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 TAPPS_AGENTS ?= tapps-agents==3.7.1
 
-.PHONY: venv bench-venv demo test lint unit versions client-venv client-test bench bench-quick \
-	chaos clean
+.PHONY: venv bench-venv docs-venv demo test lint unit versions client-venv client-test bench \
+	bench-quick chaos docs clean
 
 # Installs again when pyproject.toml or EXTRAS asks for more than the stamp records
 # (scripts/venv.sh); a no-op otherwise.
@@ -38,12 +41,15 @@ venv:
 bench-venv:
 	@sh scripts/venv.sh $(PYTHON) $(VENV) $(EXTRAS),$(BENCH_EXTRAS)
 
+docs-venv:
+	@sh scripts/venv.sh $(PYTHON) $(VENV) $(EXTRAS),$(DOCS_EXTRAS)
+
 demo: venv
 	$(PY) -m stepvisor run examples/demo.yaml --report .stepvisor/demo-report.html
 
 lint: venv
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples docs/_hooks.py
+	$(PY) -m ruff format --check src tests benchmarks examples docs/_hooks.py
 	$(PY) -m mypy
 
 unit: venv
@@ -68,7 +74,13 @@ versions: venv
 			&& .venv-py$$version/bin/python -m pytest -q || exit 1; \
 	done
 
-test: lint unit versions client-test
+# docs first: it installs the docs extra, which the suite's docs screenshot test uses.
+test: docs lint unit versions client-test
+
+# The site, strictly: a broken link or anchor, or a reference to a name that no longer exists,
+# fails the build. tests/test_docs.py runs its examples and checks that the nav lists every page.
+docs: docs-venv
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 client-venv: $(CLIENT_STAMP)
 
@@ -104,4 +116,4 @@ chaos: venv
 
 clean:
 	rm -rf $(VENV) $(CLIENT_VENV) $(foreach v,$(PYTHONS),.venv-py$(v)) .pytest_cache \
-		.mypy_cache .ruff_cache
+		.mypy_cache .ruff_cache site

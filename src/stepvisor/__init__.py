@@ -4,7 +4,7 @@ Independent steps run at the same time under a bound; every step has a
 deadline that really stops it; transient failures are retried with backoff and
 jitter; outcomes fold into state in a canonical order, so the result never
 depends on which step finished first; run state can be kept durably and
-resumed.  See the README for a tour.
+resumed.  The README has a first example; the docs site (docs/, make docs) has the rest.
 """
 
 import importlib

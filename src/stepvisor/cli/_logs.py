@@ -47,7 +47,7 @@ def add_logs_command(
 ) -> None:
     """Register ``stepvisor logs`` (its handler opens the store with ``open_store``)."""
     p = sub.add_parser("logs", help="show what a run's steps wrote (stdout, stderr, logging)")
-    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("run_id", metavar="RUN", help="the run whose output to show")
     p.add_argument("step_id", metavar="STEP", nargs="?", help="only this step")
     p.add_argument(
         "--attempt", type=int, metavar="N", help="this attempt of STEP (default: its last)"

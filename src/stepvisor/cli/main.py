@@ -425,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("resume", help="continue a stored run that failed, was cancelled or died")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "run_id", metavar="RUN_ID", help="the run to continue (stepvisor status lists them)"
+    )
     p.add_argument("--force", action="store_true", help="resume even if the workflow changed")
     _add_run_options(p)
     p.set_defaults(handler=cmd_resume)
@@ -433,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status", help="list runs, show one run's steps, or one step's attempts or instances"
     )
-    p.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="one run: its steps")
     p.add_argument(
         "step",
         metavar="STEP",
@@ -446,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("cancel", help="ask a running run to stop")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run to stop")
     p.add_argument(
         "--wait", type=_positive_float, metavar="SECONDS", help="wait up to SECONDS for it to stop"
     )
@@ -454,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("report", help="write a run's HTML report (timeline, attempts, errors)")
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run to draw")
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
     _add_store(p)
     p.set_defaults(handler=cmd_report)

@@ -50,6 +50,8 @@ from stepvisor.errors import InvalidRetryPolicyError, StepCancelledError
 from stepvisor.store._unkept import Unkept
 
 ExecuteFn = Callable[[StepT], Awaitable[Mapping[str, Any] | None]]
+"""What ``execute_parallel`` calls for each step: ``async``, on the caller's loop; returns
+the step's artifacts (or ``None``)."""
 
 
 # -- the executor ----------------------------------------------------------------------

@@ -16,6 +16,8 @@ from datetime import datetime, tzinfo
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
+"""A record's ``status``, as the original executor wrote it: ``pending`` until the step
+starts, ``running``, then one of the last three."""
 
 
 class StepLike(Protocol):
