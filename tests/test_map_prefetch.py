@@ -18,25 +18,22 @@ from stepvisor.core.messages import CancelRun, Reclaimed
 from tests.machine_sim import Sim, first, make_plan, noop
 
 
-def test_the_instances_after_a_slow_one_run_on_the_idle_slot() -> None:
+def _slow_head_run(sim_class: type[Sim] = Sim) -> Sim:
+    """Instances 0-7 over 2 slots; score[3] never ends; everything else that can end, ends."""
     wf = sv.Workflow("slow-item", [sv.Step("score", noop, map_over=list(range(8)))])
-    sim = Sim(make_plan(wf, max_parallel=2), {("score[3]", 1): "hang"})  # runs until stopped
-    sim.start()
-    while sim.endable():  # everything that can end, ends; score[3] never does
-        sim.end(*sim.endable()[0])
-    saved = [e.record for e in sim.effects if isinstance(e, SaveStep)]
-    saved += [r for e in sim.effects if isinstance(e, SaveSteps) for r in e.records]
-    done = {r.step_id for r in saved if r.status is sv.StepStatus.SUCCEEDED}
-    assert done == {f"score[{i}]" for i in range(8) if i != 3}, sim.queues
-
-
-def _slow_head_run() -> Sim:
-    wf = sv.Workflow("slow-item", [sv.Step("score", noop, map_over=list(range(8)))])
-    sim = Sim(make_plan(wf, max_parallel=2), {("score[3]", 1): "hang"})
+    sim = sim_class(make_plan(wf, max_parallel=2), {("score[3]", 1): "hang"})
     sim.start()
     while sim.endable():
         sim.end(*sim.endable()[0])
     return sim
+
+
+def test_the_instances_after_a_slow_one_run_on_the_idle_slot() -> None:
+    sim = _slow_head_run()
+    saved = [e.record for e in sim.effects if isinstance(e, SaveStep)]
+    saved += [r for e in sim.effects if isinstance(e, SaveSteps) for r in e.records]
+    done = {r.step_id for r in saved if r.status is sv.StepStatus.SUCCEEDED}
+    assert done == {f"score[{i}]" for i in range(8) if i != 3}, sim.queues
 
 
 def test_an_attempt_taken_back_unstarted_is_not_counted_and_its_record_says_so() -> None:
@@ -72,11 +69,7 @@ class _NothingBack(Sim):
 
 
 def test_a_slot_that_gives_nothing_back_is_not_asked_again_until_it_gets_new_work() -> None:
-    wf = sv.Workflow("slow-item", [sv.Step("score", noop, map_over=list(range(8)))])
-    sim = _NothingBack(make_plan(wf, max_parallel=2), {("score[3]", 1): "hang"})
-    sim.start()
-    while sim.endable():
-        sim.end(*sim.endable()[0])
+    sim = _slow_head_run(_NothingBack)
     asks = [e for e in sim.effects if isinstance(e, Reclaim)]
     assert len(asks) == 1, asks  # asked once, found dry, never asked again (no loop)
     busy = {slot for slot, queue in sim.queues.items() if queue}
@@ -106,11 +99,8 @@ class _LateAnswer(Sim):
 
 
 def test_attempts_taken_back_while_the_run_stops_end_cancelled_without_running() -> None:
-    wf = sv.Workflow("slow-item", [sv.Step("score", noop, map_over=list(range(8)))])
-    sim = _LateAnswer(make_plan(wf, max_parallel=2), {("score[3]", 1): "hang"})
-    sim.start()
-    while sim.endable():
-        sim.end(*sim.endable()[0])
+    sim = _slow_head_run(_LateAnswer)
+    assert isinstance(sim, _LateAnswer)
     assert sim.asked, "nothing was asked back: the test no longer tests the race"
     sim.feed(CancelRun("user"))
     sim.answer()
