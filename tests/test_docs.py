@@ -17,7 +17,6 @@ import importlib.util
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pytest
 
 import stepvisor
 from stepvisor.cli.main import build_parser
+from tests.browser import need_chromium, screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -208,16 +208,10 @@ def test_the_api_reference_covers_every_public_name() -> None:
         assert f"heading: {name}\n" in block
 
 
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-)
-
-
 @pytest.mark.realtime
 def test_the_site_builds_and_its_first_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     """The built site's first page, as a reader's browser draws it: not a blank page."""
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    need_chromium()
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed here: pip install -e '.[docs]' (make docs does)")
     site = tmp_path / "site"
@@ -237,34 +231,5 @@ def test_the_site_builds_and_its_first_page_renders_in_headless_chromium(tmp_pat
     assert "stepvisor" in html
     assert 'href="tutorial/first-workflow/"' in html
     shot = Path(os.environ.get("STEPVISOR_DOCS_SHOT", tmp_path / "shot.png"))
-    # Chromium's singleton socket path must be short (< 108 bytes): not under tmp_path.
-    scratch = tempfile.mkdtemp(prefix="svd-", dir="/tmp")
-    try:
-        shown = subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={tmp_path / 'profile'}",
-                f"--screenshot={shot}",
-                "--window-size=1280,900",
-                index.as_uri(),
-            ],
-            env={**os.environ, "TMPDIR": scratch},
-            capture_output=True,
-            timeout=60,
-            start_new_session=True,
-            check=False,
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    assert shown.returncode == 0, shown.stderr.decode(errors="replace")[-2000:]
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", data[16:24]) == (1280, 900)
+    data = screenshot(index, shot, tmp_path, size=(1280, 900), env=os.environ)
     assert len(data) > 40_000  # a blank or unstyled page compresses to far less

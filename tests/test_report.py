@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import struct
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +19,7 @@ import stepvisor as sv
 from stepvisor.cli._report import render_html, write_html
 from stepvisor.core.state import AttemptRecord, RunStatus, StepRecord, StepStatus
 from stepvisor.store.base import RunInfo, StoredRun
-
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-)
+from tests.browser import need_chromium, screenshot
 
 
 def ok(ctx: sv.StepContext) -> dict[str, Any]:
@@ -188,47 +181,7 @@ def test_write_html_creates_the_directory_and_returns_the_path(
 
 @pytest.mark.realtime
 def test_report_renders_in_headless_chromium(stored: StoredRun, tmp_path: Path) -> None:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    need_chromium()
     page = write_html(stored, tmp_path / "report.html")
-    shot = tmp_path / "shot.png"
-    # Chromium's singleton socket path must be short (< 108 bytes): not under tmp_path.
-    chrome_tmp = tempfile.mkdtemp(prefix="svc-", dir="/tmp")
-    try:
-        proc = _screenshot(page, shot, profile=tmp_path / "profile", scratch=chrome_tmp)
-    finally:
-        shutil.rmtree(chrome_tmp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (1200, 800)
+    data = screenshot(page, tmp_path / "shot.png", tmp_path, env=os.environ)
     assert len(data) > 20_000  # a blank page compresses to a few kilobytes
-
-
-def _screenshot(
-    page: Path, shot: Path, *, profile: Path, scratch: str
-) -> subprocess.CompletedProcess[bytes]:
-    assert CHROMIUM is not None
-    return subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            f"--screenshot={shot}",
-            "--window-size=1200,800",
-            page.as_uri(),
-        ],
-        env={**os.environ, "TMPDIR": scratch},
-        capture_output=True,
-        timeout=45,
-        start_new_session=True,
-        check=False,
-    )

@@ -4,11 +4,8 @@ an arrow per dependency, left to right, readable in a real browser."""
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
-import struct
-import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ from stepvisor.cli._report import _STATUS_COLORS, graph_of, render_html, write_h
 from stepvisor.cli.main import main
 from stepvisor.core.state import StepStatus
 from stepvisor.store.base import StoredRun
-from tests.test_report import CHROMIUM, _screenshot
+from tests.browser import chromium, need_chromium, screenshot
 
 
 def ok(ctx: sv.StepContext) -> dict[str, Any]:
@@ -277,8 +274,7 @@ document.body.appendChild(p);})();</script></body>"""
 def test_in_chromium_each_id_fits_its_box_and_no_boxes_overlap(
     run: tuple[sv.Workflow, StoredRun], tmp_path: Path
 ) -> None:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    need_chromium()
     wf, stored = run
     nodes = [
         *graph_of(wf, stored),
@@ -308,49 +304,14 @@ def test_in_chromium_each_id_fits_its_box_and_no_boxes_overlap(
 def test_report_with_its_graph_renders_in_headless_chromium(
     run: tuple[sv.Workflow, StoredRun], tmp_path: Path
 ) -> None:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    need_chromium()
     wf, stored = run
     page = write_html(stored, tmp_path / "report.html", graph=graph_of(wf, stored))
-    shot = tmp_path / "shot.png"
-    chrome_tmp = tempfile.mkdtemp(prefix="svc-", dir="/tmp")
-    try:
-        proc = _screenshot(page, shot, profile=tmp_path / "profile", scratch=chrome_tmp)
-    finally:
-        shutil.rmtree(chrome_tmp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", data[16:24]) == (1200, 800)
+    data = screenshot(page, tmp_path / "shot.png", tmp_path, env=os.environ)
     assert len(data) > 20_000
 
 
 def _chromium(args: list[str], tmp_path: Path) -> str:
-    assert CHROMIUM is not None
-    # Chromium's singleton socket path must be short (< 108 bytes): not under tmp_path.
-    scratch = tempfile.mkdtemp(prefix="svc-", dir="/tmp")
-    try:
-        done = subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={tmp_path / 'profile'}",
-                "--window-size=1200,800",
-                *args,
-            ],
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": scratch},
-            capture_output=True,
-            timeout=45,
-            start_new_session=True,
-            check=False,
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
-    return done.stdout.decode()
+    return chromium(
+        args, tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=45
+    )
