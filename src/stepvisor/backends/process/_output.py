@@ -10,6 +10,7 @@ is waiting for (bound with :meth:`ChildOutput.bind`)::
                                 through this program's logging (tee)
           ── S frame (stacks) ▶ ``stack``: the slot puts it in the log and error text
           ── E frame (end) ───▶ ``ended``: the attempt's output is complete
+          ── F frame (end) ───▶ ``replies``: the same, with the attempt's reply
 
 Output that comes before its attempt is bound (an attempt sent ahead starts in
 the child before the slot waits for it) is held and handed over at ``bind``.
@@ -31,6 +32,8 @@ __all__ = ["ChildOutput"]
 
 _KIND: Final = slice(len(MAGIC), len(MAGIC) + 1)
 _LENGTH: Final = slice(len(MAGIC) + 1, HEADER_SIZE)
+#: An ``F`` frame's key length: 8 hex digits.
+_KEY_LENGTH: Final = 8
 
 
 class ChildOutput:
@@ -41,8 +44,11 @@ class ChildOutput:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._bound: Current | None = None
         self._held: list[tuple[str, Any]] = []
-        #: The ends seen, as ``(step id, attempt)``.
+        #: The ends seen, as ``(step id, attempt)``, of attempts whose reply
+        #: comes on the reply pipe (``E``).
         self.ended: set[tuple[str, int]] = set()
+        #: The replies that came in the end mark (``F``), by ``(step id, attempt)``.
+        self.replies: dict[tuple[str, int], bytes] = {}
         #: The stacks the child sent when a SIGTERM stopped it (the bound attempt's).
         self.stack: str | None = None
 
@@ -131,11 +137,24 @@ class ChildOutput:
                 self._held.append(("r", record))
         elif kind == b"S":
             self.stack = payload.decode("utf-8", "replace")
-        elif kind == b"E":
-            step_id, _, attempt = payload.decode("utf-8", "replace").partition("\x00")
-            if attempt.isdigit():
-                self.ended.add((step_id, int(attempt)))
-            self.unbind()
+        elif kind in (b"E", b"F"):
+            self._end(kind, payload)
+
+    def _end(self, kind: bytes, payload: bytes) -> None:
+        """An end mark: what follows is the next attempt's; an ``F`` carries the reply."""
+        self.unbind()
+        if kind == b"E":
+            key = _key(payload)
+            if key is not None:
+                self.ended.add(key)
+            return
+        try:
+            size = int(payload[:_KEY_LENGTH], 16)
+        except ValueError:
+            return
+        key = _key(payload[_KEY_LENGTH : _KEY_LENGTH + size])
+        if key is not None:
+            self.replies[key] = payload[_KEY_LENGTH + size :]
 
     def _record(self, fields: dict[str, Any]) -> None:
         log = self._log()
@@ -155,6 +174,12 @@ class ChildOutput:
         )
         if log.tee:
             emit_again(fields, log.step_id, log.attempt)
+
+
+def _key(payload: bytes) -> tuple[str, int] | None:
+    """``(step id, attempt)`` from an end mark's ``<step id>\\x00<attempt>``."""
+    step_id, _, attempt = payload.decode("utf-8", "replace").partition("\x00")
+    return (step_id, int(attempt)) if attempt.isdigit() else None
 
 
 def emit_again(fields: dict[str, Any], step_id: str, attempt: int) -> None:
