@@ -345,6 +345,26 @@ def _unsendable_reply(bad: _UnsendableError, leftovers: tuple[int, ...]) -> list
     return _reply(Unsendable(message, format_remote(cause), leftovers))
 
 
+#: Part 0 of the reply of a step that returned these artifact names and left nothing
+#: running, by names: a ``NamedTuple`` costs about 8 µs to pickle (its class is
+#: looked up and its ``__getnewargs__`` called), and a step returns the same names
+#: every time (an Executor call: one).
+_RETURNED: dict[tuple[str, ...], bytes] = {}
+_RETURNED_KEPT: Final = 64
+
+
+def _returned(names: tuple[str, ...], leftovers: tuple[int, ...]) -> bytes:
+    """Part 0 of the reply of a step that returned ``names`` (its values sent whole)."""
+    if leftovers:
+        return pickle.dumps(Returned(names=names, leftovers=leftovers), protocol=PROTOCOL)
+    head = _RETURNED.get(names)
+    if head is None:
+        head = pickle.dumps(Returned(names=names), protocol=PROTOCOL)
+        if len(_RETURNED) < _RETURNED_KEPT:
+            _RETURNED[names] = head
+    return head
+
+
 def _ok_reply(
     step_id: str, outputs: dict[str, Any] | None, leftovers: tuple[int, ...]
 ) -> list[bytes]:
@@ -364,7 +384,7 @@ def _ok_reply(
             ) from exc
     names = tuple(outputs)
     if not any(raws for _, raws in pickles):
-        return _reply(Returned(names=names, leftovers=leftovers), *(p for p, _ in pickles))
+        return [_returned(names, leftovers), *(p for p, _ in pickles)]
     try:
         # Large buffers: one segment, its descriptor sent ahead of the reply.
         shared = _shm.share(pickles, lambda fds: _shm.send_fds(_shm.socket_of(_SHM_FD[0]), fds))
@@ -373,7 +393,7 @@ def _ok_reply(
             _shm.in_band(v, dump) if raws else p
             for v, (p, raws) in zip(outputs.values(), pickles, strict=True)
         ]
-        return _reply(Returned(names=names, leftovers=leftovers), *blobs)
+        return [_returned(names, leftovers), *blobs]
     message = Returned(names=names, leftovers=leftovers, shared=shared, fds=1)
     return _reply(message, *(p for p, _ in pickles))
 

@@ -51,6 +51,10 @@ _READ_CHUNK: Final = 1 << 16
 #: ``waitid`` flags that ask whether a child has exited without reaping it (or waiting).
 _PEEK_EXIT: Final = os.WEXITED | os.WNOHANG | os.WNOWAIT
 _NOTHING: Final = Returned()
+#: The replies that name a step's artifacts and nothing else, by their bytes: a step
+#: sends the same every time, and a ``NamedTuple`` costs microseconds to unpickle.
+_LOADED: dict[bytes, Returned] = {}
+_LOADED_KEPT: Final = 256
 #: A reply from the child: its message, all its parts (values follow part 0), and the
 #: shared-memory descriptors sent with it.
 Received = tuple[Reply, list[bytes], Fds | None]
@@ -313,9 +317,19 @@ class Child:
 
     def _received(self, parts: list[bytes]) -> Received | None:
         """The reply made of ``parts``; ``None`` for the start-up greeting (noted)."""
-        if parts[0] == RETURNED_NOTHING:
+        head = parts[0]
+        if head == RETURNED_NOTHING:
             return _NOTHING, parts, None
-        message = pickle.loads(parts[0])  # noqa: S301 - from our own child
+        message = _LOADED.get(head)
+        if message is not None:
+            return message, parts, None
+        message = pickle.loads(head)  # noqa: S301 - from our own child
+        if (
+            type(message) is Returned
+            and message == Returned(names=message.names)
+            and len(_LOADED) < _LOADED_KEPT
+        ):
+            _LOADED[head] = message  # its names only: the same bytes, the same message
         if isinstance(message, Ready):
             self.ready = True
             return None
