@@ -152,7 +152,10 @@ class _Text:
             self.write(line)
 
     def flush(self) -> None:
-        self._sink.flush()
+        # Nothing gathered: no lock to take (flushed twice at the end of every attempt).
+        # What this thread wrote is in the queue by now; another's is flushed by its own.
+        if self._sink.queue:
+            self._sink.flush()
 
     def fileno(self) -> int:
         return self._fd
