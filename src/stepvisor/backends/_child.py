@@ -113,10 +113,16 @@ _SIG_DFL: Final = int(signal.SIG_DFL)
 # -- wire format (shared with the parent) --------------------------------------
 
 
+#: The header of a message of 0 to 7 parts, compiled once (each part costs a reply
+#: or an attempt; formatting the layout for each was half the cost of encoding).
+_HEADERS: Final = tuple(struct.Struct(f"<I{n}Q") for n in range(8))
+
+
 def encode_message(parts: Sequence[bytes]) -> bytes:
     """One message: the part count, the part lengths, then the parts."""
-    header = struct.pack(f"<I{len(parts)}Q", len(parts), *(len(p) for p in parts))
-    return b"".join((header, *parts))
+    count = len(parts)
+    layout = _HEADERS[count] if count < len(_HEADERS) else struct.Struct(f"<I{count}Q")
+    return b"".join((layout.pack(count, *map(len, parts)), *parts))
 
 
 def dump_attempt(meta: Attempt) -> bytes:
