@@ -219,3 +219,18 @@ def test_a_steps_own_sigterm_handler_is_undone_before_the_next_attempt(capture: 
     assert result.ok, result.error
     # Off: the default again; captured: the capture's own (it sends the stacks, then dies).
     assert result.artifacts["handler"] == ("default" if capture == "off" else "method")
+
+
+def test_a_read_that_is_one_end_mark_or_starts_with_one_parses_the_same() -> None:
+    output = ChildOutput()
+    log = AttemptLog("s", 1, limit=1 << 20, tee=False)
+    output.bind(attempt_of(log))
+    output.feed(_end_mark("s", 1, _REPLY))  # the whole read: one frame
+    assert output.replies == {("s", 1): _REPLY}
+    output.bind(attempt_of(AttemptLog("s", 2, limit=1 << 20, tee=False)))
+    output.feed(_end_mark("s", 2, _REPLY) + b"next\n")  # a frame, then more
+    assert output.replies[("s", 2)] == _REPLY
+    third = AttemptLog("s", 3, limit=1 << 20, tee=False)
+    output.bind(attempt_of(third))
+    assert third.text() == "next\n"
+    assert log.text() == ""

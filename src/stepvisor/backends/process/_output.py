@@ -75,6 +75,8 @@ class ChildOutput:
 
     def feed(self, chunk: bytes) -> None:
         buf = self._buf
+        if not buf and chunk.startswith(MAGIC) and self._one_frame(chunk):
+            return  # the read of an attempt that wrote nothing: its end mark alone
         buf += chunk
         while buf:
             start = buf.find(MAGIC)
@@ -105,6 +107,17 @@ class ChildOutput:
             payload = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
             del buf[: HEADER_SIZE + length]
             self._frame(kind, payload)
+
+    def _one_frame(self, chunk: bytes) -> bool:
+        """Handle ``chunk`` if it is exactly one frame (no copies); whether it was."""
+        try:
+            length = int(chunk[_LENGTH], 16)
+        except ValueError:
+            return False
+        if len(chunk) != HEADER_SIZE + length:
+            return False
+        self._frame(chunk[_KIND], chunk[HEADER_SIZE:])
+        return True
 
     def _bytes(self, data: bytes) -> None:
         if data:
