@@ -30,7 +30,7 @@ _REPLY = _child.encode_message([_child.RETURNED_NOTHING])
 
 
 def _end_mark(step_id: str, attempt: int, reply: bytes) -> bytes:
-    key = f"{step_id}\x00{attempt}".encode()
+    key = f"r\x00{step_id}\x00{attempt}".encode()  # of run "r"
     return frame(b"F", b"%08x%s%s" % (len(key), key, reply))
 
 
@@ -44,7 +44,7 @@ def test_a_reply_in_the_end_mark_is_kept_apart_from_the_output_however_it_is_cut
     data = b"one\n" + _end_mark("s", 1, _REPLY) + b"the next one's\n"
     for start in range(0, len(data), chunk):
         output.feed(data[start : start + chunk])
-    assert output.replies == {("s", 1): _REPLY}
+    assert output.replies == {("r", "s", 1): _REPLY}
     assert output.ended == set()
     assert log.text() == "one\n"
     after = AttemptLog("s", 2, limit=1 << 20, tee=False)
@@ -81,7 +81,7 @@ def test_the_child_puts_a_reply_in_its_end_mark_only_when_the_frame_is_written_w
     # The child writes to its fd 1 (the output pipe there); here, to this pipe.
     monkeypatch.setattr(_child_output, "_write_all", lambda _fd, data: real(write, data))
     try:
-        capture._key = b"s\x001"  # what begin() sets for step s, attempt 1
+        capture._key = b"r\x00s\x001"  # what begin() sets for run r, step s, attempt 1
         reply = b"r" * size
         went = capture.end(reply)
         data = _read_all(read)
@@ -96,9 +96,9 @@ def test_the_child_puts_a_reply_in_its_end_mark_only_when_the_frame_is_written_w
     output = ChildOutput()
     output.feed(data)
     if went:
-        assert output.replies == {("s", 1): reply}
+        assert output.replies == {("r", "s", 1): reply}
     else:
-        assert (output.ended, output.replies) == ({("s", 1)}, {})
+        assert (output.ended, output.replies) == ({("r", "s", 1)}, {})
 
 
 def _child_with(res: bytes, out: bytes) -> Child:
@@ -115,11 +115,11 @@ def test_a_captured_attempt_never_takes_a_later_attempts_reply_from_the_reply_pi
     greeting = _child.encode_message([pickle.dumps(Ready(1))])
     later = _child.encode_message([b"later"])  # a large reply of attempt 2, on the pipe
     child = _child_with(greeting + later, b"")
-    assert child.take_reply(("s", 1)) is None  # no end mark of attempt 1 yet
+    assert child.take_reply(("r", "s", 1)) is None  # no end mark of attempt 1 yet
     assert child.ready  # the greeting was taken on the way, the later reply left
     assert bytes(child.buf) == later
     child.output.feed(_end_mark("s", 1, _REPLY))
-    received = child.take_reply(("s", 1))
+    received = child.take_reply(("r", "s", 1))
     assert received is not None
     assert received[1] == [_child.RETURNED_NOTHING]
     assert bytes(child.buf) == later
@@ -127,12 +127,12 @@ def test_a_captured_attempt_never_takes_a_later_attempts_reply_from_the_reply_pi
 
 def test_a_reply_after_an_e_mark_comes_from_the_reply_pipe() -> None:
     reply = _child.encode_message([_child.RETURNED_NOTHING])
-    child = _child_with(reply, frame(b"E", b"s\x001"))
-    received = child.take_reply(("s", 1))
+    child = _child_with(reply, frame(b"E", b"r\x00s\x001"))
+    received = child.take_reply(("r", "s", 1))
     assert received is not None
     assert received[1] == [_child.RETURNED_NOTHING]
     assert child.output.ended == set()
-    assert child.take_reply(("s", 2)) is None
+    assert child.take_reply(("r", "s", 2)) is None
 
 
 # -- end to end ------------------------------------------------------------------------
@@ -226,11 +226,21 @@ def test_a_read_that_is_one_end_mark_or_starts_with_one_parses_the_same() -> Non
     log = AttemptLog("s", 1, limit=1 << 20, tee=False)
     output.bind(attempt_of(log))
     output.feed(_end_mark("s", 1, _REPLY))  # the whole read: one frame
-    assert output.replies == {("s", 1): _REPLY}
+    assert output.replies == {("r", "s", 1): _REPLY}
     output.bind(attempt_of(AttemptLog("s", 2, limit=1 << 20, tee=False)))
     output.feed(_end_mark("s", 2, _REPLY) + b"next\n")  # a frame, then more
-    assert output.replies[("s", 2)] == _REPLY
+    assert output.replies[("r", "s", 2)] == _REPLY
     third = AttemptLog("s", 3, limit=1 << 20, tee=False)
     output.bind(attempt_of(third))
     assert third.text() == "next\n"
     assert log.text() == ""
+
+
+def test_attempts_of_two_runs_with_one_step_id_keep_their_own_replies() -> None:
+    # An Executor's calls of one function share a step id and an attempt number.
+    output = ChildOutput()
+    first, second = _child.encode_message([b"first"]), _child.encode_message([b"second"])
+    for run, reply in (("call-1", first), ("call-2", second)):
+        key = f"{run}\x00fn\x001".encode()
+        output.feed(frame(b"F", b"%08x%s%s" % (len(key), key, reply)))
+    assert output.replies == {("call-1", "fn", 1): first, ("call-2", "fn", 1): second}

@@ -542,7 +542,7 @@ def _capture_for(meta: Attempt, *, handler_set: bool) -> ChildCapture | None:
 
         _CAPTURE.append(ChildCapture(_OUT_FD[0]))
     capture = _CAPTURE[0]
-    capture.begin(meta.step_id, meta.attempt, meta.capture, handler_set=handler_set)
+    capture.begin(meta.run_id, meta.step_id, meta.attempt, meta.capture, handler_set=handler_set)
     return capture
 
 

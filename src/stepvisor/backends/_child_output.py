@@ -274,12 +274,15 @@ class ChildCapture:
         """The SIGTERM handler a captured attempt runs under (kept between attempts)."""
         return self._on_term
 
-    def begin(self, step_id: str, attempt: int, level: int, *, handler_set: bool) -> None:
+    def begin(
+        self, run_id: str, step_id: str, attempt: int, level: int, *, handler_set: bool
+    ) -> None:
         """Route fds 1 and 2, the streams and the records of this attempt to the parent.
 
         ``handler_set``: SIGTERM's handler is ours already (asking costs an enum lookup).
         """
-        self._key = f"{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
+        # The run's id too: an Executor's calls share a step id and an attempt number.
+        self._key = f"{run_id}\x00{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
         if not self._on:
             for stream in (sys.stdout, sys.stderr):
                 try:

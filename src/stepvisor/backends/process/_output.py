@@ -28,7 +28,10 @@ from typing import Any, Final
 from stepvisor.backends._capture import AttemptLog, Current, log_of, record_line
 from stepvisor.backends._frames import HEADER_SIZE, MAGIC
 
-__all__ = ["ChildOutput"]
+__all__ = ["ChildOutput", "Key"]
+
+#: An attempt, as its end mark names it: run id, step id, attempt number.
+Key = tuple[str, str, int]
 
 _KIND: Final = slice(len(MAGIC), len(MAGIC) + 1)
 _LENGTH: Final = slice(len(MAGIC) + 1, HEADER_SIZE)
@@ -44,11 +47,11 @@ class ChildOutput:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._bound: Current | None = None
         self._held: list[tuple[str, Any]] = []
-        #: The ends seen, as ``(step id, attempt)``, of attempts whose reply
+        #: The ends seen, as ``(run id, step id, attempt)``, of attempts whose reply
         #: comes on the reply pipe (``E``).
-        self.ended: set[tuple[str, int]] = set()
-        #: The replies that came in the end mark (``F``), by ``(step id, attempt)``.
-        self.replies: dict[tuple[str, int], bytes] = {}
+        self.ended: set[Key] = set()
+        #: The replies that came in the end mark (``F``), by ``(run id, step id, attempt)``.
+        self.replies: dict[Key, bytes] = {}
         #: The stacks the child sent when a SIGTERM stopped it (the bound attempt's).
         self.stack: str | None = None
 
@@ -189,10 +192,11 @@ class ChildOutput:
             emit_again(fields, log.step_id, log.attempt)
 
 
-def _key(payload: bytes) -> tuple[str, int] | None:
-    """``(step id, attempt)`` from an end mark's ``<step id>\\x00<attempt>``."""
-    step_id, _, attempt = payload.decode("utf-8", "replace").partition("\x00")
-    return (step_id, int(attempt)) if attempt.isdigit() else None
+def _key(payload: bytes) -> Key | None:
+    """``(run id, step id, attempt)`` from an end mark's ``<run>\\x00<step>\\x00<attempt>``."""
+    run_id, _, rest = payload.decode("utf-8", "replace").partition("\x00")
+    step_id, _, attempt = rest.rpartition("\x00")
+    return (run_id, step_id, int(attempt)) if attempt.isdigit() else None
 
 
 def emit_again(fields: dict[str, Any], step_id: str, attempt: int) -> None:

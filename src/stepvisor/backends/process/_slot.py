@@ -42,6 +42,7 @@ from stepvisor._log import log as _root_log
 from stepvisor.backends._child import dump_attempt, encode_message
 from stepvisor.backends._wire import Attempt
 from stepvisor.backends.base import Ahead, not_started
+from stepvisor.backends.process._output import Key
 from stepvisor.backends.process._pickling import Args, payload_and_args
 from stepvisor.backends.process._results import (
     closed_result,
@@ -240,7 +241,9 @@ class ProcessSlot:
         control.on_cancel(functools.partial(child.terminate, token))
         child.output.bind((control, spec.step_id, spec.attempt))
         # A captured attempt's reply comes with the end of its output (or after it).
-        captured = (spec.step_id, spec.attempt) if control.capture is not None else None
+        captured = (
+            (spec.run_id, spec.step_id, spec.attempt) if control.capture is not None else None
+        )
         reply = self._exchange(child, spec, control, message, following, captured=captured)
         if reply is not None:
             result = self._reply_result(spec, child, reply)
@@ -348,7 +351,7 @@ class ProcessSlot:
         message: bytes,
         following: Sequence[Ahead] = (),
         *,
-        captured: tuple[str, int] | None = None,
+        captured: Key | None = None,
     ) -> Received | None:
         """Send the attempt (if not sent yet) and maybe the next one behind it, then
         wait for its reply (``None``: the child died first; ``captured``: see
@@ -375,7 +378,7 @@ class ProcessSlot:
         spec: AttemptSpec,
         control: AttemptControl,
         pending: memoryview,
-        captured: tuple[str, int] | None,
+        captured: Key | None,
     ) -> Received | None:
         reading = True
         # With attempts sent ahead, the reply may have come in with the previous one.

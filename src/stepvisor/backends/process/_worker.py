@@ -33,7 +33,7 @@ import stepvisor
 from stepvisor.backends._child import RETURNED_NOTHING, decode_message
 from stepvisor.backends._shm import Fds, recv_fds, send_fds
 from stepvisor.backends._wire import Ready, Reply, Returned
-from stepvisor.backends.process._output import ChildOutput
+from stepvisor.backends.process._output import ChildOutput, Key
 
 __all__ = ["Child", "Received"]
 
@@ -270,10 +270,10 @@ class Child:
             if not until_eof and len(chunk) < _READ_CHUNK:
                 return True
 
-    def take_reply(self, captured: tuple[str, int] | None = None) -> Received | None:
+    def take_reply(self, captured: Key | None = None) -> Received | None:
         """The next reply, if complete (the start-up greeting is taken on the way).
 
-        ``captured``: the attempt's ``(step id, attempt)`` when its output is
+        ``captured``: the attempt's ``(run id, step id, attempt)`` when its output is
         captured.  Its reply then comes once the end mark of its output did:
         in the mark itself, or on the reply pipe after it (a large one).  Until
         the mark, a reply in ``buf`` is a later attempt's, never this one's.
@@ -348,7 +348,7 @@ class Child:
             return False
         return True
 
-    def drain(self, captured: tuple[str, int] | None = None) -> Received | None:
+    def drain(self, captured: Key | None = None) -> Received | None:
         """After death: read what is left in the pipes and return a reply if complete."""
         while True:
             try:
