@@ -184,7 +184,7 @@ def _frames_stream() -> bytes:
         + b"\x00 not a frame \x00\x1e\n"
         + frame(b"R", record)
         + "é\n".encode()
-        + frame(b"E", b"s\x001")
+        + frame(b"E", b"run\x00s\x001")
         + b"next attempt\n"
     )
 
@@ -197,7 +197,7 @@ def test_the_childs_output_parses_the_same_however_it_is_cut(chunk: int) -> None
     data = _frames_stream()
     for start in range(0, len(data), chunk):
         output.feed(data[start : start + chunk])
-    assert ("s", 1) in output.ended
+    assert ("run", "s", 1) in output.ended
     text = log.text()
     assert text.startswith("first line\n\x00 not a frame \x00\x1e\n")
     assert " WARNING lib: m\n" in text

@@ -310,7 +310,7 @@ class Executor(concurrent.futures.Executor):
             link=Link(future, invoke, params, ended=self._ended),
         )
         future.sv_tell, future.sv_key = self._hub.tell, key
-        self._hub.submit(call)
+        self._hub.tell(call)  # (CallHub.submit, without its frame)
         return future
 
     def _calls_for(self, invoke: Invoke, opts: Options) -> Calls:

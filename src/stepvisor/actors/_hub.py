@@ -69,7 +69,7 @@ from stepvisor.actors._mailbox import Mailbox
 from stepvisor.actors._pool import Lease, WorkerPool
 from stepvisor.actors.messages import RunAttempt, RunBatch, SlotGranted
 from stepvisor.backends.base import AttemptSpec
-from stepvisor.clock import Clock
+from stepvisor.clock import Clock, RealClock
 from stepvisor.context import AttemptControl
 from stepvisor.core.effects import (
     AbandonSlot,
@@ -125,6 +125,11 @@ class CallHub:
         #: Every attempt's ``AttemptSpec.child_calls`` (the executor's ``max_tasks_per_child``).
         self._child_calls = child_calls
         self._clock = clock
+        #: The clock's readings: the system's own functions for a RealClock (two calls
+        #: per call of the executor each, and a method around each costs a frame).
+        real = type(clock) is RealClock
+        self._monotonic: Callable[[], float] = time.monotonic if real else clock.monotonic
+        self._wall: Callable[[], float] = time.time if real else clock.wall
         self._closed = False
         #: The pool serves this hub alone (the executor's own engine): a lease a
         #: call is done with is kept for the next call rather than given back,
@@ -249,8 +254,7 @@ class CallHub:
         if first is None:
             self._feed(call, Start())
             return
-        clock = self._clock
-        call.started_at = (clock.monotonic(), clock.wall())
+        call.started_at = (self._monotonic(), self._wall())
         self._add_slot(call, first.add_slot)
 
     def _on_cancel(self, message: CancelCall) -> None:
@@ -411,9 +415,8 @@ class CallHub:
 
     def _first(self, call: HubCall, slot: str, first: FirstAttempt) -> None:
         """Send attempt 1 as the machine would have (see :func:`first_attempt`)."""
-        clock = self._clock
-        now = clock.monotonic()
-        call.ready_at = (now, clock.wall())
+        now = self._monotonic()
+        call.ready_at = (now, self._wall())
         order = first.order
         if first.timer is not None and order.budget is not None:
             self._start_timer(call, _FIRST_DEADLINE, now + order.budget, first.timer)
@@ -436,14 +439,13 @@ class CallHub:
         if not behind:
             return False
         messages = []
-        clock = self._clock
         for call, member in [(head, slot), *behind]:
             call.workers[member] = lease
             if not self._may_run(call):  # cancelled while it waited: not in the train
                 del call.workers[member]
                 self._leases.put_back(call, member)
                 continue
-            call.ready_at = (clock.monotonic(), clock.wall())
+            call.ready_at = (self._monotonic(), self._wall())
             order = cast("FirstAttempt", call.first).order
             messages.append(self._order(call, member, order.spec, order.executor, None))
         if not messages:  # every one was cancelled: the lease goes on as usual

@@ -48,6 +48,7 @@ message (``Attempt`` in; ``Ready``, ``Returned``, ``Raised`` or ``Unsendable`` o
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]
 import os
 import pickle
 import signal
@@ -100,15 +101,28 @@ _READ_CHUNK = 1 << 16
 EXIT_PROTOCOL_ERROR = 70
 #: The socket descriptors of shared-memory segments travel on (both ways), set by ``main``.
 _SHM_FD = [-1]
+#: The signals whose handlers a step may have changed, reset before each attempt.
+_RESET_SIGNALS: Final = (int(signal.SIGTERM), int(signal.SIGIO))
+#: ``signal.getsignal`` without its enum: that turns a handler into an enum member, or
+#: fails to and raises and catches a ``ValueError`` when it is a function (ours, under
+#: capture): 1 to 5 µs, twice per attempt.
+_getsignal: Final[Callable[[int], object]] = _signal.getsignal
+_SIG_DFL: Final = int(signal.SIG_DFL)
 
 
 # -- wire format (shared with the parent) --------------------------------------
 
 
+#: The header of a message of 0 to 7 parts, compiled once (each part costs a reply
+#: or an attempt; formatting the layout for each was half the cost of encoding).
+_HEADERS: Final = tuple(struct.Struct(f"<I{n}Q") for n in range(8))
+
+
 def encode_message(parts: Sequence[bytes]) -> bytes:
     """One message: the part count, the part lengths, then the parts."""
-    header = struct.pack(f"<I{len(parts)}Q", len(parts), *(len(p) for p in parts))
-    return b"".join((header, *parts))
+    count = len(parts)
+    layout = _HEADERS[count] if count < len(_HEADERS) else struct.Struct(f"<I{count}Q")
+    return b"".join((layout.pack(count, *map(len, parts)), *parts))
 
 
 def dump_attempt(meta: Attempt) -> bytes:
@@ -337,6 +351,26 @@ def _unsendable_reply(bad: _UnsendableError, leftovers: tuple[int, ...]) -> list
     return _reply(Unsendable(message, format_remote(cause), leftovers))
 
 
+#: Part 0 of the reply of a step that returned these artifact names and left nothing
+#: running, by names: a ``NamedTuple`` costs about 8 µs to pickle (its class is
+#: looked up and its ``__getnewargs__`` called), and a step returns the same names
+#: every time (an Executor call: one).
+_RETURNED: dict[tuple[str, ...], bytes] = {}
+_RETURNED_KEPT: Final = 64
+
+
+def _returned(names: tuple[str, ...], leftovers: tuple[int, ...]) -> bytes:
+    """Part 0 of the reply of a step that returned ``names`` (its values sent whole)."""
+    if leftovers:
+        return pickle.dumps(Returned(names=names, leftovers=leftovers), protocol=PROTOCOL)
+    head = _RETURNED.get(names)
+    if head is None:
+        head = pickle.dumps(Returned(names=names), protocol=PROTOCOL)
+        if len(_RETURNED) < _RETURNED_KEPT:
+            _RETURNED[names] = head
+    return head
+
+
 def _ok_reply(
     step_id: str, outputs: dict[str, Any] | None, leftovers: tuple[int, ...]
 ) -> list[bytes]:
@@ -356,7 +390,7 @@ def _ok_reply(
             ) from exc
     names = tuple(outputs)
     if not any(raws for _, raws in pickles):
-        return _reply(Returned(names=names, leftovers=leftovers), *(p for p, _ in pickles))
+        return [_returned(names, leftovers), *(p for p, _ in pickles)]
     try:
         # Large buffers: one segment, its descriptor sent ahead of the reply.
         shared = _shm.share(pickles, lambda fds: _shm.send_fds(_shm.socket_of(_SHM_FD[0]), fds))
@@ -365,7 +399,7 @@ def _ok_reply(
             _shm.in_band(v, dump) if raws else p
             for v, (p, raws) in zip(outputs.values(), pickles, strict=True)
         ]
-        return _reply(Returned(names=names, leftovers=leftovers), *blobs)
+        return [_returned(names, leftovers), *blobs]
     message = Returned(names=names, leftovers=leftovers, shared=shared, fds=1)
     return _reply(message, *(p for p, _ in pickles))
 
@@ -387,8 +421,7 @@ def _call_traced(meta: Attempt, fn: Callable[..., Any], ctx: StepContext) -> obj
         return _call(fn, ctx, is_async=meta.is_async)
 
 
-def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any, Any]:
-    meta = load_attempt(parts[0])
+def _load_attempt(meta: Attempt, parts: list[bytes]) -> tuple[Callable[..., Any], Any, Any]:
     if meta.path is not None:
         sys.path[:] = meta.path
     if meta.authkey is not None:
@@ -420,27 +453,33 @@ def _load_attempt(parts: list[bytes]) -> tuple[Attempt, Callable[..., Any], Any,
     finally:
         for fd in fds:  # each mapping holds its own
             os.close(fd)
-    return meta, fn, inputs, params
+    return fn, inputs, params
 
 
-def _run_attempt(parts: list[bytes]) -> list[bytes]:
-    """Run one attempt message and build the reply; never raises for a step's sake."""
+def _run_attempt(parts: list[bytes]) -> tuple[list[bytes], ChildCapture | None]:
+    """Run one attempt message and build the reply; never raises for a step's sake.
+
+    Also the attempt's capture, if its run captures: its reply then goes with
+    the end mark of its output (see :func:`_send_reply`).
+    """
     # Undo what a previous step may have changed: a step stopped by SIGTERM must die
     # (under capture, by the handler that sends its stacks first: see _child_output).
     kept = _CAPTURE[0].handler if _CAPTURE else None
     handler_set = False
-    for signum in (signal.SIGTERM, signal.SIGIO):
-        handler = signal.getsignal(signum)
-        if handler is signal.SIG_DFL:
+    for signum in _RESET_SIGNALS:
+        handler = _getsignal(signum)
+        if handler == _SIG_DFL:
             continue
         if signum == signal.SIGTERM and handler == kept:
             handler_set = True
         else:
             signal.signal(signum, signal.SIG_DFL)
+    meta = load_attempt(parts[0])
     try:
-        meta, fn, inputs, params = _load_attempt(parts)
+        fn, inputs, params = _load_attempt(meta, parts)
     except _UnsendableError as bad:
-        return _unsendable_reply(bad, ())
+        # A captured attempt still ends its output (the parent waits for the mark).
+        return _unsendable_reply(bad, ()), _capture_for(meta, handler_set=handler_set)
     ctx = StepContext(
         run_id=meta.run_id,
         step_id=meta.step_id,
@@ -455,25 +494,36 @@ def _run_attempt(parts: list[bytes]) -> list[bytes]:
         outputs = check_outputs(meta.step_id, _call_traced(meta, fn, ctx))
     except BaseException as exc:
         packed = pack_error(exc, where=f"worker process {os.getpid()}")
-        return _reply(Raised(packed, _finish_attempt(capture)))
-    leftovers = _finish_attempt(capture)
+        return _reply(Raised(packed, _finish_attempt())), capture
+    leftovers = _finish_attempt()
     try:
-        return _ok_reply(meta.step_id, outputs, leftovers)
+        return _ok_reply(meta.step_id, outputs, leftovers), capture
     except _UnsendableError as bad:
-        return _unsendable_reply(bad, leftovers)
+        return _unsendable_reply(bad, leftovers), capture
 
 
-def _finish_attempt(capture: ChildCapture | None = None) -> tuple[int, ...]:
+def _finish_attempt() -> tuple[int, ...]:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except (OSError, ValueError):
             continue
-    leftovers = _kill_leftovers()
-    if capture is not None:  # after the leftovers die: nothing of theirs follows the end mark
-        capture.end()
-    return leftovers
+    return _kill_leftovers()
+
+
+def _send_reply(res_fd: int, reply: bytes, capture: ChildCapture | None) -> None:
+    """Send the reply of an attempt; a captured one's goes with the end of its output.
+
+    A captured attempt's output ends with a mark on the output pipe, written
+    after its leftovers died (nothing of theirs follows it), so the parent
+    knows where the next attempt's output begins.  A small reply rides in that
+    mark, in the same write: one system call here, one wake-up and one read in
+    the parent, as for an attempt that is not captured.  A larger one follows
+    the mark on the reply pipe.
+    """
+    if capture is None or not capture.end(reply):
+        _write_all(res_fd, reply)
 
 
 #: The output pipe to the parent (``-1``: none) and the capture using it, made on first use.
@@ -492,7 +542,7 @@ def _capture_for(meta: Attempt, *, handler_set: bool) -> ChildCapture | None:
 
         _CAPTURE.append(ChildCapture(_OUT_FD[0]))
     capture = _CAPTURE[0]
-    capture.begin(meta.step_id, meta.attempt, meta.capture, handler_set=handler_set)
+    capture.begin(meta.run_id, meta.step_id, meta.attempt, meta.capture, handler_set=handler_set)
     return capture
 
 
@@ -524,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 parts = reader.message()
             except EOFError:
                 break
-            _write_all(res_fd, encode_message(_run_attempt(parts)))
+            reply, capture = _run_attempt(parts)
+            _send_reply(res_fd, encode_message(reply), capture)
     except BaseException as exc:
         # Our own failure (a broken pipe, a corrupt message): nothing can be reported
         # through the pipe; say it on stderr and let the parent see the exit code.

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from types import FrameType
 from typing import Any, Final, TextIO
 
 from stepvisor.backends._capture import trace_ids
-from stepvisor.backends._frames import frame
+from stepvisor.backends._frames import HEADER_SIZE, frame
 
 __all__ = ["ChildCapture"]
 
@@ -46,6 +47,8 @@ _FLUSH_AFTER: Final = 0.05
 #: lines goes in chunks, at most this far apart.
 _LINE_GAP: Final = 0.005
 _monotonic = time.monotonic
+#: The key's length in an ``F`` frame: 8 hex digits.
+_KEY_LENGTH: Final = 8
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -149,7 +152,10 @@ class _Text:
             self.write(line)
 
     def flush(self) -> None:
-        self._sink.flush()
+        # Nothing gathered: no lock to take (flushed twice at the end of every attempt).
+        # What this thread wrote is in the queue by now; another's is flushed by its own.
+        if self._sink.queue:
+            self._sink.flush()
 
     def fileno(self) -> int:
         return self._fd
@@ -268,12 +274,15 @@ class ChildCapture:
         """The SIGTERM handler a captured attempt runs under (kept between attempts)."""
         return self._on_term
 
-    def begin(self, step_id: str, attempt: int, level: int, *, handler_set: bool) -> None:
+    def begin(
+        self, run_id: str, step_id: str, attempt: int, level: int, *, handler_set: bool
+    ) -> None:
         """Route fds 1 and 2, the streams and the records of this attempt to the parent.
 
         ``handler_set``: SIGTERM's handler is ours already (asking costs an enum lookup).
         """
-        self._key = f"{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
+        # The run's id too: an Executor's calls share a step id and an attempt number.
+        self._key = f"{run_id}\x00{step_id}\x00{attempt}".encode("utf-8", "surrogatepass")
         if not self._on:
             for stream in (sys.stdout, sys.stderr):
                 try:
@@ -298,9 +307,21 @@ class ChildCapture:
         if not handler_set:
             signal.signal(signal.SIGTERM, self._on_term)
 
-    def end(self) -> None:
-        """Flush, and mark the end of the attempt's output (capture stays on)."""
-        self._sink.frame(b"E", self._key)
+    def end(self, reply: bytes) -> bool:
+        """Flush, and mark the end of the attempt's output (capture stays on).
+
+        ``reply`` (the attempt's encoded reply) goes in the mark when the whole
+        frame fits one write the pipe keeps whole (``PIPE_BUF``): nothing else
+        written to fds 1 and 2 meanwhile can cut into it.  Returns whether it
+        went; if not, the caller sends it on the reply pipe, after the mark.
+        """
+        key = self._key
+        size = HEADER_SIZE + _KEY_LENGTH + len(key) + len(reply)
+        if size <= select.PIPE_BUF:
+            self._sink.frame(b"F", b"%08x%s%s" % (len(key), key, reply))
+            return True
+        self._sink.frame(b"E", key)
+        return False
 
     def off(self) -> None:
         """An attempt whose run does not capture: fds 1 and 2 and the streams back."""

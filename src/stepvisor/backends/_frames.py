@@ -8,7 +8,12 @@ them::
     MAGIC  kind (1 byte)  length (8 hex digits)  payload
     R  a logging record (JSON: name, levelno, levelname, msg, created, exc_text, ...)
     S  the stack of every thread, taken when a SIGTERM stopped the attempt
-    E  the attempt ended: "<step id>\\x00<attempt>" (everything before is its output)
+    E  the attempt ended: "<run id>\\x00<step id>\\x00<attempt>" (everything before is
+       its output);
+       its reply follows on the reply pipe
+    F  the attempt ended, its reply in the frame: the key's length (8 hex digits),
+       the key as in E, then the encoded reply (a frame of at most PIPE_BUF bytes,
+       written whole)
 """
 
 from __future__ import annotations

@@ -192,7 +192,9 @@ def check_outputs(step_id: str, value: object) -> dict[str, Any] | None:
     """
     if value is None:
         return None
-    if not isinstance(value, Mapping):
+    # A dict is a Mapping: asking the ABC costs most of this check (every call of
+    # an Executor returns one).
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise TypeError(
             f"step {step_id!r} returned {type(value).__name__}; a step must return a "
             "mapping of artifact names to values (a dict such as {'rows': rows}), or None"

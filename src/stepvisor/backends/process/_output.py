@@ -10,6 +10,7 @@ is waiting for (bound with :meth:`ChildOutput.bind`)::
                                 through this program's logging (tee)
           ── S frame (stacks) ▶ ``stack``: the slot puts it in the log and error text
           ── E frame (end) ───▶ ``ended``: the attempt's output is complete
+          ── F frame (end) ───▶ ``replies``: the same, with the attempt's reply
 
 Output that comes before its attempt is bound (an attempt sent ahead starts in
 the child before the slot waits for it) is held and handed over at ``bind``.
@@ -27,10 +28,15 @@ from typing import Any, Final
 from stepvisor.backends._capture import AttemptLog, Current, log_of, record_line
 from stepvisor.backends._frames import HEADER_SIZE, MAGIC
 
-__all__ = ["ChildOutput"]
+__all__ = ["ChildOutput", "Key"]
+
+#: An attempt, as its end mark names it: run id, step id, attempt number.
+Key = tuple[str, str, int]
 
 _KIND: Final = slice(len(MAGIC), len(MAGIC) + 1)
 _LENGTH: Final = slice(len(MAGIC) + 1, HEADER_SIZE)
+#: An ``F`` frame's key length: 8 hex digits.
+_KEY_LENGTH: Final = 8
 
 
 class ChildOutput:
@@ -41,8 +47,11 @@ class ChildOutput:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._bound: Current | None = None
         self._held: list[tuple[str, Any]] = []
-        #: The ends seen, as ``(step id, attempt)``.
-        self.ended: set[tuple[str, int]] = set()
+        #: The ends seen, as ``(run id, step id, attempt)``, of attempts whose reply
+        #: comes on the reply pipe (``E``).
+        self.ended: set[Key] = set()
+        #: The replies that came in the end mark (``F``), by ``(run id, step id, attempt)``.
+        self.replies: dict[Key, bytes] = {}
         #: The stacks the child sent when a SIGTERM stopped it (the bound attempt's).
         self.stack: str | None = None
 
@@ -69,6 +78,8 @@ class ChildOutput:
 
     def feed(self, chunk: bytes) -> None:
         buf = self._buf
+        if not buf and chunk.startswith(MAGIC) and self._one_frame(chunk):
+            return  # the read of an attempt that wrote nothing: its end mark alone
         buf += chunk
         while buf:
             start = buf.find(MAGIC)
@@ -99,6 +110,17 @@ class ChildOutput:
             payload = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
             del buf[: HEADER_SIZE + length]
             self._frame(kind, payload)
+
+    def _one_frame(self, chunk: bytes) -> bool:
+        """Handle ``chunk`` if it is exactly one frame (no copies); whether it was."""
+        try:
+            length = int(chunk[_LENGTH], 16)
+        except ValueError:
+            return False
+        if len(chunk) != HEADER_SIZE + length:
+            return False
+        self._frame(chunk[_KIND], chunk[HEADER_SIZE:])
+        return True
 
     def _bytes(self, data: bytes) -> None:
         if data:
@@ -131,11 +153,24 @@ class ChildOutput:
                 self._held.append(("r", record))
         elif kind == b"S":
             self.stack = payload.decode("utf-8", "replace")
-        elif kind == b"E":
-            step_id, _, attempt = payload.decode("utf-8", "replace").partition("\x00")
-            if attempt.isdigit():
-                self.ended.add((step_id, int(attempt)))
-            self.unbind()
+        elif kind in (b"E", b"F"):
+            self._end(kind, payload)
+
+    def _end(self, kind: bytes, payload: bytes) -> None:
+        """An end mark: what follows is the next attempt's; an ``F`` carries the reply."""
+        self.unbind()
+        if kind == b"E":
+            key = _key(payload)
+            if key is not None:
+                self.ended.add(key)
+            return
+        try:
+            size = int(payload[:_KEY_LENGTH], 16)
+        except ValueError:
+            return
+        key = _key(payload[_KEY_LENGTH : _KEY_LENGTH + size])
+        if key is not None:
+            self.replies[key] = payload[_KEY_LENGTH + size :]
 
     def _record(self, fields: dict[str, Any]) -> None:
         log = self._log()
@@ -155,6 +190,13 @@ class ChildOutput:
         )
         if log.tee:
             emit_again(fields, log.step_id, log.attempt)
+
+
+def _key(payload: bytes) -> Key | None:
+    """``(run id, step id, attempt)`` from an end mark's ``<run>\\x00<step>\\x00<attempt>``."""
+    run_id, _, rest = payload.decode("utf-8", "replace").partition("\x00")
+    step_id, _, attempt = rest.rpartition("\x00")
+    return (run_id, step_id, int(attempt)) if attempt.isdigit() else None
 
 
 def emit_again(fields: dict[str, Any], step_id: str, attempt: int) -> None:

@@ -223,6 +223,8 @@ def args_blob(spec: AttemptSpec) -> Args:
     if not spec.inputs and not spec.params:
         return Args(_EMPTY_ARGS)
     value = (dict(spec.inputs), dict(spec.params))
+    if _plain(value[0]) and _plain(value[1]):
+        return Args(pickle.dumps(value, protocol=_PROTOCOL))
     try:
         if not _maybe_shared(spec, value):
             buffers: list[pickle.PickleBuffer] = []
@@ -239,6 +241,35 @@ def args_blob(spec: AttemptSpec) -> Args:
         raise _not_serializable(
             spec.step_id, "its inputs and params", value, exc, fix="pass plain, picklable data"
         ) from exc
+
+
+#: Values that plain ``pickle`` sends exactly as ``cloudpickle`` does (nothing by value,
+#: nothing out of band, nothing a run holds in shared memory).  ``bytes`` are not among
+#: them: a large one goes by shared memory.
+_SCALARS: Final = frozenset({int, float, complex, str, bool, type(None)})
+
+
+def _plain(mapping: Mapping[str, Any]) -> bool:
+    """Whether every value is a scalar, or a tuple, list or dict of scalars.
+
+    Then plain ``pickle`` is enough, and a quarter of ``cloudpickle``'s cost
+    (its pickler is made in Python on every call): an Executor's call sends its
+    arguments so (``{args: (1,), kwargs: {}}``), a map's item too.
+    """
+    scalars = _SCALARS
+    for value in mapping.values():
+        kind = type(value)
+        if kind in scalars:
+            continue
+        if kind is tuple or kind is list:
+            if not all(type(item) in scalars for item in value):
+                return False
+        elif kind is dict:
+            if not all(type(k) in scalars and type(v) in scalars for k, v in value.items()):
+                return False
+        else:
+            return False
+    return True
 
 
 def _maybe_shared(spec: AttemptSpec, value: tuple[dict[str, Any], dict[str, Any]]) -> bool:

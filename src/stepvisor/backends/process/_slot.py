@@ -42,6 +42,7 @@ from stepvisor._log import log as _root_log
 from stepvisor.backends._child import dump_attempt, encode_message
 from stepvisor.backends._wire import Attempt
 from stepvisor.backends.base import Ahead, not_started
+from stepvisor.backends.process._output import Key
 from stepvisor.backends.process._pickling import Args, payload_and_args
 from stepvisor.backends.process._results import (
     closed_result,
@@ -51,7 +52,7 @@ from stepvisor.backends.process._results import (
     spawn_failed,
     stopped_result,
 )
-from stepvisor.backends.process._wait import await_end, enforce_deadline, poll_ms, serve
+from stepvisor.backends.process._wait import enforce_deadline, poll_ms, serve
 from stepvisor.backends.process._worker import Child, Received
 from stepvisor.backends.thread import ended_with_stack
 from stepvisor.context import AttemptControl
@@ -239,10 +240,12 @@ class ProcessSlot:
         # running in the child by now, and this stops it.
         control.on_cancel(functools.partial(child.terminate, token))
         child.output.bind((control, spec.step_id, spec.attempt))
-        reply = self._exchange(child, spec, control, message, following)
+        # A captured attempt's reply comes with the end of its output (or after it).
+        captured = (
+            (spec.run_id, spec.step_id, spec.attempt) if control.capture is not None else None
+        )
+        reply = self._exchange(child, spec, control, message, following, captured=captured)
         if reply is not None:
-            if control.capture is not None:
-                await_end(child, (spec.step_id, spec.attempt))
             result = self._reply_result(spec, child, reply)
         else:
             result = self._end_of_child(spec, control, child)
@@ -347,9 +350,12 @@ class ProcessSlot:
         control: AttemptControl,
         message: bytes,
         following: Sequence[Ahead] = (),
+        *,
+        captured: Key | None = None,
     ) -> Received | None:
         """Send the attempt (if not sent yet) and maybe the next one behind it, then
-        wait for its reply (``None``: the child died first)."""
+        wait for its reply (``None``: the child died first; ``captured``: see
+        :meth:`Child.take_reply`)."""
         # Nothing to write when it went ahead: not even an empty write (a syscall).
         pending = child.send_some(memoryview(message)) if message else memoryview(message)
         if pending:
@@ -357,7 +363,7 @@ class ProcessSlot:
         elif spec.child_calls is None:  # a child with a bound takes one attempt at a time
             self._send_ahead(child, following)  # never interleaved with a part-sent message
         try:
-            reply = self._await_reply(child, spec, control, pending)
+            reply = self._await_reply(child, spec, control, pending, captured)
         finally:
             if pending:  # registered above; the poller outlives this attempt
                 with contextlib.suppress(KeyError):
@@ -367,19 +373,24 @@ class ProcessSlot:
         return reply
 
     def _await_reply(
-        self, child: Child, spec: AttemptSpec, control: AttemptControl, pending: memoryview
+        self,
+        child: Child,
+        spec: AttemptSpec,
+        control: AttemptControl,
+        pending: memoryview,
+        captured: Key | None,
     ) -> Received | None:
         reading = True
         # With attempts sent ahead, the reply may have come in with the previous one.
-        early = child.take_reply()
+        early = child.take_reply(captured)
         if early is not None and child.claim_reply():
             return early
         while True:
             ready = child.poller.poll(poll_ms(child, spec, control))
             pending, reading, dead = serve(child, ready, pending, reading=reading)
-            reply = child.take_reply()
+            reply = child.take_reply(captured)
             if reply is None and (dead or (child.pidfd is None and child.has_exited())):
-                reply = child.drain()
+                reply = child.drain(captured)
                 dead = True
             if reply is not None and child.claim_reply():
                 return reply

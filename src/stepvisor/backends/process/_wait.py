@@ -10,7 +10,6 @@ no state of their own (the child's is in ``_worker.Child``).
 from __future__ import annotations
 
 import math
-import select
 import time
 from typing import Final
 
@@ -18,11 +17,8 @@ from stepvisor.backends.process._worker import Child
 from stepvisor.context import AttemptControl
 from stepvisor.core.attempt import AttemptSpec
 
-__all__ = ["await_end", "enforce_deadline", "poll_ms", "serve"]
+__all__ = ["enforce_deadline", "poll_ms", "serve"]
 
-#: The longest the slot waits for a captured attempt's end mark after its reply
-#: (the child writes it before the reply, so it is normally in the pipe already).
-_END_WAIT_S: Final = 2.0
 #: How often a child's death is checked for when pidfds are not available.
 _FALLBACK_POLL_S: Final = 0.02
 
@@ -87,21 +83,3 @@ def enforce_deadline(child: Child, spec: AttemptSpec, control: AttemptControl) -
     # case another canceller registered before ours raised and ours was never called.
     child.terminate(child.token)
     child.escalate(grace=spec.kill_grace)
-
-
-def await_end(child: Child, key: tuple[str, int]) -> None:
-    """Read the child's output until the end mark of attempt ``key`` (bounded)."""
-    output = child.output
-    give_up = time.monotonic() + _END_WAIT_S
-    while key not in output.ended:
-        if not child.read_output():
-            return
-        if key in output.ended:
-            break
-        left = give_up - time.monotonic()
-        if left <= 0:
-            return
-        ready, _, _ = select.select([child.out_r], [], [], left)
-        if not ready:
-            return
-    output.ended.discard(key)

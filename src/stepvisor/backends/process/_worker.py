@@ -33,7 +33,7 @@ import stepvisor
 from stepvisor.backends._child import RETURNED_NOTHING, decode_message
 from stepvisor.backends._shm import Fds, recv_fds, send_fds
 from stepvisor.backends._wire import Ready, Reply, Returned
-from stepvisor.backends.process._output import ChildOutput
+from stepvisor.backends.process._output import ChildOutput, Key
 
 __all__ = ["Child", "Received"]
 
@@ -51,6 +51,10 @@ _READ_CHUNK: Final = 1 << 16
 #: ``waitid`` flags that ask whether a child has exited without reaping it (or waiting).
 _PEEK_EXIT: Final = os.WEXITED | os.WNOHANG | os.WNOWAIT
 _NOTHING: Final = Returned()
+#: The replies that name a step's artifacts and nothing else, by their bytes: a step
+#: sends the same every time, and a ``NamedTuple`` costs microseconds to unpickle.
+_LOADED: dict[bytes, Returned] = {}
+_LOADED_KEPT: Final = 256
 #: A reply from the child: its message, all its parts (values follow part 0), and the
 #: shared-memory descriptors sent with it.
 Received = tuple[Reply, list[bytes], Fds | None]
@@ -266,25 +270,74 @@ class Child:
             if not until_eof and len(chunk) < _READ_CHUNK:
                 return True
 
-    def take_reply(self) -> Received | None:
-        """The next reply in ``buf`` (skipping the start-up greeting), if complete."""
+    def take_reply(self, captured: Key | None = None) -> Received | None:
+        """The next reply, if complete (the start-up greeting is taken on the way).
+
+        ``captured``: the attempt's ``(run id, step id, attempt)`` when its output is
+        captured.  Its reply then comes once the end mark of its output did:
+        in the mark itself, or on the reply pipe after it (a large one).  Until
+        the mark, a reply in ``buf`` is a later attempt's, never this one's.
+        """
+        if captured is not None:
+            output = self.output
+            framed = output.replies.pop(captured, None)
+            if framed is not None:
+                found = decode_message(bytearray(framed))
+                if found is None:  # pragma: no cover - a frame is written whole
+                    raise RuntimeError("a worker process sent a cut reply in its end mark")
+                return self._received(found[0])
+            if captured not in output.ended:
+                if not self.ready:
+                    self._take_greeting()
+                return None
+            reply = self.take_reply()
+            if reply is not None:
+                output.ended.discard(captured)
+            return reply
         while True:
             found = decode_message(self.buf)
             if found is None:
                 return None
             parts, end = found
             del self.buf[:end]
-            if parts[0] == RETURNED_NOTHING:
-                return _NOTHING, parts, None
-            message = pickle.loads(parts[0])  # noqa: S301 - from our own child
-            if isinstance(message, Ready):
-                self.ready = True
-                continue
-            fds = None
-            if isinstance(message, Returned) and message.fds:
-                # Sent before the reply, so queued by now; a loss is a lost reply.
-                fds = Fds(recv_fds(self.shm, message.fds))
-            return message, parts, fds
+            received = self._received(parts)
+            if received is not None:
+                return received
+
+    def _take_greeting(self) -> None:
+        """Take the start-up greeting if it is first in ``buf`` (and leave a reply there)."""
+        found = decode_message(self.buf)
+        if (
+            found is not None
+            and found[0][0] != RETURNED_NOTHING
+            and isinstance(pickle.loads(found[0][0]), Ready)  # noqa: S301 - our own child
+        ):
+            del self.buf[: found[1]]
+            self.ready = True
+
+    def _received(self, parts: list[bytes]) -> Received | None:
+        """The reply made of ``parts``; ``None`` for the start-up greeting (noted)."""
+        head = parts[0]
+        if head == RETURNED_NOTHING:
+            return _NOTHING, parts, None
+        message = _LOADED.get(head)
+        if message is not None:
+            return message, parts, None
+        message = pickle.loads(head)  # noqa: S301 - from our own child
+        if (
+            type(message) is Returned
+            and message == Returned(names=message.names)
+            and len(_LOADED) < _LOADED_KEPT
+        ):
+            _LOADED[head] = message  # its names only: the same bytes, the same message
+        if isinstance(message, Ready):
+            self.ready = True
+            return None
+        fds = None
+        if isinstance(message, Returned) and message.fds:
+            # Sent before the reply, so queued by now; a loss is a lost reply.
+            fds = Fds(recv_fds(self.shm, message.fds))
+        return message, parts, fds
 
     def send_fds(self, fds: Sequence[int]) -> bool:
         """Send shared-memory descriptors ahead of the attempt naming them; False if the
@@ -295,8 +348,8 @@ class Child:
             return False
         return True
 
-    def drain(self) -> Received | None:
-        """After death: read what is left in the pipe and return a reply if complete."""
+    def drain(self, captured: Key | None = None) -> Received | None:
+        """After death: read what is left in the pipes and return a reply if complete."""
         while True:
             try:
                 chunk = os.read(self.res_r, _READ_CHUNK)
@@ -305,7 +358,9 @@ class Child:
             if not chunk:
                 break
             self.buf += chunk
-        return self.take_reply()
+        if captured is not None:
+            self.read_output(until_eof=True)  # the reply may be in its end mark
+        return self.take_reply(captured)
 
     def drain_wake(self) -> None:
         try:
