@@ -6,6 +6,8 @@ import os
 import pickle
 from typing import Any
 
+import pytest
+
 import stepvisor as sv
 from stepvisor.backends import _child
 from stepvisor.backends._wire import Returned
@@ -33,7 +35,11 @@ def _parser() -> Child:
     return child
 
 
-def test_the_parent_reuses_a_reply_only_for_the_same_bytes_of_names_alone() -> None:
+def test_the_parent_reuses_a_reply_only_for_the_same_bytes_of_names_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An empty memo: it keeps at most _LOADED_KEPT heads, which a whole session fills.
+    monkeypatch.setattr(_worker, "_LOADED", {})
     child = _parser()
     plain = pickle.dumps(Returned(names=("x",)))
     first = child._received([plain, b"value"])
