@@ -31,6 +31,7 @@ import stepvisor as sv
 from benchmarks.common import Measured, probe
 from benchmarks.harness import Row, Target
 from benchmarks.scenario_makespan import Task, lower_bound
+from stepvisor.policies.concurrency import upstream_hint
 
 NAME = "map_chain"
 TITLE = "two chained maps, 1 item in 20 50x slower: makespan / lower bound (max_parallel=8)"
@@ -59,26 +60,29 @@ def policy_floor(seconds: Sequence[float], *, parallel: int, barrier: bool) -> f
     """The makespan of a zero-overhead run of stepvisor's policy on the chain.
 
     Whenever a slot is free, the ready instance of ``a`` with the lowest index
-    starts, else that of ``b`` (``a`` has the longer chain of work behind it;
-    instances of a step go in index order).  ``b[i]`` is ready when ``a[i]``
-    ended, or, with ``barrier``, when every ``a[j]`` did.
+    starts, else that of ``b`` (``a`` has the longer chain of work behind it).
+    Instances of ``a`` go in index order; those of ``b``, chained, go longest
+    upstream time first (``upstream_hint``), then by index.  ``b[i]`` is ready
+    when ``a[i]`` ended, or, with ``barrier``, when every ``a[j]`` did (then
+    in index order: a barrier's ``b`` is not chained).
     """
     n = len(seconds)
-    ready = [(0, i) for i in range(n)]  # (step, index): a is 0, b is 1
+    plain = upstream_hint(None)
+    ready = [(0, plain, i) for i in range(n)]  # (step, hint, index): a is 0, b is 1
     running: list[tuple[float, int, int]] = []
     now = 0.0
     a_left = n
     while ready or running:
         while ready and len(running) < parallel:
-            step, i = heapq.heappop(ready)
+            step, _hint, i = heapq.heappop(ready)
             heapq.heappush(running, (now + seconds[i], step, i))
         now, step, i = heapq.heappop(running)
         if step == 0:
             a_left -= 1
             if not barrier:
-                heapq.heappush(ready, (1, i))
+                heapq.heappush(ready, (1, upstream_hint(seconds[i]), i))
             elif a_left == 0:
-                ready.extend((1, j) for j in range(n))
+                ready.extend((1, plain, j) for j in range(n))
                 heapq.heapify(ready)
     return now
 

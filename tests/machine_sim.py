@@ -30,6 +30,7 @@ from stepvisor.core.effects import (
     Dispatch,
     Effect,
     Finish,
+    Reclaim,
     ReleaseSlot,
     RetireSlot,
     SaveOutputs,
@@ -39,7 +40,14 @@ from stepvisor.core.effects import (
     StopAttempt,
 )
 from stepvisor.core.machine import Plan, RunMachine
-from stepvisor.core.messages import AttemptDone, Message, OutputsSaved, SlotReady, Start
+from stepvisor.core.messages import (
+    AttemptDone,
+    Message,
+    OutputsSaved,
+    Reclaimed,
+    SlotReady,
+    Start,
+)
 from stepvisor.errors import ArtifactCodecError
 
 WALL0 = 1_700_000_000.0
@@ -94,6 +102,8 @@ class Sim:
         self.result: sv.RunResult | None = None
         self.max_running = 0
         self.dispatched_while_stopping = 0
+        #: Attempts taken back from a slot's queue unstarted (``Reclaim``).
+        self.reclaimed: list[tuple[str, int]] = []
 
     # -- feeding -------------------------------------------------------------------
 
@@ -124,6 +134,12 @@ class Sim:
             assert not self.queues[effect.slot], "dispatched to a busy slot"
             for order in effect.orders:
                 self.queues[effect.slot].append((order.spec.step_id, order.spec.attempt))
+        elif isinstance(effect, Reclaim):
+            # As the shell does: the tail of the slot's queue, never its running head.
+            queue = self.queues[effect.slot]
+            taken = [queue.pop() for _ in range(min(effect.wanted, len(queue) - 1))]
+            self.reclaimed.extend(taken)
+            self.feed(Reclaimed(effect.slot, tuple(taken)))
         elif isinstance(effect, StopAttempt):
             self.stop_asked[(effect.step_id, effect.attempt)] = effect.reason
         elif isinstance(effect, SetTimer):

@@ -308,7 +308,10 @@ def test_tiny_process_steps_are_batched_on_the_same_children(
     assert result.ok
     assert result.commits == wf.step_ids
     assert max(sizes) > 1, sizes  # Workers were handed several attempts at once
-    assert sum(sizes) == 200
+    # An attempt is handed out again only when an idle slot took it back unstarted
+    # (Reclaim): each step still ran exactly one attempt.
+    assert sum(sizes) >= 200
+    assert all(record.attempt_count == 1 for record in result.steps.values())
     assert len(set(result.artifacts.values())) <= 2  # still one child per Worker, no more
 
 

@@ -128,3 +128,53 @@ def test_resumed_steps_count_as_done() -> None:
     s.initial_ready([graph.rank["a"]])
     assert s.take() == graph.rank["b"]
     assert s.take() is None
+
+
+def _chain() -> sv.Workflow:
+    def split(ctx: sv.StepContext) -> dict[str, list[int]]:
+        return {"xs": [0, 1, 2, 3]}
+
+    return sv.Workflow(
+        "chain",
+        steps=[
+            sv.Step("split", split, creates=["xs"]),
+            sv.Step("a", noop, map_over="xs", creates=["ys"]),
+            sv.Step("b", noop, map_over="ys"),
+        ],
+    )
+
+
+def _chain_sched(wf: sv.Workflow) -> Scheduler:
+    s = _sched(wf)
+    assert s.take() == wf.graph.rank["split"]  # the root, ready from the start
+    return s
+
+
+def _taken(s: Scheduler, n: int) -> list[tuple[int, int]]:
+    out = []
+    for _ in range(n):
+        r = s.take(limit=100)
+        assert r is not None
+        out.append((r, s.taken_index))
+    return out
+
+
+def test_a_chained_instance_whose_upstream_took_longest_goes_first() -> None:
+    wf = _chain()
+    s = _chain_sched(wf)
+    b = wf.graph.rank["b"]
+    for index, took in [(0, 0.001), (1, 0.050), (2, 0.001), (3, 0.4)]:
+        s.push_chained(b, index, took)
+    assert _taken(s, 4) == [(b, 3), (b, 1), (b, 0), (b, 2)]  # longest first, ties by index
+
+
+def test_chained_instances_of_like_times_keep_index_order_and_the_rest_is_unchanged() -> None:
+    wf = _chain()
+    s = _chain_sched(wf)
+    a, b = wf.graph.rank["a"], wf.graph.rank["b"]
+    s.push_all(a, 3)
+    for index in (2, 0, 1):  # upstream times within one power of two: like times
+        s.push_chained(b, index, 0.0011 + index * 0.0001)
+    s.push_chained(b, 3, None)  # no time known: after those with one
+    # The map before it is more urgent (longer path) and goes in index order.
+    assert _taken(s, 7) == [(a, 0), (a, 1), (a, 2), (b, 0), (b, 1), (b, 2), (b, 3)]

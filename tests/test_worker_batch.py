@@ -146,3 +146,59 @@ def test_a_backend_that_sends_ahead_is_offered_the_rest_of_the_batch_on_it() -> 
     # In order, up to the first attempt on another backend ("d" runs on threads); "c",
     # cancelled but offered, still goes to the backend, which alone can stop it.
     assert backend.calls == [("a", ["b", "c"]), ("b", ["c"]), ("c", [])]
+
+
+class _AheadBackend:
+    """A backend that sends attempts ahead, as a process child's does; its first blocks."""
+
+    sends_ahead: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.go_on = threading.Event()
+        self.ran: list[str] = []
+        self.offered: set[str] = set()
+
+    def run(self, spec: AttemptSpec, control: AttemptControl, ahead: Any = None) -> Any:
+        from stepvisor.backends.base import AttemptResult  # noqa: PLC0415
+
+        self.offered.update(s.step_id for s, _control in ahead or ())
+        self.ran.append(spec.step_id)
+        if len(self.ran) == 1:
+            self.started.set()
+            assert self.go_on.wait(timeout=10)
+        return AttemptResult(kind="ok")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_batch_left_in_the_deque_can_be_taken_back_all_but_what_was_sent_ahead() -> None:
+    """While the first attempt runs, the shell's ``Reclaim`` can take every attempt of
+    the batch but the ``AHEAD`` the backend was offered; those run, the rest never do."""
+    from collections import deque  # noqa: PLC0415
+
+    backend = _AheadBackend()
+    services = WorkerServices(shared={"ahead": lambda: backend}, register_thread=lambda t: None)
+    ref = Worker.start("wb2", services)
+    try:
+        inbox = Inbox()
+        attempts = [_attempt(f"s{i:02d}", ok, inbox)._replace(executor="ahead") for i in range(12)]
+        queue = deque(attempts)
+        ref.tell(RunBatch(queue))
+        assert backend.started.wait(timeout=10)
+        taken = []
+        while True:
+            try:
+                taken.append(queue.pop().spec.step_id)
+            except IndexError:
+                break
+        backend.go_on.set()
+        messages = inbox.outcomes(1 + worker_module.AHEAD)
+    finally:
+        ref.stop()
+    assert len(taken) == 12 - 1 - worker_module.AHEAD
+    ran = backend.ran
+    assert ran == [f"s{i:02d}" for i in range(1 + worker_module.AHEAD)]
+    assert not set(taken) & (set(ran) | backend.offered)  # taken back: never offered, never run
+    assert sorted(sid for group in _shape(messages) for sid in group) == ran

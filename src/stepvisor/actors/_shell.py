@@ -59,6 +59,7 @@ from stepvisor.core.effects import (
     FinishRun,
     LookUpCache,
     PutInCache,
+    Reclaim,
     ReleaseSlot,
     RetireSlot,
     SaveOutputs,
@@ -77,6 +78,7 @@ from stepvisor.core.messages import (
     GraceExpired,
     Message,
     OutputsSaved,
+    Reclaimed,
     RetryDue,
     SlotReady,
 )
@@ -211,6 +213,8 @@ class RunShell:
             )
         )
         self._controls: dict[str, tuple[int, AttemptControl]] = {}
+        #: Each slot's last batch, shared with its Worker (see ``_reclaim``).
+        self._queues: dict[str, deque[RunAttempt]] = {}
         self._timers: dict[TimerKey, TimerHandle] = {}
         self._heartbeat: TimerHandle | None = None
         self._completed = False
@@ -222,6 +226,7 @@ class RunShell:
             SetTimer: self._set_timer,
             CancelTimer: self._cancel_timer,
             StopAttempt: self._stop_attempt,
+            Reclaim: self._reclaim,
             Emit: self._emit,
             AddSlot: self._add_slot,
             ReleaseSlot: self._release_slot,
@@ -431,7 +436,36 @@ class RunShell:
             # needs the pool's no-op when the lease is given back.
             lease.holds_values = holds_values
             ref = self._pool.attach(lease)
-            ref.tell(messages[0] if len(messages) == 1 else RunBatch(tuple(messages)))
+            if len(messages) == 1:
+                ref.tell(messages[0])
+            else:  # kept, so that what the Worker has not started can be taken back
+                queue = self._queues[effect.slot] = deque(messages)
+                ref.tell(RunBatch(queue))
+
+    def _reclaim(self, effect: Reclaim) -> None:
+        """Take back the unstarted tail of a slot's batch; tell the machine which, at once.
+
+        ``deque.pop`` here and the Worker's ``popleft`` are each atomic, so
+        every attempt is either run by the Worker or taken back here.
+        """
+        queue = self._queues.get(effect.slot)
+        taken: list[tuple[str, int]] = []
+        while queue and len(taken) < effect.wanted:
+            try:
+                spec = queue.pop().spec
+            except IndexError:  # the Worker took the last one meanwhile
+                break
+            taken.append((spec.step_id, spec.attempt))
+            entry = self._controls.get(spec.step_id)
+            if entry is not None and entry[0] == spec.attempt:
+                del self._controls[spec.step_id]
+        self._pending.extend(
+            self.machine.handle(
+                Reclaimed(effect.slot, tuple(taken)),
+                now=self.clock.monotonic(),
+                wall=self.clock.wall(),
+            )
+        )
 
     def _stop_attempt(self, effect: StopAttempt) -> None:
         entry = self._controls.get(effect.step_id)

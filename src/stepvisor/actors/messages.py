@@ -12,6 +12,7 @@ machine is told is defined with it, in :mod:`stepvisor.core.messages`.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple, Protocol
 
 from stepvisor.backends.base import AttemptSpec
@@ -84,9 +85,13 @@ class Warm(NamedTuple):
 
 
 class RunBatch(NamedTuple):
-    """Supervisor -> Worker: run these attempts one after the other (tiny steps)."""
+    """Supervisor -> Worker: run these attempts one after the other (tiny steps).
 
-    attempts: tuple[RunAttempt, ...]
+    A run's shell sends a deque it keeps too: it may take attempts back from
+    its right end while the Worker takes them from its left (``Reclaim``).
+    """
+
+    attempts: tuple[RunAttempt, ...] | collections.deque[RunAttempt]
 
 
 class Heartbeat(NamedTuple):

@@ -12,8 +12,8 @@ closed when it stops).  Whatever the step does, the Worker reports an
 
 from __future__ import annotations
 
+import collections
 import functools
-import itertools
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -40,6 +40,13 @@ EXECUTORS: Final = frozenset({"thread", "async", "process", "ray"})
 #: The longest a Worker holds the outcome of an attempt of a prefetched batch
 #: before it reports it (with the others held): see ``Worker._batch``.
 REPORT_WITHIN: Final = 0.001
+#: The most attempts of a batch a Worker offers a backend that sends them ahead
+#: (a process child), topped up when half are left: the child's pipe never runs
+#: dry between attempts, it is written once per two or three of them, and the
+#: rest stays where an idle slot can take it back (``Reclaim``).  Measured on
+#: 2,000 no-op process steps, max_parallel=2, 2 loaded cores: parent CPU 45-47
+#: us per step at 4, 39-49 at 2 to 15, against 42-54 for the whole batch.
+AHEAD: Final = 4
 
 
 def worker_thread_name(worker_id: str) -> str:
@@ -267,8 +274,17 @@ class Worker(pykka.ThreadingActor):
         self._backends[executor] = backend
         return backend
 
-    def _batch(self, attempts: tuple[RunAttempt, ...]) -> None:
+    def _batch(self, attempts: tuple[RunAttempt, ...] | collections.deque[RunAttempt]) -> None:
         """Run a prefetched batch in order; report successes nothing waits for together.
+
+        The batch is a deque shared with the run's shell: this Worker takes
+        each attempt from its left when it starts it, and the shell may take
+        attempts from its right meanwhile (``Reclaim``: an idle slot takes back
+        what waits behind a slow attempt), so an attempt is run here or handed
+        back, never both.  A backend that sends attempts ahead (a process
+        child reads its next ones while it runs one) is offered at most
+        ``AHEAD`` of them, taken from the deque first, so that little is out of
+        the shell's reach.
 
         The Supervisor hands a batch only to a slot whose attempts are tiny, and
         a message per outcome would cost it more than the attempts do.  So the
@@ -280,22 +296,59 @@ class Worker(pykka.ThreadingActor):
         whatever was held.  A held outcome delays no other step; at worst its
         record says ``running`` while the next attempt of the batch runs.
         """
+        queue = attempts if type(attempts) is collections.deque else collections.deque(attempts)
+        offered: collections.deque[RunAttempt] = collections.deque()
         held: list[AttemptDone] = []
         first_held = 0.0
-        last = len(attempts) - 1
-        for i, attempt in enumerate(attempts):
-            done = self._run(attempt, attempts[i + 1 :])
+        reply_to: ReplyTo | None = None
+        while True:
+            if offered:
+                attempt = offered.popleft()
+            else:
+                try:
+                    attempt = queue.popleft()
+                except IndexError:
+                    break
+            following: tuple[RunAttempt, ...] = ()
+            if self._backend(attempt.executor).sends_ahead:
+                following = self._offer(attempt.executor, queue, offered)
+            done = self._run(attempt, following)
+            reply_to = attempt.reply_to
             if not held:
                 first_held = time.monotonic()
             held.append(done)
             if (
-                i == last
-                or not attempt.may_hold
+                not attempt.may_hold
                 or done.result.kind != "ok"
+                or not (offered or queue)
                 or time.monotonic() - first_held >= REPORT_WITHIN
             ):
                 self._report(attempt.reply_to, held)
                 held = []
+        if held and reply_to is not None:  # the shell took back the rest meanwhile
+            self._report(reply_to, held)
+
+    @staticmethod
+    def _offer(
+        executor: str, queue: collections.deque[RunAttempt], offered: collections.deque[RunAttempt]
+    ) -> tuple[RunAttempt, ...]:
+        """Move up to ``AHEAD`` attempts for ``executor`` out of the shell's reach, in order.
+
+        Topped up only once fewer than half are left, so that the backend
+        writes several to its child at once rather than one per attempt.
+        """
+        if len(offered) >= AHEAD // 2:
+            return tuple(offered)
+        while len(offered) < AHEAD:
+            try:
+                following = queue.popleft()
+            except IndexError:
+                break
+            if following.executor != executor:
+                queue.appendleft(following)  # another backend's: run after these
+                break
+            offered.append(following)
+        return tuple(offered)
 
     def _attempt(self, message: RunAttempt) -> None:
         self._report(message.reply_to, [self._run(message)])
@@ -310,12 +363,8 @@ class Worker(pykka.ThreadingActor):
         started = time.monotonic()
         backend = self._backend(message.executor)
         offered = bool(self._offered) and any(attempt is message for attempt in self._offered)
-        self._offered = ()
-        if backend.sends_ahead:
-            # The rest of the batch on this backend, in order: it may send them all.
-            self._offered = tuple(
-                itertools.takewhile(lambda a: a.executor == message.executor, following)
-            )
+        # The attempts after this one on its backend, in order: it may send them ahead.
+        self._offered = tuple(following) if backend.sends_ahead else ()
         ahead = (
             tuple((attempt.spec, attempt.control) for attempt in self._offered)
             if self._offered

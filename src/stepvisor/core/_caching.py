@@ -66,6 +66,12 @@ class Caching:
 
         def _chained_item(self, r: int, index: int) -> Any: ...
 
+    def _init_caching(self, cached: frozenset[int]) -> None:
+        """The working set of the cached steps ``cached`` (ranks; maps among them)."""
+        self._looking = {}
+        self._to_cache = set()
+        self._cached_maps = cached.intersection(self.graph.maps)
+
     def _look_up(self) -> None:
         """Ask the shell about every cached step that became ready.
 

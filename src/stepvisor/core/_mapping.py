@@ -276,9 +276,17 @@ class Mapped:
                 continue
             status = state.instance_record(source, i).status
             if status is StepStatus.SUCCEEDED:
-                self._queue_instance(r, i)
+                if r in self._cached_maps:  # each instance looked up first
+                    self._queue_instance(r, i)
+                else:
+                    self._push_chained(r, i, source)
             elif status in TERMINAL:
                 self._skip_instance(r, i, source, status)
+
+    def _push_chained(self, r: int, index: int, source: int) -> None:
+        """Queue a chained instance, ordered by how long its source instance took."""
+        last = self.state.instance_record(source, index).last_attempt
+        self.sched.push_chained(r, index, None if last is None else last.duration)
 
     # -- instances ending ------------------------------------------------------------
 
@@ -320,7 +328,10 @@ class Mapped:
                 continue  # not expanded yet: it looks at this instance when it is
             if status is StepStatus.SUCCEEDED:
                 if not self.stopping:
-                    self._queue_instance(c, index)
+                    if c in self._cached_maps:  # each instance looked up first
+                        self._queue_instance(c, index)
+                    else:
+                        self._push_chained(c, index, r)
             else:
                 self._skip_instance(c, index, r, status)
         if run.left == 0:

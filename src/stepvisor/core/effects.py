@@ -34,6 +34,7 @@ __all__ = [
     "FinishRun",
     "LookUpCache",
     "PutInCache",
+    "Reclaim",
     "ReleaseSlot",
     "RetireSlot",
     "SaveOutputs",
@@ -102,6 +103,20 @@ class StopAttempt(NamedTuple):
     step_id: str
     attempt: int
     reason: str
+
+
+class Reclaim(NamedTuple):
+    """Take back up to ``wanted`` attempts queued on ``slot`` that have not started.
+
+    A prefetched batch (see ``RunMachine._fill``) waits behind its running
+    attempt; when another slot has nothing to do, the machine asks for the tail
+    of that queue back so that one slow attempt holds back nothing behind it.
+    The shell answers at once with ``Reclaimed``, naming the attempts it took
+    (fewer, or none, when the Worker has started them or its backend holds them).
+    """
+
+    slot: str
+    wanted: int
 
 
 class SetTimer(NamedTuple):
@@ -204,6 +219,7 @@ Effect = (
     | RetireSlot
     | Dispatch
     | StopAttempt
+    | Reclaim
     | SetTimer
     | CancelTimer
     | BeginRun

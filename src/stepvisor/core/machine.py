@@ -53,6 +53,7 @@ from stepvisor.core._finish import finish_effects, supervisor_failed_result
 from stepvisor.core._inputs import Inputs
 from stepvisor.core._mapping import Mapped, MapRun
 from stepvisor.core._plan import Plan
+from stepvisor.core._reclaim import Reclaiming
 from stepvisor.core._retries import Retries
 from stepvisor.core._settle import BACKEND_GRACE_MARGIN, Inflight, Settling
 from stepvisor.core._slots import Slots
@@ -80,6 +81,7 @@ from stepvisor.core.messages import (
     GraceExpired,
     Message,
     OutputsSaved,
+    Reclaimed,
     RetryDue,
     RunDeadline,
     SlotReady,
@@ -104,9 +106,10 @@ PREFETCH_BATCH = 16
 
 _NO_INPUTS: Mapping[str, Any] = MappingProxyType({})
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
+_ANY = 1 << 62
 
 
-class RunMachine(Mapped, Settling, Caching):
+class RunMachine(Mapped, Settling, Reclaiming, Caching):
     """One run's decisions.  Feed it messages with :meth:`handle`; carry out what it returns."""
 
     def __init__(self, plan: Plan) -> None:
@@ -122,9 +125,7 @@ class RunMachine(Mapped, Settling, Caching):
             pool_limits=cfg.pools,
             hold=plan.cached,
         )
-        self._looking: dict[str, tuple[int, int]] = {}
-        self._to_cache: set[tuple[int, int]] = set()
-        self._cached_maps = plan.cached.intersection(graph.maps)
+        self._init_caching(plan.cached)
         self._store_may_refuse = plan.store_may_refuse
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
@@ -146,6 +147,8 @@ class RunMachine(Mapped, Settling, Caching):
         )
         self._avg_duration = 0.0
         self._done_count = 0
+        self._asked: dict[str, int] = {}
+        self._dry: set[str] = set()
         self._errors: dict[str, list[BaseException]] = {}
         self.stopping = False
         self._stop_status = RunStatus.FAILED
@@ -169,6 +172,7 @@ class RunMachine(Mapped, Settling, Caching):
             RunDeadline: self._on_run_deadline,
             CancelRun: self._on_cancel,
             SlotReady: self._on_slot_ready,
+            Reclaimed: self._on_reclaimed,
             Start: self._on_start,
         }
 
@@ -305,14 +309,20 @@ class RunMachine(Mapped, Settling, Caching):
             slot = free[-1]
             orders: list[AttemptOrder] = []
             while len(orders) < batch:
-                r = self.sched.take(limit=self.cfg.max_parallel * batch)
+                # A free slot runs one more whatever is queued elsewhere: it is
+                # what bounds the attempts *running*; the limit bounds prefetch.
+                r = self.sched.take(limit=self.cfg.max_parallel * batch if orders else _ANY)
                 if r is None:
                     break
                 orders.append(self._dispatch(r, slot))
             if not orders:
                 break
             free.pop()
+            if self._dry:
+                self._dry.discard(slot)
             self._fx.append(Dispatch(slot, tuple(orders)))
+        if self._prefetch_capable:
+            self._reclaim_for_idle()
         self._balance_slots()
 
     def _balance_slots(self) -> None:
@@ -330,7 +340,7 @@ class RunMachine(Mapped, Settling, Caching):
             want = min(self.cfg.max_parallel, busy + self.sched.ready_count)
         for _slot in range(want - slots.held):
             fx.append(AddSlot(slots.add()))
-        if self.plan.lend_slots:
+        if self.plan.lend_slots and not self._asked:  # not one an answer may fill
             while slots.free and slots.held > want:
                 slot = slots.free[-1]
                 slots.release(slot)

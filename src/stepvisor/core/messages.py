@@ -28,6 +28,7 @@ __all__ = [
     "GraceExpired",
     "Message",
     "OutputsSaved",
+    "Reclaimed",
     "RetryDue",
     "RunDeadline",
     "SlotReady",
@@ -103,6 +104,17 @@ class SlotReady(NamedTuple):
     slot: str
 
 
+class Reclaimed(NamedTuple):
+    """The shell's answer to ``Reclaim``: the attempts taken back from ``slot``, unstarted.
+
+    Each is ``(step_id, attempt)``.  None of them ran or will run on that slot:
+    the machine counts none of them as an attempt and queues them again.
+    """
+
+    slot: str
+    attempts: tuple[tuple[str, int], ...]
+
+
 class DeadlineReached(NamedTuple):
     """An attempt's deadline (its own timeout, or the run's deadline) is due."""
 
@@ -145,6 +157,7 @@ Message = (
     | OutputsSaved
     | CacheAnswer
     | SlotReady
+    | Reclaimed
     | DeadlineReached
     | GraceExpired
     | RetryDue
