@@ -266,8 +266,12 @@ def test_a_process_step_writing_bytes_to_stdout_keeps_them_in_order() -> None:
 def test_a_store_from_before_logs_gets_their_table_and_keeps_its_runs(tmp_path: Any) -> None:
     db = tmp_path / "runs.db"
     old = sv.run(sv.Workflow("old", [sv.Step("big", _chatty)]), store=str(db), capture="off")
-    with raw(db) as conn:  # as schema v3 left it: no attempt_logs table
+    with raw(db) as conn:  # as schema v3 left it: no attempt_logs table (nor v5's cache)
         conn.execute("DROP TABLE attempt_logs")
+        for table in ("cache_entries", "cache_payloads"):
+            conn.execute(f"DROP TABLE {table}")
+        for column in ("reused_from", "cache_note"):
+            conn.execute(f"ALTER TABLE steps DROP COLUMN {column}")
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
         conn.execute("PRAGMA user_version = 3")
     with SQLiteStore(db) as store:

@@ -366,11 +366,13 @@ def test_every_command_that_takes_db_takes_store_as_the_same_option() -> None:
         "cancel",
         "report",
         "logs",
+        "cache",
     }
     for name, flags in options.items():
         assert flags in (set(), {"--store", "--db"}), name
         if flags:
-            argv = [name] + ["x"] * (name != "status") + ["--html", "h"] * (name == "report")
+            argv = [name] + ["x"] * (name not in ("status", "cache"))
+            argv += ["--html", "h"] * (name == "report")
             parsed = [build_parser().parse_args([*argv, flag, "s.db"]).store for flag in flags]
             assert parsed == ["s.db", "s.db"], name
 

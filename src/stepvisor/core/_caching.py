@@ -66,7 +66,11 @@ class Caching:
 
         def _chained_item(self, r: int, index: int) -> Any: ...
 
-        def _push_chained(self, r: int, index: int, source: int) -> None: ...
+    def _init_caching(self, cached: frozenset[int]) -> None:
+        """The working set of the cached steps ``cached`` (ranks; maps among them)."""
+        self._looking = {}
+        self._to_cache = set()
+        self._cached_maps = cached.intersection(self.graph.maps)
 
     def _look_up(self) -> None:
         """Ask the shell about every cached step that became ready.
@@ -84,17 +88,10 @@ class Caching:
             inputs = self._inputs.of(r)  # kept until the step ends, as for a dispatch
             self._fx.append(LookUpCache(sid, r, inputs))
 
-    def _queue_instance(self, r: int, index: int, source: int | None = None) -> None:
-        """Queue instance ``index`` of ``r``, or look it up first if ``r`` is cached.
-
-        ``source`` is the map ``r`` is chained to, whose instance ``index`` succeeded:
-        its time orders the queue (``Scheduler.push_chained``).
-        """
+    def _queue_instance(self, r: int, index: int) -> None:
+        """Queue instance ``index`` of ``r``, or look it up first if ``r`` is cached."""
         if not self._cached_maps or r not in self._cached_maps:
-            if source is None:
-                self.sched.push(r, index)
-            else:
-                self._push_chained(r, index, source)
+            self.sched.push(r, index)
             return
         run = self._map_runs[r]
         uid = instance_id(self.graph.order[r], index)

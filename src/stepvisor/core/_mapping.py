@@ -162,7 +162,7 @@ class Mapped:
 
         def _end_step(self, r: int, record: StepRecord, index: int = -1) -> None: ...
 
-        def _queue_instance(self, r: int, index: int, source: int | None = None) -> None: ...
+        def _queue_instance(self, r: int, index: int) -> None: ...
 
         def _cache_result(self, r: int, index: int, outputs: Mapping[str, Any]) -> None: ...
 
@@ -276,7 +276,10 @@ class Mapped:
                 continue
             status = state.instance_record(source, i).status
             if status is StepStatus.SUCCEEDED:
-                self._queue_instance(r, i, source)
+                if r in self._cached_maps:  # each instance looked up first
+                    self._queue_instance(r, i)
+                else:
+                    self._push_chained(r, i, source)
             elif status in TERMINAL:
                 self._skip_instance(r, i, source, status)
 
@@ -325,7 +328,10 @@ class Mapped:
                 continue  # not expanded yet: it looks at this instance when it is
             if status is StepStatus.SUCCEEDED:
                 if not self.stopping:
-                    self._queue_instance(c, index, r)
+                    if c in self._cached_maps:  # each instance looked up first
+                        self._queue_instance(c, index)
+                    else:
+                        self._push_chained(c, index, r)
             else:
                 self._skip_instance(c, index, r, status)
         if run.left == 0:

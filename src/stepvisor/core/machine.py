@@ -109,7 +109,7 @@ _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
 _ANY = 1 << 62
 
 
-class RunMachine(Mapped, Settling, Caching, Reclaiming):
+class RunMachine(Mapped, Settling, Reclaiming, Caching):
     """One run's decisions.  Feed it messages with :meth:`handle`; carry out what it returns."""
 
     def __init__(self, plan: Plan) -> None:
@@ -125,9 +125,7 @@ class RunMachine(Mapped, Settling, Caching, Reclaiming):
             pool_limits=cfg.pools,
             hold=plan.cached,
         )
-        self._looking: dict[str, tuple[int, int]] = {}
-        self._to_cache: set[tuple[int, int]] = set()
-        self._cached_maps = plan.cached.intersection(graph.maps)
+        self._init_caching(plan.cached)
         self._store_may_refuse = plan.store_may_refuse
         self._payloads = plan.payloads
         self._inflight: dict[str, Inflight] = {}
@@ -149,7 +147,8 @@ class RunMachine(Mapped, Settling, Caching, Reclaiming):
         )
         self._avg_duration = 0.0
         self._done_count = 0
-        self._asked, self._dry = {}, set()  # work stealing: see core/_reclaim.py
+        self._asked: dict[str, int] = {}
+        self._dry: set[str] = set()
         self._errors: dict[str, list[BaseException]] = {}
         self.stopping = False
         self._stop_status = RunStatus.FAILED
@@ -159,7 +158,8 @@ class RunMachine(Mapped, Settling, Caching, Reclaiming):
         self._run_deadline: float | None = None
         self._started_wall = 0.0
         self.discarded = 0
-        self._now = self._wall = 0.0
+        self._now = 0.0
+        self._wall = 0.0
         self._fx: list[Effect] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
             AttemptDone: self._on_done,
