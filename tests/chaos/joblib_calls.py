@@ -19,7 +19,7 @@ Invariants, checked by the program for every call and by the driver after it:
 * no child outlives the program (checked from outside, by an environment mark).
 
 ``python -m tests.chaos.joblib_calls --runs 200`` runs a campaign; the test
-suite runs a few seeds (tests/test_chaos_joblib.py).
+suite runs a few seeds (tests/chaos/test_chaos_joblib.py).
 """
 
 from __future__ import annotations

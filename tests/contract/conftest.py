@@ -27,9 +27,9 @@ from typing import Any, Literal
 import pytest
 
 import stepvisor as sv
+from tests.backends.test_ray_backend import ray_environment, wait_all_gone
 from tests.conftest import NO_RAY, pid_gone, wait_for
 from tests.contract import steps
-from tests.test_ray_backend import ray_environment, wait_all_gone
 
 __all__ = ["BACKENDS", "CAN_CRASH", "REMOTE", "SEES_CANCELLED", "Backend"]
 

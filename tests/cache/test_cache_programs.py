@@ -15,7 +15,7 @@ from pathlib import Path
 
 import stepvisor as sv
 from stepvisor.store.sqlite import SQLiteStore
-from tests.test_store_sqlite import make_v1_store
+from tests.store.test_store_sqlite import make_v1_store
 
 PIPELINE = """
 import json, sys

@@ -100,8 +100,8 @@ def test_workflow_files_take_map_over_as_a_name_or_a_list(
 ) -> None:
     (tmp_path / "wf.yaml").write_text(
         "id: w\nsteps:\n"
-        "  - {id: split, run: tests.test_map:noop, creates: [chunks]}\n"
-        f"  - {{id: work, run: tests.test_map:item_twice, {text}, creates: [out]}}\n"
+        "  - {id: split, run: tests.core.test_map:noop, creates: [chunks]}\n"
+        f"  - {{id: work, run: tests.core.test_map:item_twice, {text}, creates: [out]}}\n"
     )
     wf = sv.load_workflow(tmp_path / "wf.yaml")
     assert wf.step("work").map_over == expected
@@ -109,7 +109,7 @@ def test_workflow_files_take_map_over_as_a_name_or_a_list(
 
 def test_a_workflow_file_map_over_of_another_type_names_the_step(tmp_path: Path) -> None:
     (tmp_path / "wf.yaml").write_text(
-        "id: w\nsteps:\n  - {id: work, run: tests.test_map:noop, map_over: {a: 1}}\n"
+        "id: w\nsteps:\n  - {id: work, run: tests.core.test_map:noop, map_over: {a: 1}}\n"
     )
     with pytest.raises(sv.WorkflowFileError, match=r"step 'work'.*map_over must be"):
         sv.load_workflow(tmp_path / "wf.yaml")

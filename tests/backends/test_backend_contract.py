@@ -29,7 +29,7 @@ from stepvisor.backends.process import ProcessSlot
 from stepvisor.backends.thread import ThreadBackend
 from stepvisor.context import AttemptControl
 from stepvisor.errors import RemoteStepError, StepCancelledError, StepError, StepTimeoutError
-from tests.test_ray_backend import ray_session
+from tests.backends.test_ray_backend import ray_session
 
 __all__ = ["ray_session"]  # a fixture, used by name
 

@@ -21,7 +21,7 @@ from stepvisor.context import AttemptControl
 from stepvisor.errors import InvalidSettingError
 from stepvisor.store.memory import MemoryStore
 from stepvisor.store.sqlite import SCHEMA_VERSION, SQLiteStore
-from tests.test_store_sqlite import raw
+from tests.store.test_store_sqlite import raw
 
 
 def attempt_of(log: AttemptLog) -> Current:

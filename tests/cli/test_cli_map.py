@@ -1,7 +1,7 @@
 """Mapped steps on the command line: one line per mapped step, its instances on demand.
 
 The end-to-end tests run ``python -m stepvisor`` on a mapped workflow in the
-test's own directory, as ``tests/test_cli.py`` does: a splitter, a step mapped
+test's own directory, as ``tests/cli/test_cli.py`` does: a splitter, a step mapped
 over its list with one failing item under ``on_failure: continue``, a map
 chained to it, a step that needs the whole list, and a map over fixed items.
 The live view's drawing and its cap on per-instance lines are checked

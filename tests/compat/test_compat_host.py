@@ -1,6 +1,6 @@
 """A call's run hosted on the caller's loop (stepvisor.compat._host).
 
-What the host promises beyond what tests/test_compat.py checks: nothing of a
+What the host promises beyond what tests/compat/test_compat.py checks: nothing of a
 call runs on another thread (no thread is even started), several loops may
 share one executor's bound (a lease given back on one loop's thread reaches
 a run on another), ``close()`` cancels the calls still going, and the blocking
@@ -25,7 +25,7 @@ import stepvisor as sv
 from stepvisor.compat import ParallelStepExecutor, StepExecution, StepExecutionResult
 from stepvisor.compat._loop import OnCallerLoop
 from stepvisor.compat._tracker import Slot
-from tests.test_compat import Spec
+from tests.compat.test_compat import Spec
 
 BOUND = 10.0  # seconds: every wait here fails after this, never hangs
 

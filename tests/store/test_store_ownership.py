@@ -23,7 +23,7 @@ from stepvisor.core.state import RunStatus, StepRecord
 from stepvisor.errors import RunOwnedError
 from stepvisor.store.base import RunInfo
 from stepvisor.store.sqlite import SCHEMA_VERSION, SQLiteStore, _owner
-from tests.test_store_sqlite import make_v1_store, raw
+from tests.store.test_store_sqlite import make_v1_store, raw
 
 WAIT = 30.0
 T0 = 1_700_000_000.0

@@ -146,7 +146,7 @@ def test_run_succeeds_exits_0_and_prints_plain_lines_when_not_a_terminal(project
 
 @pytest.mark.realtime
 def test_the_demo_runs_its_fan_out_retry_and_fan_in_and_writes_a_report(tmp_path: Path) -> None:
-    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+    demo = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
     proc = stepvisor(tmp_path, "run", str(demo), "--report", "demo.html", timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "retrying   flaky_rates: attempt 1 failed (ConnectionError:" in proc.stdout

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 import stepvisor as sv
+from tests.backends.test_ray_backend import ray_environment, wait_all_gone
 from tests.conftest import NO_RAY, wait_for
-from tests.test_ray_backend import ray_environment, wait_all_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

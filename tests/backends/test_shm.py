@@ -417,7 +417,7 @@ DRIVER = textwrap.dedent(
     import sys
     sys.path.insert(0, sys.argv[1])
     import stepvisor as sv
-    from tests.test_shm import data_workflow, wait_for_file
+    from tests.backends.test_shm import data_workflow, wait_for_file
     wf = data_workflow(int(sys.argv[3]), readers=1, reader=wait_for_file, ready=sys.argv[2])
     sv.run(wf)
     """

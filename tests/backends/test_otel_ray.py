@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace import TracerProvider
 import stepvisor as sv
 from stepvisor.backends._wire import Attempt, RayCall, Returned
 from stepvisor.backends.ray._task import attempt_task
+from tests.backends.test_ray_backend import ray_session
 from tests.test_otel import Spans, spans  # the in-memory exporter fixture
-from tests.test_ray_backend import ray_session
 
 __all__ = ["ray_session", "spans"]
 

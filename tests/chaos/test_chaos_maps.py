@@ -1,6 +1,6 @@
 """The fault campaign's mapped steps: how they are planned, what is expected, what is checked.
 
-The campaign itself (tests/test_chaos.py) runs them; here each piece is shown
+The campaign itself (tests/chaos/test_chaos.py) runs them; here each piece is shown
 to do its job, and each new check to fail when its invariant is broken.
 """
 

@@ -24,7 +24,7 @@ from stepvisor.backends._frames import MAGIC, frame
 from stepvisor.backends._wire import Ready
 from stepvisor.backends.process._output import ChildOutput
 from stepvisor.backends.process._worker import Child
-from tests.test_capture import attempt_of
+from tests.backends.test_capture import attempt_of
 
 _REPLY = _child.encode_message([_child.RETURNED_NOTHING])
 
