@@ -30,8 +30,9 @@ import stepvisor as sv
 from stepvisor.core.state import RunStatus
 from stepvisor.errors import RunOwnedError, StoreError
 from stepvisor.store.sqlite import SQLiteStore
-from tests.chaos.runner import Ahead, db_path, resume_or_start
+from tests.chaos.runner import db_path, resume_or_start
 from tests.chaos.scenario import NEVER_STALE, Scenario, build_workflow, generate, overrides
+from tests.resumption import MinuteAhead
 
 #: Exit codes of a racer.
 RACE_WON: Final = 0
@@ -49,7 +50,7 @@ def drive(seed: int, run_dir: Path, *, resume: bool, race: bool = False) -> int:
     if not resume:
         sv.run(wf, store=str(db), run_id=scenario.run_id, **overrides(scenario))
         return 0
-    with SQLiteStore(db, clock=Ahead()) as store:
+    with SQLiteStore(db, clock=MinuteAhead()) as store:
         resume_or_start(store, wf, scenario, Counter()).wait()
     return 0
 

@@ -57,6 +57,7 @@ from tests.chaos.scenario import (
     run_bound,
 )
 from tests.chaos.steps import MARK_VAR
+from tests.resumption import MinuteAhead
 
 #: How often the monitor loop looks at pid files, the clock and the driver.
 _POLL: Final = 0.005
@@ -300,22 +301,6 @@ def check_stored_run(ctx: RunContext, outcome: Outcome) -> None:
 # -- the driver scenario: SIGKILL the program running the workflow, then resume ----------------
 
 
-class Ahead:
-    """A wall clock a minute ahead, so a killed run's last heartbeat reads as stale."""
-
-    def wall(self) -> float:
-        return time.time() + 60.0
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Any:
-        raise NotImplementedError("only the store reads this clock")
-
-
 def spawn_driver(
     ctx: RunContext, phase: str, *, resume: bool, race: bool = False
 ) -> subprocess.Popen[bytes]:
@@ -422,7 +407,7 @@ def stored_successes(ctx: RunContext) -> set[str]:
     """Steps the store holds as succeeded now (none when the run was never begun)."""
     if not ctx.db.exists():
         return set()
-    with SQLiteStore(ctx.db, create=False, clock=Ahead()) as store:
+    with SQLiteStore(ctx.db, create=False, clock=MinuteAhead()) as store:
         try:
             stored = store.load(ctx.scenario.run_id)
         except RunNotFoundError:
@@ -439,7 +424,7 @@ def resume_here(ctx: RunContext, phase: str, *, immediate: bool = False) -> Outc
     if immediate:
         store = SQLiteStore(ctx.db, stale_after=NEVER_STALE)
     else:
-        store = SQLiteStore(ctx.db, clock=Ahead())
+        store = SQLiteStore(ctx.db, clock=MinuteAhead())
     try:
         try:
             handle = resume_or_start(store, ctx.wf, scenario, ctx.report.faults)
@@ -595,7 +580,7 @@ def note_mid_map(ctx: RunContext) -> None:
     """Count a driver kill that left a mapped step running (some instances ended, some not)."""
     if not ctx.db.exists() or not any(p.mapped for p in ctx.scenario.steps):
         return
-    with SQLiteStore(ctx.db, create=False, clock=Ahead()) as store:
+    with SQLiteStore(ctx.db, create=False, clock=MinuteAhead()) as store:
         try:
             stored = store.load(ctx.scenario.run_id)
         except RunNotFoundError:

@@ -13,9 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,6 +21,7 @@ import stepvisor as sv
 from stepvisor.errors import RunNotFoundError
 from stepvisor.store.sqlite import SQLiteStore
 from tests.conftest import wait_for
+from tests.resumption import MinuteAhead, driver, run_counts
 
 WF_MODULE = textwrap.dedent(
     '''
@@ -81,36 +80,7 @@ WF_MODULE = textwrap.dedent(
     '''
 )
 
-DRIVER = textwrap.dedent(
-    """
-    import sys
-    import stepvisor as sv
-    import mapkillwf
-    sv.run(mapkillwf.build(), store=sys.argv[1], run_id=sys.argv[2])
-    """
-)
-
-
-class _Later:
-    """A wall clock a minute ahead, so the killed run's heartbeat reads as stale."""
-
-    def wall(self) -> float:
-        return time.time() + 60.0
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    def call_later(self, delay: float, callback: Any) -> Any:
-        raise NotImplementedError
-
-
-def _runs(root: Path) -> dict[str, int]:
-    return {
-        p.name.removeprefix("ran-"): len(p.read_text().splitlines()) for p in root.glob("ran-*")
-    }
+DRIVER = driver("mapkillwf")
 
 
 def _stored_succeeded(db: Path) -> set[str]:
@@ -153,7 +123,9 @@ def test_a_run_killed_mid_map_resumes_without_running_a_succeeded_instance_again
     try:
 
         def mid_map() -> bool:
-            waiting = [s for s in _runs(root) if s.startswith("score[") and s not in first_three]
+            waiting = [
+                s for s in run_counts(root) if s.startswith("score[") and s not in first_three
+            ]
             return bool(waiting) and first_three <= _stored_succeeded(db)
 
         wait_for(mid_map, timeout=60, what="three instances stored and a later one waiting")
@@ -161,16 +133,16 @@ def test_a_run_killed_mid_map_resumes_without_running_a_succeeded_instance_again
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     done_before = _stored_succeeded(db)
-    before = _runs(root)
-    with SQLiteStore(db, create=False, clock=_Later()) as store:
+    before = run_counts(root)
+    with SQLiteStore(db, create=False, clock=MinuteAhead()) as store:
         stored = store.load("r1")
     assert stored.steps["score"].status is sv.StepStatus.RUNNING  # killed mid-map
     (root / "go").touch()
 
-    with SQLiteStore(db, clock=_Later()) as store:
+    with SQLiteStore(db, clock=MinuteAhead()) as store:
         result = sv.resume("r1", mapkillwf.build(), store=store)
     assert result.ok, result.error_message
-    after = _runs(root)
+    after = run_counts(root)
     assert after["split"] == 1  # the list was kept, not made again
     for sid in done_before:
         assert after.get(sid, 0) == before.get(sid, 0), f"{sid} was stored succeeded, ran again"

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import stepvisor as sv
 from stepvisor.errors import RunOwnedError
 from stepvisor.store.sqlite import SQLiteStore
 from tests.conftest import wait_for
+from tests.resumption import MinuteAhead, driver, run_counts
 
 WF_MODULE = textwrap.dedent(
     '''
@@ -56,36 +56,7 @@ WF_MODULE = textwrap.dedent(
     '''
 )
 
-DRIVER = textwrap.dedent(
-    """
-    import sys
-    import stepvisor as sv
-    import wfmod
-    sv.run(wfmod.build(), store=sys.argv[1], run_id=sys.argv[2])
-    """
-)
-
-
-class _Later:
-    """A wall clock a minute ahead, so a just-killed run's heartbeat reads as stale."""
-
-    def wall(self) -> float:
-        return time.time() + 60.0
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    def call_later(self, delay: float, callback: Any) -> Any:
-        raise NotImplementedError
-
-
-def counts(root: Path) -> dict[str, int]:
-    return {
-        p.name.removeprefix("ran-"): len(p.read_text().splitlines()) for p in root.glob("ran-*")
-    }
+DRIVER = driver("wfmod")
 
 
 @pytest.fixture
@@ -123,13 +94,13 @@ def test_sigkilled_run_shows_interrupted_and_resumes_without_redoing_work(
         env={**os.environ, "PYTHONPATH": str(wf_root)},
     )
     try:
-        wait_for(lambda: len(counts(root)) >= kill_after, timeout=30, what="progress")
+        wait_for(lambda: len(run_counts(root)) >= kill_after, timeout=30, what="progress")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     (root / "slow").unlink()
 
-    with SQLiteStore(db, clock=_Later()) as store:
+    with SQLiteStore(db, clock=MinuteAhead()) as store:
         stored = store.load("r1")
         assert stored.info.status is sv.RunStatus.INTERRUPTED
         done_before = {
@@ -141,7 +112,7 @@ def test_sigkilled_run_shows_interrupted_and_resumes_without_redoing_work(
 
         result = sv.resume("r1", wfmod.build(), store=store)
     assert result.ok, result.error_message
-    ran = counts(root)
+    ran = run_counts(root)
     for sid in done_before:
         assert ran[sid] == 1, f"{sid} had succeeded before the crash but ran again"
     assert set(ran) == set(result.steps)
@@ -181,11 +152,11 @@ def test_resume_of_a_cancelled_run_runs_only_what_is_left(wf_root: Path) -> None
     handle_box.append(handle)
     first = handle.wait(30)
     assert first.status is sv.RunStatus.CANCELLED
-    before = counts(wf_root / "effects")
+    before = run_counts(wf_root / "effects")
     assert before["b"] == 1
     result = sv.resume("r2", wf, store=str(db))
     assert result.ok
-    after = counts(wf_root / "effects")
+    after = run_counts(wf_root / "effects")
     assert all(after[sid] == 1 for sid in after)
     assert set(after) == set(result.steps)
 
@@ -226,7 +197,7 @@ def test_resume_right_after_the_owner_is_sigkilled_needs_no_stale_heartbeat(
         env={**os.environ, "PYTHONPATH": str(wf_root)},
     )
     try:
-        wait_for(lambda: len(counts(root)) >= 3, timeout=30, what="progress")
+        wait_for(lambda: len(run_counts(root)) >= 3, timeout=30, what="progress")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -244,7 +215,7 @@ def test_resume_right_after_the_owner_is_sigkilled_needs_no_stale_heartbeat(
 
         result = sv.resume("r9", wfmod.build(), store=store)
     assert result.ok, result.error_message
-    ran = counts(root)
+    ran = run_counts(root)
     for sid in done_before:
         assert ran[sid] == 1, f"{sid} had succeeded before the kill but ran again"
     assert set(ran) == set(result.steps)
