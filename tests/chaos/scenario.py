@@ -133,6 +133,32 @@ class Scenario:
         raise KeyError(step_id)
 
 
+def by_hand_step(sid: str, **changes: object) -> StepPlan:
+    """A step written by hand in a test: a thread step that succeeds, changed by ``changes``."""
+    base = StepPlan(sid, (), "thread", "ok", FOREVER, "sleep", 1, "none", None, 0.0)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def by_hand(*steps: StepPlan, **changes: object) -> Scenario:
+    """A scenario written by hand in a test: no cancel, no driver, no store fault."""
+    base = Scenario(
+        seed=1,
+        steps=steps,
+        max_parallel=2,
+        on_failure="continue",
+        kill_grace=0.2,
+        max_worker_crashes=3,
+        step_timeout=None,
+        store="memory",
+        cancel_at=None,
+        cancel_via="handle",
+        driver="none",
+        kill_after=0,
+        kill_delay=0.0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
 def generate(seed: int) -> Scenario:
     """The scenario of the run with this seed (the same seed, the same scenario).
 

@@ -16,7 +16,6 @@ import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,44 +54,18 @@ from tests.chaos import (
 )
 from tests.chaos import campaign as campaign_module
 from tests.chaos import scenario as scenario_module
+from tests.chaos.scenario import by_hand, by_hand_step
 from tests.conftest import wait_for
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
 def plan(sid: str, **kw: object) -> StepPlan:
-    base = StepPlan(
-        id=sid,
-        needs=(),
-        executor="thread",
-        fault="ok",
-        failing=FOREVER,
-        style="sleep",
-        max_attempts=1,
-        backoff="none",
-        timeout=None,
-        duration=0.0,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return by_hand_step(sid, **kw)
 
 
 def scenario(*steps: StepPlan, **kw: object) -> Scenario:
-    base = Scenario(
-        seed=1,
-        steps=steps,
-        max_parallel=2,
-        on_failure="continue",
-        kill_grace=0.2,
-        max_worker_crashes=3,
-        step_timeout=None,
-        store="memory",
-        cancel_at=None,
-        cancel_via="handle",
-        driver="none",
-        kill_after=0,
-        kill_delay=0.0,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return by_hand(*steps, **kw)
 
 
 def attempt(number: int, outcome: str | None) -> AttemptRecord:

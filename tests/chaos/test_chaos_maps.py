@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import stepvisor as sv
@@ -29,34 +28,25 @@ from tests.chaos import (
 )
 from tests.chaos.expect import expected_instance, expected_status, summary_of
 from tests.chaos.observe import read_effects, start_counts
-from tests.chaos.scenario import BAD_LIST, CRASHES, FOREVER, chain_source, map_size
+from tests.chaos.scenario import (
+    BAD_LIST,
+    CRASHES,
+    by_hand,
+    by_hand_step,
+    chain_source,
+    map_size,
+)
 from tests.chaos.steps import instance_value
 
 # -- a small map scenario, by hand --------------------------------------------------------------
 
 
 def plan(sid: str, **kw: object) -> StepPlan:
-    base = StepPlan(sid, (), "thread", "ok", FOREVER, "sleep", 1, "none", None, 0.0)
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return by_hand_step(sid, **kw)
 
 
 def scenario(*steps: StepPlan, **kw: object) -> Scenario:
-    base = Scenario(
-        seed=5,
-        steps=steps,
-        max_parallel=2,
-        on_failure="continue",
-        kill_grace=0.2,
-        max_worker_crashes=3,
-        step_timeout=None,
-        store="memory",
-        cancel_at=None,
-        cancel_via="handle",
-        driver="none",
-        kill_after=0,
-        kill_delay=0.0,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return by_hand(*steps, **{"seed": 5, **kw})
 
 
 #: s makes 3 items; m maps over them (instance 1 raises for good); b is chained to m;

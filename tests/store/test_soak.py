@@ -43,6 +43,7 @@ from tests.chaos import (
     check_threads,
     read_effects,
 )
+from tests.chaos.scenario import by_hand
 
 FULL = os.environ.get("STEPVISOR_SOAK_FULL") == "1"
 SOAK_STEPS = 20_000 if FULL else 3_000
@@ -80,21 +81,7 @@ def soak_scenario(*, steps: int, seed: int, process_steps: int, async_share: flo
                 f"s{i:05d}", needs, executor, fault, failing, "sleep", attempts, "none", None, 0.0
             )
         )
-    return Scenario(
-        seed=seed,
-        steps=tuple(plans),
-        max_parallel=8,
-        on_failure="continue",
-        kill_grace=0.5,
-        max_worker_crashes=3,
-        step_timeout=None,
-        store="sqlite",
-        cancel_at=None,
-        cancel_via="handle",
-        driver="none",
-        kill_after=0,
-        kill_delay=0.0,
-    )
+    return by_hand(*plans, seed=seed, max_parallel=8, kill_grace=0.5, store="sqlite")
 
 
 def run_and_check(
