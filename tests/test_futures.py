@@ -179,9 +179,11 @@ def test_wait_all_completed_and_a_duplicate_counted_once(ex: sv.Executor) -> Non
 
 @pytest.mark.realtime
 def test_wait_timeout(ex: sv.Executor, tmp_path: Path) -> None:
+    # Warm first: a process child's start under load could outlast the wait below on its own.
+    assert ex.submit(calls.mul, 1, 1).result(timeout=30) == 1
     quick = ex.submit(calls.mul, 6, 7)
     slow = ex.submit(calls.block, str(tmp_path), "slow")
-    done, not_done = futures.wait([quick, slow], timeout=0.2, return_when=futures.ALL_COMPLETED)
+    done, not_done = futures.wait([quick, slow], timeout=1.0, return_when=futures.ALL_COMPLETED)
     assert done == {quick}
     assert not_done == {slow}
     _go(tmp_path, "slow")
