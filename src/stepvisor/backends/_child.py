@@ -477,7 +477,6 @@ def _run_attempt(parts: list[bytes]) -> tuple[list[bytes], ChildCapture | None]:
     meta = load_attempt(parts[0])
     try:
         fn, inputs, params = _load_attempt(meta, parts)
-        _LOADED.append((fn, inputs, params))
     except _UnsendableError as bad:
         # A captured attempt still ends its output (the parent waits for the mark).
         return _unsendable_reply(bad, ()), _capture_for(meta, handler_set=handler_set)
@@ -501,13 +500,6 @@ def _run_attempt(parts: list[bytes]) -> tuple[list[bytes], ChildCapture | None]:
         return _ok_reply(meta.step_id, outputs, leftovers), capture
     except _UnsendableError as bad:
         return _unsendable_reply(bad, leftovers), capture
-
-
-#: The attempt's function, inputs and params, let go only once its reply is sent.  The
-#: last mapping of a large input's segment frees the segment's pages, which takes as
-#: long as writing them did (about 50 ms for 200 MB): after the reply, the parent does
-#: not wait for it.
-_LOADED: list[tuple[Any, Any, Any]] = []
 
 
 def _finish_attempt() -> tuple[int, ...]:
@@ -584,7 +576,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 break
             reply, capture = _run_attempt(parts)
             _send_reply(res_fd, encode_message(reply), capture)
-            _LOADED.clear()  # now: the parent has the reply
     except BaseException as exc:
         # Our own failure (a broken pipe, a corrupt message): nothing can be reported
         # through the pipe; say it on stderr and let the parent see the exit code.
