@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from stepvisor.core.attempt import AttemptResult
 from stepvisor.core.effects import Effect, Reclaim, SaveStep
 from stepvisor.core.messages import AttemptDone, Reclaimed
-from stepvisor.core.state import StepRecord, StepStatus, new
+from stepvisor.core.state import StepRecord, StepStatus
 from stepvisor.errors import stop_error
 
 if TYPE_CHECKING:
@@ -105,14 +105,10 @@ class Reclaiming:
             record = self._record_of(inf.rank, inf.index)
             before = record.attempts[:-1]
             status = StepStatus.WAITING_RETRY if before else StepStatus.PENDING
-            back = new(
-                StepRecord,
-                (
-                    record.step_id, status, before, record.note, record.restored,
-                    record.reused_from, record.cache_note,
-                ),
-            )  # fmt: skip
+            # _replace, not every field by position: a rare path, and one that must not
+            # break (or drop a field) when StepRecord grows, as it did for the cache.
+            back = record._replace(status=status, attempts=before)
             self._put_record(inf.rank, inf.index, back)
-            self._fx.append(new(SaveStep, (back, None)))
+            self._fx.append(SaveStep(back))
             self.sched.release(inf.rank)
             self.sched.push(inf.rank, max(inf.index, 0))
